@@ -1,0 +1,162 @@
+/* turboattn C API: quantized attention (FlashQ + SAS) and a compressed paged KV cache.
+ * Usable from C and C++. Every function returns a ta_status; on failure ta_last_error() names the
+ * argument at fault and what was expected. docs/FORMATS.md defines every number computed here. */
+#ifndef TURBOATTN_H
+#define TURBOATTN_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "turboattn/format.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32)
+#define TA_API __declspec(dllexport)
+#else
+#define TA_API __attribute__((visibility("default")))
+#endif
+
+typedef enum ta_status {
+  TA_SUCCESS = 0,
+  TA_ERROR_INVALID_ARGUMENT = 1, /* a null pointer, wrong dtype, rank, shape, stride or length */
+  TA_ERROR_UNSUPPORTED = 2,      /* valid, but not supported here: head dim, device, build */
+  TA_ERROR_OUT_OF_CAPACITY = 3,  /* the cache has no free page or slot, or a sequence is too long */
+  TA_ERROR_OUT_OF_MEMORY = 4,
+  TA_ERROR_CUDA = 5, /* a CUDA call failed */
+  TA_ERROR_INTERNAL = 6
+} ta_status;
+
+typedef enum ta_dtype {
+  TA_DTYPE_F16 = 1,
+  TA_DTYPE_BF16 = 2,
+  TA_DTYPE_F32 = 3,
+  TA_DTYPE_I8 = 4,
+  TA_DTYPE_U8 = 5,
+  TA_DTYPE_I32 = 6
+} ta_dtype;
+
+typedef enum ta_device { TA_DEVICE_CPU = 0, TA_DEVICE_CUDA = 1 } ta_device;
+
+#define TA_MAX_DIMS 4
+
+/* A strided tensor in memory the caller owns. Strides are in elements. */
+typedef struct ta_tensor {
+  void* data;
+  ta_dtype dtype;
+  ta_device device;
+  int32_t ndim;
+  int64_t shape[TA_MAX_DIMS];
+  int64_t strides[TA_MAX_DIMS];
+} ta_tensor;
+
+/* Builds a contiguous tensor descriptor of rank ndim (1..4). */
+TA_API ta_tensor ta_tensor_contiguous(void* data, ta_dtype dtype, ta_device device, int32_t ndim,
+                                      const int64_t* shape);
+
+TA_API const char* ta_version(void);
+TA_API const char* ta_status_string(ta_status status);
+/* Message of the last failed call on this thread ("" if none). */
+TA_API const char* ta_last_error(void);
+/* 1 if this build has the CUDA kernels and a CUDA device is visible. */
+TA_API int ta_cuda_available(void);
+
+/* ---- FlashQ + SAS attention (prefill) ----
+ * q: [B, Nq, Hq, D] and k, v: [B, Nk, Hkv, D], f16 or bf16, any strides with the last dim contiguous
+ * ([B, H, N, D] memory works through strides). Variable length: q [Tq, Hq, D], k, v [Tk, Hkv, D] with
+ * cu_seqlens_q, cu_seqlens_k (i32 [B + 1], ascending from 0). out has q's shape and dtype;
+ * lse (optional, f32) is [B, Hq, Nq], or [Hq, Tq] for variable length. Hq must be a multiple of Hkv.
+ * D in {64, 96, 128, 256}. */
+typedef struct ta_attention_options {
+  float softmax_scale; /* 0: 1/sqrt(D) */
+  int32_t causal;      /* bottom-right aligned: query i sees keys j <= i + Nk - Nq */
+  int32_t use_sas;     /* 1: SAS exponential (default); 0: exact exponential */
+  int32_t smooth_k;    /* 1: subtract the per-head mean of K (default); 0: off */
+} ta_attention_options;
+
+TA_API ta_attention_options ta_attention_default_options(void);
+
+TA_API ta_status ta_attention(const ta_tensor* q, const ta_tensor* k, const ta_tensor* v,
+                              const ta_tensor* cu_seqlens_q, const ta_tensor* cu_seqlens_k,
+                              const ta_attention_options* options, ta_tensor* out, ta_tensor* lse,
+                              void* cuda_stream);
+
+/* Exact attention in float64 on the CPU (the accuracy yardstick); same shapes, out and lse f32. */
+TA_API ta_status ta_attention_exact(const ta_tensor* q, const ta_tensor* k, const ta_tensor* v,
+                                    const ta_tensor* cu_seqlens_q, const ta_tensor* cu_seqlens_k,
+                                    float softmax_scale, int32_t causal, ta_tensor* out,
+                                    ta_tensor* lse);
+
+/* Blockwise INT8 quantization (FlashQ compute format) of x [B, N, H, D] (f16 or bf16): codes i8 with
+ * x's shape, scales f32 [B, H, ceil(N / 64)]. If shift (f32 [B, H, D]) is given it is subtracted
+ * first (K smoothing). */
+TA_API ta_status ta_quantize_int8(const ta_tensor* x, const ta_tensor* shift, ta_tensor* codes,
+                                  ta_tensor* scales, void* cuda_stream);
+
+/* ---- Compressed paged KV cache ---- */
+typedef struct ta_cache ta_cache;
+
+typedef struct ta_cache_config {
+  int32_t num_layers;
+  int32_t num_kv_heads;
+  int32_t head_dim;
+  int32_t num_pages;        /* 64-token pages in the pool (a page holds one block of every head) */
+  int32_t max_seqs;         /* sequence slots */
+  int64_t max_seq_len;      /* tokens per sequence */
+  const int32_t* head_bits; /* num_layers * num_kv_heads values in {8, 4, 2}; NULL: all 4 */
+  int32_t smooth_k;         /* subtract the per-head K mean of a sequence's first write (default 1) */
+} ta_cache_config;
+
+typedef struct ta_cache_memory {
+  int64_t page_bytes_total; /* one page over all layers */
+  int64_t pool_bytes;       /* num_pages * page_bytes_total */
+  int64_t buffer_bytes;     /* INT8 buffers of all slots and layers */
+  double bytes_per_token;   /* compressed pages only, all layers and heads, K and V */
+  double fp16_bytes_per_token;
+} ta_cache_memory;
+
+TA_API ta_cache_config ta_cache_default_config(void);
+TA_API ta_status ta_cache_create(const ta_cache_config* config, ta_device device, ta_cache** cache);
+TA_API void ta_cache_destroy(ta_cache* cache);
+TA_API ta_status ta_cache_memory_info(const ta_cache* cache, ta_cache_memory* info);
+TA_API ta_status ta_cache_add_sequence(ta_cache* cache, int32_t* seq);
+TA_API ta_status ta_cache_release_sequence(ta_cache* cache, int32_t seq);
+TA_API ta_status ta_cache_sequence_length(const ta_cache* cache, int32_t layer, int32_t seq, int64_t* length);
+TA_API ta_status ta_cache_free_pages(const ta_cache* cache, int32_t* pages);
+
+/* Writes k, v [T, Hkv, D] (f16 or bf16) of num_seqs sequences (token ranges cu_seqlens, i32
+ * [num_seqs + 1]) to the end of those sequences in one layer: the bulk write after prefill. Checks
+ * page capacity and lengths for every sequence before anything is written. */
+TA_API ta_status ta_cache_write(ta_cache* cache, int32_t layer, const int32_t* seqs, int32_t num_seqs,
+                                const ta_tensor* k, const ta_tensor* v, const ta_tensor* cu_seqlens);
+/* Appends one token per sequence: k, v [num_seqs, Hkv, D]. Flushes a buffer that reaches 64 tokens. */
+TA_API ta_status ta_cache_append(ta_cache* cache, int32_t layer, const int32_t* seqs, int32_t num_seqs,
+                                 const ta_tensor* k, const ta_tensor* v);
+
+/* Decode attention of q [num_seqs, q_len, Hq, D] (the sequences' last q_len tokens, already in the
+ * cache, causal among themselves) over the cache. out: q's shape and dtype. */
+typedef struct ta_decode_options {
+  float softmax_scale; /* 0: 1/sqrt(D) */
+  int32_t use_sas;
+  int32_t split_tiles; /* > 0: split-KV with that many 64-token tiles per split; 0: automatic */
+} ta_decode_options;
+
+TA_API ta_decode_options ta_decode_default_options(void);
+TA_API ta_status ta_decode(ta_cache* cache, int32_t layer, const int32_t* seqs, int32_t num_seqs,
+                           const ta_tensor* q, const ta_decode_options* options, ta_tensor* out,
+                           void* cuda_stream);
+
+/* ---- Headwise mixed precision ----
+ * Priority of each KV head of one layer from calibration k, v [T, Hkv, D] (f16, bf16 or f32):
+ * priority f32 [Hkv]. Then bits for every (layer, head) with a target fraction of 2-bit heads. */
+TA_API ta_status ta_head_priority(const ta_tensor* k, const ta_tensor* v, float* priority);
+TA_API ta_status ta_assign_head_bits(const float* priority, int32_t num_layers, int32_t num_kv_heads,
+                                     float fraction_2bit, int32_t* head_bits);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* TURBOATTN_H */

@@ -1,0 +1,93 @@
+// turboattn C++ API: a thin layer over the C API (turboattn.h) with exceptions and RAII.
+#pragma once
+
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "turboattn/turboattn.h"
+
+namespace turboattn {
+
+// Thrown by every wrapper when the C call fails; status() is the ta_status, what() the message.
+class Exception : public std::runtime_error {
+ public:
+  Exception(ta_status status, const std::string& message)
+      : std::runtime_error(std::string(ta_status_string(status)) + ": " + message), status_(status) {}
+  ta_status status() const { return status_; }
+
+ private:
+  ta_status status_;
+};
+
+inline void check(ta_status status) {
+  if (status != TA_SUCCESS) throw Exception(status, ta_last_error());
+}
+
+// A contiguous tensor descriptor over caller memory.
+inline ta_tensor tensor(void* data, ta_dtype dtype, std::vector<int64_t> shape, ta_device device = TA_DEVICE_CPU) {
+  return ta_tensor_contiguous(data, dtype, device, int32_t(shape.size()), shape.data());
+}
+
+struct AttentionOptions : ta_attention_options {
+  AttentionOptions() : ta_attention_options(ta_attention_default_options()) {}
+};
+
+inline void attention(const ta_tensor& q, const ta_tensor& k, const ta_tensor& v, ta_tensor& out,
+                      const AttentionOptions& options = {}, ta_tensor* lse = nullptr,
+                      const ta_tensor* cu_seqlens_q = nullptr, const ta_tensor* cu_seqlens_k = nullptr,
+                      void* cuda_stream = nullptr) {
+  check(ta_attention(&q, &k, &v, cu_seqlens_q, cu_seqlens_k, &options, &out, lse, cuda_stream));
+}
+
+// The compressed paged KV cache; owns its ta_cache.
+class KvCache {
+ public:
+  KvCache(const ta_cache_config& config, ta_device device = TA_DEVICE_CPU) {
+    ta_cache* c = nullptr;
+    check(ta_cache_create(&config, device, &c));
+    cache_.reset(c);
+  }
+  int32_t add_sequence() {
+    int32_t s = -1;
+    check(ta_cache_add_sequence(cache_.get(), &s));
+    return s;
+  }
+  void release_sequence(int32_t seq) { check(ta_cache_release_sequence(cache_.get(), seq)); }
+  int64_t length(int32_t layer, int32_t seq) const {
+    int64_t n = 0;
+    check(ta_cache_sequence_length(cache_.get(), layer, seq, &n));
+    return n;
+  }
+  int32_t free_pages() const {
+    int32_t n = 0;
+    check(ta_cache_free_pages(cache_.get(), &n));
+    return n;
+  }
+  ta_cache_memory memory() const {
+    ta_cache_memory m{};
+    check(ta_cache_memory_info(cache_.get(), &m));
+    return m;
+  }
+  void write(int32_t layer, const std::vector<int32_t>& seqs, const ta_tensor& k, const ta_tensor& v,
+             const ta_tensor& cu_seqlens) {
+    check(ta_cache_write(cache_.get(), layer, seqs.data(), int32_t(seqs.size()), &k, &v, &cu_seqlens));
+  }
+  void append(int32_t layer, const std::vector<int32_t>& seqs, const ta_tensor& k, const ta_tensor& v) {
+    check(ta_cache_append(cache_.get(), layer, seqs.data(), int32_t(seqs.size()), &k, &v));
+  }
+  void decode(int32_t layer, const std::vector<int32_t>& seqs, const ta_tensor& q, ta_tensor& out,
+              const ta_decode_options& options = ta_decode_default_options(), void* cuda_stream = nullptr) {
+    check(ta_decode(cache_.get(), layer, seqs.data(), int32_t(seqs.size()), &q, &options, &out, cuda_stream));
+  }
+  ta_cache* get() { return cache_.get(); }
+
+ private:
+  struct Deleter {
+    void operator()(ta_cache* c) const { ta_cache_destroy(c); }
+  };
+  std::unique_ptr<ta_cache, Deleter> cache_;
+};
+
+}  // namespace turboattn

@@ -1,0 +1,537 @@
+// The C API: argument validation, then dispatch to the CPU reference or the CUDA kernels.
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "cuda_backend.hpp"
+#include "errors.hpp"
+#include "reference/attention.hpp"
+#include "reference/head_bits.hpp"
+#include "reference/kv_cache.hpp"
+#include "tensor_args.hpp"
+#include "turboattn/turboattn.h"
+
+namespace turboattn {
+
+namespace {
+thread_local std::string g_last_error;
+
+[[noreturn]] void no_cuda_path(const char* what) {
+  throw Error(TA_ERROR_UNSUPPORTED, concat(what, " on CUDA tensors is not available in this version; "
+                                                 "use CPU tensors"));
+}
+
+#ifdef TURBOATTN_WITH_CUDA
+constexpr bool kBuiltWithCuda = true;
+#else
+constexpr bool kBuiltWithCuda = false;
+#endif
+
+// Shapes of an attention call, batched ([B, N, H, D]) or variable-length ([T, H, D] + cu_seqlens).
+struct AttentionShape {
+  int64_t batch = 0, hq = 0, hkv = 0, dim = 0, total_q = 0, total_k = 0;
+  bool varlen = false;
+  std::vector<int64_t> q_start, q_len, k_start, k_len;
+};
+
+AttentionShape check_attention(const ta_tensor* q_, const ta_tensor* k_, const ta_tensor* v_, const ta_tensor* cu_q_,
+                               const ta_tensor* cu_k_, const ta_tensor* out_, const ta_tensor* lse_,
+                               bool allow_cuda) {
+  const ta_tensor& q = check_tensor(q_, "q");
+  const ta_tensor& k = check_tensor(k_, "k");
+  const ta_tensor& v = check_tensor(v_, "v");
+  const ta_tensor& out = check_tensor(out_, "out");
+  expect_dtype(q, "q", {TA_DTYPE_F16, TA_DTYPE_BF16});
+  expect_dtype(k, "k", {q.dtype});
+  expect_dtype(v, "v", {q.dtype});
+  expect_dtype(out, "out", {q.dtype});
+  for (auto [t, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}, {&out, "out"}}) {
+    expect_device(*t, name, allow_cuda ? q.device : TA_DEVICE_CPU);
+    expect_last_dim_contiguous(*t, name);
+  }
+  AttentionShape s;
+  s.varlen = cu_q_ != nullptr || cu_k_ != nullptr;
+  const int r = s.varlen ? 3 : 4;
+  expect_rank(q, "q", r);
+  expect_rank(k, "k", r);
+  s.dim = q.shape[r - 1];
+  s.hq = q.shape[r - 2];
+  s.hkv = k.shape[r - 2];
+  expect_head_dim(s.dim, "q");
+  require(k.shape[r - 1] == s.dim, TA_ERROR_INVALID_ARGUMENT, "k: head dim ", k.shape[r - 1], " differs from q's ", s.dim);
+  require(s.hkv > 0 && s.hq > 0 && s.hq % s.hkv == 0, TA_ERROR_INVALID_ARGUMENT, "q: ", s.hq,
+          " query heads is not a positive multiple of k's ", s.hkv, " KV heads");
+  if (s.varlen) {
+    require(cu_q_ && cu_k_, TA_ERROR_INVALID_ARGUMENT, "cu_seqlens_q and cu_seqlens_k must be given together");
+    s.total_q = q.shape[0];
+    s.total_k = k.shape[0];
+    const std::vector<int32_t> cq = read_cu_seqlens(check_tensor(cu_q_, "cu_seqlens_q"), "cu_seqlens_q", s.total_q);
+    const std::vector<int32_t> ck = read_cu_seqlens(check_tensor(cu_k_, "cu_seqlens_k"), "cu_seqlens_k", s.total_k);
+    require(cq.size() == ck.size(), TA_ERROR_INVALID_ARGUMENT, "cu_seqlens_q has ", cq.size(), " entries but cu_seqlens_k has ",
+            ck.size());
+    s.batch = int64_t(cq.size()) - 1;
+    for (int64_t b = 0; b < s.batch; ++b) {
+      s.q_start.push_back(cq[size_t(b)]), s.q_len.push_back(cq[size_t(b) + 1] - cq[size_t(b)]);
+      s.k_start.push_back(ck[size_t(b)]), s.k_len.push_back(ck[size_t(b) + 1] - ck[size_t(b)]);
+    }
+    expect_shape(v, "v", {s.total_k, s.hkv, s.dim});
+    expect_shape(out, "out", {s.total_q, s.hq, s.dim});
+  } else {
+    s.batch = q.shape[0];
+    require(k.shape[0] == s.batch, TA_ERROR_INVALID_ARGUMENT, "k: batch ", k.shape[0], " differs from q's ", s.batch);
+    for (int64_t b = 0; b < s.batch; ++b) {
+      s.q_start.push_back(b * q.shape[1]), s.q_len.push_back(q.shape[1]);
+      s.k_start.push_back(b * k.shape[1]), s.k_len.push_back(k.shape[1]);
+    }
+    s.total_q = s.batch * q.shape[1];
+    s.total_k = s.batch * k.shape[1];
+    expect_shape(v, "v", {s.batch, k.shape[1], s.hkv, s.dim});
+    expect_shape(out, "out", {s.batch, q.shape[1], s.hq, s.dim});
+  }
+  if (lse_) {
+    const ta_tensor& lse = check_tensor(lse_, "lse");
+    expect_dtype(lse, "lse", {TA_DTYPE_F32});
+    expect_device(lse, "lse", q.device);
+    if (s.varlen) expect_shape(lse, "lse", {s.hq, s.total_q});
+    else expect_shape(lse, "lse", {s.batch, s.hq, q.shape[1]});
+  }
+  return s;
+}
+
+ref::HeadsView view(const std::vector<float>& data, int64_t start, int64_t tokens, int64_t heads, int64_t dim) {
+  ref::HeadsView h;
+  h.data = data.data() + start * heads * dim;
+  h.tokens = int(tokens), h.heads = int(heads), h.dim = int(dim);
+  h.head_stride = dim;
+  h.token_stride = heads * dim;
+  return h;
+}
+
+// Runs fn(b, q, k, v, out_floats, lse_floats) per sequence on float copies, then writes out and lse.
+template <class Fn>
+void run_attention_cpu(const AttentionShape& s, const ta_tensor& q, const ta_tensor& k, const ta_tensor& v, ta_tensor& out,
+                       ta_tensor* lse, Fn&& fn) {
+  const std::vector<float> qf = to_float(q), kf = to_float(k), vf = to_float(v);
+  std::vector<float> of(static_cast<size_t>(s.total_q * s.hq * s.dim));
+  std::vector<float> lf(lse ? size_t(s.total_q * s.hq) : 0);
+  for (int64_t b = 0; b < s.batch; ++b) {
+    std::vector<float> seq_lse(size_t(s.hq * s.q_len[size_t(b)]));
+    fn(view(qf, s.q_start[size_t(b)], s.q_len[size_t(b)], s.hq, s.dim), view(kf, s.k_start[size_t(b)], s.k_len[size_t(b)], s.hkv, s.dim),
+       view(vf, s.k_start[size_t(b)], s.k_len[size_t(b)], s.hkv, s.dim), of.data() + s.q_start[size_t(b)] * s.hq * s.dim,
+       seq_lse.data());
+    if (!lse) continue;
+    for (int64_t h = 0; h < s.hq; ++h)
+      for (int64_t i = 0; i < s.q_len[size_t(b)]; ++i) {
+        const size_t dst = s.varlen ? size_t(h * s.total_q + s.q_start[size_t(b)] + i)
+                                    : size_t((b * s.hq + h) * s.q_len[size_t(b)] + i);
+        lf[dst] = seq_lse[size_t(h * s.q_len[size_t(b)] + i)];
+      }
+  }
+  from_float(of, out);
+  if (lse) from_float(lf, *lse);
+}
+}  // namespace
+
+void set_last_error(const std::string& message) { g_last_error = message; }
+
+}  // namespace turboattn
+
+struct ta_cache {
+  ta_device device;
+  std::unique_ptr<turboattn::ref::KvCache> host;
+};
+
+using namespace turboattn;
+
+extern "C" {
+
+const char* ta_version(void) { return "0.1.0"; }
+
+const char* ta_status_string(ta_status status) {
+  switch (status) {
+    case TA_SUCCESS: return "success";
+    case TA_ERROR_INVALID_ARGUMENT: return "invalid argument";
+    case TA_ERROR_UNSUPPORTED: return "unsupported";
+    case TA_ERROR_OUT_OF_CAPACITY: return "out of capacity";
+    case TA_ERROR_OUT_OF_MEMORY: return "out of memory";
+    case TA_ERROR_CUDA: return "CUDA error";
+    case TA_ERROR_INTERNAL: return "internal error";
+  }
+  return "unknown status";
+}
+
+const char* ta_last_error(void) { return g_last_error.c_str(); }
+
+int ta_cuda_available(void) {
+  if constexpr (kBuiltWithCuda) return cuda::device_available() ? 1 : 0;
+  return 0;
+}
+
+ta_tensor ta_tensor_contiguous(void* data, ta_dtype dtype, ta_device device, int32_t ndim, const int64_t* shape) {
+  ta_tensor t{};
+  t.data = data, t.dtype = dtype, t.device = device, t.ndim = ndim;
+  if (ndim < 1 || ndim > TA_MAX_DIMS || !shape) {
+    t.ndim = 0;  // rejected by every entry point
+    return t;
+  }
+  int64_t stride = 1;
+  for (int i = ndim - 1; i >= 0; --i) {
+    t.shape[i] = shape[i];
+    t.strides[i] = stride;
+    stride *= shape[i];
+  }
+  return t;
+}
+
+ta_attention_options ta_attention_default_options(void) { return {0.0f, 0, 1, 1}; }
+
+ta_status ta_attention(const ta_tensor* q, const ta_tensor* k, const ta_tensor* v, const ta_tensor* cu_seqlens_q,
+                       const ta_tensor* cu_seqlens_k, const ta_attention_options* options, ta_tensor* out, ta_tensor* lse,
+                       void* /*cuda_stream*/) {
+  return guard([&] {
+    const AttentionShape s = check_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, out, lse, true);
+    const ta_attention_options o = options ? *options : ta_attention_default_options();
+    require(std::isfinite(o.softmax_scale) && o.softmax_scale >= 0.0f, TA_ERROR_INVALID_ARGUMENT,
+            "options.softmax_scale: ", o.softmax_scale, " is not a finite non-negative number (0 selects 1/sqrt(D))");
+    if (q->device == TA_DEVICE_CUDA) no_cuda_path("ta_attention");
+    ref::AttentionOptions ro;
+    ro.softmax_scale = o.softmax_scale, ro.causal = o.causal != 0, ro.sas = o.use_sas != 0, ro.smooth_k = o.smooth_k != 0;
+    run_attention_cpu(s, *q, *k, *v, *out, lse, [&](auto qv, auto kv, auto vv, float* o_, float* l_) {
+      ref::flashq_attention(qv, kv, vv, ro, o_, l_);
+    });
+  });
+}
+
+ta_status ta_attention_exact(const ta_tensor* q, const ta_tensor* k, const ta_tensor* v, const ta_tensor* cu_seqlens_q,
+                             const ta_tensor* cu_seqlens_k, float softmax_scale, int32_t causal, ta_tensor* out, ta_tensor* lse) {
+  return guard([&] {
+    const AttentionShape s = check_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, out, lse, false);
+    require(std::isfinite(softmax_scale) && softmax_scale >= 0.0f, TA_ERROR_INVALID_ARGUMENT, "softmax_scale: ",
+            softmax_scale, " is not a finite non-negative number");
+    run_attention_cpu(s, *q, *k, *v, *out, lse, [&](auto qv, auto kv, auto vv, float* o_, float* l_) {
+      std::vector<double> od(size_t(qv.tokens) * qv.heads * qv.dim), ld(size_t(qv.tokens) * qv.heads);
+      ref::exact_attention(qv, kv, vv, softmax_scale, causal != 0, od.data(), ld.data());
+      std::copy(od.begin(), od.end(), o_);
+      std::copy(ld.begin(), ld.end(), l_);
+    });
+  });
+}
+
+ta_status ta_quantize_int8(const ta_tensor* x_, const ta_tensor* shift_, ta_tensor* codes_, ta_tensor* scales_, void* stream) {
+  return guard([&] {
+    const ta_tensor& x = check_tensor(x_, "x");
+    ta_tensor& codes = const_cast<ta_tensor&>(check_tensor(codes_, "codes"));
+    ta_tensor& scales = const_cast<ta_tensor&>(check_tensor(scales_, "scales"));
+    expect_dtype(x, "x", {TA_DTYPE_F16, TA_DTYPE_BF16});
+    expect_rank(x, "x", 4);
+    expect_last_dim_contiguous(x, "x");
+    const int64_t B = x.shape[0], N = x.shape[1], H = x.shape[2], D = x.shape[3];
+    expect_head_dim(D, "x");
+    expect_dtype(codes, "codes", {TA_DTYPE_I8});
+    expect_shape(codes, "codes", {B, N, H, D});
+    expect_last_dim_contiguous(codes, "codes");
+    expect_dtype(scales, "scales", {TA_DTYPE_F32});
+    expect_shape(scales, "scales", {B, H, (N + TA_BLOCK_TOKENS - 1) / TA_BLOCK_TOKENS});
+    expect_device(codes, "codes", x.device);
+    expect_device(scales, "scales", x.device);
+    if (shift_) {
+      const ta_tensor& shift = check_tensor(shift_, "shift");
+      expect_dtype(shift, "shift", {TA_DTYPE_F32});
+      expect_shape(shift, "shift", {B, H, D});
+      expect_last_dim_contiguous(shift, "shift");
+      expect_device(shift, "shift", x.device);
+    }
+    if (x.device == TA_DEVICE_CUDA) {
+#ifdef TURBOATTN_WITH_CUDA
+      cuda::quantize_int8(x, shift_, codes, scales, stream);
+      return;
+#else
+      (void)stream;
+      throw Error(TA_ERROR_UNSUPPORTED, "x: on cuda, but this build of turboattn has no CUDA kernels");
+#endif
+    }
+    const std::vector<float> xf = to_float(x);
+    const std::vector<float> sf = shift_ ? to_float(*shift_) : std::vector<float>();
+    std::vector<int8_t> block(static_cast<size_t>(TA_BLOCK_TOKENS * D));
+    auto* code_ptr = static_cast<int8_t*>(codes.data);
+    auto* scale_ptr = static_cast<float*>(scales.data);
+    for (int64_t b = 0; b < B; ++b) {
+      const ref::HeadsView xv = view(xf, b * N, N, H, D);
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t t0 = 0; t0 < N; t0 += TA_BLOCK_TOKENS) {
+          const int rows = int(std::min<int64_t>(TA_BLOCK_TOKENS, N - t0));
+          const float* shift = shift_ ? sf.data() + (b * H + h) * D : nullptr;
+          const float sc = ref::quantize_head_block(xv, int(h), int(t0), rows, shift, block.data());
+          scale_ptr[b * scales.strides[0] + h * scales.strides[1] + (t0 / TA_BLOCK_TOKENS) * scales.strides[2]] = sc;
+          for (int r = 0; r < rows; ++r)
+            for (int64_t c = 0; c < D; ++c)
+              code_ptr[b * codes.strides[0] + (t0 + r) * codes.strides[1] + h * codes.strides[2] + c] = block[size_t(r * D + c)];
+        }
+    }
+  });
+}
+
+/* ---- cache ---- */
+
+ta_cache_config ta_cache_default_config(void) {
+  ta_cache_config c{};
+  c.num_layers = 1, c.num_kv_heads = 8, c.head_dim = 128, c.num_pages = 1024, c.max_seqs = 16;
+  c.max_seq_len = 32768, c.head_bits = nullptr, c.smooth_k = 1;
+  return c;
+}
+
+ta_status ta_cache_create(const ta_cache_config* config, ta_device device, ta_cache** cache) {
+  return guard([&] {
+    require(cache != nullptr, TA_ERROR_INVALID_ARGUMENT, "cache: output pointer is NULL");
+    *cache = nullptr;
+    require(config != nullptr, TA_ERROR_INVALID_ARGUMENT, "config: is NULL");
+    const ta_cache_config& c = *config;
+    require(c.num_layers >= 1, TA_ERROR_INVALID_ARGUMENT, "config.num_layers: ", c.num_layers, ", expected >= 1");
+    require(c.num_kv_heads >= 1 && c.num_kv_heads <= TA_MAX_KV_HEADS, TA_ERROR_INVALID_ARGUMENT, "config.num_kv_heads: ",
+            c.num_kv_heads, ", expected 1 to ", TA_MAX_KV_HEADS);
+    expect_head_dim(c.head_dim, "config.head_dim");
+    require(c.num_pages >= 0, TA_ERROR_INVALID_ARGUMENT, "config.num_pages: ", c.num_pages, ", expected >= 0");
+    require(c.max_seqs >= 1, TA_ERROR_INVALID_ARGUMENT, "config.max_seqs: ", c.max_seqs, ", expected >= 1");
+    require(c.max_seq_len >= 1, TA_ERROR_INVALID_ARGUMENT, "config.max_seq_len: ", c.max_seq_len, ", expected >= 1");
+    require(device == TA_DEVICE_CPU || device == TA_DEVICE_CUDA, TA_ERROR_INVALID_ARGUMENT, "device: unknown code ", int(device));
+    if (device == TA_DEVICE_CUDA) no_cuda_path("the KV cache");
+    ref::CacheConfig rc;
+    rc.layers = c.num_layers, rc.kv_heads = c.num_kv_heads, rc.head_dim = c.head_dim, rc.num_pages = c.num_pages;
+    rc.max_seqs = c.max_seqs, rc.max_seq_len = c.max_seq_len, rc.smooth_k = c.smooth_k != 0;
+    const size_t n = size_t(c.num_layers) * c.num_kv_heads;
+    rc.bits.assign(n, TA_BITS_4);
+    if (c.head_bits) {
+      for (size_t i = 0; i < n; ++i) {
+        const int b = c.head_bits[i];
+        require(b == 8 || b == 4 || b == 2, TA_ERROR_INVALID_ARGUMENT, "config.head_bits[", i, "] (layer ", i / size_t(c.num_kv_heads),
+                ", head ", i % size_t(c.num_kv_heads), "): ", b, ", expected 8, 4 or 2");
+        rc.bits[i] = b;
+      }
+    }
+    auto handle = std::make_unique<ta_cache>();
+    handle->device = device;
+    handle->host = std::make_unique<ref::KvCache>(rc);
+    *cache = handle.release();
+  });
+}
+
+void ta_cache_destroy(ta_cache* cache) { delete cache; }
+
+namespace {
+ref::KvCache& cache_of(ta_cache* cache) {
+  require(cache != nullptr && cache->host, TA_ERROR_INVALID_ARGUMENT, "cache: is NULL");
+  return *cache->host;
+}
+void check_layer(const ref::KvCache& c, int32_t layer) {
+  require(layer >= 0 && layer < c.config().layers, TA_ERROR_INVALID_ARGUMENT, "layer: ", layer, " is outside [0, ",
+          c.config().layers, ")");
+}
+void check_seq(const ref::KvCache& c, int32_t seq, const char* name) {
+  require(seq >= 0 && seq < c.config().max_seqs, TA_ERROR_INVALID_ARGUMENT, name, ": sequence id ", seq, " is outside [0, ",
+          c.config().max_seqs, ")");
+  require(c.active(seq), TA_ERROR_INVALID_ARGUMENT, name, ": sequence ", seq, " is not active (add it first)");
+}
+// Checks the sequence list of a write, append or decode: non-null, active, no repeats.
+void check_seqs(const ref::KvCache& c, const int32_t* seqs, int32_t num_seqs) {
+  require(num_seqs >= 1, TA_ERROR_INVALID_ARGUMENT, "num_seqs: ", num_seqs, ", expected >= 1");
+  require(seqs != nullptr, TA_ERROR_INVALID_ARGUMENT, "seqs: is NULL");
+  std::set<int32_t> seen;
+  for (int32_t i = 0; i < num_seqs; ++i) {
+    check_seq(c, seqs[i], concat("seqs[", i, "]").c_str());
+    require(seen.insert(seqs[i]).second, TA_ERROR_INVALID_ARGUMENT, "seqs[", i, "]: sequence ", seqs[i], " appears twice");
+  }
+}
+void check_kv_tokens(const ref::KvCache& c, const ta_tensor* k_, const ta_tensor* v_, int64_t tokens_expected) {
+  const ta_tensor& k = check_tensor(k_, "k");
+  const ta_tensor& v = check_tensor(v_, "v");
+  expect_dtype(k, "k", {TA_DTYPE_F16, TA_DTYPE_BF16});
+  expect_dtype(v, "v", {k.dtype});
+  expect_device(k, "k", TA_DEVICE_CPU);
+  expect_device(v, "v", TA_DEVICE_CPU);
+  expect_rank(k, "k", 3);
+  const int64_t tokens = tokens_expected >= 0 ? tokens_expected : k.shape[0];
+  expect_shape(k, "k", {tokens, c.config().kv_heads, c.config().head_dim});
+  expect_shape(v, "v", {tokens, c.config().kv_heads, c.config().head_dim});
+  expect_last_dim_contiguous(k, "k");
+  expect_last_dim_contiguous(v, "v");
+}
+// Rejects, before anything is written, a write that would overflow a sequence or the page pool.
+void check_capacity(const ref::KvCache& c, int32_t layer, const int32_t* seqs, const std::vector<int64_t>& tokens) {
+  int64_t pages = 0;
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    const int64_t len = c.length(layer, seqs[i]) + tokens[i];
+    require(len <= c.config().max_seq_len, TA_ERROR_OUT_OF_CAPACITY, "sequence ", seqs[i], " would reach ", len,
+            " tokens in layer ", layer, ", over max_seq_len ", c.config().max_seq_len);
+    pages += c.pages_needed(layer, seqs[i], tokens[i]);
+  }
+  require(pages <= c.free_pages(), TA_ERROR_OUT_OF_CAPACITY, "the write needs ", pages, " new pages but only ", c.free_pages(),
+          " are free; nothing was written");
+}
+}  // namespace
+
+ta_status ta_cache_memory_info(const ta_cache* cache, ta_cache_memory* info) {
+  return guard([&] {
+    const ref::KvCache& c = cache_of(const_cast<ta_cache*>(cache));
+    require(info != nullptr, TA_ERROR_INVALID_ARGUMENT, "info: is NULL");
+    const auto& cfg = c.config();
+    int64_t page = 0;
+    for (int l = 0; l < cfg.layers; ++l) page += c.layout(l).page_bytes;
+    info->page_bytes_total = page;
+    info->pool_bytes = page * cfg.num_pages;
+    info->buffer_bytes = int64_t(cfg.layers) * cfg.max_seqs * cfg.kv_heads * buffer_head_bytes(cfg.head_dim);
+    info->bytes_per_token = double(page) / TA_BLOCK_TOKENS;
+    info->fp16_bytes_per_token = double(cfg.layers) * cfg.kv_heads * cfg.head_dim * 2 * 2;
+  });
+}
+
+ta_status ta_cache_add_sequence(ta_cache* cache, int32_t* seq) {
+  return guard([&] {
+    ref::KvCache& c = cache_of(cache);
+    require(seq != nullptr, TA_ERROR_INVALID_ARGUMENT, "seq: output pointer is NULL");
+    const int s = c.add_sequence();
+    require(s >= 0, TA_ERROR_OUT_OF_CAPACITY, "all ", c.config().max_seqs, " sequence slots are in use");
+    *seq = s;
+  });
+}
+
+ta_status ta_cache_release_sequence(ta_cache* cache, int32_t seq) {
+  return guard([&] {
+    ref::KvCache& c = cache_of(cache);
+    check_seq(c, seq, "seq");
+    c.release_sequence(seq);
+  });
+}
+
+ta_status ta_cache_sequence_length(const ta_cache* cache, int32_t layer, int32_t seq, int64_t* length) {
+  return guard([&] {
+    const ref::KvCache& c = cache_of(const_cast<ta_cache*>(cache));
+    check_layer(c, layer);
+    check_seq(c, seq, "seq");
+    require(length != nullptr, TA_ERROR_INVALID_ARGUMENT, "length: output pointer is NULL");
+    *length = c.length(layer, seq);
+  });
+}
+
+ta_status ta_cache_free_pages(const ta_cache* cache, int32_t* pages) {
+  return guard([&] {
+    const ref::KvCache& c = cache_of(const_cast<ta_cache*>(cache));
+    require(pages != nullptr, TA_ERROR_INVALID_ARGUMENT, "pages: output pointer is NULL");
+    *pages = c.free_pages();
+  });
+}
+
+ta_status ta_cache_write(ta_cache* cache, int32_t layer, const int32_t* seqs, int32_t num_seqs, const ta_tensor* k,
+                         const ta_tensor* v, const ta_tensor* cu_seqlens) {
+  return guard([&] {
+    ref::KvCache& c = cache_of(cache);
+    check_layer(c, layer);
+    check_seqs(c, seqs, num_seqs);
+    check_kv_tokens(c, k, v, -1);
+    const std::vector<int32_t> cu = read_cu_seqlens(check_tensor(cu_seqlens, "cu_seqlens"), "cu_seqlens", k->shape[0]);
+    require(int64_t(cu.size()) == int64_t(num_seqs) + 1, TA_ERROR_INVALID_ARGUMENT, "cu_seqlens: ", cu.size(),
+            " entries, expected num_seqs + 1 = ", num_seqs + 1);
+    std::vector<int64_t> tokens;
+    for (int32_t i = 0; i < num_seqs; ++i) tokens.push_back(cu[size_t(i) + 1] - cu[size_t(i)]);
+    check_capacity(c, layer, seqs, tokens);
+    const std::vector<float> kf = to_float(*k), vf = to_float(*v);
+    const int64_t H = c.config().kv_heads, D = c.config().head_dim;
+    for (int32_t i = 0; i < num_seqs; ++i)
+      c.write(layer, seqs[i], view(kf, cu[size_t(i)], tokens[size_t(i)], H, D), view(vf, cu[size_t(i)], tokens[size_t(i)], H, D));
+  });
+}
+
+ta_status ta_cache_append(ta_cache* cache, int32_t layer, const int32_t* seqs, int32_t num_seqs, const ta_tensor* k,
+                          const ta_tensor* v) {
+  return guard([&] {
+    ref::KvCache& c = cache_of(cache);
+    check_layer(c, layer);
+    check_seqs(c, seqs, num_seqs);
+    check_kv_tokens(c, k, v, num_seqs);
+    check_capacity(c, layer, seqs, std::vector<int64_t>(size_t(num_seqs), 1));
+    const std::vector<float> kf = to_float(*k), vf = to_float(*v);
+    const int64_t H = c.config().kv_heads, D = c.config().head_dim;
+    for (int32_t i = 0; i < num_seqs; ++i) c.write(layer, seqs[i], view(kf, i, 1, H, D), view(vf, i, 1, H, D));
+  });
+}
+
+ta_decode_options ta_decode_default_options(void) { return {0.0f, 1, 0}; }
+
+ta_status ta_decode(ta_cache* cache, int32_t layer, const int32_t* seqs, int32_t num_seqs, const ta_tensor* q_,
+                    const ta_decode_options* options, ta_tensor* out_, void* /*cuda_stream*/) {
+  return guard([&] {
+    ref::KvCache& c = cache_of(cache);
+    check_layer(c, layer);
+    check_seqs(c, seqs, num_seqs);
+    const ta_tensor& q = check_tensor(q_, "q");
+    ta_tensor& out = const_cast<ta_tensor&>(check_tensor(out_, "out"));
+    expect_dtype(q, "q", {TA_DTYPE_F16, TA_DTYPE_BF16});
+    expect_dtype(out, "out", {q.dtype});
+    expect_device(q, "q", TA_DEVICE_CPU);
+    expect_device(out, "out", TA_DEVICE_CPU);
+    expect_rank(q, "q", 4);
+    expect_last_dim_contiguous(q, "q");
+    expect_last_dim_contiguous(out, "out");
+    const int64_t q_len = q.shape[1], hq = q.shape[2], D = c.config().head_dim, hkv = c.config().kv_heads;
+    require(q.shape[0] == num_seqs, TA_ERROR_INVALID_ARGUMENT, "q: batch ", q.shape[0], " differs from num_seqs ", num_seqs);
+    require(q.shape[3] == D, TA_ERROR_INVALID_ARGUMENT, "q: head dim ", q.shape[3], " differs from the cache's ", D);
+    require(hq > 0 && hq % hkv == 0, TA_ERROR_INVALID_ARGUMENT, "q: ", hq, " query heads is not a positive multiple of the cache's ",
+            hkv, " KV heads");
+    require(q_len >= 1, TA_ERROR_INVALID_ARGUMENT, "q: q_len ", q_len, ", expected >= 1");
+    expect_shape(out, "out", {num_seqs, q_len, hq, D});
+    for (int32_t i = 0; i < num_seqs; ++i)
+      require(c.length(layer, seqs[i]) >= q_len, TA_ERROR_INVALID_ARGUMENT, "q: q_len ", q_len, " exceeds sequence ", seqs[i],
+              "'s ", c.length(layer, seqs[i]), " cached tokens in layer ", layer, " (append the new tokens first)");
+    const ta_decode_options o = options ? *options : ta_decode_default_options();
+    require(std::isfinite(o.softmax_scale) && o.softmax_scale >= 0.0f, TA_ERROR_INVALID_ARGUMENT, "options.softmax_scale: ",
+            o.softmax_scale, " is not a finite non-negative number");
+    require(o.split_tiles >= 0, TA_ERROR_INVALID_ARGUMENT, "options.split_tiles: ", o.split_tiles, ", expected >= 0");
+    const std::vector<float> qf = to_float(q);
+    std::vector<float> of(qf.size());
+    for (int32_t i = 0; i < num_seqs; ++i)
+      c.decode(layer, seqs[i], view(qf, int64_t(i) * q_len, q_len, hq, D), o.softmax_scale, o.use_sas != 0, o.split_tiles,
+               of.data() + size_t(i) * q_len * hq * D);
+    from_float(of, out);
+  });
+}
+
+ta_status ta_head_priority(const ta_tensor* k_, const ta_tensor* v_, float* priority) {
+  return guard([&] {
+    const ta_tensor& k = check_tensor(k_, "k");
+    const ta_tensor& v = check_tensor(v_, "v");
+    expect_dtype(k, "k", {TA_DTYPE_F16, TA_DTYPE_BF16, TA_DTYPE_F32});
+    expect_dtype(v, "v", {TA_DTYPE_F16, TA_DTYPE_BF16, TA_DTYPE_F32});
+    expect_device(k, "k", TA_DEVICE_CPU);
+    expect_device(v, "v", TA_DEVICE_CPU);
+    expect_rank(k, "k", 3);
+    expect_shape(v, "v", {k.shape[0], k.shape[1], k.shape[2]});
+    require(k.shape[0] >= 1 && k.shape[1] >= 1 && k.shape[2] >= 1, TA_ERROR_INVALID_ARGUMENT, "k: shape ", shape_string(k),
+            " has an empty dimension");
+    require(priority != nullptr, TA_ERROR_INVALID_ARGUMENT, "priority: is NULL");
+    const std::vector<float> kf = to_float(k), vf = to_float(v);
+    const std::vector<float> p =
+        ref::head_priority(view(kf, 0, k.shape[0], k.shape[1], k.shape[2]), view(vf, 0, k.shape[0], k.shape[1], k.shape[2]));
+    std::copy(p.begin(), p.end(), priority);
+  });
+}
+
+ta_status ta_assign_head_bits(const float* priority, int32_t num_layers, int32_t num_kv_heads, float fraction_2bit,
+                              int32_t* head_bits) {
+  return guard([&] {
+    require(priority != nullptr, TA_ERROR_INVALID_ARGUMENT, "priority: is NULL");
+    require(head_bits != nullptr, TA_ERROR_INVALID_ARGUMENT, "head_bits: is NULL");
+    require(num_layers >= 1 && num_kv_heads >= 1, TA_ERROR_INVALID_ARGUMENT, "num_layers and num_kv_heads must be >= 1, got ",
+            num_layers, " and ", num_kv_heads);
+    require(fraction_2bit >= 0.0f && fraction_2bit <= 1.0f, TA_ERROR_INVALID_ARGUMENT, "fraction_2bit: ", fraction_2bit,
+            " is outside [0, 1]");
+    const std::vector<float> p(priority, priority + size_t(num_layers) * num_kv_heads);
+    for (size_t i = 0; i < p.size(); ++i)
+      require(std::isfinite(p[i]), TA_ERROR_INVALID_ARGUMENT, "priority[", i, "]: ", p[i], " is not finite");
+    const std::vector<int> bits = ref::assign_head_bits(p, num_layers, num_kv_heads, fraction_2bit);
+    std::copy(bits.begin(), bits.end(), head_bits);
+  });
+}
+
+}  // extern "C"

@@ -1,0 +1,14 @@
+// The CUDA side of the C API: entry points implemented in src/cuda/, compiled only when nvcc is
+// found (TURBOATTN_WITH_CUDA). The C API validates arguments before calling any of these.
+#pragma once
+
+#include "turboattn/turboattn.h"
+
+namespace turboattn::cuda {
+
+bool device_available();
+
+// Blockwise INT8 quantization (docs/FORMATS.md, FlashQ compute format); arguments already validated.
+void quantize_int8(const ta_tensor& x, const ta_tensor* shift, ta_tensor& codes, ta_tensor& scales, void* stream);
+
+}  // namespace turboattn::cuda

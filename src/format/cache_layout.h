@@ -1,0 +1,67 @@
+// Byte layout of a compressed cache page and of the INT8 buffer: the single definition used by the
+// CPU reference and the CUDA kernels. docs/FORMATS.md ("KV cache format") describes it in words.
+#pragma once
+
+#include <stdint.h>
+
+#include "turboattn/format.h"
+
+#if defined(__CUDACC__)
+#define TA_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define TA_HOST_DEVICE inline
+#endif
+
+namespace turboattn {
+
+// Bytes of one head's K (or V) codes in a block of TA_BLOCK_TOKENS tokens.
+TA_HOST_DEVICE int64_t block_code_bytes(int bits, int head_dim) {
+  return int64_t(TA_BLOCK_TOKENS) * head_dim * bits / 8;
+}
+// Stage-2 metadata of one head's K (or V) block: u8 scale[D] then s8 zero[D]; none at 8 bits.
+TA_HOST_DEVICE int64_t block_meta_bytes(int bits, int head_dim) { return bits == 8 ? 0 : 2 * head_dim; }
+TA_HOST_DEVICE int64_t block_region_bytes(int bits, int head_dim) {
+  return block_code_bytes(bits, head_dim) + block_meta_bytes(bits, head_dim);
+}
+// Page header: fp32 stage-1 scale of K for each head, then of V, padded to 16 bytes.
+TA_HOST_DEVICE int64_t page_header_bytes(int kv_heads) { return (8 * int64_t(kv_heads) + 15) / 16 * 16; }
+
+// Offsets within one layer's page, given that layer's bit widths (one per KV head).
+struct PageLayout {
+  int kv_heads = 0, head_dim = 0;
+  int64_t page_bytes = 0;
+  int64_t k_offset[TA_MAX_KV_HEADS] = {}, v_offset[TA_MAX_KV_HEADS] = {};  // region offsets
+  int bits[TA_MAX_KV_HEADS] = {};
+};
+
+TA_HOST_DEVICE PageLayout make_page_layout(const int* bits, int kv_heads, int head_dim) {
+  PageLayout p;
+  p.kv_heads = kv_heads;
+  p.head_dim = head_dim;
+  int64_t off = page_header_bytes(kv_heads);
+  for (int h = 0; h < kv_heads; ++h) {
+    p.bits[h] = bits[h];
+    p.k_offset[h] = off;
+    off += block_region_bytes(bits[h], head_dim);
+    p.v_offset[h] = off;
+    off += block_region_bytes(bits[h], head_dim);
+  }
+  p.page_bytes = off;
+  return p;
+}
+TA_HOST_DEVICE int64_t page_k_scale_offset(int head) { return 4 * int64_t(head); }
+TA_HOST_DEVICE int64_t page_v_scale_offset(int kv_heads, int head) { return 4 * (int64_t(kv_heads) + head); }
+
+// The INT8 buffer of one (sequence, layer, KV head): K codes [64][D], V codes [64][D] (token-major),
+// fp32 K scales [64], fp32 V scales [64].
+TA_HOST_DEVICE int64_t buffer_head_bytes(int head_dim) {
+  return 2 * int64_t(TA_BLOCK_TOKENS) * head_dim + 2 * 4 * int64_t(TA_BLOCK_TOKENS);
+}
+TA_HOST_DEVICE int64_t buffer_k_offset(int) { return 0; }
+TA_HOST_DEVICE int64_t buffer_v_offset(int head_dim) { return int64_t(TA_BLOCK_TOKENS) * head_dim; }
+TA_HOST_DEVICE int64_t buffer_k_scale_offset(int head_dim) { return 2 * int64_t(TA_BLOCK_TOKENS) * head_dim; }
+TA_HOST_DEVICE int64_t buffer_v_scale_offset(int head_dim) {
+  return 2 * int64_t(TA_BLOCK_TOKENS) * head_dim + 4 * int64_t(TA_BLOCK_TOKENS);
+}
+
+}  // namespace turboattn

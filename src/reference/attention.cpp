@@ -1,0 +1,221 @@
+#include "attention.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "parallel.hpp"
+#include "quant.hpp"
+#include "sas.hpp"
+#include "turboattn/format.h"
+
+namespace turboattn::ref {
+
+namespace {
+constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr int kTile = TA_BLOCK_TOKENS;
+
+// max that propagates NaN (the GPU uses max.NaN.f32): a NaN score poisons its row.
+float nan_max(float a, float b) {
+  if (std::isnan(a) || std::isnan(b)) return std::numeric_limits<float>::quiet_NaN();
+  return std::max(a, b);
+}
+}  // namespace
+
+float resolve_softmax_scale(float softmax_scale, int dim) {
+  return softmax_scale > 0.0f ? softmax_scale : float(1.0 / std::sqrt(double(dim)));
+}
+
+float scale_log2(float softmax_scale) { return float(double(softmax_scale) * 1.4426950408889634); }
+
+RowState::RowState(int dim) : m(-kInf), l(0.0f), o(size_t(dim), 0.0f) {}
+
+void accumulate_tile(const int8_t* q8, float q_scale, const Int8Tile& tile, int64_t max_pos, bool sas,
+                     int dim, RowState& row) {
+  const int visible = int(std::clamp<int64_t>(max_pos - tile.first_pos + 1, 0, tile.tokens));
+  if (visible == 0) return;
+  float s[kTile];
+  float tile_max = -kInf;
+  for (int j = 0; j < visible; ++j) {
+    const int8_t* kj = tile.k + int64_t(j) * dim;
+    int32_t dot = 0;
+    for (int c = 0; c < dim; ++c) dot += int32_t(q8[c]) * int32_t(kj[c]);
+    s[j] = float(dot) * (q_scale * tile.k_scale[j]);
+    tile_max = nan_max(tile_max, s[j]);
+  }
+  const float m_new = nan_max(row.m, tile_max);
+  bool v_nan = false;  // a NaN V scale must reach the output even where every code is 0
+  for (int j = 0; j < (tile.shared_v_scale ? 1 : visible); ++j) v_nan = v_nan || std::isnan(tile.v_scale[j]);
+  if (tile_max - m_new < TA_SAS_SKIP_X && !v_nan) return;  // every code would be 0: skip the tile
+  // P codes are relative to the tile's own maximum (full 8-bit resolution in every tile); the tile is
+  // weighted by beta = 2^(tile_max - m_new) and the history rescaled by alpha = 2^(m - m_new).
+  const float alpha = std::exp2(row.m - m_new);  // 0 for the first tile (m = -inf)
+  const float beta = std::exp2(tile_max - m_new);
+  uint8_t p[kTile];
+  int32_t p_sum = 0;
+  for (int j = 0; j < visible; ++j) {
+    const float x = s[j] - tile_max;
+    p[j] = sas ? sas_code(x) : exp2_code(x);
+    p_sum += p[j];
+  }
+  row.l = std::fma(row.l, alpha, float(p_sum) * beta);
+  for (int c = 0; c < dim; ++c) {
+    float contrib;
+    if (tile.shared_v_scale) {
+      int32_t acc = 0;
+      for (int j = 0; j < visible; ++j) acc += int32_t(p[j]) * int32_t(tile.v[int64_t(j) * dim + c]);
+      contrib = float(acc) * (tile.v_scale[0] * beta);
+    } else {
+      contrib = 0.0f;
+      for (int j = 0; j < visible; ++j)
+        contrib = std::fma(float(int32_t(p[j]) * int32_t(tile.v[int64_t(j) * dim + c])), tile.v_scale[j] * beta, contrib);
+    }
+    row.o[c] = std::fma(row.o[c], alpha, contrib);
+  }
+  row.m = m_new;
+}
+
+RowState merge_states(const std::vector<RowState>& parts, int dim) {
+  RowState out(dim);
+  for (const RowState& p : parts) out.m = nan_max(out.m, p.m);
+  if (out.m == -kInf) return out;
+  for (const RowState& p : parts) {
+    if (p.m == -kInf) continue;
+    const float w = std::exp2(p.m - out.m);
+    out.l = std::fma(p.l, w, out.l);
+    for (int c = 0; c < dim; ++c) out.o[c] = std::fma(p.o[c], w, out.o[c]);
+  }
+  return out;
+}
+
+void finish_row(const RowState& row, int dim, float* out, float* lse) {
+  if (row.m == -kInf) {  // no visible key: defined as zero output
+    std::fill(out, out + dim, 0.0f);
+    if (lse) *lse = -kInf;
+    return;
+  }
+  const float inv_l = 1.0f / row.l;
+  for (int c = 0; c < dim; ++c) out[c] = row.o[c] * inv_l;
+  if (lse) *lse = (row.m + std::log2(row.l / float(TA_P_CODE_MAX))) * 0.6931471805599453f;
+}
+
+float smoothing_lse_offset(const float* q_row, const float* k_mean, int dim, float softmax_scale) {
+  double dot = 0.0;
+  for (int c = 0; c < dim; ++c) dot += double(q_row[c]) * double(k_mean[c]);
+  return float(double(softmax_scale) * dot);
+}
+
+void head_mean(const HeadsView& k, int head, float* mean) {
+  for (int c = 0; c < k.dim; ++c) {
+    double sum = 0.0;
+    for (int t = 0; t < k.tokens; ++t) sum += k.row(t, head)[c];
+    mean[c] = k.tokens ? float(sum / k.tokens) : 0.0f;
+  }
+}
+
+float quantize_head_block(const HeadsView& x, int head, int t0, int rows, const float* shift, int8_t* codes) {
+  std::vector<float> block(size_t(rows) * x.dim);
+  for (int r = 0; r < rows; ++r) {
+    const float* src = x.row(t0 + r, head);
+    for (int c = 0; c < x.dim; ++c) block[size_t(r) * x.dim + c] = shift ? src[c] - shift[c] : src[c];
+  }
+  return quantize_block_int8(block.data(), rows, x.dim, x.dim, codes, x.dim);
+}
+
+namespace {
+// One head's K or V of a sequence in the compute format: INT8 rows and one scale per 64-token block.
+struct QuantizedHead {
+  std::vector<int8_t> codes;
+  std::vector<float> scales;  // per token (the block's scale repeated), for Int8Tile
+  void build(const HeadsView& x, int head, const float* shift) {
+    codes.resize(size_t(x.tokens) * x.dim);
+    scales.resize(size_t(x.tokens));
+    for (int t0 = 0; t0 < x.tokens; t0 += kTile) {
+      const int rows = std::min(kTile, x.tokens - t0);
+      const float s = quantize_head_block(x, head, t0, rows, shift, codes.data() + size_t(t0) * x.dim);
+      std::fill(scales.begin() + t0, scales.begin() + t0 + rows, s);
+    }
+  }
+};
+}  // namespace
+
+void flashq_attention(const HeadsView& q, const HeadsView& k, const HeadsView& v,
+                      const AttentionOptions& opt, float* out, float* lse) {
+  const int d = q.dim, nq = q.tokens, nk = k.tokens, hq = q.heads, hkv = k.heads;
+  const int group = hq / hkv;
+  const float sl2 = scale_log2(resolve_softmax_scale(opt.softmax_scale, d));
+  std::vector<QuantizedHead> kq(static_cast<size_t>(hkv)), vq(static_cast<size_t>(hkv));
+  std::vector<float> means(size_t(hkv) * d, 0.0f);
+  parallel_for(hkv, [&](int64_t h) {
+    float* mean = means.data() + size_t(h) * d;
+    if (opt.smooth_k) head_mean(k, int(h), mean);
+    kq[size_t(h)].build(k, int(h), opt.smooth_k ? mean : nullptr);
+    vq[size_t(h)].build(v, int(h), nullptr);
+  });
+  const float softmax_scale = resolve_softmax_scale(opt.softmax_scale, d);
+  const int q_blocks = (nq + kTile - 1) / kTile;
+  parallel_for(int64_t(hq) * q_blocks, [&](int64_t item) {
+    const int h = int(item / q_blocks), qb = int(item % q_blocks);
+    const int t0 = qb * kTile, rows = std::min(kTile, nq - t0);
+    std::vector<int8_t> q8(size_t(rows) * d);
+    const float q_scale = quantize_head_block(q, h, t0, rows, nullptr, q8.data()) * sl2;
+    const QuantizedHead& K = kq[size_t(h / group)];
+    const QuantizedHead& V = vq[size_t(h / group)];
+    for (int r = 0; r < rows; ++r) {
+      const int i = t0 + r;
+      const int64_t max_pos = opt.causal ? int64_t(i) + nk - nq : int64_t(nk) - 1;
+      RowState row(d);
+      for (int j0 = 0; j0 < nk && j0 <= max_pos; j0 += kTile) {
+        Int8Tile tile;
+        tile.tokens = std::min(kTile, nk - j0);
+        tile.first_pos = j0;
+        tile.k = K.codes.data() + size_t(j0) * d;
+        tile.v = V.codes.data() + size_t(j0) * d;
+        tile.k_scale = K.scales.data() + j0;
+        tile.v_scale = V.scales.data() + j0;
+        accumulate_tile(q8.data() + size_t(r) * d, q_scale, tile, max_pos, opt.sas, d, row);
+      }
+      float* row_lse = lse ? lse + size_t(h) * nq + i : nullptr;
+      finish_row(row, d, out + (size_t(i) * hq + h) * d, row_lse);
+      if (row_lse && opt.smooth_k) *row_lse += smoothing_lse_offset(q.row(i, h), means.data() + size_t(h / group) * d, d, softmax_scale);
+    }
+  });
+}
+
+void exact_attention(const HeadsView& q, const HeadsView& k, const HeadsView& v, float softmax_scale,
+                     bool causal, double* out, double* lse) {
+  const int d = q.dim, nq = q.tokens, nk = k.tokens, hq = q.heads, group = q.heads / k.heads;
+  const double scale = resolve_softmax_scale(softmax_scale, d);
+  parallel_for(int64_t(hq) * nq, [&](int64_t item) {
+    const int h = int(item / nq), i = int(item % nq), hk = h / group;
+    const int64_t max_pos = causal ? int64_t(i) + nk - nq : int64_t(nk) - 1;
+    const int visible = int(std::clamp<int64_t>(max_pos + 1, 0, nk));
+    double* o = out + (size_t(i) * hq + h) * d;
+    std::fill(o, o + d, 0.0);
+    if (visible == 0) {
+      if (lse) lse[size_t(h) * nq + i] = -std::numeric_limits<double>::infinity();
+      return;
+    }
+    std::vector<double> s(static_cast<size_t>(visible));
+    double m = -std::numeric_limits<double>::infinity();
+    const float* qi = q.row(i, h);
+    for (int j = 0; j < visible; ++j) {
+      const float* kj = k.row(j, hk);
+      double dot = 0.0;
+      for (int c = 0; c < d; ++c) dot += double(qi[c]) * double(kj[c]);
+      s[size_t(j)] = dot * scale;
+      m = std::isnan(s[size_t(j)]) || std::isnan(m) ? std::nan("") : std::max(m, s[size_t(j)]);
+    }
+    double l = 0.0;
+    for (int j = 0; j < visible; ++j) {
+      const double p = std::exp(s[size_t(j)] - m);
+      l += p;
+      const float* vj = v.row(j, hk);
+      for (int c = 0; c < d; ++c) o[c] += p * double(vj[c]);
+    }
+    for (int c = 0; c < d; ++c) o[c] /= l;
+    if (lse) lse[size_t(h) * nq + i] = m + std::log(l);
+  });
+}
+
+}  // namespace turboattn::ref

@@ -1,0 +1,84 @@
+// The compressed paged KV cache on the CPU: page pool, page tables, INT8 buffers of recent tokens,
+// bulk writes, one-token appends with flushes, and decode attention over it. This is the reference
+// for the GPU cache: its bytes are the format (docs/FORMATS.md, "KV cache format").
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "attention.hpp"
+#include "format/cache_layout.h"
+
+namespace turboattn::ref {
+
+struct CacheConfig {
+  int layers = 1, kv_heads = 1, head_dim = 128;
+  int num_pages = 0;         // pages in the pool; page p of a sequence is the same id in every layer
+  int max_seqs = 1;          // sequence slots
+  int64_t max_seq_len = 0;   // tokens per sequence
+  std::vector<int> bits;     // layers * kv_heads bit widths (8, 4 or 2)
+  bool smooth_k = true;      // subtract the per-head mean of the first write's K
+};
+
+class KvCache {
+ public:
+  explicit KvCache(const CacheConfig& config);
+
+  const CacheConfig& config() const { return cfg_; }
+  const PageLayout& layout(int layer) const { return layouts_[size_t(layer)]; }
+
+  // Sequence slots. add_sequence returns -1 when every slot is taken.
+  int add_sequence();
+  void release_sequence(int seq);
+  bool active(int seq) const { return seq >= 0 && seq < cfg_.max_seqs && active_[size_t(seq)]; }
+  int64_t length(int layer, int seq) const { return length_[index(layer, seq)]; }
+  int free_pages() const { return int(free_.size()); }
+  // Pages a sequence must newly take for `tokens` more tokens in `layer`.
+  int pages_needed(int layer, int seq, int64_t tokens) const;
+
+  // Appends `k`, `v` (tokens x kv_heads x dim) to a sequence: each token is quantized to the buffer
+  // and full buffers are flushed into pages. On a sequence's first write to a layer with smooth_k,
+  // the K mean is `k_mean` ([kv_heads][dim]) if given, else the mean of these tokens.
+  // The caller has checked capacity (pages_needed <= free_pages, length within max_seq_len).
+  void write(int layer, int seq, const HeadsView& k, const HeadsView& v, const float* k_mean = nullptr);
+
+  // Decode attention of q (q_len x q_heads x dim, the sequence's last q_len tokens, causal among
+  // themselves) into out [q_len][q_heads][dim]. split_tiles > 0 runs split-KV with that many tiles
+  // per split and merges, as a GPU kernel does.
+  void decode(int layer, int seq, const HeadsView& q, float softmax_scale, bool sas, int split_tiles,
+              float* out, float* lse = nullptr) const;
+
+  // Raw state, for tests and for comparison with the GPU cache.
+  const uint8_t* page(int layer, int page_id) const;
+  const std::vector<int>& page_table(int seq) const { return tables_[size_t(seq)]; }
+  const uint8_t* buffer(int layer, int seq, int head) const;
+  const float* k_mean(int layer, int seq) const;
+
+  // A page's block of one head in the compute format: INT8 K and V rows [64][dim] and their scales.
+  void block_tile(int layer, int page_id, int head, int8_t* k, int8_t* v, float* k_scale, float* v_scale) const;
+  // Every cached token of a sequence dequantized to float (mean added back): [len][kv_heads][dim].
+  void read_tokens(int layer, int seq, float* k, float* v) const;
+
+  int64_t pool_bytes() const;
+
+ private:
+  size_t index(int layer, int seq) const { return size_t(layer) * cfg_.max_seqs + seq; }
+  uint8_t* buffer_mut(int layer, int seq, int head);
+  void append_token(int layer, int seq, const float* const* k_rows, const float* const* v_rows);
+  void flush(int layer, int seq);
+  std::vector<Int8Tile> tiles(int layer, int seq, int head, std::vector<std::vector<int8_t>>& codes,
+                              std::vector<std::vector<float>>& scales) const;
+
+  CacheConfig cfg_;
+  std::vector<PageLayout> layouts_;
+  std::vector<std::vector<uint8_t>> pools_;    // per layer: num_pages * page_bytes
+  std::vector<std::vector<uint8_t>> buffers_;  // per layer: max_seqs * kv_heads * buffer_head_bytes
+  std::vector<std::vector<float>> means_;      // per layer: max_seqs * kv_heads * dim
+  std::vector<int64_t> length_;                // per (layer, seq)
+  std::vector<std::vector<int>> tables_;       // per seq: page ids of its blocks
+  std::vector<bool> active_;
+  std::vector<int> free_;                      // free page ids (a stack)
+};
+
+}  // namespace turboattn::ref

@@ -1,0 +1,251 @@
+// The C API: results through it equal the reference, and every bad argument gets a clear status and
+// a message naming the argument, never a crash.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <string>
+
+#include "reference/attention.hpp"
+#include "test_util.hpp"
+#include "turboattn/turboattn.hpp"
+
+using namespace turboattn;
+using test::InputKind;
+
+namespace {
+
+struct Problem {
+  int b, nq, nk, hq, hkv, d;
+  std::vector<uint16_t> q, k, v, out;
+  std::vector<float> lse;
+  Problem(int b_, int nq_, int nk_, int hq_, int hkv_, int d_) : b(b_), nq(nq_), nk(nk_), hq(hq_), hkv(hkv_), d(d_) {
+    std::mt19937_64 rng(std::random_device{}());
+    std::vector<float> qf = test::make_input(rng, b * nq, hq, d, InputKind::Normal, 'q');
+    std::vector<float> kf = test::make_input(rng, b * nk, hkv, d, InputKind::Normal, 'k');
+    std::vector<float> vf = test::make_input(rng, b * nk, hkv, d, InputKind::Normal, 'v');
+    q = test::to_half(qf), k = test::to_half(kf), v = test::to_half(vf);
+    out.assign(q.size(), 0x7E00);  // NaN poison
+    lse.assign(size_t(b) * hq * nq, std::nanf(""));
+  }
+  ta_tensor tq() { return tensor(q.data(), TA_DTYPE_F16, {b, nq, hq, d}); }
+  ta_tensor tk() { return tensor(k.data(), TA_DTYPE_F16, {b, nk, hkv, d}); }
+  ta_tensor tv() { return tensor(v.data(), TA_DTYPE_F16, {b, nk, hkv, d}); }
+  ta_tensor tout() { return tensor(out.data(), TA_DTYPE_F16, {b, nq, hq, d}); }
+  ta_tensor tlse() { return tensor(lse.data(), TA_DTYPE_F32, {b, hq, nq}); }
+};
+
+// Calls ta_attention and expects `status` with `needle` in the message.
+void expect_error(ta_status status, const std::string& needle, const ta_tensor* q, const ta_tensor* k, const ta_tensor* v,
+                  ta_tensor* out, ta_tensor* lse = nullptr, const ta_tensor* cq = nullptr, const ta_tensor* ck = nullptr) {
+  const ta_status got = ta_attention(q, k, v, cq, ck, nullptr, out, lse, nullptr);
+  EXPECT_EQ(got, status) << ta_last_error();
+  EXPECT_NE(std::string(ta_last_error()).find(needle), std::string::npos) << "message: " << ta_last_error();
+}
+
+}  // namespace
+
+TEST(CApi, AttentionMatchesReferenceAndWritesEveryOutput) {
+  Problem p(2, 70, 90, 4, 2, 64);
+  ta_tensor q = p.tq(), k = p.tk(), v = p.tv(), out = p.tout(), lse = p.tlse();
+  ta_attention_options opt = ta_attention_default_options();
+  opt.causal = 1;
+  ASSERT_EQ(ta_attention(&q, &k, &v, nullptr, nullptr, &opt, &out, &lse, nullptr), TA_SUCCESS) << ta_last_error();
+  for (uint16_t h : p.out) ASSERT_TRUE(std::isfinite(ref::half_to_float(h)));
+  for (float l : p.lse) ASSERT_TRUE(std::isfinite(l));
+  // Variable length with the same two sequences gives the same bits.
+  std::vector<uint16_t> out2(p.out.size(), 0x7E00);
+  int32_t cq[3] = {0, 70, 140}, ck[3] = {0, 90, 180};
+  ta_tensor q3 = tensor(p.q.data(), TA_DTYPE_F16, {140, 4, 64}), k3 = tensor(p.k.data(), TA_DTYPE_F16, {180, 2, 64}),
+            v3 = tensor(p.v.data(), TA_DTYPE_F16, {180, 2, 64}), o3 = tensor(out2.data(), TA_DTYPE_F16, {140, 4, 64});
+  ta_tensor tcq = tensor(cq, TA_DTYPE_I32, {3}), tck = tensor(ck, TA_DTYPE_I32, {3});
+  ASSERT_EQ(ta_attention(&q3, &k3, &v3, &tcq, &tck, &opt, &o3, nullptr, nullptr), TA_SUCCESS) << ta_last_error();
+  EXPECT_EQ(out2, p.out);
+}
+
+TEST(CApi, HeadMajorLayoutThroughStrides) {
+  // q stored as [B, H, N, D] in memory, described as [B, N, H, D] with strides: same result.
+  Problem p(1, 33, 33, 2, 2, 64);
+  ta_tensor q = p.tq(), k = p.tk(), v = p.tv(), out = p.tout();
+  ASSERT_EQ(ta_attention(&q, &k, &v, nullptr, nullptr, nullptr, &out, nullptr, nullptr), TA_SUCCESS);
+  std::vector<uint16_t> qh(p.q.size()), kh(p.k.size()), vh(p.v.size()), out2(p.out.size(), 0x7E00);
+  for (int n = 0; n < 33; ++n)
+    for (int h = 0; h < 2; ++h)
+      for (int d = 0; d < 64; ++d) {
+        const size_t bnhd = (size_t(n) * 2 + h) * 64 + d, bhnd = (size_t(h) * 33 + n) * 64 + d;
+        qh[bhnd] = p.q[bnhd], kh[bhnd] = p.k[bnhd], vh[bhnd] = p.v[bnhd];
+      }
+  auto head_major = [](std::vector<uint16_t>& x) {
+    ta_tensor t = tensor(x.data(), TA_DTYPE_F16, {1, 33, 2, 64});
+    t.strides[0] = 2 * 33 * 64, t.strides[1] = 64, t.strides[2] = 33 * 64, t.strides[3] = 1;
+    return t;
+  };
+  ta_tensor q2 = head_major(qh), k2 = head_major(kh), v2 = head_major(vh), o2 = tensor(out2.data(), TA_DTYPE_F16, {1, 33, 2, 64});
+  ASSERT_EQ(ta_attention(&q2, &k2, &v2, nullptr, nullptr, nullptr, &o2, nullptr, nullptr), TA_SUCCESS) << ta_last_error();
+  EXPECT_EQ(out2, p.out);
+}
+
+TEST(CApi, RejectsBadAttentionArguments) {
+  Problem p(1, 8, 8, 4, 2, 64);
+  ta_tensor q = p.tq(), k = p.tk(), v = p.tv(), out = p.tout(), lse = p.tlse();
+  expect_error(TA_ERROR_INVALID_ARGUMENT, "q: tensor descriptor is NULL", nullptr, &k, &v, &out);
+  expect_error(TA_ERROR_INVALID_ARGUMENT, "out: tensor descriptor is NULL", &q, &k, &v, nullptr);
+  ta_tensor bad = q;
+  bad.data = nullptr;
+  expect_error(TA_ERROR_INVALID_ARGUMENT, "q: data pointer is NULL", &bad, &k, &v, &out);
+  bad = q;
+  bad.dtype = TA_DTYPE_F32;
+  expect_error(TA_ERROR_INVALID_ARGUMENT, "q: dtype f32, expected f16 or bf16", &bad, &k, &v, &out);
+  bad = k;
+  bad.dtype = TA_DTYPE_BF16;
+  expect_error(TA_ERROR_INVALID_ARGUMENT, "k: dtype bf16, expected f16", &q, &bad, &v, &out);
+  bad = tensor(p.q.data(), TA_DTYPE_F16, {8, 4, 64});
+  expect_error(TA_ERROR_INVALID_ARGUMENT, "q: rank 3", &bad, &k, &v, &out);
+  bad = q;
+  bad.ndim = 7;
+  expect_error(TA_ERROR_INVALID_ARGUMENT, "q: rank 7 is outside", &bad, &k, &v, &out);
+  bad = q;
+  bad.shape[3] = 80, bad.strides[2] = 80, bad.strides[1] = 320, bad.strides[0] = 2560;
+  ta_tensor bad_out = out;
+  bad_out.shape[3] = 80;
+  expect_error(TA_ERROR_UNSUPPORTED, "head dim 80 is not supported", &bad, &k, &v, &bad_out);
+  ta_tensor k3 = tensor(p.k.data(), TA_DTYPE_F16, {1, 8, 3, 64});
+  ta_tensor v3 = tensor(p.v.data(), TA_DTYPE_F16, {1, 8, 3, 64});
+  expect_error(TA_ERROR_INVALID_ARGUMENT, "4 query heads is not a positive multiple of k's 3 KV heads", &q, &k3, &v3, &out);
+  bad = v;
+  bad.shape[1] = 7;
+  expect_error(TA_ERROR_INVALID_ARGUMENT, "v: shape [1, 7, 2, 64], expected [1, 8, 2, 64]", &q, &k, &bad, &out);
+  bad = q;
+  bad.strides[3] = 2;
+  expect_error(TA_ERROR_INVALID_ARGUMENT, "q: last dimension must be contiguous", &bad, &k, &v, &out);
+  bad = lse;
+  bad.shape[2] = 9;
+  expect_error(TA_ERROR_INVALID_ARGUMENT, "lse: shape [1, 4, 9]", &q, &k, &v, &out, &bad);
+  bad = q;
+  bad.shape[0] = -1;
+  expect_error(TA_ERROR_INVALID_ARGUMENT, "q: negative size", &bad, &k, &v, &out);
+  // Variable length: cumulative lengths must start at 0, not decrease and end at the token count.
+  ta_tensor q3 = tensor(p.q.data(), TA_DTYPE_F16, {8, 4, 64}), kk3 = tensor(p.k.data(), TA_DTYPE_F16, {8, 2, 64}),
+            vv3 = tensor(p.v.data(), TA_DTYPE_F16, {8, 2, 64}), o3 = tensor(p.out.data(), TA_DTYPE_F16, {8, 4, 64});
+  int32_t good[3] = {0, 3, 8}, dec[3] = {0, 5, 3}, shortc[3] = {0, 3, 7};
+  ta_tensor g = tensor(good, TA_DTYPE_I32, {3}), d = tensor(dec, TA_DTYPE_I32, {3}), s = tensor(shortc, TA_DTYPE_I32, {3});
+  expect_error(TA_ERROR_INVALID_ARGUMENT, "cu_seqlens_k decreases at index 2", &q3, &kk3, &vv3, &o3, nullptr, &g, &d);
+  expect_error(TA_ERROR_INVALID_ARGUMENT, "cu_seqlens_q ends at 7", &q3, &kk3, &vv3, &o3, nullptr, &s, &g);
+  expect_error(TA_ERROR_INVALID_ARGUMENT, "must be given together", &q3, &kk3, &vv3, &o3, nullptr, &g, nullptr);
+  ta_attention_options opt = ta_attention_default_options();
+  opt.softmax_scale = NAN;
+  EXPECT_EQ(ta_attention(&q, &k, &v, nullptr, nullptr, &opt, &out, nullptr, nullptr), TA_ERROR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(ta_last_error()).find("softmax_scale"), std::string::npos);
+}
+
+TEST(CApi, CudaTensorsWithoutTheKernelAreAClearError) {
+  Problem p(1, 8, 8, 2, 2, 64);
+  ta_tensor q = p.tq(), k = p.tk(), v = p.tv(), out = p.tout();
+  q.device = k.device = v.device = out.device = TA_DEVICE_CUDA;
+  EXPECT_EQ(ta_attention(&q, &k, &v, nullptr, nullptr, nullptr, &out, nullptr, nullptr), TA_ERROR_UNSUPPORTED);
+  EXPECT_NE(std::string(ta_last_error()).find("CUDA"), std::string::npos) << ta_last_error();
+  ta_tensor mixed = p.tk();
+  EXPECT_EQ(ta_attention(&q, &mixed, &v, nullptr, nullptr, nullptr, &out, nullptr, nullptr), TA_ERROR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(ta_last_error()).find("k: on cpu, expected cuda"), std::string::npos) << ta_last_error();
+}
+
+TEST(CApi, RejectsBadCacheArguments) {
+  ta_cache* c = nullptr;
+  EXPECT_EQ(ta_cache_create(nullptr, TA_DEVICE_CPU, &c), TA_ERROR_INVALID_ARGUMENT);
+  ta_cache_config cfg = ta_cache_default_config();
+  cfg.head_dim = 72;
+  EXPECT_EQ(ta_cache_create(&cfg, TA_DEVICE_CPU, &c), TA_ERROR_UNSUPPORTED);
+  EXPECT_NE(std::string(ta_last_error()).find("config.head_dim"), std::string::npos);
+  cfg = ta_cache_default_config();
+  const int32_t bits[8] = {4, 4, 3, 4, 4, 4, 4, 4};
+  cfg.head_bits = bits;
+  EXPECT_EQ(ta_cache_create(&cfg, TA_DEVICE_CPU, &c), TA_ERROR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(ta_last_error()).find("config.head_bits[2] (layer 0, head 2): 3"), std::string::npos) << ta_last_error();
+  cfg = ta_cache_default_config();
+  cfg.num_kv_heads = 2, cfg.head_dim = 64, cfg.max_seqs = 1, cfg.max_seq_len = 10, cfg.num_pages = 4;
+  ASSERT_EQ(ta_cache_create(&cfg, TA_DEVICE_CPU, &c), TA_SUCCESS);
+  int32_t s = -1, s2 = -1;
+  ASSERT_EQ(ta_cache_add_sequence(c, &s), TA_SUCCESS);
+  EXPECT_EQ(ta_cache_add_sequence(c, &s2), TA_ERROR_OUT_OF_CAPACITY);
+  std::vector<uint16_t> kv(11 * 2 * 64, 0x3C00);
+  ta_tensor k = tensor(kv.data(), TA_DTYPE_F16, {11, 2, 64});
+  int32_t cu[2] = {0, 11};
+  ta_tensor tcu = tensor(cu, TA_DTYPE_I32, {2});
+  EXPECT_EQ(ta_cache_write(c, 0, &s, 1, &k, &k, &tcu), TA_ERROR_OUT_OF_CAPACITY);
+  EXPECT_NE(std::string(ta_last_error()).find("over max_seq_len 10"), std::string::npos) << ta_last_error();
+  EXPECT_EQ(ta_cache_write(c, 1, &s, 1, &k, &k, &tcu), TA_ERROR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(ta_last_error()).find("layer: 1 is outside [0, 1)"), std::string::npos);
+  const int32_t unknown = 3;
+  EXPECT_EQ(ta_cache_write(c, 0, &unknown, 1, &k, &k, &tcu), TA_ERROR_INVALID_ARGUMENT);
+  EXPECT_EQ(ta_cache_write(c, 0, nullptr, 1, &k, &k, &tcu), TA_ERROR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(ta_last_error()).find("seqs: is NULL"), std::string::npos);
+  ta_tensor k3 = tensor(kv.data(), TA_DTYPE_F16, {11, 1, 128});
+  EXPECT_EQ(ta_cache_write(c, 0, &s, 1, &k3, &k3, &tcu), TA_ERROR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(ta_last_error()).find("k: shape [11, 1, 128], expected [11, 2, 64]"), std::string::npos) << ta_last_error();
+  // Decode: q_len over the cached length, wrong heads.
+  std::vector<uint16_t> qd(1 * 2 * 4 * 64, 0x3C00), od(qd.size());
+  ta_tensor q = tensor(qd.data(), TA_DTYPE_F16, {1, 2, 4, 64}), o = tensor(od.data(), TA_DTYPE_F16, {1, 2, 4, 64});
+  EXPECT_EQ(ta_decode(c, 0, &s, 1, &q, nullptr, &o, nullptr), TA_ERROR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(ta_last_error()).find("q_len 2 exceeds"), std::string::npos) << ta_last_error();
+  ta_tensor q3h = tensor(qd.data(), TA_DTYPE_F16, {1, 1, 3, 64});
+  EXPECT_EQ(ta_decode(c, 0, &s, 1, &q3h, nullptr, &o, nullptr), TA_ERROR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(ta_last_error()).find("3 query heads"), std::string::npos);
+  EXPECT_EQ(ta_cache_release_sequence(c, 5), TA_ERROR_INVALID_ARGUMENT);
+  ta_cache_destroy(c);
+}
+
+TEST(CApi, QuantizeInt8MatchesReferenceBlocks) {
+  std::mt19937_64 rng(std::random_device{}());
+  const int B = 2, N = 130, H = 3, D = 96;
+  std::vector<float> x = test::make_input(rng, B * N, H, D, InputKind::Outliers, 'k');
+  std::vector<uint16_t> xh = test::to_half(x);
+  std::vector<int8_t> codes(xh.size(), 99);
+  std::vector<float> scales(size_t(B) * H * 3, std::nanf(""));
+  ta_tensor tx = tensor(xh.data(), TA_DTYPE_F16, {B, N, H, D}), tc = tensor(codes.data(), TA_DTYPE_I8, {B, N, H, D}),
+            ts = tensor(scales.data(), TA_DTYPE_F32, {B, H, 3});
+  ASSERT_EQ(ta_quantize_int8(&tx, nullptr, &tc, &ts, nullptr), TA_SUCCESS) << ta_last_error();
+  for (int b = 0; b < B; ++b)
+    for (int h = 0; h < H; ++h)
+      for (int blk = 0; blk < 3; ++blk) {
+        const float s = scales[(size_t(b) * H + h) * 3 + blk];
+        ASSERT_GT(s, 0.0f);
+        for (int t = blk * 64; t < std::min(N, blk * 64 + 64); ++t)
+          for (int d = 0; d < D; ++d) {
+            const size_t i = ((size_t(b) * N + t) * H + h) * D + d;
+            ASSERT_LE(std::fabs(codes[i] * s - x[i]), 0.5f * s * 1.0001f);
+          }
+      }
+  ts.shape[2] = 2;
+  EXPECT_EQ(ta_quantize_int8(&tx, nullptr, &tc, &ts, nullptr), TA_ERROR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(ta_last_error()).find("scales: shape [2, 3, 2], expected [2, 3, 3]"), std::string::npos)
+      << ta_last_error();
+}
+
+TEST(CApi, HeadBitsAssignmentRule) {
+  const float priority[8] = {0.5f, 2.0f, 0.1f, 1.0f, /* layer 1 */ 1.0f, 1.0f, 1.0f, 0.2f};
+  int32_t bits[8];
+  ASSERT_EQ(ta_assign_head_bits(priority, 2, 4, 0.5f, bits), TA_SUCCESS);
+  const int32_t want[8] = {2, 4, 2, 4, /* ties: lower index first */ 2, 4, 4, 2};
+  for (int i = 0; i < 8; ++i) EXPECT_EQ(bits[i], want[i]) << i;
+  EXPECT_EQ(ta_assign_head_bits(priority, 2, 4, 1.5f, bits), TA_ERROR_INVALID_ARGUMENT);
+  EXPECT_EQ(ta_assign_head_bits(nullptr, 2, 4, 0.5f, bits), TA_ERROR_INVALID_ARGUMENT);
+}
+
+TEST(CApi, HeadPriorityRanksWideHeadsHigher) {
+  std::mt19937_64 rng(std::random_device{}());
+  const int T = 256, H = 3, D = 64;
+  std::vector<float> k = test::make_input(rng, T, H, D, InputKind::Normal, 'k');
+  std::vector<float> v = test::make_input(rng, T, H, D, InputKind::Normal, 'v');
+  for (int t = 0; t < T; ++t)
+    for (int d = 0; d < D; ++d) {
+      k[(size_t(t) * H + 1) * D + d] *= 4.0f;  // head 1: wider K and V
+      v[(size_t(t) * H + 1) * D + d] *= 4.0f;
+      k[(size_t(t) * H + 2) * D + d] *= 0.25f;  // head 2: narrower
+      v[(size_t(t) * H + 2) * D + d] *= 0.25f;
+    }
+  ta_tensor tk = tensor(k.data(), TA_DTYPE_F32, {T, H, D}), tv = tensor(v.data(), TA_DTYPE_F32, {T, H, D});
+  float p[3];
+  ASSERT_EQ(ta_head_priority(&tk, &tv, p), TA_SUCCESS) << ta_last_error();
+  EXPECT_GT(p[1], p[0]);
+  EXPECT_GT(p[0], p[2]);
+  EXPECT_NEAR(p[0] + p[1] + p[2], 6.0f, 1e-4f);  // each tensor's terms average to 1 over heads
+}

@@ -1,0 +1,266 @@
+// The compressed paged KV cache on the CPU: bulk write == token-by-token appends (bit-exact), decode
+// against float64 attention, split-KV, capacity errors that leave the cache untouched, memory figures.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+
+#include "reference/kv_cache.hpp"
+#include "test_util.hpp"
+#include "turboattn/turboattn.hpp"
+
+namespace test = turboattn::test;
+using namespace turboattn::ref;
+using turboattn::tensor;
+using turboattn::buffer_k_offset, turboattn::buffer_v_offset, turboattn::buffer_k_scale_offset,
+    turboattn::buffer_v_scale_offset;
+using test::InputKind;
+
+namespace {
+
+std::vector<int> bits_for(const std::string& name, int layers, int heads) {
+  std::vector<int> b(size_t(layers) * heads);
+  for (size_t i = 0; i < b.size(); ++i) {
+    if (name == "8") b[i] = 8;
+    else if (name == "4") b[i] = 4;
+    else if (name == "2") b[i] = 2;
+    else b[i] = (i % 2) ? 2 : 4;  // "mix": half the heads at 2 bits
+  }
+  return b;
+}
+
+CacheConfig config(const std::string& bits, int heads, int dim, int pages = 64, int layers = 1) {
+  CacheConfig c;
+  c.layers = layers, c.kv_heads = heads, c.head_dim = dim, c.num_pages = pages, c.max_seqs = 4, c.max_seq_len = 1 << 20;
+  c.bits = bits_for(bits, layers, heads);
+  return c;
+}
+
+// Equal lengths, page tables, page bytes of every block, and the valid rows of every buffer.
+void expect_same_contents(const KvCache& a, const KvCache& b, int layer, int seq) {
+  ASSERT_EQ(a.length(layer, seq), b.length(layer, seq));
+  const auto& cfg = a.config();
+  const int64_t len = a.length(layer, seq), blocks = len / TA_BLOCK_TOKENS;
+  const int buffered = int(len % TA_BLOCK_TOKENS), d = cfg.head_dim;
+  ASSERT_EQ(a.page_table(seq).size(), b.page_table(seq).size());
+  const int64_t page_bytes = a.layout(layer).page_bytes;
+  for (int64_t blk = 0; blk < blocks; ++blk)
+    ASSERT_EQ(0, std::memcmp(a.page(layer, a.page_table(seq)[size_t(blk)]), b.page(layer, b.page_table(seq)[size_t(blk)]),
+                             size_t(page_bytes)))
+        << "block " << blk;
+  for (int h = 0; h < cfg.kv_heads; ++h) {
+    const uint8_t *ba = a.buffer(layer, seq, h), *bb = b.buffer(layer, seq, h);
+    for (int64_t off : {buffer_k_offset(d), buffer_v_offset(d)})
+      ASSERT_EQ(0, std::memcmp(ba + off, bb + off, size_t(buffered) * d)) << "buffer codes, head " << h;
+    for (int64_t off : {buffer_k_scale_offset(d), buffer_v_scale_offset(d)})
+      ASSERT_EQ(0, std::memcmp(ba + off, bb + off, size_t(buffered) * 4)) << "buffer scales, head " << h;
+  }
+}
+
+}  // namespace
+
+class AppendEqualsBulk : public testing::TestWithParam<std::tuple<std::string, int>> {};
+
+TEST_P(AppendEqualsBulk, BitExact) {
+  const auto [bits, n] = GetParam();
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE(testing::Message() << "seed " << seed);
+  std::mt19937_64 rng(seed);
+  const int heads = 4, d = 64;
+  std::vector<float> k = test::make_input(rng, n, heads, d, InputKind::Outliers, 'k');
+  std::vector<float> v = test::make_input(rng, n, heads, d, InputKind::Outliers, 'v');
+  test::to_half(k), test::to_half(v);
+  const HeadsView kv = test::view_of(k, n, heads, d), vv = test::view_of(v, n, heads, d);
+  std::vector<float> mean(size_t(heads) * d);
+  for (int h = 0; h < heads; ++h) head_mean(kv, h, mean.data() + size_t(h) * d);
+
+  KvCache bulk(config(bits, heads, d)), steps(config(bits, heads, d)), mixed(config(bits, heads, d));
+  const int s = bulk.add_sequence();
+  ASSERT_EQ(steps.add_sequence(), s);
+  ASSERT_EQ(mixed.add_sequence(), s);
+  bulk.write(0, s, kv, vv);  // computes the same mean itself
+  for (int t = 0; t < n; ++t) {
+    HeadsView kt = kv, vt = vv;
+    kt.data = kv.row(t, 0), vt.data = vv.row(t, 0), kt.tokens = vt.tokens = 1;
+    steps.write(0, s, kt, vt, mean.data());
+  }
+  const int first = n / 3;  // a bulk write followed by appends, as after a prefill
+  HeadsView k1 = kv, v1 = vv, k2 = kv, v2 = vv;
+  k1.tokens = v1.tokens = first;
+  k2.data = kv.row(first, 0), v2.data = vv.row(first, 0), k2.tokens = v2.tokens = n - first;
+  mixed.write(0, s, k1, v1, mean.data());
+  mixed.write(0, s, k2, v2);
+  expect_same_contents(bulk, steps, 0, s);
+  expect_same_contents(bulk, mixed, 0, s);
+}
+INSTANTIATE_TEST_SUITE_P(All, AppendEqualsBulk,
+                         testing::Combine(testing::Values("8", "4", "2", "mix"), testing::Values(1, 63, 64, 65, 200)));
+
+namespace {
+struct DecodeCase {
+  std::string bits;
+  int len, q_len;
+  InputKind kind;
+};
+
+struct DecodeErrors {
+  test::ErrorStats vs_exact;        // against float64 attention over the original K and V
+  test::ErrorStats vs_dequantized;  // against float64 attention over the cache's own K and V
+  std::vector<float> out;
+};
+
+DecodeErrors decode_errors(const DecodeCase& c, uint64_t seed, int split_tiles = 0) {
+  std::mt19937_64 rng(seed);
+  const int hkv = 2, hq = 8, d = 128;
+  std::vector<float> k = test::make_input(rng, c.len, hkv, d, c.kind, 'k');
+  std::vector<float> v = test::make_input(rng, c.len, hkv, d, c.kind, 'v');
+  std::vector<float> q = test::make_input(rng, c.q_len, hq, d, c.kind, 'q');
+  test::to_half(k), test::to_half(v), test::to_half(q);
+  KvCache cache(config(c.bits, hkv, d));
+  const int s = cache.add_sequence();
+  cache.write(0, s, test::view_of(k, c.len, hkv, d), test::view_of(v, c.len, hkv, d));
+  DecodeErrors e;
+  e.out.assign(q.size(), std::nanf(""));
+  cache.decode(0, s, test::view_of(q, c.q_len, hq, d), 0.0f, true, split_tiles, e.out.data());
+  std::vector<double> want(q.size());
+  exact_attention(test::view_of(q, c.q_len, hq, d), test::view_of(k, c.len, hkv, d), test::view_of(v, c.len, hkv, d), 0.0f,
+                  true, want.data(), nullptr);
+  e.vs_exact = test::compare(e.out, want);
+  std::vector<float> kd(k.size()), vd(v.size());
+  cache.read_tokens(0, s, kd.data(), vd.data());
+  exact_attention(test::view_of(q, c.q_len, hq, d), test::view_of(kd, c.len, hkv, d), test::view_of(vd, c.len, hkv, d), 0.0f,
+                  true, want.data(), nullptr);
+  e.vs_dequantized = test::compare(e.out, want);
+  return e;
+}
+
+// Bounds against float64 over the original K and V (docs/FORMATS.md, "Measured error"): about 1.5x
+// the largest error measured. 2-bit storage is checked through the other two tests only.
+double bound_vs_exact(const std::string& bits, InputKind kind) {
+  const bool normal = kind == InputKind::Normal;
+  if (bits == "8") return normal ? 0.04 : 0.15;
+  if (bits == "4") return normal ? 0.22 : 0.45;
+  return INFINITY;
+}
+}  // namespace
+
+class Decode : public testing::TestWithParam<std::tuple<std::string, int, int, InputKind>> {};
+
+TEST_P(Decode, MatchesFloat64) {
+  const auto [bits, len, q_len, kind] = GetParam();
+  if (q_len > len) GTEST_SKIP() << "q_len > cached length is rejected by the API";
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE(testing::Message() << "seed " << seed << " bits " << bits << " len " << len << " q_len " << q_len << " "
+                                  << test::kind_name(kind));
+  const DecodeErrors e = decode_errors({bits, len, q_len, kind}, seed);
+  EXPECT_TRUE(e.vs_exact.finite);
+  EXPECT_LE(e.vs_exact.rel_l2, bound_vs_exact(bits, kind));
+  // Against the values the cache holds, only the INT8 query and the P codes remain: the prefill bounds.
+  EXPECT_LE(e.vs_dequantized.rel_l2, test::bound_rel_l2(kind, int64_t(q_len) * 8));
+  testing::Test::RecordProperty("rel_l2", std::to_string(e.vs_exact.rel_l2));
+}
+INSTANTIATE_TEST_SUITE_P(All, Decode,
+                         testing::Combine(testing::Values("8", "4", "2", "mix"), testing::Values(1, 65, 1000),
+                                          testing::Values(1, 3), testing::Values(InputKind::Normal, InputKind::Outliers)));
+
+TEST(Decode, ErrorGrowsAsBitsShrink) {
+  double sum[3] = {0, 0, 0};
+  const char* bits[3] = {"8", "4", "2"};
+  for (int trial = 0; trial < 4; ++trial) {
+    const uint64_t seed = std::random_device{}();
+    for (int b = 0; b < 3; ++b) sum[b] += decode_errors({bits[b], 500, 1, InputKind::Normal}, seed).vs_exact.rel_l2;
+  }
+  EXPECT_LT(sum[0], sum[1]);
+  EXPECT_LT(sum[1], sum[2]);
+}
+
+TEST(Decode, SplitKvMatchesSinglePass) {
+  // Each split quantizes P against its own running maximum, so splits differ by P-code rounding only.
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE(testing::Message() << "seed " << seed);
+  const DecodeErrors one = decode_errors({"4", 1000, 2, InputKind::Normal}, seed);
+  const DecodeErrors split1 = decode_errors({"4", 1000, 2, InputKind::Normal}, seed, 1);
+  const DecodeErrors split3 = decode_errors({"4", 1000, 2, InputKind::Normal}, seed, 3);
+  EXPECT_LE(test::compare(split1.out, one.out).rel_l2, 0.03);
+  EXPECT_LE(test::compare(split3.out, one.out).rel_l2, 0.03);
+  EXPECT_LE(split3.vs_dequantized.rel_l2, 0.02);
+}
+
+TEST(CacheCapacity, FullPoolIsAnErrorAndNothingChanges) {
+  ta_cache_config cfg = ta_cache_default_config();
+  cfg.num_kv_heads = 2, cfg.head_dim = 64, cfg.num_pages = 2, cfg.max_seqs = 2, cfg.max_seq_len = 1000;
+  turboattn::KvCache cache(cfg);
+  const int32_t s = cache.add_sequence();
+  std::mt19937_64 rng(std::random_device{}());
+  auto tokens = [&](int n) {
+    std::vector<float> x = test::make_input(rng, n, 2, 64, InputKind::Normal, 'k');
+    return test::to_half(x);
+  };
+  std::vector<uint16_t> k = tokens(130), v = tokens(130);
+  int32_t cu[2] = {0, 100};
+  ta_tensor kt = tensor(k.data(), TA_DTYPE_F16, {100, 2, 64}), vt = tensor(v.data(), TA_DTYPE_F16, {100, 2, 64});
+  ta_tensor cut = tensor(cu, TA_DTYPE_I32, {2});
+  cache.write(0, {s}, kt, vt, cut);
+  EXPECT_EQ(cache.free_pages(), 1);
+  cu[1] = 30;  // 100 + 30 tokens: a second page (fits)
+  kt.shape[0] = vt.shape[0] = 30;
+  cache.write(0, {s}, kt, vt, cut);
+  EXPECT_EQ(cache.free_pages(), 0);
+  EXPECT_EQ(cache.length(0, s), 130);
+  // A third page is needed by 62 more tokens: refused before anything is written.
+  std::vector<uint16_t> more_k = tokens(62), more_v = tokens(62);
+  ta_tensor mk = tensor(more_k.data(), TA_DTYPE_F16, {62, 2, 64}), mv = tensor(more_v.data(), TA_DTYPE_F16, {62, 2, 64});
+  cu[1] = 62;
+  const ta_status st = ta_cache_write(cache.get(), 0, &s, 1, &mk, &mv, &cut);
+  EXPECT_EQ(st, TA_ERROR_OUT_OF_CAPACITY);
+  EXPECT_NE(std::string(ta_last_error()).find("pages"), std::string::npos) << ta_last_error();
+  EXPECT_EQ(cache.length(0, s), 130);
+  // 61 more tokens fit in the buffer.
+  cu[1] = 61;
+  mk.shape[0] = mv.shape[0] = 61;
+  EXPECT_EQ(ta_cache_write(cache.get(), 0, &s, 1, &mk, &mv, &cut), TA_SUCCESS) << ta_last_error();
+  EXPECT_EQ(cache.length(0, s), 191);
+  // Releasing the sequence returns its pages.
+  cache.release_sequence(s);
+  EXPECT_EQ(cache.free_pages(), 2);
+  EXPECT_THROW(cache.length(0, s), turboattn::Exception);
+}
+
+TEST(CacheMemory, BytesPerValueAtHeadDim128) {
+  // The figures docs/FORMATS.md states: 8 KV heads, D = 128, one layer, all metadata included.
+  auto bytes_per_value = [](const std::vector<int32_t>& bits) {
+    ta_cache_config cfg = ta_cache_default_config();
+    cfg.num_kv_heads = 8, cfg.head_dim = 128, cfg.num_pages = 1, cfg.head_bits = bits.data();
+    turboattn::KvCache cache(cfg);
+    const ta_cache_memory m = cache.memory();
+    EXPECT_EQ(m.fp16_bytes_per_token, 8 * 128 * 2 * 2);
+    return m.bytes_per_token / (8 * 128 * 2);
+  };
+  EXPECT_DOUBLE_EQ(bytes_per_value(std::vector<int32_t>(8, 8)), 131136.0 / 131072);
+  EXPECT_DOUBLE_EQ(bytes_per_value(std::vector<int32_t>(8, 4)), 69696.0 / 131072);
+  EXPECT_DOUBLE_EQ(bytes_per_value(std::vector<int32_t>(8, 2)), 36928.0 / 131072);
+  EXPECT_DOUBLE_EQ(bytes_per_value({4, 2, 4, 2, 4, 2, 4, 2}), 53312.0 / 131072);
+  EXPECT_GT(2.0 / bytes_per_value({4, 2, 4, 2, 4, 2, 4, 2}), 4.9);  // vs FP16: over the paper's 4.4x
+}
+
+TEST(CacheReadBack, ReconstructionErrorShrinksWithBits) {
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE(testing::Message() << "seed " << seed);
+  double prev = 0;
+  for (const char* bits : {"8", "4", "2"}) {
+    std::mt19937_64 rng(seed);
+    const int n = 200, h = 2, d = 64;
+    std::vector<float> k = test::make_input(rng, n, h, d, InputKind::Outliers, 'k');
+    std::vector<float> v = test::make_input(rng, n, h, d, InputKind::Outliers, 'v');
+    test::to_half(k), test::to_half(v);
+    KvCache cache(config(bits, h, d));
+    const int s = cache.add_sequence();
+    cache.write(0, s, test::view_of(k, n, h, d), test::view_of(v, n, h, d));
+    std::vector<float> kb(k.size()), vb(v.size());
+    cache.read_tokens(0, s, kb.data(), vb.data());
+    const double ek = test::compare(kb, k).rel_l2, ev = test::compare(vb, v).rel_l2;
+    EXPECT_GT(ek + ev, prev) << bits;
+    EXPECT_LT(ek, std::string(bits) == "2" ? 0.2 : 0.05) << bits;
+    prev = ek + ev;
+  }
+}

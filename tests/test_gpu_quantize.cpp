@@ -1,0 +1,120 @@
+// GPU: blockwise INT8 quantization kernel against the CPU reference, bit for bit. Skipped (reported
+// as skipped) when no CUDA device is visible.
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <tuple>
+
+#include "test_util.hpp"
+#include "turboattn/turboattn.hpp"
+
+using namespace turboattn;
+using test::InputKind;
+
+namespace {
+
+#define CUDA_OK(call) ASSERT_EQ((call), cudaSuccess) << #call
+
+template <class T>
+struct DeviceBuffer {
+  T* ptr = nullptr;
+  size_t n = 0;
+  explicit DeviceBuffer(size_t count) : n(count) { EXPECT_EQ(cudaMalloc(&ptr, std::max<size_t>(1, n) * sizeof(T)), cudaSuccess); }
+  ~DeviceBuffer() { cudaFree(ptr); }
+  void upload(const std::vector<T>& h) { EXPECT_EQ(cudaMemcpy(ptr, h.data(), n * sizeof(T), cudaMemcpyHostToDevice), cudaSuccess); }
+  std::vector<T> download() const {
+    std::vector<T> h(n);
+    EXPECT_EQ(cudaMemcpy(h.data(), ptr, n * sizeof(T), cudaMemcpyDeviceToHost), cudaSuccess);
+    return h;
+  }
+};
+
+bool have_gpu() { return ta_cuda_available() == 1; }
+
+}  // namespace
+
+class GpuQuantize : public testing::TestWithParam<std::tuple<int, int, ta_dtype, InputKind, bool, bool>> {};
+
+TEST_P(GpuQuantize, BitExactWithReference) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  const auto [n, dim, dtype, kind, with_shift, head_major] = GetParam();
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE(testing::Message() << "seed " << seed);
+  std::mt19937_64 rng(seed);
+  const int B = 2, H = 3, blocks = (n + 63) / 64;
+  std::vector<float> x = test::make_input(rng, B * n, H, dim, kind, 'k');
+  if (n > 64) {  // special blocks: batch 1 head 0 block 0 all zero, head 1 block 1 holds a NaN
+    for (int t = 0; t < 64; ++t)
+      for (int d = 0; d < dim; ++d) x[((size_t(n) + t) * H + 0) * dim + d] = 0.0f;
+    x[((size_t(n) + 70) * H + 1) * dim + 5] = std::nanf("");
+  }
+  // Values as the dtype holds them, laid out [B, N, H, D] or [B, H, N, D].
+  std::vector<uint16_t> bits(x.size());
+  for (int b = 0; b < B; ++b)
+    for (int t = 0; t < n; ++t)
+      for (int h = 0; h < H; ++h)
+        for (int d = 0; d < dim; ++d) {
+          const size_t src = ((size_t(b) * n + t) * H + h) * dim + d;
+          const size_t dst = head_major ? ((size_t(b) * H + h) * n + t) * dim + d : src;
+          bits[dst] = dtype == TA_DTYPE_F16 ? ref::float_to_half(x[src]) : ref::float_to_bf16(x[src]);
+        }
+  std::vector<float> shift(size_t(B) * H * dim);
+  std::normal_distribution<float> nd(0.0f, 5.0f);
+  for (float& s : shift) s = nd(rng);
+
+  auto describe = [&](void* data, ta_device dev) {
+    ta_tensor t = tensor(data, dtype, {B, n, H, dim}, dev);
+    if (head_major) t.strides[0] = int64_t(H) * n * dim, t.strides[1] = dim, t.strides[2] = int64_t(n) * dim;
+    return t;
+  };
+  // CPU reference.
+  std::vector<int8_t> codes_ref(bits.size(), 0x55);
+  std::vector<float> scales_ref(size_t(B) * H * blocks, std::nanf(""));
+  ta_tensor cx = describe(bits.data(), TA_DEVICE_CPU);
+  ta_tensor cc = tensor(codes_ref.data(), TA_DTYPE_I8, {B, n, H, dim}), cs = tensor(scales_ref.data(), TA_DTYPE_F32, {B, H, blocks});
+  ta_tensor csh = tensor(shift.data(), TA_DTYPE_F32, {B, H, dim});
+  ASSERT_EQ(ta_quantize_int8(&cx, with_shift ? &csh : nullptr, &cc, &cs, nullptr), TA_SUCCESS) << ta_last_error();
+  // GPU, outputs poisoned first.
+  DeviceBuffer<uint16_t> dx(bits.size());
+  DeviceBuffer<int8_t> dc(bits.size());
+  DeviceBuffer<float> ds(scales_ref.size()), dsh(shift.size());
+  dx.upload(bits);
+  dsh.upload(shift);
+  CUDA_OK(cudaMemset(dc.ptr, 0x55, dc.n));
+  CUDA_OK(cudaMemset(ds.ptr, 0xFF, ds.n * sizeof(float)));
+  ta_tensor gx = describe(dx.ptr, TA_DEVICE_CUDA);
+  ta_tensor gc = tensor(dc.ptr, TA_DTYPE_I8, {B, n, H, dim}, TA_DEVICE_CUDA);
+  ta_tensor gs = tensor(ds.ptr, TA_DTYPE_F32, {B, H, blocks}, TA_DEVICE_CUDA);
+  ta_tensor gsh = tensor(dsh.ptr, TA_DTYPE_F32, {B, H, dim}, TA_DEVICE_CUDA);
+  ASSERT_EQ(ta_quantize_int8(&gx, with_shift ? &gsh : nullptr, &gc, &gs, nullptr), TA_SUCCESS) << ta_last_error();
+  CUDA_OK(cudaDeviceSynchronize());
+  const std::vector<int8_t> codes = dc.download();
+  const std::vector<float> scales = ds.download();
+  for (size_t i = 0; i < scales.size(); ++i) {
+    if (std::isnan(scales_ref[i])) ASSERT_TRUE(std::isnan(scales[i])) << "scale " << i;
+    else ASSERT_EQ(std::memcmp(&scales[i], &scales_ref[i], 4), 0) << "scale " << i << ": " << scales[i] << " vs " << scales_ref[i];
+  }
+  for (size_t i = 0; i < codes.size(); ++i) ASSERT_EQ(codes[i], codes_ref[i]) << "code " << i;
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, GpuQuantize,
+                         testing::Combine(testing::Values(1, 63, 65, 1000), testing::Values(64, 96, 128, 256),
+                                          testing::Values(TA_DTYPE_F16, TA_DTYPE_BF16),
+                                          testing::Values(InputKind::Normal, InputKind::Outliers), testing::Bool(),
+                                          testing::Bool()));
+
+TEST(GpuQuantize, HostPointerMarkedCudaIsRejected) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  std::vector<uint16_t> x(64 * 64, 0x3C00);
+  std::vector<int8_t> c(x.size());
+  std::vector<float> s(1);
+  ta_tensor tx = tensor(x.data(), TA_DTYPE_F16, {1, 64, 1, 64}, TA_DEVICE_CUDA);
+  ta_tensor tc = tensor(c.data(), TA_DTYPE_I8, {1, 64, 1, 64}, TA_DEVICE_CUDA);
+  ta_tensor ts = tensor(s.data(), TA_DTYPE_F32, {1, 1, 1}, TA_DEVICE_CUDA);
+  EXPECT_EQ(ta_quantize_int8(&tx, nullptr, &tc, &ts, nullptr), TA_ERROR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(ta_last_error()).find("x: marked as a CUDA tensor but its data is not device memory"),
+            std::string::npos)
+      << ta_last_error();
+}
