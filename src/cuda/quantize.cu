@@ -86,7 +86,7 @@ void quantize_int8(const ta_tensor& x, const ta_tensor* shift, ta_tensor& codes,
   const Strides4 ss = shift ? Strides4{shift->strides[0], 0, shift->strides[1]} : Strides4{0, 0, 0};
   // scales [B, H, blocks]: batch stride, block stride, head stride.
   const Strides4 scs{scales.strides[0], scales.strides[2], scales.strides[1]};
-  const dim3 grid(unsigned(blocks), unsigned(H), unsigned(B));
+  const dim3 grid{unsigned(blocks), unsigned(H), unsigned(B)};
   auto s = static_cast<cudaStream_t>(stream);
   const float* sh = shift ? static_cast<const float*>(shift->data) : nullptr;
   auto* c = static_cast<int8_t*>(codes.data);
