@@ -19,16 +19,19 @@ namespace turboattn {
 namespace {
 thread_local std::string g_last_error;
 
-[[noreturn]] void no_cuda_path(const char* what) {
-  throw Error(TA_ERROR_UNSUPPORTED, concat(what, " on CUDA tensors is not available in this version; "
-                                                 "use CPU tensors"));
-}
-
 #ifdef TURBOATTN_WITH_CUDA
 constexpr bool kBuiltWithCuda = true;
+constexpr const char* kBuiltWithCudaText = "";
 #else
 constexpr bool kBuiltWithCuda = false;
+constexpr const char* kBuiltWithCudaText = " (built without CUDA)";
 #endif
+
+[[noreturn]] void no_cuda_path(const char* what) {
+  throw Error(TA_ERROR_UNSUPPORTED, concat(what, " on CUDA tensors is not available in this build",
+                                           kBuiltWithCudaText, "; use CPU tensors"));
+}
+
 
 // Shapes of an attention call, batched ([B, N, H, D]) or variable-length ([T, H, D] + cu_seqlens).
 struct AttentionShape {
@@ -190,13 +193,21 @@ ta_attention_options ta_attention_default_options(void) { return {0.0f, 0, 1, 1}
 
 ta_status ta_attention(const ta_tensor* q, const ta_tensor* k, const ta_tensor* v, const ta_tensor* cu_seqlens_q,
                        const ta_tensor* cu_seqlens_k, const ta_attention_options* options, ta_tensor* out, ta_tensor* lse,
-                       void* /*cuda_stream*/) {
+                       void* cuda_stream) {
   return guard([&] {
     const AttentionShape s = check_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, out, lse, true);
     const ta_attention_options o = options ? *options : ta_attention_default_options();
     require(std::isfinite(o.softmax_scale) && o.softmax_scale >= 0.0f, TA_ERROR_INVALID_ARGUMENT,
             "options.softmax_scale: ", o.softmax_scale, " is not a finite non-negative number (0 selects 1/sqrt(D))");
-    if (q->device == TA_DEVICE_CUDA) no_cuda_path("ta_attention");
+    if (q->device == TA_DEVICE_CUDA) {
+#ifdef TURBOATTN_WITH_CUDA
+      require(!s.varlen, TA_ERROR_UNSUPPORTED, "cu_seqlens: variable-length batches are not available on CUDA yet");
+      cuda::attention(*q, *k, *v, o, *out, lse, cuda_stream);
+      return;
+#else
+      no_cuda_path("ta_attention");
+#endif
+    }
     ref::AttentionOptions ro;
     ro.softmax_scale = o.softmax_scale, ro.causal = o.causal != 0, ro.sas = o.use_sas != 0, ro.smooth_k = o.smooth_k != 0;
     run_attention_cpu(s, *q, *k, *v, *out, lse, [&](auto qv, auto kv, auto vv, float* o_, float* l_) {

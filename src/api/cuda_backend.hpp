@@ -11,4 +11,8 @@ bool device_available();
 // Blockwise INT8 quantization (docs/FORMATS.md, FlashQ compute format); arguments already validated.
 void quantize_int8(const ta_tensor& x, const ta_tensor* shift, ta_tensor& codes, ta_tensor& scales, void* stream);
 
+// FlashQ + SAS attention of batched q [B, Nq, Hq, D], k, v [B, Nk, Hkv, D]; arguments already validated.
+void attention(const ta_tensor& q, const ta_tensor& k, const ta_tensor& v, const ta_attention_options& options, ta_tensor& out,
+               ta_tensor* lse, void* stream);
+
 }  // namespace turboattn::cuda

@@ -1,6 +1,6 @@
 // Device queries shared by the CUDA entry points.
 #include "api/cuda_backend.hpp"
-#include "common/check.cuh"
+#include "cuda/common/check.cuh"
 
 namespace turboattn::cuda {
 

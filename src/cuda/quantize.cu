@@ -1,12 +1,11 @@
-// Blockwise symmetric INT8 quantization of [B, N, H, D] (FlashQ compute format), bit-exact with
-// ref::quantize_block_int8: every rounding is an explicit IEEE round-to-nearest-even operation.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include "api/cuda_backend.hpp"
 #include "api/errors.hpp"
-#include "common/check.cuh"
-#include "common/numeric.cuh"
+#include "cuda/common/check.cuh"
+#include "cuda/common/numeric.cuh"
+#include "cuda/quantize.cuh"
 #include "turboattn/format.h"
 
 namespace turboattn::cuda {
@@ -15,35 +14,35 @@ namespace {
 
 constexpr int kThreads = 256;
 
-struct Strides4 {
-  int64_t b, n, h;  // the last dim is contiguous
+template <typename T>
+struct BlockView {
+  const T* x;
+  const float* shift;
+  int64_t token_stride;
+  int rows, dim;
+  __device__ float load(int r, int c) const {
+    const float v = to_float(x[int64_t(r) * token_stride + c]);
+    return shift ? __fsub_rn(v, shift[c]) : v;
+  }
 };
 
-// One CTA quantizes one (batch, head, 64-token block): pass 1 finds amax, pass 2 writes the codes.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) quantize_int8_kernel(const T* __restrict__ x, Strides4 xs,
-                                                                   const float* __restrict__ shift, Strides4 ss,
-                                                                   int8_t* __restrict__ codes, Strides4 cs,
-                                                                   float* __restrict__ scales, Strides4 scs, int tokens,
-                                                                   int dim) {
-  const int block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+__device__ BlockView<T> block_view(const QuantizeArgs<T>& a, int block, int h, int b) {
   const int t0 = block * TA_BLOCK_TOKENS;
-  const int rows = min(TA_BLOCK_TOKENS, tokens - t0);
-  const int count = rows * dim;
-  const T* xb = x + b * xs.b + h * xs.h + int64_t(t0) * xs.n;
-  const float* sh = shift ? shift + b * ss.b + h * ss.h : nullptr;
-  auto load = [&](int i) {
-    const int r = i / dim, c = i - r * dim;
-    const float v = to_float(xb[int64_t(r) * xs.n + c]);
-    return sh ? __fsub_rn(v, sh[c]) : v;
-  };
+  return {a.x + b * a.xs.b + h * a.xs.h + int64_t(t0) * a.xs.n, a.shift ? a.shift + b * a.shift_b + h * a.shift_h : nullptr,
+          a.xs.n, min(TA_BLOCK_TOKENS, a.tokens - t0), a.dim};
+}
 
+// The block's scale and 127 / amax (0 when the codes are all 0), per the rules of ref::int8_scale.
+// Called by every thread of the CTA; writes the scale to *scale_out from thread 0.
+template <typename T>
+__device__ float block_inverse_scale(const BlockView<T>& v, float* scale_out) {
   float amax = 0.0f;
   bool finite = true;
-  for (int i = threadIdx.x; i < count; i += kThreads) {
-    const float v = load(i);
-    finite = finite && isfinite(v);
-    amax = fmaxf(amax, fabsf(v));
+  for (int i = threadIdx.x; i < v.rows * v.dim; i += kThreads) {
+    const float x = v.load(i / v.dim, i % v.dim);
+    finite = finite && isfinite(x);
+    amax = fmaxf(amax, fabsf(x));
   }
   __shared__ float warp_max[kThreads / 32];
   for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
@@ -51,25 +50,98 @@ __global__ void __launch_bounds__(kThreads) quantize_int8_kernel(const T* __rest
   finite = __syncthreads_and(finite);
   amax = warp_max[0];
   for (int w = 1; w < kThreads / 32; ++w) amax = fmaxf(amax, warp_max[w]);
-
-  // The scale rules of ref::int8_scale: NaN for a non-finite block, 0 for an all-zero block.
   float scale, inv = 0.0f;
   if (!finite) scale = __int_as_float(0x7fffffff);
   else if (amax < TA_ZERO_BLOCK_AMAX) scale = 0.0f;
   else scale = __fdiv_rn(amax, float(TA_INT8_MAX)), inv = __fdiv_rn(float(TA_INT8_MAX), amax);
-  if (threadIdx.x == 0) scales[b * scs.b + h * scs.h + block * scs.n] = scale;
+  if (threadIdx.x == 0) *scale_out = scale;
+  return inv;
+}
 
-  int8_t* cb = codes + b * cs.b + h * cs.h + int64_t(t0) * cs.n;
-  for (int i = threadIdx.x; i < count; i += kThreads) {
-    const int r = i / dim, c = i - r * dim;
-    int q = 0;
-    if (inv != 0.0f) q = max(-TA_INT8_MAX, min(TA_INT8_MAX, __float2int_rn(__fmul_rn(load(i), inv))));
-    cb[int64_t(r) * cs.n + c] = int8_t(q);
+__device__ __forceinline__ int8_t quantize(float x, float inv) {
+  return inv != 0.0f ? int8_t(max(-TA_INT8_MAX, min(TA_INT8_MAX, __float2int_rn(__fmul_rn(x, inv))))) : int8_t(0);
+}
+
+// One CTA per (block of 64 tokens, head, batch).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) quantize_int8_kernel(QuantizeArgs<T> a) {
+  const int block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const BlockView<T> v = block_view(a, block, h, b);
+  const float inv = block_inverse_scale(v, a.scales + b * a.scale_b + h * a.scale_h + block);
+  int8_t* out = a.codes + b * a.cs.b + h * a.cs.h + int64_t(block) * TA_BLOCK_TOKENS * a.cs.n;
+  for (int i = threadIdx.x; i < v.rows * v.dim; i += kThreads) {
+    const int r = i / v.dim, c = i % v.dim;
+    out[int64_t(r) * a.cs.n + c] = quantize(v.load(r, c), inv);
   }
 }
 
-Strides4 strides_bnh(const ta_tensor& t) { return {t.strides[0], t.strides[1], t.strides[2]}; }
+// As above, but the codes go channel-major (keys permuted by vt_position) through shared memory,
+// so that the writes are whole 64-byte rows.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) quantize_int8_transposed_kernel(QuantizeArgs<T> a, int padded_tokens) {
+  extern __shared__ int8_t tile[];  // [dim][TA_BLOCK_TOKENS]
+  const int block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const BlockView<T> v = block_view(a, block, h, b);
+  const float inv = block_inverse_scale(v, a.scales + b * a.scale_b + h * a.scale_h + block);
+  for (int i = threadIdx.x; i < TA_BLOCK_TOKENS * v.dim; i += kThreads) {
+    const int r = i / v.dim, c = i % v.dim;
+    tile[c * TA_BLOCK_TOKENS + vt_position(r)] = r < v.rows ? quantize(v.load(r, c), inv) : int8_t(0);
+  }
+  __syncthreads();
+  int8_t* out = a.codes + (int64_t(b) * a.heads + h) * a.dim * padded_tokens + int64_t(block) * TA_BLOCK_TOKENS;
+  const int chunks = TA_BLOCK_TOKENS / 16;  // 16-byte chunks per channel row
+  for (int i = threadIdx.x; i < v.dim * chunks; i += kThreads) {
+    const int c = i / chunks, k = i % chunks;
+    *reinterpret_cast<int4*>(out + int64_t(c) * padded_tokens + 16 * k) =
+        *reinterpret_cast<const int4*>(tile + c * TA_BLOCK_TOKENS + 16 * k);
+  }
+}
 
+template <typename T>
+dim3 grid_of(const QuantizeArgs<T>& a) {
+  const int blocks = (a.tokens + TA_BLOCK_TOKENS - 1) / TA_BLOCK_TOKENS;
+  require(a.heads <= 65535 && a.batch <= 65535, TA_ERROR_UNSUPPORTED, "x: ", a.batch, " sequences x ", a.heads,
+          " heads exceeds the launch grid");
+  return dim3{unsigned(blocks), unsigned(a.heads), unsigned(a.batch)};
+}
+
+}  // namespace
+
+template <typename T>
+void launch_quantize_int8(const QuantizeArgs<T>& a, cudaStream_t stream) {
+  if (a.batch == 0 || a.tokens == 0 || a.heads == 0) return;
+  quantize_int8_kernel<<<grid_of(a), kThreads, 0, stream>>>(a);
+  TA_CUDA_CHECK_LAUNCH("quantize_int8_kernel");
+}
+
+template <typename T>
+void launch_quantize_int8_transposed(const QuantizeArgs<T>& a, int padded_tokens, cudaStream_t stream) {
+  if (a.batch == 0 || a.tokens == 0 || a.heads == 0) return;
+  const int smem = TA_BLOCK_TOKENS * a.dim;
+  quantize_int8_transposed_kernel<<<grid_of(a), kThreads, smem, stream>>>(a, padded_tokens);
+  TA_CUDA_CHECK_LAUNCH("quantize_int8_transposed_kernel");
+}
+
+template void launch_quantize_int8<__half>(const QuantizeArgs<__half>&, cudaStream_t);
+template void launch_quantize_int8<__nv_bfloat16>(const QuantizeArgs<__nv_bfloat16>&, cudaStream_t);
+template void launch_quantize_int8_transposed<__half>(const QuantizeArgs<__half>&, int, cudaStream_t);
+template void launch_quantize_int8_transposed<__nv_bfloat16>(const QuantizeArgs<__nv_bfloat16>&, int, cudaStream_t);
+
+namespace {
+template <typename T>
+void quantize_public(const ta_tensor& x, const ta_tensor* shift, ta_tensor& codes, ta_tensor& scales, cudaStream_t s) {
+  QuantizeArgs<T> a{};
+  a.x = static_cast<const T*>(x.data);
+  a.xs = {x.strides[0], x.strides[1], x.strides[2]};
+  if (shift) a.shift = static_cast<const float*>(shift->data), a.shift_b = shift->strides[0], a.shift_h = shift->strides[1];
+  a.codes = static_cast<int8_t*>(codes.data);
+  a.cs = {codes.strides[0], codes.strides[1], codes.strides[2]};
+  a.scales = static_cast<float*>(scales.data);
+  a.scale_b = scales.strides[0], a.scale_h = scales.strides[1];
+  require(scales.strides[2] == 1 || scales.shape[2] <= 1, TA_ERROR_INVALID_ARGUMENT, "scales: the last dimension must be contiguous");
+  a.batch = int(x.shape[0]), a.tokens = int(x.shape[1]), a.heads = int(x.shape[2]), a.dim = int(x.shape[3]);
+  launch_quantize_int8(a, s);
+}
 }  // namespace
 
 void quantize_int8(const ta_tensor& x, const ta_tensor* shift, ta_tensor& codes, ta_tensor& scales, void* stream) {
@@ -77,27 +149,10 @@ void quantize_int8(const ta_tensor& x, const ta_tensor* shift, ta_tensor& codes,
   expect_device_pointer(codes.data, "codes");
   expect_device_pointer(scales.data, "scales");
   if (shift) expect_device_pointer(shift->data, "shift");
-  const int64_t B = x.shape[0], N = x.shape[1], H = x.shape[2], D = x.shape[3];
-  const int64_t blocks = (N + TA_BLOCK_TOKENS - 1) / TA_BLOCK_TOKENS;
-  if (B == 0 || N == 0 || H == 0) return;
-  require(blocks <= 0x7fffffff && H <= 65535 && B <= 65535, TA_ERROR_UNSUPPORTED, "x: shape ", B, "x", N, "x", H,
-          " exceeds the launch grid");
-  // shift [B, H, D]: batch stride, (unused) token stride, head stride.
-  const Strides4 ss = shift ? Strides4{shift->strides[0], 0, shift->strides[1]} : Strides4{0, 0, 0};
-  // scales [B, H, blocks]: batch stride, block stride, head stride.
-  const Strides4 scs{scales.strides[0], scales.strides[2], scales.strides[1]};
-  const dim3 grid{unsigned(blocks), unsigned(H), unsigned(B)};
-  auto s = static_cast<cudaStream_t>(stream);
-  const float* sh = shift ? static_cast<const float*>(shift->data) : nullptr;
-  auto* c = static_cast<int8_t*>(codes.data);
-  auto* sc = static_cast<float*>(scales.data);
-  if (x.dtype == TA_DTYPE_F16)
-    quantize_int8_kernel<<<grid, kThreads, 0, s>>>(static_cast<const __half*>(x.data), strides_bnh(x), sh, ss, c,
-                                                   strides_bnh(codes), sc, scs, int(N), int(D));
-  else
-    quantize_int8_kernel<<<grid, kThreads, 0, s>>>(static_cast<const __nv_bfloat16*>(x.data), strides_bnh(x), sh, ss, c,
-                                                   strides_bnh(codes), sc, scs, int(N), int(D));
-  TA_CUDA_CHECK_LAUNCH("quantize_int8_kernel");
+  require(x.shape[1] <= 0x7fffffff, TA_ERROR_UNSUPPORTED, "x: ", x.shape[1], " tokens exceeds 2^31");
+  const auto s = static_cast<cudaStream_t>(stream);
+  if (x.dtype == TA_DTYPE_F16) quantize_public<__half>(x, shift, codes, scales, s);
+  else quantize_public<__nv_bfloat16>(x, shift, codes, scales, s);
 }
 
 }  // namespace turboattn::cuda

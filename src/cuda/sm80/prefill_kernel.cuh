@@ -1,0 +1,275 @@
+// FlashQ + SAS prefill attention with mma.sync integer tensor cores (sm_80, sm_89; it also runs on
+// sm_90). One CTA computes one 64-row Q block of one head against all its visible 64-key tiles:
+// S = Q8 K8^T (s8 x s8 -> s32), P codes by SAS relative to each tile's maximum, O += P V
+// (u8 x s8 -> s32), in the order and with the fp32 operations of docs/FORMATS.md, section 1.5.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#include "cuda/common/mma.cuh"
+#include "cuda/common/numeric.cuh"
+#include "cuda/common/sas.cuh"
+#include "turboattn/format.h"
+
+namespace turboattn::cuda::sm80 {
+
+// Tile shapes of the kernel for one head dim.
+template <int kHeadDim>
+struct PrefillTraits {
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kBlockM = 16 * kWarps;  // query rows per CTA: one Q block
+  static constexpr int kBlockN = TA_BLOCK_TOKENS;  // keys per tile: one K/V block
+  static_assert(kBlockM == TA_BLOCK_TOKENS, "a CTA's rows must be exactly one Q block");
+  static constexpr int kKSteps = kHeadDim / 32;  // k-steps of Q K^T (32 channels each)
+  static constexpr int kSTiles = kBlockN / 8;    // n-tiles of S (8 keys each)
+  static constexpr int kOTiles = kHeadDim / 8;   // n-tiles of O (8 channels each)
+  // Shared-memory rows hold an odd number of 16-byte chunks, so ldmatrix's 8 rows hit 8 bank groups.
+  static constexpr int kRowBytes = kHeadDim + (((kHeadDim / 16) % 2 == 0) ? 16 : 0);
+  static constexpr int kVtRowBytes = kBlockN + 16;
+  static constexpr int kQBytes = kBlockM * kRowBytes;
+  static constexpr int kKBytes = kBlockN * kRowBytes;
+  static constexpr int kVtBytes = kHeadDim * kVtRowBytes;
+  static constexpr int kSmemBytes = kQBytes + 2 * (kKBytes + kVtBytes);  // Q, and K/V double-buffered
+};
+
+struct PrefillParams {
+  const int8_t* q;   // [B, Hq, Nq, D]
+  const int8_t* k;   // [B, Hkv, Nk, D]
+  const int8_t* vt;  // [B, Hkv, D, nk_padded], keys permuted by vt_position
+  const float* q_scale;  // [B, Hq, q_blocks]
+  const float* k_scale;  // [B, Hkv, k_blocks]
+  const float* v_scale;  // [B, Hkv, k_blocks]
+  const float* lse_offset;  // [B, Hq, Nq] (K smoothing) or null
+  void* out;
+  int64_t out_b, out_n, out_h;  // element strides of out [B, Nq, Hq, D]
+  float* lse;                   // [B, Hq, Nq] or null
+  int hq, hkv, nq, nk, nk_padded;
+  float scale_log2;  // softmax_scale * log2(e)
+  bool causal, sas;
+};
+
+template <typename Out>
+__device__ __forceinline__ uint32_t pack2(float a, float b);
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float a, float b) {
+  const __half2 h = __floats2half2_rn(a, b);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float a, float b) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+template <int kHeadDim, typename Out>
+__global__ void __launch_bounds__(PrefillTraits<kHeadDim>::kThreads) flashq_prefill_kernel(const PrefillParams p) {
+  using Tr = PrefillTraits<kHeadDim>;
+  extern __shared__ __align__(16) uint8_t smem[];
+  uint8_t* s_q = smem;
+  uint8_t* s_k = smem + Tr::kQBytes;                   // 2 stages
+  uint8_t* s_vt = s_k + 2 * Tr::kKBytes;               // 2 stages
+
+  const int qb = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int hk = h / (p.hq / p.hkv);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int m0 = qb * Tr::kBlockM;
+  const int q_blocks = (p.nq + TA_BLOCK_TOKENS - 1) / TA_BLOCK_TOKENS;
+  const int k_blocks = (p.nk + TA_BLOCK_TOKENS - 1) / TA_BLOCK_TOKENS;
+
+  // Visible tiles: with causal masking the CTA's last row sees keys up to m0 + 63 + nk - nq.
+  int tiles = k_blocks;
+  if (p.causal) {
+    const int64_t last_key = int64_t(m0) + Tr::kBlockM - 1 + p.nk - p.nq;
+    tiles = last_key < 0 ? 0 : int(min(int64_t(k_blocks), last_key / Tr::kBlockN + 1));
+  }
+
+  const int8_t* q_src = p.q + ((int64_t(b) * p.hq + h) * p.nq + m0) * kHeadDim;
+  const int8_t* k_src = p.k + (int64_t(b) * p.hkv + hk) * p.nk * kHeadDim;
+  const int8_t* vt_src = p.vt + (int64_t(b) * p.hkv + hk) * kHeadDim * p.nk_padded;
+
+  // Async copies of the Q block and of K/V tile j (rows past the sequence are zero-filled).
+  constexpr int kChunksPerRow = kHeadDim / 16;
+  for (int i = threadIdx.x; i < Tr::kBlockM * kChunksPerRow; i += Tr::kThreads) {
+    const int r = i / kChunksPerRow, c = i % kChunksPerRow;
+    const bool valid = m0 + r < p.nq;
+    cp_async_16(s_q + r * Tr::kRowBytes + 16 * c, valid ? q_src + int64_t(r) * kHeadDim + 16 * c : q_src, valid);
+  }
+  auto load_tile = [&](int j, int stage) {
+    uint8_t* sk = s_k + stage * Tr::kKBytes;
+    uint8_t* sv = s_vt + stage * Tr::kVtBytes;
+    const int n0 = j * Tr::kBlockN;
+    for (int i = threadIdx.x; i < Tr::kBlockN * kChunksPerRow; i += Tr::kThreads) {
+      const int r = i / kChunksPerRow, c = i % kChunksPerRow;
+      const bool valid = n0 + r < p.nk;
+      cp_async_16(sk + r * Tr::kRowBytes + 16 * c, valid ? k_src + int64_t(n0 + r) * kHeadDim + 16 * c : k_src, valid);
+    }
+    constexpr int kVtChunks = Tr::kBlockN / 16;
+    for (int i = threadIdx.x; i < kHeadDim * kVtChunks; i += Tr::kThreads) {
+      const int r = i / kVtChunks, c = i % kVtChunks;
+      cp_async_16(sv + r * Tr::kVtRowBytes + 16 * c, vt_src + int64_t(r) * p.nk_padded + n0 + 16 * c, true);
+    }
+  };
+  if (tiles > 0) load_tile(0, 0);
+  cp_async_commit();
+
+  const float q_scale = __fmul_rn(p.q_scale[(int64_t(b) * p.hq + h) * q_blocks + qb], p.scale_log2);
+  const float* k_scales = p.k_scale + (int64_t(b) * p.hkv + hk) * k_blocks;
+  const float* v_scales = p.v_scale + (int64_t(b) * p.hkv + hk) * k_blocks;
+
+  // Per thread: rows g and g + 8 of this warp's 16.
+  const int row0 = m0 + 16 * warp + g;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+  float o[Tr::kOTiles][4];
+#pragma unroll
+  for (int i = 0; i < Tr::kOTiles; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+
+  uint32_t qf[Tr::kKSteps][4];
+  cp_async_wait<0>();
+  __syncthreads();
+#pragma unroll
+  for (int ks = 0; ks < Tr::kKSteps; ++ks)
+    ldmatrix_x4(qf[ks], s_q + (16 * warp + lane % 16) * Tr::kRowBytes + 32 * ks + 16 * (lane / 16));
+
+  for (int j = 0; j < tiles; ++j) {
+    const int stage = j & 1;
+    if (j + 1 < tiles) load_tile(j + 1, stage ^ 1);
+    cp_async_commit();
+    const uint8_t* sk = s_k + stage * Tr::kKBytes;
+    const uint8_t* sv = s_vt + stage * Tr::kVtBytes;
+
+    // S = Q K^T for the warp's 16 rows and the tile's 64 keys.
+    int32_t s_acc[Tr::kSTiles][4];
+#pragma unroll
+    for (int i = 0; i < Tr::kSTiles; ++i) s_acc[i][0] = s_acc[i][1] = s_acc[i][2] = s_acc[i][3] = 0;
+#pragma unroll
+    for (int ks = 0; ks < Tr::kKSteps; ++ks)
+#pragma unroll
+      for (int np = 0; np < Tr::kSTiles / 2; ++np) {
+        uint32_t kb[4];
+        const int mi = lane / 8;
+        ldmatrix_x4(kb, sk + (16 * np + 8 * (mi >> 1) + lane % 8) * Tr::kRowBytes + 32 * ks + 16 * (mi & 1));
+        mma_m16n8k32_s8s8(s_acc[2 * np], qf[ks], {kb[0], kb[1]});
+        mma_m16n8k32_s8s8(s_acc[2 * np + 1], qf[ks], {kb[2], kb[3]});
+      }
+
+    // Scores in base 2, masking, the tile maximum of each row.
+    const float sk_scale = k_scales[j], sv_scale = v_scales[j];
+    const float st = __fmul_rn(q_scale, sk_scale);
+    float s[2][Tr::kSTiles][2];
+    float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = row0 + 8 * r;
+      const int64_t max_key = p.causal ? int64_t(row) + p.nk - p.nq : int64_t(p.nk) - 1;
+#pragma unroll
+      for (int nt = 0; nt < Tr::kSTiles; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int key = j * Tr::kBlockN + 8 * nt + 2 * t + e;
+          const bool visible = row < p.nq && key < p.nk && key <= max_key;
+          s[r][nt][e] = visible ? __fmul_rn(__int2float_rn(s_acc[nt][2 * r + e]), st) : -INFINITY;
+          tile_max[r] = nan_max(tile_max[r], s[r][nt][e]);
+        }
+      tile_max[r] = nan_max(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
+      tile_max[r] = nan_max(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
+    }
+
+    float alpha[2], beta[2];
+    bool skip[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float m_new = nan_max(m[r], tile_max[r]);
+      skip[r] = tile_max[r] == -INFINITY || (tile_max[r] - m_new < TA_SAS_SKIP_X && !isnan(sv_scale));
+      alpha[r] = skip[r] ? 1.0f : ex2_approx(m[r] - m_new);
+      beta[r] = skip[r] ? 0.0f : ex2_approx(tile_max[r] - m_new);
+      if (!skip[r]) m[r] = m_new;
+    }
+
+    // P codes, packed straight into the A fragments of P V (the keys' order matches vt_position).
+    uint32_t pa[2][4];
+    uint32_t p_sum[2] = {0u, 0u};
+#pragma unroll
+    for (int kp = 0; kp < 2; ++kp)
+#pragma unroll
+      for (int half = 0; half < 2; ++half)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int nt = 4 * kp + 2 * half;
+          const float tm = tile_max[r];
+          uint32_t y0, y1;
+          if (p.sas) {
+            y0 = sas_codes_x2(s[r][nt][0] - tm, s[r][nt][1] - tm);
+            y1 = sas_codes_x2(s[r][nt + 1][0] - tm, s[r][nt + 1][1] - tm);
+          } else {
+            y0 = exp2_codes_x2(s[r][nt][0] - tm, s[r][nt][1] - tm);
+            y1 = exp2_codes_x2(s[r][nt + 1][0] - tm, s[r][nt + 1][1] - tm);
+          }
+          const uint32_t codes = __byte_perm(y0, y1, 0x6420);
+          pa[kp][2 * half + r] = codes;
+          p_sum[r] = __dp4a(codes, 0x01010101u, p_sum[r]);  // sum of the 4 codes
+        }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) l[r] = __fmaf_rn(l[r], alpha[r], __fmul_rn(__uint2float_rn(p_sum[r]), beta[r]));
+
+    // O = alpha O + (P V) sv beta, 32 channels at a time; skipped when none of the warp's rows use the tile.
+    if (!__all_sync(0xffffffffu, skip[0] && skip[1])) {
+      const float svb[2] = {__fmul_rn(sv_scale, beta[0]), __fmul_rn(sv_scale, beta[1])};
+#pragma unroll
+      for (int chunk = 0; chunk < kHeadDim / 32; ++chunk) {
+        int32_t acc[4][4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0;
+#pragma unroll
+        for (int kp = 0; kp < 2; ++kp)
+#pragma unroll
+          for (int np = 0; np < 2; ++np) {
+            uint32_t vb[4];
+            const int mi = lane / 8;
+            ldmatrix_x4(vb, sv + (32 * chunk + 16 * np + 8 * (mi >> 1) + lane % 8) * Tr::kVtRowBytes + 32 * kp + 16 * (mi & 1));
+            mma_m16n8k32_u8s8(acc[2 * np], pa[kp], {vb[0], vb[1]});
+            mma_m16n8k32_u8s8(acc[2 * np + 1], pa[kp], {vb[2], vb[3]});
+          }
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const int r = i / 2;
+            float& oi = o[4 * chunk + nt][i];
+            oi = __fmaf_rn(oi, alpha[r], __fmul_rn(__int2float_rn(acc[nt][i]), svb[r]));
+          }
+      }
+    }  // else every row skipped: alpha is 1 and O is unchanged
+    cp_async_wait<0>();
+    __syncthreads();
+  }
+
+  // Epilogue: row sums across the quad, normalize, store.
+  const float ln2 = 0.6931471805599453f;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    const int row = row0 + 8 * r;
+    if (row >= p.nq) continue;
+    const bool empty = m[r] == -INFINITY;
+    const float inv_l = empty ? 0.0f : __fdiv_rn(1.0f, l[r]);
+    Out* dst = static_cast<Out*>(p.out) + int64_t(b) * p.out_b + int64_t(row) * p.out_n + int64_t(h) * p.out_h;
+#pragma unroll
+    for (int nt = 0; nt < Tr::kOTiles; ++nt) {
+      const float a0 = empty ? 0.0f : __fmul_rn(o[nt][2 * r], inv_l);
+      const float a1 = empty ? 0.0f : __fmul_rn(o[nt][2 * r + 1], inv_l);
+      *reinterpret_cast<uint32_t*>(dst + 8 * nt + 2 * t) = pack2<Out>(a0, a1);
+    }
+    if (p.lse && t == 0) {
+      const int64_t idx = (int64_t(b) * p.hq + h) * p.nq + row;
+      float v = empty ? -INFINITY : (m[r] + log2f(l[r] / float(TA_P_CODE_MAX))) * ln2;
+      if (!empty && p.lse_offset) v += p.lse_offset[idx];
+      p.lse[idx] = v;
+    }
+  }
+}
+
+}  // namespace turboattn::cuda::sm80

@@ -1,0 +1,164 @@
+// GPU: FlashQ + SAS prefill attention against the CPU reference and against float64 attention, over
+// head dims, lengths, masks, head groups, dtypes, layouts and input kinds. Skipped (reported as
+// skipped) when no CUDA device is visible.
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <tuple>
+
+#include "test_util.hpp"
+#include "turboattn/turboattn.hpp"
+
+using namespace turboattn;
+using test::InputKind;
+
+namespace {
+
+struct GpuCase {
+  int dim, nq, nk, hq, hkv;
+  bool causal;
+  InputKind kind;
+  ta_dtype dtype = TA_DTYPE_F16;
+  bool head_major = false, sas = true, smooth = true;
+};
+
+struct DeviceMem {
+  void* p = nullptr;
+  explicit DeviceMem(size_t bytes) { EXPECT_EQ(cudaMalloc(&p, std::max<size_t>(bytes, 16)), cudaSuccess); }
+  ~DeviceMem() { cudaFree(p); }
+};
+
+// Values of x ([B, N, H, D] order) stored as dtype in [B, N, H, D] or [B, H, N, D] memory.
+std::vector<uint16_t> store(const std::vector<float>& x, int B, int N, int H, int D, ta_dtype dtype, bool head_major) {
+  std::vector<uint16_t> out(x.size());
+  for (int b = 0; b < B; ++b)
+    for (int n = 0; n < N; ++n)
+      for (int h = 0; h < H; ++h)
+        for (int d = 0; d < D; ++d) {
+          const size_t src = ((size_t(b) * N + n) * H + h) * D + d;
+          const size_t dst = head_major ? ((size_t(b) * H + h) * N + n) * D + d : src;
+          out[dst] = dtype == TA_DTYPE_F16 ? ref::float_to_half(x[src]) : ref::float_to_bf16(x[src]);
+        }
+  return out;
+}
+
+ta_tensor describe(void* data, ta_dtype dtype, ta_device dev, int B, int N, int H, int D, bool head_major) {
+  ta_tensor t = tensor(data, dtype, {B, N, H, D}, dev);
+  if (head_major) t.strides[0] = int64_t(H) * N * D, t.strides[1] = D, t.strides[2] = int64_t(N) * D;
+  return t;
+}
+
+float value(uint16_t bits, ta_dtype dtype) { return dtype == TA_DTYPE_F16 ? ref::half_to_float(bits) : ref::bf16_to_float(bits); }
+
+void run_case(const GpuCase& c) {
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE(testing::Message() << "seed " << seed << " dim " << c.dim << " nq " << c.nq << " nk " << c.nk << " hq " << c.hq
+                                  << " hkv " << c.hkv << " causal " << c.causal << " " << test::kind_name(c.kind) << " dtype "
+                                  << c.dtype << " head_major " << c.head_major << " sas " << c.sas << " smooth " << c.smooth);
+  std::mt19937_64 rng(seed);
+  const int B = 2;
+  std::vector<float> q = test::make_input(rng, B * c.nq, c.hq, c.dim, c.kind, 'q');
+  std::vector<float> k = test::make_input(rng, B * c.nk, c.hkv, c.dim, c.kind, 'k');
+  std::vector<float> v = test::make_input(rng, B * c.nk, c.hkv, c.dim, c.kind, 'v');
+  std::vector<uint16_t> qh = store(q, B, c.nq, c.hq, c.dim, c.dtype, c.head_major);
+  std::vector<uint16_t> kh = store(k, B, c.nk, c.hkv, c.dim, c.dtype, c.head_major);
+  std::vector<uint16_t> vh = store(v, B, c.nk, c.hkv, c.dim, c.dtype, c.head_major);
+  ta_attention_options opt = ta_attention_default_options();
+  opt.causal = c.causal, opt.use_sas = c.sas, opt.smooth_k = c.smooth;
+
+  // CPU reference and exact attention.
+  std::vector<uint16_t> ref_out(qh.size(), 0x7E00), exact_out(qh.size());
+  std::vector<float> ref_lse(size_t(B) * c.hq * c.nq, std::nanf("")), exact_lse(ref_lse.size());
+  ta_tensor cq = describe(qh.data(), c.dtype, TA_DEVICE_CPU, B, c.nq, c.hq, c.dim, c.head_major);
+  ta_tensor ck = describe(kh.data(), c.dtype, TA_DEVICE_CPU, B, c.nk, c.hkv, c.dim, c.head_major);
+  ta_tensor cv = describe(vh.data(), c.dtype, TA_DEVICE_CPU, B, c.nk, c.hkv, c.dim, c.head_major);
+  ta_tensor co = tensor(ref_out.data(), c.dtype, {B, c.nq, c.hq, c.dim});
+  ta_tensor cl = tensor(ref_lse.data(), TA_DTYPE_F32, {B, c.hq, c.nq});
+  ASSERT_EQ(ta_attention(&cq, &ck, &cv, nullptr, nullptr, &opt, &co, &cl, nullptr), TA_SUCCESS) << ta_last_error();
+  ta_tensor eo = tensor(exact_out.data(), c.dtype, {B, c.nq, c.hq, c.dim}), el = tensor(exact_lse.data(), TA_DTYPE_F32, {B, c.hq, c.nq});
+  ASSERT_EQ(ta_attention_exact(&cq, &ck, &cv, nullptr, nullptr, 0.0f, c.causal, &eo, &el), TA_SUCCESS) << ta_last_error();
+
+  // GPU, outputs poisoned with NaN.
+  DeviceMem dq(qh.size() * 2), dk(kh.size() * 2), dv(vh.size() * 2), dout(qh.size() * 2), dlse(ref_lse.size() * 4);
+  ASSERT_EQ(cudaMemcpy(dq.p, qh.data(), qh.size() * 2, cudaMemcpyHostToDevice), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(dk.p, kh.data(), kh.size() * 2, cudaMemcpyHostToDevice), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(dv.p, vh.data(), vh.size() * 2, cudaMemcpyHostToDevice), cudaSuccess);
+  ASSERT_EQ(cudaMemset(dout.p, 0xFF, qh.size() * 2), cudaSuccess);
+  ASSERT_EQ(cudaMemset(dlse.p, 0xFF, ref_lse.size() * 4), cudaSuccess);
+  ta_tensor gq = describe(dq.p, c.dtype, TA_DEVICE_CUDA, B, c.nq, c.hq, c.dim, c.head_major);
+  ta_tensor gk = describe(dk.p, c.dtype, TA_DEVICE_CUDA, B, c.nk, c.hkv, c.dim, c.head_major);
+  ta_tensor gv = describe(dv.p, c.dtype, TA_DEVICE_CUDA, B, c.nk, c.hkv, c.dim, c.head_major);
+  ta_tensor go = tensor(dout.p, c.dtype, {B, c.nq, c.hq, c.dim}, TA_DEVICE_CUDA);
+  ta_tensor gl = tensor(dlse.p, TA_DTYPE_F32, {B, c.hq, c.nq}, TA_DEVICE_CUDA);
+  ASSERT_EQ(ta_attention(&gq, &gk, &gv, nullptr, nullptr, &opt, &go, &gl, nullptr), TA_SUCCESS) << ta_last_error();
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  std::vector<uint16_t> gpu_out(qh.size());
+  std::vector<float> gpu_lse(ref_lse.size());
+  ASSERT_EQ(cudaMemcpy(gpu_out.data(), dout.p, qh.size() * 2, cudaMemcpyDeviceToHost), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(gpu_lse.data(), dlse.p, gpu_lse.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+
+  std::vector<float> g(qh.size()), r(qh.size()), e(qh.size());
+  for (size_t i = 0; i < g.size(); ++i) g[i] = value(gpu_out[i], c.dtype), r[i] = value(ref_out[i], c.dtype), e[i] = value(exact_out[i], c.dtype);
+  for (size_t i = 0; i < g.size(); ++i) ASSERT_TRUE(std::isfinite(g[i])) << "output " << i << " not written or not finite";
+  const test::ErrorStats vs_ref = test::compare(g, r), vs_exact = test::compare(g, e);
+  // Same arithmetic as the reference but for exp2 (MUFU vs libm), the K mean's summation order and
+  // the order of the row sums: differences at rounding level.
+  EXPECT_LE(vs_ref.rel_l2, 5e-3);
+  EXPECT_LE(vs_exact.rel_l2, test::bound_rel_l2(c.kind, int64_t(B) * c.nq * c.hq));
+  double lse_diff = 0;
+  for (size_t i = 0; i < gpu_lse.size(); ++i) {
+    if (std::isinf(ref_lse[i])) {
+      EXPECT_TRUE(std::isinf(gpu_lse[i]) && gpu_lse[i] < 0) << "lse " << i;
+      continue;
+    }
+    lse_diff = std::max(lse_diff, double(std::fabs(gpu_lse[i] - ref_lse[i])));
+  }
+  EXPECT_LE(lse_diff, 2e-2);
+  testing::Test::RecordProperty("rel_l2_vs_ref", std::to_string(vs_ref.rel_l2));
+}
+
+bool have_gpu() { return ta_cuda_available() == 1; }
+
+}  // namespace
+
+class GpuPrefill : public testing::TestWithParam<std::tuple<int, std::pair<int, int>, bool, InputKind>> {};
+TEST_P(GpuPrefill, MatchesReferenceAndFloat64) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  const auto [dim, lens, causal, kind] = GetParam();
+  run_case({dim, lens.first, lens.second, 4, 2, causal, kind});
+}
+const std::pair<int, int> kLengths[] = {{1, 1}, {63, 63}, {65, 65}, {257, 257}, {1000, 1000}, {65, 1000}, {100, 64}, {1, 1000}};
+INSTANTIATE_TEST_SUITE_P(Shapes, GpuPrefill,
+                         testing::Combine(testing::Values(64, 96, 128, 256), testing::ValuesIn(kLengths), testing::Bool(),
+                                          testing::Values(InputKind::Normal, InputKind::Outliers)));
+
+class GpuPrefillVariants : public testing::TestWithParam<int> {};
+TEST_P(GpuPrefillVariants, DtypesLayoutsGroupsOptions) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  GpuCase c{128, 300, 300, 4, 2, true, InputKind::Outliers};
+  switch (GetParam()) {
+    case 0: c.dtype = TA_DTYPE_BF16; break;
+    case 1: c.head_major = true; break;
+    case 2: c.hq = 8, c.hkv = 1; break;  // MQA
+    case 3: c.hq = 4, c.hkv = 4; break;  // MHA
+    case 4: c.sas = false; break;
+    case 5: c.smooth = false; break;
+    case 6: c.dtype = TA_DTYPE_BF16, c.head_major = true, c.dim = 64, c.kind = InputKind::Normal; break;
+  }
+  run_case(c);
+}
+INSTANTIATE_TEST_SUITE_P(All, GpuPrefillVariants, testing::Range(0, 7));
+
+TEST(GpuPrefill, RowsWithNoVisibleKeyAreZero) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  run_case({64, 150, 40, 2, 1, true, InputKind::Normal});  // causal, nq > nk: 110 rows see nothing
+}
+
+TEST(GpuPrefill, RejectsHostPointersAndVarlen) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  std::vector<uint16_t> x(64 * 64, 0x3C00), o(x.size());
+  ta_tensor t = tensor(x.data(), TA_DTYPE_F16, {1, 64, 1, 64}, TA_DEVICE_CUDA), to = tensor(o.data(), TA_DTYPE_F16, {1, 64, 1, 64}, TA_DEVICE_CUDA);
+  EXPECT_EQ(ta_attention(&t, &t, &t, nullptr, nullptr, nullptr, &to, nullptr, nullptr), TA_ERROR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(ta_last_error()).find("not device memory"), std::string::npos) << ta_last_error();
+}
