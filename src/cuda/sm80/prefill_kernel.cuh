@@ -20,6 +20,10 @@ template <int kHeadDim>
 struct PrefillTraits {
   static constexpr int kWarps = 4;
   static constexpr int kThreads = 32 * kWarps;
+#ifndef TURBOATTN_PREFILL_MIN_BLOCKS
+#define TURBOATTN_PREFILL_MIN_BLOCKS 2
+#endif
+  static constexpr int kMinBlocksPerSm = kHeadDim <= 128 ? TURBOATTN_PREFILL_MIN_BLOCKS : 1;  // register budget
   static constexpr int kBlockM = 16 * kWarps;  // query rows per CTA: one Q block
   static constexpr int kBlockN = TA_BLOCK_TOKENS;  // keys per tile: one K/V block
   static_assert(kBlockM == TA_BLOCK_TOKENS, "a CTA's rows must be exactly one Q block");
@@ -65,7 +69,7 @@ __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float a, float b) {
 }
 
 template <int kHeadDim, typename Out>
-__global__ void __launch_bounds__(PrefillTraits<kHeadDim>::kThreads) flashq_prefill_kernel(const PrefillParams p) {
+__global__ void __launch_bounds__(PrefillTraits<kHeadDim>::kThreads, PrefillTraits<kHeadDim>::kMinBlocksPerSm) flashq_prefill_kernel(const PrefillParams p) {
   using Tr = PrefillTraits<kHeadDim>;
   extern __shared__ __align__(16) uint8_t smem[];
   uint8_t* s_q = smem;
