@@ -164,6 +164,10 @@ __global__ void __launch_bounds__(PrefillTraits<kHeadDim>::kThreads, PrefillTrai
     const float st = __fmul_rn(q_scale, sk_scale);
     float s[2][Tr::kSTiles][2];
     float tile_max[2] = {-INFINITY, -INFINITY};
+    // Only tiles at the sequence's end, on the causal diagonal, or past the last row need masks.
+    const int warp_row = m0 + 16 * warp;
+    const bool need_mask = (j + 1) * Tr::kBlockN > p.nk || warp_row + 16 > p.nq ||
+                           (p.causal && int64_t(j + 1) * Tr::kBlockN - 1 > int64_t(warp_row) + p.nk - p.nq);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int row = row0 + 8 * r;
@@ -173,8 +177,8 @@ __global__ void __launch_bounds__(PrefillTraits<kHeadDim>::kThreads, PrefillTrai
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int key = j * Tr::kBlockN + 8 * nt + 2 * t + e;
-          const bool visible = row < p.nq && key < p.nk && key <= max_key;
-          s[r][nt][e] = visible ? __fmul_rn(__int2float_rn(s_acc[nt][2 * r + e]), st) : -INFINITY;
+          const bool visible = !need_mask || (row < p.nq && key < p.nk && key <= max_key);
+          s[r][nt][e] = visible ? __fmul_rn(small_int_to_float(s_acc[nt][2 * r + e]), st) : -INFINITY;
           tile_max[r] = nan_max(tile_max[r], s[r][nt][e]);
         }
       tile_max[r] = nan_max(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
@@ -216,7 +220,7 @@ __global__ void __launch_bounds__(PrefillTraits<kHeadDim>::kThreads, PrefillTrai
           p_sum[r] = __dp4a(codes, 0x01010101u, p_sum[r]);  // sum of the 4 codes
         }
 #pragma unroll
-    for (int r = 0; r < 2; ++r) l[r] = __fmaf_rn(l[r], alpha[r], __fmul_rn(__uint2float_rn(p_sum[r]), beta[r]));
+    for (int r = 0; r < 2; ++r) l[r] = __fmaf_rn(l[r], alpha[r], __fmul_rn(small_int_to_float(int32_t(p_sum[r])), beta[r]));
 
     // O = alpha O + (P V) sv beta, 32 channels at a time; skipped when none of the warp's rows use the tile.
     if (!__all_sync(0xffffffffu, skip[0] && skip[1])) {
@@ -242,7 +246,7 @@ __global__ void __launch_bounds__(PrefillTraits<kHeadDim>::kThreads, PrefillTrai
           for (int i = 0; i < 4; ++i) {
             const int r = i / 2;
             float& oi = o[4 * chunk + nt][i];
-            oi = __fmaf_rn(oi, alpha[r], __fmul_rn(__int2float_rn(acc[nt][i]), svb[r]));
+            oi = __fmaf_rn(oi, alpha[r], __fmul_rn(small_int_to_float(acc[nt][i]), svb[r]));
           }
       }
     }  // else every row skipped: alpha is 1 and O is unchanged
