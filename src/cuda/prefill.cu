@@ -81,9 +81,9 @@ class Workspace {
 TokenStrides strides_of(const ta_tensor& t) { return {t.strides[0], t.strides[1], t.strides[2]}; }
 
 template <int kHeadDim, typename Out>
-void launch_prefill(const sm80::PrefillParams& p, int batch, cudaStream_t stream) {
+void launch_prefill(const sm80::PrefillParams& p, bool sas, int batch, cudaStream_t stream) {
   using Tr = sm80::PrefillTraits<kHeadDim>;
-  auto kernel = sm80::flashq_prefill_kernel<kHeadDim, Out>;
+  auto kernel = sas ? sm80::flashq_prefill_kernel<kHeadDim, Out, true> : sm80::flashq_prefill_kernel<kHeadDim, Out, false>;
   TA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes));
   const dim3 grid{unsigned((p.nq + Tr::kBlockM - 1) / Tr::kBlockM), unsigned(p.hq), unsigned(batch)};
   kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
@@ -92,12 +92,12 @@ void launch_prefill(const sm80::PrefillParams& p, int batch, cudaStream_t stream
 
 // The one place that maps (head dim, dtype) to a kernel instance.
 template <typename Out>
-void dispatch_head_dim(int dim, const sm80::PrefillParams& p, int batch, cudaStream_t stream) {
+void dispatch_head_dim(int dim, const sm80::PrefillParams& p, bool sas, int batch, cudaStream_t stream) {
   switch (dim) {
-    case 64: return launch_prefill<64, Out>(p, batch, stream);
-    case 96: return launch_prefill<96, Out>(p, batch, stream);
-    case 128: return launch_prefill<128, Out>(p, batch, stream);
-    case 256: return launch_prefill<256, Out>(p, batch, stream);
+    case 64: return launch_prefill<64, Out>(p, sas, batch, stream);
+    case 96: return launch_prefill<96, Out>(p, sas, batch, stream);
+    case 128: return launch_prefill<128, Out>(p, sas, batch, stream);
+    case 256: return launch_prefill<256, Out>(p, sas, batch, stream);
   }
   throw Error(TA_ERROR_UNSUPPORTED, concat("head dim ", dim, " has no CUDA kernel"));
 }
@@ -156,8 +156,8 @@ void attention_typed(const ta_tensor& q, const ta_tensor& k, const ta_tensor& v,
   p.lse = lse ? static_cast<float*>(lse->data) : nullptr;
   p.hq = hq, p.hkv = hkv, p.nq = nq, p.nk = nk, p.nk_padded = nk_padded;
   p.scale_log2 = float(double(softmax_scale) * 1.4426950408889634);
-  p.causal = o.causal != 0, p.sas = o.use_sas != 0;
-  if (nq > 0) dispatch_head_dim<T>(D, p, B, stream);
+  p.causal = o.causal != 0;
+  if (nq > 0) dispatch_head_dim<T>(D, p, o.use_sas != 0, B, stream);
 }
 
 }  // namespace

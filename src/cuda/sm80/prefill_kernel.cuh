@@ -21,7 +21,7 @@ struct PrefillTraits {
   static constexpr int kWarps = 4;
   static constexpr int kThreads = 32 * kWarps;
 #ifndef TURBOATTN_PREFILL_MIN_BLOCKS
-#define TURBOATTN_PREFILL_MIN_BLOCKS 2
+#define TURBOATTN_PREFILL_MIN_BLOCKS 3  // measured on an H200: 209 vs 175 TFLOP/s at D = 128 over 2
 #endif
   static constexpr int kMinBlocksPerSm = kHeadDim <= 128 ? TURBOATTN_PREFILL_MIN_BLOCKS : 1;  // register budget
   static constexpr int kBlockM = 16 * kWarps;  // query rows per CTA: one Q block
@@ -52,7 +52,7 @@ struct PrefillParams {
   float* lse;                   // [B, Hq, Nq] or null
   int hq, hkv, nq, nk, nk_padded;
   float scale_log2;  // softmax_scale * log2(e)
-  bool causal, sas;
+  bool causal;
 };
 
 template <typename Out>
@@ -68,7 +68,8 @@ __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float a, float b) {
   return *reinterpret_cast<const uint32_t*>(&h);
 }
 
-template <int kHeadDim, typename Out>
+// kSas: SAS exponential (docs/FORMATS.md, section 2), else the exact-exponential variant.
+template <int kHeadDim, typename Out, bool kSas>
 __global__ void __launch_bounds__(PrefillTraits<kHeadDim>::kThreads, PrefillTraits<kHeadDim>::kMinBlocksPerSm) flashq_prefill_kernel(const PrefillParams p) {
   using Tr = PrefillTraits<kHeadDim>;
   extern __shared__ __align__(16) uint8_t smem[];
@@ -207,14 +208,9 @@ __global__ void __launch_bounds__(PrefillTraits<kHeadDim>::kThreads, PrefillTrai
         for (int r = 0; r < 2; ++r) {
           const int nt = 4 * kp + 2 * half;
           const float tm = tile_max[r];
-          uint32_t y0, y1;
-          if (p.sas) {
-            y0 = sas_codes_x2(s[r][nt][0] - tm, s[r][nt][1] - tm);
-            y1 = sas_codes_x2(s[r][nt + 1][0] - tm, s[r][nt + 1][1] - tm);
-          } else {
-            y0 = exp2_codes_x2(s[r][nt][0] - tm, s[r][nt][1] - tm);
-            y1 = exp2_codes_x2(s[r][nt + 1][0] - tm, s[r][nt + 1][1] - tm);
-          }
+          const auto codes_x2 = [](float a, float b) { return kSas ? sas_codes_x2(a, b) : exp2_codes_x2(a, b); };
+          const uint32_t y0 = codes_x2(s[r][nt][0] - tm, s[r][nt][1] - tm);
+          const uint32_t y1 = codes_x2(s[r][nt + 1][0] - tm, s[r][nt + 1][1] - tm);
           const uint32_t codes = __byte_perm(y0, y1, 0x6420);
           pa[kp][2 * half + r] = codes;
           p_sum[r] = __dp4a(codes, 0x01010101u, p_sum[r]);  // sum of the 4 codes
