@@ -102,20 +102,32 @@ __global__ void __launch_bounds__(PrefillTraits<kHeadDim>::kThreads, PrefillTrai
     const bool valid = m0 + r < p.nq;
     cp_async_16(s_q + r * Tr::kRowBytes + 16 * c, valid ? q_src + int64_t(r) * kHeadDim + 16 * c : q_src, valid);
   }
+  // Each thread copies fixed 16-byte chunks of every K and V^T tile: offsets computed once.
+  constexpr int kKCopies = Tr::kBlockN * kChunksPerRow / Tr::kThreads;
+  constexpr int kVtChunks = Tr::kBlockN / 16;
+  constexpr int kVtCopies = kHeadDim * kVtChunks / Tr::kThreads;
+  static_assert(kKCopies * Tr::kThreads == Tr::kBlockN * kChunksPerRow && kVtCopies * Tr::kThreads == kHeadDim * kVtChunks,
+                "tiles split evenly over the threads");
+  const int k_row = threadIdx.x / kChunksPerRow, k_chunk = threadIdx.x % kChunksPerRow;
+  constexpr int kKRowStep = Tr::kThreads / kChunksPerRow;  // rows between a thread's successive copies
+  const int vt_row = threadIdx.x / kVtChunks, vt_chunk = threadIdx.x % kVtChunks;
+  constexpr int kVtRowStep = Tr::kThreads / kVtChunks;
+  const int8_t* k_thread = k_src + int64_t(k_row) * kHeadDim + 16 * k_chunk;
+  const int8_t* vt_thread = vt_src + int64_t(vt_row) * p.nk_padded + 16 * vt_chunk;
+  const int k_smem = k_row * Tr::kRowBytes + 16 * k_chunk, vt_smem = vt_row * Tr::kVtRowBytes + 16 * vt_chunk;
   auto load_tile = [&](int j, int stage) {
-    uint8_t* sk = s_k + stage * Tr::kKBytes;
-    uint8_t* sv = s_vt + stage * Tr::kVtBytes;
+    uint8_t* sk = s_k + stage * Tr::kKBytes + k_smem;
+    uint8_t* sv = s_vt + stage * Tr::kVtBytes + vt_smem;
     const int n0 = j * Tr::kBlockN;
-    for (int i = threadIdx.x; i < Tr::kBlockN * kChunksPerRow; i += Tr::kThreads) {
-      const int r = i / kChunksPerRow, c = i % kChunksPerRow;
-      const bool valid = n0 + r < p.nk;
-      cp_async_16(sk + r * Tr::kRowBytes + 16 * c, valid ? k_src + int64_t(n0 + r) * kHeadDim + 16 * c : k_src, valid);
+    const bool full = n0 + Tr::kBlockN <= p.nk;
+#pragma unroll
+    for (int i = 0; i < kKCopies; ++i) {
+      const bool valid = full || n0 + k_row + i * kKRowStep < p.nk;
+      cp_async_16(sk + i * kKRowStep * Tr::kRowBytes, valid ? k_thread + int64_t(n0 + i * kKRowStep) * kHeadDim : k_src, valid);
     }
-    constexpr int kVtChunks = Tr::kBlockN / 16;
-    for (int i = threadIdx.x; i < kHeadDim * kVtChunks; i += Tr::kThreads) {
-      const int r = i / kVtChunks, c = i % kVtChunks;
-      cp_async_16(sv + r * Tr::kVtRowBytes + 16 * c, vt_src + int64_t(r) * p.nk_padded + n0 + 16 * c, true);
-    }
+#pragma unroll
+    for (int i = 0; i < kVtCopies; ++i)
+      cp_async_16(sv + i * kVtRowStep * Tr::kVtRowBytes, vt_thread + int64_t(i * kVtRowStep) * p.nk_padded + n0, true);
   };
   if (tiles > 0) load_tile(0, 0);
   cp_async_commit();
@@ -131,12 +143,11 @@ __global__ void __launch_bounds__(PrefillTraits<kHeadDim>::kThreads, PrefillTrai
 #pragma unroll
   for (int i = 0; i < Tr::kOTiles; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
 
-  uint32_t qf[Tr::kKSteps][4];
+  // The Q block stays in shared memory; its fragments are reloaded at each k-step (registers are
+  // the scarcer resource: O, S and P fragments hold most of them).
+  const uint8_t* q_frag = s_q + (16 * warp + lane % 16) * Tr::kRowBytes + 16 * (lane / 16);
   cp_async_wait<0>();
   __syncthreads();
-#pragma unroll
-  for (int ks = 0; ks < Tr::kKSteps; ++ks)
-    ldmatrix_x4(qf[ks], s_q + (16 * warp + lane % 16) * Tr::kRowBytes + 32 * ks + 16 * (lane / 16));
 
   for (int j = 0; j < tiles; ++j) {
     const int stage = j & 1;
@@ -150,15 +161,18 @@ __global__ void __launch_bounds__(PrefillTraits<kHeadDim>::kThreads, PrefillTrai
 #pragma unroll
     for (int i = 0; i < Tr::kSTiles; ++i) s_acc[i][0] = s_acc[i][1] = s_acc[i][2] = s_acc[i][3] = 0;
 #pragma unroll
-    for (int ks = 0; ks < Tr::kKSteps; ++ks)
+    for (int ks = 0; ks < Tr::kKSteps; ++ks) {
+      uint32_t qf[4];
+      ldmatrix_x4(qf, q_frag + 32 * ks);
 #pragma unroll
       for (int np = 0; np < Tr::kSTiles / 2; ++np) {
         uint32_t kb[4];
         const int mi = lane / 8;
         ldmatrix_x4(kb, sk + (16 * np + 8 * (mi >> 1) + lane % 8) * Tr::kRowBytes + 32 * ks + 16 * (mi & 1));
-        mma_m16n8k32_s8s8(s_acc[2 * np], qf[ks], {kb[0], kb[1]});
-        mma_m16n8k32_s8s8(s_acc[2 * np + 1], qf[ks], {kb[2], kb[3]});
+        mma_m16n8k32_s8s8(s_acc[2 * np], qf, {kb[0], kb[1]});
+        mma_m16n8k32_s8s8(s_acc[2 * np + 1], qf, {kb[2], kb[3]});
       }
+    }
 
     // Scores in base 2, masking, the tile maximum of each row.
     const float sk_scale = k_scales[j], sv_scale = v_scales[j];

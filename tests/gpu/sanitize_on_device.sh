@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# compute-sanitizer memcheck and racecheck over the GPU kernels on a set of small shapes (odd lengths,
+# every head dim, masks, layouts, dtypes). Run after tests/gpu/run_on_device.sh has built build/.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+cd "$(dirname "$0")/../.."
+filter='Shapes/GpuPrefill.MatchesReferenceAndFloat64/0:Shapes/GpuPrefill.MatchesReferenceAndFloat64/7:'
+filter+='Shapes/GpuPrefill.MatchesReferenceAndFloat64/10:Shapes/GpuPrefill.MatchesReferenceAndFloat64/37:'
+filter+='Shapes/GpuPrefill.MatchesReferenceAndFloat64/71:Shapes/GpuPrefill.MatchesReferenceAndFloat64/98:'
+filter+='Shapes/GpuPrefill.MatchesReferenceAndFloat64/106:All/GpuPrefillVariants.*:GpuPrefill.RowsWithNoVisibleKeyAreZero:'
+filter+='Shapes/GpuQuantize.BitExactWithReference/1*'
+rc=0
+for tool in memcheck racecheck; do
+  compute-sanitizer --tool $tool --error-exitcode 99 ./build/tests/turboattn_gpu_tests --gtest_filter="$filter" --gtest_brief=1 \
+    > "$OUT/sanitizer-$tool.log" 2>&1
+  r=$?
+  echo "$tool: exit $r; $(grep -E '^========= (ERROR SUMMARY|RACECHECK SUMMARY)' "$OUT/sanitizer-$tool.log" | tail -1); $(grep -E 'tests? ran|PASSED|FAILED' "$OUT/sanitizer-$tool.log" | tail -2 | tr '\n' ' ')"
+  rc=$((rc | r))
+done
+exit $rc
