@@ -15,6 +15,7 @@ for tool in memcheck racecheck; do
     > "$OUT/sanitizer-$tool.log" 2>&1
   r=$?
   echo "$tool: exit $r; $(grep -E '^========= (ERROR SUMMARY|RACECHECK SUMMARY)' "$OUT/sanitizer-$tool.log" | tail -1); $(grep -E 'tests? ran|PASSED|FAILED' "$OUT/sanitizer-$tool.log" | tail -2 | tr '\n' ' ')"
+  [ $r -ne 0 ] && tail -15 "$OUT/sanitizer-$tool.log"
   rc=$((rc | r))
 done
 exit $rc

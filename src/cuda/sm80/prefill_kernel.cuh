@@ -102,32 +102,28 @@ __global__ void __launch_bounds__(PrefillTraits<kHeadDim>::kThreads, PrefillTrai
     const bool valid = m0 + r < p.nq;
     cp_async_16(s_q + r * Tr::kRowBytes + 16 * c, valid ? q_src + int64_t(r) * kHeadDim + 16 * c : q_src, valid);
   }
-  // Each thread copies fixed 16-byte chunks of every K and V^T tile: offsets computed once.
+  // Each thread copies the same 16-byte chunks of every K and V^T tile (kThreads apart).
   constexpr int kKCopies = Tr::kBlockN * kChunksPerRow / Tr::kThreads;
   constexpr int kVtChunks = Tr::kBlockN / 16;
   constexpr int kVtCopies = kHeadDim * kVtChunks / Tr::kThreads;
   static_assert(kKCopies * Tr::kThreads == Tr::kBlockN * kChunksPerRow && kVtCopies * Tr::kThreads == kHeadDim * kVtChunks,
                 "tiles split evenly over the threads");
-  const int k_row = threadIdx.x / kChunksPerRow, k_chunk = threadIdx.x % kChunksPerRow;
-  constexpr int kKRowStep = Tr::kThreads / kChunksPerRow;  // rows between a thread's successive copies
-  const int vt_row = threadIdx.x / kVtChunks, vt_chunk = threadIdx.x % kVtChunks;
-  constexpr int kVtRowStep = Tr::kThreads / kVtChunks;
-  const int8_t* k_thread = k_src + int64_t(k_row) * kHeadDim + 16 * k_chunk;
-  const int8_t* vt_thread = vt_src + int64_t(vt_row) * p.nk_padded + 16 * vt_chunk;
-  const int k_smem = k_row * Tr::kRowBytes + 16 * k_chunk, vt_smem = vt_row * Tr::kVtRowBytes + 16 * vt_chunk;
   auto load_tile = [&](int j, int stage) {
-    uint8_t* sk = s_k + stage * Tr::kKBytes + k_smem;
-    uint8_t* sv = s_vt + stage * Tr::kVtBytes + vt_smem;
+    uint8_t* sk = s_k + stage * Tr::kKBytes;
+    uint8_t* sv = s_vt + stage * Tr::kVtBytes;
     const int n0 = j * Tr::kBlockN;
     const bool full = n0 + Tr::kBlockN <= p.nk;
 #pragma unroll
     for (int i = 0; i < kKCopies; ++i) {
-      const bool valid = full || n0 + k_row + i * kKRowStep < p.nk;
-      cp_async_16(sk + i * kKRowStep * Tr::kRowBytes, valid ? k_thread + int64_t(n0 + i * kKRowStep) * kHeadDim : k_src, valid);
+      const int idx = threadIdx.x + i * Tr::kThreads, r = idx / kChunksPerRow, c = idx % kChunksPerRow;
+      const bool valid = full || n0 + r < p.nk;
+      cp_async_16(sk + r * Tr::kRowBytes + 16 * c, valid ? k_src + int64_t(n0 + r) * kHeadDim + 16 * c : k_src, valid);
     }
 #pragma unroll
-    for (int i = 0; i < kVtCopies; ++i)
-      cp_async_16(sv + i * kVtRowStep * Tr::kVtRowBytes, vt_thread + int64_t(i * kVtRowStep) * p.nk_padded + n0, true);
+    for (int i = 0; i < kVtCopies; ++i) {
+      const int idx = threadIdx.x + i * Tr::kThreads, r = idx / kVtChunks, c = idx % kVtChunks;
+      cp_async_16(sv + r * Tr::kVtRowBytes + 16 * c, vt_src + int64_t(r) * p.nk_padded + n0 + 16 * c, true);
+    }
   };
   if (tiles > 0) load_tile(0, 0);
   cp_async_commit();
