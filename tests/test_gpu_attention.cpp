@@ -162,3 +162,62 @@ TEST(GpuPrefill, RejectsHostPointersAndVarlen) {
   EXPECT_EQ(ta_attention(&t, &t, &t, nullptr, nullptr, nullptr, &to, nullptr, nullptr), TA_ERROR_INVALID_ARGUMENT);
   EXPECT_NE(std::string(ta_last_error()).find("not device memory"), std::string::npos) << ta_last_error();
 }
+
+class GpuPrefillVarlen : public testing::TestWithParam<std::tuple<bool, bool>> {};
+TEST_P(GpuPrefillVarlen, MatchesReferenceWithCuSeqlensOnEitherDevice) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  const auto [causal, cu_on_gpu] = GetParam();
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE(testing::Message() << "seed " << seed << " causal " << causal << " cu_seqlens on gpu " << cu_on_gpu);
+  std::mt19937_64 rng(seed);
+  const int hq = 4, hkv = 2, d = 128;
+  const std::vector<int32_t> q_lens = {1, 0, 65, 200, 130, 64}, k_lens = {1, 5, 65, 300, 100, 64};
+  std::vector<int32_t> cu_q{0}, cu_k{0};
+  for (size_t i = 0; i < q_lens.size(); ++i) cu_q.push_back(cu_q.back() + q_lens[i]), cu_k.push_back(cu_k.back() + k_lens[i]);
+  const int tq = cu_q.back(), tk = cu_k.back(), B = int(q_lens.size());
+  std::vector<float> q = test::make_input(rng, tq, hq, d, InputKind::Outliers, 'q');
+  std::vector<float> k = test::make_input(rng, tk, hkv, d, InputKind::Outliers, 'k');
+  std::vector<float> v = test::make_input(rng, tk, hkv, d, InputKind::Outliers, 'v');
+  std::vector<uint16_t> qh = test::to_half(q), kh = test::to_half(k), vh = test::to_half(v);
+  ta_attention_options opt = ta_attention_default_options();
+  opt.causal = causal;
+  std::vector<uint16_t> ref_out(qh.size(), 0x7E00);
+  std::vector<float> ref_lse(size_t(hq) * tq);
+  ta_tensor cq = tensor(qh.data(), TA_DTYPE_F16, {tq, hq, d}), ck = tensor(kh.data(), TA_DTYPE_F16, {tk, hkv, d}),
+            cv = tensor(vh.data(), TA_DTYPE_F16, {tk, hkv, d}), co = tensor(ref_out.data(), TA_DTYPE_F16, {tq, hq, d}),
+            cl = tensor(ref_lse.data(), TA_DTYPE_F32, {hq, tq});
+  ta_tensor tcq = tensor(cu_q.data(), TA_DTYPE_I32, {B + 1}), tck = tensor(cu_k.data(), TA_DTYPE_I32, {B + 1});
+  ASSERT_EQ(ta_attention(&cq, &ck, &cv, &tcq, &tck, &opt, &co, &cl, nullptr), TA_SUCCESS) << ta_last_error();
+
+  DeviceMem dq(qh.size() * 2), dk(kh.size() * 2), dv(vh.size() * 2), dout(qh.size() * 2), dlse(ref_lse.size() * 4), dcq(cu_q.size() * 4),
+      dck(cu_k.size() * 4);
+  ASSERT_EQ(cudaMemcpy(dq.p, qh.data(), qh.size() * 2, cudaMemcpyHostToDevice), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(dk.p, kh.data(), kh.size() * 2, cudaMemcpyHostToDevice), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(dv.p, vh.data(), vh.size() * 2, cudaMemcpyHostToDevice), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(dcq.p, cu_q.data(), cu_q.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(dck.p, cu_k.data(), cu_k.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
+  ASSERT_EQ(cudaMemset(dout.p, 0xFF, qh.size() * 2), cudaSuccess);
+  ASSERT_EQ(cudaMemset(dlse.p, 0xFF, ref_lse.size() * 4), cudaSuccess);
+  ta_tensor gq = tensor(dq.p, TA_DTYPE_F16, {tq, hq, d}, TA_DEVICE_CUDA), gk = tensor(dk.p, TA_DTYPE_F16, {tk, hkv, d}, TA_DEVICE_CUDA),
+            gv = tensor(dv.p, TA_DTYPE_F16, {tk, hkv, d}, TA_DEVICE_CUDA), go = tensor(dout.p, TA_DTYPE_F16, {tq, hq, d}, TA_DEVICE_CUDA),
+            gl = tensor(dlse.p, TA_DTYPE_F32, {hq, tq}, TA_DEVICE_CUDA);
+  ta_tensor gcq = cu_on_gpu ? tensor(dcq.p, TA_DTYPE_I32, {B + 1}, TA_DEVICE_CUDA) : tcq;
+  ta_tensor gck = cu_on_gpu ? tensor(dck.p, TA_DTYPE_I32, {B + 1}, TA_DEVICE_CUDA) : tck;
+  ASSERT_EQ(ta_attention(&gq, &gk, &gv, &gcq, &gck, &opt, &go, &gl, nullptr), TA_SUCCESS) << ta_last_error();
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  std::vector<uint16_t> out(qh.size());
+  std::vector<float> lse(ref_lse.size());
+  ASSERT_EQ(cudaMemcpy(out.data(), dout.p, out.size() * 2, cudaMemcpyDeviceToHost), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(lse.data(), dlse.p, lse.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+  std::vector<float> g(out.size()), r(out.size());
+  for (size_t i = 0; i < g.size(); ++i) {
+    g[i] = ref::half_to_float(out[i]), r[i] = ref::half_to_float(ref_out[i]);
+    ASSERT_TRUE(std::isfinite(g[i])) << "output " << i;
+  }
+  EXPECT_LE(test::compare(g, r).rel_l2, 5e-3);
+  for (size_t i = 0; i < lse.size(); ++i) {
+    if (std::isinf(ref_lse[i])) EXPECT_TRUE(std::isinf(lse[i]) && lse[i] < 0) << i;
+    else EXPECT_NEAR(lse[i], ref_lse[i], 2e-2) << i;
+  }
+}
+INSTANTIATE_TEST_SUITE_P(All, GpuPrefillVarlen, testing::Combine(testing::Bool(), testing::Bool()));

@@ -38,11 +38,27 @@ struct AttentionShape {
   int64_t batch = 0, hq = 0, hkv = 0, dim = 0, total_q = 0, total_k = 0;
   bool varlen = false;
   std::vector<int64_t> q_start, q_len, k_start, k_len;
+  std::vector<int32_t> cu_q, cu_k;  // variable length only
 };
+
+// Cumulative lengths on the CPU, or on CUDA (copied to the host: the call synchronizes its stream).
+std::vector<int32_t> cu_seqlens_values(const ta_tensor* t_, const char* name, int64_t total, void* stream) {
+  const ta_tensor& t = check_tensor(t_, name);
+  if (t.device == TA_DEVICE_CPU) return read_cu_seqlens(t, name, total);
+  check_cu_seqlens_tensor(t, name);
+#ifdef TURBOATTN_WITH_CUDA
+  std::vector<int32_t> cu = cuda::read_device_i32(t.data, t.shape[0], t.strides[0], stream);
+  validate_cu_seqlens(cu, name, total);
+  return cu;
+#else
+  (void)stream;
+  throw Error(TA_ERROR_UNSUPPORTED, concat(name, ": on cuda, but this build of turboattn has no CUDA kernels"));
+#endif
+}
 
 AttentionShape check_attention(const ta_tensor* q_, const ta_tensor* k_, const ta_tensor* v_, const ta_tensor* cu_q_,
                                const ta_tensor* cu_k_, const ta_tensor* out_, const ta_tensor* lse_,
-                               bool allow_cuda) {
+                               bool allow_cuda, void* stream = nullptr) {
   const ta_tensor& q = check_tensor(q_, "q");
   const ta_tensor& k = check_tensor(k_, "k");
   const ta_tensor& v = check_tensor(v_, "v");
@@ -71,8 +87,10 @@ AttentionShape check_attention(const ta_tensor* q_, const ta_tensor* k_, const t
     require(cu_q_ && cu_k_, TA_ERROR_INVALID_ARGUMENT, "cu_seqlens_q and cu_seqlens_k must be given together");
     s.total_q = q.shape[0];
     s.total_k = k.shape[0];
-    const std::vector<int32_t> cq = read_cu_seqlens(check_tensor(cu_q_, "cu_seqlens_q"), "cu_seqlens_q", s.total_q);
-    const std::vector<int32_t> ck = read_cu_seqlens(check_tensor(cu_k_, "cu_seqlens_k"), "cu_seqlens_k", s.total_k);
+    s.cu_q = cu_seqlens_values(cu_q_, "cu_seqlens_q", s.total_q, stream);
+    s.cu_k = cu_seqlens_values(cu_k_, "cu_seqlens_k", s.total_k, stream);
+    const std::vector<int32_t>& cq = s.cu_q;
+    const std::vector<int32_t>& ck = s.cu_k;
     require(cq.size() == ck.size(), TA_ERROR_INVALID_ARGUMENT, "cu_seqlens_q has ", cq.size(), " entries but cu_seqlens_k has ",
             ck.size());
     s.batch = int64_t(cq.size()) - 1;
@@ -195,14 +213,14 @@ ta_status ta_attention(const ta_tensor* q, const ta_tensor* k, const ta_tensor* 
                        const ta_tensor* cu_seqlens_k, const ta_attention_options* options, ta_tensor* out, ta_tensor* lse,
                        void* cuda_stream) {
   return guard([&] {
-    const AttentionShape s = check_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, out, lse, true);
+    const AttentionShape s = check_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, out, lse, true, cuda_stream);
     const ta_attention_options o = options ? *options : ta_attention_default_options();
     require(std::isfinite(o.softmax_scale) && o.softmax_scale >= 0.0f, TA_ERROR_INVALID_ARGUMENT,
             "options.softmax_scale: ", o.softmax_scale, " is not a finite non-negative number (0 selects 1/sqrt(D))");
     if (q->device == TA_DEVICE_CUDA) {
 #ifdef TURBOATTN_WITH_CUDA
-      require(!s.varlen, TA_ERROR_UNSUPPORTED, "cu_seqlens: variable-length batches are not available on CUDA yet");
-      cuda::attention(*q, *k, *v, o, *out, lse, cuda_stream);
+      if (s.varlen) cuda::attention_varlen(*q, *k, *v, s.cu_q, s.cu_k, o, *out, lse, cuda_stream);
+      else cuda::attention(*q, *k, *v, o, *out, lse, cuda_stream);
       return;
 #else
       no_cuda_path("ta_attention");

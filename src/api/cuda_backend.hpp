@@ -2,6 +2,9 @@
 // found (TURBOATTN_WITH_CUDA). The C API validates arguments before calling any of these.
 #pragma once
 
+#include <cstdint>
+#include <vector>
+
 #include "turboattn/turboattn.h"
 
 namespace turboattn::cuda {
@@ -14,5 +17,14 @@ void quantize_int8(const ta_tensor& x, const ta_tensor* shift, ta_tensor& codes,
 // FlashQ + SAS attention of batched q [B, Nq, Hq, D], k, v [B, Nk, Hkv, D]; arguments already validated.
 void attention(const ta_tensor& q, const ta_tensor& k, const ta_tensor& v, const ta_attention_options& options, ta_tensor& out,
                ta_tensor* lse, void* stream);
+
+// Variable-length q [Tq, Hq, D], k, v [Tk, Hkv, D] with host copies of the cumulative lengths;
+// lse, if given, is [Hq, Tq].
+void attention_varlen(const ta_tensor& q, const ta_tensor& k, const ta_tensor& v, const std::vector<int32_t>& cu_q,
+                      const std::vector<int32_t>& cu_k, const ta_attention_options& options, ta_tensor& out, ta_tensor* lse,
+                      void* stream);
+
+// Copies `count` int32 values (element stride `stride`) from device memory, synchronizing the stream.
+std::vector<int32_t> read_device_i32(const void* data, int64_t count, int64_t stride, void* stream);
 
 }  // namespace turboattn::cuda

@@ -150,19 +150,27 @@ void from_float(const std::vector<float>& src, ta_tensor& t) {
   }
 }
 
-std::vector<int32_t> read_cu_seqlens(const ta_tensor& t, const char* name, int64_t total) {
+void check_cu_seqlens_tensor(const ta_tensor& t, const char* name) {
   expect_dtype(t, name, {TA_DTYPE_I32});
   expect_rank(t, name, 1);
-  expect_device(t, name, TA_DEVICE_CPU);
   require(t.shape[0] >= 2, TA_ERROR_INVALID_ARGUMENT, name, ": needs at least 2 entries (batch + 1), got ", t.shape[0]);
-  std::vector<int32_t> cu(static_cast<size_t>(t.shape[0]));
-  for (int64_t i = 0; i < t.shape[0]; ++i) cu[size_t(i)] = static_cast<const int32_t*>(t.data)[i * t.strides[0]];
+}
+
+void validate_cu_seqlens(const std::vector<int32_t>& cu, const char* name, int64_t total) {
   require(cu[0] == 0, TA_ERROR_INVALID_ARGUMENT, name, "[0] is ", cu[0], ", expected 0");
   for (size_t i = 1; i < cu.size(); ++i)
     require(cu[i] >= cu[i - 1], TA_ERROR_INVALID_ARGUMENT, name, " decreases at index ", i, " (", cu[i - 1], " -> ",
             cu[i], "): sequence lengths must be non-negative");
   require(cu.back() == total, TA_ERROR_INVALID_ARGUMENT, name, " ends at ", cu.back(), ", expected the total token count ",
           total);
+}
+
+std::vector<int32_t> read_cu_seqlens(const ta_tensor& t, const char* name, int64_t total) {
+  check_cu_seqlens_tensor(t, name);
+  expect_device(t, name, TA_DEVICE_CPU);
+  std::vector<int32_t> cu(size_t(t.shape[0]));
+  for (int64_t i = 0; i < t.shape[0]; ++i) cu[size_t(i)] = static_cast<const int32_t*>(t.data)[i * t.strides[0]];
+  validate_cu_seqlens(cu, name, total);
   return cu;
 }
 

@@ -30,8 +30,10 @@ std::vector<float> to_float(const ta_tensor& t);
 // Writes contiguous floats (in t's index order) into t (f16, bf16 or f32), rounding to nearest even.
 void from_float(const std::vector<float>& src, ta_tensor& t);
 
-// Reads an i32 [n + 1] cumulative length tensor on the CPU and checks it starts at 0, never
-// decreases and ends at total.
+// Cumulative sequence lengths: an i32 [n + 1] tensor whose values start at 0, never decrease and end
+// at the total token count. read_cu_seqlens reads and checks one on the CPU.
+void check_cu_seqlens_tensor(const ta_tensor& t, const char* name);
+void validate_cu_seqlens(const std::vector<int32_t>& cu, const char* name, int64_t total);
 std::vector<int32_t> read_cu_seqlens(const ta_tensor& t, const char* name, int64_t total);
 
 }  // namespace turboattn

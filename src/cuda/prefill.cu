@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <utility>
+#include <vector>
 
 #include "api/cuda_backend.hpp"
 #include "api/errors.hpp"
@@ -153,7 +154,7 @@ void attention_typed(const ta_tensor& q, const ta_tensor& k, const ta_tensor& v,
   sm80::PrefillParams p{};
   p.q = q8, p.k = k8, p.vt = vt8, p.q_scale = q_scale, p.k_scale = k_scale, p.v_scale = v_scale, p.lse_offset = lse_offset;
   p.out = out.data, p.out_b = out.strides[0], p.out_n = out.strides[1], p.out_h = out.strides[2];
-  p.lse = lse ? static_cast<float*>(lse->data) : nullptr;
+  if (lse) p.lse = static_cast<float*>(lse->data), p.lse_b = lse->strides[0], p.lse_h = lse->strides[1];
   p.hq = hq, p.hkv = hkv, p.nq = nq, p.nk = nk, p.nk_padded = nk_padded;
   p.scale_log2 = float(double(softmax_scale) * 1.4426950408889634);
   p.causal = o.causal != 0;
@@ -162,22 +163,77 @@ void attention_typed(const ta_tensor& q, const ta_tensor& k, const ta_tensor& v,
 
 }  // namespace
 
-void attention(const ta_tensor& q, const ta_tensor& k, const ta_tensor& v, const ta_attention_options& options, ta_tensor& out,
-               ta_tensor* lse, void* stream) {
-  for (auto [t, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}, {static_cast<const ta_tensor*>(&out), "out"}})
-    expect_device_pointer(t->data, name);
+namespace {
+void check_pointers(const ta_tensor& q, const ta_tensor& k, const ta_tensor& v, const ta_tensor& out, const ta_tensor* lse) {
+  for (auto [t, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}, {&out, "out"}}) expect_device_pointer(t->data, name);
   if (lse) expect_device_pointer(lse->data, "lse");
-  require(reinterpret_cast<uintptr_t>(out.data) % 4 == 0 && out.strides[0] % 2 == 0 && out.strides[1] % 2 == 0 &&
-              out.strides[2] % 2 == 0,
+  const int r = out.ndim;
+  require(reinterpret_cast<uintptr_t>(out.data) % 4 == 0 && out.strides[r - 2] % 2 == 0 && out.strides[r - 3] % 2 == 0 &&
+              (r == 3 || out.strides[0] % 2 == 0),
           TA_ERROR_INVALID_ARGUMENT, "out: the CUDA kernel stores pairs of elements: the pointer must be 4-byte aligned and "
                                      "the strides even");
-  if (lse)
-    require(lse->strides[2] == 1 && lse->strides[1] == q.shape[1] && lse->strides[0] == q.shape[1] * q.shape[2],
-            TA_ERROR_INVALID_ARGUMENT, "lse: must be contiguous on CUDA");
+  if (lse) require(lse->strides[lse->ndim - 1] == 1, TA_ERROR_INVALID_ARGUMENT, "lse: the last dimension must be contiguous on CUDA");
+}
+
+template <typename T>
+void dispatch_dtype(const ta_tensor& q, const ta_tensor& k, const ta_tensor& v, const ta_attention_options& o, ta_tensor& out,
+                    ta_tensor* lse, cudaStream_t s) {
   require(q.shape[1] < (1 << 30) && k.shape[1] < (1 << 30), TA_ERROR_UNSUPPORTED, "sequence length over 2^30 tokens");
+  attention_typed<T>(q, k, v, o, out, lse, s);
+}
+
+// A [T, H, D] tensor's tokens [start, start + len) as a [1, len, H, D] tensor.
+ta_tensor sequence_view(const ta_tensor& t, int64_t start, int64_t len) {
+  ta_tensor v = t;
+  v.ndim = 4;
+  v.data = static_cast<char*>(t.data) + start * t.strides[0] * (t.dtype == TA_DTYPE_F32 ? 4 : 2);
+  v.shape[0] = 1, v.shape[1] = len, v.shape[2] = t.shape[1], v.shape[3] = t.shape[2];
+  v.strides[0] = len * t.strides[0], v.strides[1] = t.strides[0], v.strides[2] = t.strides[1], v.strides[3] = 1;
+  return v;
+}
+}  // namespace
+
+void attention(const ta_tensor& q, const ta_tensor& k, const ta_tensor& v, const ta_attention_options& options, ta_tensor& out,
+               ta_tensor* lse, void* stream) {
+  check_pointers(q, k, v, out, lse);
   const auto s = static_cast<cudaStream_t>(stream);
-  if (q.dtype == TA_DTYPE_F16) attention_typed<__half>(q, k, v, options, out, lse, s);
-  else attention_typed<__nv_bfloat16>(q, k, v, options, out, lse, s);
+  if (q.dtype == TA_DTYPE_F16) dispatch_dtype<__half>(q, k, v, options, out, lse, s);
+  else dispatch_dtype<__nv_bfloat16>(q, k, v, options, out, lse, s);
+}
+
+void attention_varlen(const ta_tensor& q, const ta_tensor& k, const ta_tensor& v, const std::vector<int32_t>& cu_q,
+                      const std::vector<int32_t>& cu_k, const ta_attention_options& options, ta_tensor& out, ta_tensor* lse,
+                      void* stream) {
+  check_pointers(q, k, v, out, lse);
+  const auto s = static_cast<cudaStream_t>(stream);
+  // One launch sequence per sequence (prefill batches hold tens of sequences, each long enough to fill
+  // the card's CTAs on its own).
+  for (size_t b = 0; b + 1 < cu_q.size(); ++b) {
+    const int64_t q0 = cu_q[b], nq = cu_q[b + 1] - q0, k0 = cu_k[b], nk = cu_k[b + 1] - k0;
+    if (nq == 0) continue;
+    const ta_tensor qs = sequence_view(q, q0, nq), ks = sequence_view(k, k0, nk), vs = sequence_view(v, k0, nk);
+    ta_tensor os = sequence_view(out, q0, nq);
+    ta_tensor ls{};
+    if (lse) {  // lse [Hq, Tq]: this sequence's columns as [1, Hq, nq]
+      ls = *lse;
+      ls.ndim = 3;
+      ls.data = static_cast<float*>(lse->data) + q0 * lse->strides[1];
+      ls.shape[0] = 1, ls.shape[1] = lse->shape[0], ls.shape[2] = nq;
+      ls.strides[0] = 0, ls.strides[1] = lse->strides[0], ls.strides[2] = 1;
+    }
+    if (q.dtype == TA_DTYPE_F16) dispatch_dtype<__half>(qs, ks, vs, options, os, lse ? &ls : nullptr, s);
+    else dispatch_dtype<__nv_bfloat16>(qs, ks, vs, options, os, lse ? &ls : nullptr, s);
+  }
+}
+
+std::vector<int32_t> read_device_i32(const void* data, int64_t count, int64_t stride, void* stream) {
+  expect_device_pointer(data, "cu_seqlens");
+  std::vector<int32_t> strided(static_cast<size_t>((count - 1) * stride + 1));
+  TA_CUDA_CHECK(cudaMemcpyAsync(strided.data(), data, strided.size() * 4, cudaMemcpyDeviceToHost, static_cast<cudaStream_t>(stream)));
+  TA_CUDA_CHECK(cudaStreamSynchronize(static_cast<cudaStream_t>(stream)));
+  std::vector<int32_t> values(static_cast<size_t>(count));
+  for (int64_t i = 0; i < count; ++i) values[size_t(i)] = strided[size_t(i * stride)];
+  return values;
 }
 
 }  // namespace turboattn::cuda

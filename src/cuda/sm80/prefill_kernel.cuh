@@ -49,7 +49,8 @@ struct PrefillParams {
   const float* lse_offset;  // [B, Hq, Nq] (K smoothing) or null
   void* out;
   int64_t out_b, out_n, out_h;  // element strides of out [B, Nq, Hq, D]
-  float* lse;                   // [B, Hq, Nq] or null
+  float* lse;                   // [B, Hq, Nq] with strides (lse_b, lse_h, 1), or null
+  int64_t lse_b, lse_h;
   int hq, hkv, nq, nk, nk_padded;
   float scale_log2;  // softmax_scale * log2(e)
   bool causal;
@@ -278,10 +279,9 @@ __global__ void __launch_bounds__(PrefillTraits<kHeadDim>::kThreads, PrefillTrai
       *reinterpret_cast<uint32_t*>(dst + 8 * nt + 2 * t) = pack2<Out>(a0, a1);
     }
     if (p.lse && t == 0) {
-      const int64_t idx = (int64_t(b) * p.hq + h) * p.nq + row;
       float v = empty ? -INFINITY : (m[r] + log2f(l[r] / float(TA_P_CODE_MAX))) * ln2;
-      if (!empty && p.lse_offset) v += p.lse_offset[idx];
-      p.lse[idx] = v;
+      if (!empty && p.lse_offset) v += p.lse_offset[(int64_t(b) * p.hq + h) * p.nq + row];
+      p.lse[int64_t(b) * p.lse_b + int64_t(h) * p.lse_h + row] = v;
     }
   }
 }
