@@ -253,3 +253,44 @@ TEST(CApi, HeadPriorityRanksWideHeadsHigher) {
   EXPECT_GT(p[0], p[2]);
   EXPECT_NEAR(p[0] + p[1] + p[2], 6.0f, 1e-4f);  // each tensor's terms average to 1 over heads
 }
+
+TEST(CApi, AttentionOverInt8KvEqualsAttentionOverFloats) {
+  // ta_quantize_int8's codes (K minus its mean) fed to ta_attention_int8kv give ta_attention's bits.
+  std::mt19937_64 rng(std::random_device{}());
+  const int B = 2, nq = 70, nk = 130, hq = 4, hkv = 2, D = 64, blocks = 3;
+  std::vector<float> q = test::make_input(rng, B * nq, hq, D, InputKind::Outliers, 'q');
+  std::vector<float> k = test::make_input(rng, B * nk, hkv, D, InputKind::Outliers, 'k');
+  std::vector<float> v = test::make_input(rng, B * nk, hkv, D, InputKind::Outliers, 'v');
+  std::vector<uint16_t> qh = test::to_half(q), kh = test::to_half(k), vh = test::to_half(v);
+  std::vector<float> mean(size_t(B) * hkv * D);
+  for (int b = 0; b < B; ++b)
+    for (int h = 0; h < hkv; ++h) {
+      std::vector<float> kb(k.begin() + size_t(b) * nk * hkv * D, k.begin() + size_t(b + 1) * nk * hkv * D);
+      ref::head_mean(test::view_of(kb, nk, hkv, D), h, mean.data() + (size_t(b) * hkv + h) * D);
+    }
+  ta_tensor tq = tensor(qh.data(), TA_DTYPE_F16, {B, nq, hq, D}), tk = tensor(kh.data(), TA_DTYPE_F16, {B, nk, hkv, D}),
+            tv = tensor(vh.data(), TA_DTYPE_F16, {B, nk, hkv, D}), tm = tensor(mean.data(), TA_DTYPE_F32, {B, hkv, D});
+  std::vector<int8_t> kc(kh.size()), vc(vh.size());
+  std::vector<float> ks(size_t(B) * hkv * blocks), vs(ks.size());
+  ta_tensor tkc = tensor(kc.data(), TA_DTYPE_I8, {B, nk, hkv, D}), tvc = tensor(vc.data(), TA_DTYPE_I8, {B, nk, hkv, D}),
+            tks = tensor(ks.data(), TA_DTYPE_F32, {B, hkv, blocks}), tvs = tensor(vs.data(), TA_DTYPE_F32, {B, hkv, blocks});
+  ASSERT_EQ(ta_quantize_int8(&tk, &tm, &tkc, &tks, nullptr), TA_SUCCESS) << ta_last_error();
+  ASSERT_EQ(ta_quantize_int8(&tv, nullptr, &tvc, &tvs, nullptr), TA_SUCCESS) << ta_last_error();
+  ta_attention_options opt = ta_attention_default_options();
+  opt.causal = 1;
+  std::vector<uint16_t> out_f(qh.size(), 0x7E00), out_i(qh.size(), 0x7E00);
+  std::vector<float> lse_f(size_t(B) * hq * nq), lse_i(lse_f.size());
+  ta_tensor tof = tensor(out_f.data(), TA_DTYPE_F16, {B, nq, hq, D}), toi = tensor(out_i.data(), TA_DTYPE_F16, {B, nq, hq, D});
+  ta_tensor tlf = tensor(lse_f.data(), TA_DTYPE_F32, {B, hq, nq}), tli = tensor(lse_i.data(), TA_DTYPE_F32, {B, hq, nq});
+  ASSERT_EQ(ta_attention(&tq, &tk, &tv, nullptr, nullptr, &opt, &tof, &tlf, nullptr), TA_SUCCESS) << ta_last_error();
+  ASSERT_EQ(ta_attention_int8kv(&tq, &tkc, &tks, &tvc, &tvs, &tm, &opt, &toi, &tli, nullptr), TA_SUCCESS) << ta_last_error();
+  EXPECT_EQ(out_f, out_i);
+  EXPECT_EQ(lse_f, lse_i);
+  // Argument errors name the argument.
+  tks.shape[2] = 2;
+  EXPECT_EQ(ta_attention_int8kv(&tq, &tkc, &tks, &tvc, &tvs, &tm, &opt, &toi, nullptr, nullptr), TA_ERROR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(ta_last_error()).find("k_scales: shape [2, 2, 2], expected [2, 2, 3]"), std::string::npos) << ta_last_error();
+  tks.shape[2] = 3;
+  EXPECT_EQ(ta_attention_int8kv(&tq, &tk, &tks, &tvc, &tvs, &tm, &opt, &toi, nullptr, nullptr), TA_ERROR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(ta_last_error()).find("k_codes: dtype f16, expected i8"), std::string::npos) << ta_last_error();
+}

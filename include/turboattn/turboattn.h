@@ -83,6 +83,16 @@ TA_API ta_status ta_attention(const ta_tensor* q, const ta_tensor* k, const ta_t
                               const ta_attention_options* options, ta_tensor* out, ta_tensor* lse,
                               void* cuda_stream);
 
+/* The same attention over K and V already in the FlashQ compute format (ta_quantize_int8's output,
+ * e.g. blocks read from a cache): k_codes, v_codes i8 [B, Nk, Hkv, D], k_scales, v_scales f32
+ * [B, Hkv, ceil(Nk / 64)] (last dim contiguous); k_mean f32 [B, Hkv, D] or NULL: the mean subtracted
+ * from K before quantization, needed only to give lse its true value. options->smooth_k is not used.
+ * Batched only (no cu_seqlens). */
+TA_API ta_status ta_attention_int8kv(const ta_tensor* q, const ta_tensor* k_codes, const ta_tensor* k_scales,
+                                     const ta_tensor* v_codes, const ta_tensor* v_scales, const ta_tensor* k_mean,
+                                     const ta_attention_options* options, ta_tensor* out, ta_tensor* lse,
+                                     void* cuda_stream);
+
 /* Exact attention in float64 on the CPU (the accuracy yardstick); same shapes, out and lse f32. */
 TA_API ta_status ta_attention_exact(const ta_tensor* q, const ta_tensor* k, const ta_tensor* v,
                                     const ta_tensor* cu_seqlens_q, const ta_tensor* cu_seqlens_k,

@@ -234,6 +234,97 @@ ta_status ta_attention(const ta_tensor* q, const ta_tensor* k, const ta_tensor* 
   });
 }
 
+ta_status ta_attention_int8kv(const ta_tensor* q_, const ta_tensor* kc_, const ta_tensor* ks_, const ta_tensor* vc_,
+                              const ta_tensor* vs_, const ta_tensor* mean_, const ta_attention_options* options, ta_tensor* out_,
+                              ta_tensor* lse_, void* cuda_stream) {
+  return guard([&] {
+    const ta_tensor& q = check_tensor(q_, "q");
+    const ta_tensor& kc = check_tensor(kc_, "k_codes");
+    const ta_tensor& vc = check_tensor(vc_, "v_codes");
+    const ta_tensor& ks = check_tensor(ks_, "k_scales");
+    const ta_tensor& vs = check_tensor(vs_, "v_scales");
+    ta_tensor& out = const_cast<ta_tensor&>(check_tensor(out_, "out"));
+    expect_dtype(q, "q", {TA_DTYPE_F16, TA_DTYPE_BF16});
+    expect_dtype(out, "out", {q.dtype});
+    expect_rank(q, "q", 4);
+    const int64_t B = q.shape[0], nq = q.shape[1], hq = q.shape[2], D = q.shape[3];
+    expect_head_dim(D, "q");
+    expect_dtype(kc, "k_codes", {TA_DTYPE_I8});
+    expect_dtype(vc, "v_codes", {TA_DTYPE_I8});
+    expect_rank(kc, "k_codes", 4);
+    const int64_t nk = kc.shape[1], hkv = kc.shape[2], blocks = (nk + TA_BLOCK_TOKENS - 1) / TA_BLOCK_TOKENS;
+    require(kc.shape[0] == B && kc.shape[3] == D, TA_ERROR_INVALID_ARGUMENT, "k_codes: shape ", shape_string(kc),
+            " does not match q's batch ", B, " and head dim ", D);
+    require(hkv > 0 && hq % hkv == 0, TA_ERROR_INVALID_ARGUMENT, "q: ", hq, " query heads is not a positive multiple of k_codes' ",
+            hkv, " KV heads");
+    expect_shape(vc, "v_codes", {B, nk, hkv, D});
+    expect_dtype(ks, "k_scales", {TA_DTYPE_F32});
+    expect_dtype(vs, "v_scales", {TA_DTYPE_F32});
+    expect_shape(ks, "k_scales", {B, hkv, blocks});
+    expect_shape(vs, "v_scales", {B, hkv, blocks});
+    expect_shape(out, "out", {B, nq, hq, D});
+    for (auto [t, name] : {std::pair{&q, "q"}, {&kc, "k_codes"}, {&vc, "v_codes"}, {&ks, "k_scales"}, {&vs, "v_scales"}, {&out, "out"}}) {
+      expect_device(*t, name, q.device);
+      expect_last_dim_contiguous(*t, name);
+    }
+    if (mean_) {
+      const ta_tensor& m = check_tensor(mean_, "k_mean");
+      expect_dtype(m, "k_mean", {TA_DTYPE_F32});
+      expect_shape(m, "k_mean", {B, hkv, D});
+      expect_device(m, "k_mean", q.device);
+      expect_last_dim_contiguous(m, "k_mean");
+    }
+    if (lse_) {
+      const ta_tensor& lse = check_tensor(lse_, "lse");
+      expect_dtype(lse, "lse", {TA_DTYPE_F32});
+      expect_device(lse, "lse", q.device);
+      expect_shape(lse, "lse", {B, hq, nq});
+    }
+    const ta_attention_options o = options ? *options : ta_attention_default_options();
+    require(std::isfinite(o.softmax_scale) && o.softmax_scale >= 0.0f, TA_ERROR_INVALID_ARGUMENT, "options.softmax_scale: ",
+            o.softmax_scale, " is not a finite non-negative number (0 selects 1/sqrt(D))");
+    if (q.device == TA_DEVICE_CUDA) {
+#ifdef TURBOATTN_WITH_CUDA
+      cuda::attention_int8kv(q, kc, ks, vc, vs, mean_, o, out, lse_, cuda_stream);
+      return;
+#else
+      (void)cuda_stream;
+      no_cuda_path("ta_attention_int8kv");
+#endif
+    }
+    ref::AttentionOptions ro;
+    ro.softmax_scale = o.softmax_scale, ro.causal = o.causal != 0, ro.sas = o.use_sas != 0;
+    const std::vector<float> qf = to_float(q);
+    const std::vector<float> mf = mean_ ? to_float(*mean_) : std::vector<float>();
+    std::vector<float> of(qf.size()), lf(size_t(B * hq * nq));
+    const auto* kp = static_cast<const int8_t*>(kc.data);
+    const auto* vp = static_cast<const int8_t*>(vc.data);
+    for (int64_t b = 0; b < B; ++b) {
+      ref::Int8KV kv;
+      kv.tokens = int(nk), kv.heads = int(hkv), kv.dim = int(D);
+      kv.k.resize(size_t(hkv * nk * D)), kv.v.resize(kv.k.size());
+      kv.k_scale.resize(size_t(hkv * nk)), kv.v_scale.resize(kv.k_scale.size());
+      kv.k_mean.assign(size_t(hkv * D), 0.0f);
+      for (int64_t h = 0; h < hkv; ++h) {
+        for (int64_t t = 0; t < nk; ++t) {
+          const size_t at = size_t(h * nk + t);
+          for (int64_t c = 0; c < D; ++c) {
+            kv.k[at * D + c] = kp[b * kc.strides[0] + t * kc.strides[1] + h * kc.strides[2] + c];
+            kv.v[at * D + c] = vp[b * vc.strides[0] + t * vc.strides[1] + h * vc.strides[2] + c];
+          }
+          const int64_t blk = t / TA_BLOCK_TOKENS;
+          kv.k_scale[at] = static_cast<const float*>(ks.data)[b * ks.strides[0] + h * ks.strides[1] + blk * ks.strides[2]];
+          kv.v_scale[at] = static_cast<const float*>(vs.data)[b * vs.strides[0] + h * vs.strides[1] + blk * vs.strides[2]];
+        }
+        if (mean_) std::copy(mf.begin() + (b * hkv + h) * D, mf.begin() + (b * hkv + h + 1) * D, kv.k_mean.begin() + h * D);
+      }
+      ref::flashq_attention_int8(view(qf, b * nq, nq, hq, D), kv, ro, of.data() + b * nq * hq * D, lf.data() + b * hq * nq);
+    }
+    from_float(of, out);
+    if (lse_) from_float(lf, *lse_);
+  });
+}
+
 ta_status ta_attention_exact(const ta_tensor* q, const ta_tensor* k, const ta_tensor* v, const ta_tensor* cu_seqlens_q,
                              const ta_tensor* cu_seqlens_k, float softmax_scale, int32_t causal, ta_tensor* out, ta_tensor* lse) {
   return guard([&] {

@@ -24,6 +24,11 @@ void attention_varlen(const ta_tensor& q, const ta_tensor& k, const ta_tensor& v
                       const std::vector<int32_t>& cu_k, const ta_attention_options& options, ta_tensor& out, ta_tensor* lse,
                       void* stream);
 
+// Attention over K and V already quantized (ta_attention_int8kv); arguments already validated.
+void attention_int8kv(const ta_tensor& q, const ta_tensor& k_codes, const ta_tensor& k_scales, const ta_tensor& v_codes,
+                      const ta_tensor& v_scales, const ta_tensor* k_mean, const ta_attention_options& options, ta_tensor& out,
+                      ta_tensor* lse, void* stream);
+
 // Copies `count` int32 values (element stride `stride`) from device memory, synchronizing the stream.
 std::vector<int32_t> read_device_i32(const void* data, int64_t count, int64_t stride, void* stream);
 

@@ -103,23 +103,73 @@ void dispatch_head_dim(int dim, const sm80::PrefillParams& p, bool sas, int batc
   throw Error(TA_ERROR_UNSUPPORTED, concat("head dim ", dim, " has no CUDA kernel"));
 }
 
+// K and V in the kernel's compute format, with the K mean that smoothing subtracted (or null).
+struct KvOperands {
+  const int8_t* k8;      // [B, Hkv, Nk, D]
+  const int8_t* vt8;     // [B, Hkv, D, nk_padded], keys permuted by vt_position
+  const float* k_scale;  // [B, Hkv, k_blocks]
+  const float* v_scale;  // [B, Hkv, k_blocks]
+  const float* mean;     // [B, Hkv, D] or null
+  int nk, hkv;
+};
+
+int blocks_of(int tokens) { return (tokens + TA_BLOCK_TOKENS - 1) / TA_BLOCK_TOKENS; }
+float softmax_scale_of(const ta_attention_options& o, int dim) {
+  return o.softmax_scale > 0.0f ? o.softmax_scale : float(1.0 / std::sqrt(double(dim)));
+}
+
+template <typename T>
+QuantizeArgs<T> quantize_args(const ta_tensor& x, const float* shift, int8_t* codes, float* scales) {
+  const int B = int(x.shape[0]), tokens = int(x.shape[1]), heads = int(x.shape[2]), D = int(x.shape[3]);
+  QuantizeArgs<T> a{};
+  a.x = static_cast<const T*>(x.data);
+  a.xs = strides_of(x);
+  a.shift = shift, a.shift_b = int64_t(heads) * D, a.shift_h = D;
+  a.codes = codes;
+  a.cs = {int64_t(heads) * tokens * D, D, int64_t(tokens) * D};  // [B, H, N, D]
+  a.scales = scales, a.scale_b = int64_t(heads) * blocks_of(tokens), a.scale_h = blocks_of(tokens);
+  a.batch = B, a.tokens = tokens, a.heads = heads, a.dim = D;
+  return a;
+}
+
+// Quantizes Q, then runs the kernel over kv.
+template <typename T>
+void run_attention(const ta_tensor& q, const KvOperands& kv, const ta_attention_options& o, ta_tensor& out, ta_tensor* lse,
+                   Workspace& ws, cudaStream_t stream) {
+  const int B = int(q.shape[0]), nq = int(q.shape[1]), hq = int(q.shape[2]), D = int(q.shape[3]);
+  const float softmax_scale = softmax_scale_of(o, D);
+  int8_t* q8 = ws.get<int8_t>(int64_t(B) * hq * nq * D);
+  float* q_scale = ws.get<float>(int64_t(B) * hq * blocks_of(nq));
+  launch_quantize_int8(quantize_args<T>(q, nullptr, q8, q_scale), stream);
+  float* lse_offset = nullptr;
+  if (lse && kv.mean) {
+    lse_offset = ws.get<float>(int64_t(B) * hq * nq);
+    lse_offset_kernel<<<dim3{unsigned((nq + 3) / 4), unsigned(hq), unsigned(B)}, 128, 0, stream>>>(
+        static_cast<const T*>(q.data), strides_of(q), kv.mean, nq, hq, kv.hkv, D, softmax_scale, lse_offset);
+    TA_CUDA_CHECK_LAUNCH("lse_offset_kernel");
+  }
+  sm80::PrefillParams p{};
+  p.q = q8, p.k = kv.k8, p.vt = kv.vt8, p.q_scale = q_scale, p.k_scale = kv.k_scale, p.v_scale = kv.v_scale;
+  p.lse_offset = lse_offset;
+  p.out = out.data, p.out_b = out.strides[0], p.out_n = out.strides[1], p.out_h = out.strides[2];
+  if (lse) p.lse = static_cast<float*>(lse->data), p.lse_b = lse->strides[0], p.lse_h = lse->strides[1];
+  p.hq = hq, p.hkv = kv.hkv, p.nq = nq, p.nk = kv.nk, p.nk_padded = blocks_of(kv.nk) * TA_BLOCK_TOKENS;
+  p.scale_log2 = float(double(softmax_scale) * 1.4426950408889634);
+  p.causal = o.causal != 0;
+  if (nq > 0) dispatch_head_dim<T>(D, p, o.use_sas != 0, B, stream);
+}
+
 template <typename T>
 void attention_typed(const ta_tensor& q, const ta_tensor& k, const ta_tensor& v, const ta_attention_options& o, ta_tensor& out,
                      ta_tensor* lse, cudaStream_t stream) {
-  const int B = int(q.shape[0]), nq = int(q.shape[1]), hq = int(q.shape[2]), D = int(q.shape[3]);
-  const int nk = int(k.shape[1]), hkv = int(k.shape[2]);
-  const int q_blocks = (nq + TA_BLOCK_TOKENS - 1) / TA_BLOCK_TOKENS, k_blocks = (nk + TA_BLOCK_TOKENS - 1) / TA_BLOCK_TOKENS;
-  const int nk_padded = k_blocks * TA_BLOCK_TOKENS;
-  const float softmax_scale = o.softmax_scale > 0.0f ? o.softmax_scale : float(1.0 / std::sqrt(double(D)));
+  const int B = int(q.shape[0]), D = int(q.shape[3]), nk = int(k.shape[1]), hkv = int(k.shape[2]);
+  const int k_blocks = blocks_of(nk), nk_padded = k_blocks * TA_BLOCK_TOKENS;
   Workspace ws(stream);
-  int8_t* q8 = ws.get<int8_t>(int64_t(B) * hq * nq * D);
   int8_t* k8 = ws.get<int8_t>(int64_t(B) * hkv * nk * D);
   int8_t* vt8 = ws.get<int8_t>(int64_t(B) * hkv * D * nk_padded);
-  float* q_scale = ws.get<float>(int64_t(B) * hq * q_blocks);
   float* k_scale = ws.get<float>(int64_t(B) * hkv * k_blocks);
   float* v_scale = ws.get<float>(int64_t(B) * hkv * k_blocks);
   float* mean = nullptr;
-  float* lse_offset = nullptr;
   if (o.smooth_k && nk > 0) {
     const int splits = (nk + kMeanTokens - 1) / kMeanTokens;
     float* partial = ws.get<float>(int64_t(B) * hkv * splits * D);
@@ -129,36 +179,42 @@ void attention_typed(const ta_tensor& q, const ta_tensor& k, const ta_tensor& v,
     TA_CUDA_CHECK_LAUNCH("k_partial_sum_kernel");
     k_mean_kernel<<<dim3{unsigned(hkv), unsigned(B)}, 128, 0, stream>>>(partial, splits, nk, hkv, D, mean);
     TA_CUDA_CHECK_LAUNCH("k_mean_kernel");
-    if (lse) {
-      lse_offset = ws.get<float>(int64_t(B) * hq * nq);
-      lse_offset_kernel<<<dim3{unsigned((nq + 3) / 4), unsigned(hq), unsigned(B)}, 128, 0, stream>>>(
-          static_cast<const T*>(q.data), strides_of(q), mean, nq, hq, hkv, D, softmax_scale, lse_offset);
-      TA_CUDA_CHECK_LAUNCH("lse_offset_kernel");
-    }
   }
-  auto args = [&](const ta_tensor& x, int tokens, int heads, const float* shift, int8_t* codes, float* scales, int blocks) {
-    QuantizeArgs<T> a{};
-    a.x = static_cast<const T*>(x.data);
-    a.xs = strides_of(x);
-    a.shift = shift, a.shift_b = int64_t(heads) * D, a.shift_h = D;
-    a.codes = codes;
-    a.cs = {int64_t(heads) * tokens * D, D, int64_t(tokens) * D};  // [B, H, N, D]
-    a.scales = scales, a.scale_b = int64_t(heads) * blocks, a.scale_h = blocks;
-    a.batch = B, a.tokens = tokens, a.heads = heads, a.dim = D;
-    return a;
-  };
-  launch_quantize_int8(args(q, nq, hq, nullptr, q8, q_scale, q_blocks), stream);
-  launch_quantize_int8(args(k, nk, hkv, mean, k8, k_scale, k_blocks), stream);
-  launch_quantize_int8_transposed(args(v, nk, hkv, nullptr, vt8, v_scale, k_blocks), nk_padded, stream);
+  launch_quantize_int8(quantize_args<T>(k, mean, k8, k_scale), stream);
+  launch_quantize_int8_transposed(quantize_args<T>(v, nullptr, vt8, v_scale), nk_padded, stream);
+  run_attention<T>(q, KvOperands{k8, vt8, k_scale, v_scale, mean, nk, hkv}, o, out, lse, ws, stream);
+}
 
-  sm80::PrefillParams p{};
-  p.q = q8, p.k = k8, p.vt = vt8, p.q_scale = q_scale, p.k_scale = k_scale, p.v_scale = v_scale, p.lse_offset = lse_offset;
-  p.out = out.data, p.out_b = out.strides[0], p.out_n = out.strides[1], p.out_h = out.strides[2];
-  if (lse) p.lse = static_cast<float*>(lse->data), p.lse_b = lse->strides[0], p.lse_h = lse->strides[1];
-  p.hq = hq, p.hkv = hkv, p.nq = nq, p.nk = nk, p.nk_padded = nk_padded;
-  p.scale_log2 = float(double(softmax_scale) * 1.4426950408889634);
-  p.causal = o.causal != 0;
-  if (nq > 0) dispatch_head_dim<T>(D, p, o.use_sas != 0, B, stream);
+// Over K and V already in the compute format (codes [B, Nk, Hkv, D], scales [B, Hkv, k_blocks]).
+template <typename T>
+void attention_int8kv_typed(const ta_tensor& q, const ta_tensor& kc, const ta_tensor& ks, const ta_tensor& vc, const ta_tensor& vs,
+                            const ta_tensor* mean, const ta_attention_options& o, ta_tensor& out, ta_tensor* lse,
+                            cudaStream_t stream) {
+  const int B = int(q.shape[0]), D = int(q.shape[3]), nk = int(kc.shape[1]), hkv = int(kc.shape[2]);
+  const int k_blocks = blocks_of(nk), nk_padded = k_blocks * TA_BLOCK_TOKENS;
+  Workspace ws(stream);
+  int8_t* k8 = ws.get<int8_t>(int64_t(B) * hkv * nk * D);
+  int8_t* vt8 = ws.get<int8_t>(int64_t(B) * hkv * D * nk_padded);
+  float* k_scale = ws.get<float>(int64_t(B) * hkv * k_blocks);
+  float* v_scale = ws.get<float>(int64_t(B) * hkv * k_blocks);
+  float* mu = nullptr;
+  for (int b = 0; b < B; ++b) {
+    for (int h = 0; h < hkv; ++h)  // K rows of one (sequence, head) into [Nk, D]
+      TA_CUDA_CHECK(cudaMemcpy2DAsync(k8 + (int64_t(b) * hkv + h) * nk * D, D,
+                                      static_cast<const int8_t*>(kc.data) + b * kc.strides[0] + h * kc.strides[2], kc.strides[1], D,
+                                      nk, cudaMemcpyDeviceToDevice, stream));
+    for (auto [src, dst] : {std::pair{&ks, k_scale}, {&vs, v_scale}})
+      TA_CUDA_CHECK(cudaMemcpy2DAsync(dst + int64_t(b) * hkv * k_blocks, k_blocks * 4,
+                                      static_cast<const float*>(src->data) + b * src->strides[0], src->strides[1] * 4,
+                                      k_blocks * 4, hkv, cudaMemcpyDeviceToDevice, stream));
+  }
+  if (mean) {
+    mu = ws.get<float>(int64_t(B) * hkv * D);
+    TA_CUDA_CHECK(cudaMemcpy2DAsync(mu, D * 4, mean->data, mean->strides[1] * 4, D * 4, int64_t(B) * hkv, cudaMemcpyDeviceToDevice,
+                                    stream));
+  }
+  launch_transpose_codes(static_cast<const int8_t*>(vc.data), strides_of(vc), B, nk, hkv, D, vt8, nk_padded, stream);
+  run_attention<T>(q, KvOperands{k8, vt8, k_scale, v_scale, mu, nk, hkv}, o, out, lse, ws, stream);
 }
 
 }  // namespace
@@ -224,6 +280,21 @@ void attention_varlen(const ta_tensor& q, const ta_tensor& k, const ta_tensor& v
     if (q.dtype == TA_DTYPE_F16) dispatch_dtype<__half>(qs, ks, vs, options, os, lse ? &ls : nullptr, s);
     else dispatch_dtype<__nv_bfloat16>(qs, ks, vs, options, os, lse ? &ls : nullptr, s);
   }
+}
+
+void attention_int8kv(const ta_tensor& q, const ta_tensor& k_codes, const ta_tensor& k_scales, const ta_tensor& v_codes,
+                       const ta_tensor& v_scales, const ta_tensor* k_mean, const ta_attention_options& options, ta_tensor& out,
+                       ta_tensor* lse, void* stream) {
+  check_pointers(q, k_codes, v_codes, out, lse);
+  for (auto [t, name] : {std::pair{&k_scales, "k_scales"}, {&v_scales, "v_scales"}}) expect_device_pointer(t->data, name);
+  if (k_mean) {
+    expect_device_pointer(k_mean->data, "k_mean");
+    require(k_mean->strides[0] == k_mean->shape[1] * k_mean->strides[1], TA_ERROR_INVALID_ARGUMENT,
+            "k_mean: batch and head dimensions must be evenly strided on CUDA");
+  }
+  const auto s = static_cast<cudaStream_t>(stream);
+  if (q.dtype == TA_DTYPE_F16) attention_int8kv_typed<__half>(q, k_codes, k_scales, v_codes, v_scales, k_mean, options, out, lse, s);
+  else attention_int8kv_typed<__nv_bfloat16>(q, k_codes, k_scales, v_codes, v_scales, k_mean, options, out, lse, s);
 }
 
 std::vector<int32_t> read_device_i32(const void* data, int64_t count, int64_t stride, void* stream) {

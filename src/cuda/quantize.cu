@@ -75,6 +75,18 @@ __global__ void __launch_bounds__(kThreads) quantize_int8_kernel(QuantizeArgs<T>
   }
 }
 
+// Writes a block's channel-major tile [dim][64] to out[((b * heads + h) * dim + c) * padded_tokens +
+// 64 * block + position] in whole 16-byte chunks.
+__device__ void store_transposed_tile(const int8_t* tile, int8_t* out, int b, int h, int block, int heads, int dim,
+                                      int padded_tokens) {
+  int8_t* dst = out + (int64_t(b) * heads + h) * dim * padded_tokens + int64_t(block) * TA_BLOCK_TOKENS;
+  constexpr int kChunks = TA_BLOCK_TOKENS / 16;  // 16-byte chunks per channel row
+  for (int i = threadIdx.x; i < dim * kChunks; i += kThreads) {
+    const int c = i / kChunks, k = i % kChunks;
+    *reinterpret_cast<int4*>(dst + int64_t(c) * padded_tokens + 16 * k) = *reinterpret_cast<const int4*>(tile + c * TA_BLOCK_TOKENS + 16 * k);
+  }
+}
+
 // As above, but the codes go channel-major (keys permuted by vt_position) through shared memory,
 // so that the writes are whole 64-byte rows.
 template <typename T>
@@ -88,13 +100,22 @@ __global__ void __launch_bounds__(kThreads) quantize_int8_transposed_kernel(Quan
     tile[c * TA_BLOCK_TOKENS + vt_position(r)] = r < v.rows ? quantize(v.load(r, c), inv) : int8_t(0);
   }
   __syncthreads();
-  int8_t* out = a.codes + (int64_t(b) * a.heads + h) * a.dim * padded_tokens + int64_t(block) * TA_BLOCK_TOKENS;
-  const int chunks = TA_BLOCK_TOKENS / 16;  // 16-byte chunks per channel row
-  for (int i = threadIdx.x; i < v.dim * chunks; i += kThreads) {
-    const int c = i / chunks, k = i % chunks;
-    *reinterpret_cast<int4*>(out + int64_t(c) * padded_tokens + 16 * k) =
-        *reinterpret_cast<const int4*>(tile + c * TA_BLOCK_TOKENS + 16 * k);
+  store_transposed_tile(tile, a.codes, b, h, block, a.heads, a.dim, padded_tokens);
+}
+
+// INT8 codes [B, N, H, D] (strided) to the channel-major layout of launch_quantize_int8_transposed.
+__global__ void __launch_bounds__(kThreads) transpose_codes_kernel(const int8_t* __restrict__ codes, TokenStrides cs, int tokens,
+                                                                     int heads, int dim, int8_t* __restrict__ out, int padded_tokens) {
+  extern __shared__ int8_t tile[];  // [dim][TA_BLOCK_TOKENS]
+  const int block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int t0 = block * TA_BLOCK_TOKENS, rows = min(TA_BLOCK_TOKENS, tokens - t0);
+  const int8_t* src = codes + b * cs.b + h * cs.h + int64_t(t0) * cs.n;
+  for (int i = threadIdx.x; i < TA_BLOCK_TOKENS * dim; i += kThreads) {
+    const int r = i / dim, c = i % dim;
+    tile[c * TA_BLOCK_TOKENS + vt_position(r)] = r < rows ? src[int64_t(r) * cs.n + c] : int8_t(0);
   }
+  __syncthreads();
+  store_transposed_tile(tile, out, b, h, block, heads, dim, padded_tokens);
 }
 
 template <typename T>
@@ -120,6 +141,14 @@ void launch_quantize_int8_transposed(const QuantizeArgs<T>& a, int padded_tokens
   const int smem = TA_BLOCK_TOKENS * a.dim;
   quantize_int8_transposed_kernel<<<grid_of(a), kThreads, smem, stream>>>(a, padded_tokens);
   TA_CUDA_CHECK_LAUNCH("quantize_int8_transposed_kernel");
+}
+
+void launch_transpose_codes(const int8_t* codes, TokenStrides cs, int batch, int tokens, int heads, int dim, int8_t* out,
+                            int padded_tokens, cudaStream_t stream) {
+  if (batch == 0 || tokens == 0 || heads == 0) return;
+  const dim3 grid{unsigned((tokens + TA_BLOCK_TOKENS - 1) / TA_BLOCK_TOKENS), unsigned(heads), unsigned(batch)};
+  transpose_codes_kernel<<<grid, kThreads, TA_BLOCK_TOKENS * dim, stream>>>(codes, cs, tokens, heads, dim, out, padded_tokens);
+  TA_CUDA_CHECK_LAUNCH("transpose_codes_kernel");
 }
 
 template void launch_quantize_int8<__half>(const QuantizeArgs<__half>&, cudaStream_t);

@@ -38,6 +38,10 @@ void launch_quantize_int8(const QuantizeArgs<T>& a, cudaStream_t stream);
 template <typename T>
 void launch_quantize_int8_transposed(const QuantizeArgs<T>& a, int padded_tokens, cudaStream_t stream);
 
+// Already-quantized codes [B, N, H, D] (strided) to the same channel-major layout.
+void launch_transpose_codes(const int8_t* codes, TokenStrides cs, int batch, int tokens, int heads, int dim, int8_t* out,
+                            int padded_tokens, cudaStream_t stream);
+
 // Key order of the transposed V within a group of 16 keys: stored position 4i + e holds key
 // {2i, 2i + 1, 8 + 2i, 9 + 2i}[e]: the keys a thread's two score n-tiles give it (sm80 prefill).
 __host__ __device__ __forceinline__ int vt_position(int key) {

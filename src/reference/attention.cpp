@@ -122,45 +122,39 @@ float quantize_head_block(const HeadsView& x, int head, int t0, int rows, const 
   return quantize_block_int8(block.data(), rows, x.dim, x.dim, codes, x.dim);
 }
 
-namespace {
-// One head's K or V of a sequence in the compute format: INT8 rows and one scale per 64-token block.
-struct QuantizedHead {
-  std::vector<int8_t> codes;
-  std::vector<float> scales;  // per token (the block's scale repeated), for Int8Tile
-  void build(const HeadsView& x, int head, const float* shift) {
-    codes.resize(size_t(x.tokens) * x.dim);
-    scales.resize(size_t(x.tokens));
-    for (int t0 = 0; t0 < x.tokens; t0 += kTile) {
-      const int rows = std::min(kTile, x.tokens - t0);
-      const float s = quantize_head_block(x, head, t0, rows, shift, codes.data() + size_t(t0) * x.dim);
-      std::fill(scales.begin() + t0, scales.begin() + t0 + rows, s);
+Int8KV quantize_kv(const HeadsView& k, const HeadsView& v, bool smooth_k) {
+  Int8KV kv;
+  kv.tokens = k.tokens, kv.heads = k.heads, kv.dim = k.dim;
+  const size_t n = size_t(kv.heads) * kv.tokens * kv.dim;
+  kv.k.resize(n), kv.v.resize(n);
+  kv.k_scale.resize(size_t(kv.heads) * kv.tokens), kv.v_scale.resize(kv.k_scale.size());
+  kv.k_mean.assign(size_t(kv.heads) * kv.dim, 0.0f);
+  parallel_for(kv.heads, [&](int64_t h) {
+    float* mean = kv.k_mean.data() + size_t(h) * kv.dim;
+    if (smooth_k) head_mean(k, int(h), mean);
+    for (int t0 = 0; t0 < kv.tokens; t0 += kTile) {
+      const int rows = std::min(kTile, kv.tokens - t0);
+      const size_t at = size_t(h) * kv.tokens + t0;
+      const float ks = quantize_head_block(k, int(h), t0, rows, smooth_k ? mean : nullptr, kv.k.data() + at * kv.dim);
+      const float vs = quantize_head_block(v, int(h), t0, rows, nullptr, kv.v.data() + at * kv.dim);
+      std::fill(kv.k_scale.begin() + at, kv.k_scale.begin() + at + rows, ks);
+      std::fill(kv.v_scale.begin() + at, kv.v_scale.begin() + at + rows, vs);
     }
-  }
-};
-}  // namespace
-
-void flashq_attention(const HeadsView& q, const HeadsView& k, const HeadsView& v,
-                      const AttentionOptions& opt, float* out, float* lse) {
-  const int d = q.dim, nq = q.tokens, nk = k.tokens, hq = q.heads, hkv = k.heads;
-  const int group = hq / hkv;
-  const float sl2 = scale_log2(resolve_softmax_scale(opt.softmax_scale, d));
-  std::vector<QuantizedHead> kq(static_cast<size_t>(hkv)), vq(static_cast<size_t>(hkv));
-  std::vector<float> means(size_t(hkv) * d, 0.0f);
-  parallel_for(hkv, [&](int64_t h) {
-    float* mean = means.data() + size_t(h) * d;
-    if (opt.smooth_k) head_mean(k, int(h), mean);
-    kq[size_t(h)].build(k, int(h), opt.smooth_k ? mean : nullptr);
-    vq[size_t(h)].build(v, int(h), nullptr);
   });
-  const float softmax_scale = resolve_softmax_scale(opt.softmax_scale, d);
+  return kv;
+}
+
+void flashq_attention_int8(const HeadsView& q, const Int8KV& kv, const AttentionOptions& opt, float* out, float* lse) {
+  const int d = q.dim, nq = q.tokens, nk = kv.tokens, hq = q.heads;
+  const int group = hq / kv.heads;
+  const float softmax_scale = resolve_softmax_scale(opt.softmax_scale, d), sl2 = scale_log2(softmax_scale);
   const int q_blocks = (nq + kTile - 1) / kTile;
   parallel_for(int64_t(hq) * q_blocks, [&](int64_t item) {
-    const int h = int(item / q_blocks), qb = int(item % q_blocks);
+    const int h = int(item / q_blocks), qb = int(item % q_blocks), hk = h / group;
     const int t0 = qb * kTile, rows = std::min(kTile, nq - t0);
     std::vector<int8_t> q8(size_t(rows) * d);
     const float q_scale = quantize_head_block(q, h, t0, rows, nullptr, q8.data()) * sl2;
-    const QuantizedHead& K = kq[size_t(h / group)];
-    const QuantizedHead& V = vq[size_t(h / group)];
+    const size_t head = size_t(hk) * nk;
     for (int r = 0; r < rows; ++r) {
       const int i = t0 + r;
       const int64_t max_pos = opt.causal ? int64_t(i) + nk - nq : int64_t(nk) - 1;
@@ -169,17 +163,22 @@ void flashq_attention(const HeadsView& q, const HeadsView& k, const HeadsView& v
         Int8Tile tile;
         tile.tokens = std::min(kTile, nk - j0);
         tile.first_pos = j0;
-        tile.k = K.codes.data() + size_t(j0) * d;
-        tile.v = V.codes.data() + size_t(j0) * d;
-        tile.k_scale = K.scales.data() + j0;
-        tile.v_scale = V.scales.data() + j0;
+        tile.k = kv.k.data() + (head + j0) * d;
+        tile.v = kv.v.data() + (head + j0) * d;
+        tile.k_scale = kv.k_scale.data() + head + j0;
+        tile.v_scale = kv.v_scale.data() + head + j0;
         accumulate_tile(q8.data() + size_t(r) * d, q_scale, tile, max_pos, opt.sas, d, row);
       }
       float* row_lse = lse ? lse + size_t(h) * nq + i : nullptr;
       finish_row(row, d, out + (size_t(i) * hq + h) * d, row_lse);
-      if (row_lse && opt.smooth_k) *row_lse += smoothing_lse_offset(q.row(i, h), means.data() + size_t(h / group) * d, d, softmax_scale);
+      if (row_lse) *row_lse += smoothing_lse_offset(q.row(i, h), kv.k_mean.data() + size_t(hk) * d, d, softmax_scale);
     }
   });
+}
+
+void flashq_attention(const HeadsView& q, const HeadsView& k, const HeadsView& v,
+                      const AttentionOptions& opt, float* out, float* lse) {
+  flashq_attention_int8(q, quantize_kv(k, v, opt.smooth_k), opt, out, lse);
 }
 
 void exact_attention(const HeadsView& q, const HeadsView& k, const HeadsView& v, float softmax_scale,

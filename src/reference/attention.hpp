@@ -60,10 +60,23 @@ void finish_row(const RowState& row, int dim, float* out, float* lse);
 // K smoothing shifts every score of a row by -softmax_scale * (q . mean); the log-sum-exp adds it back.
 float smoothing_lse_offset(const float* q_row, const float* k_mean, int dim, float softmax_scale);
 
+// One sequence's K and V in the compute format: per KV head, INT8 rows [heads][tokens][dim] with
+// per-token scales (each 64-token block's scale repeated), and the smoothing mean subtracted from K
+// (zeros without smoothing).
+struct Int8KV {
+  int tokens = 0, heads = 0, dim = 0;
+  std::vector<int8_t> k, v;
+  std::vector<float> k_scale, v_scale;  // [heads][tokens]
+  std::vector<float> k_mean;            // [heads][dim]
+};
+Int8KV quantize_kv(const HeadsView& k, const HeadsView& v, bool smooth_k);
+
 // FlashQ + SAS attention of one sequence. q: [nq][hq][d], k, v: [nk][hkv][d]; out: [nq][hq][d]
 // contiguous; lse: [hq][nq] or null.
 void flashq_attention(const HeadsView& q, const HeadsView& k, const HeadsView& v,
                       const AttentionOptions& opt, float* out, float* lse);
+// The same over K and V already quantized (opt.smooth_k is not used: kv carries its mean).
+void flashq_attention_int8(const HeadsView& q, const Int8KV& kv, const AttentionOptions& opt, float* out, float* lse);
 
 // Exact attention in float64, same shapes and masking.
 void exact_attention(const HeadsView& q, const HeadsView& k, const HeadsView& v, float softmax_scale,
