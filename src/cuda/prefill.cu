@@ -103,17 +103,28 @@ void dispatch_head_dim(int dim, const sm80::PrefillParams& p, bool sas, int batc
   throw Error(TA_ERROR_UNSUPPORTED, concat("head dim ", dim, " has no CUDA kernel"));
 }
 
+int blocks_of(int tokens) { return (tokens + TA_BLOCK_TOKENS - 1) / TA_BLOCK_TOKENS; }
+
 // K and V in the kernel's compute format, with the K mean that smoothing subtracted (or null).
 struct KvOperands {
-  const int8_t* k8;      // [B, Hkv, Nk, D]
-  const int8_t* vt8;     // [B, Hkv, D, nk_padded], keys permuted by vt_position
-  const float* k_scale;  // [B, Hkv, k_blocks]
-  const float* v_scale;  // [B, Hkv, k_blocks]
-  const float* mean;     // [B, Hkv, D] or null
+  int8_t* k8;      // [B, Hkv, Nk, D]
+  int8_t* vt8;     // [B, Hkv, D, nk_padded], keys permuted by vt_position
+  float* k_scale;  // [B, Hkv, k_blocks]
+  float* v_scale;  // [B, Hkv, k_blocks]
+  const float* mean;  // [B, Hkv, D] or null
   int nk, hkv;
+  int nk_padded() const { return blocks_of(nk) * TA_BLOCK_TOKENS; }
 };
 
-int blocks_of(int tokens) { return (tokens + TA_BLOCK_TOKENS - 1) / TA_BLOCK_TOKENS; }
+KvOperands allocate_kv(Workspace& ws, int batch, int hkv, int nk, int dim) {
+  KvOperands kv{};
+  kv.nk = nk, kv.hkv = hkv;
+  kv.k8 = ws.get<int8_t>(int64_t(batch) * hkv * nk * dim);
+  kv.vt8 = ws.get<int8_t>(int64_t(batch) * hkv * dim * kv.nk_padded());
+  kv.k_scale = ws.get<float>(int64_t(batch) * hkv * blocks_of(nk));
+  kv.v_scale = ws.get<float>(int64_t(batch) * hkv * blocks_of(nk));
+  return kv;
+}
 float softmax_scale_of(const ta_attention_options& o, int dim) {
   return o.softmax_scale > 0.0f ? o.softmax_scale : float(1.0 / std::sqrt(double(dim)));
 }
@@ -153,7 +164,7 @@ void run_attention(const ta_tensor& q, const KvOperands& kv, const ta_attention_
   p.lse_offset = lse_offset;
   p.out = out.data, p.out_b = out.strides[0], p.out_n = out.strides[1], p.out_h = out.strides[2];
   if (lse) p.lse = static_cast<float*>(lse->data), p.lse_b = lse->strides[0], p.lse_h = lse->strides[1];
-  p.hq = hq, p.hkv = kv.hkv, p.nq = nq, p.nk = kv.nk, p.nk_padded = blocks_of(kv.nk) * TA_BLOCK_TOKENS;
+  p.hq = hq, p.hkv = kv.hkv, p.nq = nq, p.nk = kv.nk, p.nk_padded = kv.nk_padded();
   p.scale_log2 = float(double(softmax_scale) * 1.4426950408889634);
   p.causal = o.causal != 0;
   if (nq > 0) dispatch_head_dim<T>(D, p, o.use_sas != 0, B, stream);
@@ -163,12 +174,8 @@ template <typename T>
 void attention_typed(const ta_tensor& q, const ta_tensor& k, const ta_tensor& v, const ta_attention_options& o, ta_tensor& out,
                      ta_tensor* lse, cudaStream_t stream) {
   const int B = int(q.shape[0]), D = int(q.shape[3]), nk = int(k.shape[1]), hkv = int(k.shape[2]);
-  const int k_blocks = blocks_of(nk), nk_padded = k_blocks * TA_BLOCK_TOKENS;
   Workspace ws(stream);
-  int8_t* k8 = ws.get<int8_t>(int64_t(B) * hkv * nk * D);
-  int8_t* vt8 = ws.get<int8_t>(int64_t(B) * hkv * D * nk_padded);
-  float* k_scale = ws.get<float>(int64_t(B) * hkv * k_blocks);
-  float* v_scale = ws.get<float>(int64_t(B) * hkv * k_blocks);
+  KvOperands kv = allocate_kv(ws, B, hkv, nk, D);
   float* mean = nullptr;
   if (o.smooth_k && nk > 0) {
     const int splits = (nk + kMeanTokens - 1) / kMeanTokens;
@@ -180,9 +187,10 @@ void attention_typed(const ta_tensor& q, const ta_tensor& k, const ta_tensor& v,
     k_mean_kernel<<<dim3{unsigned(hkv), unsigned(B)}, 128, 0, stream>>>(partial, splits, nk, hkv, D, mean);
     TA_CUDA_CHECK_LAUNCH("k_mean_kernel");
   }
-  launch_quantize_int8(quantize_args<T>(k, mean, k8, k_scale), stream);
-  launch_quantize_int8_transposed(quantize_args<T>(v, nullptr, vt8, v_scale), nk_padded, stream);
-  run_attention<T>(q, KvOperands{k8, vt8, k_scale, v_scale, mean, nk, hkv}, o, out, lse, ws, stream);
+  launch_quantize_int8(quantize_args<T>(k, mean, kv.k8, kv.k_scale), stream);
+  launch_quantize_int8_transposed(quantize_args<T>(v, nullptr, kv.vt8, kv.v_scale), kv.nk_padded(), stream);
+  kv.mean = mean;
+  run_attention<T>(q, kv, o, out, lse, ws, stream);
 }
 
 // Over K and V already in the compute format (codes [B, Nk, Hkv, D], scales [B, Hkv, k_blocks]).
@@ -190,31 +198,27 @@ template <typename T>
 void attention_int8kv_typed(const ta_tensor& q, const ta_tensor& kc, const ta_tensor& ks, const ta_tensor& vc, const ta_tensor& vs,
                             const ta_tensor* mean, const ta_attention_options& o, ta_tensor& out, ta_tensor* lse,
                             cudaStream_t stream) {
-  const int B = int(q.shape[0]), D = int(q.shape[3]), nk = int(kc.shape[1]), hkv = int(kc.shape[2]);
-  const int k_blocks = blocks_of(nk), nk_padded = k_blocks * TA_BLOCK_TOKENS;
+  const int B = int(q.shape[0]), D = int(q.shape[3]), nk = int(kc.shape[1]), hkv = int(kc.shape[2]), k_blocks = blocks_of(nk);
   Workspace ws(stream);
-  int8_t* k8 = ws.get<int8_t>(int64_t(B) * hkv * nk * D);
-  int8_t* vt8 = ws.get<int8_t>(int64_t(B) * hkv * D * nk_padded);
-  float* k_scale = ws.get<float>(int64_t(B) * hkv * k_blocks);
-  float* v_scale = ws.get<float>(int64_t(B) * hkv * k_blocks);
-  float* mu = nullptr;
+  KvOperands kv = allocate_kv(ws, B, hkv, nk, D);
   for (int b = 0; b < B; ++b) {
     for (int h = 0; h < hkv; ++h)  // K rows of one (sequence, head) into [Nk, D]
-      TA_CUDA_CHECK(cudaMemcpy2DAsync(k8 + (int64_t(b) * hkv + h) * nk * D, D,
+      TA_CUDA_CHECK(cudaMemcpy2DAsync(kv.k8 + (int64_t(b) * hkv + h) * nk * D, D,
                                       static_cast<const int8_t*>(kc.data) + b * kc.strides[0] + h * kc.strides[2], kc.strides[1], D,
                                       nk, cudaMemcpyDeviceToDevice, stream));
-    for (auto [src, dst] : {std::pair{&ks, k_scale}, {&vs, v_scale}})
+    for (auto [src, dst] : {std::pair{&ks, kv.k_scale}, {&vs, kv.v_scale}})
       TA_CUDA_CHECK(cudaMemcpy2DAsync(dst + int64_t(b) * hkv * k_blocks, k_blocks * 4,
                                       static_cast<const float*>(src->data) + b * src->strides[0], src->strides[1] * 4,
                                       k_blocks * 4, hkv, cudaMemcpyDeviceToDevice, stream));
   }
   if (mean) {
-    mu = ws.get<float>(int64_t(B) * hkv * D);
+    float* mu = ws.get<float>(int64_t(B) * hkv * D);
     TA_CUDA_CHECK(cudaMemcpy2DAsync(mu, D * 4, mean->data, mean->strides[1] * 4, D * 4, int64_t(B) * hkv, cudaMemcpyDeviceToDevice,
                                     stream));
+    kv.mean = mu;
   }
-  launch_transpose_codes(static_cast<const int8_t*>(vc.data), strides_of(vc), B, nk, hkv, D, vt8, nk_padded, stream);
-  run_attention<T>(q, KvOperands{k8, vt8, k_scale, v_scale, mu, nk, hkv}, o, out, lse, ws, stream);
+  launch_transpose_codes(static_cast<const int8_t*>(vc.data), strides_of(vc), B, nk, hkv, D, kv.vt8, kv.nk_padded(), stream);
+  run_attention<T>(q, kv, o, out, lse, ws, stream);
 }
 
 }  // namespace
