@@ -7,11 +7,15 @@
 #include <cmath>
 #include <tuple>
 
+#include "gpu_test_util.hpp"
 #include "test_util.hpp"
 #include "turboattn/turboattn.hpp"
 
 using namespace turboattn;
+using test::DeviceBuffer;
+using test::have_gpu;
 using test::InputKind;
+using DeviceMem = DeviceBuffer<uint8_t>;  // sized in bytes
 
 namespace {
 
@@ -23,25 +27,7 @@ struct GpuCase {
   bool head_major = false, sas = true, smooth = true;
 };
 
-struct DeviceMem {
-  void* p = nullptr;
-  explicit DeviceMem(size_t bytes) { EXPECT_EQ(cudaMalloc(&p, std::max<size_t>(bytes, 16)), cudaSuccess); }
-  ~DeviceMem() { cudaFree(p); }
-};
 
-// Values of x ([B, N, H, D] order) stored as dtype in [B, N, H, D] or [B, H, N, D] memory.
-std::vector<uint16_t> store(const std::vector<float>& x, int B, int N, int H, int D, ta_dtype dtype, bool head_major) {
-  std::vector<uint16_t> out(x.size());
-  for (int b = 0; b < B; ++b)
-    for (int n = 0; n < N; ++n)
-      for (int h = 0; h < H; ++h)
-        for (int d = 0; d < D; ++d) {
-          const size_t src = ((size_t(b) * N + n) * H + h) * D + d;
-          const size_t dst = head_major ? ((size_t(b) * H + h) * N + n) * D + d : src;
-          out[dst] = dtype == TA_DTYPE_F16 ? ref::float_to_half(x[src]) : ref::float_to_bf16(x[src]);
-        }
-  return out;
-}
 
 ta_tensor describe(void* data, ta_dtype dtype, ta_device dev, int B, int N, int H, int D, bool head_major) {
   ta_tensor t = tensor(data, dtype, {B, N, H, D}, dev);
@@ -51,7 +37,6 @@ ta_tensor describe(void* data, ta_dtype dtype, ta_device dev, int B, int N, int 
 
 float value(uint16_t bits, ta_dtype dtype) { return dtype == TA_DTYPE_F16 ? ref::half_to_float(bits) : ref::bf16_to_float(bits); }
 
-bool have_gpu() { return ta_cuda_available() == 1; }
 
 // Copies the GPU's output and log-sum-exp back and checks them against the reference's: every output
 // written and finite, output within out_bound relative L2, each lse within lse_bound (-inf where the
@@ -61,8 +46,8 @@ std::vector<float> expect_close_to_reference(const DeviceMem& dout, const Device
                                              double lse_bound) {
   std::vector<uint16_t> out(ref_out.size());
   std::vector<float> lse(ref_lse.size());
-  EXPECT_EQ(cudaMemcpy(out.data(), dout.p, out.size() * 2, cudaMemcpyDeviceToHost), cudaSuccess);
-  EXPECT_EQ(cudaMemcpy(lse.data(), dlse.p, lse.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+  EXPECT_EQ(cudaMemcpy(out.data(), dout.ptr, out.size() * 2, cudaMemcpyDeviceToHost), cudaSuccess);
+  EXPECT_EQ(cudaMemcpy(lse.data(), dlse.ptr, lse.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
   std::vector<float> g(out.size()), r(out.size());
   for (size_t i = 0; i < g.size(); ++i) {
     g[i] = value(out[i], dtype), r[i] = value(ref_out[i], dtype);
@@ -91,9 +76,9 @@ void run_case(const GpuCase& c) {
   std::vector<float> q = test::make_input(rng, B * c.nq, c.hq, c.dim, c.kind, 'q');
   std::vector<float> k = test::make_input(rng, B * c.nk, c.hkv, c.dim, c.kind, 'k');
   std::vector<float> v = test::make_input(rng, B * c.nk, c.hkv, c.dim, c.kind, 'v');
-  std::vector<uint16_t> qh = store(q, B, c.nq, c.hq, c.dim, c.dtype, c.head_major);
-  std::vector<uint16_t> kh = store(k, B, c.nk, c.hkv, c.dim, c.dtype, c.head_major);
-  std::vector<uint16_t> vh = store(v, B, c.nk, c.hkv, c.dim, c.dtype, c.head_major);
+  std::vector<uint16_t> qh = test::store_as(q, B, c.nq, c.hq, c.dim, c.dtype, c.head_major);
+  std::vector<uint16_t> kh = test::store_as(k, B, c.nk, c.hkv, c.dim, c.dtype, c.head_major);
+  std::vector<uint16_t> vh = test::store_as(v, B, c.nk, c.hkv, c.dim, c.dtype, c.head_major);
   ta_attention_options opt = ta_attention_default_options();
   opt.causal = c.causal, opt.use_sas = c.sas, opt.smooth_k = c.smooth;
 
@@ -111,16 +96,16 @@ void run_case(const GpuCase& c) {
 
   // GPU, outputs poisoned with NaN.
   DeviceMem dq(qh.size() * 2), dk(kh.size() * 2), dv(vh.size() * 2), dout(qh.size() * 2), dlse(ref_lse.size() * 4);
-  ASSERT_EQ(cudaMemcpy(dq.p, qh.data(), qh.size() * 2, cudaMemcpyHostToDevice), cudaSuccess);
-  ASSERT_EQ(cudaMemcpy(dk.p, kh.data(), kh.size() * 2, cudaMemcpyHostToDevice), cudaSuccess);
-  ASSERT_EQ(cudaMemcpy(dv.p, vh.data(), vh.size() * 2, cudaMemcpyHostToDevice), cudaSuccess);
-  ASSERT_EQ(cudaMemset(dout.p, 0xFF, qh.size() * 2), cudaSuccess);
-  ASSERT_EQ(cudaMemset(dlse.p, 0xFF, ref_lse.size() * 4), cudaSuccess);
-  ta_tensor gq = describe(dq.p, c.dtype, TA_DEVICE_CUDA, B, c.nq, c.hq, c.dim, c.head_major);
-  ta_tensor gk = describe(dk.p, c.dtype, TA_DEVICE_CUDA, B, c.nk, c.hkv, c.dim, c.head_major);
-  ta_tensor gv = describe(dv.p, c.dtype, TA_DEVICE_CUDA, B, c.nk, c.hkv, c.dim, c.head_major);
-  ta_tensor go = tensor(dout.p, c.dtype, {B, c.nq, c.hq, c.dim}, TA_DEVICE_CUDA);
-  ta_tensor gl = tensor(dlse.p, TA_DTYPE_F32, {B, c.hq, c.nq}, TA_DEVICE_CUDA);
+  ASSERT_EQ(cudaMemcpy(dq.ptr, qh.data(), qh.size() * 2, cudaMemcpyHostToDevice), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(dk.ptr, kh.data(), kh.size() * 2, cudaMemcpyHostToDevice), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(dv.ptr, vh.data(), vh.size() * 2, cudaMemcpyHostToDevice), cudaSuccess);
+  ASSERT_EQ(cudaMemset(dout.ptr, 0xFF, qh.size() * 2), cudaSuccess);
+  ASSERT_EQ(cudaMemset(dlse.ptr, 0xFF, ref_lse.size() * 4), cudaSuccess);
+  ta_tensor gq = describe(dq.ptr, c.dtype, TA_DEVICE_CUDA, B, c.nq, c.hq, c.dim, c.head_major);
+  ta_tensor gk = describe(dk.ptr, c.dtype, TA_DEVICE_CUDA, B, c.nk, c.hkv, c.dim, c.head_major);
+  ta_tensor gv = describe(dv.ptr, c.dtype, TA_DEVICE_CUDA, B, c.nk, c.hkv, c.dim, c.head_major);
+  ta_tensor go = tensor(dout.ptr, c.dtype, {B, c.nq, c.hq, c.dim}, TA_DEVICE_CUDA);
+  ta_tensor gl = tensor(dlse.ptr, TA_DTYPE_F32, {B, c.hq, c.nq}, TA_DEVICE_CUDA);
   ASSERT_EQ(ta_attention(&gq, &gk, &gv, nullptr, nullptr, &opt, &go, &gl, nullptr), TA_SUCCESS) << ta_last_error();
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   // Same arithmetic as the reference but for exp2 (MUFU vs libm), the K mean's summation order and
@@ -206,18 +191,18 @@ TEST_P(GpuPrefillVarlen, MatchesReferenceWithCuSeqlensOnEitherDevice) {
 
   DeviceMem dq(qh.size() * 2), dk(kh.size() * 2), dv(vh.size() * 2), dout(qh.size() * 2), dlse(ref_lse.size() * 4), dcq(cu_q.size() * 4),
       dck(cu_k.size() * 4);
-  ASSERT_EQ(cudaMemcpy(dq.p, qh.data(), qh.size() * 2, cudaMemcpyHostToDevice), cudaSuccess);
-  ASSERT_EQ(cudaMemcpy(dk.p, kh.data(), kh.size() * 2, cudaMemcpyHostToDevice), cudaSuccess);
-  ASSERT_EQ(cudaMemcpy(dv.p, vh.data(), vh.size() * 2, cudaMemcpyHostToDevice), cudaSuccess);
-  ASSERT_EQ(cudaMemcpy(dcq.p, cu_q.data(), cu_q.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
-  ASSERT_EQ(cudaMemcpy(dck.p, cu_k.data(), cu_k.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
-  ASSERT_EQ(cudaMemset(dout.p, 0xFF, qh.size() * 2), cudaSuccess);
-  ASSERT_EQ(cudaMemset(dlse.p, 0xFF, ref_lse.size() * 4), cudaSuccess);
-  ta_tensor gq = tensor(dq.p, TA_DTYPE_F16, {tq, hq, d}, TA_DEVICE_CUDA), gk = tensor(dk.p, TA_DTYPE_F16, {tk, hkv, d}, TA_DEVICE_CUDA),
-            gv = tensor(dv.p, TA_DTYPE_F16, {tk, hkv, d}, TA_DEVICE_CUDA), go = tensor(dout.p, TA_DTYPE_F16, {tq, hq, d}, TA_DEVICE_CUDA),
-            gl = tensor(dlse.p, TA_DTYPE_F32, {hq, tq}, TA_DEVICE_CUDA);
-  ta_tensor gcq = cu_on_gpu ? tensor(dcq.p, TA_DTYPE_I32, {B + 1}, TA_DEVICE_CUDA) : tcq;
-  ta_tensor gck = cu_on_gpu ? tensor(dck.p, TA_DTYPE_I32, {B + 1}, TA_DEVICE_CUDA) : tck;
+  ASSERT_EQ(cudaMemcpy(dq.ptr, qh.data(), qh.size() * 2, cudaMemcpyHostToDevice), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(dk.ptr, kh.data(), kh.size() * 2, cudaMemcpyHostToDevice), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(dv.ptr, vh.data(), vh.size() * 2, cudaMemcpyHostToDevice), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(dcq.ptr, cu_q.data(), cu_q.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(dck.ptr, cu_k.data(), cu_k.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
+  ASSERT_EQ(cudaMemset(dout.ptr, 0xFF, qh.size() * 2), cudaSuccess);
+  ASSERT_EQ(cudaMemset(dlse.ptr, 0xFF, ref_lse.size() * 4), cudaSuccess);
+  ta_tensor gq = tensor(dq.ptr, TA_DTYPE_F16, {tq, hq, d}, TA_DEVICE_CUDA), gk = tensor(dk.ptr, TA_DTYPE_F16, {tk, hkv, d}, TA_DEVICE_CUDA),
+            gv = tensor(dv.ptr, TA_DTYPE_F16, {tk, hkv, d}, TA_DEVICE_CUDA), go = tensor(dout.ptr, TA_DTYPE_F16, {tq, hq, d}, TA_DEVICE_CUDA),
+            gl = tensor(dlse.ptr, TA_DTYPE_F32, {hq, tq}, TA_DEVICE_CUDA);
+  ta_tensor gcq = cu_on_gpu ? tensor(dcq.ptr, TA_DTYPE_I32, {B + 1}, TA_DEVICE_CUDA) : tcq;
+  ta_tensor gck = cu_on_gpu ? tensor(dck.ptr, TA_DTYPE_I32, {B + 1}, TA_DEVICE_CUDA) : tck;
   ASSERT_EQ(ta_attention(&gq, &gk, &gv, &gcq, &gck, &opt, &go, &gl, nullptr), TA_SUCCESS) << ta_last_error();
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   expect_close_to_reference(dout, dlse, ref_out, ref_lse, TA_DTYPE_F16, 5e-3, 2e-2);
@@ -256,18 +241,18 @@ TEST(GpuPrefillInt8Kv, MatchesReferenceOverTheSameCodes) {
   // GPU over the same codes.
   DeviceMem dq(qh.size() * 2), dkc(kc.size()), dvc(vc.size()), dks(ks.size() * 4), dvs(vs.size() * 4), dm(mean.size() * 4),
       dout(qh.size() * 2), dlse(ref_lse.size() * 4);
-  ASSERT_EQ(cudaMemcpy(dq.p, qh.data(), qh.size() * 2, cudaMemcpyHostToDevice), cudaSuccess);
-  ASSERT_EQ(cudaMemcpy(dkc.p, kc.data(), kc.size(), cudaMemcpyHostToDevice), cudaSuccess);
-  ASSERT_EQ(cudaMemcpy(dvc.p, vc.data(), vc.size(), cudaMemcpyHostToDevice), cudaSuccess);
-  ASSERT_EQ(cudaMemcpy(dks.p, ks.data(), ks.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
-  ASSERT_EQ(cudaMemcpy(dvs.p, vs.data(), vs.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
-  ASSERT_EQ(cudaMemcpy(dm.p, mean.data(), mean.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
-  ASSERT_EQ(cudaMemset(dlse.p, 0xFF, ref_lse.size() * 4), cudaSuccess);
-  ASSERT_EQ(cudaMemset(dout.p, 0xFF, qh.size() * 2), cudaSuccess);
-  ta_tensor gq = tensor(dq.p, TA_DTYPE_F16, {B, nq, hq, D}, TA_DEVICE_CUDA), gkc = tensor(dkc.p, TA_DTYPE_I8, {B, nk, hkv, D}, TA_DEVICE_CUDA),
-            gvc = tensor(dvc.p, TA_DTYPE_I8, {B, nk, hkv, D}, TA_DEVICE_CUDA), gks = tensor(dks.p, TA_DTYPE_F32, {B, hkv, blocks}, TA_DEVICE_CUDA),
-            gvs = tensor(dvs.p, TA_DTYPE_F32, {B, hkv, blocks}, TA_DEVICE_CUDA), gm = tensor(dm.p, TA_DTYPE_F32, {B, hkv, D}, TA_DEVICE_CUDA),
-            go = tensor(dout.p, TA_DTYPE_F16, {B, nq, hq, D}, TA_DEVICE_CUDA), gl = tensor(dlse.p, TA_DTYPE_F32, {B, hq, nq}, TA_DEVICE_CUDA);
+  ASSERT_EQ(cudaMemcpy(dq.ptr, qh.data(), qh.size() * 2, cudaMemcpyHostToDevice), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(dkc.ptr, kc.data(), kc.size(), cudaMemcpyHostToDevice), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(dvc.ptr, vc.data(), vc.size(), cudaMemcpyHostToDevice), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(dks.ptr, ks.data(), ks.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(dvs.ptr, vs.data(), vs.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(dm.ptr, mean.data(), mean.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
+  ASSERT_EQ(cudaMemset(dlse.ptr, 0xFF, ref_lse.size() * 4), cudaSuccess);
+  ASSERT_EQ(cudaMemset(dout.ptr, 0xFF, qh.size() * 2), cudaSuccess);
+  ta_tensor gq = tensor(dq.ptr, TA_DTYPE_F16, {B, nq, hq, D}, TA_DEVICE_CUDA), gkc = tensor(dkc.ptr, TA_DTYPE_I8, {B, nk, hkv, D}, TA_DEVICE_CUDA),
+            gvc = tensor(dvc.ptr, TA_DTYPE_I8, {B, nk, hkv, D}, TA_DEVICE_CUDA), gks = tensor(dks.ptr, TA_DTYPE_F32, {B, hkv, blocks}, TA_DEVICE_CUDA),
+            gvs = tensor(dvs.ptr, TA_DTYPE_F32, {B, hkv, blocks}, TA_DEVICE_CUDA), gm = tensor(dm.ptr, TA_DTYPE_F32, {B, hkv, D}, TA_DEVICE_CUDA),
+            go = tensor(dout.ptr, TA_DTYPE_F16, {B, nq, hq, D}, TA_DEVICE_CUDA), gl = tensor(dlse.ptr, TA_DTYPE_F32, {B, hq, nq}, TA_DEVICE_CUDA);
   ASSERT_EQ(ta_attention_int8kv(&gq, &gkc, &gks, &gvc, &gvs, &gm, &opt, &go, &gl, nullptr), TA_SUCCESS) << ta_last_error();
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   // The same codes on both sides: only exp2 and the order of the row sums differ.

@@ -7,31 +7,20 @@
 #include <cstring>
 #include <tuple>
 
+#include "gpu_test_util.hpp"
 #include "test_util.hpp"
 #include "turboattn/turboattn.hpp"
 
 using namespace turboattn;
+using test::DeviceBuffer;
+using test::have_gpu;
 using test::InputKind;
 
 namespace {
 
 #define CUDA_OK(call) ASSERT_EQ((call), cudaSuccess) << #call
 
-template <class T>
-struct DeviceBuffer {
-  T* ptr = nullptr;
-  size_t n = 0;
-  explicit DeviceBuffer(size_t count) : n(count) { EXPECT_EQ(cudaMalloc(&ptr, std::max<size_t>(1, n) * sizeof(T)), cudaSuccess); }
-  ~DeviceBuffer() { cudaFree(ptr); }
-  void upload(const std::vector<T>& h) { EXPECT_EQ(cudaMemcpy(ptr, h.data(), n * sizeof(T), cudaMemcpyHostToDevice), cudaSuccess); }
-  std::vector<T> download() const {
-    std::vector<T> h(n);
-    EXPECT_EQ(cudaMemcpy(h.data(), ptr, n * sizeof(T), cudaMemcpyDeviceToHost), cudaSuccess);
-    return h;
-  }
-};
 
-bool have_gpu() { return ta_cuda_available() == 1; }
 
 }  // namespace
 
@@ -50,16 +39,7 @@ TEST_P(GpuQuantize, BitExactWithReference) {
       for (int d = 0; d < dim; ++d) x[((size_t(n) + t) * H + 0) * dim + d] = 0.0f;
     x[((size_t(n) + 70) * H + 1) * dim + 5] = std::nanf("");
   }
-  // Values as the dtype holds them, laid out [B, N, H, D] or [B, H, N, D].
-  std::vector<uint16_t> bits(x.size());
-  for (int b = 0; b < B; ++b)
-    for (int t = 0; t < n; ++t)
-      for (int h = 0; h < H; ++h)
-        for (int d = 0; d < dim; ++d) {
-          const size_t src = ((size_t(b) * n + t) * H + h) * dim + d;
-          const size_t dst = head_major ? ((size_t(b) * H + h) * n + t) * dim + d : src;
-          bits[dst] = dtype == TA_DTYPE_F16 ? ref::float_to_half(x[src]) : ref::float_to_bf16(x[src]);
-        }
+  const std::vector<uint16_t> bits = test::store_as(x, B, n, H, dim, dtype, head_major);
   std::vector<float> shift(size_t(B) * H * dim);
   std::normal_distribution<float> nd(0.0f, 5.0f);
   for (float& s : shift) s = nd(rng);

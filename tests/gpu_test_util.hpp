@@ -1,0 +1,50 @@
+// Helpers of the GPU tests: device buffers, the device check, and inputs stored in a given dtype and
+// layout.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "reference/half.hpp"
+#include "turboattn/turboattn.h"
+
+namespace turboattn::test {
+
+inline bool have_gpu() { return ta_cuda_available() == 1; }
+
+// count elements of T in device memory, freed on destruction.
+template <class T>
+struct DeviceBuffer {
+  T* ptr = nullptr;
+  size_t n = 0;
+  explicit DeviceBuffer(size_t count) : n(count) { EXPECT_EQ(cudaMalloc(&ptr, std::max<size_t>(1, n) * sizeof(T)), cudaSuccess); }
+  ~DeviceBuffer() { cudaFree(ptr); }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  void upload(const std::vector<T>& h) { EXPECT_EQ(cudaMemcpy(ptr, h.data(), n * sizeof(T), cudaMemcpyHostToDevice), cudaSuccess); }
+  std::vector<T> download() const {
+    std::vector<T> h(n);
+    EXPECT_EQ(cudaMemcpy(h.data(), ptr, n * sizeof(T), cudaMemcpyDeviceToHost), cudaSuccess);
+    return h;
+  }
+  void poison() { EXPECT_EQ(cudaMemset(ptr, 0xFF, n * sizeof(T)), cudaSuccess); }  // NaN for floats
+};
+
+// Values of x ([B, N, H, D] order) as fp16 or bf16 bits in [B, N, H, D] or [B, H, N, D] memory.
+inline std::vector<uint16_t> store_as(const std::vector<float>& x, int B, int N, int H, int D, ta_dtype dtype, bool head_major) {
+  std::vector<uint16_t> out(x.size());
+  for (int b = 0; b < B; ++b)
+    for (int n = 0; n < N; ++n)
+      for (int h = 0; h < H; ++h)
+        for (int d = 0; d < D; ++d) {
+          const size_t src = ((size_t(b) * N + n) * H + h) * D + d;
+          const size_t dst = head_major ? ((size_t(b) * H + h) * N + n) * D + d : src;
+          out[dst] = dtype == TA_DTYPE_F16 ? ref::float_to_half(x[src]) : ref::float_to_bf16(x[src]);
+        }
+  return out;
+}
+
+}  // namespace turboattn::test
