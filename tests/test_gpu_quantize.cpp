@@ -39,7 +39,7 @@ TEST_P(GpuQuantize, BitExactWithReference) {
       for (int d = 0; d < dim; ++d) x[((size_t(n) + t) * H + 0) * dim + d] = 0.0f;
     x[((size_t(n) + 70) * H + 1) * dim + 5] = std::nanf("");
   }
-  const std::vector<uint16_t> bits = test::store_as(x, B, n, H, dim, dtype, head_major);
+  std::vector<uint16_t> bits = test::store_as(x, B, n, H, dim, dtype, head_major);
   std::vector<float> shift(size_t(B) * H * dim);
   std::normal_distribution<float> nd(0.0f, 5.0f);
   for (float& s : shift) s = nd(rng);
