@@ -58,19 +58,20 @@ void accumulate_tile(const int8_t* q8, float q_scale, const Int8Tile& tile, int6
     p[j] = sas ? sas_code(x) : exp2_code(x);
     p_sum += p[j];
   }
-  row.l = std::fma(row.l, alpha, float(p_sum) * beta);
+  // History scaled first (exact when alpha is 1, so kernels may skip it), then the tile added with
+  // one rounding per product.
+  row.l = std::fma(float(p_sum), beta, row.l * alpha);
   for (int c = 0; c < dim; ++c) {
-    float contrib;
+    float o = row.o[c] * alpha;
     if (tile.shared_v_scale) {
       int32_t acc = 0;
       for (int j = 0; j < visible; ++j) acc += int32_t(p[j]) * int32_t(tile.v[int64_t(j) * dim + c]);
-      contrib = float(acc) * (tile.v_scale[0] * beta);
+      o = std::fma(float(acc), tile.v_scale[0] * beta, o);
     } else {
-      contrib = 0.0f;
       for (int j = 0; j < visible; ++j)
-        contrib = std::fma(float(int32_t(p[j]) * int32_t(tile.v[int64_t(j) * dim + c])), tile.v_scale[j] * beta, contrib);
+        o = std::fma(float(int32_t(p[j]) * int32_t(tile.v[int64_t(j) * dim + c])), tile.v_scale[j] * beta, o);
     }
-    row.o[c] = std::fma(row.o[c], alpha, contrib);
+    row.o[c] = o;
   }
   row.m = m_new;
 }

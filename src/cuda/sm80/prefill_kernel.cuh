@@ -227,11 +227,12 @@ __global__ void __launch_bounds__(PrefillTraits<kHeadDim>::kThreads, PrefillTrai
           p_sum[r] = __dp4a(codes, 0x01010101u, p_sum[r]);  // sum of the 4 codes
         }
 #pragma unroll
-    for (int r = 0; r < 2; ++r) l[r] = __fmaf_rn(l[r], alpha[r], __fmul_rn(small_int_to_float(int32_t(p_sum[r])), beta[r]));
+    for (int r = 0; r < 2; ++r) l[r] = __fmaf_rn(small_int_to_float(int32_t(p_sum[r])), beta[r], __fmul_rn(l[r], alpha[r]));
 
     // O = alpha O + (P V) sv beta, 32 channels at a time; skipped when none of the warp's rows use the tile.
     if (!__all_sync(0xffffffffu, skip[0] && skip[1])) {
       const float svb[2] = {__fmul_rn(sv_scale, beta[0]), __fmul_rn(sv_scale, beta[1])};
+      const bool rescale = !__all_sync(0xffffffffu, alpha[0] == 1.0f && alpha[1] == 1.0f);
 #pragma unroll
       for (int chunk = 0; chunk < kHeadDim / 32; ++chunk) {
         int32_t acc[4][4];
@@ -247,13 +248,19 @@ __global__ void __launch_bounds__(PrefillTraits<kHeadDim>::kThreads, PrefillTrai
             mma_m16n8k32_u8s8(acc[2 * np], pa[kp], {vb[0], vb[1]});
             mma_m16n8k32_u8s8(acc[2 * np + 1], pa[kp], {vb[2], vb[3]});
           }
+        // o = fma(acc, sv beta, o alpha); o alpha is o itself when no row of the warp rescales.
+        if (rescale) {
+#pragma unroll
+          for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) o[4 * chunk + nt][i] = __fmul_rn(o[4 * chunk + nt][i], alpha[i / 2]);
+        }
 #pragma unroll
         for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
-            const int r = i / 2;
             float& oi = o[4 * chunk + nt][i];
-            oi = __fmaf_rn(oi, alpha[r], __fmul_rn(small_int_to_float(acc[nt][i]), svb[r]));
+            oi = __fmaf_rn(small_int_to_float(acc[nt][i]), svb[i / 2], oi);
           }
       }
     }  // else every row skipped: alpha is 1 and O is unchanged
