@@ -85,10 +85,11 @@ ErrorStats compare(const std::vector<A>& got, const std::vector<B>& want) {
 }
 
 // Bound on the FlashQ + SAS error against float64 for an output of `rows` rows (docs/FORMATS.md,
-// "Measured error"). Random normal inputs: the 2% target for at least 64 rows; outlier-channel
-// inputs: about 1.5x the largest error measured. Fewer rows average fewer errors: 1.75x the bound.
+// "Measured error"). Random normal inputs: the 2% target for at least 64 rows (the largest of 200
+// draws was 1.8%); outlier-channel inputs, whose errors have a heavy tail: about 2x the largest of
+// 200 draws (0.13). Fewer rows average fewer errors: 1.75x the bound.
 inline double bound_rel_l2(InputKind kind, int64_t rows) {
-  const double bound = kind == InputKind::Outliers ? 0.2 : 0.02;
+  const double bound = kind == InputKind::Outliers ? 0.25 : 0.02;
   return rows >= 64 ? bound : 1.75 * bound;
 }
 
