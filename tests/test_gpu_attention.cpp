@@ -258,3 +258,68 @@ TEST(GpuPrefillInt8Kv, MatchesReferenceOverTheSameCodes) {
   // The same codes on both sides: only exp2 and the order of the row sums differ.
   expect_close_to_reference(dout, dlse, ref_out, ref_lse, TA_DTYPE_F16, 2e-3, 1e-2);
 }
+
+namespace {
+// Runs GPU attention (causal, [1, n, 1, D] fp16) on the given values and returns the outputs as floats.
+std::vector<float> gpu_attention(const std::vector<float>& q, const std::vector<float>& k, const std::vector<float>& v, int n, int d) {
+  std::vector<float> qq = q, kk = k, vv = v;
+  std::vector<uint16_t> qh = test::to_half(qq), kh = test::to_half(kk), vh = test::to_half(vv);
+  DeviceBuffer<uint16_t> dq(qh.size()), dk(kh.size()), dv(vh.size()), dout(qh.size());
+  dq.upload(qh), dk.upload(kh), dv.upload(vh), dout.poison();
+  ta_tensor gq = tensor(dq.ptr, TA_DTYPE_F16, {1, n, 1, d}, TA_DEVICE_CUDA), gk = tensor(dk.ptr, TA_DTYPE_F16, {1, n, 1, d}, TA_DEVICE_CUDA),
+            gv = tensor(dv.ptr, TA_DTYPE_F16, {1, n, 1, d}, TA_DEVICE_CUDA), go = tensor(dout.ptr, TA_DTYPE_F16, {1, n, 1, d}, TA_DEVICE_CUDA);
+  ta_attention_options opt = ta_attention_default_options();
+  opt.causal = 1;
+  EXPECT_EQ(ta_attention(&gq, &gk, &gv, nullptr, nullptr, &opt, &go, nullptr, nullptr), TA_SUCCESS) << ta_last_error();
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  std::vector<float> out;
+  for (uint16_t h : dout.download()) out.push_back(ref::half_to_float(h));
+  return out;
+}
+}  // namespace
+
+TEST(GpuPrefillNumerics, LargeMagnitudeInputsStayFinite) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  std::mt19937_64 rng(std::random_device{}());
+  const int d = 128, n = 300;
+  std::vector<float> q = test::make_input(rng, n, 1, d, InputKind::Normal, 'q');
+  std::vector<float> k = test::make_input(rng, n, 1, d, InputKind::Normal, 'k');
+  std::vector<float> v = test::make_input(rng, n, 1, d, InputKind::Normal, 'v');
+  for (auto* x : {&q, &k, &v})
+    for (float& e : *x) e = std::clamp(e * 20000.0f, -65504.0f, 65504.0f);  // near the fp16 maximum
+  for (float x : gpu_attention(q, k, v, n, d)) ASSERT_TRUE(std::isfinite(x));
+}
+
+TEST(GpuPrefillNumerics, EqualScoresAverageTheValues) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  std::mt19937_64 rng(std::random_device{}());
+  const int d = 64, n = 200;
+  std::vector<float> q = test::make_input(rng, n, 1, d, InputKind::Normal, 'q');
+  std::vector<float> k(size_t(n) * d, 0.5f);  // every key equal: every score of a row equal
+  std::vector<float> v = test::make_input(rng, n, 1, d, InputKind::Normal, 'v');
+  const std::vector<float> out = gpu_attention(q, k, v, n, d);
+  std::vector<float> vh = v;
+  test::to_half(vh);
+  std::vector<double> mean(size_t(d), 0.0);
+  for (int i = 0; i < n; ++i) {  // causal: row i averages V rows 0..i
+    std::vector<float> got(out.begin() + size_t(i) * d, out.begin() + size_t(i + 1) * d);
+    for (int c = 0; c < d; ++c) mean[size_t(c)] = (mean[size_t(c)] * i + vh[size_t(i) * d + c]) / (i + 1);
+    EXPECT_LE(test::compare(got, mean).rel_l2, 0.03) << "row " << i;  // only V's INT8 rounding remains
+  }
+}
+
+TEST(GpuPrefillNumerics, NanInValuePropagatesToTheRowsThatSeeIt) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  std::mt19937_64 rng(std::random_device{}());
+  const int d = 64, n = 130;
+  std::vector<float> q = test::make_input(rng, n, 1, d, InputKind::Normal, 'q');
+  std::vector<float> k = test::make_input(rng, n, 1, d, InputKind::Normal, 'k');
+  std::vector<float> v = test::make_input(rng, n, 1, d, InputKind::Normal, 'v');
+  v[size_t(100) * d + 3] = std::nanf("");  // key 100, in block 1
+  const std::vector<float> out = gpu_attention(q, k, v, n, d);
+  for (int i = 0; i < n; ++i) {
+    bool any_nan = false;
+    for (int c = 0; c < d; ++c) any_nan = any_nan || std::isnan(out[size_t(i) * d + c]);
+    EXPECT_EQ(any_nan, i >= 64) << "query " << i;  // queries from 64 on read block 1's NaN V scale
+  }
+}
