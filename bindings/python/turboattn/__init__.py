@@ -1,0 +1,166 @@
+"""turboattn: quantized attention (FlashQ + SAS) and a compressed KV cache, from Python.
+
+    import turboattn
+    out = turboattn.attention(q, k, v, causal=True)   # q [B, N, Hq, D], k, v [B, N, Hkv, D]
+
+Works on torch tensors (CPU: the reference; CUDA: the kernels) and numpy arrays (CPU). With PyTorch
+present, `torch.ops.turboattn.attention` is registered too (usable under torch.compile).
+docs/FORMATS.md in the repository defines every number computed.
+"""
+import ctypes
+
+from ._capi import (AttentionOptions, CacheConfig, CacheMemory, DecodeOptions, InvalidArgument, OutOfCapacity,
+                    TurboattnError, Unsupported, check, describe, lib, ref, stream_of)
+
+__all__ = ["attention", "attention_exact", "quantize_int8", "KVCache", "head_priority", "assign_head_bits", "version",
+           "cuda_available", "TurboattnError", "InvalidArgument", "Unsupported", "OutOfCapacity"]
+
+
+def version():
+    return lib.ta_version().decode()
+
+
+def cuda_available():
+    return bool(lib.ta_cuda_available())
+
+
+def _empty_like(x, shape=None, dtype=None):
+    if hasattr(x, "data_ptr"):
+        import torch
+        return torch.empty(shape if shape is not None else x.shape, dtype=dtype or x.dtype, device=x.device)
+    import numpy as np
+    return np.empty(shape if shape is not None else x.shape, dtype=dtype or x.dtype)
+
+
+def _f32(x):
+    if hasattr(x, "data_ptr"):
+        import torch
+        return torch.float32
+    import numpy as np
+    return np.float32
+
+
+def attention(q, k, v, *, causal=False, softmax_scale=0.0, use_sas=True, smooth_k=True, out=None, return_lse=False,
+              cu_seqlens_q=None, cu_seqlens_k=None):
+    """FlashQ + SAS attention. q [B, Nq, Hq, D], k, v [B, Nk, Hkv, D] (fp16/bf16, any strides with the
+    last dim contiguous), or [T, H, D] with cu_seqlens_q / cu_seqlens_k (int32 [B + 1]) for variable
+    length. Returns out (like q) and, with return_lse, the log-sum-exp [B, Hq, Nq] (or [Hq, Tq])."""
+    out = _empty_like(q) if out is None else out
+    lse = None
+    if return_lse:
+        lse_shape = (q.shape[1], q.shape[0]) if cu_seqlens_q is not None else (q.shape[0], q.shape[2], q.shape[1])
+        lse = _empty_like(q, lse_shape, _f32(q))
+    opt = AttentionOptions(float(softmax_scale), int(causal), int(use_sas), int(smooth_k))
+    check(lib.ta_attention(ref(describe(q)), ref(describe(k)), ref(describe(v)), ref(describe(cu_seqlens_q)),
+                           ref(describe(cu_seqlens_k)), ctypes.byref(opt), ref(describe(out)), ref(describe(lse)),
+                           stream_of(q)))
+    return (out, lse) if return_lse else out
+
+
+def attention_exact(q, k, v, *, causal=False, softmax_scale=0.0):
+    """Exact attention in float64 on the CPU (the accuracy yardstick); CPU tensors only."""
+    out = _empty_like(q)
+    check(lib.ta_attention_exact(ref(describe(q)), ref(describe(k)), ref(describe(v)), None, None, float(softmax_scale),
+                                 int(causal), ref(describe(out)), None))
+    return out
+
+
+def quantize_int8(x, shift=None):
+    """Blockwise INT8 (docs/FORMATS.md 1.2) of x [B, N, H, D]: codes (int8, x's shape) and scales
+    (float32 [B, H, ceil(N / 64)]); shift (float32 [B, H, D]) is subtracted first."""
+    B, N, H, _ = x.shape
+    if hasattr(x, "data_ptr"):
+        import torch
+        codes = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+    else:
+        import numpy as np
+        codes = np.empty(x.shape, dtype=np.int8)
+    scales = _empty_like(x, (B, H, (N + 63) // 64), _f32(x))
+    check(lib.ta_quantize_int8(ref(describe(x)), ref(describe(shift)), ref(describe(codes)), ref(describe(scales)),
+                               stream_of(x)))
+    return codes, scales
+
+
+def head_priority(k, v):
+    """Priority of each KV head from calibration k, v [T, Hkv, D] (docs/FORMATS.md 3.6)."""
+    out = (ctypes.c_float * k.shape[1])()
+    check(lib.ta_head_priority(ref(describe(k)), ref(describe(v)), out))
+    return list(out)
+
+
+def assign_head_bits(priority, num_layers, num_kv_heads, fraction_2bit):
+    """Bits (4 or 2) per (layer, KV head) from priorities (num_layers * num_kv_heads values)."""
+    p = (ctypes.c_float * len(priority))(*priority)
+    out = (ctypes.c_int32 * len(priority))()
+    check(lib.ta_assign_head_bits(p, num_layers, num_kv_heads, float(fraction_2bit), out))
+    return list(out)
+
+
+class KVCache:
+    """The compressed paged KV cache (docs/FORMATS.md section 3). CPU for now."""
+
+    def __init__(self, num_layers, num_kv_heads, head_dim, num_pages, max_seqs, max_seq_len, head_bits=None, smooth_k=True,
+                 device="cpu"):
+        bits = None
+        if head_bits is not None:
+            self._bits = (ctypes.c_int32 * len(head_bits))(*head_bits)
+            bits = ctypes.cast(self._bits, ctypes.POINTER(ctypes.c_int32))
+        cfg = CacheConfig(num_layers, num_kv_heads, head_dim, num_pages, max_seqs, max_seq_len, bits, int(smooth_k))
+        self._handle = ctypes.c_void_p()
+        check(lib.ta_cache_create(ctypes.byref(cfg), 1 if str(device).startswith("cuda") else 0, ctypes.byref(self._handle)))
+
+    def __del__(self):
+        if getattr(self, "_handle", None):
+            lib.ta_cache_destroy(self._handle)
+            self._handle = None
+
+    def add_sequence(self):
+        s = ctypes.c_int32()
+        check(lib.ta_cache_add_sequence(self._handle, ctypes.byref(s)))
+        return s.value
+
+    def release_sequence(self, seq):
+        check(lib.ta_cache_release_sequence(self._handle, seq))
+
+    def length(self, layer, seq):
+        n = ctypes.c_int64()
+        check(lib.ta_cache_sequence_length(self._handle, layer, seq, ctypes.byref(n)))
+        return n.value
+
+    def free_pages(self):
+        n = ctypes.c_int32()
+        check(lib.ta_cache_free_pages(self._handle, ctypes.byref(n)))
+        return n.value
+
+    def memory(self):
+        m = CacheMemory()
+        check(lib.ta_cache_memory_info(self._handle, ctypes.byref(m)))
+        return {name: getattr(m, name) for name, _ in CacheMemory._fields_}
+
+    @staticmethod
+    def _seqs(seqs):
+        return (ctypes.c_int32 * len(seqs))(*seqs), len(seqs)
+
+    def write(self, layer, seqs, k, v, cu_seqlens):
+        """Bulk write: k, v [T, Hkv, D] of len(seqs) sequences delimited by cu_seqlens (int32)."""
+        arr, n = self._seqs(seqs)
+        check(lib.ta_cache_write(self._handle, layer, arr, n, ref(describe(k)), ref(describe(v)), ref(describe(cu_seqlens))))
+
+    def append(self, layer, seqs, k, v):
+        """One token per sequence: k, v [len(seqs), Hkv, D]."""
+        arr, n = self._seqs(seqs)
+        check(lib.ta_cache_append(self._handle, layer, arr, n, ref(describe(k)), ref(describe(v))))
+
+    def decode(self, layer, seqs, q, *, softmax_scale=0.0, use_sas=True, split_tiles=0):
+        """Attention of q [len(seqs), q_len, Hq, D] (the sequences' last q_len tokens) over the cache."""
+        arr, n = self._seqs(seqs)
+        out = _empty_like(q)
+        opt = DecodeOptions(float(softmax_scale), int(use_sas), int(split_tiles))
+        check(lib.ta_decode(self._handle, layer, arr, n, ref(describe(q)), ctypes.byref(opt), ref(describe(out)), stream_of(q)))
+        return out
+
+
+try:  # the PyTorch operator, when PyTorch is installed
+    from . import torch_ops  # noqa: F401
+except ImportError:
+    pass

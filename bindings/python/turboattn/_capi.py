@@ -1,0 +1,137 @@
+"""ctypes access to libturboattn's C API (include/turboattn/turboattn.h).
+
+The library is loaded through ctypes, not compiled against PyTorch, so one build serves every PyTorch
+version. Tensors are passed as descriptors of their memory: torch tensors (CPU or CUDA) and numpy
+arrays (CPU) both work.
+"""
+import ctypes
+import os
+
+MAX_DIMS = 4
+STATUS = {0: "success", 1: "invalid argument", 2: "unsupported", 3: "out of capacity", 4: "out of memory", 5: "CUDA error",
+          6: "internal error"}
+
+
+class TurboattnError(RuntimeError):
+    """A failed turboattn call: `status` is the ta_status code, the message names the argument at fault."""
+
+    def __init__(self, status, message):
+        super().__init__(f"{STATUS.get(status, status)}: {message}")
+        self.status = status
+
+
+class InvalidArgument(TurboattnError, ValueError):
+    pass
+
+
+class Unsupported(TurboattnError, NotImplementedError):
+    pass
+
+
+class OutOfCapacity(TurboattnError, MemoryError):
+    pass
+
+
+_ERRORS = {1: InvalidArgument, 2: Unsupported, 3: OutOfCapacity}
+
+
+class Tensor(ctypes.Structure):
+    _fields_ = [("data", ctypes.c_void_p), ("dtype", ctypes.c_int), ("device", ctypes.c_int), ("ndim", ctypes.c_int32),
+                ("shape", ctypes.c_int64 * MAX_DIMS), ("strides", ctypes.c_int64 * MAX_DIMS)]
+
+
+class AttentionOptions(ctypes.Structure):
+    _fields_ = [("softmax_scale", ctypes.c_float), ("causal", ctypes.c_int32), ("use_sas", ctypes.c_int32),
+                ("smooth_k", ctypes.c_int32)]
+
+
+class CacheConfig(ctypes.Structure):
+    _fields_ = [("num_layers", ctypes.c_int32), ("num_kv_heads", ctypes.c_int32), ("head_dim", ctypes.c_int32),
+                ("num_pages", ctypes.c_int32), ("max_seqs", ctypes.c_int32), ("max_seq_len", ctypes.c_int64),
+                ("head_bits", ctypes.POINTER(ctypes.c_int32)), ("smooth_k", ctypes.c_int32)]
+
+
+class CacheMemory(ctypes.Structure):
+    _fields_ = [("page_bytes_total", ctypes.c_int64), ("pool_bytes", ctypes.c_int64), ("buffer_bytes", ctypes.c_int64),
+                ("bytes_per_token", ctypes.c_double), ("fp16_bytes_per_token", ctypes.c_double)]
+
+
+class DecodeOptions(ctypes.Structure):
+    _fields_ = [("softmax_scale", ctypes.c_float), ("use_sas", ctypes.c_int32), ("split_tiles", ctypes.c_int32)]
+
+
+def _find_library():
+    here = os.path.dirname(os.path.abspath(__file__))
+    candidates = [os.environ.get("TURBOATTN_LIB"), os.path.join(here, "libturboattn.so"),
+                  os.path.join(here, "..", "..", "..", "build", "libturboattn.so")]
+    for path in candidates:
+        if path and os.path.exists(path):
+            return path
+    raise OSError("libturboattn.so not found: install the package (pip install .) or set TURBOATTN_LIB")
+
+
+lib = ctypes.CDLL(_find_library())
+lib.ta_last_error.restype = ctypes.c_char_p
+lib.ta_version.restype = ctypes.c_char_p
+_T = ctypes.POINTER(Tensor)
+lib.ta_attention.argtypes = [_T, _T, _T, _T, _T, ctypes.POINTER(AttentionOptions), _T, _T, ctypes.c_void_p]
+lib.ta_attention_exact.argtypes = [_T, _T, _T, _T, _T, ctypes.c_float, ctypes.c_int32, _T, _T]
+lib.ta_quantize_int8.argtypes = [_T, _T, _T, _T, ctypes.c_void_p]
+lib.ta_cache_create.argtypes = [ctypes.POINTER(CacheConfig), ctypes.c_int, ctypes.POINTER(ctypes.c_void_p)]
+lib.ta_cache_destroy.argtypes = [ctypes.c_void_p]
+lib.ta_cache_destroy.restype = None
+lib.ta_cache_memory_info.argtypes = [ctypes.c_void_p, ctypes.POINTER(CacheMemory)]
+lib.ta_cache_add_sequence.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int32)]
+lib.ta_cache_release_sequence.argtypes = [ctypes.c_void_p, ctypes.c_int32]
+lib.ta_cache_sequence_length.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.POINTER(ctypes.c_int64)]
+lib.ta_cache_free_pages.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int32)]
+_SEQS = ctypes.POINTER(ctypes.c_int32)
+lib.ta_cache_write.argtypes = [ctypes.c_void_p, ctypes.c_int32, _SEQS, ctypes.c_int32, _T, _T, _T]
+lib.ta_cache_append.argtypes = [ctypes.c_void_p, ctypes.c_int32, _SEQS, ctypes.c_int32, _T, _T]
+lib.ta_decode.argtypes = [ctypes.c_void_p, ctypes.c_int32, _SEQS, ctypes.c_int32, _T, ctypes.POINTER(DecodeOptions), _T,
+                          ctypes.c_void_p]
+lib.ta_head_priority.argtypes = [_T, _T, ctypes.POINTER(ctypes.c_float)]
+lib.ta_assign_head_bits.argtypes = [ctypes.POINTER(ctypes.c_float), ctypes.c_int32, ctypes.c_int32, ctypes.c_float,
+                                    ctypes.POINTER(ctypes.c_int32)]
+
+
+def check(status):
+    if status != 0:
+        raise _ERRORS.get(status, TurboattnError)(status, lib.ta_last_error().decode())
+
+
+_NUMPY_DTYPES = {"float16": 1, "float32": 3, "int8": 4, "uint8": 5, "int32": 6}
+_TORCH_DTYPES = {"torch.float16": 1, "torch.bfloat16": 2, "torch.float32": 3, "torch.int8": 4, "torch.uint8": 5,
+                 "torch.int32": 6}
+
+
+def describe(x):
+    """A ta_tensor descriptor of a torch tensor or numpy array (or None for None)."""
+    if x is None:
+        return None
+    t = Tensor()
+    if hasattr(x, "data_ptr"):  # torch
+        t.data, t.dtype = x.data_ptr(), _TORCH_DTYPES.get(str(x.dtype), 0)
+        t.device = 1 if x.is_cuda else 0
+        shape, strides = tuple(x.shape), tuple(x.stride())
+    else:  # numpy
+        t.data, t.dtype, t.device = x.ctypes.data, _NUMPY_DTYPES.get(str(x.dtype), 0), 0
+        shape, strides = x.shape, tuple(s // x.itemsize for s in x.strides)
+    t.ndim = len(shape)
+    if t.ndim > MAX_DIMS:
+        raise InvalidArgument(1, f"tensor of rank {t.ndim}: at most {MAX_DIMS} dimensions")
+    for i, (n, s) in enumerate(zip(shape, strides)):
+        t.shape[i], t.strides[i] = n, s
+    return t
+
+
+def ref(t):
+    return ctypes.byref(t) if t is not None else None
+
+
+def stream_of(x):
+    """The current CUDA stream of a torch CUDA tensor's device, else None."""
+    if hasattr(x, "is_cuda") and x.is_cuda:
+        import torch
+        return ctypes.c_void_p(torch.cuda.current_stream(x.device).cuda_stream)
+    return None
