@@ -3,7 +3,7 @@
 #pragma once
 
 #include <new>
-#include <sstream>
+#include <type_traits>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -21,11 +21,21 @@ class Error : public std::runtime_error {
   ta_status status_;
 };
 
+// Joins message parts. Numbers go through std::to_string (C formatting), not iostreams: a process that
+// loaded another libstdc++ first (as PyTorch's can) may not format through this one's locale facets.
+inline void append_part(std::string& s, const std::string& part) { s += part; }
+inline void append_part(std::string& s, const char* part) { s += part; }
+inline void append_part(std::string& s, char part) { s += part; }
+template <class T, class = std::enable_if_t<std::is_arithmetic_v<T>>>
+void append_part(std::string& s, T part) {
+  s += std::to_string(part);
+}
+
 template <class... Parts>
 std::string concat(Parts&&... parts) {
-  std::ostringstream os;
-  (os << ... << parts);
-  return os.str();
+  std::string s;
+  (append_part(s, std::forward<Parts>(parts)), ...);
+  return s;
 }
 
 // Throws Error(status, message) unless cond holds.
