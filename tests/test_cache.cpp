@@ -269,3 +269,94 @@ TEST(CacheReadBack, ReconstructionErrorShrinksWithBits) {
     prev = ek + ev;
   }
 }
+
+TEST(CacheServing, RandomizedStartAppendFinishKeepsEverySequenceExact) {
+  // A long serving simulation on a small pool: sequences start with a prompt, grow one token per
+  // step, finish and free their pages, which later sequences reuse. After every step: no page is
+  // lost or shared, and each live sequence's cache equals a bulk write of its tokens (bit for bit).
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE(testing::Message() << "seed " << seed);
+  std::mt19937_64 rng(seed);
+  const int heads = 2, d = 64, pages = 24, slots = 4;
+  CacheConfig cfg = config("mix", heads, d, pages);
+  cfg.max_seqs = slots;
+  KvCache cache(cfg);
+  struct Live {
+    std::vector<float> k, v, mean;
+  };
+  std::vector<Live> live(static_cast<size_t>(slots));
+  std::vector<bool> active(static_cast<size_t>(slots), false);
+  std::uniform_int_distribution<int> prompt_len(1, 150), action(0, 9);
+  auto tokens = [&](int n, char role) {
+    std::vector<float> x = test::make_input(rng, n, heads, d, InputKind::Outliers, role);
+    test::to_half(x);
+    return x;
+  };
+  int starts = 0, appends = 0, finishes = 0, compared_blocks = 0, reused_pages = 0;
+  std::vector<bool> ever_used(size_t(pages), false);
+  for (int step = 0; step < 3000; ++step) {
+    const int a = action(rng);
+    const int s = int(rng() % slots);
+    if (!active[size_t(s)] && a < 3) {  // start: a prompt, if the pool has room
+      const int n = prompt_len(rng);
+      if (cache.pages_needed(0, s, n) > cache.free_pages()) continue;
+      const int got = cache.add_sequence();
+      ASSERT_GE(got, 0);
+      Live& l = live[size_t(got)];
+      l.k = tokens(n, 'k'), l.v = tokens(n, 'v');
+      l.mean.assign(size_t(heads) * d, 0.0f);
+      for (int h = 0; h < heads; ++h) head_mean(test::view_of(l.k, n, heads, d), h, l.mean.data() + size_t(h) * d);
+      cache.write(0, got, test::view_of(l.k, n, heads, d), test::view_of(l.v, n, heads, d));
+      active[size_t(got)] = true;
+      ++starts;
+    } else if (active[size_t(s)] && a < 8) {  // decode step: one token
+      if (cache.pages_needed(0, s, 1) > cache.free_pages()) continue;
+      Live& l = live[size_t(s)];
+      const std::vector<float> k1 = tokens(1, 'k'), v1 = tokens(1, 'v');
+      l.k.insert(l.k.end(), k1.begin(), k1.end()), l.v.insert(l.v.end(), v1.begin(), v1.end());
+      cache.write(0, s, test::view_of(k1, 1, heads, d), test::view_of(v1, 1, heads, d));
+      ++appends;
+    } else if (active[size_t(s)]) {  // finish
+      for (int p : cache.page_table(s)) ever_used[size_t(p)] = true;
+      cache.release_sequence(s);
+      active[size_t(s)] = false;
+      ++finishes;
+    }
+    // Pages: every page is either free or held by exactly one live sequence.
+    std::vector<int> owner(size_t(pages), -1);
+    int held = 0;
+    for (int q = 0; q < slots; ++q) {
+      if (!active[size_t(q)]) continue;
+      ASSERT_EQ(cache.length(0, q), int64_t(live[size_t(q)].k.size()) / (heads * d));
+      ASSERT_EQ(int64_t(cache.page_table(q).size()), cache.length(0, q) / TA_BLOCK_TOKENS);
+      for (int p : cache.page_table(q)) {
+        ASSERT_EQ(owner[size_t(p)], -1) << "page " << p << " held twice";
+        owner[size_t(p)] = q, ++held;
+        if (ever_used[size_t(p)]) ++reused_pages;
+      }
+    }
+    ASSERT_EQ(held + cache.free_pages(), pages) << "a page leaked at step " << step;
+    // Contents of one live sequence against a fresh bulk write of its tokens.
+    for (int q = 0; q < slots; ++q) {
+      if (!active[size_t(q)] || rng() % 4) continue;
+      const Live& l = live[size_t(q)];
+      const int n = int(l.k.size()) / (heads * d);
+      KvCache fresh(cfg);
+      const int f = fresh.add_sequence();
+      fresh.write(0, f, test::view_of(l.k, n, heads, d), test::view_of(l.v, n, heads, d), l.mean.data());
+      const int64_t page_bytes = cache.layout(0).page_bytes;
+      for (int64_t blk = 0; blk < n / TA_BLOCK_TOKENS; ++blk)
+        ASSERT_EQ(0, std::memcmp(cache.page(0, cache.page_table(q)[size_t(blk)]), fresh.page(0, fresh.page_table(f)[size_t(blk)]),
+                                 size_t(page_bytes)))
+            << "sequence " << q << " block " << blk << " at step " << step;
+      compared_blocks += n / TA_BLOCK_TOKENS;
+    }
+  }
+  // The simulation exercised what it claims to: many lives, flushes, reuse of freed pages.
+  EXPECT_GE(starts, 20);
+  EXPECT_GE(finishes, 15);
+  EXPECT_GE(appends, 500);
+  EXPECT_GE(compared_blocks, 200);
+  EXPECT_GT(reused_pages, 0);
+  testing::Test::RecordProperty("starts", starts);
+}
