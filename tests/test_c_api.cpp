@@ -131,6 +131,10 @@ TEST(CApi, RejectsBadAttentionArguments) {
   expect_error(TA_ERROR_INVALID_ARGUMENT, "cu_seqlens_k decreases at index 2", &q3, &kk3, &vv3, &o3, nullptr, &g, &d);
   expect_error(TA_ERROR_INVALID_ARGUMENT, "cu_seqlens_q ends at 7", &q3, &kk3, &vv3, &o3, nullptr, &s, &g);
   expect_error(TA_ERROR_INVALID_ARGUMENT, "must be given together", &q3, &kk3, &vv3, &o3, nullptr, &g, nullptr);
+  int32_t cu_backwards[3] = {8, 3, 0};  // read through a negative stride, this would walk off the array
+  ta_tensor neg = tensor(cu_backwards + 2, TA_DTYPE_I32, {3});
+  neg.strides[0] = -1;
+  expect_error(TA_ERROR_INVALID_ARGUMENT, "cu_seqlens_q: negative stride -1 in dim 0", &q3, &kk3, &vv3, &o3, nullptr, &neg, &g);
   ta_attention_options opt = ta_attention_default_options();
   opt.softmax_scale = NAN;
   EXPECT_EQ(ta_attention(&q, &k, &v, nullptr, nullptr, &opt, &out, nullptr, nullptr), TA_ERROR_INVALID_ARGUMENT);

@@ -26,7 +26,8 @@ typedef enum ta_status {
   TA_ERROR_OUT_OF_CAPACITY = 3,  /* the cache has no free page or slot, or a sequence is too long */
   TA_ERROR_OUT_OF_MEMORY = 4,
   TA_ERROR_CUDA = 5, /* a CUDA call failed */
-  TA_ERROR_INTERNAL = 6
+  TA_ERROR_INTERNAL = 6,
+  TA_STATUS_MAX_ENUM = 0x7fffffff /* makes every int32 a valid value: callers may pass any code */
 } ta_status;
 
 typedef enum ta_dtype {
@@ -35,10 +36,11 @@ typedef enum ta_dtype {
   TA_DTYPE_F32 = 3,
   TA_DTYPE_I8 = 4,
   TA_DTYPE_U8 = 5,
-  TA_DTYPE_I32 = 6
+  TA_DTYPE_I32 = 6,
+  TA_DTYPE_MAX_ENUM = 0x7fffffff
 } ta_dtype;
 
-typedef enum ta_device { TA_DEVICE_CPU = 0, TA_DEVICE_CUDA = 1 } ta_device;
+typedef enum ta_device { TA_DEVICE_CPU = 0, TA_DEVICE_CUDA = 1, TA_DEVICE_MAX_ENUM = 0x7fffffff } ta_device;
 
 #define TA_MAX_DIMS 4
 

@@ -180,6 +180,7 @@ const char* ta_status_string(ta_status status) {
     case TA_ERROR_OUT_OF_MEMORY: return "out of memory";
     case TA_ERROR_CUDA: return "CUDA error";
     case TA_ERROR_INTERNAL: return "internal error";
+    case TA_STATUS_MAX_ENUM: break;
   }
   return "unknown status";
 }

@@ -15,6 +15,7 @@ const char* dtype_name(ta_dtype dtype) {
     case TA_DTYPE_I8: return "i8";
     case TA_DTYPE_U8: return "u8";
     case TA_DTYPE_I32: return "i32";
+    case TA_DTYPE_MAX_ENUM: break;
   }
   return "unknown dtype";
 }
@@ -23,6 +24,7 @@ const char* device_name(ta_device device) {
   switch (device) {
     case TA_DEVICE_CPU: return "cpu";
     case TA_DEVICE_CUDA: return "cuda";
+    case TA_DEVICE_MAX_ENUM: break;
   }
   return "unknown device";
 }
@@ -48,6 +50,7 @@ size_t element_size(ta_dtype dtype) {
     case TA_DTYPE_I32: return 4;
     case TA_DTYPE_I8:
     case TA_DTYPE_U8: return 1;
+    case TA_DTYPE_MAX_ENUM: break;
   }
   return 0;
 }
@@ -60,8 +63,10 @@ const ta_tensor& check_tensor(const ta_tensor* t, const char* name) {
   require(element_size(t->dtype) != 0, TA_ERROR_INVALID_ARGUMENT, name, ": unknown dtype code ", int(t->dtype));
   require(t->device == TA_DEVICE_CPU || t->device == TA_DEVICE_CUDA, TA_ERROR_INVALID_ARGUMENT, name,
           ": unknown device code ", int(t->device));
-  for (int i = 0; i < t->ndim; ++i)
+  for (int i = 0; i < t->ndim; ++i) {
     require(t->shape[i] >= 0, TA_ERROR_INVALID_ARGUMENT, name, ": negative size ", t->shape[i], " in dim ", i);
+    require(t->strides[i] >= 0, TA_ERROR_INVALID_ARGUMENT, name, ": negative stride ", t->strides[i], " in dim ", i);
+  }
   require(t->data != nullptr || numel(*t) == 0, TA_ERROR_INVALID_ARGUMENT, name, ": data pointer is NULL");
   return *t;
 }
@@ -94,8 +99,6 @@ void expect_shape(const ta_tensor& t, const char* name, std::initializer_list<in
 void expect_last_dim_contiguous(const ta_tensor& t, const char* name) {
   require(t.strides[t.ndim - 1] == 1 || t.shape[t.ndim - 1] <= 1, TA_ERROR_INVALID_ARGUMENT, name,
           ": last dimension must be contiguous (stride 1), got stride ", t.strides[t.ndim - 1]);
-  for (int i = 0; i < t.ndim; ++i)
-    require(t.strides[i] >= 0, TA_ERROR_INVALID_ARGUMENT, name, ": negative stride ", t.strides[i], " in dim ", i);
 }
 
 void expect_device(const ta_tensor& t, const char* name, ta_device device) {
