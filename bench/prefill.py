@@ -2,7 +2,8 @@
 SageAttention 1.0.6, one run on one card. Effective TFLOP/s = 4 B H N^2 D / time (halved for causal),
 quantization included. Error: relative L2 against FP32 attention.
 
-    python bench/prefill.py [--out bench/results/prefill.json] [--quick]
+    PYTHONPATH=bindings/python python bench/prefill.py [--out bench/results/prefill.json] [--quick]
+(TURBOATTN_LIB selects the library; default: the package's, else build/libturboattn.so).
 """
 import argparse
 import datetime
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
-from turboattn_ctypes import Library
+import turboattn  # bindings/python on PYTHONPATH, or pip install .
 
 try:
     from sageattention import sageattn
@@ -44,7 +45,6 @@ def main():
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "prefill.json"))
     ap.add_argument("--quick", action="store_true", help="one shape, for a smoke test")
     args = ap.parse_args()
-    lib = Library()
     torch.manual_seed(0)
     H = 32
     shapes = [(32, 1024), (8, 4096), (2, 16384)]  # B x N = 32k tokens
@@ -58,7 +58,7 @@ def main():
                 q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.float16) for _ in range(3))
                 out = torch.empty(B, N, H, D, device="cuda", dtype=torch.float16).fill_(float("nan"))
                 qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # [B, N, H, D] views
-                ours = lambda: lib.attention(qt, kt, vt, out, causal=causal)
+                ours = lambda: turboattn.attention(qt, kt, vt, causal=causal, out=out)
                 ms = {"turboattn": do_bench(ours, warmup=25, rep=100, return_mode="median")}
                 for name, backend in (("fa2", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
                     fn = sdpa(backend)

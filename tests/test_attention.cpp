@@ -165,3 +165,22 @@ TEST(Attention, NanInputPropagatesToItsRows) {
     EXPECT_EQ(any_nan, i >= 64) << "query " << i;
   }
 }
+
+TEST(Attention, EmptyRowsKeepZeroOutputAndMinusInfinityLseWhateverTheirQuery) {
+  // A row that sees no key is defined as 0 with lse -inf, even if its query holds a NaN (the smoothing
+  // correction of the log-sum-exp must not reach it).
+  std::mt19937_64 rng(std::random_device{}());
+  const int d = 64, nq = 100, nk = 40;
+  std::vector<float> q = test::make_input(rng, nq, 1, d, InputKind::Normal, 'q');
+  std::vector<float> k = test::make_input(rng, nk, 1, d, InputKind::Normal, 'k');
+  std::vector<float> v = test::make_input(rng, nk, 1, d, InputKind::Normal, 'v');
+  q[5] = std::nanf("");  // row 0
+  std::vector<float> out(q.size()), lse(size_t(nq));
+  AttentionOptions opt;
+  opt.causal = true;
+  flashq_attention(test::view_of(q, nq, 1, d), test::view_of(k, nk, 1, d), test::view_of(v, nk, 1, d), opt, out.data(), lse.data());
+  for (int i = 0; i < nq - nk; ++i) {
+    EXPECT_TRUE(std::isinf(lse[size_t(i)]) && lse[size_t(i)] < 0) << "row " << i << ": " << lse[size_t(i)];
+    for (int c = 0; c < d; ++c) ASSERT_EQ(out[size_t(i) * d + c], 0.0f);
+  }
+}

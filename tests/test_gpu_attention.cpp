@@ -214,7 +214,7 @@ TEST(GpuPrefillInt8Kv, MatchesReferenceOverTheSameCodes) {
   const uint64_t seed = std::random_device{}();
   SCOPED_TRACE(testing::Message() << "seed " << seed);
   std::mt19937_64 rng(seed);
-  const int B = 2, nq = 190, nk = 333, hq = 8, hkv = 2, D = 128, blocks = (nk + 63) / 64;
+  const int B = 2, nq = 190, nk = 333, hq = 8, hkv = 2, D = 128, blocks = TA_BLOCK_COUNT(nk);
   std::vector<float> q = test::make_input(rng, B * nq, hq, D, InputKind::Outliers, 'q');
   std::vector<float> k = test::make_input(rng, B * nk, hkv, D, InputKind::Outliers, 'k');
   std::vector<float> v = test::make_input(rng, B * nk, hkv, D, InputKind::Outliers, 'v');
@@ -260,14 +260,16 @@ TEST(GpuPrefillInt8Kv, MatchesReferenceOverTheSameCodes) {
 }
 
 namespace {
-// Runs GPU attention (causal, [1, n, 1, D] fp16) on the given values and returns the outputs as floats.
-std::vector<float> gpu_attention(const std::vector<float>& q, const std::vector<float>& k, const std::vector<float>& v, int n, int d) {
+// Runs GPU attention (causal, q [1, nq, 1, D], k and v [1, nk, 1, D], fp16) and returns the outputs as
+// floats.
+std::vector<float> gpu_attention(const std::vector<float>& q, const std::vector<float>& k, const std::vector<float>& v, int nq,
+                                 int nk, int d) {
   std::vector<float> qq = q, kk = k, vv = v;
   std::vector<uint16_t> qh = test::to_half(qq), kh = test::to_half(kk), vh = test::to_half(vv);
   DeviceBuffer<uint16_t> dq(qh.size()), dk(kh.size()), dv(vh.size()), dout(qh.size());
   dq.upload(qh), dk.upload(kh), dv.upload(vh), dout.poison();
-  ta_tensor gq = tensor(dq.ptr, TA_DTYPE_F16, {1, n, 1, d}, TA_DEVICE_CUDA), gk = tensor(dk.ptr, TA_DTYPE_F16, {1, n, 1, d}, TA_DEVICE_CUDA),
-            gv = tensor(dv.ptr, TA_DTYPE_F16, {1, n, 1, d}, TA_DEVICE_CUDA), go = tensor(dout.ptr, TA_DTYPE_F16, {1, n, 1, d}, TA_DEVICE_CUDA);
+  ta_tensor gq = tensor(dq.ptr, TA_DTYPE_F16, {1, nq, 1, d}, TA_DEVICE_CUDA), gk = tensor(dk.ptr, TA_DTYPE_F16, {1, nk, 1, d}, TA_DEVICE_CUDA),
+            gv = tensor(dv.ptr, TA_DTYPE_F16, {1, nk, 1, d}, TA_DEVICE_CUDA), go = tensor(dout.ptr, TA_DTYPE_F16, {1, nq, 1, d}, TA_DEVICE_CUDA);
   ta_attention_options opt = ta_attention_default_options();
   opt.causal = 1;
   EXPECT_EQ(ta_attention(&gq, &gk, &gv, nullptr, nullptr, &opt, &go, nullptr, nullptr), TA_SUCCESS) << ta_last_error();
@@ -287,7 +289,7 @@ TEST(GpuPrefillNumerics, LargeMagnitudeInputsStayFinite) {
   std::vector<float> v = test::make_input(rng, n, 1, d, InputKind::Normal, 'v');
   for (auto* x : {&q, &k, &v})
     for (float& e : *x) e = std::clamp(e * 20000.0f, -65504.0f, 65504.0f);  // near the fp16 maximum
-  for (float x : gpu_attention(q, k, v, n, d)) ASSERT_TRUE(std::isfinite(x));
+  for (float x : gpu_attention(q, k, v, n, n, d)) ASSERT_TRUE(std::isfinite(x));
 }
 
 TEST(GpuPrefillNumerics, EqualScoresAverageTheValues) {
@@ -297,7 +299,7 @@ TEST(GpuPrefillNumerics, EqualScoresAverageTheValues) {
   std::vector<float> q = test::make_input(rng, n, 1, d, InputKind::Normal, 'q');
   std::vector<float> k(size_t(n) * d, 0.5f);  // every key equal: every score of a row equal
   std::vector<float> v = test::make_input(rng, n, 1, d, InputKind::Normal, 'v');
-  const std::vector<float> out = gpu_attention(q, k, v, n, d);
+  const std::vector<float> out = gpu_attention(q, k, v, n, n, d);
   std::vector<float> vh = v;
   test::to_half(vh);
   std::vector<double> mean(size_t(d), 0.0);
@@ -308,18 +310,20 @@ TEST(GpuPrefillNumerics, EqualScoresAverageTheValues) {
   }
 }
 
-TEST(GpuPrefillNumerics, NanInValuePropagatesToTheRowsThatSeeIt) {
+class GpuPrefillNan : public testing::TestWithParam<int> {};
+TEST_P(GpuPrefillNan, NanInValueReachesExactlyTheRowsThatSeeIt) {
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
   std::mt19937_64 rng(std::random_device{}());
-  const int d = 64, n = 130;
-  std::vector<float> q = test::make_input(rng, n, 1, d, InputKind::Normal, 'q');
-  std::vector<float> k = test::make_input(rng, n, 1, d, InputKind::Normal, 'k');
-  std::vector<float> v = test::make_input(rng, n, 1, d, InputKind::Normal, 'v');
-  v[size_t(100) * d + 3] = std::nanf("");  // key 100, in block 1
-  const std::vector<float> out = gpu_attention(q, k, v, n, d);
-  for (int i = 0; i < n; ++i) {
+  const int d = 64, nq = GetParam(), nk = 130;  // nq < nk: the causal diagonal is offset by nk - nq
+  std::vector<float> q = test::make_input(rng, nq, 1, d, InputKind::Normal, 'q');
+  std::vector<float> k = test::make_input(rng, nk, 1, d, InputKind::Normal, 'k');
+  std::vector<float> v = test::make_input(rng, nk, 1, d, InputKind::Normal, 'v');
+  v[size_t(100) * d + 3] = std::nanf("");  // key 100: block 1 (keys 64..127) gets a NaN scale
+  const std::vector<float> out = gpu_attention(q, k, v, nq, nk, d);
+  for (int i = 0; i < nq; ++i) {
     bool any_nan = false;
     for (int c = 0; c < d; ++c) any_nan = any_nan || std::isnan(out[size_t(i) * d + c]);
-    EXPECT_EQ(any_nan, i >= 64) << "query " << i;  // queries from 64 on read block 1's NaN V scale
+    EXPECT_EQ(any_nan, i + nk - nq >= 64) << "query " << i;  // it sees keys up to i + nk - nq
   }
 }
+INSTANTIATE_TEST_SUITE_P(Offsets, GpuPrefillNan, testing::Values(130, 100, 77));

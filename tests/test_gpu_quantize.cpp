@@ -32,7 +32,7 @@ TEST_P(GpuQuantize, BitExactWithReference) {
   const uint64_t seed = std::random_device{}();
   SCOPED_TRACE(testing::Message() << "seed " << seed);
   std::mt19937_64 rng(seed);
-  const int B = 2, H = 3, blocks = (n + 63) / 64;
+  const int B = 2, H = 3, blocks = TA_BLOCK_COUNT(n);
   std::vector<float> x = test::make_input(rng, B * n, H, dim, kind, 'k');
   if (n > 64) {  // special blocks: batch 1 head 0 block 0 all zero, head 1 block 1 holds a NaN
     for (int t = 0; t < 64; ++t)

@@ -6,6 +6,8 @@
 /* Tokens per quantization block of Q, K and V, per compressed cache block (one page), per softmax
  * tile, and the capacity of the INT8 buffer of recent tokens (flushed when it holds this many). */
 #define TA_BLOCK_TOKENS 64
+/* Blocks covering n tokens (the last one partial). */
+#define TA_BLOCK_COUNT(n) (((n) + TA_BLOCK_TOKENS - 1) / TA_BLOCK_TOKENS)
 
 /* Symmetric INT8: codes in [-TA_INT8_MAX, TA_INT8_MAX], scale = amax / TA_INT8_MAX. */
 #define TA_INT8_MAX 127
@@ -37,8 +39,7 @@
 #define TA_BITS_4 4
 #define TA_BITS_2 2
 
-/* Largest head dim, and most KV heads per layer, that a cache or kernel accepts. */
-#define TA_MAX_HEAD_DIM 256
+/* Most KV heads per layer that a cache accepts. */
 #define TA_MAX_KV_HEADS 64
 
 #endif /* TURBOATTN_FORMAT_H */

@@ -1,5 +1,6 @@
 // The C API: argument validation, then dispatch to the CPU reference or the CUDA kernels.
 #include <algorithm>
+#include <initializer_list>
 #include <cmath>
 #include <memory>
 #include <set>
@@ -27,9 +28,24 @@ constexpr bool kBuiltWithCuda = false;
 constexpr const char* kBuiltWithCudaText = " (built without CUDA)";
 #endif
 
-[[noreturn]] void no_cuda_path(const char* what) {
+// The one message for CUDA tensors this build cannot serve.
+[[noreturn, maybe_unused]] void no_cuda_path(const char* what) {
   throw Error(TA_ERROR_UNSUPPORTED, concat(what, " on CUDA tensors is not available in this build",
                                            kBuiltWithCudaText, "; use CPU tensors"));
+}
+
+void check_softmax_scale(float scale, const char* name) {
+  require(std::isfinite(scale) && scale >= 0.0f, TA_ERROR_INVALID_ARGUMENT, name, ": ", scale,
+          " is not a finite non-negative number (0 selects 1/sqrt(D))");
+}
+
+// lse: f32 of the given shape on `device`, when given.
+void check_lse(const ta_tensor* lse_, ta_device device, std::initializer_list<int64_t> shape) {
+  if (!lse_) return;
+  const ta_tensor& lse = check_tensor(lse_, "lse");
+  expect_dtype(lse, "lse", {TA_DTYPE_F32});
+  expect_device(lse, "lse", device);
+  expect_shape(lse, "lse", shape);
 }
 
 
@@ -52,7 +68,7 @@ std::vector<int32_t> cu_seqlens_values(const ta_tensor* t_, const char* name, in
   return cu;
 #else
   (void)stream;
-  throw Error(TA_ERROR_UNSUPPORTED, concat(name, ": on cuda, but this build of turboattn has no CUDA kernels"));
+  no_cuda_path(name);
 #endif
 }
 
@@ -112,13 +128,8 @@ AttentionShape check_attention(const ta_tensor* q_, const ta_tensor* k_, const t
     expect_shape(v, "v", {s.batch, k.shape[1], s.hkv, s.dim});
     expect_shape(out, "out", {s.batch, q.shape[1], s.hq, s.dim});
   }
-  if (lse_) {
-    const ta_tensor& lse = check_tensor(lse_, "lse");
-    expect_dtype(lse, "lse", {TA_DTYPE_F32});
-    expect_device(lse, "lse", q.device);
-    if (s.varlen) expect_shape(lse, "lse", {s.hq, s.total_q});
-    else expect_shape(lse, "lse", {s.batch, s.hq, q.shape[1]});
-  }
+  if (s.varlen) check_lse(lse_, q.device, {s.hq, s.total_q});
+  else check_lse(lse_, q.device, {s.batch, s.hq, q.shape[1]});
   return s;
 }
 
@@ -216,8 +227,7 @@ ta_status ta_attention(const ta_tensor* q, const ta_tensor* k, const ta_tensor* 
   return guard([&] {
     const AttentionShape s = check_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, out, lse, true, cuda_stream);
     const ta_attention_options o = options ? *options : ta_attention_default_options();
-    require(std::isfinite(o.softmax_scale) && o.softmax_scale >= 0.0f, TA_ERROR_INVALID_ARGUMENT,
-            "options.softmax_scale: ", o.softmax_scale, " is not a finite non-negative number (0 selects 1/sqrt(D))");
+    check_softmax_scale(o.softmax_scale, "options.softmax_scale");
     if (q->device == TA_DEVICE_CUDA) {
 #ifdef TURBOATTN_WITH_CUDA
       if (s.varlen) cuda::attention_varlen(*q, *k, *v, s.cu_q, s.cu_k, o, *out, lse, cuda_stream);
@@ -253,7 +263,7 @@ ta_status ta_attention_int8kv(const ta_tensor* q_, const ta_tensor* kc_, const t
     expect_dtype(kc, "k_codes", {TA_DTYPE_I8});
     expect_dtype(vc, "v_codes", {TA_DTYPE_I8});
     expect_rank(kc, "k_codes", 4);
-    const int64_t nk = kc.shape[1], hkv = kc.shape[2], blocks = (nk + TA_BLOCK_TOKENS - 1) / TA_BLOCK_TOKENS;
+    const int64_t nk = kc.shape[1], hkv = kc.shape[2], blocks = TA_BLOCK_COUNT(nk);
     require(kc.shape[0] == B && kc.shape[3] == D, TA_ERROR_INVALID_ARGUMENT, "k_codes: shape ", shape_string(kc),
             " does not match q's batch ", B, " and head dim ", D);
     require(hkv > 0 && hq % hkv == 0, TA_ERROR_INVALID_ARGUMENT, "q: ", hq, " query heads is not a positive multiple of k_codes' ",
@@ -275,15 +285,9 @@ ta_status ta_attention_int8kv(const ta_tensor* q_, const ta_tensor* kc_, const t
       expect_device(m, "k_mean", q.device);
       expect_last_dim_contiguous(m, "k_mean");
     }
-    if (lse_) {
-      const ta_tensor& lse = check_tensor(lse_, "lse");
-      expect_dtype(lse, "lse", {TA_DTYPE_F32});
-      expect_device(lse, "lse", q.device);
-      expect_shape(lse, "lse", {B, hq, nq});
-    }
+    check_lse(lse_, q.device, {B, hq, nq});
     const ta_attention_options o = options ? *options : ta_attention_default_options();
-    require(std::isfinite(o.softmax_scale) && o.softmax_scale >= 0.0f, TA_ERROR_INVALID_ARGUMENT, "options.softmax_scale: ",
-            o.softmax_scale, " is not a finite non-negative number (0 selects 1/sqrt(D))");
+    check_softmax_scale(o.softmax_scale, "options.softmax_scale");
     if (q.device == TA_DEVICE_CUDA) {
 #ifdef TURBOATTN_WITH_CUDA
       cuda::attention_int8kv(q, kc, ks, vc, vs, mean_, o, out, lse_, cuda_stream);
@@ -330,8 +334,7 @@ ta_status ta_attention_exact(const ta_tensor* q, const ta_tensor* k, const ta_te
                              const ta_tensor* cu_seqlens_k, float softmax_scale, int32_t causal, ta_tensor* out, ta_tensor* lse) {
   return guard([&] {
     const AttentionShape s = check_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, out, lse, false);
-    require(std::isfinite(softmax_scale) && softmax_scale >= 0.0f, TA_ERROR_INVALID_ARGUMENT, "softmax_scale: ",
-            softmax_scale, " is not a finite non-negative number");
+    check_softmax_scale(softmax_scale, "softmax_scale");
     run_attention_cpu(s, *q, *k, *v, *out, lse, [&](auto qv, auto kv, auto vv, float* o_, float* l_) {
       std::vector<double> od(size_t(qv.tokens) * qv.heads * qv.dim), ld(size_t(qv.tokens) * qv.heads);
       ref::exact_attention(qv, kv, vv, softmax_scale, causal != 0, od.data(), ld.data());
@@ -355,7 +358,7 @@ ta_status ta_quantize_int8(const ta_tensor* x_, const ta_tensor* shift_, ta_tens
     expect_shape(codes, "codes", {B, N, H, D});
     expect_last_dim_contiguous(codes, "codes");
     expect_dtype(scales, "scales", {TA_DTYPE_F32});
-    expect_shape(scales, "scales", {B, H, (N + TA_BLOCK_TOKENS - 1) / TA_BLOCK_TOKENS});
+    expect_shape(scales, "scales", {B, H, TA_BLOCK_COUNT(N)});
     expect_device(codes, "codes", x.device);
     expect_device(scales, "scales", x.device);
     if (shift_) {
@@ -371,7 +374,7 @@ ta_status ta_quantize_int8(const ta_tensor* x_, const ta_tensor* shift_, ta_tens
       return;
 #else
       (void)stream;
-      throw Error(TA_ERROR_UNSUPPORTED, "x: on cuda, but this build of turboattn has no CUDA kernels");
+      no_cuda_path("ta_quantize_int8");
 #endif
     }
     const std::vector<float> xf = to_float(x);
@@ -418,7 +421,7 @@ ta_status ta_cache_create(const ta_cache_config* config, ta_device device, ta_ca
     require(c.max_seqs >= 1, TA_ERROR_INVALID_ARGUMENT, "config.max_seqs: ", c.max_seqs, ", expected >= 1");
     require(c.max_seq_len >= 1, TA_ERROR_INVALID_ARGUMENT, "config.max_seq_len: ", c.max_seq_len, ", expected >= 1");
     require(device == TA_DEVICE_CPU || device == TA_DEVICE_CUDA, TA_ERROR_INVALID_ARGUMENT, "device: unknown code ", int(device));
-    if (device == TA_DEVICE_CUDA) no_cuda_path("the KV cache");
+    require(device != TA_DEVICE_CUDA, TA_ERROR_UNSUPPORTED, "device: the KV cache on CUDA is not implemented yet; use TA_DEVICE_CPU");
     ref::CacheConfig rc;
     rc.layers = c.num_layers, rc.kv_heads = c.num_kv_heads, rc.head_dim = c.head_dim, rc.num_pages = c.num_pages;
     rc.max_seqs = c.max_seqs, rc.max_seq_len = c.max_seq_len, rc.smooth_k = c.smooth_k != 0;
@@ -606,8 +609,7 @@ ta_status ta_decode(ta_cache* cache, int32_t layer, const int32_t* seqs, int32_t
       require(c.length(layer, seqs[i]) >= q_len, TA_ERROR_INVALID_ARGUMENT, "q: q_len ", q_len, " exceeds sequence ", seqs[i],
               "'s ", c.length(layer, seqs[i]), " cached tokens in layer ", layer, " (append the new tokens first)");
     const ta_decode_options o = options ? *options : ta_decode_default_options();
-    require(std::isfinite(o.softmax_scale) && o.softmax_scale >= 0.0f, TA_ERROR_INVALID_ARGUMENT, "options.softmax_scale: ",
-            o.softmax_scale, " is not a finite non-negative number");
+    check_softmax_scale(o.softmax_scale, "options.softmax_scale");
     require(o.split_tiles >= 0, TA_ERROR_INVALID_ARGUMENT, "options.split_tiles: ", o.split_tiles, ", expected >= 0");
     const std::vector<float> qf = to_float(q);
     std::vector<float> of(qf.size());

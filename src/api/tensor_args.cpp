@@ -67,7 +67,17 @@ const ta_tensor& check_tensor(const ta_tensor* t, const char* name) {
     require(t->shape[i] >= 0, TA_ERROR_INVALID_ARGUMENT, name, ": negative size ", t->shape[i], " in dim ", i);
     require(t->strides[i] >= 0, TA_ERROR_INVALID_ARGUMENT, name, ": negative stride ", t->strides[i], " in dim ", i);
   }
-  require(t->data != nullptr || numel(*t) == 0, TA_ERROR_INVALID_ARGUMENT, name, ": data pointer is NULL");
+  // Element count and largest offset must fit in int64 (index arithmetic relies on it).
+  int64_t count = 1, extent = 0;
+  for (int i = 0; i < t->ndim; ++i) {
+    int64_t span = 0;
+    const bool ok = !__builtin_mul_overflow(count, t->shape[i], &count) &&
+                    (t->shape[i] == 0 || (!__builtin_mul_overflow(t->shape[i] - 1, t->strides[i], &span) &&
+                                          !__builtin_add_overflow(extent, span, &extent)));
+    require(ok && count <= (int64_t(1) << 48), TA_ERROR_INVALID_ARGUMENT, name, ": shape ", shape_string(*t),
+            " with its strides addresses more elements than supported");
+  }
+  require(t->data != nullptr || count == 0, TA_ERROR_INVALID_ARGUMENT, name, ": data pointer is NULL");
   return *t;
 }
 

@@ -3,13 +3,14 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <cmath>
 #include <cstdint>
+#include <tuple>
 #include <utility>
 #include <vector>
 
 #include "api/cuda_backend.hpp"
 #include "api/errors.hpp"
+#include "reference/attention.hpp"
 #include "cuda/common/check.cuh"
 #include "cuda/common/numeric.cuh"
 #include "cuda/quantize.cuh"
@@ -68,14 +69,16 @@ class Workspace {
   template <typename T>
   T* get(int64_t count) {
     void* p = nullptr;
+    require(n_ < kSlots, TA_ERROR_INTERNAL, "workspace: more than ", kSlots, " allocations");
     TA_CUDA_CHECK(cudaMallocAsync(&p, size_t(std::max<int64_t>(count, 1)) * sizeof(T), stream_));
     ptrs_[n_++] = p;
     return static_cast<T*>(p);
   }
 
  private:
+  static constexpr int kSlots = 16;
   cudaStream_t stream_;
-  void* ptrs_[16] = {};
+  void* ptrs_[kSlots] = {};
   int n_ = 0;
 };
 
@@ -103,7 +106,15 @@ void dispatch_head_dim(int dim, const sm80::PrefillParams& p, bool sas, int batc
   throw Error(TA_ERROR_UNSUPPORTED, concat("head dim ", dim, " has no CUDA kernel"));
 }
 
-int blocks_of(int tokens) { return (tokens + TA_BLOCK_TOKENS - 1) / TA_BLOCK_TOKENS; }
+int blocks_of(int tokens) { return TA_BLOCK_COUNT(tokens); }
+
+// Row pitch in bytes of a 2-D copy whose rows are `stride` bytes apart: rows must not overlap.
+size_t pitch_of(int64_t stride, int64_t width, int64_t rows, const char* name) {
+  if (rows <= 1) return size_t(width);
+  require(stride >= width, TA_ERROR_INVALID_ARGUMENT, name, ": rows ", stride, " bytes apart overlap rows of ", width,
+          " bytes; CUDA needs them apart");
+  return size_t(stride);
+}
 
 // K and V in the kernel's compute format, with the K mean that smoothing subtracted (or null).
 struct KvOperands {
@@ -125,9 +136,7 @@ KvOperands allocate_kv(Workspace& ws, int batch, int hkv, int nk, int dim) {
   kv.v_scale = ws.get<float>(int64_t(batch) * hkv * blocks_of(nk));
   return kv;
 }
-float softmax_scale_of(const ta_attention_options& o, int dim) {
-  return o.softmax_scale > 0.0f ? o.softmax_scale : float(1.0 / std::sqrt(double(dim)));
-}
+
 
 template <typename T>
 QuantizeArgs<T> quantize_args(const ta_tensor& x, const float* shift, int8_t* codes, float* scales) {
@@ -148,7 +157,7 @@ template <typename T>
 void run_attention(const ta_tensor& q, const KvOperands& kv, const ta_attention_options& o, ta_tensor& out, ta_tensor* lse,
                    Workspace& ws, cudaStream_t stream) {
   const int B = int(q.shape[0]), nq = int(q.shape[1]), hq = int(q.shape[2]), D = int(q.shape[3]);
-  const float softmax_scale = softmax_scale_of(o, D);
+  const float softmax_scale = ref::resolve_softmax_scale(o.softmax_scale, D);
   int8_t* q8 = ws.get<int8_t>(int64_t(B) * hq * nq * D);
   float* q_scale = ws.get<float>(int64_t(B) * hq * blocks_of(nq));
   launch_quantize_int8(quantize_args<T>(q, nullptr, q8, q_scale), stream);
@@ -165,7 +174,7 @@ void run_attention(const ta_tensor& q, const KvOperands& kv, const ta_attention_
   p.out = out.data, p.out_b = out.strides[0], p.out_n = out.strides[1], p.out_h = out.strides[2];
   if (lse) p.lse = static_cast<float*>(lse->data), p.lse_b = lse->strides[0], p.lse_h = lse->strides[1];
   p.hq = hq, p.hkv = kv.hkv, p.nq = nq, p.nk = kv.nk, p.nk_padded = kv.nk_padded();
-  p.scale_log2 = float(double(softmax_scale) * 1.4426950408889634);
+  p.scale_log2 = ref::scale_log2(softmax_scale);
   p.causal = o.causal != 0;
   if (nq > 0) dispatch_head_dim<T>(D, p, o.use_sas != 0, B, stream);
 }
@@ -204,17 +213,18 @@ void attention_int8kv_typed(const ta_tensor& q, const ta_tensor& kc, const ta_te
   for (int b = 0; b < B; ++b) {
     for (int h = 0; h < hkv; ++h)  // K rows of one (sequence, head) into [Nk, D]
       TA_CUDA_CHECK(cudaMemcpy2DAsync(kv.k8 + (int64_t(b) * hkv + h) * nk * D, D,
-                                      static_cast<const int8_t*>(kc.data) + b * kc.strides[0] + h * kc.strides[2], kc.strides[1], D,
-                                      nk, cudaMemcpyDeviceToDevice, stream));
-    for (auto [src, dst] : {std::pair{&ks, kv.k_scale}, {&vs, kv.v_scale}})
+                                      static_cast<const int8_t*>(kc.data) + b * kc.strides[0] + h * kc.strides[2],
+                                      pitch_of(kc.strides[1], D, nk, "k_codes"), D, nk, cudaMemcpyDeviceToDevice, stream));
+    for (auto [src, dst, name] : {std::tuple{&ks, kv.k_scale, "k_scales"}, {&vs, kv.v_scale, "v_scales"}})
       TA_CUDA_CHECK(cudaMemcpy2DAsync(dst + int64_t(b) * hkv * k_blocks, k_blocks * 4,
-                                      static_cast<const float*>(src->data) + b * src->strides[0], src->strides[1] * 4,
-                                      k_blocks * 4, hkv, cudaMemcpyDeviceToDevice, stream));
+                                      static_cast<const float*>(src->data) + b * src->strides[0],
+                                      pitch_of(src->strides[1] * 4, k_blocks * 4, hkv, name), k_blocks * 4, hkv,
+                                      cudaMemcpyDeviceToDevice, stream));
   }
-  if (mean) {
+  if (mean) {  // [B, Hkv, D], evenly strided over (batch, head) (checked by the caller)
     float* mu = ws.get<float>(int64_t(B) * hkv * D);
-    TA_CUDA_CHECK(cudaMemcpy2DAsync(mu, D * 4, mean->data, mean->strides[1] * 4, D * 4, int64_t(B) * hkv, cudaMemcpyDeviceToDevice,
-                                    stream));
+    TA_CUDA_CHECK(cudaMemcpy2DAsync(mu, D * 4, mean->data, pitch_of(mean->strides[1] * 4, D * 4, int64_t(B) * hkv, "k_mean"), D * 4,
+                                    int64_t(B) * hkv, cudaMemcpyDeviceToDevice, stream));
     kv.mean = mu;
   }
   launch_transpose_codes(static_cast<const int8_t*>(vc.data), strides_of(vc), B, nk, hkv, D, kv.vt8, kv.nk_padded(), stream);
@@ -235,12 +245,22 @@ void check_pointers(const ta_tensor& q, const ta_tensor& k, const ta_tensor& v, 
   if (lse) require(lse->strides[lse->ndim - 1] == 1, TA_ERROR_INVALID_ARGUMENT, "lse: the last dimension must be contiguous on CUDA");
 }
 
+// Sizes the kernels' int indices and launch grids hold; false when there is nothing to compute.
+bool check_sizes(int64_t batch, int64_t q_heads, int64_t q_tokens, int64_t kv_heads, int64_t kv_tokens) {
+  require(q_tokens < (int64_t(1) << 30) && kv_tokens < (int64_t(1) << 30), TA_ERROR_UNSUPPORTED,
+          "sequence length over 2^30 tokens is not supported on CUDA");
+  require(batch <= 65535 && q_heads <= 65535 && kv_heads <= 65535, TA_ERROR_UNSUPPORTED,
+          "more than 65535 sequences or heads is not supported on CUDA");
+  return batch > 0 && q_heads > 0 && q_tokens > 0;
+}
+
 template <typename T>
 void dispatch_dtype(const ta_tensor& q, const ta_tensor& k, const ta_tensor& v, const ta_attention_options& o, ta_tensor& out,
                     ta_tensor* lse, cudaStream_t s) {
-  require(q.shape[1] < (1 << 30) && k.shape[1] < (1 << 30), TA_ERROR_UNSUPPORTED, "sequence length over 2^30 tokens");
-  attention_typed<T>(q, k, v, o, out, lse, s);
+  if (check_sizes(q.shape[0], q.shape[2], q.shape[1], k.shape[2], k.shape[1])) attention_typed<T>(q, k, v, o, out, lse, s);
 }
+
+
 
 // A [T, H, D] tensor's tokens [start, start + len) as a [1, len, H, D] tensor.
 ta_tensor sequence_view(const ta_tensor& t, int64_t start, int64_t len) {
@@ -293,16 +313,19 @@ void attention_int8kv(const ta_tensor& q, const ta_tensor& k_codes, const ta_ten
   for (auto [t, name] : {std::pair{&k_scales, "k_scales"}, {&v_scales, "v_scales"}}) expect_device_pointer(t->data, name);
   if (k_mean) {
     expect_device_pointer(k_mean->data, "k_mean");
-    require(k_mean->strides[0] == k_mean->shape[1] * k_mean->strides[1], TA_ERROR_INVALID_ARGUMENT,
+    require(k_mean->shape[0] <= 1 || k_mean->strides[0] == k_mean->shape[1] * k_mean->strides[1], TA_ERROR_INVALID_ARGUMENT,
             "k_mean: batch and head dimensions must be evenly strided on CUDA");
   }
   const auto s = static_cast<cudaStream_t>(stream);
+  if (!check_sizes(q.shape[0], q.shape[2], q.shape[1], k_codes.shape[2], k_codes.shape[1])) return;
   if (q.dtype == TA_DTYPE_F16) attention_int8kv_typed<__half>(q, k_codes, k_scales, v_codes, v_scales, k_mean, options, out, lse, s);
   else attention_int8kv_typed<__nv_bfloat16>(q, k_codes, k_scales, v_codes, v_scales, k_mean, options, out, lse, s);
 }
 
 std::vector<int32_t> read_device_i32(const void* data, int64_t count, int64_t stride, void* stream) {
   expect_device_pointer(data, "cu_seqlens");
+  require((count - 1) * stride < (int64_t(1) << 24), TA_ERROR_INVALID_ARGUMENT, "cu_seqlens: ", count, " entries ", stride,
+          " apart span too much memory");
   std::vector<int32_t> strided(static_cast<size_t>((count - 1) * stride + 1));
   TA_CUDA_CHECK(cudaMemcpyAsync(strided.data(), data, strided.size() * 4, cudaMemcpyDeviceToHost, static_cast<cudaStream_t>(stream)));
   TA_CUDA_CHECK(cudaStreamSynchronize(static_cast<cudaStream_t>(stream)));

@@ -120,7 +120,7 @@ __global__ void __launch_bounds__(kThreads) transpose_codes_kernel(const int8_t*
 
 template <typename T>
 dim3 grid_of(const QuantizeArgs<T>& a) {
-  const int blocks = (a.tokens + TA_BLOCK_TOKENS - 1) / TA_BLOCK_TOKENS;
+  const int blocks = TA_BLOCK_COUNT(a.tokens);
   require(a.heads <= 65535 && a.batch <= 65535, TA_ERROR_UNSUPPORTED, "x: ", a.batch, " sequences x ", a.heads,
           " heads exceeds the launch grid");
   return dim3{unsigned(blocks), unsigned(a.heads), unsigned(a.batch)};
@@ -146,7 +146,7 @@ void launch_quantize_int8_transposed(const QuantizeArgs<T>& a, int padded_tokens
 void launch_transpose_codes(const int8_t* codes, TokenStrides cs, int batch, int tokens, int heads, int dim, int8_t* out,
                             int padded_tokens, cudaStream_t stream) {
   if (batch == 0 || tokens == 0 || heads == 0) return;
-  const dim3 grid{unsigned((tokens + TA_BLOCK_TOKENS - 1) / TA_BLOCK_TOKENS), unsigned(heads), unsigned(batch)};
+  const dim3 grid{unsigned(TA_BLOCK_COUNT(tokens)), unsigned(heads), unsigned(batch)};
   transpose_codes_kernel<<<grid, kThreads, TA_BLOCK_TOKENS * dim, stream>>>(codes, cs, tokens, heads, dim, out, padded_tokens);
   TA_CUDA_CHECK_LAUNCH("transpose_codes_kernel");
 }
@@ -178,7 +178,7 @@ void quantize_int8(const ta_tensor& x, const ta_tensor* shift, ta_tensor& codes,
   expect_device_pointer(codes.data, "codes");
   expect_device_pointer(scales.data, "scales");
   if (shift) expect_device_pointer(shift->data, "shift");
-  require(x.shape[1] <= 0x7fffffff, TA_ERROR_UNSUPPORTED, "x: ", x.shape[1], " tokens exceeds 2^31");
+  require(x.shape[1] < (int64_t(1) << 30), TA_ERROR_UNSUPPORTED, "x: ", x.shape[1], " tokens: over 2^30 is not supported on CUDA");
   const auto s = static_cast<cudaStream_t>(stream);
   if (x.dtype == TA_DTYPE_F16) quantize_public<__half>(x, shift, codes, scales, s);
   else quantize_public<__nv_bfloat16>(x, shift, codes, scales, s);

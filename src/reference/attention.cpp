@@ -149,7 +149,7 @@ void flashq_attention_int8(const HeadsView& q, const Int8KV& kv, const Attention
   const int d = q.dim, nq = q.tokens, nk = kv.tokens, hq = q.heads;
   const int group = hq / kv.heads;
   const float softmax_scale = resolve_softmax_scale(opt.softmax_scale, d), sl2 = scale_log2(softmax_scale);
-  const int q_blocks = (nq + kTile - 1) / kTile;
+  const int q_blocks = TA_BLOCK_COUNT(nq);
   parallel_for(int64_t(hq) * q_blocks, [&](int64_t item) {
     const int h = int(item / q_blocks), qb = int(item % q_blocks), hk = h / group;
     const int t0 = qb * kTile, rows = std::min(kTile, nq - t0);
@@ -172,7 +172,7 @@ void flashq_attention_int8(const HeadsView& q, const Int8KV& kv, const Attention
       }
       float* row_lse = lse ? lse + size_t(h) * nq + i : nullptr;
       finish_row(row, d, out + (size_t(i) * hq + h) * d, row_lse);
-      if (row_lse) *row_lse += smoothing_lse_offset(q.row(i, h), kv.k_mean.data() + size_t(hk) * d, d, softmax_scale);
+      if (row_lse && row.m != -kInf) *row_lse += smoothing_lse_offset(q.row(i, h), kv.k_mean.data() + size_t(hk) * d, d, softmax_scale);
     }
   });
 }

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 
 #include "quant.hpp"
 #include "turboattn/format.h"
@@ -67,12 +68,6 @@ const uint8_t* KvCache::buffer(int layer, int seq, int head) const {
 const float* KvCache::k_mean(int layer, int seq) const {
   return means_[size_t(layer)].data() + size_t(seq) * cfg_.kv_heads * cfg_.head_dim;
 }
-int64_t KvCache::pool_bytes() const {
-  int64_t total = 0;
-  for (const auto& p : pools_) total += int64_t(p.size());
-  return total;
-}
-
 void KvCache::write(int layer, int seq, const HeadsView& k, const HeadsView& v, const float* k_mean_in) {
   const int d = cfg_.head_dim, hkv = cfg_.kv_heads;
   float* mean = means_[size_t(layer)].data() + size_t(seq) * hkv * d;
@@ -238,7 +233,8 @@ void KvCache::decode(int layer, int seq, const HeadsView& q, float softmax_scale
           const RowState row = parts.size() == 1 ? parts[0] : merge_states(parts, d);
           float* row_lse = lse ? lse + size_t(h) * q_len + i : nullptr;
           finish_row(row, d, out + (size_t(i) * hq + h) * d, row_lse);
-          if (row_lse) *row_lse += smoothing_lse_offset(q.row(i, h), k_mean(layer, seq) + size_t(hk) * d, d, scale);
+          if (row_lse && row.m != -std::numeric_limits<float>::infinity())
+            *row_lse += smoothing_lse_offset(q.row(i, h), k_mean(layer, seq) + size_t(hk) * d, d, scale);
         }
       }
     }

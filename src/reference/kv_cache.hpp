@@ -60,8 +60,6 @@ class KvCache {
   // Every cached token of a sequence dequantized to float (mean added back): [len][kv_heads][dim].
   void read_tokens(int layer, int seq, float* k, float* v) const;
 
-  int64_t pool_bytes() const;
-
  private:
   size_t index(int layer, int seq) const { return size_t(layer) * cfg_.max_seqs + seq; }
   uint8_t* buffer_mut(int layer, int seq, int head);

@@ -92,3 +92,7 @@ def test_cache_out_of_pages(rng):
 
 def test_head_bits():
     assert turboattn.assign_head_bits([0.5, 2.0, 0.1, 1.0], 1, 4, 0.5) == [2, 4, 2, 4]
+    with pytest.raises(turboattn.InvalidArgument, match="expected num_layers"):
+        turboattn.assign_head_bits([1.0], 2, 4, 0.5)  # the C side would write 8 values
+    with pytest.raises(turboattn.InvalidArgument, match="head_bits: 1 values"):
+        turboattn.KVCache(1, 2, 64, num_pages=1, max_seqs=1, max_seq_len=64, head_bits=[4])

@@ -115,7 +115,7 @@ int run_reference_sample(const SampleOptions& opt) {
   };
   for (const Bits& b : {Bits{"8 bits", {8, 8}}, Bits{"4 bits", {4, 4}}, Bits{"2/4 bits, 50/50", {4, 2}}, Bits{"2 bits", {2, 2}}}) {
     ta_cache_config cfg = ta_cache_default_config();
-    cfg.num_kv_heads = hkv, cfg.head_dim = d, cfg.num_pages = (n + 63) / 64, cfg.max_seqs = 1, cfg.max_seq_len = n;
+    cfg.num_kv_heads = hkv, cfg.head_dim = d, cfg.num_pages = TA_BLOCK_COUNT(n), cfg.max_seqs = 1, cfg.max_seq_len = n;
     cfg.head_bits = b.bits.data();
     KvCache cache(cfg);
     const int32_t s = cache.add_sequence();

@@ -10,7 +10,7 @@ docs/FORMATS.md in the repository defines every number computed.
 import ctypes
 
 from ._capi import (AttentionOptions, CacheConfig, CacheMemory, DecodeOptions, InvalidArgument, OutOfCapacity,
-                    TurboattnError, Unsupported, check, describe, lib, ref, stream_of)
+                    TurboattnError, Unsupported, check, describe, lib, on_device_of, ref, stream_of)
 
 __all__ = ["attention", "attention_exact", "quantize_int8", "KVCache", "head_priority", "assign_head_bits", "version",
            "cuda_available", "TurboattnError", "InvalidArgument", "Unsupported", "OutOfCapacity"]
@@ -51,9 +51,10 @@ def attention(q, k, v, *, causal=False, softmax_scale=0.0, use_sas=True, smooth_
         lse_shape = (q.shape[1], q.shape[0]) if cu_seqlens_q is not None else (q.shape[0], q.shape[2], q.shape[1])
         lse = _empty_like(q, lse_shape, _f32(q))
     opt = AttentionOptions(float(softmax_scale), int(causal), int(use_sas), int(smooth_k))
-    check(lib.ta_attention(ref(describe(q)), ref(describe(k)), ref(describe(v)), ref(describe(cu_seqlens_q)),
-                           ref(describe(cu_seqlens_k)), ctypes.byref(opt), ref(describe(out)), ref(describe(lse)),
-                           stream_of(q)))
+    with on_device_of(q):
+        check(lib.ta_attention(ref(describe(q)), ref(describe(k)), ref(describe(v)), ref(describe(cu_seqlens_q)),
+                               ref(describe(cu_seqlens_k)), ctypes.byref(opt), ref(describe(out)), ref(describe(lse)),
+                               stream_of(q)))
     return (out, lse) if return_lse else out
 
 
@@ -76,8 +77,9 @@ def quantize_int8(x, shift=None):
         import numpy as np
         codes = np.empty(x.shape, dtype=np.int8)
     scales = _empty_like(x, (B, H, (N + 63) // 64), _f32(x))
-    check(lib.ta_quantize_int8(ref(describe(x)), ref(describe(shift)), ref(describe(codes)), ref(describe(scales)),
-                               stream_of(x)))
+    with on_device_of(x):
+        check(lib.ta_quantize_int8(ref(describe(x)), ref(describe(shift)), ref(describe(codes)), ref(describe(scales)),
+                                   stream_of(x)))
     return codes, scales
 
 
@@ -90,6 +92,9 @@ def head_priority(k, v):
 
 def assign_head_bits(priority, num_layers, num_kv_heads, fraction_2bit):
     """Bits (4 or 2) per (layer, KV head) from priorities (num_layers * num_kv_heads values)."""
+    if len(priority) != num_layers * num_kv_heads:
+        raise InvalidArgument(1, f"priority: {len(priority)} values, expected num_layers * num_kv_heads = "
+                                 f"{num_layers * num_kv_heads}")
     p = (ctypes.c_float * len(priority))(*priority)
     out = (ctypes.c_int32 * len(priority))()
     check(lib.ta_assign_head_bits(p, num_layers, num_kv_heads, float(fraction_2bit), out))
@@ -103,6 +108,9 @@ class KVCache:
                  device="cpu"):
         bits = None
         if head_bits is not None:
+            if len(head_bits) != num_layers * num_kv_heads:
+                raise InvalidArgument(1, f"head_bits: {len(head_bits)} values, expected num_layers * num_kv_heads = "
+                                         f"{num_layers * num_kv_heads}")
             self._bits = (ctypes.c_int32 * len(head_bits))(*head_bits)
             bits = ctypes.cast(self._bits, ctypes.POINTER(ctypes.c_int32))
         cfg = CacheConfig(num_layers, num_kv_heads, head_dim, num_pages, max_seqs, max_seq_len, bits, int(smooth_k))

@@ -8,15 +8,13 @@ import ctypes
 import os
 
 MAX_DIMS = 4
-STATUS = {0: "success", 1: "invalid argument", 2: "unsupported", 3: "out of capacity", 4: "out of memory", 5: "CUDA error",
-          6: "internal error"}
 
 
 class TurboattnError(RuntimeError):
     """A failed turboattn call: `status` is the ta_status code, the message names the argument at fault."""
 
     def __init__(self, status, message):
-        super().__init__(f"{STATUS.get(status, status)}: {message}")
+        super().__init__(f"{lib.ta_status_string(status).decode()}: {message}")
         self.status = status
 
 
@@ -73,6 +71,7 @@ def _find_library():
 lib = ctypes.CDLL(_find_library())
 lib.ta_last_error.restype = ctypes.c_char_p
 lib.ta_version.restype = ctypes.c_char_p
+lib.ta_status_string.restype = ctypes.c_char_p
 _T = ctypes.POINTER(Tensor)
 lib.ta_attention.argtypes = [_T, _T, _T, _T, _T, ctypes.POINTER(AttentionOptions), _T, _T, ctypes.c_void_p]
 lib.ta_attention_exact.argtypes = [_T, _T, _T, _T, _T, ctypes.c_float, ctypes.c_int32, _T, _T]
@@ -135,3 +134,12 @@ def stream_of(x):
         import torch
         return ctypes.c_void_p(torch.cuda.current_stream(x.device).cuda_stream)
     return None
+
+
+def on_device_of(x):
+    """A context that makes x's CUDA device current (the library runs on the current device)."""
+    if hasattr(x, "is_cuda") and x.is_cuda:
+        import torch
+        return torch.cuda.device(x.device)
+    import contextlib
+    return contextlib.nullcontext()

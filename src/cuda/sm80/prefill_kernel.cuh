@@ -82,8 +82,8 @@ __global__ void __launch_bounds__(PrefillTraits<kHeadDim>::kThreads, PrefillTrai
   const int hk = h / (p.hq / p.hkv);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int m0 = qb * Tr::kBlockM;
-  const int q_blocks = (p.nq + TA_BLOCK_TOKENS - 1) / TA_BLOCK_TOKENS;
-  const int k_blocks = (p.nk + TA_BLOCK_TOKENS - 1) / TA_BLOCK_TOKENS;
+  const int q_blocks = TA_BLOCK_COUNT(p.nq);
+  const int k_blocks = TA_BLOCK_COUNT(p.nk);
 
   // Visible tiles: with causal masking the CTA's last row sees keys up to m0 + 63 + nk - nq.
   int tiles = k_blocks;
@@ -231,7 +231,8 @@ __global__ void __launch_bounds__(PrefillTraits<kHeadDim>::kThreads, PrefillTrai
 
     // O = alpha O + (P V) sv beta, 32 channels at a time; skipped when none of the warp's rows use the tile.
     if (!__all_sync(0xffffffffu, skip[0] && skip[1])) {
-      const float svb[2] = {__fmul_rn(sv_scale, beta[0]), __fmul_rn(sv_scale, beta[1])};
+      // Skipped rows add nothing, even when sv is NaN (a NaN reaches only the rows that use the tile).
+      const float svb[2] = {skip[0] ? 0.0f : __fmul_rn(sv_scale, beta[0]), skip[1] ? 0.0f : __fmul_rn(sv_scale, beta[1])};
       const bool rescale = !__all_sync(0xffffffffu, alpha[0] == 1.0f && alpha[1] == 1.0f);
 #pragma unroll
       for (int chunk = 0; chunk < kHeadDim / 32; ++chunk) {
