@@ -175,7 +175,7 @@ TEST(Attention, EmptyRowsKeepZeroOutputAndMinusInfinityLseWhateverTheirQuery) {
   std::vector<float> k = test::make_input(rng, nk, 1, d, InputKind::Normal, 'k');
   std::vector<float> v = test::make_input(rng, nk, 1, d, InputKind::Normal, 'v');
   q[5] = std::nanf("");  // row 0
-  std::vector<float> out(q.size()), lse(size_t(nq));
+  std::vector<float> out(q.size()), lse(static_cast<size_t>(nq));
   AttentionOptions opt;
   opt.causal = true;
   flashq_attention(test::view_of(q, nq, 1, d), test::view_of(k, nk, 1, d), test::view_of(v, nk, 1, d), opt, out.data(), lse.data());
