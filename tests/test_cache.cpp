@@ -180,7 +180,7 @@ TEST(Decode, ErrorGrowsAsBitsShrink) {
 }
 
 TEST(Decode, SplitKvMatchesSinglePass) {
-  // Each split quantizes P against its own running maximum, so splits differ by P-code rounding only.
+  // Splits change which tiles the skip rule drops and the fp32 rounding of the merge only.
   const uint64_t seed = std::random_device{}();
   SCOPED_TRACE(testing::Message() << "seed " << seed);
   const DecodeErrors one = decode_errors({"4", 1000, 2, InputKind::Normal}, seed);

@@ -68,7 +68,8 @@ TA_API int ta_cuda_available(void);
 /* ---- FlashQ + SAS attention (prefill) ----
  * q: [B, Nq, Hq, D] and k, v: [B, Nk, Hkv, D], f16 or bf16, any strides with the last dim contiguous
  * ([B, H, N, D] memory works through strides). Variable length: q [Tq, Hq, D], k, v [Tk, Hkv, D] with
- * cu_seqlens_q, cu_seqlens_k (i32 [B + 1], ascending from 0). out has q's shape and dtype;
+ * cu_seqlens_q, cu_seqlens_k (i32 [B + 1], ascending from 0; on the CPU or, for CUDA tensors, on the
+ * GPU, which the call then reads back, synchronizing its stream). out has q's shape and dtype;
  * lse (optional, f32) is [B, Hq, Nq], or [Hq, Tq] for variable length. Hq must be a multiple of Hkv.
  * D in {64, 96, 128, 256}. */
 typedef struct ta_attention_options {
@@ -152,7 +153,7 @@ TA_API ta_status ta_cache_append(ta_cache* cache, int32_t layer, const int32_t* 
 typedef struct ta_decode_options {
   float softmax_scale; /* 0: 1/sqrt(D) */
   int32_t use_sas;
-  int32_t split_tiles; /* > 0: split-KV with that many 64-token tiles per split; 0: automatic */
+  int32_t split_tiles; /* > 0: split-KV with that many 64-token tiles per split; 0: no split */
 } ta_decode_options;
 
 TA_API ta_decode_options ta_decode_default_options(void);
