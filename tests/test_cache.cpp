@@ -359,3 +359,34 @@ TEST(CacheServing, RandomizedStartAppendFinishKeepsEverySequenceExact) {
   EXPECT_GE(compared_blocks, 200);
   EXPECT_GT(reused_pages, 0);
 }
+
+TEST(CacheLongContext, DecodeOver128kTokens) {
+  // 131,072 tokens (2,048 pages) written in bulk, then one decode step: no overflow, finite, within
+  // the 4-bit bound of float64 attention over the original K and V (N(0, 1) inputs, as at 1k tokens),
+  // and exact page accounting. (Peakier rows lose accuracy at this length through the tile skip rule:
+  // docs/FORMATS.md, section 7.)
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE(testing::Message() << "seed " << seed);
+  std::mt19937_64 rng(seed);
+  const int n = 131072, hkv = 1, hq = 4, d = 64;
+  std::vector<float> k = test::make_input(rng, n, hkv, d, InputKind::Normal, 'k');
+  std::vector<float> v = test::make_input(rng, n, hkv, d, InputKind::Normal, 'v');
+  std::vector<float> q = test::make_input(rng, 1, hq, d, InputKind::Normal, 'q');
+  test::to_half(k), test::to_half(v), test::to_half(q);
+  CacheConfig cfg = config("4", hkv, d, n / TA_BLOCK_TOKENS + 1);
+  KvCache cache(cfg);
+  const int s = cache.add_sequence();
+  ASSERT_EQ(cache.pages_needed(0, s, n), n / TA_BLOCK_TOKENS);
+  cache.write(0, s, test::view_of(k, n, hkv, d), test::view_of(v, n, hkv, d));
+  EXPECT_EQ(cache.free_pages(), 1);
+  std::vector<float> out(q.size(), std::nanf(""));
+  cache.decode(0, s, test::view_of(q, 1, hq, d), 0.0f, true, 0, out.data());
+  std::vector<double> want(q.size());
+  exact_attention(test::view_of(q, 1, hq, d), test::view_of(k, n, hkv, d), test::view_of(v, n, hkv, d), 0.0f, true, want.data(),
+                  nullptr);
+  const test::ErrorStats e = test::compare(out, want);
+  EXPECT_TRUE(e.finite);
+  EXPECT_LE(e.rel_l2, bound_vs_exact("4", InputKind::Normal));
+  cache.release_sequence(s);
+  EXPECT_EQ(cache.free_pages(), cfg.num_pages);
+}
