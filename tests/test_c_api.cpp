@@ -178,16 +178,16 @@ TEST(CApi, RejectsBadCacheArguments) {
   ta_tensor k = tensor(kv.data(), TA_DTYPE_F16, {11, 2, 64});
   int32_t cu[2] = {0, 11};
   ta_tensor tcu = tensor(cu, TA_DTYPE_I32, {2});
-  EXPECT_EQ(ta_cache_write(c, 0, &s, 1, &k, &k, &tcu), TA_ERROR_OUT_OF_CAPACITY);
+  EXPECT_EQ(ta_cache_write(c, 0, &s, 1, &k, &k, &tcu, nullptr), TA_ERROR_OUT_OF_CAPACITY);
   EXPECT_NE(std::string(ta_last_error()).find("over max_seq_len 10"), std::string::npos) << ta_last_error();
-  EXPECT_EQ(ta_cache_write(c, 1, &s, 1, &k, &k, &tcu), TA_ERROR_INVALID_ARGUMENT);
+  EXPECT_EQ(ta_cache_write(c, 1, &s, 1, &k, &k, &tcu, nullptr), TA_ERROR_INVALID_ARGUMENT);
   EXPECT_NE(std::string(ta_last_error()).find("layer: 1 is outside [0, 1)"), std::string::npos);
   const int32_t unknown = 3;
-  EXPECT_EQ(ta_cache_write(c, 0, &unknown, 1, &k, &k, &tcu), TA_ERROR_INVALID_ARGUMENT);
-  EXPECT_EQ(ta_cache_write(c, 0, nullptr, 1, &k, &k, &tcu), TA_ERROR_INVALID_ARGUMENT);
+  EXPECT_EQ(ta_cache_write(c, 0, &unknown, 1, &k, &k, &tcu, nullptr), TA_ERROR_INVALID_ARGUMENT);
+  EXPECT_EQ(ta_cache_write(c, 0, nullptr, 1, &k, &k, &tcu, nullptr), TA_ERROR_INVALID_ARGUMENT);
   EXPECT_NE(std::string(ta_last_error()).find("seqs: is NULL"), std::string::npos);
   ta_tensor k3 = tensor(kv.data(), TA_DTYPE_F16, {11, 1, 128});
-  EXPECT_EQ(ta_cache_write(c, 0, &s, 1, &k3, &k3, &tcu), TA_ERROR_INVALID_ARGUMENT);
+  EXPECT_EQ(ta_cache_write(c, 0, &s, 1, &k3, &k3, &tcu, nullptr), TA_ERROR_INVALID_ARGUMENT);
   EXPECT_NE(std::string(ta_last_error()).find("k: shape [11, 1, 128], expected [11, 2, 64]"), std::string::npos) << ta_last_error();
   // Decode: q_len over the cached length, wrong heads.
   std::vector<uint16_t> qd(1 * 2 * 4 * 64, 0x3C00), od(qd.size());

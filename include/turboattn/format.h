@@ -20,7 +20,8 @@
 
 /* SAS: base-2 exponent arguments are clamped below at TA_SAS_MIN_X (where 2^n builds to zero). */
 #define TA_SAS_MIN_X (-15)
-/* Every x < TA_SAS_SKIP_X yields code 0, so a tile whose largest x is below it skips its P.V. */
+/* Every x < TA_SAS_SKIP_X yields code 0. The tile skip rule lowers it by ceil(log2(keys))
+ * (src/format/skip_rule.h) so that all skipped keys of a row together stay below half a code. */
 #define TA_SAS_SKIP_X (-9.0f)
 /* fp16 magic constant: h + 1551 rounds h to an integer n and leaves n + 15 in the low mantissa bits. */
 #define TA_SAS_ROUND_MAGIC 1551.0f

@@ -108,7 +108,15 @@ TA_API ta_status ta_attention_exact(const ta_tensor* q, const ta_tensor* k, cons
 TA_API ta_status ta_quantize_int8(const ta_tensor* x, const ta_tensor* shift, ta_tensor* codes,
                                   ta_tensor* scales, void* cuda_stream);
 
-/* ---- Compressed paged KV cache ---- */
+/* ---- Compressed paged KV cache ----
+ * A cache lives on one device (ta_cache_create's device). On TA_DEVICE_CUDA the pages, buffers, page
+ * tables and lengths are in GPU memory and every tensor passed to write, append and decode must be a
+ * CUDA tensor; the bookkeeping (which pages are free, each sequence's length) is also kept on the host,
+ * so capacity is checked before any work is queued. Calls are ordered on the given stream (NULL: the
+ * default stream); sequence ids and cu_seqlens are host arrays. ta_decode on CUDA makes no allocation
+ * and no host synchronization once its workspace has grown to the call's shape (its first call with a
+ * larger batch x q heads x q_len allocates): it can then be captured in a CUDA graph, and it reads the
+ * sequence lengths from GPU memory, so a replay sees the tokens appended since. */
 typedef struct ta_cache ta_cache;
 
 typedef struct ta_cache_config {
@@ -143,10 +151,11 @@ TA_API ta_status ta_cache_free_pages(const ta_cache* cache, int32_t* pages);
  * [num_seqs + 1]) to the end of those sequences in one layer: the bulk write after prefill. Checks
  * page capacity and lengths for every sequence before anything is written. */
 TA_API ta_status ta_cache_write(ta_cache* cache, int32_t layer, const int32_t* seqs, int32_t num_seqs,
-                                const ta_tensor* k, const ta_tensor* v, const ta_tensor* cu_seqlens);
+                                const ta_tensor* k, const ta_tensor* v, const ta_tensor* cu_seqlens,
+                                void* cuda_stream);
 /* Appends one token per sequence: k, v [num_seqs, Hkv, D]. Flushes a buffer that reaches 64 tokens. */
 TA_API ta_status ta_cache_append(ta_cache* cache, int32_t layer, const int32_t* seqs, int32_t num_seqs,
-                                 const ta_tensor* k, const ta_tensor* v);
+                                 const ta_tensor* k, const ta_tensor* v, void* cuda_stream);
 
 /* Decode attention of q [num_seqs, q_len, Hq, D] (the sequences' last q_len tokens, already in the
  * cache, causal among themselves) over the cache. out: q's shape and dtype. */

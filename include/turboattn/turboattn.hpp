@@ -71,11 +71,12 @@ class KvCache {
     return m;
   }
   void write(int32_t layer, const std::vector<int32_t>& seqs, const ta_tensor& k, const ta_tensor& v,
-             const ta_tensor& cu_seqlens) {
-    check(ta_cache_write(cache_.get(), layer, seqs.data(), int32_t(seqs.size()), &k, &v, &cu_seqlens));
+             const ta_tensor& cu_seqlens, void* cuda_stream = nullptr) {
+    check(ta_cache_write(cache_.get(), layer, seqs.data(), int32_t(seqs.size()), &k, &v, &cu_seqlens, cuda_stream));
   }
-  void append(int32_t layer, const std::vector<int32_t>& seqs, const ta_tensor& k, const ta_tensor& v) {
-    check(ta_cache_append(cache_.get(), layer, seqs.data(), int32_t(seqs.size()), &k, &v));
+  void append(int32_t layer, const std::vector<int32_t>& seqs, const ta_tensor& k, const ta_tensor& v,
+              void* cuda_stream = nullptr) {
+    check(ta_cache_append(cache_.get(), layer, seqs.data(), int32_t(seqs.size()), &k, &v, cuda_stream));
   }
   void decode(int32_t layer, const std::vector<int32_t>& seqs, const ta_tensor& q, ta_tensor& out,
               const ta_decode_options& options = ta_decode_default_options(), void* cuda_stream = nullptr) {

@@ -548,7 +548,7 @@ ta_status ta_cache_free_pages(const ta_cache* cache, int32_t* pages) {
 }
 
 ta_status ta_cache_write(ta_cache* cache, int32_t layer, const int32_t* seqs, int32_t num_seqs, const ta_tensor* k,
-                         const ta_tensor* v, const ta_tensor* cu_seqlens) {
+                         const ta_tensor* v, const ta_tensor* cu_seqlens, void* cuda_stream) {
   return guard([&] {
     ref::KvCache& c = cache_of(cache);
     check_layer(c, layer);
@@ -568,7 +568,7 @@ ta_status ta_cache_write(ta_cache* cache, int32_t layer, const int32_t* seqs, in
 }
 
 ta_status ta_cache_append(ta_cache* cache, int32_t layer, const int32_t* seqs, int32_t num_seqs, const ta_tensor* k,
-                          const ta_tensor* v) {
+                          const ta_tensor* v, void* cuda_stream) {
   return guard([&] {
     ref::KvCache& c = cache_of(cache);
     check_layer(c, layer);

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <limits>
 
+#include "format/skip_rule.h"
 #include "parallel.hpp"
 #include "quant.hpp"
 #include "sas.hpp"
@@ -31,7 +32,7 @@ float scale_log2(float softmax_scale) { return float(double(softmax_scale) * 1.4
 RowState::RowState(int dim) : m(-kInf), l(0.0f), o(size_t(dim), 0.0f) {}
 
 void accumulate_tile(const int8_t* q8, float q_scale, const Int8Tile& tile, int64_t max_pos, bool sas,
-                     int dim, RowState& row) {
+                     float skip_x, int dim, RowState& row) {
   const int visible = int(std::clamp<int64_t>(max_pos - tile.first_pos + 1, 0, tile.tokens));
   if (visible == 0) return;
   float s[kTile];
@@ -46,7 +47,7 @@ void accumulate_tile(const int8_t* q8, float q_scale, const Int8Tile& tile, int6
   const float m_new = nan_max(row.m, tile_max);
   bool v_nan = false;  // a NaN V scale must reach the output even where every code is 0
   for (int j = 0; j < (tile.shared_v_scale ? 1 : visible); ++j) v_nan = v_nan || std::isnan(tile.v_scale[j]);
-  if (tile_max - m_new < TA_SAS_SKIP_X && !v_nan) return;  // every code would be 0: skip the tile
+  if (tile_max - m_new < skip_x && !v_nan) return;  // the whole tile weighs too little to count
   // P codes are relative to the tile's own maximum (full 8-bit resolution in every tile); the tile is
   // weighted by beta = 2^(tile_max - m_new) and the history rescaled by alpha = 2^(m - m_new).
   const float alpha = std::exp2(row.m - m_new);  // 0 for the first tile (m = -inf)
@@ -150,6 +151,7 @@ void flashq_attention_int8(const HeadsView& q, const Int8KV& kv, const Attention
   const int group = hq / kv.heads;
   const float softmax_scale = resolve_softmax_scale(opt.softmax_scale, d), sl2 = scale_log2(softmax_scale);
   const int q_blocks = TA_BLOCK_COUNT(nq);
+  const float skip_x = skip_threshold(nk);
   parallel_for(int64_t(hq) * q_blocks, [&](int64_t item) {
     const int h = int(item / q_blocks), qb = int(item % q_blocks), hk = h / group;
     const int t0 = qb * kTile, rows = std::min(kTile, nq - t0);
@@ -168,7 +170,7 @@ void flashq_attention_int8(const HeadsView& q, const Int8KV& kv, const Attention
         tile.v = kv.v.data() + (head + j0) * d;
         tile.k_scale = kv.k_scale.data() + head + j0;
         tile.v_scale = kv.v_scale.data() + head + j0;
-        accumulate_tile(q8.data() + size_t(r) * d, q_scale, tile, max_pos, opt.sas, d, row);
+        accumulate_tile(q8.data() + size_t(r) * d, q_scale, tile, max_pos, opt.sas, skip_x, d, row);
       }
       float* row_lse = lse ? lse + size_t(h) * nq + i : nullptr;
       finish_row(row, d, out + (size_t(i) * hq + h) * d, row_lse);

@@ -46,9 +46,9 @@ struct RowState {
 };
 
 // Adds one tile to a row. q8 is the row's INT8 codes, q_scale its block scale times scale_log2.
-// Keys at positions > max_pos are masked.
+// Keys at positions > max_pos are masked; skip_x is the skip rule's threshold (format/skip_rule.h).
 void accumulate_tile(const int8_t* q8, float q_scale, const Int8Tile& tile, int64_t max_pos, bool sas,
-                     int dim, RowState& row);
+                     float skip_x, int dim, RowState& row);
 
 // Merges split-KV partial states in order (docs/FORMATS.md, "Split-KV merge").
 RowState merge_states(const std::vector<RowState>& parts, int dim);

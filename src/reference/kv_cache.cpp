@@ -4,6 +4,7 @@
 #include <cstring>
 #include <limits>
 
+#include "format/skip_rule.h"
 #include "quant.hpp"
 #include "turboattn/format.h"
 
@@ -210,6 +211,7 @@ void KvCache::decode(int layer, int seq, const HeadsView& q, float softmax_scale
   const int d = cfg_.head_dim, hq = q.heads, group = q.heads / cfg_.kv_heads, q_len = q.tokens;
   const int64_t len = length(layer, seq);
   const float scale = resolve_softmax_scale(softmax_scale, d), sl2 = scale_log2(scale);
+  const float skip_x = skip_threshold(len);
   for (int hk = 0; hk < cfg_.kv_heads; ++hk) {
     std::vector<std::vector<int8_t>> codes;
     std::vector<std::vector<float>> scales;
@@ -227,7 +229,7 @@ void KvCache::decode(int layer, int seq, const HeadsView& q, float softmax_scale
           for (size_t s0 = 0; s0 < all.size() || parts.empty(); s0 += size_t(per_split)) {
             RowState st(d);
             for (size_t t = s0; t < std::min(all.size(), s0 + size_t(per_split)); ++t)
-              accumulate_tile(q8.data() + size_t(r) * d, q_scale, all[t], max_pos, sas, d, st);
+              accumulate_tile(q8.data() + size_t(r) * d, q_scale, all[t], max_pos, sas, skip_x, d, st);
             parts.push_back(std::move(st));
           }
           const RowState row = parts.size() == 1 ? parts[0] : merge_states(parts, d);

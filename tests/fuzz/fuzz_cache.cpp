@@ -69,12 +69,12 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
             if (i < n) at += lens[size_t(i)];
           }
         }
-        check_status(ta_cache_write(cache, layer, n ? seqs : nullptr, n, k.ptr(), v.ptr(), cu.ptr()));
+        check_status(ta_cache_write(cache, layer, n ? seqs : nullptr, n, k.ptr(), v.ptr(), cu.ptr(), nullptr));
         break;
       }
       case 3: {
         FuzzTensor k = make_tensor(in, {n, H, D}, dt), v = make_tensor(in, {n, H, D}, dt);
-        check_status(ta_cache_append(cache, layer, n ? seqs : nullptr, n, k.ptr(), v.ptr()));
+        check_status(ta_cache_append(cache, layer, n ? seqs : nullptr, n, k.ptr(), v.ptr(), nullptr));
         break;
       }
       default: {

@@ -7,7 +7,9 @@ Works on torch tensors (CPU: the reference; CUDA: the kernels) and numpy arrays 
 present, `torch.ops.turboattn.attention` is registered too (usable under torch.compile).
 docs/FORMATS.md in the repository defines every number computed.
 """
+import contextlib
 import ctypes
+import weakref
 
 from ._capi import (AttentionOptions, CacheConfig, CacheMemory, DecodeOptions, InvalidArgument, OutOfCapacity,
                     TurboattnError, Unsupported, check, describe, lib, on_device_of, ref, stream_of)
@@ -101,11 +103,40 @@ def assign_head_bits(priority, num_layers, num_kv_heads, fraction_2bit):
     return list(out)
 
 
+def _where(x, name):
+    """Where a tensor argument lives, as "cpu" or "cuda:N" (numpy arrays are "cpu")."""
+    if x is None:
+        raise InvalidArgument(1, f"{name}: is None, expected a tensor")
+    if hasattr(x, "data_ptr"):
+        return f"cuda:{x.device.index}" if x.is_cuda else str(x.device)
+    if hasattr(x, "ctypes"):
+        return "cpu"
+    raise InvalidArgument(1, f"{name}: a {type(x).__name__}, expected a torch tensor or numpy array")
+
+
+def _cache_device(device):
+    """ "cpu" or "cuda:N", with "cuda" resolved to the current device now, so that checks compare exact devices."""
+    d = str(device)
+    if d == "cuda":
+        import torch  # a CUDA cache is fed torch tensors
+        return f"cuda:{torch.cuda.current_device()}"
+    if d == "cpu" or (d.startswith("cuda:") and d[5:].isdigit()):
+        return d
+    raise InvalidArgument(1, f"device: {d!r}, expected 'cpu', 'cuda' or 'cuda:N'")
+
+
 class KVCache:
-    """The compressed paged KV cache (docs/FORMATS.md section 3). CPU for now."""
+    """The compressed paged KV cache (docs/FORMATS.md section 3), on the CPU or one CUDA device.
+
+    device: "cpu", "cuda" (the current device) or "cuda:N". Tensors passed to write, append and decode
+    must be on that device (CPU: torch tensors or numpy arrays), except write's cu_seqlens, which may
+    also be on the CPU; sequence ids are Python ints. CUDA calls run on the current stream."""
+
+    _live = weakref.WeakValueDictionary()  # handle value -> cache, for the torch ops (torch_ops.py)
 
     def __init__(self, num_layers, num_kv_heads, head_dim, num_pages, max_seqs, max_seq_len, head_bits=None, smooth_k=True,
                  device="cpu"):
+        self.device = _cache_device(device)
         bits = None
         if head_bits is not None:
             if len(head_bits) != num_layers * num_kv_heads:
@@ -115,12 +146,33 @@ class KVCache:
             bits = ctypes.cast(self._bits, ctypes.POINTER(ctypes.c_int32))
         cfg = CacheConfig(num_layers, num_kv_heads, head_dim, num_pages, max_seqs, max_seq_len, bits, int(smooth_k))
         self._handle = ctypes.c_void_p()
-        check(lib.ta_cache_create(ctypes.byref(cfg), 1 if str(device).startswith("cuda") else 0, ctypes.byref(self._handle)))
+        with self._on_device():  # the library allocates on the current device
+            check(lib.ta_cache_create(ctypes.byref(cfg), 0 if self.device == "cpu" else 1, ctypes.byref(self._handle)))
+        KVCache._live[self._handle.value] = self
+
+    def _on_device(self):
+        if self.device == "cpu":
+            return contextlib.nullcontext()
+        import torch
+        return torch.cuda.device(int(self.device[5:]))
 
     def __del__(self):
         if getattr(self, "_handle", None):
-            lib.ta_cache_destroy(self._handle)
+            with self._on_device():
+                lib.ta_cache_destroy(self._handle)
             self._handle = None
+
+    @property
+    def handle(self):
+        """The C handle's address as an int: the `cache` argument of the torch.ops.turboattn cache ops."""
+        return self._handle.value
+
+    @classmethod
+    def from_handle(cls, handle):
+        cache = cls._live.get(handle) if isinstance(handle, int) else None
+        if cache is None:
+            raise InvalidArgument(1, f"cache: {handle!r} is not the handle of a live KVCache (KVCache.handle)")
+        return cache
 
     def add_sequence(self):
         s = ctypes.c_int32()
@@ -145,26 +197,50 @@ class KVCache:
         check(lib.ta_cache_memory_info(self._handle, ctypes.byref(m)))
         return {name: getattr(m, name) for name, _ in CacheMemory._fields_}
 
+    @property
+    def bytes_per_token(self):
+        """Compressed page bytes per token, all layers and heads, K and V (FP16: memory()["fp16_bytes_per_token"])."""
+        return self.memory()["bytes_per_token"]
+
+    def _expect_here(self, name, x, cpu_ok=False):
+        where = _where(x, name)
+        if where != self.device and not (cpu_ok and where == "cpu"):
+            raise InvalidArgument(1, f"{name}: on {where}, expected {self.device} (the cache's device)")
+
     @staticmethod
     def _seqs(seqs):
         return (ctypes.c_int32 * len(seqs))(*seqs), len(seqs)
 
     def write(self, layer, seqs, k, v, cu_seqlens):
-        """Bulk write: k, v [T, Hkv, D] of len(seqs) sequences delimited by cu_seqlens (int32)."""
+        """Bulk write: k, v [T, Hkv, D] of len(seqs) sequences delimited by cu_seqlens (int32 [len(seqs) + 1],
+        on the CPU or the cache's device; on CUDA the call reads it back, synchronizing the stream)."""
+        self._expect_here("k", k)
+        self._expect_here("v", v)
+        self._expect_here("cu_seqlens", cu_seqlens, cpu_ok=True)
         arr, n = self._seqs(seqs)
-        check(lib.ta_cache_write(self._handle, layer, arr, n, ref(describe(k)), ref(describe(v)), ref(describe(cu_seqlens))))
+        with on_device_of(k):
+            check(lib.ta_cache_write(self._handle, layer, arr, n, ref(describe(k)), ref(describe(v)),
+                                     ref(describe(cu_seqlens)), stream_of(k)))
 
     def append(self, layer, seqs, k, v):
         """One token per sequence: k, v [len(seqs), Hkv, D]."""
+        self._expect_here("k", k)
+        self._expect_here("v", v)
         arr, n = self._seqs(seqs)
-        check(lib.ta_cache_append(self._handle, layer, arr, n, ref(describe(k)), ref(describe(v))))
+        with on_device_of(k):
+            check(lib.ta_cache_append(self._handle, layer, arr, n, ref(describe(k)), ref(describe(v)), stream_of(k)))
 
-    def decode(self, layer, seqs, q, *, softmax_scale=0.0, use_sas=True, split_tiles=0):
-        """Attention of q [len(seqs), q_len, Hq, D] (the sequences' last q_len tokens) over the cache."""
+    def decode(self, layer, seqs, q, *, softmax_scale=0.0, use_sas=True, split_tiles=0, out=None):
+        """Attention of q [len(seqs), q_len, Hq, D] (the sequences' last q_len tokens) over the cache;
+        returns out (like q; allocated unless given)."""
+        self._expect_here("q", q)
+        out = _empty_like(q) if out is None else out
+        self._expect_here("out", out)
         arr, n = self._seqs(seqs)
-        out = _empty_like(q)
         opt = DecodeOptions(float(softmax_scale), int(use_sas), int(split_tiles))
-        check(lib.ta_decode(self._handle, layer, arr, n, ref(describe(q)), ctypes.byref(opt), ref(describe(out)), stream_of(q)))
+        with on_device_of(q):
+            check(lib.ta_decode(self._handle, layer, arr, n, ref(describe(q)), ctypes.byref(opt), ref(describe(out)),
+                                stream_of(q)))
         return out
 
 

@@ -85,8 +85,8 @@ lib.ta_cache_release_sequence.argtypes = [ctypes.c_void_p, ctypes.c_int32]
 lib.ta_cache_sequence_length.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.POINTER(ctypes.c_int64)]
 lib.ta_cache_free_pages.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int32)]
 _SEQS = ctypes.POINTER(ctypes.c_int32)
-lib.ta_cache_write.argtypes = [ctypes.c_void_p, ctypes.c_int32, _SEQS, ctypes.c_int32, _T, _T, _T]
-lib.ta_cache_append.argtypes = [ctypes.c_void_p, ctypes.c_int32, _SEQS, ctypes.c_int32, _T, _T]
+lib.ta_cache_write.argtypes = [ctypes.c_void_p, ctypes.c_int32, _SEQS, ctypes.c_int32, _T, _T, _T, ctypes.c_void_p]
+lib.ta_cache_append.argtypes = [ctypes.c_void_p, ctypes.c_int32, _SEQS, ctypes.c_int32, _T, _T, ctypes.c_void_p]
 lib.ta_decode.argtypes = [ctypes.c_void_p, ctypes.c_int32, _SEQS, ctypes.c_int32, _T, ctypes.POINTER(DecodeOptions), _T,
                           ctypes.c_void_p]
 lib.ta_head_priority.argtypes = [_T, _T, ctypes.POINTER(ctypes.c_float)]

@@ -11,6 +11,7 @@
 #include "cuda/common/mma.cuh"
 #include "cuda/common/numeric.cuh"
 #include "cuda/common/sas.cuh"
+#include "format/skip_rule.h"
 #include "turboattn/format.h"
 
 namespace turboattn::cuda::sm80 {
@@ -84,6 +85,7 @@ __global__ void __launch_bounds__(PrefillTraits<kHeadDim>::kThreads, PrefillTrai
   const int m0 = qb * Tr::kBlockM;
   const int q_blocks = TA_BLOCK_COUNT(p.nq);
   const int k_blocks = TA_BLOCK_COUNT(p.nk);
+  const float skip_x = skip_threshold(p.nk);
 
   // Visible tiles: with causal masking the CTA's last row sees keys up to m0 + 63 + nk - nq.
   int tiles = k_blocks;
@@ -202,7 +204,7 @@ __global__ void __launch_bounds__(PrefillTraits<kHeadDim>::kThreads, PrefillTrai
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const float m_new = nan_max(m[r], tile_max[r]);
-      skip[r] = tile_max[r] == -INFINITY || (tile_max[r] - m_new < TA_SAS_SKIP_X && !isnan(sv_scale));
+      skip[r] = tile_max[r] == -INFINITY || (tile_max[r] - m_new < skip_x && !isnan(sv_scale));
       alpha[r] = skip[r] ? 1.0f : ex2_approx(m[r] - m_new);
       beta[r] = skip[r] ? 0.0f : ex2_approx(tile_max[r] - m_new);
       if (!skip[r]) m[r] = m_new;
