@@ -14,6 +14,9 @@
 #include "reference/kv_cache.hpp"
 #include "tensor_args.hpp"
 #include "turboattn/turboattn.h"
+#ifdef TURBOATTN_WITH_CUDA
+#include "cuda/cache/device_cache.hpp"
+#endif
 
 namespace turboattn {
 
@@ -171,9 +174,22 @@ void set_last_error(const std::string& message) { g_last_error = message; }
 
 }  // namespace turboattn
 
+// A cache on the CPU (the reference) or on CUDA; the C API validates against its config and book.
 struct ta_cache {
-  ta_device device;
+  ta_device device = TA_DEVICE_CPU;
   std::unique_ptr<turboattn::ref::KvCache> host;
+#ifdef TURBOATTN_WITH_CUDA
+  std::unique_ptr<turboattn::cuda::DeviceCache> gpu;
+  const turboattn::ref::CacheConfig& config() const { return gpu ? gpu->config() : host->config(); }
+  const turboattn::PageBook& book() const { return gpu ? gpu->book() : host->book(); }
+  turboattn::PageBook& book() { return gpu ? gpu->book() : host->book(); }
+  const turboattn::PageLayout& layout(int l) const { return gpu ? gpu->layout(l) : host->layout(l); }
+#else
+  const turboattn::ref::CacheConfig& config() const { return host->config(); }
+  const turboattn::PageBook& book() const { return host->book(); }
+  turboattn::PageBook& book() { return host->book(); }
+  const turboattn::PageLayout& layout(int l) const { return host->layout(l); }
+#endif
 };
 
 using namespace turboattn;
@@ -421,7 +437,10 @@ ta_status ta_cache_create(const ta_cache_config* config, ta_device device, ta_ca
     require(c.max_seqs >= 1, TA_ERROR_INVALID_ARGUMENT, "config.max_seqs: ", c.max_seqs, ", expected >= 1");
     require(c.max_seq_len >= 1, TA_ERROR_INVALID_ARGUMENT, "config.max_seq_len: ", c.max_seq_len, ", expected >= 1");
     require(device == TA_DEVICE_CPU || device == TA_DEVICE_CUDA, TA_ERROR_INVALID_ARGUMENT, "device: unknown code ", int(device));
-    require(device != TA_DEVICE_CUDA, TA_ERROR_UNSUPPORTED, "device: the KV cache on CUDA is not implemented yet; use TA_DEVICE_CPU");
+    if (device == TA_DEVICE_CUDA) {
+      require(kBuiltWithCuda, TA_ERROR_UNSUPPORTED, "device: a CUDA cache is not available in this build", kBuiltWithCudaText);
+      require(ta_cuda_available() == 1, TA_ERROR_UNSUPPORTED, "device: CUDA was asked for but no CUDA device is visible");
+    }
     ref::CacheConfig rc;
     rc.layers = c.num_layers, rc.kv_heads = c.num_kv_heads, rc.head_dim = c.head_dim, rc.num_pages = c.num_pages;
     rc.max_seqs = c.max_seqs, rc.max_seq_len = c.max_seq_len, rc.smooth_k = c.smooth_k != 0;
@@ -437,7 +456,10 @@ ta_status ta_cache_create(const ta_cache_config* config, ta_device device, ta_ca
     }
     auto handle = std::make_unique<ta_cache>();
     handle->device = device;
-    handle->host = std::make_unique<ref::KvCache>(rc);
+#ifdef TURBOATTN_WITH_CUDA
+    if (device == TA_DEVICE_CUDA) handle->gpu = std::make_unique<cuda::DeviceCache>(rc);
+#endif
+    if (device == TA_DEVICE_CPU) handle->host = std::make_unique<ref::KvCache>(rc);
     *cache = handle.release();
   });
 }
@@ -445,21 +467,21 @@ ta_status ta_cache_create(const ta_cache_config* config, ta_device device, ta_ca
 void ta_cache_destroy(ta_cache* cache) { delete cache; }
 
 namespace {
-ref::KvCache& cache_of(ta_cache* cache) {
-  require(cache != nullptr && cache->host, TA_ERROR_INVALID_ARGUMENT, "cache: is NULL");
-  return *cache->host;
+ta_cache& cache_of(ta_cache* cache) {
+  require(cache != nullptr, TA_ERROR_INVALID_ARGUMENT, "cache: is NULL");
+  return *cache;
 }
-void check_layer(const ref::KvCache& c, int32_t layer) {
+void check_layer(const ta_cache& c, int32_t layer) {
   require(layer >= 0 && layer < c.config().layers, TA_ERROR_INVALID_ARGUMENT, "layer: ", layer, " is outside [0, ",
           c.config().layers, ")");
 }
-void check_seq(const ref::KvCache& c, int32_t seq, const char* name) {
+void check_seq(const ta_cache& c, int32_t seq, const char* name) {
   require(seq >= 0 && seq < c.config().max_seqs, TA_ERROR_INVALID_ARGUMENT, name, ": sequence id ", seq, " is outside [0, ",
           c.config().max_seqs, ")");
-  require(c.active(seq), TA_ERROR_INVALID_ARGUMENT, name, ": sequence ", seq, " is not active (add it first)");
+  require(c.book().active(seq), TA_ERROR_INVALID_ARGUMENT, name, ": sequence ", seq, " is not active (add it first)");
 }
 // Checks the sequence list of a write, append or decode: non-null, active, no repeats.
-void check_seqs(const ref::KvCache& c, const int32_t* seqs, int32_t num_seqs) {
+void check_seqs(const ta_cache& c, const int32_t* seqs, int32_t num_seqs) {
   require(num_seqs >= 1, TA_ERROR_INVALID_ARGUMENT, "num_seqs: ", num_seqs, ", expected >= 1");
   require(seqs != nullptr, TA_ERROR_INVALID_ARGUMENT, "seqs: is NULL");
   std::set<int32_t> seen;
@@ -468,13 +490,13 @@ void check_seqs(const ref::KvCache& c, const int32_t* seqs, int32_t num_seqs) {
     require(seen.insert(seqs[i]).second, TA_ERROR_INVALID_ARGUMENT, "seqs[", i, "]: sequence ", seqs[i], " appears twice");
   }
 }
-void check_kv_tokens(const ref::KvCache& c, const ta_tensor* k_, const ta_tensor* v_, int64_t tokens_expected) {
+void check_kv_tokens(const ta_cache& c, const ta_tensor* k_, const ta_tensor* v_, int64_t tokens_expected) {
   const ta_tensor& k = check_tensor(k_, "k");
   const ta_tensor& v = check_tensor(v_, "v");
   expect_dtype(k, "k", {TA_DTYPE_F16, TA_DTYPE_BF16});
   expect_dtype(v, "v", {k.dtype});
-  expect_device(k, "k", TA_DEVICE_CPU);
-  expect_device(v, "v", TA_DEVICE_CPU);
+  expect_device(k, "k", c.device);
+  expect_device(v, "v", c.device);
   expect_rank(k, "k", 3);
   const int64_t tokens = tokens_expected >= 0 ? tokens_expected : k.shape[0];
   expect_shape(k, "k", {tokens, c.config().kv_heads, c.config().head_dim});
@@ -483,22 +505,23 @@ void check_kv_tokens(const ref::KvCache& c, const ta_tensor* k_, const ta_tensor
   expect_last_dim_contiguous(v, "v");
 }
 // Rejects, before anything is written, a write that would overflow a sequence or the page pool.
-void check_capacity(const ref::KvCache& c, int32_t layer, const int32_t* seqs, const std::vector<int64_t>& tokens) {
+void check_capacity(const ta_cache& c, int32_t layer, const int32_t* seqs, const std::vector<int64_t>& tokens) {
   int64_t pages = 0;
   for (size_t i = 0; i < tokens.size(); ++i) {
-    const int64_t len = c.length(layer, seqs[i]) + tokens[i];
+    const int64_t len = c.book().length(layer, seqs[i]) + tokens[i];
     require(len <= c.config().max_seq_len, TA_ERROR_OUT_OF_CAPACITY, "sequence ", seqs[i], " would reach ", len,
             " tokens in layer ", layer, ", over max_seq_len ", c.config().max_seq_len);
-    pages += c.pages_needed(layer, seqs[i], tokens[i]);
+    pages += c.book().pages_needed(layer, seqs[i], tokens[i]);
   }
-  require(pages <= c.free_pages(), TA_ERROR_OUT_OF_CAPACITY, "the write needs ", pages, " new pages but only ", c.free_pages(),
+  require(pages <= c.book().free_pages(), TA_ERROR_OUT_OF_CAPACITY, "the write needs ", pages, " new pages but only ",
+          c.book().free_pages(),
           " are free; nothing was written");
 }
 }  // namespace
 
 ta_status ta_cache_memory_info(const ta_cache* cache, ta_cache_memory* info) {
   return guard([&] {
-    const ref::KvCache& c = cache_of(const_cast<ta_cache*>(cache));
+    const ta_cache& c = cache_of(const_cast<ta_cache*>(cache));
     require(info != nullptr, TA_ERROR_INVALID_ARGUMENT, "info: is NULL");
     const auto& cfg = c.config();
     int64_t page = 0;
@@ -513,9 +536,9 @@ ta_status ta_cache_memory_info(const ta_cache* cache, ta_cache_memory* info) {
 
 ta_status ta_cache_add_sequence(ta_cache* cache, int32_t* seq) {
   return guard([&] {
-    ref::KvCache& c = cache_of(cache);
+    ta_cache& c = cache_of(cache);
     require(seq != nullptr, TA_ERROR_INVALID_ARGUMENT, "seq: output pointer is NULL");
-    const int s = c.add_sequence();
+    const int s = c.book().add_sequence();
     require(s >= 0, TA_ERROR_OUT_OF_CAPACITY, "all ", c.config().max_seqs, " sequence slots are in use");
     *seq = s;
   });
@@ -523,78 +546,97 @@ ta_status ta_cache_add_sequence(ta_cache* cache, int32_t* seq) {
 
 ta_status ta_cache_release_sequence(ta_cache* cache, int32_t seq) {
   return guard([&] {
-    ref::KvCache& c = cache_of(cache);
+    ta_cache& c = cache_of(cache);
     check_seq(c, seq, "seq");
-    c.release_sequence(seq);
+    c.book().release_sequence(seq);
   });
 }
 
 ta_status ta_cache_sequence_length(const ta_cache* cache, int32_t layer, int32_t seq, int64_t* length) {
   return guard([&] {
-    const ref::KvCache& c = cache_of(const_cast<ta_cache*>(cache));
+    const ta_cache& c = cache_of(const_cast<ta_cache*>(cache));
     check_layer(c, layer);
     check_seq(c, seq, "seq");
     require(length != nullptr, TA_ERROR_INVALID_ARGUMENT, "length: output pointer is NULL");
-    *length = c.length(layer, seq);
+    *length = c.book().length(layer, seq);
   });
 }
 
 ta_status ta_cache_free_pages(const ta_cache* cache, int32_t* pages) {
   return guard([&] {
-    const ref::KvCache& c = cache_of(const_cast<ta_cache*>(cache));
+    const ta_cache& c = cache_of(const_cast<ta_cache*>(cache));
     require(pages != nullptr, TA_ERROR_INVALID_ARGUMENT, "pages: output pointer is NULL");
-    *pages = c.free_pages();
+    *pages = c.book().free_pages();
   });
 }
 
 ta_status ta_cache_write(ta_cache* cache, int32_t layer, const int32_t* seqs, int32_t num_seqs, const ta_tensor* k,
                          const ta_tensor* v, const ta_tensor* cu_seqlens, void* cuda_stream) {
   return guard([&] {
-    ref::KvCache& c = cache_of(cache);
+    ta_cache& c = cache_of(cache);
     check_layer(c, layer);
     check_seqs(c, seqs, num_seqs);
     check_kv_tokens(c, k, v, -1);
-    const std::vector<int32_t> cu = read_cu_seqlens(check_tensor(cu_seqlens, "cu_seqlens"), "cu_seqlens", k->shape[0]);
+    const std::vector<int32_t> cu = cu_seqlens_values(cu_seqlens, "cu_seqlens", k->shape[0], cuda_stream);
     require(int64_t(cu.size()) == int64_t(num_seqs) + 1, TA_ERROR_INVALID_ARGUMENT, "cu_seqlens: ", cu.size(),
             " entries, expected num_seqs + 1 = ", num_seqs + 1);
     std::vector<int64_t> tokens;
     for (int32_t i = 0; i < num_seqs; ++i) tokens.push_back(cu[size_t(i) + 1] - cu[size_t(i)]);
     check_capacity(c, layer, seqs, tokens);
+#ifdef TURBOATTN_WITH_CUDA
+    if (c.gpu) {
+      cuda::expect_device_pointer(k->data, "k");
+      cuda::expect_device_pointer(v->data, "v");
+      return c.gpu->write(layer, seqs, num_seqs, *k, *v, cu, cuda_stream);
+    }
+#endif
     const std::vector<float> kf = to_float(*k), vf = to_float(*v);
     const int64_t H = c.config().kv_heads, D = c.config().head_dim;
     for (int32_t i = 0; i < num_seqs; ++i)
-      c.write(layer, seqs[i], view(kf, cu[size_t(i)], tokens[size_t(i)], H, D), view(vf, cu[size_t(i)], tokens[size_t(i)], H, D));
+      c.host->write(layer, seqs[i], view(kf, cu[size_t(i)], tokens[size_t(i)], H, D),
+                    view(vf, cu[size_t(i)], tokens[size_t(i)], H, D));
   });
 }
 
 ta_status ta_cache_append(ta_cache* cache, int32_t layer, const int32_t* seqs, int32_t num_seqs, const ta_tensor* k,
                           const ta_tensor* v, void* cuda_stream) {
   return guard([&] {
-    ref::KvCache& c = cache_of(cache);
+    ta_cache& c = cache_of(cache);
     check_layer(c, layer);
     check_seqs(c, seqs, num_seqs);
     check_kv_tokens(c, k, v, num_seqs);
     check_capacity(c, layer, seqs, std::vector<int64_t>(size_t(num_seqs), 1));
+#ifdef TURBOATTN_WITH_CUDA
+    if (c.gpu) {
+      cuda::expect_device_pointer(k->data, "k");
+      cuda::expect_device_pointer(v->data, "v");
+      std::vector<int32_t> cu(size_t(num_seqs) + 1);
+      for (int32_t i = 0; i <= num_seqs; ++i) cu[size_t(i)] = i;
+      return c.gpu->write(layer, seqs, num_seqs, *k, *v, cu, cuda_stream);
+    }
+#else
+    (void)cuda_stream;
+#endif
     const std::vector<float> kf = to_float(*k), vf = to_float(*v);
     const int64_t H = c.config().kv_heads, D = c.config().head_dim;
-    for (int32_t i = 0; i < num_seqs; ++i) c.write(layer, seqs[i], view(kf, i, 1, H, D), view(vf, i, 1, H, D));
+    for (int32_t i = 0; i < num_seqs; ++i) c.host->write(layer, seqs[i], view(kf, i, 1, H, D), view(vf, i, 1, H, D));
   });
 }
 
 ta_decode_options ta_decode_default_options(void) { return {0.0f, 1, 0}; }
 
 ta_status ta_decode(ta_cache* cache, int32_t layer, const int32_t* seqs, int32_t num_seqs, const ta_tensor* q_,
-                    const ta_decode_options* options, ta_tensor* out_, void* /*cuda_stream*/) {
+                    const ta_decode_options* options, ta_tensor* out_, void* cuda_stream) {
   return guard([&] {
-    ref::KvCache& c = cache_of(cache);
+    ta_cache& c = cache_of(cache);
     check_layer(c, layer);
     check_seqs(c, seqs, num_seqs);
     const ta_tensor& q = check_tensor(q_, "q");
     ta_tensor& out = const_cast<ta_tensor&>(check_tensor(out_, "out"));
     expect_dtype(q, "q", {TA_DTYPE_F16, TA_DTYPE_BF16});
     expect_dtype(out, "out", {q.dtype});
-    expect_device(q, "q", TA_DEVICE_CPU);
-    expect_device(out, "out", TA_DEVICE_CPU);
+    expect_device(q, "q", c.device);
+    expect_device(out, "out", c.device);
     expect_rank(q, "q", 4);
     expect_last_dim_contiguous(q, "q");
     expect_last_dim_contiguous(out, "out");
@@ -606,15 +648,25 @@ ta_status ta_decode(ta_cache* cache, int32_t layer, const int32_t* seqs, int32_t
     require(q_len >= 1, TA_ERROR_INVALID_ARGUMENT, "q: q_len ", q_len, ", expected >= 1");
     expect_shape(out, "out", {num_seqs, q_len, hq, D});
     for (int32_t i = 0; i < num_seqs; ++i)
-      require(c.length(layer, seqs[i]) >= q_len, TA_ERROR_INVALID_ARGUMENT, "q: q_len ", q_len, " exceeds sequence ", seqs[i],
-              "'s ", c.length(layer, seqs[i]), " cached tokens in layer ", layer, " (append the new tokens first)");
+      require(c.book().length(layer, seqs[i]) >= q_len, TA_ERROR_INVALID_ARGUMENT, "q: q_len ", q_len, " exceeds sequence ",
+              seqs[i], "'s ", c.book().length(layer, seqs[i]), " cached tokens in layer ", layer, " (append the new tokens first)");
     const ta_decode_options o = options ? *options : ta_decode_default_options();
     check_softmax_scale(o.softmax_scale, "options.softmax_scale");
     require(o.split_tiles >= 0, TA_ERROR_INVALID_ARGUMENT, "options.split_tiles: ", o.split_tiles, ", expected >= 0");
+#ifdef TURBOATTN_WITH_CUDA
+    if (c.gpu) {
+      require(q_len <= 16, TA_ERROR_UNSUPPORTED, "q: q_len ", q_len, " is over 16, the most the CUDA decode takes per call");
+      cuda::expect_device_pointer(q.data, "q");
+      cuda::expect_device_pointer(out.data, "out");
+      return c.gpu->decode(layer, seqs, num_seqs, q, o, out, cuda_stream);
+    }
+#else
+    (void)cuda_stream;
+#endif
     const std::vector<float> qf = to_float(q);
     std::vector<float> of(qf.size());
     for (int32_t i = 0; i < num_seqs; ++i)
-      c.decode(layer, seqs[i], view(qf, int64_t(i) * q_len, q_len, hq, D), o.softmax_scale, o.use_sas != 0, o.split_tiles,
+      c.host->decode(layer, seqs[i], view(qf, int64_t(i) * q_len, q_len, hq, D), o.softmax_scale, o.use_sas != 0, o.split_tiles,
                of.data() + size_t(i) * q_len * hq * D);
     from_float(of, out);
   });

@@ -11,6 +11,9 @@ namespace turboattn::cuda {
 
 bool device_available();
 
+// Throws unless ptr is device (or managed) memory of the current device; `name` is the argument's.
+void expect_device_pointer(const void* ptr, const char* name);
+
 // Blockwise INT8 quantization (docs/FORMATS.md, FlashQ compute format); arguments already validated.
 void quantize_int8(const ta_tensor& x, const ta_tensor* shift, ta_tensor& codes, ta_tensor& scales, void* stream);
 

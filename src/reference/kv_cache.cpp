@@ -21,41 +21,16 @@ float load_f32(const uint8_t* p) {
 }
 }  // namespace
 
-KvCache::KvCache(const CacheConfig& config) : cfg_(config) {
-  const size_t slots = size_t(cfg_.layers) * cfg_.max_seqs;
+KvCache::KvCache(const CacheConfig& config) : cfg_(config), book_(config.layers, config.max_seqs, config.num_pages) {
   for (int l = 0; l < cfg_.layers; ++l) {
     layouts_.push_back(make_page_layout(cfg_.bits.data() + size_t(l) * cfg_.kv_heads, cfg_.kv_heads, cfg_.head_dim));
     pools_.emplace_back(size_t(cfg_.num_pages) * layouts_.back().page_bytes, uint8_t(0));
     buffers_.emplace_back(size_t(cfg_.max_seqs) * cfg_.kv_heads * buffer_head_bytes(cfg_.head_dim), uint8_t(0));
     means_.emplace_back(size_t(cfg_.max_seqs) * cfg_.kv_heads * cfg_.head_dim, 0.0f);
   }
-  length_.assign(slots, 0);
-  tables_.resize(size_t(cfg_.max_seqs));
-  active_.assign(size_t(cfg_.max_seqs), false);
-  for (int p = cfg_.num_pages - 1; p >= 0; --p) free_.push_back(p);
 }
 
-int KvCache::add_sequence() {
-  for (int s = 0; s < cfg_.max_seqs; ++s)
-    if (!active_[size_t(s)]) {
-      active_[size_t(s)] = true;
-      for (int l = 0; l < cfg_.layers; ++l) length_[index(l, s)] = 0;
-      return s;
-    }
-  return -1;
-}
-
-void KvCache::release_sequence(int seq) {
-  for (int p : tables_[size_t(seq)]) free_.push_back(p);
-  tables_[size_t(seq)].clear();
-  active_[size_t(seq)] = false;
-  for (int l = 0; l < cfg_.layers; ++l) length_[index(l, seq)] = 0;
-}
-
-int KvCache::pages_needed(int layer, int seq, int64_t tokens) const {
-  const int64_t blocks = (length(layer, seq) + tokens) / kBlock;
-  return int(std::max<int64_t>(0, blocks - int64_t(tables_[size_t(seq)].size())));
-}
+int KvCache::add_sequence() { return book_.add_sequence(); }
 
 const uint8_t* KvCache::page(int layer, int page_id) const {
   return pools_[size_t(layer)].data() + size_t(page_id) * layouts_[size_t(layer)].page_bytes;
@@ -100,19 +75,15 @@ void KvCache::append_token(int layer, int seq, const float* const* k_rows, const
     store_f32(buf + buffer_k_scale_offset(d) + 4 * slot, quantize_block_int8(shifted.data(), 1, d, d, kq, d));
     store_f32(buf + buffer_v_scale_offset(d) + 4 * slot, quantize_block_int8(v_rows[h], 1, d, d, vq, d));
   }
-  if (++length_[index(layer, seq)] % kBlock == 0) flush(layer, seq);
+  book_.add_tokens(layer, seq, 1);
+  if (length(layer, seq) % kBlock == 0) flush(layer, seq);
 }
 
 void KvCache::flush(int layer, int seq) {
   const int d = cfg_.head_dim;
-  const size_t block = size_t(length(layer, seq) / kBlock - 1);
-  std::vector<int>& table = tables_[size_t(seq)];
-  if (table.size() <= block) {  // the first layer to fill this block takes its page
-    table.push_back(free_.back());
-    free_.pop_back();
-  }
   const PageLayout& lay = layouts_[size_t(layer)];
-  uint8_t* page = pools_[size_t(layer)].data() + size_t(table[block]) * lay.page_bytes;
+  const int page_id = book_.page_for_block(seq, length(layer, seq) / kBlock - 1);
+  uint8_t* page = pools_[size_t(layer)].data() + size_t(page_id) * lay.page_bytes;
   std::vector<int8_t> q(size_t(kBlock) * d);
   std::vector<uint8_t> codes(size_t(kBlock) * d), packed(size_t(kBlock) * d);
   for (int h = 0; h < cfg_.kv_heads; ++h) {
@@ -181,7 +152,7 @@ std::vector<Int8Tile> KvCache::tiles(int layer, int seq, int head, std::vector<s
     int8_t* kc = codes[size_t(b)].data();
     float* sc = scales[size_t(b)].data();
     float ks, vs;
-    block_tile(layer, tables_[size_t(seq)][size_t(b)], head, kc, kc + kBlock * d, &ks, &vs);
+    block_tile(layer, book_.table(seq)[size_t(b)], head, kc, kc + kBlock * d, &ks, &vs);
     std::fill(sc, sc + kBlock, ks);
     sc[kBlock] = vs;
     Int8Tile t;

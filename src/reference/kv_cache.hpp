@@ -9,6 +9,7 @@
 
 #include "attention.hpp"
 #include "format/cache_layout.h"
+#include "format/page_book.hpp"
 
 namespace turboattn::ref {
 
@@ -28,14 +29,16 @@ class KvCache {
   const CacheConfig& config() const { return cfg_; }
   const PageLayout& layout(int layer) const { return layouts_[size_t(layer)]; }
 
-  // Sequence slots. add_sequence returns -1 when every slot is taken.
+  // Sequence slots, lengths and pages. add_sequence returns -1 when every slot is taken.
   int add_sequence();
-  void release_sequence(int seq);
-  bool active(int seq) const { return seq >= 0 && seq < cfg_.max_seqs && active_[size_t(seq)]; }
-  int64_t length(int layer, int seq) const { return length_[index(layer, seq)]; }
-  int free_pages() const { return int(free_.size()); }
+  void release_sequence(int seq) { book_.release_sequence(seq); }
+  bool active(int seq) const { return book_.active(seq); }
+  int64_t length(int layer, int seq) const { return book_.length(layer, seq); }
+  int free_pages() const { return book_.free_pages(); }
   // Pages a sequence must newly take for `tokens` more tokens in `layer`.
-  int pages_needed(int layer, int seq, int64_t tokens) const;
+  int pages_needed(int layer, int seq, int64_t tokens) const { return book_.pages_needed(layer, seq, tokens); }
+  const PageBook& book() const { return book_; }
+  PageBook& book() { return book_; }
 
   // Appends `k`, `v` (tokens x kv_heads x dim) to a sequence: each token is quantized to the buffer
   // and full buffers are flushed into pages. On a sequence's first write to a layer with smooth_k,
@@ -51,7 +54,7 @@ class KvCache {
 
   // Raw state, for tests and for comparison with the GPU cache.
   const uint8_t* page(int layer, int page_id) const;
-  const std::vector<int>& page_table(int seq) const { return tables_[size_t(seq)]; }
+  const std::vector<int>& page_table(int seq) const { return book_.table(seq); }
   const uint8_t* buffer(int layer, int seq, int head) const;
   const float* k_mean(int layer, int seq) const;
 
@@ -61,7 +64,6 @@ class KvCache {
   void read_tokens(int layer, int seq, float* k, float* v) const;
 
  private:
-  size_t index(int layer, int seq) const { return size_t(layer) * cfg_.max_seqs + seq; }
   uint8_t* buffer_mut(int layer, int seq, int head);
   void append_token(int layer, int seq, const float* const* k_rows, const float* const* v_rows);
   void flush(int layer, int seq);
@@ -73,10 +75,7 @@ class KvCache {
   std::vector<std::vector<uint8_t>> pools_;    // per layer: num_pages * page_bytes
   std::vector<std::vector<uint8_t>> buffers_;  // per layer: max_seqs * kv_heads * buffer_head_bytes
   std::vector<std::vector<float>> means_;      // per layer: max_seqs * kv_heads * dim
-  std::vector<int64_t> length_;                // per (layer, seq)
-  std::vector<std::vector<int>> tables_;       // per seq: page ids of its blocks
-  std::vector<bool> active_;
-  std::vector<int> free_;                      // free page ids (a stack)
+  PageBook book_;
 };
 
 }  // namespace turboattn::ref

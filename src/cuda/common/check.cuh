@@ -15,9 +15,4 @@
 #define TA_CUDA_CHECK_LAUNCH(kernel_name) \
   ::turboattn::require(cudaGetLastError() == cudaSuccess, TA_ERROR_CUDA, "launch of " kernel_name " failed")
 
-namespace turboattn::cuda {
-
-// Throws unless ptr is device (or managed) memory of the current device.
-void expect_device_pointer(const void* ptr, const char* name);
-
-}  // namespace turboattn::cuda
+#include "api/cuda_backend.hpp"  // expect_device_pointer

@@ -1,0 +1,262 @@
+// Host side of the GPU KV cache: device memory, the runs of a write, decode launches and the one place
+// that maps (head dim, dtype, SAS) to a decode kernel instance.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "api/errors.hpp"
+#include "cuda/cache/decode_kernel.cuh"
+#include "cuda/cache/device_cache.hpp"
+#include "cuda/cache/write_kernel.cuh"
+#include "cuda/common/check.cuh"
+#include "reference/attention.hpp"
+
+namespace turboattn::cuda {
+
+namespace {
+
+template <typename X>
+X* device_alloc(int64_t count, const char* what) {
+  void* p = nullptr;
+  const cudaError_t err = cudaMalloc(&p, size_t(std::max<int64_t>(count, 1)) * sizeof(X));
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    throw Error(TA_ERROR_OUT_OF_MEMORY, concat("cache: cannot allocate ", count * int64_t(sizeof(X)), " bytes of GPU memory for ",
+                                               what, ": ", cudaGetErrorString(err)));
+  }
+  TA_CUDA_CHECK(cudaMemset(p, 0, size_t(std::max<int64_t>(count, 1)) * sizeof(X)));
+  return static_cast<X*>(p);
+}
+
+// A host array copied to the device on `stream`, freed in stream order.
+template <typename X>
+class StreamArray {
+ public:
+  StreamArray(const std::vector<X>& host, cudaStream_t stream) : stream_(stream) {
+    TA_CUDA_CHECK(cudaMallocAsync(&ptr_, std::max<size_t>(1, host.size()) * sizeof(X), stream));
+    if (!host.empty()) TA_CUDA_CHECK(cudaMemcpyAsync(ptr_, host.data(), host.size() * sizeof(X), cudaMemcpyHostToDevice, stream));
+  }
+  ~StreamArray() { cudaFreeAsync(ptr_, stream_); }
+  const X* get() const { return static_cast<const X*>(ptr_); }
+
+ private:
+  void* ptr_ = nullptr;
+  cudaStream_t stream_;
+};
+
+template <typename T>
+void launch_write(const ta_tensor& k, const ta_tensor& v, const std::vector<WriteRun>& runs, const std::vector<MeanRun>& means,
+                  uint8_t* pool, uint8_t* buffers, float* mean_base, const PageLayout* layout, int32_t* tables, int table_width,
+                  int64_t* lengths, int kv_heads, int dim, bool smooth, cudaStream_t stream) {
+  const T* kp = static_cast<const T*>(k.data);
+  const T* vp = static_cast<const T*>(v.data);
+  if (!means.empty()) {
+    StreamArray<MeanRun> d_means(means, stream);
+    cache_mean_kernel<T><<<dim3{unsigned(means.size()), unsigned(kv_heads)}, 128, 0, stream>>>(
+        kp, k.strides[0], k.strides[1], d_means.get(), mean_base, kv_heads, dim, smooth);
+    TA_CUDA_CHECK_LAUNCH("cache_mean_kernel");
+  }
+  // Runs that complete a block read the tokens buffered before them, so they go first; runs that
+  // leave tokens in the buffer (a sequence's last) go second.
+  std::vector<WriteRun> ordered[2];
+  for (const WriteRun& r : runs) ordered[r.page >= 0 ? 0 : 1].push_back(r);
+  const int smem = write_smem_bytes(dim);
+  static const bool configured = [&] {
+    TA_CUDA_CHECK(cudaFuncSetAttribute(cache_write_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, write_smem_bytes(256)));
+    return true;
+  }();
+  (void)configured;
+  for (const auto& part : ordered) {
+    if (part.empty()) continue;
+    StreamArray<WriteRun> d_runs(part, stream);
+    WriteParams<T> p{};
+    p.k = kp, p.v = vp, p.k_n = k.strides[0], p.k_h = k.strides[1], p.v_n = v.strides[0], p.v_h = v.strides[1];
+    p.runs = d_runs.get(), p.pool = pool, p.buffers = buffers, p.means = mean_base, p.layout = layout;
+    p.tables = tables, p.table_width = table_width, p.lengths = lengths, p.kv_heads = kv_heads, p.dim = dim;
+    cache_write_kernel<T><<<dim3{unsigned(part.size()), unsigned(kv_heads)}, kWriteThreads, smem, stream>>>(p);
+    TA_CUDA_CHECK_LAUNCH("cache_write_kernel");
+  }
+}
+
+template <int kHeadDim, typename T, bool kSas>
+void launch_decode(const DecodeParams& p, int num_seqs, int chunks, cudaStream_t stream) {
+  using Tr = DecodeTraits<kHeadDim>;
+  static const bool configured = [] {
+    TA_CUDA_CHECK(cudaFuncSetAttribute(cache_decode_kernel<kHeadDim, T, kSas>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       Tr::kSmemBytes));
+    return true;
+  }();
+  (void)configured;
+  const dim3 grid{unsigned(p.num_splits), unsigned(p.hkv * chunks), unsigned(num_seqs)};
+  cache_decode_kernel<kHeadDim, T, kSas><<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
+  TA_CUDA_CHECK_LAUNCH("cache_decode_kernel");
+}
+
+// The one place that maps (head dim, SAS) to a decode kernel instance.
+template <typename T>
+void dispatch_decode(int dim, bool sas, const DecodeParams& p, int num_seqs, int chunks, cudaStream_t stream) {
+  switch (dim) {
+    case 64: return sas ? launch_decode<64, T, true>(p, num_seqs, chunks, stream) : launch_decode<64, T, false>(p, num_seqs, chunks, stream);
+    case 96: return sas ? launch_decode<96, T, true>(p, num_seqs, chunks, stream) : launch_decode<96, T, false>(p, num_seqs, chunks, stream);
+    case 128:
+      return sas ? launch_decode<128, T, true>(p, num_seqs, chunks, stream) : launch_decode<128, T, false>(p, num_seqs, chunks, stream);
+    case 256:
+      return sas ? launch_decode<256, T, true>(p, num_seqs, chunks, stream) : launch_decode<256, T, false>(p, num_seqs, chunks, stream);
+  }
+  throw Error(TA_ERROR_UNSUPPORTED, concat("head dim ", dim, " has no CUDA decode kernel"));
+}
+
+}  // namespace
+
+DeviceCache::DeviceCache(const ref::CacheConfig& config)
+    : cfg_(config), book_(config.layers, config.max_seqs, config.num_pages) {
+  const int64_t max_blocks = (cfg_.max_seq_len + TA_BLOCK_TOKENS - 1) / TA_BLOCK_TOKENS;
+  table_width_ = int(std::max<int64_t>(1, std::min<int64_t>(max_blocks, cfg_.num_pages)));
+  for (int l = 0; l < cfg_.layers; ++l)
+    layouts_.push_back(make_page_layout(cfg_.bits.data() + size_t(l) * cfg_.kv_heads, cfg_.kv_heads, cfg_.head_dim));
+  try {
+    for (int l = 0; l < cfg_.layers; ++l) {
+      pools_.push_back(device_alloc<uint8_t>(int64_t(cfg_.num_pages) * layouts_[size_t(l)].page_bytes, "pages"));
+      buffers_.push_back(device_alloc<uint8_t>(int64_t(cfg_.max_seqs) * cfg_.kv_heads * buffer_head_bytes(cfg_.head_dim), "buffers"));
+      means_.push_back(device_alloc<float>(int64_t(cfg_.max_seqs) * cfg_.kv_heads * cfg_.head_dim, "K means"));
+    }
+    d_layouts_ = device_alloc<PageLayout>(cfg_.layers, "page layouts");
+    TA_CUDA_CHECK(cudaMemcpy(d_layouts_, layouts_.data(), layouts_.size() * sizeof(PageLayout), cudaMemcpyHostToDevice));
+    d_tables_ = device_alloc<int32_t>(int64_t(cfg_.max_seqs) * table_width_, "page tables");
+    d_lengths_ = device_alloc<int64_t>(int64_t(cfg_.layers) * cfg_.max_seqs, "lengths");
+    TA_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms_, cudaDevAttrMultiProcessorCount, 0));
+  } catch (...) {
+    this->~DeviceCache();
+    throw;
+  }
+}
+
+DeviceCache::~DeviceCache() {
+  for (auto* p : pools_) cudaFree(p);
+  for (auto* p : buffers_) cudaFree(p);
+  for (auto* p : means_) cudaFree(p);
+  cudaFree(d_layouts_), cudaFree(d_tables_), cudaFree(d_lengths_), cudaFree(workspace_);
+  pools_.clear(), buffers_.clear(), means_.clear();
+  d_layouts_ = nullptr, d_tables_ = nullptr, d_lengths_ = nullptr, workspace_ = nullptr;
+}
+
+void DeviceCache::write(int layer, const int32_t* seqs, int num_seqs, const ta_tensor& k, const ta_tensor& v,
+                        const std::vector<int32_t>& cu, void* stream_) {
+  const auto stream = static_cast<cudaStream_t>(stream_);
+  std::vector<WriteRun> runs;
+  std::vector<MeanRun> means;
+  for (int i = 0; i < num_seqs; ++i) {
+    const int seq = seqs[i];
+    const int64_t len0 = book_.length(layer, seq), tokens = cu[size_t(i) + 1] - cu[size_t(i)];
+    if (len0 == 0) means.push_back({seq, cu[size_t(i)], int32_t(tokens)});
+    int64_t pos = len0;
+    int32_t src = cu[size_t(i)];
+    for (int64_t left = tokens; left > 0;) {
+      const int count = int(std::min<int64_t>(left, TA_BLOCK_TOKENS - pos % TA_BLOCK_TOKENS));
+      const bool complete = (pos % TA_BLOCK_TOKENS) + count == TA_BLOCK_TOKENS;
+      const int page = complete ? book_.page_for_block(seq, pos / TA_BLOCK_TOKENS) : -1;
+      runs.push_back({seq, src, count, page, pos, -1});
+      pos += count, src += count, left -= count;
+    }
+    if (tokens > 0) {
+      runs.back().new_length = len0 + tokens;
+      book_.add_tokens(layer, seq, tokens);
+    }
+  }
+  const auto* lay = d_layouts_ + layer;
+  int64_t* lengths = d_lengths_ + int64_t(layer) * cfg_.max_seqs;
+  if (k.dtype == TA_DTYPE_F16)
+    launch_write<__half>(k, v, runs, means, pools_[size_t(layer)], buffers_[size_t(layer)], means_[size_t(layer)], lay, d_tables_,
+                         table_width_, lengths, cfg_.kv_heads, cfg_.head_dim, cfg_.smooth_k, stream);
+  else
+    launch_write<__nv_bfloat16>(k, v, runs, means, pools_[size_t(layer)], buffers_[size_t(layer)], means_[size_t(layer)], lay,
+                                d_tables_, table_width_, lengths, cfg_.kv_heads, cfg_.head_dim, cfg_.smooth_k, stream);
+}
+
+void DeviceCache::decode(int layer, const int32_t* seqs, int num_seqs, const ta_tensor& q, const ta_decode_options& options,
+                         ta_tensor& out, void* stream_) {
+  const auto stream = static_cast<cudaStream_t>(stream_);
+  const int D = cfg_.head_dim, hkv = cfg_.kv_heads, q_len = int(q.shape[1]), hq = int(q.shape[2]), group = hq / hkv;
+  const int heads_per_cta = std::max(1, std::min(group, DecodeTraits<64>::kRows / q_len));
+  const int chunks = (group + heads_per_cta - 1) / heads_per_cta;
+  int64_t max_tiles = 1;
+  for (int i = 0; i < num_seqs; ++i) max_tiles = std::max<int64_t>(max_tiles, TA_BLOCK_COUNT(book_.length(layer, seqs[i])));
+  int splits;
+  if (options.split_tiles > 0) {
+    splits = int((max_tiles + options.split_tiles - 1) / options.split_tiles);
+  } else {  // about four CTAs per SM in all, no split shorter than 4 tiles
+    const int64_t base = int64_t(std::min(num_seqs, kDecodeMaxSeqs)) * hkv * chunks;
+    splits = int(std::clamp<int64_t>((4 * int64_t(num_sms_) + base - 1) / base, 1, std::max<int64_t>(1, max_tiles / 4)));
+  }
+  const int64_t need = int64_t(num_seqs) * hq * q_len * splits * (D + 2);
+  if (need > workspace_floats_) {
+    cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+    TA_CUDA_CHECK(cudaStreamIsCapturing(stream, &capturing));
+    require(capturing == cudaStreamCaptureStatusNone, TA_ERROR_INVALID_ARGUMENT, "decode: its workspace must grow to ", need * 4,
+            " bytes, which cannot happen inside CUDA graph capture; run one call of this shape before capturing");
+    TA_CUDA_CHECK(cudaStreamSynchronize(stream));
+    cudaFree(workspace_);
+    workspace_ = nullptr, workspace_floats_ = 0;
+    workspace_ = device_alloc<float>(need, "the decode workspace");
+    workspace_floats_ = need;
+  }
+  const float scale = ref::resolve_softmax_scale(options.softmax_scale, D);
+  const size_t elem = q.dtype == TA_DTYPE_F16 ? sizeof(__half) : sizeof(__nv_bfloat16);
+  for (int s0 = 0; s0 < num_seqs; s0 += kDecodeMaxSeqs) {
+    const int n = std::min(kDecodeMaxSeqs, num_seqs - s0);
+    DecodeParams p{};
+    p.pool = pools_[size_t(layer)], p.buffers = buffers_[size_t(layer)], p.layout = d_layouts_ + layer;
+    p.tables = d_tables_, p.table_width = table_width_, p.lengths = d_lengths_ + int64_t(layer) * cfg_.max_seqs;
+    p.q = static_cast<const uint8_t*>(q.data) + int64_t(s0) * q.strides[0] * int64_t(elem);
+    p.q_b = q.strides[0], p.q_n = q.strides[1], p.q_h = q.strides[2];
+    p.out = static_cast<uint8_t*>(out.data) + int64_t(s0) * out.strides[0] * int64_t(elem);
+    p.o_b = out.strides[0], p.o_n = out.strides[1], p.o_h = out.strides[2];
+    p.partial = workspace_ + int64_t(s0) * hq * q_len * splits * (D + 2);
+    p.hq = hq, p.hkv = hkv, p.q_len = q_len, p.heads_per_cta = heads_per_cta, p.num_splits = splits;
+    p.scale_log2 = ref::scale_log2(scale);
+    for (int i = 0; i < n; ++i) p.slots[i] = seqs[s0 + i];
+    const unsigned rows = unsigned(n * hq * q_len);
+    if (q.dtype == TA_DTYPE_F16) {
+      dispatch_decode<__half>(D, options.use_sas != 0, p, n, chunks, stream);
+      cache_merge_kernel<__half><<<rows, 128, 0, stream>>>(p.partial, splits, hq, q_len, D, p.out, p.o_b, p.o_n, p.o_h);
+    } else {
+      dispatch_decode<__nv_bfloat16>(D, options.use_sas != 0, p, n, chunks, stream);
+      cache_merge_kernel<__nv_bfloat16><<<rows, 128, 0, stream>>>(p.partial, splits, hq, q_len, D, p.out, p.o_b, p.o_n, p.o_h);
+    }
+    TA_CUDA_CHECK_LAUNCH("cache_merge_kernel");
+  }
+}
+
+std::vector<uint8_t> DeviceCache::download_page(int layer, int page_id) const {
+  std::vector<uint8_t> host(size_t(layouts_[size_t(layer)].page_bytes));
+  TA_CUDA_CHECK(cudaMemcpy(host.data(), pools_[size_t(layer)] + int64_t(page_id) * layouts_[size_t(layer)].page_bytes, host.size(),
+                           cudaMemcpyDeviceToHost));
+  return host;
+}
+std::vector<uint8_t> DeviceCache::download_buffer(int layer, int seq, int head) const {
+  std::vector<uint8_t> host(size_t(buffer_head_bytes(cfg_.head_dim)));
+  TA_CUDA_CHECK(cudaMemcpy(host.data(), buffers_[size_t(layer)] + (int64_t(seq) * cfg_.kv_heads + head) * int64_t(host.size()),
+                           host.size(), cudaMemcpyDeviceToHost));
+  return host;
+}
+std::vector<float> DeviceCache::download_k_mean(int layer, int seq) const {
+  std::vector<float> host(size_t(cfg_.kv_heads) * cfg_.head_dim);
+  TA_CUDA_CHECK(cudaMemcpy(host.data(), means_[size_t(layer)] + int64_t(seq) * int64_t(host.size()), host.size() * 4,
+                           cudaMemcpyDeviceToHost));
+  return host;
+}
+std::vector<int32_t> DeviceCache::download_table(int seq) const {
+  std::vector<int32_t> host(static_cast<size_t>(table_width_));
+  TA_CUDA_CHECK(cudaMemcpy(host.data(), d_tables_ + int64_t(seq) * table_width_, host.size() * 4, cudaMemcpyDeviceToHost));
+  return host;
+}
+int64_t DeviceCache::download_length(int layer, int seq) const {
+  int64_t n = 0;
+  TA_CUDA_CHECK(cudaMemcpy(&n, d_lengths_ + int64_t(layer) * cfg_.max_seqs + seq, 8, cudaMemcpyDeviceToHost));
+  return n;
+}
+
+}  // namespace turboattn::cuda

@@ -1,0 +1,62 @@
+// The compressed paged KV cache in GPU memory (docs/FORMATS.md, section 3): pages, INT8 buffers, K
+// means, page tables and lengths on the device; the same bookkeeping as the CPU cache (PageBook) on the
+// host, so capacity is checked before any work is queued. Host-compiler friendly: no CUDA types here.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "format/cache_layout.h"
+#include "format/page_book.hpp"
+#include "reference/kv_cache.hpp"  // CacheConfig
+#include "turboattn/turboattn.h"
+
+namespace turboattn::cuda {
+
+class DeviceCache {
+ public:
+  explicit DeviceCache(const ref::CacheConfig& config);
+  ~DeviceCache();
+  DeviceCache(const DeviceCache&) = delete;
+  DeviceCache& operator=(const DeviceCache&) = delete;
+
+  const ref::CacheConfig& config() const { return cfg_; }
+  const PageLayout& layout(int layer) const { return layouts_[size_t(layer)]; }
+  PageBook& book() { return book_; }
+  const PageBook& book() const { return book_; }
+
+  // Writes k, v [T, Hkv, D] (CUDA, f16 or bf16) of num_seqs sequences (token ranges cu, on the host)
+  // to the end of those sequences in one layer; appends are writes of one token per sequence. The
+  // caller has checked capacity. Pages are taken on the host exactly as the CPU cache takes them. The
+  // device lengths are set (not incremented) by the writes, so a reused slot needs no reset.
+  void write(int layer, const int32_t* seqs, int num_seqs, const ta_tensor& k, const ta_tensor& v,
+             const std::vector<int32_t>& cu, void* stream);
+
+  // Decode attention of q [num_seqs, q_len, Hq, D] over the cache into out (both CUDA, f16 or bf16).
+  void decode(int layer, const int32_t* seqs, int num_seqs, const ta_tensor& q, const ta_decode_options& options,
+              ta_tensor& out, void* stream);
+
+  // Copies of device state, for tests (synchronous).
+  std::vector<uint8_t> download_page(int layer, int page_id) const;
+  std::vector<uint8_t> download_buffer(int layer, int seq, int head) const;
+  std::vector<float> download_k_mean(int layer, int seq) const;
+  std::vector<int32_t> download_table(int seq) const;  // the device page table row (all entries)
+  int64_t download_length(int layer, int seq) const;
+
+ private:
+  ref::CacheConfig cfg_;
+  std::vector<PageLayout> layouts_;
+  PageBook book_;
+  int table_width_ = 0;                 // page-table entries per sequence on the device
+  std::vector<uint8_t*> pools_;         // per layer: num_pages * page_bytes
+  std::vector<uint8_t*> buffers_;       // per layer: max_seqs * kv_heads * buffer_head_bytes
+  std::vector<float*> means_;           // per layer: max_seqs * kv_heads * head_dim
+  PageLayout* d_layouts_ = nullptr;     // per layer, for the kernels
+  int32_t* d_tables_ = nullptr;         // [max_seqs][table_width_]
+  int64_t* d_lengths_ = nullptr;        // [layers][max_seqs]
+  float* workspace_ = nullptr;          // decode partial states, grown on demand
+  int64_t workspace_floats_ = 0;
+  int num_sms_ = 0;
+};
+
+}  // namespace turboattn::cuda

@@ -1,0 +1,180 @@
+// Cache writes on the GPU: one CTA per (run of tokens inside one 64-token block, KV head). Tokens are
+// quantized per token into the INT8 buffer (3.1); a run that completes its block is flushed straight
+// into its page (3.2-3.4) with the tokens already buffered. Bulk writes and appends are the same kernel,
+// so they produce the same bytes, and both match the CPU cache (src/reference/kv_cache.cpp) bit for bit.
+#pragma once
+
+#include <stdint.h>
+
+#include "cuda/cache/codes.cuh"
+#include "cuda/common/numeric.cuh"
+#include "format/cache_layout.h"
+#include "turboattn/format.h"
+
+namespace turboattn::cuda {
+
+// A run of a sequence's new tokens inside one block.
+struct WriteRun {
+  int32_t slot;        // sequence slot
+  int32_t src;         // first token's row in k and v
+  int32_t count;       // tokens in the run
+  int32_t page;        // the block's page when the run completes it, else -1
+  int64_t pos0;        // sequence position of the run's first token
+  int64_t new_length;  // the sequence's length after the write (on its last run), else -1
+};
+
+template <typename T>
+struct WriteParams {
+  const T* k;
+  const T* v;
+  int64_t k_n, k_h, v_n, v_h;  // element strides of k, v [T, Hkv, D]
+  const WriteRun* runs;
+  uint8_t* pool;       // the layer's pages
+  uint8_t* buffers;    // the layer's INT8 buffers [slot][head]
+  const float* means;  // the layer's K means [slot][head][D]
+  const PageLayout* layout;
+  int32_t* tables;     // [slot][table_width]
+  int table_width;
+  int64_t* lengths;    // the layer's lengths [slot]
+  int kv_heads, dim;
+};
+
+constexpr int kWriteThreads = 128;
+
+// Dynamic shared memory of the write kernel: INT8 K and V of the block, their token scales, and the
+// stage-2 codes of one of them in storage order.
+__host__ __device__ constexpr int write_smem_bytes(int dim) { return 3 * TA_BLOCK_TOKENS * dim + 2 * 4 * TA_BLOCK_TOKENS; }
+
+template <typename T>
+__global__ void __launch_bounds__(kWriteThreads) cache_write_kernel(const WriteParams<T> p) {
+  extern __shared__ __align__(16) uint8_t smem[];
+  constexpr int kBlock = TA_BLOCK_TOKENS;
+  const int D = p.dim, h = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const WriteRun run = p.runs[blockIdx.x];
+  int8_t* s_q[2] = {reinterpret_cast<int8_t*>(smem), reinterpret_cast<int8_t*>(smem) + kBlock * D};  // K, V
+  uint8_t* s_codes = smem + 2 * kBlock * D;
+  float* s_scale[2] = {reinterpret_cast<float*>(smem + 3 * kBlock * D), reinterpret_cast<float*>(smem + 3 * kBlock * D) + kBlock};
+
+  uint8_t* buf = p.buffers + (int64_t(run.slot) * p.kv_heads + h) * buffer_head_bytes(D);
+  int8_t* buf_q[2] = {reinterpret_cast<int8_t*>(buf + buffer_k_offset(D)), reinterpret_cast<int8_t*>(buf + buffer_v_offset(D))};
+  float* buf_scale[2] = {reinterpret_cast<float*>(buf + buffer_k_scale_offset(D)),
+                         reinterpret_cast<float*>(buf + buffer_v_scale_offset(D))};
+  const int slot0 = int(run.pos0 % kBlock);
+  const bool complete = run.page >= 0;
+  const float* mean = p.means + (int64_t(run.slot) * p.kv_heads + h) * D;
+
+  // Tokens already in the buffer join the block when it completes.
+  if (complete) {
+    for (int i = threadIdx.x; i < slot0 * D; i += kWriteThreads) s_q[0][i] = buf_q[0][i], s_q[1][i] = buf_q[1][i];
+    for (int i = threadIdx.x; i < slot0; i += kWriteThreads) s_scale[0][i] = buf_scale[0][i], s_scale[1][i] = buf_scale[1][i];
+  }
+
+  // Per-token INT8 (ref::quantize_block_int8 of one row; K minus the sequence's mean), one warp a token.
+  for (int i = warp; i < run.count; i += kWriteThreads / 32) {
+    const int t = slot0 + i;
+#pragma unroll
+    for (int which = 0; which < 2; ++which) {
+      const T* src = which ? p.v + int64_t(run.src + i) * p.v_n + int64_t(h) * p.v_h
+                           : p.k + int64_t(run.src + i) * p.k_n + int64_t(h) * p.k_h;
+      float amax = 0.0f;
+      bool finite = true;
+      for (int c = lane; c < D; c += 32) {
+        const float x = which ? to_float(src[c]) : __fsub_rn(to_float(src[c]), mean[c]);
+        finite = finite && isfinite(x);
+        amax = fmaxf(amax, fabsf(x));
+      }
+      for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+      finite = __all_sync(0xffffffffu, finite);
+      float scale, inv = 0.0f;
+      if (!finite) scale = __int_as_float(0x7fffffff);
+      else if (amax < TA_ZERO_BLOCK_AMAX) scale = 0.0f;
+      else scale = __fdiv_rn(amax, float(TA_INT8_MAX)), inv = __fdiv_rn(float(TA_INT8_MAX), amax);
+      int8_t* dst = complete ? s_q[which] + t * D : buf_q[which] + t * D;
+      for (int c = lane; c < D; c += 32) {
+        const float x = which ? to_float(src[c]) : __fsub_rn(to_float(src[c]), mean[c]);
+        dst[c] = inv == 0.0f ? int8_t(0) : round_int8(__fmul_rn(x, inv));
+      }
+      if (lane == 0) (complete ? s_scale[which] : buf_scale[which])[t] = scale;
+    }
+  }
+  if (!complete) {
+    if (h == 0 && threadIdx.x == 0 && run.new_length >= 0) p.lengths[run.slot] = run.new_length;
+    return;
+  }
+  __syncthreads();
+
+  // Flush: block scale, requantization, stage 2, packing; K token-major, V channel-major.
+  const PageLayout& lay = *p.layout;
+  const int bits = lay.bits[h];
+  uint8_t* page = p.pool + int64_t(run.page) * lay.page_bytes;
+  __shared__ float s_block_scale;
+#pragma unroll 1
+  for (int which = 0; which < 2; ++which) {
+    int8_t* q = s_q[which];
+    const float* ts = s_scale[which];
+    if (threadIdx.x == 0) {  // ref::requantize_tokens_to_block's order: a NaN wins, else the max
+      float block = 0.0f;
+      for (int t = 0; t < kBlock; ++t) {
+        if (isnan(ts[t])) block = ts[t];
+        if (!isnan(block)) block = fmaxf(block, ts[t]);
+      }
+      s_block_scale = block;
+      *reinterpret_cast<float*>(page + (which ? page_v_scale_offset(p.kv_heads, h) : page_k_scale_offset(h))) = block;
+    }
+    __syncthreads();
+    const float block = s_block_scale;
+    const bool zero_codes = !(block > 0.0f);
+    for (int i = threadIdx.x; i < kBlock * D; i += kWriteThreads) {
+      const float ratio = zero_codes ? 0.0f : __fdiv_rn(ts[i / D], block);
+      q[i] = zero_codes ? int8_t(0) : round_int8(__fmul_rn(float(q[i]), ratio));
+    }
+    __syncthreads();
+    uint8_t* region = page + (which ? lay.v_offset[h] : lay.k_offset[h]);
+    const int code_bytes = int(block_code_bytes(bits, D));
+    // s_codes[i] in storage order: K row t is token t's channels, V row c is channel c's tokens.
+    if (bits == 8) {
+      for (int i = threadIdx.x; i < kBlock * D; i += kWriteThreads) {
+        const int t = i / D, c = i % D;
+        s_codes[which ? c * kBlock + t : i] = uint8_t(q[i]);
+      }
+    } else {
+      for (int c = threadIdx.x; c < D; c += kWriteThreads)
+        stage2_encode(q + c, kBlock, D, bits, s_codes + (which ? c * kBlock : c), which ? 1 : D, region + code_bytes + c,
+                      reinterpret_cast<int8_t*>(region + code_bytes + D + c));
+    }
+    __syncthreads();
+    const int per_byte = 8 / bits;
+    const uint32_t mask = (1u << bits) - 1u;
+    for (int i = threadIdx.x; i < code_bytes; i += kWriteThreads) {  // ref::pack_codes, LSB first
+      uint32_t byte = 0;
+      for (int e = 0; e < per_byte; ++e) byte |= (s_codes[i * per_byte + e] & mask) << (e * bits);
+      region[i] = uint8_t(byte);
+    }
+    __syncthreads();
+  }
+  if (h == 0 && threadIdx.x == 0) {
+    p.tables[int64_t(run.slot) * p.table_width + run.pos0 / kBlock] = run.page;
+    if (run.new_length >= 0) p.lengths[run.slot] = run.new_length;
+  }
+}
+
+// K means of sequences written for the first time (ref::head_mean: a float64 sum in token order, so
+// bit-exact), or zeros without smoothing. One CTA per (sequence, head).
+struct MeanRun {
+  int32_t slot, src, count;
+};
+template <typename T>
+__global__ void cache_mean_kernel(const T* k, int64_t k_n, int64_t k_h, const MeanRun* runs, float* means, int kv_heads,
+                                  int dim, bool smooth) {
+  const MeanRun run = runs[blockIdx.x];
+  const int h = blockIdx.y;
+  float* mean = means + (int64_t(run.slot) * kv_heads + h) * dim;
+  for (int c = threadIdx.x; c < dim; c += blockDim.x) {
+    double sum = 0.0;
+    if (smooth)
+      for (int t = 0; t < run.count; ++t) sum += double(to_float(k[int64_t(run.src + t) * k_n + int64_t(h) * k_h + c]));
+    mean[c] = smooth && run.count ? __double2float_rn(sum / double(run.count)) : 0.0f;
+  }
+}
+
+}  // namespace turboattn::cuda
