@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# compute-sanitizer memcheck and racecheck over the GPU kernels on a set of small shapes (odd lengths,
+# compute-sanitizer memcheck, racecheck and initcheck over the GPU kernels on a set of small shapes (odd lengths,
 # every head dim, masks, layouts, dtypes). Run after tests/gpu/run_on_device.sh has built build/.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -8,9 +8,13 @@ filter='Shapes/GpuPrefill.MatchesReferenceAndFloat64/0:Shapes/GpuPrefill.Matches
 filter+='Shapes/GpuPrefill.MatchesReferenceAndFloat64/10:Shapes/GpuPrefill.MatchesReferenceAndFloat64/37:'
 filter+='Shapes/GpuPrefill.MatchesReferenceAndFloat64/71:Shapes/GpuPrefill.MatchesReferenceAndFloat64/98:'
 filter+='Shapes/GpuPrefill.MatchesReferenceAndFloat64/106:All/GpuPrefillVariants.*:GpuPrefill.RowsWithNoVisibleKeyAreZero:'
-filter+='Shapes/GpuQuantize.BitExactWithReference/1*:All/GpuPrefillVarlen.*:GpuPrefillInt8Kv.*:GpuPrefillNumerics.*:Offsets/GpuPrefillNan.*'
+filter+='Shapes/GpuQuantize.BitExactWithReference/1*:All/GpuPrefillVarlen.*:GpuPrefillInt8Kv.*:GpuPrefillNumerics.*:Offsets/GpuPrefillNan.*:'
+# The cache: writes at every head dim and bit width, decode variants, the C API's errors, graph replay.
+filter+='All/GpuCacheBytes.*/0:All/GpuCacheBytes.*/6:All/GpuCacheBytes.*/9:All/GpuCacheBytes.*/15:'
+filter+='Shapes/GpuDecode.*/2:Shapes/GpuDecode.*/5:Shapes/GpuDecode.*/7:Shapes/GpuDecode.*/9:Shapes/GpuDecode.*/10:'
+filter+='Shapes/GpuDecode.*/13:GpuCacheCapi.*:GpuCacheGraph.*'
 rc=0
-for tool in memcheck racecheck; do
+for tool in memcheck racecheck initcheck; do
   compute-sanitizer --tool $tool --error-exitcode 99 ./build/tests/turboattn_gpu_tests --gtest_filter="$filter" --gtest_brief=1 \
     > "$OUT/sanitizer-$tool.log" 2>&1
   r=$?
