@@ -213,7 +213,7 @@ INSTANTIATE_TEST_SUITE_P(
                     DecodeCase{256, "4", 4, 1, true, 0, TA_DTYPE_F16}, DecodeCase{256, "2", 1, 2, true, 0, TA_DTYPE_BF16},
                     DecodeCase{128, "4", 8, 1, true, 3, TA_DTYPE_F16}, DecodeCase{128, "4", 4, 3, true, 1, TA_DTYPE_F16},
                     DecodeCase{64, "mix", 4, 4, false, 0, TA_DTYPE_F16}, DecodeCase{128, "8", 1, 1, false, 2, TA_DTYPE_BF16},
-                    DecodeCase{64, "4", 16, 1, true, 0, TA_DTYPE_F16}, DecodeCase{64, "8", 4, 16, true, 0, TA_DTYPE_F16}));
+                    DecodeCase{64, "4", 16, 1, true, 0, TA_DTYPE_F16}, DecodeCase{64, "8", 4, 8, true, 0, TA_DTYPE_F16}, DecodeCase{96, "2", 8, 1, true, 0, TA_DTYPE_F16}));
 
 TEST(GpuCacheServing, RandomLivesStayIdenticalToTheCpuCache) {
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device";

@@ -86,12 +86,12 @@ void launch_decode(const DecodeParams& p, int num_seqs, int chunks, cudaStream_t
   using Tr = DecodeTraits<kHeadDim>;
   static const bool configured = [] {
     TA_CUDA_CHECK(cudaFuncSetAttribute(cache_decode_kernel<kHeadDim, T, kSas>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       Tr::kSmemBytes));
+                                       Tr::smem_bytes(TA_BITS_8)));
     return true;
   }();
   (void)configured;
   const dim3 grid{unsigned(p.num_splits), unsigned(p.hkv * chunks), unsigned(num_seqs)};
-  cache_decode_kernel<kHeadDim, T, kSas><<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
+  cache_decode_kernel<kHeadDim, T, kSas><<<grid, Tr::kThreads, Tr::smem_bytes(p.max_bits), stream>>>(p);
   TA_CUDA_CHECK_LAUNCH("cache_decode_kernel");
 }
 
@@ -180,6 +180,7 @@ void DeviceCache::decode(int layer, const int32_t* seqs, int num_seqs, const ta_
                          ta_tensor& out, void* stream_) {
   const auto stream = static_cast<cudaStream_t>(stream_);
   const int D = cfg_.head_dim, hkv = cfg_.kv_heads, q_len = int(q.shape[1]), hq = int(q.shape[2]), group = hq / hkv;
+  const int warps = decode_warps(D);
   const int heads_per_cta = std::max(1, std::min(group, DecodeTraits<64>::kRows / q_len));
   const int chunks = (group + heads_per_cta - 1) / heads_per_cta;
   int64_t max_tiles = 1;
@@ -187,11 +188,13 @@ void DeviceCache::decode(int layer, const int32_t* seqs, int num_seqs, const ta_
   int splits;
   if (options.split_tiles > 0) {
     splits = int((max_tiles + options.split_tiles - 1) / options.split_tiles);
-  } else {  // about four CTAs per SM in all, no split shorter than 4 tiles
+  } else {  // about four CTAs per SM in all, no split shorter than 16 tiles (4 per warp)
     const int64_t base = int64_t(std::min(num_seqs, kDecodeMaxSeqs)) * hkv * chunks;
-    splits = int(std::clamp<int64_t>((4 * int64_t(num_sms_) + base - 1) / base, 1, std::max<int64_t>(1, max_tiles / 4)));
+    splits = int(std::clamp<int64_t>((4 * int64_t(num_sms_) + base - 1) / base, 1, std::max<int64_t>(1, max_tiles / 16)));
   }
-  const int64_t need = int64_t(num_seqs) * hq * q_len * splits * (D + 2);
+  int max_bits = TA_BITS_2;
+  for (int h = 0; h < hkv; ++h) max_bits = std::max(max_bits, layouts_[size_t(layer)].bits[h]);
+  const int64_t need = int64_t(num_seqs) * hq * q_len * splits * warps * (D + 2);
   if (need > workspace_floats_) {
     cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
     TA_CUDA_CHECK(cudaStreamIsCapturing(stream, &capturing));
@@ -212,19 +215,20 @@ void DeviceCache::decode(int layer, const int32_t* seqs, int num_seqs, const ta_
     p.tables = d_tables_, p.table_width = table_width_, p.lengths = d_lengths_ + int64_t(layer) * cfg_.max_seqs;
     p.q = static_cast<const uint8_t*>(q.data) + int64_t(s0) * q.strides[0] * int64_t(elem);
     p.q_b = q.strides[0], p.q_n = q.strides[1], p.q_h = q.strides[2];
-    p.out = static_cast<uint8_t*>(out.data) + int64_t(s0) * out.strides[0] * int64_t(elem);
-    p.o_b = out.strides[0], p.o_n = out.strides[1], p.o_h = out.strides[2];
-    p.partial = workspace_ + int64_t(s0) * hq * q_len * splits * (D + 2);
-    p.hq = hq, p.hkv = hkv, p.q_len = q_len, p.heads_per_cta = heads_per_cta, p.num_splits = splits;
+    void* out_chunk = static_cast<uint8_t*>(out.data) + int64_t(s0) * out.strides[0] * int64_t(elem);
+    p.partial = workspace_ + int64_t(s0) * hq * q_len * splits * warps * (D + 2);
+    p.hq = hq, p.hkv = hkv, p.q_len = q_len, p.heads_per_cta = heads_per_cta, p.num_splits = splits, p.max_bits = max_bits;
     p.scale_log2 = ref::scale_log2(scale);
     for (int i = 0; i < n; ++i) p.slots[i] = seqs[s0 + i];
     const unsigned rows = unsigned(n * hq * q_len);
     if (q.dtype == TA_DTYPE_F16) {
       dispatch_decode<__half>(D, options.use_sas != 0, p, n, chunks, stream);
-      cache_merge_kernel<__half><<<rows, 128, 0, stream>>>(p.partial, splits, hq, q_len, D, p.out, p.o_b, p.o_n, p.o_h);
+      cache_merge_kernel<__half><<<rows, 128, 0, stream>>>(p.partial, splits * warps, hq, q_len, D, out_chunk, out.strides[0],
+                                                           out.strides[1], out.strides[2]);
     } else {
       dispatch_decode<__nv_bfloat16>(D, options.use_sas != 0, p, n, chunks, stream);
-      cache_merge_kernel<__nv_bfloat16><<<rows, 128, 0, stream>>>(p.partial, splits, hq, q_len, D, p.out, p.o_b, p.o_n, p.o_h);
+      cache_merge_kernel<__nv_bfloat16><<<rows, 128, 0, stream>>>(p.partial, splits * warps, hq, q_len, D, out_chunk,
+                                                                  out.strides[0], out.strides[1], out.strides[2]);
     }
     TA_CUDA_CHECK_LAUNCH("cache_merge_kernel");
   }

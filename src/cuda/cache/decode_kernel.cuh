@@ -1,11 +1,17 @@
 // Decode attention over the compressed cache (docs/FORMATS.md, section 4). One CTA = one KV head of one
-// sequence, up to 16 query rows (its query heads x q_len tokens, so the KV head is read once for all
-// of them), one split of the sequence's tiles. Per tile: the packed page is copied to shared memory
-// (cp.async, double-buffered), expanded to excess-128 INT8 with integer and exact fp16 operations,
-// S = Q K^T on s8 x u8 tensor cores, SAS P codes, P V on u8 x u8 tensor cores. Every warp computes
-// the whole S (cheap) and P V for a quarter of the channels. The buffer's partial tile, whose scales
-// are per token, takes the reference's token-by-token P V path. Partial states go to a workspace that
-// cache_merge_kernel combines (1.7).
+// sequence, up to 8 query rows (its query heads x q_len tokens, so the KV head is read once for all of
+// them) and one split of the sequence's tiles; each of its warps owns every kWarps-th tile of the split,
+// with its own online-softmax state and its own double-buffered cp.async ring of staged pages.
+//
+// The packed codes are never expanded to INT8. With k = zero + code * scale per channel (3.3):
+//   S_j  = sum_c q_c k_jc = sum_c q_c zero_c + sum_c (q_c scale_c) code_jc,  q_c scale_c = 128 hi + lo,
+//   PV_c = sum_j p_j v_jc = zero_c sum_j p_j + scale_c sum_j p_j code_jc,
+// exact integer identities, so S^T = K Q^T and O^T = V^T P^T run on the raw codes as u8 x s8 and
+// u8 x u8 tensor-core products (keys and channels in the M dimension, the query rows in N = 8), with
+// the codes unpacked straight into the A fragments by a shift and a mask. The tensor-core K dimension
+// takes the codes in packed order (k_order_position), and Q' and P are laid out to match. 8-bit pages
+// take s8 codes as they are. The buffer's partial tile, whose scales are per token, takes the
+// reference's token-by-token P V. Partial states go to a workspace that cache_merge_kernel combines (1.7).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -16,7 +22,6 @@
 #include "cuda/common/mma.cuh"
 #include "cuda/common/numeric.cuh"
 #include "cuda/common/sas.cuh"
-#include "cuda/sm80/prefill_kernel.cuh"  // pack2
 #include "format/cache_layout.h"
 #include "format/skip_rule.h"
 #include "turboattn/format.h"
@@ -25,25 +30,33 @@ namespace turboattn::cuda {
 
 constexpr int kDecodeMaxSeqs = 256;  // sequences per launch (their slots travel in the parameters)
 
+// Warps per CTA: 4, but 2 at head dim 256, where four warps' rings of 8-bit pages would not fit.
+__host__ __device__ constexpr int decode_warps(int head_dim) { return head_dim == 256 ? 2 : 4; }
+
 template <int kHeadDim>
 struct DecodeTraits {
-  static constexpr int kWarps = 4;
+  static constexpr int kWarps = decode_warps(kHeadDim);
   static constexpr int kThreads = 32 * kWarps;
-  static constexpr int kRows = 16;                 // query rows per CTA: one m16 tile
-  static constexpr int kKeys = TA_BLOCK_TOKENS;    // keys per tile: one page
-  static constexpr int kWarpChannels = kHeadDim / kWarps;  // P V channels per warp
-  static constexpr int kRowBytes = kHeadDim + (((kHeadDim / 16) % 2 == 0) ? 16 : 0);  // conflict-free ldmatrix
-  static constexpr int kVtRowBytes = kKeys + 16;
-  // A staged tile: a page's K and V regions at up to 8 bits, or a buffer, then the two block scales.
-  static constexpr int kStageBytes = 2 * kKeys * kHeadDim + 8 * kKeys + 16;  // the buffer is the largest
-  static constexpr int kStageOffset = 0;
-  static constexpr int kKOffset = 2 * kStageBytes;
-  static constexpr int kVtOffset = kKOffset + kKeys * kRowBytes;
-  static constexpr int kQOffset = kVtOffset + kHeadDim * kVtRowBytes;
-  static constexpr int kParamOffset = kQOffset + kRows * kRowBytes;         // K stage-2 fp16 pairs: 8 bytes a pair
-  static constexpr int kPOffset = kParamOffset + 4 * kHeadDim;              // buffer-tile P codes per warp
-  static constexpr int kSmemBytes = kPOffset + kWarps * kRows * kKeys;
-  static_assert(kHeadDim % 32 == 0 && kWarpChannels % 8 == 0, "head dims are multiples of 32");
+  static constexpr int kRows = 8;                 // query rows per CTA: the N of an m16n8k32 tile
+  static constexpr int kKeys = TA_BLOCK_TOKENS;   // keys per tile: one page
+  static constexpr int kOTiles = kHeadDim / 16;   // m16 tiles of O^T (channels)
+  static constexpr int kBRowBytes = kHeadDim + 16;  // Q' rows; the padding spreads the 8 rows over banks
+  static constexpr int kPRowBytes = kKeys + 16;
+  static constexpr int kPad = 16;                 // added to every staged code row, for the same reason
+  // A staged page: K code rows, K stage-2 metadata, V code rows, V metadata, the two block scales.
+  __host__ __device__ static constexpr int k_row_bytes(int bits) { return kHeadDim * bits / 8; }
+  __host__ __device__ static constexpr int v_row_bytes(int bits) { return kKeys * bits / 8; }
+  __host__ __device__ static constexpr int meta_bytes(int bits) { return bits == 8 ? 0 : 2 * kHeadDim; }
+  __host__ __device__ static constexpr int stage_k_meta(int bits) { return kKeys * (k_row_bytes(bits) + kPad); }
+  __host__ __device__ static constexpr int stage_v_codes(int bits) { return stage_k_meta(bits) + meta_bytes(bits); }
+  __host__ __device__ static constexpr int stage_v_meta(int bits) { return stage_v_codes(bits) + kHeadDim * (v_row_bytes(bits) + kPad); }
+  __host__ __device__ static constexpr int stage_scales(int bits) { return stage_v_meta(bits) + meta_bytes(bits); }
+  __host__ __device__ static constexpr int stage_bytes(int bits) { return stage_scales(bits) + 16; }
+  // Per warp: Q' hi and lo rows, P rows, and two stages sized for the layer's widest head.
+  static constexpr int kWarpFixedBytes = 2 * kRows * kBRowBytes + kRows * kPRowBytes;
+  __host__ __device__ static constexpr int warp_bytes(int max_bits) { return kWarpFixedBytes + 2 * stage_bytes(max_bits); }
+  __host__ __device__ static constexpr int smem_bytes(int max_bits) { return kRows * kHeadDim + kWarps * warp_bytes(max_bits); }
+  static_assert(kHeadDim % 32 == 0, "head dims are multiples of 32");
 };
 
 struct DecodeParams {
@@ -55,46 +68,370 @@ struct DecodeParams {
   const int64_t* lengths;    // the layer's [slot]
   const void* q;
   int64_t q_b, q_n, q_h;
-  void* out;
-  int64_t o_b, o_n, o_h;
-  float* partial;  // [seq][hq][q_len][split] x (m, l, o[D])
-  int hq, hkv, q_len, heads_per_cta, num_splits;
+  float* partial;  // [seq][hq][q_len][split][warp] x (m, l, o[D])
+  int hq, hkv, q_len, heads_per_cta, num_splits, max_bits;
   float scale_log2;
   int32_t slots[kDecodeMaxSeqs];
 };
 
+// Position in the tensor-core K dimension of packed code `index` (a channel of a K row, a key of a V
+// row): a 32-bit word holds 32 / bits codes; `(word >> (bits * s)) & mask` puts codes s, s + n/bits..
+// into byte lanes 0..3, and those four lanes are four consecutive K positions.
+__host__ __device__ __forceinline__ int k_order_position(int index, int bits) {
+  if (bits == 8) return index;
+  const int per_word = 32 / bits, w = index / per_word, r = index % per_word, lanes = per_word / 4;
+  return w * per_word + 4 * (r % lanes) + r / lanes;
+}
+
+// Code index (channel of a K row, key of a V row) at a K position: the inverse of k_order_position.
+__host__ __device__ __forceinline__ int code_at_position(int position, int bits) {
+  if (bits == 8) return position;
+  const int per_word = 32 / bits, w = position / per_word, q = position % per_word, lanes = per_word / 4;
+  return w * per_word + (q % 4) * lanes + q / 4;
+}
+
+// The A fragment (16 x 32 u8/s8, rows row0 and row0 + 8) of k-step ks from staged code rows.
+template <int kBits>
+__device__ __forceinline__ void load_code_fragment(uint32_t (&a)[4], const uint8_t* rows, int stride, int row0, int ks, int t) {
+  const uint8_t* r0 = rows + row0 * stride;
+  const uint8_t* r1 = r0 + 8 * stride;
+  if constexpr (kBits == 8) {
+    a[0] = *reinterpret_cast<const uint32_t*>(r0 + 32 * ks + 4 * t);
+    a[1] = *reinterpret_cast<const uint32_t*>(r1 + 32 * ks + 4 * t);
+    a[2] = *reinterpret_cast<const uint32_t*>(r0 + 32 * ks + 16 + 4 * t);
+    a[3] = *reinterpret_cast<const uint32_t*>(r1 + 32 * ks + 16 + 4 * t);
+  } else {
+    constexpr int kLanes = 8 / kBits;  // threads sharing one word (4 for 2 bits, 2 for 4 bits)
+    constexpr uint32_t kMask = ((1u << kBits) - 1u) * 0x01010101u;
+    const int word = (32 * ks / (32 / kBits)) + t / kLanes, shift = kBits * (t % kLanes);
+    constexpr int kHalf = 16 / (32 / kBits);  // words between K positions 0 and 16
+    const uint32_t* w0 = reinterpret_cast<const uint32_t*>(r0) + word;
+    const uint32_t* w1 = reinterpret_cast<const uint32_t*>(r1) + word;
+    a[0] = (w0[0] >> shift) & kMask, a[1] = (w1[0] >> shift) & kMask;
+    a[2] = (w0[kHalf] >> shift) & kMask, a[3] = (w1[kHalf] >> shift) & kMask;
+  }
+}
+
+// Copies `rows` rows of `row_bytes` (a multiple of 8) into rows `row_bytes + kPad` apart; one warp.
+__device__ __forceinline__ void stage_rows(uint8_t* dst, const uint8_t* src, int rows, int row_bytes, int pad, int lane) {
+  if (row_bytes % 16 == 0) {
+    const int chunks = row_bytes / 16;
+    for (int i = lane; i < rows * chunks; i += 32)
+      cp_async_16(dst + (i / chunks) * (row_bytes + pad) + 16 * (i % chunks), src + 16 * i, true);
+  } else {
+    const int chunks = row_bytes / 8;
+    for (int i = lane; i < rows * chunks; i += 32) cp_async_8(dst + (i / chunks) * (row_bytes + pad) + 8 * (i % chunks), src + 8 * i);
+  }
+}
+
+// The online-softmax state of one warp: rows 2t and 2t + 1 of the CTA's 8, channels 16 ot + g and
+// 16 ot + g + 8 of O^T.
+template <int kHeadDim>
+struct WarpState {
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+  float o[kHeadDim / 16][4] = {};
+};
+
+// Scores of a tile from the S^T accumulators: s[mt][i] is key 16 mt + g + 8 (i / 2), row 2t + i % 2.
+// Masks keys past each row's last visible one, finds each row's tile maximum, applies the skip rule,
+// rescales l, and returns the P codes' row sums. codes[mt][r] holds keys 16 mt + g and 16 mt + g + 8 of
+// row 2t + r in its bytes 0 and 2.
+template <bool kSas>
+struct TileSoftmax {
+  float alpha[2], beta[2];
+  bool skip[2];
+  uint32_t codes[TA_BLOCK_TOKENS / 16][2];
+  int32_t p_sum[2];
+
+  __device__ __forceinline__ void run(float (&s)[TA_BLOCK_TOKENS / 16][4], const int (&visible)[2], bool v_nan, float skip_x,
+                                      float (&m)[2], float (&l)[2], int g) {
+    constexpr int kMTiles = TA_BLOCK_TOKENS / 16;
+    float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int key = 16 * mt + g + 8 * (i / 2), r = i % 2;
+        if (key >= visible[r]) s[mt][i] = -INFINITY;
+        tile_max[r] = nan_max(tile_max[r], s[mt][i]);
+      }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+#pragma unroll
+      for (int x = 4; x < 32; x <<= 1) tile_max[r] = nan_max(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], x));
+      const float m_new = nan_max(m[r], tile_max[r]);
+      skip[r] = tile_max[r] == -INFINITY || (tile_max[r] - m_new < skip_x && !v_nan);
+      alpha[r] = skip[r] ? 1.0f : ex2_approx(m[r] - m_new);
+      beta[r] = skip[r] ? 0.0f : ex2_approx(tile_max[r] - m_new);
+      if (!skip[r]) m[r] = m_new;
+      p_sum[r] = 0;
+    }
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const float tm = tile_max[r];
+        const uint32_t y = kSas ? sas_codes_x2(s[mt][r] - tm, s[mt][2 + r] - tm) : exp2_codes_x2(s[mt][r] - tm, s[mt][2 + r] - tm);
+        codes[mt][r] = skip[r] ? 0u : (y & 0x00FF00FFu);
+        p_sum[r] += int32_t(codes[mt][r] & 0xFFu) + int32_t(codes[mt][r] >> 16);
+      }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+#pragma unroll
+      for (int x = 4; x < 32; x <<= 1) p_sum[r] += __shfl_xor_sync(0xffffffffu, p_sum[r], x);
+      l[r] = __fmaf_rn(small_int_to_float(p_sum[r]), beta[r], __fmul_rn(l[r], alpha[r]));
+    }
+  }
+};
+
+// One page tile: S^T on the codes, softmax, P into shared memory in V's K order, O^T on the codes.
+template <int kHeadDim, int kBits, bool kSas>
+__device__ __forceinline__ void page_tile(const uint8_t* st, const uint8_t* s_q8, uint8_t* s_bh, uint8_t* s_bl, uint8_t* s_p,
+                                          const float (&q_scale)[2], const int (&visible)[2], int rows, float skip_x,
+                                          WarpState<kHeadDim>& ws, int lane) {
+  using Tr = DecodeTraits<kHeadDim>;
+  constexpr int D = kHeadDim, kMTiles = Tr::kKeys / 16;
+  const int g = lane / 4, t = lane % 4;
+  const uint8_t* k_codes = st;
+  const uint8_t* k_meta = st + Tr::stage_k_meta(kBits);
+  const uint8_t* v_codes = st + Tr::stage_v_codes(kBits);
+  const uint8_t* v_meta = st + Tr::stage_v_meta(kBits);
+  const float* block_scale = reinterpret_cast<const float*>(st + Tr::stage_scales(kBits));
+  constexpr int kKStride = Tr::k_row_bytes(kBits) + Tr::kPad, kVStride = Tr::v_row_bytes(kBits) + Tr::kPad;
+
+  // Q' = q * scale split into hi (s8) and lo (0..127) in K's K order, and zq = q . zero per row.
+  int32_t zq[2] = {0, 0};
+  if constexpr (kBits < 8) {
+    for (int idx = lane; idx < rows * D; idx += 32) {
+      const int r = idx / D, k = idx % D, c = code_at_position(k, kBits);
+      const int qp = int(int8_t(s_q8[r * D + c])) * int(k_meta[c]);
+      s_bh[r * Tr::kBRowBytes + k] = uint8_t(qp >> 7);
+      s_bl[r * Tr::kBRowBytes + k] = uint8_t(qp & 127);
+    }
+    for (int r = 0; r < rows; ++r) {
+      int32_t dot = 0;
+      for (int c4 = lane; c4 < D / 4; c4 += 32)
+        dot = __dp4a(reinterpret_cast<const int32_t*>(s_q8 + r * D)[c4], reinterpret_cast<const int32_t*>(k_meta + D)[c4], dot);
+#pragma unroll
+      for (int x = 1; x < 32; x <<= 1) dot += __shfl_xor_sync(0xffffffffu, dot, x);
+      if (r == 2 * t) zq[0] = dot;
+      if (r == 2 * t + 1) zq[1] = dot;
+    }
+    __syncwarp();
+  }
+
+  // S^T = K Q'^T: keys in M, query rows in N.
+  int32_t acc_lo[kMTiles][4] = {}, acc_hi[kMTiles][4] = {};
+#pragma unroll
+  for (int ks = 0; ks < D / 32; ++ks) {
+    const uint32_t bl[2] = {*reinterpret_cast<const uint32_t*>(s_bl + g * Tr::kBRowBytes + 32 * ks + 4 * t),
+                            *reinterpret_cast<const uint32_t*>(s_bl + g * Tr::kBRowBytes + 32 * ks + 16 + 4 * t)};
+    uint32_t bh[2] = {0u, 0u};
+    if constexpr (kBits < 8)
+      bh[0] = *reinterpret_cast<const uint32_t*>(s_bh + g * Tr::kBRowBytes + 32 * ks + 4 * t),
+      bh[1] = *reinterpret_cast<const uint32_t*>(s_bh + g * Tr::kBRowBytes + 32 * ks + 16 + 4 * t);
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt) {
+      uint32_t a[4];
+      load_code_fragment<kBits>(a, k_codes, kKStride, 16 * mt + g, ks, t);
+      if constexpr (kBits == 8) {
+        mma_m16n8k32_s8s8(acc_lo[mt], a, bl);
+      } else {
+        mma_m16n8k32_u8s8(acc_hi[mt], a, bh);
+        mma_m16n8k32_u8s8(acc_lo[mt], a, bl);
+      }
+    }
+  }
+  float s[kMTiles][4];
+  const float st_row[2] = {__fmul_rn(q_scale[0], block_scale[0]), __fmul_rn(q_scale[1], block_scale[0])};
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int32_t dot = kBits == 8 ? acc_lo[mt][i] : 128 * acc_hi[mt][i] + acc_lo[mt][i] + zq[i % 2];
+      s[mt][i] = __fmul_rn(small_int_to_float(dot), st_row[i % 2]);
+    }
+  const float sv = block_scale[1];
+  TileSoftmax<kSas> sm;
+  sm.run(s, visible, isnan(sv), skip_x, ws.m, ws.l, g);
+  if (__all_sync(0xffffffffu, sm.skip[0] && sm.skip[1])) return;
+
+  // P^T in V's K order: row r of s_p holds row r's codes at k_order_position(key).
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      uint8_t* row = s_p + (2 * t + r) * Tr::kPRowBytes;
+      row[k_order_position(16 * mt + g, kBits)] = uint8_t(sm.codes[mt][r]);
+      row[k_order_position(16 * mt + g + 8, kBits)] = uint8_t(sm.codes[mt][r] >> 16);
+    }
+  __syncwarp();
+  uint32_t bp[2][2];
+#pragma unroll
+  for (int ks = 0; ks < 2; ++ks)
+    bp[ks][0] = *reinterpret_cast<const uint32_t*>(s_p + g * Tr::kPRowBytes + 32 * ks + 4 * t),
+    bp[ks][1] = *reinterpret_cast<const uint32_t*>(s_p + g * Tr::kPRowBytes + 32 * ks + 16 + 4 * t);
+  const float svb[2] = {__fmul_rn(sv, sm.beta[0]), __fmul_rn(sv, sm.beta[1])};
+  const bool rescale = !__all_sync(0xffffffffu, sm.alpha[0] == 1.0f && sm.alpha[1] == 1.0f);
+#pragma unroll
+  for (int ot = 0; ot < Tr::kOTiles; ++ot) {
+    int32_t acc[4] = {0, 0, 0, 0};
+#pragma unroll
+    for (int ks = 0; ks < 2; ++ks) {
+      uint32_t a[4];
+      load_code_fragment<kBits>(a, v_codes, kVStride, 16 * ot + g, ks, t);
+      if constexpr (kBits == 8) mma_m16n8k32_s8u8(acc, a, bp[ks]);
+      else mma_m16n8k32_u8u8(acc, a, bp[ks]);
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int c = 16 * ot + g + 8 * (i / 2), r = i % 2;
+      int32_t pv = acc[i];
+      if constexpr (kBits < 8) pv = int32_t(v_meta[c]) * acc[i] + int32_t(int8_t(v_meta[D + c])) * sm.p_sum[r];
+      float& o = ws.o[ot][i];
+      o = __fmaf_rn(small_int_to_float(pv), svb[r], rescale ? __fmul_rn(o, sm.alpha[r]) : o);
+    }
+  }
+  __syncwarp();  // s_p is rewritten by the warp's next tile
+}
+
+// The buffer's tile: per-token scales; K rows read from global memory, P V token by token.
+template <int kHeadDim, bool kSas>
+__device__ __forceinline__ void buffer_tile(const uint8_t* buffer, const uint8_t* s_q8, uint8_t* s_p, const float (&q_scale)[2],
+                                            const int (&visible)[2], float skip_x, WarpState<kHeadDim>& ws, int lane) {
+  using Tr = DecodeTraits<kHeadDim>;
+  constexpr int D = kHeadDim, kMTiles = Tr::kKeys / 16;
+  const int g = lane / 4, t = lane % 4;
+  const uint8_t* k_rows = buffer + buffer_k_offset(D);
+  const int8_t* v_rows = reinterpret_cast<const int8_t*>(buffer + buffer_v_offset(D));
+  const float* k_scale = reinterpret_cast<const float*>(buffer + buffer_k_scale_offset(D));
+  const float* v_scale = reinterpret_cast<const float*>(buffer + buffer_v_scale_offset(D));
+  int32_t acc[kMTiles][4] = {};
+#pragma unroll
+  for (int ks = 0; ks < D / 32; ++ks) {
+    const uint32_t b[2] = {*reinterpret_cast<const uint32_t*>(s_q8 + g * D + 32 * ks + 4 * t),
+                           *reinterpret_cast<const uint32_t*>(s_q8 + g * D + 32 * ks + 16 + 4 * t)};
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt) {
+      uint32_t a[4];
+      load_code_fragment<8>(a, k_rows, D, 16 * mt + g, ks, t);
+      mma_m16n8k32_s8s8(acc[mt], a, b);
+    }
+  }
+  float s[kMTiles][4];
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int key = 16 * mt + g + 8 * (i / 2);
+      s[mt][i] = __fmul_rn(small_int_to_float(acc[mt][i]), __fmul_rn(q_scale[i % 2], k_scale[key]));
+    }
+  bool v_nan = false;
+  for (int key = 0; key < max(visible[0], visible[1]); ++key) v_nan = v_nan || isnan(v_scale[key]);
+  TileSoftmax<kSas> sm;
+  sm.run(s, visible, v_nan, skip_x, ws.m, ws.l, g);
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      uint8_t* row = s_p + (2 * t + r) * Tr::kPRowBytes;
+      row[16 * mt + g] = uint8_t(sm.codes[mt][r]);
+      row[16 * mt + g + 8] = uint8_t(sm.codes[mt][r] >> 16);
+    }
+  __syncwarp();
+#pragma unroll
+  for (int ot = 0; ot < Tr::kOTiles; ++ot)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int c = 16 * ot + g + 8 * (i / 2), r = i % 2;
+      if (sm.skip[r]) continue;
+      const uint8_t* p = s_p + (2 * t + r) * Tr::kPRowBytes;
+      float o = __fmul_rn(ws.o[ot][i], sm.alpha[r]);
+      for (int key = 0; key < visible[r]; ++key)
+        o = __fmaf_rn(float(int32_t(p[key]) * int32_t(v_rows[key * D + c])), __fmul_rn(v_scale[key], sm.beta[r]), o);
+      ws.o[ot][i] = o;
+    }
+  __syncwarp();
+}
+
+// A warp's tiles of the split: j = begin + warp, + kWarps, ...; the next one is in flight while one is
+// computed.
+template <int kHeadDim, int kBits, bool kSas>
+__device__ __forceinline__ void warp_tiles(const DecodeParams& p, uint8_t* ring, int stage_stride, const uint8_t* s_q8,
+                                           uint8_t* s_bh, uint8_t* s_bl, uint8_t* s_p, const float (&q_scale)[2],
+                                           const int64_t (&max_pos)[2], int rows, int slot, int hk, int64_t len, int begin,
+                                           int end, WarpState<kHeadDim>& ws, int warp, int lane) {
+  using Tr = DecodeTraits<kHeadDim>;
+  constexpr int D = kHeadDim;
+  const PageLayout& lay = *p.layout;
+  const int blocks = int(len / Tr::kKeys);
+  const float skip_x = skip_threshold(len);
+  const int64_t page_bytes = lay.page_bytes, k_offset = lay.k_offset[hk];
+  const int32_t* table = p.tables + int64_t(slot) * p.table_width;
+  const int code_bytes = int(block_code_bytes(kBits, D));
+  auto stage = [&](int j, uint8_t* dst) {
+    if (j >= blocks) return;
+    const uint8_t* page = p.pool + int64_t(table[j]) * page_bytes;
+    const uint8_t* k_region = page + k_offset;
+    const uint8_t* v_region = k_region + block_region_bytes(kBits, D);
+    stage_rows(dst, k_region, Tr::kKeys, Tr::k_row_bytes(kBits), Tr::kPad, lane);
+    stage_rows(dst + Tr::stage_v_codes(kBits), v_region, D, Tr::v_row_bytes(kBits), Tr::kPad, lane);
+    if constexpr (kBits < 8) {
+      for (int i = lane; i < 2 * D / 16; i += 32) {
+        cp_async_16(dst + Tr::stage_k_meta(kBits) + 16 * i, k_region + code_bytes + 16 * i, true);
+        cp_async_16(dst + Tr::stage_v_meta(kBits) + 16 * i, v_region + code_bytes + 16 * i, true);
+      }
+    }
+    if (lane == 0) cp_async_4(dst + Tr::stage_scales(kBits), page + page_k_scale_offset(hk));
+    if (lane == 1) cp_async_4(dst + Tr::stage_scales(kBits) + 4, page + page_v_scale_offset(p.hkv, hk));
+  };
+  const uint8_t* buffer = p.buffers + (int64_t(slot) * p.hkv + hk) * buffer_head_bytes(D);
+  int it = 0;
+  const int first = begin + warp;
+  if (first < end) stage(first, ring);
+  cp_async_commit();
+  for (int j = first; j < end; j += Tr::kWarps, ++it) {
+    uint8_t* st = ring + (it & 1) * stage_stride;
+    if (j + Tr::kWarps < end) stage(j + Tr::kWarps, ring + ((it + 1) & 1) * stage_stride);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncwarp();
+    const int64_t first_pos = int64_t(j) * Tr::kKeys;
+    const int tile_tokens = j < blocks ? Tr::kKeys : int(len % Tr::kKeys);
+    int visible[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) visible[r] = int(min(int64_t(tile_tokens), max(int64_t(0), max_pos[r] - first_pos + 1)));
+    if (j < blocks) page_tile<kHeadDim, kBits, kSas>(st, s_q8, s_bh, s_bl, s_p, q_scale, visible, rows, skip_x, ws, lane);
+    else buffer_tile<kHeadDim, kSas>(buffer, s_q8, s_p, q_scale, visible, skip_x, ws, lane);
+    __syncwarp();  // this stage is refilled two tiles later
+  }
+  cp_async_wait<0>();
+}
+
 template <int kHeadDim, typename T, bool kSas>
 __global__ void __launch_bounds__(DecodeTraits<kHeadDim>::kThreads) cache_decode_kernel(const __grid_constant__ DecodeParams p) {
   using Tr = DecodeTraits<kHeadDim>;
-  constexpr int D = kHeadDim, kKeys = Tr::kKeys;
+  constexpr int D = kHeadDim;
   extern __shared__ __align__(16) uint8_t smem[];
-  uint8_t* s_k = smem + Tr::kKOffset;
-  uint8_t* s_vt = smem + Tr::kVtOffset;
-  uint8_t* s_q = smem + Tr::kQOffset;
-  uint32_t* s_scale2 = reinterpret_cast<uint32_t*>(smem + Tr::kParamOffset);  // D / 2 fp16 pairs
-  uint32_t* s_bias2 = s_scale2 + D / 2;
+  uint8_t* s_q8 = smem;  // [kRows][D] INT8 Q, natural channel order
   __shared__ float s_q_scale[Tr::kRows];
-  __shared__ int32_t s_q_sum[Tr::kRows];
 
   const int split = blockIdx.x, seq = blockIdx.z;
   const int group = p.hq / p.hkv, chunks = (group + p.heads_per_cta - 1) / p.heads_per_cta;
   const int hk = blockIdx.y / chunks, h0 = hk * group + (blockIdx.y % chunks) * p.heads_per_cta;
   const int heads = min(p.heads_per_cta, hk * group + group - h0), rows = heads * p.q_len;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, t = lane % 4;
   const int slot = p.slots[seq];
   const int64_t len = p.lengths[slot];
-  const int blocks = int(len / kKeys), buffered = int(len % kKeys), tiles = blocks + (buffered > 0);
+  const int tiles = TA_BLOCK_COUNT(len);
   const int per_split = (tiles + p.num_splits - 1) / p.num_splits;
   const int begin = min(tiles, split * per_split), end = min(tiles, begin + per_split);
-  const float skip_x = skip_threshold(len);
-  const PageLayout& lay = *p.layout;
-  const int bits = lay.bits[hk];
 
-  // Q rows r = head * q_len + i: one INT8 block per query head (ref::quantize_head_block), codes in
-  // shared memory, scale times softmax_scale * log2(e), and each row's code sum (for excess-128 K).
+  // Q rows r = head * q_len + i: one INT8 block per query head (ref::quantize_head_block), scale
+  // times softmax_scale * log2(e).
   for (int hl = warp; hl < Tr::kRows; hl += Tr::kWarps) {
     const bool live = hl < heads;
-    const T* src = static_cast<const T*>(p.q) + int64_t(seq) * p.q_b + int64_t(h0 + hl) * p.q_h;
+    const T* src = static_cast<const T*>(p.q) + int64_t(seq) * p.q_b + int64_t(h0 + (live ? hl : 0)) * p.q_h;
     float amax = 0.0f;
     bool finite = true;
     for (int i = 0; live && i < p.q_len; ++i)
@@ -110,286 +447,74 @@ __global__ void __launch_bounds__(DecodeTraits<kHeadDim>::kThreads) cache_decode
     else if (amax >= TA_ZERO_BLOCK_AMAX) scale = __fdiv_rn(amax, float(TA_INT8_MAX)), inv = __fdiv_rn(float(TA_INT8_MAX), amax);
     for (int i = 0; i < (live ? p.q_len : 0); ++i) {
       const int r = hl * p.q_len + i;
-      int sum = 0;
-      for (int c = lane; c < D; c += 32) {
-        const int8_t code = inv == 0.0f ? int8_t(0) : round_int8(__fmul_rn(to_float(src[int64_t(i) * p.q_n + c]), inv));
-        s_q[r * Tr::kRowBytes + c] = uint8_t(code);
-        sum += code;
-      }
-      for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-      if (lane == 0) s_q_scale[r] = __fmul_rn(scale, p.scale_log2), s_q_sum[r] = sum;
+      for (int c = lane; c < D; c += 32)
+        s_q8[r * D + c] = uint8_t(inv == 0.0f ? int8_t(0) : round_int8(__fmul_rn(to_float(src[int64_t(i) * p.q_n + c]), inv)));
+      if (lane == 0) s_q_scale[r] = __fmul_rn(scale, p.scale_log2);
     }
   }
   for (int r = rows + warp; r < Tr::kRows; r += Tr::kWarps) {  // padding rows: zero codes
-    for (int c = lane; c < D; c += 32) s_q[r * Tr::kRowBytes + c] = 0;
-    if (lane == 0) s_q_scale[r] = 0.0f, s_q_sum[r] = 0;
+    for (int c = lane; c < D; c += 32) s_q8[r * D + c] = 0;
+    if (lane == 0) s_q_scale[r] = 0.0f;
   }
-
-  // Copies tile j (a page's K and V regions and block scales, or the buffer) into stage `stage`.
-  const uint8_t* buffer = p.buffers + (int64_t(slot) * p.hkv + hk) * buffer_head_bytes(D);
-  const int region = int(block_region_bytes(bits, D));
-  auto stage_tile = [&](int j, int stage) {
-    uint8_t* dst = smem + Tr::kStageOffset + stage * Tr::kStageBytes;
-    if (j < blocks) {
-      const uint8_t* page = p.pool + int64_t(p.tables[int64_t(slot) * p.table_width + j]) * lay.page_bytes;
-      const uint8_t* src = page + lay.k_offset[hk];  // the V region follows the K region
-      for (int i = threadIdx.x; i < 2 * region / 16; i += Tr::kThreads) cp_async_16(dst + 16 * i, src + 16 * i, true);
-      if (threadIdx.x == 0) cp_async_4(dst + Tr::kStageBytes - 16, page + page_k_scale_offset(hk));
-      if (threadIdx.x == 1) cp_async_4(dst + Tr::kStageBytes - 12, page + page_v_scale_offset(p.hkv, hk));
-    } else {
-      for (int i = threadIdx.x; i < int(buffer_head_bytes(D)) / 16; i += Tr::kThreads)
-        cp_async_16(dst + 16 * i, buffer + 16 * i, true);
-    }
-  };
-  if (begin < end) stage_tile(begin, 0);
-  cp_async_commit();
+  // Per warp: Q' rows (zero outside the live rows; the 8-bit path's B operand is Q itself), P rows,
+  // and the ring.
+  uint8_t* wbase = smem + Tr::kRows * D + warp * Tr::warp_bytes(p.max_bits);
+  uint8_t* s_bh = wbase;
+  uint8_t* s_bl = s_bh + Tr::kRows * Tr::kBRowBytes;
+  uint8_t* s_p = s_bl + Tr::kRows * Tr::kBRowBytes;
+  uint8_t* ring = wbase + Tr::kWarpFixedBytes;
+  for (int i = lane; i < Tr::kWarpFixedBytes / 4; i += 32) reinterpret_cast<uint32_t*>(wbase)[i] = 0u;
   __syncthreads();
+  const PageLayout& lay = *p.layout;
+  const int bits = lay.bits[hk];
+  if (bits == 8)
+    for (int i = lane; i < Tr::kRows * D; i += 32) s_bl[(i / D) * Tr::kBRowBytes + i % D] = s_q8[i];
+  __syncwarp();
 
-  // Q fragments (A operand of S), kept in registers.
-  uint32_t qf[D / 32][4];
-#pragma unroll
-  for (int ks = 0; ks < D / 32; ++ks) ldmatrix_x4(qf[ks], s_q + (lane % 16) * Tr::kRowBytes + 16 * (lane / 16) + 32 * ks);
-
-  // This thread's rows (g, g + 8): their head, token, last visible position, scale and code sum.
   int64_t max_pos[2];
   float q_scale[2];
-  int32_t q_sum128[2];
-  bool live[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const int row = g + 8 * r;
-    live[r] = row < rows;
-    max_pos[r] = live[r] ? len - p.q_len + row % p.q_len : -1;
+    const int row = 2 * t + r;
+    max_pos[r] = row < rows ? len - p.q_len + row % p.q_len : -1;
     q_scale[r] = s_q_scale[row];
-    q_sum128[r] = 128 * s_q_sum[row];
   }
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
-  constexpr int kOTiles = Tr::kWarpChannels / 8;
-  float o[kOTiles][4];
-#pragma unroll
-  for (int i = 0; i < kOTiles; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
-  const int c_warp = warp * Tr::kWarpChannels;
+  WarpState<kHeadDim> ws;
+  const int stage_stride = Tr::stage_bytes(p.max_bits);
+  if (bits == 8)
+    warp_tiles<kHeadDim, 8, kSas>(p, ring, stage_stride, s_q8, s_bh, s_bl, s_p, q_scale, max_pos, rows, slot, hk, len, begin, end, ws, warp, lane);
+  else if (bits == 4)
+    warp_tiles<kHeadDim, 4, kSas>(p, ring, stage_stride, s_q8, s_bh, s_bl, s_p, q_scale, max_pos, rows, slot, hk, len, begin, end, ws, warp, lane);
+  else
+    warp_tiles<kHeadDim, 2, kSas>(p, ring, stage_stride, s_q8, s_bh, s_bl, s_p, q_scale, max_pos, rows, slot, hk, len, begin, end, ws, warp, lane);
 
-  for (int j = begin; j < end; ++j) {
-    const int stage = (j - begin) & 1;
-    if (j + 1 < end) stage_tile(j + 1, stage ^ 1);
-    cp_async_commit();
-    cp_async_wait<1>();
-    __syncthreads();
-    const uint8_t* st = smem + Tr::kStageOffset + stage * Tr::kStageBytes;
-    const bool is_buffer = j >= blocks;
-    const int tile_tokens = is_buffer ? buffered : kKeys;
-
-    // Expand the tile to excess-128 INT8: K rows [key][channel], V^T rows [channel][key] (P order).
-    if (is_buffer) {
-      for (int i = threadIdx.x; i < kKeys * D / 16; i += Tr::kThreads) {
-        const int key = i / (D / 16), c = 16 * (i % (D / 16));
-        uint4 w = *reinterpret_cast<const uint4*>(st + buffer_k_offset(D) + key * D + c);
-        w.x ^= 0x80808080u, w.y ^= 0x80808080u, w.z ^= 0x80808080u, w.w ^= 0x80808080u;
-        *reinterpret_cast<uint4*>(s_k + key * Tr::kRowBytes + c) = w;
-      }
-    } else {
-      const int code_bytes = int(block_code_bytes(bits, D));
-      const uint8_t* k_meta = st + code_bytes;
-      const uint8_t* v_codes = st + region;
-      const uint8_t* v_meta = v_codes + code_bytes;
-      if (bits < 8) {
-        const int n = 32 / bits;  // codes per word; pair (c0 + j, c0 + j + n / 2)
-        for (int i = threadIdx.x; i < D / 2; i += Tr::kThreads) {
-          const int c0 = (i / (n / 2)) * n, jj = i % (n / 2), ca = c0 + jj, cb = ca + n / 2;
-          s_scale2[i] = uint32_t(__half_as_ushort(__int2half_rn(k_meta[ca]))) |
-                        (uint32_t(__half_as_ushort(__int2half_rn(k_meta[cb]))) << 16);
-          s_bias2[i] = uint32_t(k_bias_bits(int8_t(k_meta[D + ca]))) | (uint32_t(k_bias_bits(int8_t(k_meta[D + cb]))) << 16);
-        }
-        __syncthreads();
-      }
-      const int words_per_row = D * bits / 32;
-      for (int i = threadIdx.x; i < kKeys * words_per_row; i += Tr::kThreads) {
-        const int key = i / words_per_row, col = i % words_per_row;
-        const uint32_t w = reinterpret_cast<const uint32_t*>(st)[i];
-        uint8_t* dst = s_k + key * Tr::kRowBytes + col * (32 / bits);
-        if (bits == 8) {
-          *reinterpret_cast<uint32_t*>(dst) = w ^ 0x80808080u;
-        } else if (bits == 4) {
-          uint32_t out[2];
-          expand_k_word<4>(w, s_scale2 + 4 * col, s_bias2 + 4 * col, out);
-          *reinterpret_cast<uint2*>(dst) = make_uint2(out[0], out[1]);
-        } else {
-          uint32_t out[4];
-          expand_k_word<2>(w, s_scale2 + 8 * col, s_bias2 + 8 * col, out);
-          *reinterpret_cast<uint4*>(dst) = make_uint4(out[0], out[1], out[2], out[3]);
-        }
-      }
-      for (int i = threadIdx.x; i < D * (kKeys / 16); i += Tr::kThreads) {
-        const int c = i / (kKeys / 16), grp = i % (kKeys / 16);
-        const uint32_t* in = reinterpret_cast<const uint32_t*>(v_codes + c * (kKeys * bits / 8) + grp * 2 * bits);
-        const uint32_t scale = bits == 8 ? 0u : v_meta[c], bias = bits == 8 ? 0u : uint32_t(int(int8_t(v_meta[D + c])) + 128);
-        uint32_t out[4];
-        if (bits == 8) expand_v_group<8>(in, scale, bias, out);
-        else if (bits == 4) expand_v_group<4>(in, scale, bias, out);
-        else expand_v_group<2>(in, scale, bias, out);
-        *reinterpret_cast<uint4*>(s_vt + c * Tr::kVtRowBytes + 16 * grp) = make_uint4(out[0], out[1], out[2], out[3]);
-      }
-    }
-    __syncthreads();
-
-    // S = Q K^T (signed: minus 128 x the row's code sum), in base 2, masked; the tile maximum per row.
-    int32_t s_acc[kKeys / 8][4];
-#pragma unroll
-    for (int i = 0; i < kKeys / 8; ++i) s_acc[i][0] = s_acc[i][1] = s_acc[i][2] = s_acc[i][3] = 0;
-#pragma unroll
-    for (int ks = 0; ks < D / 32; ++ks)
-#pragma unroll
-      for (int np = 0; np < kKeys / 16; ++np) {
-        uint32_t kb[4];
-        const int mi = lane / 8;
-        ldmatrix_x4(kb, s_k + (16 * np + 8 * (mi >> 1) + lane % 8) * Tr::kRowBytes + 32 * ks + 16 * (mi & 1));
-        mma_m16n8k32_s8u8(s_acc[2 * np], qf[ks], {kb[0], kb[1]});
-        mma_m16n8k32_s8u8(s_acc[2 * np + 1], qf[ks], {kb[2], kb[3]});
-      }
-    const float* tile_scales = reinterpret_cast<const float*>(st + Tr::kStageBytes - 16);
-    const float* buf_k_scale = reinterpret_cast<const float*>(st + buffer_k_scale_offset(D));
-    const float* buf_v_scale = reinterpret_cast<const float*>(st + buffer_v_scale_offset(D));
-    const float sv_tile = is_buffer ? 0.0f : tile_scales[1];
-    const int64_t first_pos = int64_t(j) * kKeys;
-    float s[2][kKeys / 8][2];
-    float tile_max[2] = {-INFINITY, -INFINITY};
-    int visible[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      visible[r] = int(min(int64_t(tile_tokens), max(int64_t(0), max_pos[r] - first_pos + 1)));
-      const float st_tile = is_buffer ? 0.0f : __fmul_rn(q_scale[r], tile_scales[0]);
-#pragma unroll
-      for (int nt = 0; nt < kKeys / 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int key = 8 * nt + 2 * t4 + e;
-          const float sk = is_buffer ? __fmul_rn(q_scale[r], buf_k_scale[key]) : st_tile;
-          s[r][nt][e] = key < visible[r] ? __fmul_rn(small_int_to_float(s_acc[nt][2 * r + e] - q_sum128[r]), sk) : -INFINITY;
-          tile_max[r] = nan_max(tile_max[r], s[r][nt][e]);
-        }
-      tile_max[r] = nan_max(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
-      tile_max[r] = nan_max(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
-    }
-    float alpha[2], beta[2];
-    bool skip[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      bool v_nan = is_buffer ? false : isnan(sv_tile);  // a NaN V scale must reach the output
-      for (int key = 0; is_buffer && key < visible[r]; ++key) v_nan = v_nan || isnan(buf_v_scale[key]);
-      const float m_new = nan_max(m[r], tile_max[r]);
-      skip[r] = tile_max[r] == -INFINITY || (tile_max[r] - m_new < skip_x && !v_nan);
-      alpha[r] = skip[r] ? 1.0f : ex2_approx(m[r] - m_new);
-      beta[r] = skip[r] ? 0.0f : ex2_approx(tile_max[r] - m_new);
-      if (!skip[r]) m[r] = m_new;
-    }
-
-    // P codes in the A-fragment order of P V (keys permuted as vt_position), and each row's code sum.
-    uint32_t pa[2][4];
-    uint32_t p_sum[2] = {0u, 0u};
-#pragma unroll
-    for (int kp = 0; kp < 2; ++kp)
-#pragma unroll
-      for (int half = 0; half < 2; ++half)
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const int nt = 4 * kp + 2 * half;
-          const float tm = tile_max[r];
-          const auto codes_x2 = [](float a, float b) { return kSas ? sas_codes_x2(a, b) : exp2_codes_x2(a, b); };
-          const uint32_t y0 = codes_x2(s[r][nt][0] - tm, s[r][nt][1] - tm);
-          const uint32_t y1 = codes_x2(s[r][nt + 1][0] - tm, s[r][nt + 1][1] - tm);
-          const uint32_t codes = skip[r] ? 0u : __byte_perm(y0, y1, 0x6420);
-          pa[kp][2 * half + r] = codes;
-          p_sum[r] = __dp4a(codes, 0x01010101u, p_sum[r]);
-        }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      p_sum[r] += __shfl_xor_sync(0xffffffffu, p_sum[r], 1);
-      p_sum[r] += __shfl_xor_sync(0xffffffffu, p_sum[r], 2);
-      l[r] = __fmaf_rn(small_int_to_float(int32_t(p_sum[r])), beta[r], __fmul_rn(l[r], alpha[r]));
-    }
-
-    if (!is_buffer) {
-      // O = alpha O + (P V - 128 x sum P) sv beta, over this warp's channels.
-      if (!__all_sync(0xffffffffu, skip[0] && skip[1])) {
-        const float svb[2] = {skip[0] ? 0.0f : __fmul_rn(sv_tile, beta[0]), skip[1] ? 0.0f : __fmul_rn(sv_tile, beta[1])};
-        const int32_t p_sum128[2] = {int32_t(128 * p_sum[0]), int32_t(128 * p_sum[1])};
-#pragma unroll
-        for (int nt = 0; nt < kOTiles; ++nt) {
-          int32_t acc[4] = {0, 0, 0, 0};
-#pragma unroll
-          for (int kp = 0; kp < 2; ++kp) {
-            uint32_t vb[2];
-            ldmatrix_x2(vb, s_vt + (c_warp + 8 * nt + lane % 8) * Tr::kVtRowBytes + 32 * kp + 16 * ((lane / 8) & 1));
-            mma_m16n8k32_u8u8(acc, pa[kp], vb);
-          }
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const int r = i / 2;
-            o[nt][i] = __fmaf_rn(small_int_to_float(acc[i] - p_sum128[r]), svb[r], __fmul_rn(o[nt][i], alpha[r]));
-          }
-        }
-      }
-    } else {
-      // The buffer's tokens one by one, in order, each with its own V scale (docs/FORMATS.md, section 4).
-      uint8_t* s_p = smem + Tr::kPOffset + warp * Tr::kRows * kKeys;
-#pragma unroll
-      for (int kp = 0; kp < 2; ++kp)
-#pragma unroll
-        for (int half = 0; half < 2; ++half)
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            const uint32_t codes = pa[kp][2 * half + r];  // keys 32kp + 16half + {2t, 2t+1, 8+2t, 9+2t}
-            const int base = 32 * kp + 16 * half + 2 * t4, row = g + 8 * r;
-            s_p[row * kKeys + base] = uint8_t(codes), s_p[row * kKeys + base + 1] = uint8_t(codes >> 8);
-            s_p[row * kKeys + base + 8] = uint8_t(codes >> 16), s_p[row * kKeys + base + 9] = uint8_t(codes >> 24);
-          }
-      __syncwarp();
-      const int8_t* v_rows = reinterpret_cast<const int8_t*>(st + buffer_v_offset(D));
-#pragma unroll
-      for (int nt = 0; nt < kOTiles; ++nt)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int r = i / 2, row = g + 8 * r, c = c_warp + 8 * nt + 2 * t4 + (i & 1);
-          if (skip[r]) continue;
-          float acc_o = __fmul_rn(o[nt][i], alpha[r]);
-          for (int key = 0; key < visible[r]; ++key)
-            acc_o = __fmaf_rn(float(int32_t(s_p[row * kKeys + key]) * int32_t(v_rows[key * D + c])),
-                              __fmul_rn(buf_v_scale[key], beta[r]), acc_o);
-          o[nt][i] = acc_o;
-        }
-    }
-    __syncthreads();
-  }
-
-  // This split's state of each row.
+  // This warp's state of each of its rows: part (split, warp).
+  const int g = lane / 4;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const int row = g + 8 * r;
-    if (!live[r]) continue;
+    const int row = 2 * t + r;
+    if (row >= rows) continue;
     const int h = h0 + row / p.q_len, i = row % p.q_len;
-    float* part = p.partial + ((((int64_t(seq) * p.hq + h) * p.q_len + i) * p.num_splits) + split) * (D + 2);
-    if (warp == 0 && t4 == 0) part[0] = m[r], part[1] = l[r];
+    float* part = p.partial +
+                  ((((int64_t(seq) * p.hq + h) * p.q_len + i) * p.num_splits + split) * Tr::kWarps + warp) * (D + 2);
+    if (g == 0) part[0] = ws.m[r], part[1] = ws.l[r];
 #pragma unroll
-    for (int nt = 0; nt < kOTiles; ++nt) {
-      const int c = c_warp + 8 * nt + 2 * t4;
-      part[2 + c] = o[nt][2 * r], part[3 + c] = o[nt][2 * r + 1];
-    }
+    for (int ot = 0; ot < Tr::kOTiles; ++ot) part[2 + 16 * ot + g] = ws.o[ot][r], part[2 + 16 * ot + g + 8] = ws.o[ot][2 + r];
   }
 }
 
-// Merges the splits of each row in order (ref::merge_states) and normalizes (ref::finish_row).
+// Merges the parts of each row in order (ref::merge_states) and normalizes (ref::finish_row).
 template <typename T>
-__global__ void cache_merge_kernel(const float* partial, int num_splits, int hq, int q_len, int dim, void* out, int64_t o_b,
+__global__ void cache_merge_kernel(const float* partial, int num_parts, int hq, int q_len, int dim, void* out, int64_t o_b,
                                    int64_t o_n, int64_t o_h) {
   const int64_t row = blockIdx.x;  // (seq * hq + h) * q_len + i
   const int i = int(row % q_len), h = int((row / q_len) % hq), seq = int(row / (int64_t(q_len) * hq));
-  const float* parts = partial + row * num_splits * (dim + 2);
+  const float* parts = partial + row * num_parts * (dim + 2);
   float big = -INFINITY;
-  for (int s = 0; s < num_splits; ++s) big = nan_max(big, parts[s * (dim + 2)]);
+  for (int s = 0; s < num_parts; ++s) big = nan_max(big, parts[s * (dim + 2)]);
   T* dst = static_cast<T*>(out) + seq * o_b + i * o_n + h * o_h;
   float l = 0.0f;
-  for (int s = 0; s < num_splits; ++s) {
+  for (int s = 0; s < num_parts; ++s) {
     const float ms = parts[s * (dim + 2)];
     if (ms == -INFINITY) continue;
     l = __fmaf_rn(parts[s * (dim + 2) + 1], exp2f(ms - big), l);
@@ -397,13 +522,12 @@ __global__ void cache_merge_kernel(const float* partial, int num_splits, int hq,
   const float inv_l = __fdiv_rn(1.0f, l);
   for (int c = threadIdx.x; c < dim; c += blockDim.x) {
     float o = 0.0f;
-    for (int s = 0; s < num_splits && big != -INFINITY; ++s) {
+    for (int s = 0; s < num_parts && big != -INFINITY; ++s) {
       const float ms = parts[s * (dim + 2)];
       if (ms == -INFINITY) continue;
       o = __fmaf_rn(parts[s * (dim + 2) + 2 + c], exp2f(ms - big), o);
     }
-    const float v = big == -INFINITY ? 0.0f : __fmul_rn(o, inv_l);
-    dst[c] = T(v);
+    dst[c] = T(big == -INFINITY ? 0.0f : __fmul_rn(o, inv_l));
   }
 }
 
