@@ -1,7 +1,8 @@
 // Decode attention over the compressed cache (docs/FORMATS.md, section 4). One CTA = one KV head of one
 // sequence, up to 8 query rows (its query heads x q_len tokens, so the KV head is read once for all of
 // them) and one split of the sequence's tiles; each of its warps owns every kWarps-th tile of the split,
-// with its own online-softmax state and its own double-buffered cp.async ring of staged pages.
+// with its own online-softmax state and its own cp.async ring of three half-pages (a page's K half
+// and V half travel separately, so the next K is in flight during P V and the next V during S).
 //
 // The packed codes are never expanded to INT8. With k = zero + code * scale per channel (3.3):
 //   S_j  = sum_c q_c k_jc = sum_c q_c zero_c + sum_c (q_c scale_c) code_jc,  q_c scale_c = 128 hi + lo,
@@ -37,24 +38,24 @@ template <int kHeadDim>
 struct DecodeTraits {
   static constexpr int kWarps = decode_warps(kHeadDim);
   static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kMinBlocksPerSm = kHeadDim <= 128 ? 3 : 1;  // what shared memory allows at 4 bits
   static constexpr int kRows = 8;                 // query rows per CTA: the N of an m16n8k32 tile
   static constexpr int kKeys = TA_BLOCK_TOKENS;   // keys per tile: one page
   static constexpr int kOTiles = kHeadDim / 16;   // m16 tiles of O^T (channels)
   static constexpr int kBRowBytes = kHeadDim + 16;  // Q' rows; the padding spreads the 8 rows over banks
   static constexpr int kPRowBytes = kKeys + 16;
-  static constexpr int kPad = 16;                 // added to every staged code row, for the same reason
-  // A staged page: K code rows, K stage-2 metadata, V code rows, V metadata, the two block scales.
+  // Staged halves: K code rows, K stage-2 metadata, the two block scales; V code rows, V metadata.
+  // Unpadded, so that three halves per warp leave room for three CTAs per SM at 4 bits, D = 128.
   __host__ __device__ static constexpr int k_row_bytes(int bits) { return kHeadDim * bits / 8; }
   __host__ __device__ static constexpr int v_row_bytes(int bits) { return kKeys * bits / 8; }
   __host__ __device__ static constexpr int meta_bytes(int bits) { return bits == 8 ? 0 : 2 * kHeadDim; }
-  __host__ __device__ static constexpr int stage_k_meta(int bits) { return kKeys * (k_row_bytes(bits) + kPad); }
-  __host__ __device__ static constexpr int stage_v_codes(int bits) { return stage_k_meta(bits) + meta_bytes(bits); }
-  __host__ __device__ static constexpr int stage_v_meta(int bits) { return stage_v_codes(bits) + kHeadDim * (v_row_bytes(bits) + kPad); }
-  __host__ __device__ static constexpr int stage_scales(int bits) { return stage_v_meta(bits) + meta_bytes(bits); }
-  __host__ __device__ static constexpr int stage_bytes(int bits) { return stage_scales(bits) + 16; }
-  // Per warp: Q' hi and lo rows, P rows, and two stages sized for the layer's widest head.
+  __host__ __device__ static constexpr int half_meta(int bits) { return kKeys * k_row_bytes(bits); }  // == D rows of V
+  __host__ __device__ static constexpr int half_scales(int bits) { return half_meta(bits) + meta_bytes(bits); }
+  __host__ __device__ static constexpr int half_bytes(int bits) { return half_scales(bits) + 16; }
+  static constexpr int kRingHalves = 3;
+  // Per warp: Q' hi and lo rows, P rows, and the ring sized for the layer's widest head.
   static constexpr int kWarpFixedBytes = 2 * kRows * kBRowBytes + kRows * kPRowBytes;
-  __host__ __device__ static constexpr int warp_bytes(int max_bits) { return kWarpFixedBytes + 2 * stage_bytes(max_bits); }
+  __host__ __device__ static constexpr int warp_bytes(int max_bits) { return kWarpFixedBytes + kRingHalves * half_bytes(max_bits); }
   __host__ __device__ static constexpr int smem_bytes(int max_bits) { return kRows * kHeadDim + kWarps * warp_bytes(max_bits); }
   static_assert(kHeadDim % 32 == 0, "head dims are multiples of 32");
 };
@@ -112,16 +113,9 @@ __device__ __forceinline__ void load_code_fragment(uint32_t (&a)[4], const uint8
   }
 }
 
-// Copies `rows` rows of `row_bytes` (a multiple of 8) into rows `row_bytes + kPad` apart; one warp.
-__device__ __forceinline__ void stage_rows(uint8_t* dst, const uint8_t* src, int rows, int row_bytes, int pad, int lane) {
-  if (row_bytes % 16 == 0) {
-    const int chunks = row_bytes / 16;
-    for (int i = lane; i < rows * chunks; i += 32)
-      cp_async_16(dst + (i / chunks) * (row_bytes + pad) + 16 * (i % chunks), src + 16 * i, true);
-  } else {
-    const int chunks = row_bytes / 8;
-    for (int i = lane; i < rows * chunks; i += 32) cp_async_8(dst + (i / chunks) * (row_bytes + pad) + 8 * (i % chunks), src + 8 * i);
-  }
+// Copies `bytes` (a multiple of 16) with one warp.
+__device__ __forceinline__ void stage_bytes_async(uint8_t* dst, const uint8_t* src, int bytes, int lane) {
+  for (int i = lane; i < bytes / 16; i += 32) cp_async_16(dst + 16 * i, src + 16 * i, true);
 }
 
 // The online-softmax state of one warp: rows 2t and 2t + 1 of the CTA's 8, channels 16 ot + g and
@@ -138,7 +132,7 @@ struct WarpState {
 // row 2t + r in its bytes 0 and 2.
 template <bool kSas>
 struct TileSoftmax {
-  float alpha[2], beta[2];
+  float alpha[2], beta[2], sv = 0.0f;
   bool skip[2];
   uint32_t codes[TA_BLOCK_TOKENS / 16][2];
   int32_t p_sum[2];
@@ -184,20 +178,19 @@ struct TileSoftmax {
   }
 };
 
-// One page tile: S^T on the codes, softmax, P into shared memory in V's K order, O^T on the codes.
+// A page's first half: S^T on the K codes, the softmax, and P in shared memory in V's K order.
+// Returns whether any row of the warp uses the tile (else P V is skipped).
 template <int kHeadDim, int kBits, bool kSas>
-__device__ __forceinline__ void page_tile(const uint8_t* st, const uint8_t* s_q8, uint8_t* s_bh, uint8_t* s_bl, uint8_t* s_p,
-                                          const float (&q_scale)[2], const int (&visible)[2], int rows, float skip_x,
-                                          WarpState<kHeadDim>& ws, int lane) {
+__device__ __forceinline__ bool page_scores(const uint8_t* k_half, const uint8_t* s_q8, uint8_t* s_bh, uint8_t* s_bl,
+                                            uint8_t* s_p, const float (&q_scale)[2], const int (&visible)[2], int rows,
+                                            float skip_x, WarpState<kHeadDim>& ws, TileSoftmax<kSas>& sm, int lane) {
   using Tr = DecodeTraits<kHeadDim>;
   constexpr int D = kHeadDim, kMTiles = Tr::kKeys / 16;
   const int g = lane / 4, t = lane % 4;
-  const uint8_t* k_codes = st;
-  const uint8_t* k_meta = st + Tr::stage_k_meta(kBits);
-  const uint8_t* v_codes = st + Tr::stage_v_codes(kBits);
-  const uint8_t* v_meta = st + Tr::stage_v_meta(kBits);
-  const float* block_scale = reinterpret_cast<const float*>(st + Tr::stage_scales(kBits));
-  constexpr int kKStride = Tr::k_row_bytes(kBits) + Tr::kPad, kVStride = Tr::v_row_bytes(kBits) + Tr::kPad;
+  const uint8_t* k_codes = k_half;
+  const uint8_t* k_meta = k_half + Tr::half_meta(kBits);
+  const float* block_scale = reinterpret_cast<const float*>(k_half + Tr::half_scales(kBits));
+  constexpr int kKStride = Tr::k_row_bytes(kBits);
 
   // Q' = q * scale split into hi (s8) and lo (0..127) in K's K order, and zq = q . zero per row.
   int32_t zq[2] = {0, 0};
@@ -251,27 +244,40 @@ __device__ __forceinline__ void page_tile(const uint8_t* st, const uint8_t* s_q8
       const int32_t dot = kBits == 8 ? acc_lo[mt][i] : 128 * acc_hi[mt][i] + acc_lo[mt][i] + zq[i % 2];
       s[mt][i] = __fmul_rn(small_int_to_float(dot), st_row[i % 2]);
     }
-  const float sv = block_scale[1];
-  TileSoftmax<kSas> sm;
-  sm.run(s, visible, isnan(sv), skip_x, ws.m, ws.l, g);
-  if (__all_sync(0xffffffffu, sm.skip[0] && sm.skip[1])) return;
+  sm.sv = block_scale[1];
+  sm.run(s, visible, isnan(sm.sv), skip_x, ws.m, ws.l, g);
+  if (__all_sync(0xffffffffu, sm.skip[0] && sm.skip[1])) return false;
 
-  // P^T in V's K order: row r of s_p holds row r's codes at k_order_position(key).
+  // P^T in V's K order: row r of s_p holds row r's codes at k_order_position(key); within a group
+  // of 16 keys the order repeats, so each thread's two positions are fixed.
+  const int pos[2] = {k_order_position(g, kBits), k_order_position(g + 8, kBits)};
 #pragma unroll
   for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      uint8_t* row = s_p + (2 * t + r) * Tr::kPRowBytes;
-      row[k_order_position(16 * mt + g, kBits)] = uint8_t(sm.codes[mt][r]);
-      row[k_order_position(16 * mt + g + 8, kBits)] = uint8_t(sm.codes[mt][r] >> 16);
+      uint8_t* row = s_p + (2 * t + r) * Tr::kPRowBytes + 16 * mt;
+      row[pos[0]] = uint8_t(sm.codes[mt][r]);
+      row[pos[1]] = uint8_t(sm.codes[mt][r] >> 16);
     }
-  __syncwarp();
+  return true;
+}
+
+// A page's second half: O^T = V^T P^T on the V codes, into the warp's state.
+template <int kHeadDim, int kBits, bool kSas>
+__device__ __forceinline__ void page_values(const uint8_t* v_half, const uint8_t* s_p, const TileSoftmax<kSas>& sm,
+                                            WarpState<kHeadDim>& ws, int lane) {
+  using Tr = DecodeTraits<kHeadDim>;
+  constexpr int D = kHeadDim;
+  const int g = lane / 4, t = lane % 4;
+  const uint8_t* v_codes = v_half;
+  const uint8_t* v_meta = v_half + Tr::half_meta(kBits);
+  constexpr int kVStride = Tr::v_row_bytes(kBits);
   uint32_t bp[2][2];
 #pragma unroll
   for (int ks = 0; ks < 2; ++ks)
     bp[ks][0] = *reinterpret_cast<const uint32_t*>(s_p + g * Tr::kPRowBytes + 32 * ks + 4 * t),
     bp[ks][1] = *reinterpret_cast<const uint32_t*>(s_p + g * Tr::kPRowBytes + 32 * ks + 16 + 4 * t);
-  const float svb[2] = {__fmul_rn(sv, sm.beta[0]), __fmul_rn(sv, sm.beta[1])};
+  const float svb[2] = {__fmul_rn(sm.sv, sm.beta[0]), __fmul_rn(sm.sv, sm.beta[1])};
   const bool rescale = !__all_sync(0xffffffffu, sm.alpha[0] == 1.0f && sm.alpha[1] == 1.0f);
 #pragma unroll
   for (int ot = 0; ot < Tr::kOTiles; ++ot) {
@@ -292,7 +298,6 @@ __device__ __forceinline__ void page_tile(const uint8_t* st, const uint8_t* s_q8
       o = __fmaf_rn(small_int_to_float(pv), svb[r], rescale ? __fmul_rn(o, sm.alpha[r]) : o);
     }
   }
-  __syncwarp();  // s_p is rewritten by the warp's next tile
 }
 
 // The buffer's tile: per-token scales; K rows read from global memory, P V token by token.
@@ -354,10 +359,11 @@ __device__ __forceinline__ void buffer_tile(const uint8_t* buffer, const uint8_t
   __syncwarp();
 }
 
-// A warp's tiles of the split: j = begin + warp, + kWarps, ...; the next one is in flight while one is
-// computed.
+// A warp's tiles of the split: j = begin + warp, + kWarps, ...; half h of the warp's sequence of halves
+// (K of its it-th tile is h = 2 it, V is 2 it + 1) goes to ring slot h % 3, so while one half is used
+// the next two are in flight.
 template <int kHeadDim, int kBits, bool kSas>
-__device__ __forceinline__ void warp_tiles(const DecodeParams& p, uint8_t* ring, int stage_stride, const uint8_t* s_q8,
+__device__ __forceinline__ void warp_tiles(const DecodeParams& p, uint8_t* ring, int half_stride, const uint8_t* s_q8,
                                            uint8_t* s_bh, uint8_t* s_bl, uint8_t* s_p, const float (&q_scale)[2],
                                            const int64_t (&max_pos)[2], int rows, int slot, int hk, int64_t len, int begin,
                                            int end, WarpState<kHeadDim>& ws, int warp, int lane) {
@@ -368,48 +374,52 @@ __device__ __forceinline__ void warp_tiles(const DecodeParams& p, uint8_t* ring,
   const float skip_x = skip_threshold(len);
   const int64_t page_bytes = lay.page_bytes, k_offset = lay.k_offset[hk];
   const int32_t* table = p.tables + int64_t(slot) * p.table_width;
-  const int code_bytes = int(block_code_bytes(kBits, D));
-  auto stage = [&](int j, uint8_t* dst) {
-    if (j >= blocks) return;
+  constexpr int kRegion = Tr::half_scales(kBits);  // a K or V region: codes, then metadata
+  const int first = begin + warp;
+  // Half h of the warp's tiles (nothing for the buffer's tile or past the split), into its slot.
+  auto stage = [&](int h) {
+    const int j = first + (h / 2) * Tr::kWarps;
+    if (j >= end || j >= blocks) return;
+    uint8_t* dst = ring + (h % Tr::kRingHalves) * half_stride;
     const uint8_t* page = p.pool + int64_t(table[j]) * page_bytes;
-    const uint8_t* k_region = page + k_offset;
-    const uint8_t* v_region = k_region + block_region_bytes(kBits, D);
-    stage_rows(dst, k_region, Tr::kKeys, Tr::k_row_bytes(kBits), Tr::kPad, lane);
-    stage_rows(dst + Tr::stage_v_codes(kBits), v_region, D, Tr::v_row_bytes(kBits), Tr::kPad, lane);
-    if constexpr (kBits < 8) {
-      for (int i = lane; i < 2 * D / 16; i += 32) {
-        cp_async_16(dst + Tr::stage_k_meta(kBits) + 16 * i, k_region + code_bytes + 16 * i, true);
-        cp_async_16(dst + Tr::stage_v_meta(kBits) + 16 * i, v_region + code_bytes + 16 * i, true);
-      }
+    const uint8_t* region = page + k_offset + (h % 2) * kRegion;  // the V region follows the K region
+    stage_bytes_async(dst, region, kRegion, lane);                 // codes, then metadata
+    if (h % 2 == 0) {
+      if (lane == 0) cp_async_4(dst + Tr::half_scales(kBits), page + page_k_scale_offset(hk));
+      if (lane == 1) cp_async_4(dst + Tr::half_scales(kBits) + 4, page + page_v_scale_offset(p.hkv, hk));
     }
-    if (lane == 0) cp_async_4(dst + Tr::stage_scales(kBits), page + page_k_scale_offset(hk));
-    if (lane == 1) cp_async_4(dst + Tr::stage_scales(kBits) + 4, page + page_v_scale_offset(p.hkv, hk));
   };
   const uint8_t* buffer = p.buffers + (int64_t(slot) * p.hkv + hk) * buffer_head_bytes(D);
+  stage(0), cp_async_commit();
+  stage(1), cp_async_commit();
   int it = 0;
-  const int first = begin + warp;
-  if (first < end) stage(first, ring);
-  cp_async_commit();
   for (int j = first; j < end; j += Tr::kWarps, ++it) {
-    uint8_t* st = ring + (it & 1) * stage_stride;
-    if (j + Tr::kWarps < end) stage(j + Tr::kWarps, ring + ((it + 1) & 1) * stage_stride);
-    cp_async_commit();
-    cp_async_wait<1>();
-    __syncwarp();
     const int64_t first_pos = int64_t(j) * Tr::kKeys;
     const int tile_tokens = j < blocks ? Tr::kKeys : int(len % Tr::kKeys);
     int visible[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) visible[r] = int(min(int64_t(tile_tokens), max(int64_t(0), max_pos[r] - first_pos + 1)));
-    if (j < blocks) page_tile<kHeadDim, kBits, kSas>(st, s_q8, s_bh, s_bl, s_p, q_scale, visible, rows, skip_x, ws, lane);
-    else buffer_tile<kHeadDim, kSas>(buffer, s_q8, s_p, q_scale, visible, skip_x, ws, lane);
-    __syncwarp();  // this stage is refilled two tiles later
+    cp_async_wait<1>();  // K of this tile has landed (its V may still be in flight)
+    __syncwarp();
+    stage(2 * it + 2), cp_async_commit();  // the next K, into the slot of the previous V
+    TileSoftmax<kSas> sm;
+    bool values = false;
+    if (j < blocks)
+      values = page_scores<kHeadDim, kBits, kSas>(ring + ((2 * it) % Tr::kRingHalves) * half_stride, s_q8, s_bh, s_bl, s_p,
+                                                  q_scale, visible, rows, skip_x, ws, sm, lane);
+    cp_async_wait<1>();  // V of this tile has landed
+    __syncwarp();
+    stage(2 * it + 3), cp_async_commit();  // the next V, into the slot of this K
+    if (values) page_values<kHeadDim, kBits, kSas>(ring + ((2 * it + 1) % Tr::kRingHalves) * half_stride, s_p, sm, ws, lane);
+    if (j >= blocks) buffer_tile<kHeadDim, kSas>(buffer, s_q8, s_p, q_scale, visible, skip_x, ws, lane);
+    __syncwarp();  // s_p and the ring's slots are rewritten next
   }
   cp_async_wait<0>();
 }
 
 template <int kHeadDim, typename T, bool kSas>
-__global__ void __launch_bounds__(DecodeTraits<kHeadDim>::kThreads) cache_decode_kernel(const __grid_constant__ DecodeParams p) {
+__global__ void __launch_bounds__(DecodeTraits<kHeadDim>::kThreads, DecodeTraits<kHeadDim>::kMinBlocksPerSm)
+    cache_decode_kernel(const __grid_constant__ DecodeParams p) {
   using Tr = DecodeTraits<kHeadDim>;
   constexpr int D = kHeadDim;
   extern __shared__ __align__(16) uint8_t smem[];
@@ -480,13 +490,13 @@ __global__ void __launch_bounds__(DecodeTraits<kHeadDim>::kThreads) cache_decode
     q_scale[r] = s_q_scale[row];
   }
   WarpState<kHeadDim> ws;
-  const int stage_stride = Tr::stage_bytes(p.max_bits);
+  const int half_stride = Tr::half_bytes(p.max_bits);
   if (bits == 8)
-    warp_tiles<kHeadDim, 8, kSas>(p, ring, stage_stride, s_q8, s_bh, s_bl, s_p, q_scale, max_pos, rows, slot, hk, len, begin, end, ws, warp, lane);
+    warp_tiles<kHeadDim, 8, kSas>(p, ring, half_stride, s_q8, s_bh, s_bl, s_p, q_scale, max_pos, rows, slot, hk, len, begin, end, ws, warp, lane);
   else if (bits == 4)
-    warp_tiles<kHeadDim, 4, kSas>(p, ring, stage_stride, s_q8, s_bh, s_bl, s_p, q_scale, max_pos, rows, slot, hk, len, begin, end, ws, warp, lane);
+    warp_tiles<kHeadDim, 4, kSas>(p, ring, half_stride, s_q8, s_bh, s_bl, s_p, q_scale, max_pos, rows, slot, hk, len, begin, end, ws, warp, lane);
   else
-    warp_tiles<kHeadDim, 2, kSas>(p, ring, stage_stride, s_q8, s_bh, s_bl, s_p, q_scale, max_pos, rows, slot, hk, len, begin, end, ws, warp, lane);
+    warp_tiles<kHeadDim, 2, kSas>(p, ring, half_stride, s_q8, s_bh, s_bl, s_p, q_scale, max_pos, rows, slot, hk, len, begin, end, ws, warp, lane);
 
   // This warp's state of each of its rows: part (split, warp).
   const int g = lane / 4;
