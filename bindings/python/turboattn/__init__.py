@@ -4,7 +4,8 @@
     out = turboattn.attention(q, k, v, causal=True)   # q [B, N, Hq, D], k, v [B, N, Hkv, D]
 
 Works on torch tensors (CPU: the reference; CUDA: the kernels) and numpy arrays (CPU). With PyTorch
-present, `torch.ops.turboattn.attention` is registered too (usable under torch.compile).
+present, `torch.ops.turboattn.attention` and the cache ops `cache_write`, `cache_append` and `decode` are
+registered too (usable under torch.compile; torch_ops.py).
 docs/FORMATS.md in the repository defines every number computed.
 """
 import contextlib
@@ -119,7 +120,7 @@ def _cache_device(device):
     d = str(device)
     if d == "cuda":
         import torch  # a CUDA cache is fed torch tensors
-        return f"cuda:{torch.cuda.current_device()}"
+        return f"cuda:{torch.cuda.current_device() if torch.cuda.is_available() else 0}"
     if d == "cpu" or (d.startswith("cuda:") and d[5:].isdigit()):
         return d
     raise InvalidArgument(1, f"device: {d!r}, expected 'cpu', 'cuda' or 'cuda:N'")
@@ -154,6 +155,8 @@ class KVCache:
         if self.device == "cpu":
             return contextlib.nullcontext()
         import torch
+        if not torch.cuda.is_available():  # ta_cache_create then says why there is no CUDA cache
+            return contextlib.nullcontext()
         return torch.cuda.device(int(self.device[5:]))
 
     def __del__(self):
@@ -244,7 +247,7 @@ class KVCache:
         return out
 
 
-try:  # the PyTorch operator, when PyTorch is installed
+try:  # the PyTorch operators, when PyTorch is installed
     from . import torch_ops  # noqa: F401
 except ImportError:
     pass
