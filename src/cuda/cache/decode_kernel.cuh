@@ -91,52 +91,31 @@ __host__ __device__ __forceinline__ int code_at_position(int position, int bits)
   return w * per_word + (q % 4) * lanes + q / 4;
 }
 
-// Staged code rows of kRowBytes are stored with their 16-byte chunks permuted: chunk c of row r at
-// chunk c ^ chunk_swizzle(r), so the 8 rows an A fragment reads fall in distinct shared-memory banks
-// without padding. (Rows that are not a power-of-two number of chunks, at D = 96, stay as they are.)
-template <int kRowBytes>
-__host__ __device__ constexpr int chunk_swizzle(int row) {
-  constexpr int kChunks = kRowBytes / 16;
-  if constexpr (kRowBytes % 16 != 0 || (kChunks & (kChunks - 1)) != 0) return 0;
-  else if constexpr (kChunks >= 8) return row & 7;
-  else return (row * kChunks / 8) & (kChunks - 1);
-}
-// Offset of byte b of row `row`; kSwizzled false: plain rows (the buffer, in global memory).
-template <int kRowBytes, bool kSwizzled>
-__device__ __forceinline__ int row_offset(int row, int b) {
-  if constexpr (!kSwizzled) return row * kRowBytes + b;
-  else return row * kRowBytes + ((b & ~15) ^ (chunk_swizzle<kRowBytes>(row) << 4)) + (b & 15);
-}
-
-// The A fragment (16 x 32 u8/s8, rows row0 and row0 + 8) of k-step ks from code rows.
-template <int kBits, int kRowBytes, bool kSwizzled = true>
-__device__ __forceinline__ void load_code_fragment(uint32_t (&a)[4], const uint8_t* rows, int row0, int ks, int t) {
-  auto word = [&](int row, int b) { return *reinterpret_cast<const uint32_t*>(rows + row_offset<kRowBytes, kSwizzled>(row, b)); };
+// The A fragment (16 x 32 u8/s8, rows row0 and row0 + 8) of k-step ks from staged code rows.
+template <int kBits>
+__device__ __forceinline__ void load_code_fragment(uint32_t (&a)[4], const uint8_t* rows, int stride, int row0, int ks, int t) {
+  const uint8_t* r0 = rows + row0 * stride;
+  const uint8_t* r1 = r0 + 8 * stride;
   if constexpr (kBits == 8) {
-    a[0] = word(row0, 32 * ks + 4 * t), a[1] = word(row0 + 8, 32 * ks + 4 * t);
-    a[2] = word(row0, 32 * ks + 16 + 4 * t), a[3] = word(row0 + 8, 32 * ks + 16 + 4 * t);
+    a[0] = *reinterpret_cast<const uint32_t*>(r0 + 32 * ks + 4 * t);
+    a[1] = *reinterpret_cast<const uint32_t*>(r1 + 32 * ks + 4 * t);
+    a[2] = *reinterpret_cast<const uint32_t*>(r0 + 32 * ks + 16 + 4 * t);
+    a[3] = *reinterpret_cast<const uint32_t*>(r1 + 32 * ks + 16 + 4 * t);
   } else {
     constexpr int kLanes = 8 / kBits;  // threads sharing one word (4 for 2 bits, 2 for 4 bits)
     constexpr uint32_t kMask = ((1u << kBits) - 1u) * 0x01010101u;
-    constexpr int kHalf = 4 * 16 / (32 / kBits);  // bytes between K positions 0 and 16
-    const int b = 4 * ((32 * ks / (32 / kBits)) + t / kLanes), shift = kBits * (t % kLanes);
-    a[0] = (word(row0, b) >> shift) & kMask, a[1] = (word(row0 + 8, b) >> shift) & kMask;
-    a[2] = (word(row0, b + kHalf) >> shift) & kMask, a[3] = (word(row0 + 8, b + kHalf) >> shift) & kMask;
+    const int word = (32 * ks / (32 / kBits)) + t / kLanes, shift = kBits * (t % kLanes);
+    constexpr int kHalf = 16 / (32 / kBits);  // words between K positions 0 and 16
+    const uint32_t* w0 = reinterpret_cast<const uint32_t*>(r0) + word;
+    const uint32_t* w1 = reinterpret_cast<const uint32_t*>(r1) + word;
+    a[0] = (w0[0] >> shift) & kMask, a[1] = (w1[0] >> shift) & kMask;
+    a[2] = (w0[kHalf] >> shift) & kMask, a[3] = (w1[kHalf] >> shift) & kMask;
   }
 }
 
-// Copies a K or V region (code rows of kRowBytes, then `meta` bytes) into the staged layout; one warp.
-template <int kRowBytes>
-__device__ __forceinline__ void stage_region(uint8_t* dst, const uint8_t* src, int rows, int meta, int lane) {
-  constexpr bool kSwizzle = kRowBytes % 16 == 0;
-  const int code_chunks = rows * kRowBytes / 16, chunks = code_chunks + meta / 16;
-  for (int i = lane; i < chunks; i += 32) {
-    int at = 16 * i;
-    if constexpr (kSwizzle) {
-      if (i < code_chunks) at = row_offset<kRowBytes, true>(i / (kRowBytes / 16), 16 * (i % (kRowBytes / 16)));
-    }
-    cp_async_16(dst + at, src + 16 * i, true);
-  }
+// Copies `bytes` (a multiple of 16) with one warp.
+__device__ __forceinline__ void stage_bytes_async(uint8_t* dst, const uint8_t* src, int bytes, int lane) {
+  for (int i = lane; i < bytes / 16; i += 32) cp_async_16(dst + 16 * i, src + 16 * i, true);
 }
 
 // The online-softmax state of one warp: rows 2t and 2t + 1 of the CTA's 8, channels 16 ot + g and
@@ -211,7 +190,7 @@ __device__ __forceinline__ bool page_scores(const uint8_t* k_half, const uint8_t
   const uint8_t* k_codes = k_half;
   const uint8_t* k_meta = k_half + Tr::half_meta(kBits);
   const float* block_scale = reinterpret_cast<const float*>(k_half + Tr::half_scales(kBits));
-  constexpr int kKRow = Tr::k_row_bytes(kBits);
+  constexpr int kKStride = Tr::k_row_bytes(kBits);
 
   // Q' = q * scale split into hi (s8) and lo (0..127) in K's K order, and zq = q . zero per row.
   int32_t zq[2] = {0, 0};
@@ -247,7 +226,7 @@ __device__ __forceinline__ bool page_scores(const uint8_t* k_half, const uint8_t
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt) {
       uint32_t a[4];
-      load_code_fragment<kBits, kKRow>(a, k_codes, 16 * mt + g, ks, t);
+      load_code_fragment<kBits>(a, k_codes, kKStride, 16 * mt + g, ks, t);
       if constexpr (kBits == 8) {
         mma_m16n8k32_s8s8(acc_lo[mt], a, bl);
       } else {
@@ -292,7 +271,7 @@ __device__ __forceinline__ void page_values(const uint8_t* v_half, const uint8_t
   const int g = lane / 4, t = lane % 4;
   const uint8_t* v_codes = v_half;
   const uint8_t* v_meta = v_half + Tr::half_meta(kBits);
-  constexpr int kVRow = Tr::v_row_bytes(kBits);
+  constexpr int kVStride = Tr::v_row_bytes(kBits);
   uint32_t bp[2][2];
 #pragma unroll
   for (int ks = 0; ks < 2; ++ks)
@@ -306,7 +285,7 @@ __device__ __forceinline__ void page_values(const uint8_t* v_half, const uint8_t
 #pragma unroll
     for (int ks = 0; ks < 2; ++ks) {
       uint32_t a[4];
-      load_code_fragment<kBits, kVRow>(a, v_codes, 16 * ot + g, ks, t);
+      load_code_fragment<kBits>(a, v_codes, kVStride, 16 * ot + g, ks, t);
       if constexpr (kBits == 8) mma_m16n8k32_s8u8(acc, a, bp[ks]);
       else mma_m16n8k32_u8u8(acc, a, bp[ks]);
     }
@@ -340,7 +319,7 @@ __device__ __forceinline__ void buffer_tile(const uint8_t* buffer, const uint8_t
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt) {
       uint32_t a[4];
-      load_code_fragment<8, D, false>(a, k_rows, 16 * mt + g, ks, t);
+      load_code_fragment<8>(a, k_rows, D, 16 * mt + g, ks, t);
       mma_m16n8k32_s8s8(acc[mt], a, b);
     }
   }
@@ -404,8 +383,7 @@ __device__ __forceinline__ void warp_tiles(const DecodeParams& p, uint8_t* ring,
     uint8_t* dst = ring + (h % Tr::kRingHalves) * half_stride;
     const uint8_t* page = p.pool + int64_t(table[j]) * page_bytes;
     const uint8_t* region = page + k_offset + (h % 2) * kRegion;  // the V region follows the K region
-    if (h % 2 == 0) stage_region<Tr::k_row_bytes(kBits)>(dst, region, Tr::kKeys, Tr::meta_bytes(kBits), lane);
-    else stage_region<Tr::v_row_bytes(kBits)>(dst, region, D, Tr::meta_bytes(kBits), lane);
+    stage_bytes_async(dst, region, kRegion, lane);                 // codes, then metadata
     if (h % 2 == 0) {
       if (lane == 0) cp_async_4(dst + Tr::half_scales(kBits), page + page_k_scale_offset(hk));
       if (lane == 1) cp_async_4(dst + Tr::half_scales(kBits) + 4, page + page_v_scale_offset(p.hkv, hk));
