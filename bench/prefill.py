@@ -1,112 +1,11 @@
-"""Prefill attention benchmark: turboattn against torch SDPA (FlashAttention-2 and cuDNN backends) and
-SageAttention 1.0.6, one run on one card. Effective TFLOP/s = 4 B H N^2 D / time (halved for causal),
-quantization included. Error: relative L2 against FP32 attention.
+"""Prefill attention benchmark (issue 3). The code is in the package, turboattn/benchmarks/prefill.py, which
+`turboattn bench prefill` also runs; this wrapper keeps the command lines of docs/BENCHMARKS.md working:
 
     PYTHONPATH=bindings/python python bench/prefill.py [--out bench/results/prefill.json] [--quick]
-(TURBOATTN_LIB selects the library; default: the package's, else build/libturboattn.so).
 """
-import argparse
-import datetime
-import json
 import os
-import subprocess
 
-import torch
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from triton.testing import do_bench
-
-import turboattn  # bindings/python on PYTHONPATH, or pip install .
-
-try:
-    from sageattention import sageattn
-except ImportError:  # reported as missing in the table, never silently replaced
-    sageattn = None
-
-
-def sdpa(backend):
-    def run(q, k, v, causal):
-        with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-    return run
-
-
-def rel_l2(x, ref):
-    return ((x.float() - ref).norm() / ref.norm()).item()
-
-
-def fp32_reference(q, k, v, causal):
-    with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
-        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal)
-
-
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "prefill.json"))
-    ap.add_argument("--quick", action="store_true", help="one shape, for a smoke test")
-    args = ap.parse_args()
-    torch.manual_seed(0)
-    H = 32
-    shapes = [(32, 1024), (8, 4096), (2, 16384)]  # B x N = 32k tokens
-    if args.quick:
-        shapes = [(8, 4096)]
-    rows = []
-    for D in (64, 128):
-        for B, N in shapes:
-            for causal in (False, True):
-                # [B, H, N, D] memory: what SDPA wants; turboattn reads it through strides.
-                q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.float16) for _ in range(3))
-                out = torch.empty(B, N, H, D, device="cuda", dtype=torch.float16).fill_(float("nan"))
-                qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # [B, N, H, D] views
-                ours = lambda: turboattn.attention(qt, kt, vt, causal=causal, out=out)
-                ms = {"turboattn": do_bench(ours, warmup=25, rep=100, return_mode="median")}
-                for name, backend in (("fa2", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
-                    fn = sdpa(backend)
-                    ms[name] = do_bench(lambda: fn(q, k, v, causal), warmup=25, rep=100, return_mode="median")
-                ms["sageattention"] = (do_bench(lambda: sageattn(q, k, v, is_causal=causal), warmup=25, rep=100,
-                                                return_mode="median") if sageattn else None)
-                ref = fp32_reference(q, k, v, causal)
-                ours()
-                torch.cuda.synchronize()
-                err = rel_l2(out.transpose(1, 2), ref)
-                sage_err = rel_l2(sageattn(q, k, v, is_causal=causal), ref) if sageattn else None
-                flops = 4 * B * H * N * N * D / (2 if causal else 1)
-                row = {"batch": B, "heads": H, "seqlen": N, "head_dim": D, "causal": causal, "ms": ms, "rel_l2": err,
-                       "rel_l2_sageattention": sage_err,
-                       "tflops": {k_: (flops / (t * 1e-3) / 1e12 if t else None) for k_, t in ms.items()}}
-                rows.append(row)
-                tf = row["tflops"]
-                print(f"D{D} B{B} N{N} causal={int(causal)}: turboattn {tf['turboattn']:.0f} | fa2 {tf['fa2']:.0f} | "
-                      f"cudnn {tf['cudnn']:.0f} | sage {tf['sageattention'] or 0:.0f} TFLOP/s; "
-                      f"rel_l2 {err:.4f} (sage {sage_err or 0:.4f})", flush=True)
-                del q, k, v, out, ref
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    result = {"card": torch.cuda.get_device_name(), "commit": commit or os.environ.get("TURBOATTN_COMMIT", "unknown"),
-              "date": datetime.date.today().isoformat(), "rows": rows}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    plot(result, os.path.splitext(args.out)[0] + ".png")
-
-
-def plot(result, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    rows = result["rows"]
-    labels = [f"D{r['head_dim']} N{r['seqlen']//1024}k{' c' if r['causal'] else ''}" for r in rows]
-    fig, ax = plt.subplots(figsize=(12, 4.5))
-    names = ["turboattn", "cudnn", "fa2", "sageattention"]
-    w = 0.2
-    for i, n in enumerate(names):
-        ax.bar([x + (i - 1.5) * w for x in range(len(rows))], [r["tflops"][n] or 0 for r in rows], w, label=n)
-    ax.set_xticks(range(len(rows)), labels, rotation=45, ha="right")
-    ax.set_ylabel("effective TFLOP/s")
-    ax.set_title(f"prefill attention, H=32, B*N=32k, fp16 in ({result['card']}, {result['commit']}, {result['date']})")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
+from turboattn.benchmarks import prefill  # bindings/python on PYTHONPATH, or pip install .
 
 if __name__ == "__main__":
-    main()
+    prefill.main(default_out=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "prefill.json"))
