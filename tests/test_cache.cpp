@@ -2,6 +2,7 @@
 // against float64 attention, split-KV, capacity errors that leave the cache untouched, memory figures.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -421,4 +422,65 @@ TEST(CacheLongContext, PeakyRowsKeepTheirAccuracyAtLength) {
     EXPECT_TRUE(e.finite);
     EXPECT_LE(e.rel_l2, 0.04) << "split_tiles " << split_tiles;
   }
+}
+
+TEST(CacheNumerics, InputsNearTheFp16MaximumStayFinite) {
+  // K, V and q up to 60,000 (fp16's maximum is 65,504): scales are fp32, codes are integers, so every
+  // width decodes to finite values, whose average stays within the values' range.
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE(testing::Message() << "seed " << seed);
+  std::mt19937_64 rng(seed);
+  const int n = 200, hkv = 2, hq = 4, d = 64;
+  for (const char* bits : {"8", "4", "2", "mix"}) {
+    std::vector<float> k = test::make_input(rng, n, hkv, d, InputKind::Normal, 'k');
+    std::vector<float> v = test::make_input(rng, n, hkv, d, InputKind::Normal, 'v');
+    std::vector<float> q = test::make_input(rng, 1, hq, d, InputKind::Normal, 'q');
+    for (auto* x : {&k, &v, &q})
+      for (float& e : *x) e = std::clamp(e * 20000.0f, -60000.0f, 60000.0f);
+    test::to_half(k), test::to_half(v), test::to_half(q);
+    KvCache cache(config(bits, hkv, d));
+    const int s = cache.add_sequence();
+    cache.write(0, s, test::view_of(k, n, hkv, d), test::view_of(v, n, hkv, d));
+    std::vector<float> out(q.size(), std::nanf(""));
+    cache.decode(0, s, test::view_of(q, 1, hq, d), 0.0f, true, 0, out.data());
+    for (float x : out) {
+      ASSERT_TRUE(std::isfinite(x)) << bits;
+      ASSERT_LE(std::fabs(x), 60000.0f * 1.01f) << bits;
+    }
+  }
+}
+
+TEST(CacheNumerics, NonFiniteTokenPoisonsItsSequenceOnly) {
+  // Policy (docs/FORMATS.md 1.6): propagate, never hide. A NaN in one V value of a flushed block, or an
+  // Inf in one K value still in the buffer, makes that sequence's decode NaN; the other sequence of the
+  // same cache, sharing its pool, stays finite.
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE(testing::Message() << "seed " << seed);
+  std::mt19937_64 rng(seed);
+  const int n = 100, hkv = 1, hq = 2, d = 64;  // block 0 flushed, 36 tokens in the buffer
+  for (const char* bits : {"8", "4", "2"})
+    for (const bool in_buffer : {false, true}) {
+      KvCache cache(config(bits, hkv, d));
+      const int bad = cache.add_sequence(), good = cache.add_sequence();
+      std::vector<float> q = test::make_input(rng, 1, hq, d, InputKind::Normal, 'q');
+      test::to_half(q);
+      for (int s : {bad, good}) {
+        std::vector<float> k = test::make_input(rng, n, hkv, d, InputKind::Normal, 'k');
+        std::vector<float> v = test::make_input(rng, n, hkv, d, InputKind::Normal, 'v');
+        test::to_half(k), test::to_half(v);
+        if (s == bad) (in_buffer ? k[size_t(90) * d + 5] : v[size_t(10) * d + 7]) = in_buffer ? INFINITY : NAN;
+        // The K mean comes from these tokens: an Inf K would make it non-finite for the whole head
+        // (documented); give the bad sequence a finite mean so the test sees the token itself.
+        std::vector<float> mean(size_t(hkv) * d, 0.0f);
+        cache.write(0, s, test::view_of(k, n, hkv, d), test::view_of(v, n, hkv, d), mean.data());
+      }
+      for (int s : {bad, good}) {
+        std::vector<float> out(q.size(), 0.0f);
+        cache.decode(0, s, test::view_of(q, 1, hq, d), 0.0f, true, 0, out.data());
+        const bool any_nan = std::any_of(out.begin(), out.end(), [](float x) { return std::isnan(x); });
+        const bool all_finite = std::all_of(out.begin(), out.end(), [](float x) { return std::isfinite(x); });
+        if (s == bad) EXPECT_TRUE(any_nan) << bits << (in_buffer ? " buffer" : " page");
+        else EXPECT_TRUE(all_finite) << bits << (in_buffer ? " buffer" : " page");
+      }
+    }
 }
