@@ -570,6 +570,31 @@ ta_status ta_cache_free_pages(const ta_cache* cache, int32_t* pages) {
   });
 }
 
+namespace {
+// Writes tokens [cu[i], cu[i + 1]) of k, v to seqs[i] (arguments checked but capacity): checks capacity
+// for the whole call, then dispatches to the cache's device. Appends are writes of one token each.
+void write_tokens(ta_cache& c, int32_t layer, const int32_t* seqs, int32_t num_seqs, const ta_tensor& k, const ta_tensor& v,
+                  const std::vector<int32_t>& cu, void* cuda_stream) {
+  std::vector<int64_t> tokens;
+  for (int32_t i = 0; i < num_seqs; ++i) tokens.push_back(cu[size_t(i) + 1] - cu[size_t(i)]);
+  check_capacity(c, layer, seqs, tokens);
+#ifdef TURBOATTN_WITH_CUDA
+  if (c.gpu) {
+    cuda::expect_device_pointer(k.data, "k");
+    cuda::expect_device_pointer(v.data, "v");
+    return c.gpu->write(layer, seqs, num_seqs, k, v, cu, cuda_stream);
+  }
+#else
+  (void)cuda_stream;
+#endif
+  const std::vector<float> kf = to_float(k), vf = to_float(v);
+  const int64_t H = c.config().kv_heads, D = c.config().head_dim;
+  for (int32_t i = 0; i < num_seqs; ++i)
+    c.host->write(layer, seqs[i], view(kf, cu[size_t(i)], tokens[size_t(i)], H, D),
+                  view(vf, cu[size_t(i)], tokens[size_t(i)], H, D));
+}
+}  // namespace
+
 ta_status ta_cache_write(ta_cache* cache, int32_t layer, const int32_t* seqs, int32_t num_seqs, const ta_tensor* k,
                          const ta_tensor* v, const ta_tensor* cu_seqlens, void* cuda_stream) {
   return guard([&] {
@@ -580,21 +605,7 @@ ta_status ta_cache_write(ta_cache* cache, int32_t layer, const int32_t* seqs, in
     const std::vector<int32_t> cu = cu_seqlens_values(cu_seqlens, "cu_seqlens", k->shape[0], cuda_stream);
     require(int64_t(cu.size()) == int64_t(num_seqs) + 1, TA_ERROR_INVALID_ARGUMENT, "cu_seqlens: ", cu.size(),
             " entries, expected num_seqs + 1 = ", num_seqs + 1);
-    std::vector<int64_t> tokens;
-    for (int32_t i = 0; i < num_seqs; ++i) tokens.push_back(cu[size_t(i) + 1] - cu[size_t(i)]);
-    check_capacity(c, layer, seqs, tokens);
-#ifdef TURBOATTN_WITH_CUDA
-    if (c.gpu) {
-      cuda::expect_device_pointer(k->data, "k");
-      cuda::expect_device_pointer(v->data, "v");
-      return c.gpu->write(layer, seqs, num_seqs, *k, *v, cu, cuda_stream);
-    }
-#endif
-    const std::vector<float> kf = to_float(*k), vf = to_float(*v);
-    const int64_t H = c.config().kv_heads, D = c.config().head_dim;
-    for (int32_t i = 0; i < num_seqs; ++i)
-      c.host->write(layer, seqs[i], view(kf, cu[size_t(i)], tokens[size_t(i)], H, D),
-                    view(vf, cu[size_t(i)], tokens[size_t(i)], H, D));
+    write_tokens(c, layer, seqs, num_seqs, *k, *v, cu, cuda_stream);
   });
 }
 
@@ -605,21 +616,9 @@ ta_status ta_cache_append(ta_cache* cache, int32_t layer, const int32_t* seqs, i
     check_layer(c, layer);
     check_seqs(c, seqs, num_seqs);
     check_kv_tokens(c, k, v, num_seqs);
-    check_capacity(c, layer, seqs, std::vector<int64_t>(size_t(num_seqs), 1));
-#ifdef TURBOATTN_WITH_CUDA
-    if (c.gpu) {
-      cuda::expect_device_pointer(k->data, "k");
-      cuda::expect_device_pointer(v->data, "v");
-      std::vector<int32_t> cu(size_t(num_seqs) + 1);
-      for (int32_t i = 0; i <= num_seqs; ++i) cu[size_t(i)] = i;
-      return c.gpu->write(layer, seqs, num_seqs, *k, *v, cu, cuda_stream);
-    }
-#else
-    (void)cuda_stream;
-#endif
-    const std::vector<float> kf = to_float(*k), vf = to_float(*v);
-    const int64_t H = c.config().kv_heads, D = c.config().head_dim;
-    for (int32_t i = 0; i < num_seqs; ++i) c.host->write(layer, seqs[i], view(kf, i, 1, H, D), view(vf, i, 1, H, D));
+    std::vector<int32_t> cu(size_t(num_seqs) + 1);
+    for (int32_t i = 0; i <= num_seqs; ++i) cu[size_t(i)] = i;
+    write_tokens(c, layer, seqs, num_seqs, *k, *v, cu, cuda_stream);
   });
 }
 
