@@ -5,8 +5,10 @@
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <random>
 #include <string>
 #include <vector>
@@ -48,6 +50,8 @@ struct Mirror {
   cuda::DeviceCache gpu;
   std::mt19937_64& rng;
   InputKind kind = InputKind::Normal;
+  // Applied to each generated k, v (write) and q (decode) before rounding: extreme values, NaN, Inf.
+  std::function<void(std::vector<float>&, char role)> edit;
   Mirror(const ref::CacheConfig& c, std::mt19937_64& r) : cfg(c), cpu(c), gpu(c), rng(r) {}
 
   int add() {
@@ -64,6 +68,7 @@ struct Mirror {
     for (int t : tokens) cu.push_back(cu.back() + t);
     const int total = cu.back();
     std::vector<float> k = test::make_input(rng, total, H, D, kind, 'k'), v = test::make_input(rng, total, H, D, kind, 'v');
+    if (edit) edit(k, 'k'), edit(v, 'v');
     std::vector<uint16_t> kb(k.size()), vb(v.size());
     for (size_t i = 0; i < k.size(); ++i) {  // round to the dtype the GPU receives; the CPU gets the same values
       kb[i] = dtype == TA_DTYPE_F16 ? ref::float_to_half(k[i]) : ref::float_to_bf16(k[i]);
@@ -114,16 +119,20 @@ struct Mirror {
     }
   }
 
-  // GPU decode of q_len tokens per sequence against the CPU cache's decode and float64 attention over
-  // the cache's own (dequantized) values.
-  void expect_decode(int layer, const std::vector<int>& seqs, int hq, int q_len, ta_dtype dtype, bool sas, int split_tiles,
-                     double bound_vs_exact) {
+  // GPU decode of q_len fresh query tokens per sequence: q (as the GPU saw it, in float) and the output,
+  // both [n, q_len, hq, D], the output poisoned beforehand.
+  struct Decoded {
+    std::vector<float> q, out;
+  };
+  Decoded run_decode(int layer, const std::vector<int>& seqs, int hq, int q_len, ta_dtype dtype, bool sas, int split_tiles) {
     const int D = cfg.head_dim, n = int(seqs.size());
-    std::vector<float> q = test::make_input(rng, n * q_len, hq, D, kind, 'q');
-    std::vector<uint16_t> qb(q.size());
-    for (size_t i = 0; i < q.size(); ++i) {
-      qb[i] = dtype == TA_DTYPE_F16 ? ref::float_to_half(q[i]) : ref::float_to_bf16(q[i]);
-      q[i] = dtype == TA_DTYPE_F16 ? ref::half_to_float(qb[i]) : ref::bf16_to_float(qb[i]);
+    Decoded r;
+    r.q = test::make_input(rng, n * q_len, hq, D, kind, 'q');
+    if (edit) edit(r.q, 'q');
+    std::vector<uint16_t> qb(r.q.size());
+    for (size_t i = 0; i < r.q.size(); ++i) {
+      qb[i] = dtype == TA_DTYPE_F16 ? ref::float_to_half(r.q[i]) : ref::float_to_bf16(r.q[i]);
+      r.q[i] = dtype == TA_DTYPE_F16 ? ref::half_to_float(qb[i]) : ref::bf16_to_float(qb[i]);
     }
     test::DeviceBuffer<uint16_t> dq(qb.size()), dout(qb.size());
     dq.upload(qb);
@@ -132,14 +141,24 @@ struct Mirror {
     ta_decode_options o = ta_decode_default_options();
     o.use_sas = sas, o.split_tiles = split_tiles;
     gpu.decode(layer, seqs.data(), n, tq, o, tout, nullptr);
-    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     const std::vector<uint16_t> ob = dout.download();
+    r.out.resize(ob.size());
+    for (size_t e = 0; e < ob.size(); ++e) r.out[e] = dtype == TA_DTYPE_F16 ? ref::half_to_float(ob[e]) : ref::bf16_to_float(ob[e]);
+    return r;
+  }
+
+  // GPU decode against the CPU cache's decode and float64 attention over the cache's own (dequantized)
+  // values.
+  void expect_decode(int layer, const std::vector<int>& seqs, int hq, int q_len, ta_dtype dtype, bool sas, int split_tiles,
+                     double bound_vs_exact) {
+    const int D = cfg.head_dim, n = int(seqs.size());
+    const Decoded r = run_decode(layer, seqs, hq, q_len, dtype, sas, split_tiles);
     for (int i = 0; i < n; ++i) {
       const size_t row = size_t(q_len) * hq * D;
-      std::vector<float> got(row), want(row);
-      for (size_t e = 0; e < row; ++e)
-        got[e] = dtype == TA_DTYPE_F16 ? ref::half_to_float(ob[size_t(i) * row + e]) : ref::bf16_to_float(ob[size_t(i) * row + e]);
-      ref::HeadsView qv = test::view_of(q, n * q_len, hq, D);
+      const std::vector<float> got(r.out.begin() + long(i * row), r.out.begin() + long((i + 1) * row));
+      std::vector<float> want(row);
+      ref::HeadsView qv = test::view_of(r.q, n * q_len, hq, D);
       qv.data += size_t(i) * row, qv.tokens = q_len;
       cpu.decode(layer, seqs[size_t(i)], qv, 0.0f, sas, 0, want.data());
       const test::ErrorStats e = test::compare(got, want);
@@ -216,17 +235,20 @@ INSTANTIATE_TEST_SUITE_P(
                     DecodeCase{64, "4", 16, 1, true, 0, TA_DTYPE_F16}, DecodeCase{64, "8", 4, 8, true, 0, TA_DTYPE_F16}, DecodeCase{96, "2", 8, 1, true, 0, TA_DTYPE_F16}));
 
 TEST(GpuCacheServing, RandomLivesStayIdenticalToTheCpuCache) {
+  // Sequences start, append, finish and reuse slots and pages at random; after every step each live
+  // sequence's bytes equal the CPU cache's, one layer's decode matches it, and the free page counts agree
+  // (no page leaked).
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
   const uint64_t seed = std::random_device{}();
   SCOPED_TRACE(testing::Message() << "seed " << seed);
   std::mt19937_64 rng(seed);
   Mirror m(make_config("mix", 2, 2, 64, 96, 6), rng);
   std::vector<int> live;
-  for (int step = 0; step < 120; ++step) {
+  for (int step = 0; step < 150; ++step) {
+    SCOPED_TRACE(testing::Message() << "step " << step);
     const int r = int(rng() % 10);
     if (r == 0 && !live.empty()) {  // a sequence finishes
       const size_t i = size_t(rng() % live.size());
-      for (int layer = 0; layer < 2; ++layer) m.expect_same(layer, live[i]);
       m.release(live[i]);
       live.erase(live.begin() + long(i));
     } else if (r == 1 && live.size() < 6) {  // a sequence starts with a prompt, if the pool has room
@@ -237,13 +259,121 @@ TEST(GpuCacheServing, RandomLivesStayIdenticalToTheCpuCache) {
       for (int layer = 0; layer < 2; ++layer) m.write(layer, {s}, {tokens});
     } else if (!live.empty() && m.gpu.book().free_pages() >= int(live.size())) {  // a decode step
       for (int layer = 0; layer < 2; ++layer) m.write(layer, live, std::vector<int>(live.size(), 1));
-      if (step % 20 == 0) m.expect_decode(1, live, 4, 1, TA_DTYPE_F16, true, 0, 0.03);
     }
+    for (int s : live)
+      for (int layer = 0; layer < 2; ++layer) m.expect_same(layer, s);
+    if (!live.empty()) m.expect_decode(step % 2, live, 4, 1, TA_DTYPE_F16, true, 0, 0.03);
+    ASSERT_EQ(m.gpu.book().free_pages(), m.cpu.free_pages());
+    if (HasFailure()) break;
   }
-  for (int s : live)
-    for (int layer = 0; layer < 2; ++layer) m.expect_same(layer, s);
   for (int s : live) m.release(s);
   EXPECT_EQ(m.gpu.book().free_pages(), 96);
+}
+
+// Extreme values, non-finite tokens, the shortest and the longest sequences: the policies of
+// docs/FORMATS.md 1.6 and docs/ROBUSTNESS.md on the GPU, as test_cache.cpp checks them on the CPU.
+TEST(GpuCacheNumerics, InputsNearTheFp16MaximumStayFiniteAndMatchTheCpu) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE(testing::Message() << "seed " << seed);
+  std::mt19937_64 rng(seed);
+  for (const char* bits : {"8", "4", "2", "mix"}) {
+    SCOPED_TRACE(bits);
+    Mirror m(make_config(bits, 1, 2, 64, 8, 2), rng);
+    m.edit = [](std::vector<float>& x, char role) {  // K and V up to 60,000 (fp16's maximum is 65,504)
+      if (role != 'q')
+        for (float& e : x) e = std::clamp(e * 20000.0f, -60000.0f, 60000.0f);
+    };
+    const int s = m.add();
+    m.write(0, {s}, {200});
+    m.write(0, {s}, {1});
+    m.expect_same(0, s);
+    const Mirror::Decoded r = m.run_decode(0, {s}, 4, 1, TA_DTYPE_F16, true, 0);
+    for (float x : r.out) {
+      ASSERT_TRUE(std::isfinite(x));
+      ASSERT_LE(std::fabs(x), 60000.0f * 1.01f);
+    }
+    std::vector<float> want(r.out.size());
+    m.cpu.decode(0, s, test::view_of(r.q, 1, 4, 64), 0.0f, true, 0, want.data());
+    EXPECT_LE(test::compare(r.out, want).rel_l2, 0.01) << "GPU vs CPU decode";
+  }
+}
+
+TEST(GpuCacheNumerics, NonFiniteTokenPoisonsItsSequenceOnly) {
+  // Propagate, never hide: a NaN in one V value of a flushed block, or an Inf in one K value still in the
+  // buffer (which also makes the sequence's K mean infinite), makes that sequence's decode NaN; the other
+  // sequence, sharing the pool and the launch, stays finite.
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE(testing::Message() << "seed " << seed);
+  std::mt19937_64 rng(seed);
+  const int n = 100, d = 64;  // block 0 flushed, 36 tokens in the buffer
+  for (const char* bits : {"8", "4", "2"})
+    for (const bool in_buffer : {false, true}) {
+      SCOPED_TRACE(testing::Message() << bits << (in_buffer ? " buffer" : " page"));
+      Mirror m(make_config(bits, 1, 1, d, 8, 2), rng);
+      const int bad = m.add(), good = m.add();
+      m.edit = [&](std::vector<float>& x, char role) {
+        if (in_buffer && role == 'k') x[size_t(90) * d + 5] = INFINITY;
+        if (!in_buffer && role == 'v') x[size_t(10) * d + 7] = NAN;
+      };
+      m.write(0, {bad}, {n});
+      m.edit = nullptr;
+      m.write(0, {good}, {n});
+      m.expect_same(0, good);
+      const Mirror::Decoded r = m.run_decode(0, {bad, good}, 2, 1, TA_DTYPE_F16, true, 0);
+      const size_t row = size_t(2) * d;
+      EXPECT_TRUE(std::any_of(r.out.begin(), r.out.begin() + long(row), [](float x) { return std::isnan(x); }));
+      EXPECT_TRUE(std::all_of(r.out.begin() + long(row), r.out.end(), [](float x) { return std::isfinite(x); }));
+    }
+}
+
+TEST(GpuCacheNumerics, EqualScoresAverageTheValues) {
+  // q = 0: every score is equal, so the output is the mean of the cached V (as the CPU cache computes it).
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE(testing::Message() << "seed " << seed);
+  std::mt19937_64 rng(seed);
+  Mirror m(make_config("4", 1, 2, 128, 8, 2), rng);
+  const int s = m.add();
+  m.write(0, {s}, {150});
+  m.edit = [](std::vector<float>& x, char role) {
+    if (role == 'q') std::fill(x.begin(), x.end(), 0.0f);
+  };
+  m.expect_decode(0, {s}, 8, 1, TA_DTYPE_F16, true, 0, 0.03);
+}
+
+TEST(GpuCacheNumerics, SequencesOfOneAndTwoTokens) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE(testing::Message() << "seed " << seed);
+  std::mt19937_64 rng(seed);
+  for (const char* bits : {"8", "2"}) {
+    Mirror m(make_config(bits, 1, 2, 64, 8, 4), rng);
+    const int a = m.add(), b = m.add(), c = m.add();
+    m.write(0, {a, b}, {1, 1});  // appends to empty sequences
+    m.write(0, {c}, {2});
+    m.expect_same(0, a), m.expect_same(0, c);
+    m.expect_decode(0, {a, b, c}, 4, 1, TA_DTYPE_F16, true, 0, 0.03);
+    m.expect_decode(0, {c}, 4, 2, TA_DTYPE_BF16, false, 0, 0.03);
+  }
+}
+
+TEST(GpuCacheNumerics, DecodeOver128kTokens) {
+  // 131,077 tokens (2,048 pages and 5 buffered): the same bytes as the CPU cache, and one decode step of
+  // 4 query heads within the usual bounds, with the automatic split and with many splits.
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE(testing::Message() << "seed " << seed);
+  std::mt19937_64 rng(seed);
+  const int n = 131072 + 5;
+  Mirror m(make_config("4", 1, 1, 64, n / TA_BLOCK_TOKENS + 1, 1), rng);
+  const int s = m.add();
+  m.write(0, {s}, {n});
+  m.expect_same(0, s);
+  EXPECT_EQ(m.gpu.book().free_pages(), 1);
+  m.expect_decode(0, {s}, 4, 1, TA_DTYPE_F16, true, 0, 0.03);
+  m.expect_decode(0, {s}, 4, 1, TA_DTYPE_F16, true, 16, 0.03);
 }
 
 TEST(GpuCacheCapi, CapacityErrorsWriteNothingAndBadTensorsAreRejected) {

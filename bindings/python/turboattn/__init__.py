@@ -30,6 +30,8 @@ def cuda_available():
 def _empty_like(x, shape=None, dtype=None):
     if hasattr(x, "data_ptr"):
         import torch
+        if shape is None and dtype is None:  # the per-token decode path: empty_like is the cheaper call
+            return torch.empty_like(x, memory_format=torch.contiguous_format)
         return torch.empty(shape if shape is not None else x.shape, dtype=dtype or x.dtype, device=x.device)
     import numpy as np
     return np.empty(shape if shape is not None else x.shape, dtype=dtype or x.dtype)

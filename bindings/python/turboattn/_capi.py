@@ -4,6 +4,7 @@ The library is loaded through ctypes, not compiled against PyTorch, so one build
 version. Tensors are passed as descriptors of their memory: torch tensors (CPU or CUDA) and numpy
 arrays (CPU) both work.
 """
+import contextlib
 import ctypes
 import os
 
@@ -100,27 +101,35 @@ def check(status):
 
 
 _NUMPY_DTYPES = {"float16": 1, "float32": 3, "int8": 4, "uint8": 5, "int32": 6}
-_TORCH_DTYPES = {"torch.float16": 1, "torch.bfloat16": 2, "torch.float32": 3, "torch.int8": 4, "torch.uint8": 5,
-                 "torch.int32": 6}
+_torch_dtypes = {}  # torch.dtype -> ta_dtype; filled on the first torch tensor (torch is then imported)
+
+
+def _torch_dtype_codes():
+    import torch
+    _torch_dtypes.update({torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.int8: 4, torch.uint8: 5,
+                          torch.int32: 6})
+    return _torch_dtypes
 
 
 def describe(x):
-    """A ta_tensor descriptor of a torch tensor or numpy array (or None for None)."""
+    """A ta_tensor descriptor of a torch tensor or numpy array (or None for None). On the decode path of
+    every generated token: kept to attribute reads and slice stores."""
     if x is None:
         return None
     t = Tensor()
     if hasattr(x, "data_ptr"):  # torch
-        t.data, t.dtype = x.data_ptr(), _TORCH_DTYPES.get(str(x.dtype), 0)
+        t.data, t.dtype = x.data_ptr(), (_torch_dtypes or _torch_dtype_codes()).get(x.dtype, 0)
         t.device = 1 if x.is_cuda else 0
-        shape, strides = tuple(x.shape), tuple(x.stride())
+        shape, strides = x.shape, x.stride()
     else:  # numpy
         t.data, t.dtype, t.device = x.ctypes.data, _NUMPY_DTYPES.get(str(x.dtype), 0), 0
         shape, strides = x.shape, tuple(s // x.itemsize for s in x.strides)
-    t.ndim = len(shape)
-    if t.ndim > MAX_DIMS:
-        raise InvalidArgument(1, f"tensor of rank {t.ndim}: at most {MAX_DIMS} dimensions")
-    for i, (n, s) in enumerate(zip(shape, strides)):
-        t.shape[i], t.strides[i] = n, s
+    n = len(shape)
+    if n > MAX_DIMS:
+        raise InvalidArgument(1, f"tensor of rank {n}: at most {MAX_DIMS} dimensions")
+    t.ndim = n
+    t.shape[:n] = shape
+    t.strides[:n] = strides
     return t
 
 
@@ -128,18 +137,32 @@ def ref(t):
     return ctypes.byref(t) if t is not None else None
 
 
+def _raw_stream_getter():
+    import torch
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # what torch's own generated code calls
+    if raw is not None:
+        return raw
+    return lambda index: torch.cuda.current_stream(index).cuda_stream
+
+
+_raw_stream = None
+
+
 def stream_of(x):
     """The current CUDA stream of a torch CUDA tensor's device, else None."""
+    global _raw_stream
     if hasattr(x, "is_cuda") and x.is_cuda:
-        import torch
-        return ctypes.c_void_p(torch.cuda.current_stream(x.device).cuda_stream)
+        if _raw_stream is None:
+            _raw_stream = _raw_stream_getter()
+        return ctypes.c_void_p(_raw_stream(x.device.index))
     return None
 
 
 def on_device_of(x):
-    """A context that makes x's CUDA device current (the library runs on the current device)."""
+    """A context that makes x's CUDA device current (the library runs on the current device); a no-op
+    when it already is."""
     if hasattr(x, "is_cuda") and x.is_cuda:
         import torch
-        return torch.cuda.device(x.device)
-    import contextlib
+        if x.device.index != torch.cuda.current_device():
+            return torch.cuda.device(x.device)
     return contextlib.nullcontext()

@@ -1,72 +1,80 @@
-"""PyTorch custom operators with fake (meta) implementations, so that torch.compile can trace through them:
+"""PyTorch operators, with fake (meta) implementations so that torch.compile can trace through them:
 
     torch.ops.turboattn.attention(q, k, v, causal, softmax_scale, use_sas, smooth_k) -> out
     torch.ops.turboattn.cache_write(cache, layer, seqs, k, v, cu_seqlens)            (KVCache.write)
     torch.ops.turboattn.cache_append(cache, layer, seqs, k, v)                       (KVCache.append)
     torch.ops.turboattn.decode(cache, layer, seqs, q, softmax_scale, use_sas, split_tiles) -> out
 
-`cache` is KVCache.handle (an int) and `seqs` a list of sequence ids."""
+`cache` is KVCache.handle (an int) and `seqs` a list of sequence ids.
+
+The operators are defined with torch.library.Library and a schema, with the Python functions registered
+as their CPU and CUDA kernels. torch.library.custom_op would do the same with less text, but its eager
+wrapper costs about 8 us per call on top, and decode runs once per layer per generated token."""
 import torch
 
 from . import KVCache
 from . import attention as _attention
 
+_lib = torch.library.Library("turboattn", "DEF")  # kept alive for as long as the module: it owns the definitions
 
-@torch.library.custom_op("turboattn::attention", mutates_args=(), device_types=("cpu", "cuda"))
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False, softmax_scale: float = 0.0,
-              use_sas: bool = True, smooth_k: bool = True) -> torch.Tensor:
+
+def _define(schema, kernel, fake):
+    name = schema.split("(", 1)[0]
+    _lib.define(schema)
+    for key in ("CPU", "CUDA"):
+        _lib.impl(name, kernel, key)
+    torch.library.register_fake(f"turboattn::{name}", fake, lib=_lib)
+    return getattr(torch.ops.turboattn, name)
+
+
+def _attention_kernel(q, k, v, causal=False, softmax_scale=0.0, use_sas=True, smooth_k=True):
     """q [B, Nq, Hq, D], k, v [B, Nk, Hkv, D] (fp16 or bf16); returns out like q."""
     return _attention(q, k, v, causal=causal, softmax_scale=softmax_scale, use_sas=use_sas, smooth_k=smooth_k,
                       out=torch.empty(q.shape, dtype=q.dtype, device=q.device))
 
 
-@attention.register_fake
-def _(q, k, v, causal=False, softmax_scale=0.0, use_sas=True, smooth_k=True):
-    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
-
-
-# The cache ops change (write, append) or read (decode) state that torch cannot see: the cache is not a
-# tensor argument. Without more, torch.compile drops write and append (no outputs, no mutated inputs)
-# and may move them past a decode. An ordered effect keeps every one of them, in program order.
-@torch.library.custom_op("turboattn::cache_write", mutates_args=(), device_types=("cpu", "cuda"))
-def cache_write(cache: int, layer: int, seqs: list[int], k: torch.Tensor, v: torch.Tensor,
-                cu_seqlens: torch.Tensor) -> None:
+def _cache_write_kernel(cache, layer, seqs, k, v, cu_seqlens):
     """KVCache.write: k, v [T, Hkv, D] of len(seqs) sequences delimited by cu_seqlens (int32 [len(seqs) + 1])."""
     KVCache.from_handle(cache).write(layer, seqs, k, v, cu_seqlens)
 
 
-@cache_write.register_fake
-def _(cache, layer, seqs, k, v, cu_seqlens):
-    return None
-
-
-@torch.library.custom_op("turboattn::cache_append", mutates_args=(), device_types=("cpu", "cuda"))
-def cache_append(cache: int, layer: int, seqs: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
+def _cache_append_kernel(cache, layer, seqs, k, v):
     """KVCache.append: one token per sequence, k, v [len(seqs), Hkv, D]."""
     KVCache.from_handle(cache).append(layer, seqs, k, v)
 
 
-@cache_append.register_fake
-def _(cache, layer, seqs, k, v):
-    return None
-
-
-@torch.library.custom_op("turboattn::decode", mutates_args=(), device_types=("cpu", "cuda"))
-def decode(cache: int, layer: int, seqs: list[int], q: torch.Tensor, softmax_scale: float = 0.0, use_sas: bool = True,
-           split_tiles: int = 0) -> torch.Tensor:
+def _decode_kernel(cache, layer, seqs, q, softmax_scale=0.0, use_sas=True, split_tiles=0):
     """KVCache.decode: q [len(seqs), q_len, Hq, D]; returns out like q."""
     return KVCache.from_handle(cache).decode(layer, seqs, q, softmax_scale=softmax_scale, use_sas=use_sas,
-                                             split_tiles=split_tiles,
-                                             out=torch.empty(q.shape, dtype=q.dtype, device=q.device))
+                                             split_tiles=split_tiles, out=torch.empty_like(q))
 
 
-@decode.register_fake
-def _(cache, layer, seqs, q, softmax_scale=0.0, use_sas=True, split_tiles=0):
+def _attention_fake(q, *args):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
+def _decode_fake(cache, layer, seqs, q, *args):
+    return torch.empty_like(q)
+
+
+def _nothing(*args, **kwargs):
+    return None
+
+
+attention = _define("attention(Tensor q, Tensor k, Tensor v, bool causal=False, float softmax_scale=0., "
+                    "bool use_sas=True, bool smooth_k=True) -> Tensor", _attention_kernel, _attention_fake)
+cache_write = _define("cache_write(int cache, int layer, int[] seqs, Tensor k, Tensor v, Tensor cu_seqlens) -> ()",
+                      _cache_write_kernel, _nothing)
+cache_append = _define("cache_append(int cache, int layer, int[] seqs, Tensor k, Tensor v) -> ()",
+                       _cache_append_kernel, _nothing)
+decode = _define("decode(int cache, int layer, int[] seqs, Tensor q, float softmax_scale=0., bool use_sas=True, "
+                 "int split_tiles=0) -> Tensor", _decode_kernel, _decode_fake)
+
+# The cache ops change (write, append) or read (decode) state that torch cannot see: the cache is not a
+# tensor argument. Without more, torch.compile drops write and append (no outputs, no mutated inputs)
+# and may move them past a decode. An ordered effect keeps every one of them, in program order.
 try:  # a private torch API (present in 2.11 to 2.15); eager calls work without it
-    for _op in (torch.ops.turboattn.cache_write, torch.ops.turboattn.cache_append, torch.ops.turboattn.decode):
+    for _op in (cache_write, cache_append, decode):
         torch.library._register_effectful_op(_op.default, torch.library.EffectType.ORDERED)
 except AttributeError:
     import warnings

@@ -1,0 +1,87 @@
+"""turboattn.hf on a CUDA device: generate() with the prefill kernel and the CUDA cache (decode kernel),
+against the model's own SDPA attention and against the same model generating on the CPU through the
+reference. Tiny random fp16 Llama models, as in test_hf.py; skipped without a GPU and a CUDA build."""
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+import turboattn  # noqa: E402
+import turboattn.hf as hf  # noqa: E402
+from test_hf import L, cache_of, generate, llama, reference_logits, step_cosines, tokens  # noqa: E402
+
+pytestmark = [pytest.mark.skipif(not (torch.cuda.is_available() and turboattn.cuda_available()),
+                                 reason="needs a CUDA device and a CUDA build of libturboattn"),
+              pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")]
+
+
+def cuda_llama(**kw):
+    return llama(dtype=torch.float16, **kw).cuda()
+
+
+# Minimum cosine of each decode step's logits against the fp16 model's SDPA logits; the CPU thresholds of
+# test_hf.py, whose models are fp32.
+@pytest.mark.parametrize("bits,min_cos", [(8, 0.999), (4, 0.998), (2, 0.98)])
+def test_generate_on_cuda_matches_the_sdpa_model(bits, min_cos):
+    model = hf.patch(cuda_llama(), hf.TurboConfig(bits=bits))
+    prompt = tokens(100).cuda()
+    out = generate(model, prompt, 30)
+    cache = cache_of(out)
+    assert isinstance(cache, hf.TurboCache) and cache.cache_device.startswith("cuda")
+    assert cache.kv.device.startswith("cuda") and cache.lengths == [[129]] * L
+    ref = reference_logits(model, out.sequences, 100)
+    cos = step_cosines(out, ref)
+    assert cos.min().item() > min_cos, cos
+    # Teeth: a different context gives logits far from these.
+    other = out.sequences.clone()
+    other[:, :60] = tokens(60, seed=7).cuda()
+    with torch.no_grad():
+        moved = model(other).logits[0, 99:-1].float()
+    assert torch.nn.functional.cosine_similarity(moved, ref).mean().item() < 0.9
+
+
+def test_cuda_generation_tracks_the_cpu_reference_path():
+    """The same fp16 model and cache configuration on the GPU (kernels) and on the CPU (reference): the
+    caches hold the same bytes (test_gpu_cache), so the logits differ only by kernel arithmetic."""
+    cfg = hf.TurboConfig(bits=4)
+    gpu = hf.patch(cuda_llama(), cfg)
+    cpu = hf.patch(llama(dtype=torch.float16), cfg)
+    prompt = tokens(90)
+    out_gpu = generate(gpu, prompt.cuda(), 12)
+    # Teacher-forced on the CPU with the GPU's tokens, so one flipped argmax cannot derail the comparison.
+    cache = hf.make_cache(cpu, batch_size=1, max_seq_len=200)
+    seq = out_gpu.sequences.cpu()
+    with torch.no_grad():
+        logits = [cpu(seq[:, :90], past_key_values=cache).logits[0, -1]]
+        for i in range(90, seq.shape[1] - 1):
+            logits.append(cpu(seq[:, i:i + 1], past_key_values=cache).logits[0, -1])
+    got = torch.stack([s[0] for s in out_gpu.logits]).float().cpu()
+    cos = torch.nn.functional.cosine_similarity(got, torch.stack(logits).float())
+    assert cos.min().item() > 0.999, cos
+
+
+def test_left_padded_batch_on_cuda_matches_each_sequence_alone():
+    model = hf.patch(cuda_llama(), hf.TurboConfig(bits=4))
+    a, b = tokens(70, seed=2), tokens(45, seed=3)
+    ids = torch.zeros(2, 70, dtype=torch.long)
+    mask = torch.zeros(2, 70, dtype=torch.long)
+    ids[0], mask[0] = a[0], 1
+    ids[1, 25:], mask[1, 25:] = b[0], 1
+    out = generate(model, ids.cuda(), 10, attention_mask=mask.cuda())
+    assert cache_of(out).lengths[0] == [79, 54]
+    for row, alone in ((0, a), (1, b)):
+        single = generate(model, alone.cuda(), 10)
+        cos = [torch.nn.functional.cosine_similarity(x[row:row + 1].float(), y.float()).item()
+               for x, y in zip(out.logits, single.logits)]
+        assert min(cos) > 0.999, cos
+
+
+def test_second_turn_on_cuda_decodes_several_new_tokens():
+    model = hf.patch(cuda_llama(), hf.TurboConfig(bits=8))
+    cache = hf.make_cache(model, batch_size=1, max_seq_len=300)
+    first = model.generate(tokens(40).cuda(), past_key_values=cache, max_new_tokens=5, do_sample=False,
+                           eos_token_id=None)
+    more = torch.cat([first, tokens(7, seed=5).cuda()], 1)
+    out = generate(model, more, 5, past_key_values=cache)  # 8 uncached tokens: one decode call with q_len 8
+    assert cache.lengths[0] == [more.shape[1] + 4]
+    ref = reference_logits(model, out.sequences, more.shape[1])
+    assert step_cosines(out, ref).min().item() > 0.998
