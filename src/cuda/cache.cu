@@ -138,9 +138,9 @@ DeviceCache::~DeviceCache() {
   for (auto* p : pools_) cudaFree(p);
   for (auto* p : buffers_) cudaFree(p);
   for (auto* p : means_) cudaFree(p);
-  cudaFree(d_layouts_), cudaFree(d_tables_), cudaFree(d_lengths_), cudaFree(workspace_);
+  cudaFree(d_layouts_), cudaFree(d_tables_), cudaFree(d_lengths_), cudaFree(workspace_), cudaFree(arrivals_);
   pools_.clear(), buffers_.clear(), means_.clear();
-  d_layouts_ = nullptr, d_tables_ = nullptr, d_lengths_ = nullptr, workspace_ = nullptr;
+  d_layouts_ = nullptr, d_tables_ = nullptr, d_lengths_ = nullptr, workspace_ = nullptr, arrivals_ = nullptr;
 }
 
 void DeviceCache::write(int layer, const int32_t* seqs, int num_seqs, const ta_tensor& k, const ta_tensor& v,
@@ -180,7 +180,6 @@ void DeviceCache::decode(int layer, const int32_t* seqs, int num_seqs, const ta_
                          ta_tensor& out, void* stream_) {
   const auto stream = static_cast<cudaStream_t>(stream_);
   const int D = cfg_.head_dim, hkv = cfg_.kv_heads, q_len = int(q.shape[1]), hq = int(q.shape[2]), group = hq / hkv;
-  const int warps = decode_warps(D);
   const int heads_per_cta = std::max(1, std::min(group, DecodeTraits<64>::kRows / q_len));
   const int chunks = (group + heads_per_cta - 1) / heads_per_cta;
   int64_t max_tiles = 1;
@@ -194,17 +193,30 @@ void DeviceCache::decode(int layer, const int32_t* seqs, int num_seqs, const ta_
   }
   int max_bits = TA_BITS_2;
   for (int h = 0; h < hkv; ++h) max_bits = std::max(max_bits, layouts_[size_t(layer)].bits[h]);
-  const int64_t need = int64_t(num_seqs) * hq * q_len * splits * warps * (D + 2);
-  if (need > workspace_floats_) {
+  // With several splits: the parts, and one arrival counter per row group. The counters are zeroed when
+  // allocated and reset by the last CTA of each group, so every call (and graph replay) finds them zero.
+  const int64_t part_floats = splits > 1 ? int64_t(num_seqs) * hq * q_len * splits * (D + 2) : 0;
+  const int64_t counters = splits > 1 ? int64_t(num_seqs) * hkv * chunks : 0;
+  if (part_floats > workspace_floats_ || counters > arrival_count_) {
     cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
     TA_CUDA_CHECK(cudaStreamIsCapturing(stream, &capturing));
-    require(capturing == cudaStreamCaptureStatusNone, TA_ERROR_INVALID_ARGUMENT, "decode: its workspace must grow to ", need * 4,
-            " bytes, which cannot happen inside CUDA graph capture; run one call of this shape before capturing");
+    require(capturing == cudaStreamCaptureStatusNone, TA_ERROR_INVALID_ARGUMENT, "decode: its workspace must grow to ",
+            part_floats * 4 + counters * 4, " bytes, which cannot happen inside CUDA graph capture; run one call of this shape "
+            "before capturing");
     TA_CUDA_CHECK(cudaStreamSynchronize(stream));
-    cudaFree(workspace_);
-    workspace_ = nullptr, workspace_floats_ = 0;
-    workspace_ = device_alloc<float>(need, "the decode workspace");
-    workspace_floats_ = need;
+    if (part_floats > workspace_floats_) {
+      cudaFree(workspace_);
+      workspace_ = nullptr, workspace_floats_ = 0;
+      workspace_ = device_alloc<float>(part_floats, "the decode workspace");
+      workspace_floats_ = part_floats;
+    }
+    if (counters > arrival_count_) {
+      cudaFree(arrivals_);
+      arrivals_ = nullptr, arrival_count_ = 0;
+      arrivals_ = device_alloc<int>(counters, "the decode arrival counters");
+      TA_CUDA_CHECK(cudaMemset(arrivals_, 0, size_t(counters) * sizeof(int)));
+      arrival_count_ = counters;
+    }
   }
   const float scale = ref::resolve_softmax_scale(options.softmax_scale, D);
   const size_t elem = q.dtype == TA_DTYPE_F16 ? sizeof(__half) : sizeof(__nv_bfloat16);
@@ -215,22 +227,15 @@ void DeviceCache::decode(int layer, const int32_t* seqs, int num_seqs, const ta_
     p.tables = d_tables_, p.table_width = table_width_, p.lengths = d_lengths_ + int64_t(layer) * cfg_.max_seqs;
     p.q = static_cast<const uint8_t*>(q.data) + int64_t(s0) * q.strides[0] * int64_t(elem);
     p.q_b = q.strides[0], p.q_n = q.strides[1], p.q_h = q.strides[2];
-    void* out_chunk = static_cast<uint8_t*>(out.data) + int64_t(s0) * out.strides[0] * int64_t(elem);
-    p.partial = workspace_ + int64_t(s0) * hq * q_len * splits * warps * (D + 2);
+    p.out = static_cast<uint8_t*>(out.data) + int64_t(s0) * out.strides[0] * int64_t(elem);
+    p.o_b = out.strides[0], p.o_n = out.strides[1], p.o_h = out.strides[2];
+    p.partial = splits > 1 ? workspace_ + int64_t(s0) * hq * q_len * splits * (D + 2) : nullptr;
+    p.arrivals = splits > 1 ? arrivals_ + int64_t(s0) * hkv * chunks : nullptr;
     p.hq = hq, p.hkv = hkv, p.q_len = q_len, p.heads_per_cta = heads_per_cta, p.num_splits = splits, p.max_bits = max_bits;
     p.scale_log2 = ref::scale_log2(scale);
     for (int i = 0; i < n; ++i) p.slots[i] = seqs[s0 + i];
-    const unsigned rows = unsigned(n * hq * q_len);
-    if (q.dtype == TA_DTYPE_F16) {
-      dispatch_decode<__half>(D, options.use_sas != 0, p, n, chunks, stream);
-      cache_merge_kernel<__half><<<rows, 128, 0, stream>>>(p.partial, splits * warps, hq, q_len, D, out_chunk, out.strides[0],
-                                                           out.strides[1], out.strides[2]);
-    } else {
-      dispatch_decode<__nv_bfloat16>(D, options.use_sas != 0, p, n, chunks, stream);
-      cache_merge_kernel<__nv_bfloat16><<<rows, 128, 0, stream>>>(p.partial, splits * warps, hq, q_len, D, out_chunk,
-                                                                  out.strides[0], out.strides[1], out.strides[2]);
-    }
-    TA_CUDA_CHECK_LAUNCH("cache_merge_kernel");
+    if (q.dtype == TA_DTYPE_F16) dispatch_decode<__half>(D, options.use_sas != 0, p, n, chunks, stream);
+    else dispatch_decode<__nv_bfloat16>(D, options.use_sas != 0, p, n, chunks, stream);
   }
 }
 

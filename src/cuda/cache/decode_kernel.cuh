@@ -56,8 +56,12 @@ struct DecodeTraits {
   // Per warp: Q' hi and lo rows, P rows, and the ring sized for the layer's widest head.
   static constexpr int kWarpFixedBytes = 2 * kRows * kBRowBytes + kRows * kPRowBytes;
   __host__ __device__ static constexpr int warp_bytes(int max_bits) { return kWarpFixedBytes + kRingHalves * half_bytes(max_bits); }
-  __host__ __device__ static constexpr int smem_bytes(int max_bits) { return kRows * kHeadDim + kWarps * warp_bytes(max_bits); }
+  // Per CTA: INT8 Q in channel order (for the buffer and q . zero) and in the K order of the head's width.
+  static constexpr int kQBytes = 2 * kRows * kHeadDim;
+  __host__ __device__ static constexpr int smem_bytes(int max_bits) { return kQBytes + kWarps * warp_bytes(max_bits); }
   static_assert(kHeadDim % 32 == 0, "head dims are multiples of 32");
+  // At the end a warp's area holds its state: m and l of 8 rows, then o of 8 rows.
+  static_assert(warp_bytes(TA_BITS_2) >= 4 * (2 * kRows + kRows * kHeadDim), "a warp's area holds its state");
 };
 
 struct DecodeParams {
@@ -69,7 +73,10 @@ struct DecodeParams {
   const int64_t* lengths;    // the layer's [slot]
   const void* q;
   int64_t q_b, q_n, q_h;
-  float* partial;  // [seq][hq][q_len][split][warp] x (m, l, o[D])
+  void* out;       // [seq][q_len][hq][D] through the strides below (elements)
+  int64_t o_b, o_n, o_h;
+  float* partial;  // with several splits: [seq][hq][q_len][split] x (m, l, o[D])
+  int* arrivals;   // with several splits: [seq][gridDim.y] CTAs done, zero between calls
   int hq, hkv, q_len, heads_per_cta, num_splits, max_bits;
   float scale_log2;
   int32_t slots[kDecodeMaxSeqs];
@@ -178,10 +185,47 @@ struct TileSoftmax {
   }
 };
 
+// The stage-2 scales (bytes of a K page's metadata, by channel) of K positions 4 w .. 4 w + 3 as one
+// word: their channels are w8 * 8 + h + {0, 2, 4, 6} at 4 bits and w16 * 16 + a + {0, 4, 8, 12} at 2
+// (code_at_position).
+template <int kBits>
+__device__ __forceinline__ uint32_t scales_at_positions(const uint8_t* k_meta, int w) {
+  const uint32_t* m = reinterpret_cast<const uint32_t*>(k_meta);
+  if constexpr (kBits == 4) {
+    return __byte_perm(m[2 * (w / 2)], m[2 * (w / 2) + 1], (w % 2) ? 0x7531 : 0x6420);
+  } else {
+    const int a = w % 4, sel = a | ((a + 4) << 4);
+    const uint32_t* m4 = m + 4 * (w / 4);
+    return __byte_perm(__byte_perm(m4[0], m4[1], sel), __byte_perm(m4[2], m4[3], sel), 0x5410);
+  }
+}
+
+// Q' of one tile: q (K order) times the stage-2 scale of each position's channel, split into
+// hi = qp >> 7 (s8) and lo = qp & 127, four positions (one word) per lane and step. Stage-2 scales are
+// at most 255 / 3 (docs/FORMATS.md 3.3), so they are valid s8 and one masked dp4a is one product.
+template <int kHeadDim, int kBits>
+__device__ __forceinline__ void build_q_prime(const uint8_t* s_qk, const uint8_t* k_meta, uint8_t* s_bh, uint8_t* s_bl, int rows,
+                                              int lane) {
+  using Tr = DecodeTraits<kHeadDim>;
+  constexpr int kWords = kHeadDim / 4;
+  for (int idx = lane; idx < rows * kWords; idx += 32) {
+    const int r = idx / kWords, w = idx % kWords;
+    const int32_t q4 = reinterpret_cast<const int32_t*>(s_qk + r * kHeadDim)[w];
+    const int32_t s4 = int32_t(scales_at_positions<kBits>(k_meta, w));
+    int32_t qp[4];
+#pragma unroll
+    for (int b = 0; b < 4; ++b) qp[b] = __dp4a(q4, s4 & (0xFF << (8 * b)), 0);
+    const uint32_t low = __byte_perm(__byte_perm(qp[0], qp[1], 0x0040), __byte_perm(qp[2], qp[3], 0x0040), 0x5410);
+    const uint32_t high = __byte_perm(__byte_perm(qp[0] >> 7, qp[1] >> 7, 0x0040), __byte_perm(qp[2] >> 7, qp[3] >> 7, 0x0040), 0x5410);
+    reinterpret_cast<uint32_t*>(s_bl + r * Tr::kBRowBytes)[w] = low & 0x7F7F7F7Fu;
+    reinterpret_cast<uint32_t*>(s_bh + r * Tr::kBRowBytes)[w] = high;
+  }
+}
+
 // A page's first half: S^T on the K codes, the softmax, and P in shared memory in V's K order.
 // Returns whether any row of the warp uses the tile (else P V is skipped).
 template <int kHeadDim, int kBits, bool kSas>
-__device__ __forceinline__ bool page_scores(const uint8_t* k_half, const uint8_t* s_q8, uint8_t* s_bh, uint8_t* s_bl,
+__device__ __forceinline__ bool page_scores(const uint8_t* k_half, const uint8_t* s_q8, const uint8_t* s_qk, uint8_t* s_bh, uint8_t* s_bl,
                                             uint8_t* s_p, const float (&q_scale)[2], const int (&visible)[2], int rows,
                                             float skip_x, WarpState<kHeadDim>& ws, TileSoftmax<kSas>& sm, int lane) {
   using Tr = DecodeTraits<kHeadDim>;
@@ -195,21 +239,17 @@ __device__ __forceinline__ bool page_scores(const uint8_t* k_half, const uint8_t
   // Q' = q * scale split into hi (s8) and lo (0..127) in K's K order, and zq = q . zero per row.
   int32_t zq[2] = {0, 0};
   if constexpr (kBits < 8) {
-    for (int idx = lane; idx < rows * D; idx += 32) {
-      const int r = idx / D, k = idx % D, c = code_at_position(k, kBits);
-      const int qp = int(int8_t(s_q8[r * D + c])) * int(k_meta[c]);
-      s_bh[r * Tr::kBRowBytes + k] = uint8_t(qp >> 7);
-      s_bl[r * Tr::kBRowBytes + k] = uint8_t(qp & 127);
-    }
-    for (int r = 0; r < rows; ++r) {
-      int32_t dot = 0;
-      for (int c4 = lane; c4 < D / 4; c4 += 32)
-        dot = __dp4a(reinterpret_cast<const int32_t*>(s_q8 + r * D)[c4], reinterpret_cast<const int32_t*>(k_meta + D)[c4], dot);
+    build_q_prime<kHeadDim, kBits>(s_qk, k_meta, s_bh, s_bl, rows, lane);
+    // Four lanes per row (row lane / 4), each a quarter of the channels; then rows 2t and 2t + 1 to lane t.
+    const int32_t* q_words = reinterpret_cast<const int32_t*>(s_q8 + g * D);
+    const int32_t* zero_words = reinterpret_cast<const int32_t*>(k_meta + D);
+    int32_t dot = 0;
 #pragma unroll
-      for (int x = 1; x < 32; x <<= 1) dot += __shfl_xor_sync(0xffffffffu, dot, x);
-      if (r == 2 * t) zq[0] = dot;
-      if (r == 2 * t + 1) zq[1] = dot;
-    }
+    for (int w = t; w < D / 4; w += 4) dot = __dp4a(q_words[w], zero_words[w], dot);
+    dot += __shfl_xor_sync(0xffffffffu, dot, 1);
+    dot += __shfl_xor_sync(0xffffffffu, dot, 2);
+    zq[0] = __shfl_sync(0xffffffffu, dot, 8 * t);
+    zq[1] = __shfl_sync(0xffffffffu, dot, 8 * t + 4);
     __syncwarp();
   }
 
@@ -364,6 +404,7 @@ __device__ __forceinline__ void buffer_tile(const uint8_t* buffer, const uint8_t
 // the next two are in flight.
 template <int kHeadDim, int kBits, bool kSas>
 __device__ __forceinline__ void warp_tiles(const DecodeParams& p, uint8_t* ring, int half_stride, const uint8_t* s_q8,
+                                           const uint8_t* s_qk,
                                            uint8_t* s_bh, uint8_t* s_bl, uint8_t* s_p, const float (&q_scale)[2],
                                            const int64_t (&max_pos)[2], int rows, int slot, int hk, int64_t len, int begin,
                                            int end, WarpState<kHeadDim>& ws, int warp, int lane) {
@@ -405,7 +446,7 @@ __device__ __forceinline__ void warp_tiles(const DecodeParams& p, uint8_t* ring,
     TileSoftmax<kSas> sm;
     bool values = false;
     if (j < blocks)
-      values = page_scores<kHeadDim, kBits, kSas>(ring + ((2 * it) % Tr::kRingHalves) * half_stride, s_q8, s_bh, s_bl, s_p,
+      values = page_scores<kHeadDim, kBits, kSas>(ring + ((2 * it) % Tr::kRingHalves) * half_stride, s_q8, s_qk, s_bh, s_bl, s_p,
                                                   q_scale, visible, rows, skip_x, ws, sm, lane);
     cp_async_wait<1>();  // V of this tile has landed
     __syncwarp();
@@ -417,13 +458,35 @@ __device__ __forceinline__ void warp_tiles(const DecodeParams& p, uint8_t* ring,
   cp_async_wait<0>();
 }
 
+// One element of a row merged from n states in order (docs/FORMATS.md 1.7): M = max m_s, then
+// l = sum fma(l_s, 2^(m_s - M), .) and o likewise; states that saw no key (m_s = -inf) add nothing.
+struct MergedState {
+  float m = -INFINITY, l = 0.0f, o = 0.0f;
+  __device__ __forceinline__ float normalized() const { return m == -INFINITY ? 0.0f : __fmul_rn(o, __fdiv_rn(1.0f, l)); }
+};
+
+template <class M, class L, class O>
+__device__ __forceinline__ MergedState merge_in_order(int n, M m_of, L l_of, O o_of) {
+  MergedState r;
+  for (int s = 0; s < n; ++s) r.m = nan_max(r.m, m_of(s));
+  for (int s = 0; s < n && r.m != -INFINITY; ++s) {
+    const float ms = m_of(s);
+    if (ms == -INFINITY) continue;
+    const float w = exp2f(ms - r.m);
+    r.l = __fmaf_rn(l_of(s), w, r.l);
+    r.o = __fmaf_rn(o_of(s), w, r.o);
+  }
+  return r;
+}
+
 template <int kHeadDim, typename T, bool kSas>
 __global__ void __launch_bounds__(DecodeTraits<kHeadDim>::kThreads, DecodeTraits<kHeadDim>::kMinBlocksPerSm)
     cache_decode_kernel(const __grid_constant__ DecodeParams p) {
   using Tr = DecodeTraits<kHeadDim>;
   constexpr int D = kHeadDim;
   extern __shared__ __align__(16) uint8_t smem[];
-  uint8_t* s_q8 = smem;  // [kRows][D] INT8 Q, natural channel order
+  uint8_t* s_q8 = smem;                     // [kRows][D] INT8 Q, channel order
+  uint8_t* s_qk = smem + Tr::kRows * D;     // [kRows][D] the same in the K order of this head's width
   __shared__ float s_q_scale[Tr::kRows];
 
   const int split = blockIdx.x, seq = blockIdx.z;
@@ -468,7 +531,7 @@ __global__ void __launch_bounds__(DecodeTraits<kHeadDim>::kThreads, DecodeTraits
   }
   // Per warp: Q' rows (zero outside the live rows; the 8-bit path's B operand is Q itself), P rows,
   // and the ring.
-  uint8_t* wbase = smem + Tr::kRows * D + warp * Tr::warp_bytes(p.max_bits);
+  uint8_t* wbase = smem + Tr::kQBytes + warp * Tr::warp_bytes(p.max_bits);
   uint8_t* s_bh = wbase;
   uint8_t* s_bl = s_bh + Tr::kRows * Tr::kBRowBytes;
   uint8_t* s_p = s_bl + Tr::kRows * Tr::kBRowBytes;
@@ -477,6 +540,10 @@ __global__ void __launch_bounds__(DecodeTraits<kHeadDim>::kThreads, DecodeTraits
   __syncthreads();
   const PageLayout& lay = *p.layout;
   const int bits = lay.bits[hk];
+  if (bits < 8) {  // Q in K order, once per CTA; every tile's Q' reads it
+    for (int i = threadIdx.x; i < Tr::kRows * D; i += Tr::kThreads) s_qk[i] = s_q8[(i / D) * D + code_at_position(i % D, bits)];
+    __syncthreads();
+  }
   if (bits == 8)
     for (int i = lane; i < Tr::kRows * D; i += 32) s_bl[(i / D) * Tr::kBRowBytes + i % D] = s_q8[i];
   __syncwarp();
@@ -492,52 +559,61 @@ __global__ void __launch_bounds__(DecodeTraits<kHeadDim>::kThreads, DecodeTraits
   WarpState<kHeadDim> ws;
   const int half_stride = Tr::half_bytes(p.max_bits);
   if (bits == 8)
-    warp_tiles<kHeadDim, 8, kSas>(p, ring, half_stride, s_q8, s_bh, s_bl, s_p, q_scale, max_pos, rows, slot, hk, len, begin, end, ws, warp, lane);
+    warp_tiles<kHeadDim, 8, kSas>(p, ring, half_stride, s_q8, s_qk, s_bh, s_bl, s_p, q_scale, max_pos, rows, slot, hk, len, begin, end, ws, warp, lane);
   else if (bits == 4)
-    warp_tiles<kHeadDim, 4, kSas>(p, ring, half_stride, s_q8, s_bh, s_bl, s_p, q_scale, max_pos, rows, slot, hk, len, begin, end, ws, warp, lane);
+    warp_tiles<kHeadDim, 4, kSas>(p, ring, half_stride, s_q8, s_qk, s_bh, s_bl, s_p, q_scale, max_pos, rows, slot, hk, len, begin, end, ws, warp, lane);
   else
-    warp_tiles<kHeadDim, 2, kSas>(p, ring, half_stride, s_q8, s_bh, s_bl, s_p, q_scale, max_pos, rows, slot, hk, len, begin, end, ws, warp, lane);
+    warp_tiles<kHeadDim, 2, kSas>(p, ring, half_stride, s_q8, s_qk, s_bh, s_bl, s_p, q_scale, max_pos, rows, slot, hk, len, begin, end, ws, warp, lane);
 
-  // This warp's state of each of its rows: part (split, warp).
+  // The warps' states, merged per row in shared memory (each warp's own area, now free); then either
+  // the output (one split) or the split's part, and the last CTA of the row group merges the parts.
+  __syncwarp();  // warp_tiles waited for its last copies
+  float* st = reinterpret_cast<float*>(wbase);  // m[8], l[8], o[8][D]
   const int g = lane / 4;
+  if (g == 0)
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int row = 2 * t + r;
-    if (row >= rows) continue;
-    const int h = h0 + row / p.q_len, i = row % p.q_len;
-    float* part = p.partial +
-                  ((((int64_t(seq) * p.hq + h) * p.q_len + i) * p.num_splits + split) * Tr::kWarps + warp) * (D + 2);
-    if (g == 0) part[0] = ws.m[r], part[1] = ws.l[r];
+    for (int r = 0; r < 2; ++r) st[2 * t + r] = ws.m[r], st[Tr::kRows + 2 * t + r] = ws.l[r];
 #pragma unroll
-    for (int ot = 0; ot < Tr::kOTiles; ++ot) part[2 + 16 * ot + g] = ws.o[ot][r], part[2 + 16 * ot + g + 8] = ws.o[ot][2 + r];
-  }
-}
-
-// Merges the parts of each row in order (ref::merge_states) and normalizes (ref::finish_row).
-template <typename T>
-__global__ void cache_merge_kernel(const float* partial, int num_parts, int hq, int q_len, int dim, void* out, int64_t o_b,
-                                   int64_t o_n, int64_t o_h) {
-  const int64_t row = blockIdx.x;  // (seq * hq + h) * q_len + i
-  const int i = int(row % q_len), h = int((row / q_len) % hq), seq = int(row / (int64_t(q_len) * hq));
-  const float* parts = partial + row * num_parts * (dim + 2);
-  float big = -INFINITY;
-  for (int s = 0; s < num_parts; ++s) big = nan_max(big, parts[s * (dim + 2)]);
-  T* dst = static_cast<T*>(out) + seq * o_b + i * o_n + h * o_h;
-  float l = 0.0f;
-  for (int s = 0; s < num_parts; ++s) {
-    const float ms = parts[s * (dim + 2)];
-    if (ms == -INFINITY) continue;
-    l = __fmaf_rn(parts[s * (dim + 2) + 1], exp2f(ms - big), l);
-  }
-  const float inv_l = __fdiv_rn(1.0f, l);
-  for (int c = threadIdx.x; c < dim; c += blockDim.x) {
-    float o = 0.0f;
-    for (int s = 0; s < num_parts && big != -INFINITY; ++s) {
-      const float ms = parts[s * (dim + 2)];
-      if (ms == -INFINITY) continue;
-      o = __fmaf_rn(parts[s * (dim + 2) + 2 + c], exp2f(ms - big), o);
+  for (int ot = 0; ot < Tr::kOTiles; ++ot)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) st[2 * Tr::kRows + (2 * t + i % 2) * D + 16 * ot + g + 8 * (i / 2)] = ws.o[ot][i];
+  __syncthreads();
+  __shared__ bool s_last;
+  const bool one_split = p.num_splits == 1;
+  for (int idx = threadIdx.x; idx < rows * D; idx += Tr::kThreads) {
+    const int row = idx / D, c = idx % D, h = h0 + row / p.q_len, i = row % p.q_len;
+    auto warp_state = [&](int w) {
+      return reinterpret_cast<const float*>(smem + Tr::kQBytes + w * Tr::warp_bytes(p.max_bits));
+    };
+    const MergedState m = merge_in_order(
+        Tr::kWarps, [&](int w) { return warp_state(w)[row]; }, [&](int w) { return warp_state(w)[Tr::kRows + row]; },
+        [&](int w) { return warp_state(w)[2 * Tr::kRows + row * D + c]; });
+    if (one_split) {
+      static_cast<T*>(p.out)[seq * p.o_b + i * p.o_n + h * p.o_h + c] = T(m.normalized());
+      continue;
     }
-    dst[c] = T(big == -INFINITY ? 0.0f : __fmul_rn(o, inv_l));
+    float* part = p.partial + (((int64_t(seq) * p.hq + h) * p.q_len + i) * p.num_splits + split) * (D + 2);
+    if (c == 0) part[0] = m.m, part[1] = m.l;
+    part[2 + c] = m.o;
+  }
+  if (one_split) return;
+  __threadfence();  // the parts are visible before the count says so
+  __syncthreads();
+  int* arrivals = p.arrivals + seq * gridDim.y + blockIdx.y;
+  if (threadIdx.x == 0) {
+    s_last = atomicAdd(arrivals, 1) == p.num_splits - 1;
+    if (s_last) atomicExch(arrivals, 0);  // every split has arrived: ready for the next call
+  }
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  for (int idx = threadIdx.x; idx < rows * D; idx += Tr::kThreads) {
+    const int row = idx / D, c = idx % D, h = h0 + row / p.q_len, i = row % p.q_len;
+    const float* parts = p.partial + ((int64_t(seq) * p.hq + h) * p.q_len + i) * p.num_splits * (D + 2);
+    const MergedState m = merge_in_order(
+        p.num_splits, [&](int s) { return __ldcg(parts + s * (D + 2)); }, [&](int s) { return __ldcg(parts + s * (D + 2) + 1); },
+        [&](int s) { return __ldcg(parts + s * (D + 2) + 2 + c); });
+    static_cast<T*>(p.out)[seq * p.o_b + i * p.o_n + h * p.o_h + c] = T(m.normalized());
   }
 }
 
