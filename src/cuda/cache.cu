@@ -4,6 +4,8 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <cstdint>
 #include <vector>
 
@@ -234,8 +236,18 @@ void DeviceCache::decode(int layer, const int32_t* seqs, int num_seqs, const ta_
     p.hq = hq, p.hkv = hkv, p.q_len = q_len, p.heads_per_cta = heads_per_cta, p.num_splits = splits, p.max_bits = max_bits;
     p.scale_log2 = ref::scale_log2(scale);
     for (int i = 0; i < n; ++i) p.slots[i] = seqs[s0 + i];
-    if (q.dtype == TA_DTYPE_F16) dispatch_decode<__half>(D, options.use_sas != 0, p, n, chunks, stream);
-    else dispatch_decode<__nv_bfloat16>(D, options.use_sas != 0, p, n, chunks, stream);
+    static const bool merge_kernel = getenv("TURBOATTN_DECODE_MERGE") && std::string(getenv("TURBOATTN_DECODE_MERGE")) == "kernel";
+    if (merge_kernel) p.arrivals = nullptr;
+    const unsigned rows = unsigned(n * hq * q_len);
+    if (q.dtype == TA_DTYPE_F16) {
+      dispatch_decode<__half>(D, options.use_sas != 0, p, n, chunks, stream);
+      if (splits > 1 && merge_kernel)
+        cache_merge_kernel<__half><<<rows, 128, 0, stream>>>(p.partial, splits, hq, q_len, D, p.out, p.o_b, p.o_n, p.o_h);
+    } else {
+      dispatch_decode<__nv_bfloat16>(D, options.use_sas != 0, p, n, chunks, stream);
+      if (splits > 1 && merge_kernel)
+        cache_merge_kernel<__nv_bfloat16><<<rows, 128, 0, stream>>>(p.partial, splits, hq, q_len, D, p.out, p.o_b, p.o_n, p.o_h);
+    }
   }
 }
 

@@ -76,7 +76,7 @@ struct DecodeParams {
   void* out;       // [seq][q_len][hq][D] through the strides below (elements)
   int64_t o_b, o_n, o_h;
   float* partial;  // with several splits: [seq][hq][q_len][split] x (m, l, o[D])
-  int* arrivals;   // with several splits: [seq][gridDim.y] CTAs done, zero between calls
+  int* arrivals;   // with several splits, or null for cache_merge_kernel: [seq][gridDim.y] CTAs done, zero between calls
   int hq, hkv, q_len, heads_per_cta, num_splits, max_bits;
   float scale_log2;
   int32_t slots[kDecodeMaxSeqs];
@@ -244,8 +244,12 @@ __device__ __forceinline__ bool page_scores(const uint8_t* k_half, const uint8_t
     const int32_t* q_words = reinterpret_cast<const int32_t*>(s_q8 + g * D);
     const int32_t* zero_words = reinterpret_cast<const int32_t*>(k_meta + D);
     int32_t dot = 0;
+    const int base = (t + 4 * g) % (D / 4);  // rotated by row, so the 8 rows' lanes hit different banks
 #pragma unroll
-    for (int w = t; w < D / 4; w += 4) dot = __dp4a(q_words[w], zero_words[w], dot);
+    for (int j = 0; j < D / 16; ++j) {
+      const int w = base + 4 * j < D / 4 ? base + 4 * j : base + 4 * j - D / 4;
+      dot = __dp4a(q_words[w], zero_words[w], dot);
+    }
     dot += __shfl_xor_sync(0xffffffffu, dot, 1);
     dot += __shfl_xor_sync(0xffffffffu, dot, 2);
     zq[0] = __shfl_sync(0xffffffffu, dot, 8 * t);
@@ -596,7 +600,7 @@ __global__ void __launch_bounds__(DecodeTraits<kHeadDim>::kThreads, DecodeTraits
     if (c == 0) part[0] = m.m, part[1] = m.l;
     part[2 + c] = m.o;
   }
-  if (one_split) return;
+  if (one_split || p.arrivals == nullptr) return;  // no counters: cache_merge_kernel merges the parts
   __threadfence();  // the parts are visible before the count says so
   __syncthreads();
   int* arrivals = p.arrivals + seq * gridDim.y + blockIdx.y;
@@ -614,6 +618,23 @@ __global__ void __launch_bounds__(DecodeTraits<kHeadDim>::kThreads, DecodeTraits
         p.num_splits, [&](int s) { return __ldcg(parts + s * (D + 2)); }, [&](int s) { return __ldcg(parts + s * (D + 2) + 1); },
         [&](int s) { return __ldcg(parts + s * (D + 2) + 2 + c); });
     static_cast<T*>(p.out)[seq * p.o_b + i * p.o_n + h * p.o_h + c] = T(m.normalized());
+  }
+}
+
+// Merges the splits' parts of each row (a CTA per row) and normalizes: the alternative to the last
+// CTA merging them.
+template <typename T>
+__global__ void cache_merge_kernel(const float* partial, int num_splits, int hq, int q_len, int dim, void* out, int64_t o_b,
+                                   int64_t o_n, int64_t o_h) {
+  const int64_t row = blockIdx.x;  // (seq * hq + h) * q_len + i
+  const int i = int(row % q_len), h = int((row / q_len) % hq), seq = int(row / (int64_t(q_len) * hq));
+  const float* parts = partial + row * num_splits * (dim + 2);
+  T* dst = static_cast<T*>(out) + seq * o_b + i * o_n + h * o_h;
+  for (int c = threadIdx.x; c < dim; c += blockDim.x) {
+    const MergedState m = merge_in_order(
+        num_splits, [&](int s) { return parts[s * (dim + 2)]; }, [&](int s) { return parts[s * (dim + 2) + 1]; },
+        [&](int s) { return parts[s * (dim + 2) + 2 + c]; });
+    dst[c] = T(m.normalized());
   }
 }
 
