@@ -4,8 +4,6 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <string>
 #include <cstdint>
 #include <vector>
 
@@ -140,9 +138,9 @@ DeviceCache::~DeviceCache() {
   for (auto* p : pools_) cudaFree(p);
   for (auto* p : buffers_) cudaFree(p);
   for (auto* p : means_) cudaFree(p);
-  cudaFree(d_layouts_), cudaFree(d_tables_), cudaFree(d_lengths_), cudaFree(workspace_), cudaFree(arrivals_);
+  cudaFree(d_layouts_), cudaFree(d_tables_), cudaFree(d_lengths_), cudaFree(workspace_);
   pools_.clear(), buffers_.clear(), means_.clear();
-  d_layouts_ = nullptr, d_tables_ = nullptr, d_lengths_ = nullptr, workspace_ = nullptr, arrivals_ = nullptr;
+  d_layouts_ = nullptr, d_tables_ = nullptr, d_lengths_ = nullptr, workspace_ = nullptr;
 }
 
 void DeviceCache::write(int layer, const int32_t* seqs, int num_seqs, const ta_tensor& k, const ta_tensor& v,
@@ -195,30 +193,18 @@ void DeviceCache::decode(int layer, const int32_t* seqs, int num_seqs, const ta_
   }
   int max_bits = TA_BITS_2;
   for (int h = 0; h < hkv; ++h) max_bits = std::max(max_bits, layouts_[size_t(layer)].bits[h]);
-  // With several splits: the parts, and one arrival counter per row group. The counters are zeroed when
-  // allocated and reset by the last CTA of each group, so every call (and graph replay) finds them zero.
+  // With several splits, the splits' parts (docs/FORMATS.md 1.7) for cache_merge_kernel.
   const int64_t part_floats = splits > 1 ? int64_t(num_seqs) * hq * q_len * splits * (D + 2) : 0;
-  const int64_t counters = splits > 1 ? int64_t(num_seqs) * hkv * chunks : 0;
-  if (part_floats > workspace_floats_ || counters > arrival_count_) {
+  if (part_floats > workspace_floats_) {
     cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
     TA_CUDA_CHECK(cudaStreamIsCapturing(stream, &capturing));
     require(capturing == cudaStreamCaptureStatusNone, TA_ERROR_INVALID_ARGUMENT, "decode: its workspace must grow to ",
-            part_floats * 4 + counters * 4, " bytes, which cannot happen inside CUDA graph capture; run one call of this shape "
-            "before capturing");
+            part_floats * 4, " bytes, which cannot happen inside CUDA graph capture; run one call of this shape before capturing");
     TA_CUDA_CHECK(cudaStreamSynchronize(stream));
-    if (part_floats > workspace_floats_) {
-      cudaFree(workspace_);
-      workspace_ = nullptr, workspace_floats_ = 0;
-      workspace_ = device_alloc<float>(part_floats, "the decode workspace");
-      workspace_floats_ = part_floats;
-    }
-    if (counters > arrival_count_) {
-      cudaFree(arrivals_);
-      arrivals_ = nullptr, arrival_count_ = 0;
-      arrivals_ = device_alloc<int>(counters, "the decode arrival counters");
-      TA_CUDA_CHECK(cudaMemset(arrivals_, 0, size_t(counters) * sizeof(int)));
-      arrival_count_ = counters;
-    }
+    cudaFree(workspace_);
+    workspace_ = nullptr, workspace_floats_ = 0;
+    workspace_ = device_alloc<float>(part_floats, "the decode workspace");
+    workspace_floats_ = part_floats;
   }
   const float scale = ref::resolve_softmax_scale(options.softmax_scale, D);
   const size_t elem = q.dtype == TA_DTYPE_F16 ? sizeof(__half) : sizeof(__nv_bfloat16);
@@ -232,22 +218,20 @@ void DeviceCache::decode(int layer, const int32_t* seqs, int num_seqs, const ta_
     p.out = static_cast<uint8_t*>(out.data) + int64_t(s0) * out.strides[0] * int64_t(elem);
     p.o_b = out.strides[0], p.o_n = out.strides[1], p.o_h = out.strides[2];
     p.partial = splits > 1 ? workspace_ + int64_t(s0) * hq * q_len * splits * (D + 2) : nullptr;
-    p.arrivals = splits > 1 ? arrivals_ + int64_t(s0) * hkv * chunks : nullptr;
     p.hq = hq, p.hkv = hkv, p.q_len = q_len, p.heads_per_cta = heads_per_cta, p.num_splits = splits, p.max_bits = max_bits;
     p.scale_log2 = ref::scale_log2(scale);
     for (int i = 0; i < n; ++i) p.slots[i] = seqs[s0 + i];
-    static const bool merge_kernel = getenv("TURBOATTN_DECODE_MERGE") && std::string(getenv("TURBOATTN_DECODE_MERGE")) == "kernel";
-    if (merge_kernel) p.arrivals = nullptr;
     const unsigned rows = unsigned(n * hq * q_len);
     if (q.dtype == TA_DTYPE_F16) {
       dispatch_decode<__half>(D, options.use_sas != 0, p, n, chunks, stream);
-      if (splits > 1 && merge_kernel)
+      if (splits > 1)
         cache_merge_kernel<__half><<<rows, 128, 0, stream>>>(p.partial, splits, hq, q_len, D, p.out, p.o_b, p.o_n, p.o_h);
     } else {
       dispatch_decode<__nv_bfloat16>(D, options.use_sas != 0, p, n, chunks, stream);
-      if (splits > 1 && merge_kernel)
+      if (splits > 1)
         cache_merge_kernel<__nv_bfloat16><<<rows, 128, 0, stream>>>(p.partial, splits, hq, q_len, D, p.out, p.o_b, p.o_n, p.o_h);
     }
+    if (splits > 1) TA_CUDA_CHECK_LAUNCH("cache_merge_kernel");
   }
 }
 

@@ -76,7 +76,6 @@ struct DecodeParams {
   void* out;       // [seq][q_len][hq][D] through the strides below (elements)
   int64_t o_b, o_n, o_h;
   float* partial;  // with several splits: [seq][hq][q_len][split] x (m, l, o[D])
-  int* arrivals;   // with several splits, or null for cache_merge_kernel: [seq][gridDim.y] CTAs done, zero between calls
   int hq, hkv, q_len, heads_per_cta, num_splits, max_bits;
   float scale_log2;
   int32_t slots[kDecodeMaxSeqs];
@@ -569,8 +568,8 @@ __global__ void __launch_bounds__(DecodeTraits<kHeadDim>::kThreads, DecodeTraits
   else
     warp_tiles<kHeadDim, 2, kSas>(p, ring, half_stride, s_q8, s_qk, s_bh, s_bl, s_p, q_scale, max_pos, rows, slot, hk, len, begin, end, ws, warp, lane);
 
-  // The warps' states, merged per row in shared memory (each warp's own area, now free); then either
-  // the output (one split) or the split's part, and the last CTA of the row group merges the parts.
+  // The warps' states, merged per row in shared memory (each warp's own area, now free); then the
+  // output (one split) or the split's part for cache_merge_kernel.
   __syncwarp();  // warp_tiles waited for its last copies
   float* st = reinterpret_cast<float*>(wbase);  // m[8], l[8], o[8][D]
   const int g = lane / 4;
@@ -582,7 +581,6 @@ __global__ void __launch_bounds__(DecodeTraits<kHeadDim>::kThreads, DecodeTraits
 #pragma unroll
     for (int i = 0; i < 4; ++i) st[2 * Tr::kRows + (2 * t + i % 2) * D + 16 * ot + g + 8 * (i / 2)] = ws.o[ot][i];
   __syncthreads();
-  __shared__ bool s_last;
   const bool one_split = p.num_splits == 1;
   for (int idx = threadIdx.x; idx < rows * D; idx += Tr::kThreads) {
     const int row = idx / D, c = idx % D, h = h0 + row / p.q_len, i = row % p.q_len;
@@ -600,29 +598,11 @@ __global__ void __launch_bounds__(DecodeTraits<kHeadDim>::kThreads, DecodeTraits
     if (c == 0) part[0] = m.m, part[1] = m.l;
     part[2 + c] = m.o;
   }
-  if (one_split || p.arrivals == nullptr) return;  // no counters: cache_merge_kernel merges the parts
-  __threadfence();  // the parts are visible before the count says so
-  __syncthreads();
-  int* arrivals = p.arrivals + seq * gridDim.y + blockIdx.y;
-  if (threadIdx.x == 0) {
-    s_last = atomicAdd(arrivals, 1) == p.num_splits - 1;
-    if (s_last) atomicExch(arrivals, 0);  // every split has arrived: ready for the next call
-  }
-  __syncthreads();
-  if (!s_last) return;
-  __threadfence();
-  for (int idx = threadIdx.x; idx < rows * D; idx += Tr::kThreads) {
-    const int row = idx / D, c = idx % D, h = h0 + row / p.q_len, i = row % p.q_len;
-    const float* parts = p.partial + ((int64_t(seq) * p.hq + h) * p.q_len + i) * p.num_splits * (D + 2);
-    const MergedState m = merge_in_order(
-        p.num_splits, [&](int s) { return __ldcg(parts + s * (D + 2)); }, [&](int s) { return __ldcg(parts + s * (D + 2) + 1); },
-        [&](int s) { return __ldcg(parts + s * (D + 2) + 2 + c); });
-    static_cast<T*>(p.out)[seq * p.o_b + i * p.o_n + h * p.o_h + c] = T(m.normalized());
-  }
 }
 
-// Merges the splits' parts of each row (a CTA per row) and normalizes: the alternative to the last
-// CTA merging them.
+// With several splits: merges the splits' parts of each row (a CTA per row) and normalizes. (Merging
+// them in the last CTA of each row group instead, through arrival counters, saved this launch but was
+// slower on every shape measured, by up to 35% at batch 1: docs/BENCHMARKS.md.)
 template <typename T>
 __global__ void cache_merge_kernel(const float* partial, int num_splits, int hq, int q_len, int dim, void* out, int64_t o_b,
                                    int64_t o_n, int64_t o_h) {

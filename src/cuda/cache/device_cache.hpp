@@ -56,8 +56,6 @@ class DeviceCache {
   int64_t* d_lengths_ = nullptr;        // [layers][max_seqs]
   float* workspace_ = nullptr;          // decode: the splits' parts, grown on demand
   int64_t workspace_floats_ = 0;
-  int* arrivals_ = nullptr;             // decode: CTAs arrived per row group, zero between calls
-  int64_t arrival_count_ = 0;
   int num_sms_ = 0;
 };
 
