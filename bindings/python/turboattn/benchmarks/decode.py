@@ -21,7 +21,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import time
 import warnings
 
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import turboattn  # bindings/python on PYTHONPATH, or pip install .
+from turboattn.benchmarks import commit
 from turboattn._progress import Progress
 
 HQ, HKV, D, BLOCK = 32, 8, 128, 64
@@ -306,24 +306,6 @@ def host_overhead(timer, n):
     except Exception as e:
         res["error"] = error_string(e)
     return res
-
-
-def commit():
-    if os.environ.get("TURBOATTN_COMMIT"):
-        return os.environ["TURBOATTN_COMMIT"]
-    # The package's own checkout (PYTHONPATH=bindings/python); a pip-installed package is in none, so then
-    # the directory the benchmark runs in.
-    for here in (os.path.dirname(os.path.abspath(__file__)), os.getcwd()):
-        try:
-            sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
-                                 text=True).stdout.strip()
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                                   capture_output=True, text=True).stdout.strip()
-        except OSError:
-            return "unknown"
-        if sha:
-            return sha + ("+dirty" if dirty else "")
-    return "unknown"
 
 
 def main(argv=None, *, prog=None, default_out="decode.json"):

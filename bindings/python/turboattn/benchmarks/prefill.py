@@ -10,7 +10,6 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
 import turboattn  # bindings/python on PYTHONPATH, or pip install .
+from turboattn.benchmarks import commit
 from turboattn._progress import Progress
 
 try:
@@ -86,8 +86,7 @@ def main(argv=None, *, prog=None, default_out="prefill.json"):
                               f"rel_l2 {err:.4f} (sage {sage_err or 0:.4f})")
                     bar.update(f"D{D} B{B} N{N} causal={int(causal)}")
                     del q, k, v, out, ref
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    result = {"card": torch.cuda.get_device_name(), "commit": commit or os.environ.get("TURBOATTN_COMMIT", "unknown"),
+    result = {"card": torch.cuda.get_device_name(), "commit": commit(),
               "date": datetime.date.today().isoformat(), "rows": rows}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)  # --out may name no folder
     with open(args.out, "w") as f:
