@@ -4,6 +4,7 @@
 #include "api/cuda_backend.hpp"
 #include "api/errors.hpp"
 #include "cuda/common/check.cuh"
+#include "cuda/common/int8.cuh"
 #include "cuda/common/numeric.cuh"
 #include "cuda/quantize.cuh"
 #include "turboattn/format.h"
@@ -50,16 +51,9 @@ __device__ float block_inverse_scale(const BlockView<T>& v, float* scale_out) {
   finite = __syncthreads_and(finite);
   amax = warp_max[0];
   for (int w = 1; w < kThreads / 32; ++w) amax = fmaxf(amax, warp_max[w]);
-  float scale, inv = 0.0f;
-  if (!finite) scale = __int_as_float(0x7fffffff);
-  else if (amax < TA_ZERO_BLOCK_AMAX) scale = 0.0f;
-  else scale = __fdiv_rn(amax, float(TA_INT8_MAX)), inv = __fdiv_rn(float(TA_INT8_MAX), amax);
-  if (threadIdx.x == 0) *scale_out = scale;
-  return inv;
-}
-
-__device__ __forceinline__ int8_t quantize(float x, float inv) {
-  return inv != 0.0f ? int8_t(max(-TA_INT8_MAX, min(TA_INT8_MAX, __float2int_rn(__fmul_rn(x, inv))))) : int8_t(0);
+  const Int8Scale s = int8_block_scale(amax, finite);
+  if (threadIdx.x == 0) *scale_out = s.scale;
+  return s.inv;
 }
 
 // One CTA per (block of 64 tokens, head, batch).
@@ -71,7 +65,7 @@ __global__ void __launch_bounds__(kThreads) quantize_int8_kernel(QuantizeArgs<T>
   int8_t* out = a.codes + b * a.cs.b + h * a.cs.h + int64_t(block) * TA_BLOCK_TOKENS * a.cs.n;
   for (int i = threadIdx.x; i < v.rows * v.dim; i += kThreads) {
     const int r = i / v.dim, c = i % v.dim;
-    out[int64_t(r) * a.cs.n + c] = quantize(v.load(r, c), inv);
+    out[int64_t(r) * a.cs.n + c] = int8_code(v.load(r, c), inv);
   }
 }
 
@@ -97,7 +91,7 @@ __global__ void __launch_bounds__(kThreads) quantize_int8_transposed_kernel(Quan
   const float inv = block_inverse_scale(v, a.scales + b * a.scale_b + h * a.scale_h + block);
   for (int i = threadIdx.x; i < TA_BLOCK_TOKENS * v.dim; i += kThreads) {
     const int r = i / v.dim, c = i % v.dim;
-    tile[c * TA_BLOCK_TOKENS + vt_position(r)] = r < v.rows ? quantize(v.load(r, c), inv) : int8_t(0);
+    tile[c * TA_BLOCK_TOKENS + vt_position(r)] = r < v.rows ? int8_code(v.load(r, c), inv) : int8_t(0);
   }
   __syncthreads();
   store_transposed_tile(tile, a.codes, b, h, block, a.heads, a.dim, padded_tokens);

@@ -4,14 +4,10 @@
 
 #include <stdint.h>
 
+#include "cuda/common/int8.cuh"
 #include "turboattn/format.h"
 
 namespace turboattn::cuda {
-
-// clamp(rint(v), -127, 127), ties to even (ref::round_int8).
-__device__ __forceinline__ int8_t round_int8(float v) {
-  return int8_t(max(-TA_INT8_MAX, min(TA_INT8_MAX, __float2int_rn(v))));
-}
 
 // ref::stage2_encode of one channel's `count` INT8 values q[i * stride]: codes (unpacked) and params.
 __device__ __forceinline__ void stage2_encode(const int8_t* q, int count, int stride, int bits, uint8_t* codes,

@@ -20,6 +20,7 @@
 #include <stdint.h>
 
 #include "cuda/cache/codes.cuh"
+#include "cuda/common/int8.cuh"
 #include "cuda/common/mma.cuh"
 #include "cuda/common/numeric.cuh"
 #include "cuda/common/sas.cuh"
@@ -518,14 +519,11 @@ __global__ void __launch_bounds__(DecodeTraits<kHeadDim>::kThreads, DecodeTraits
       }
     for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
     finite = __all_sync(0xffffffffu, finite);
-    float scale = 0.0f, inv = 0.0f;
-    if (!finite) scale = __int_as_float(0x7fffffff);
-    else if (amax >= TA_ZERO_BLOCK_AMAX) scale = __fdiv_rn(amax, float(TA_INT8_MAX)), inv = __fdiv_rn(float(TA_INT8_MAX), amax);
+    const Int8Scale s = int8_block_scale(amax, finite);
     for (int i = 0; i < (live ? p.q_len : 0); ++i) {
       const int r = hl * p.q_len + i;
-      for (int c = lane; c < D; c += 32)
-        s_q8[r * D + c] = uint8_t(inv == 0.0f ? int8_t(0) : round_int8(__fmul_rn(to_float(src[int64_t(i) * p.q_n + c]), inv)));
-      if (lane == 0) s_q_scale[r] = __fmul_rn(scale, p.scale_log2);
+      for (int c = lane; c < D; c += 32) s_q8[r * D + c] = uint8_t(int8_code(to_float(src[int64_t(i) * p.q_n + c]), s.inv));
+      if (lane == 0) s_q_scale[r] = __fmul_rn(s.scale, p.scale_log2);
     }
   }
   for (int r = rows + warp; r < Tr::kRows; r += Tr::kWarps) {  // padding rows: zero codes

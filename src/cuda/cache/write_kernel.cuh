@@ -7,6 +7,7 @@
 #include <stdint.h>
 
 #include "cuda/cache/codes.cuh"
+#include "cuda/common/int8.cuh"
 #include "cuda/common/numeric.cuh"
 #include "format/cache_layout.h"
 #include "turboattn/format.h"
@@ -85,16 +86,13 @@ __global__ void __launch_bounds__(kWriteThreads) cache_write_kernel(const WriteP
       }
       for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
       finite = __all_sync(0xffffffffu, finite);
-      float scale, inv = 0.0f;
-      if (!finite) scale = __int_as_float(0x7fffffff);
-      else if (amax < TA_ZERO_BLOCK_AMAX) scale = 0.0f;
-      else scale = __fdiv_rn(amax, float(TA_INT8_MAX)), inv = __fdiv_rn(float(TA_INT8_MAX), amax);
+      const Int8Scale s = int8_block_scale(amax, finite);
       int8_t* dst = complete ? s_q[which] + t * D : buf_q[which] + t * D;
       for (int c = lane; c < D; c += 32) {
         const float x = which ? to_float(src[c]) : __fsub_rn(to_float(src[c]), mean[c]);
-        dst[c] = inv == 0.0f ? int8_t(0) : round_int8(__fmul_rn(x, inv));
+        dst[c] = int8_code(x, s.inv);
       }
-      if (lane == 0) (complete ? s_scale[which] : buf_scale[which])[t] = scale;
+      if (lane == 0) (complete ? s_scale[which] : buf_scale[which])[t] = s.scale;
     }
   }
   if (!complete) {
