@@ -20,6 +20,7 @@
 #include <stdint.h>
 
 #include "cuda/cache/codes.cuh"
+#include "cuda/common/grid_dependency.cuh"
 #include "cuda/common/int8.cuh"
 #include "cuda/common/mma.cuh"
 #include "cuda/common/numeric.cuh"
@@ -403,44 +404,46 @@ __device__ __forceinline__ void buffer_tile(const uint8_t* buffer, const uint8_t
   __syncwarp();
 }
 
-// A warp's tiles of the split: j = begin + warp, + kWarps, ...; half h of the warp's sequence of halves
-// (K of its it-th tile is h = 2 it, V is 2 it + 1) goes to ring slot h % 3, so while one half is used
-// the next two are in flight.
-template <int kHeadDim, int kBits, bool kSas>
-__device__ __forceinline__ void warp_tiles(const DecodeParams& p, uint8_t* ring, int half_stride, const uint8_t* s_q8,
-                                           const uint8_t* s_qk,
-                                           uint8_t* s_bh, uint8_t* s_bl, uint8_t* s_p, const float (&q_scale)[2],
-                                           const int64_t (&max_pos)[2], int rows, int slot, int hk, int64_t len, int begin,
-                                           int end, WarpState<kHeadDim>& ws, int warp, int lane) {
+// Stages half h of a warp's tiles (nothing for the buffer's tile or past the split) into its ring:
+// the warp's tiles are j = begin + warp, + kWarps, ...; K of its it-th tile is half h = 2 it, V is
+// 2 it + 1, and half h goes to ring slot h % 3, so while one half is used the next two are in flight.
+template <int kHeadDim, int kBits>
+struct HalfStager {
   using Tr = DecodeTraits<kHeadDim>;
-  constexpr int D = kHeadDim;
-  const PageLayout& lay = *p.layout;
-  const int blocks = int(len / Tr::kKeys);
-  const float skip_x = skip_threshold(len);
-  const int64_t page_bytes = lay.page_bytes, k_offset = lay.k_offset[hk];
-  const int32_t* table = p.tables + int64_t(slot) * p.table_width;
-  constexpr int kRegion = Tr::half_scales(kBits);  // a K or V region: codes, then metadata
-  const int first = begin + warp;
-  // Half h of the warp's tiles (nothing for the buffer's tile or past the split), into its slot.
-  auto stage = [&](int h) {
+  static constexpr int kRegion = Tr::half_scales(kBits);  // a K or V region: codes, then metadata
+  const uint8_t* pool;
+  const int32_t* table;
+  uint8_t* ring;
+  int64_t page_bytes, k_offset, k_scale_offset, v_scale_offset;
+  int half_stride, first, end, blocks, lane;
+
+  __device__ __forceinline__ void operator()(int h) const {
     const int j = first + (h / 2) * Tr::kWarps;
     if (j >= end || j >= blocks) return;
     uint8_t* dst = ring + (h % Tr::kRingHalves) * half_stride;
-    const uint8_t* page = p.pool + int64_t(table[j]) * page_bytes;
-    const uint8_t* region = page + k_offset + (h % 2) * kRegion;  // the V region follows the K region
-    stage_bytes_async(dst, region, kRegion, lane);                 // codes, then metadata
+    const uint8_t* page = pool + int64_t(table[j]) * page_bytes;
+    stage_bytes_async(dst, page + k_offset + (h % 2) * kRegion, kRegion, lane);  // the V region follows the K region
     if (h % 2 == 0) {
-      if (lane == 0) cp_async_4(dst + Tr::half_scales(kBits), page + page_k_scale_offset(hk));
-      if (lane == 1) cp_async_4(dst + Tr::half_scales(kBits) + 4, page + page_v_scale_offset(p.hkv, hk));
+      if (lane == 0) cp_async_4(dst + kRegion, page + k_scale_offset);
+      if (lane == 1) cp_async_4(dst + kRegion + 4, page + v_scale_offset);
     }
-  };
+  }
+};
+
+// A warp's tiles of the split, its first two halves already staged.
+template <int kHeadDim, int kBits, bool kSas>
+__device__ __forceinline__ void warp_tiles(const DecodeParams& p, const HalfStager<kHeadDim, kBits>& stage, const uint8_t* s_q8,
+                                           const uint8_t* s_qk, uint8_t* s_bh, uint8_t* s_bl, uint8_t* s_p,
+                                           const float (&q_scale)[2], const int64_t (&max_pos)[2], int rows, int slot, int hk,
+                                           int64_t len, WarpState<kHeadDim>& ws, int lane) {
+  using Tr = DecodeTraits<kHeadDim>;
+  constexpr int D = kHeadDim;
+  const float skip_x = skip_threshold(len);
   const uint8_t* buffer = p.buffers + (int64_t(slot) * p.hkv + hk) * buffer_head_bytes(D);
-  stage(0), cp_async_commit();
-  stage(1), cp_async_commit();
   int it = 0;
-  for (int j = first; j < end; j += Tr::kWarps, ++it) {
+  for (int j = stage.first; j < stage.end; j += Tr::kWarps, ++it) {
     const int64_t first_pos = int64_t(j) * Tr::kKeys;
-    const int tile_tokens = j < blocks ? Tr::kKeys : int(len % Tr::kKeys);
+    const int tile_tokens = j < stage.blocks ? Tr::kKeys : int(len % Tr::kKeys);
     int visible[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) visible[r] = int(min(int64_t(tile_tokens), max(int64_t(0), max_pos[r] - first_pos + 1)));
@@ -449,14 +452,15 @@ __device__ __forceinline__ void warp_tiles(const DecodeParams& p, uint8_t* ring,
     stage(2 * it + 2), cp_async_commit();  // the next K, into the slot of the previous V
     TileSoftmax<kSas> sm;
     bool values = false;
-    if (j < blocks)
-      values = page_scores<kHeadDim, kBits, kSas>(ring + ((2 * it) % Tr::kRingHalves) * half_stride, s_q8, s_qk, s_bh, s_bl, s_p,
-                                                  q_scale, visible, rows, skip_x, ws, sm, lane);
+    if (j < stage.blocks)
+      values = page_scores<kHeadDim, kBits, kSas>(stage.ring + ((2 * it) % Tr::kRingHalves) * stage.half_stride, s_q8, s_qk, s_bh,
+                                                  s_bl, s_p, q_scale, visible, rows, skip_x, ws, sm, lane);
     cp_async_wait<1>();  // V of this tile has landed
     __syncwarp();
     stage(2 * it + 3), cp_async_commit();  // the next V, into the slot of this K
-    if (values) page_values<kHeadDim, kBits, kSas>(ring + ((2 * it + 1) % Tr::kRingHalves) * half_stride, s_p, sm, ws, lane);
-    if (j >= blocks) buffer_tile<kHeadDim, kSas>(buffer, s_q8, s_p, q_scale, visible, skip_x, ws, lane);
+    if (values)
+      page_values<kHeadDim, kBits, kSas>(stage.ring + ((2 * it + 1) % Tr::kRingHalves) * stage.half_stride, s_p, sm, ws, lane);
+    if (j >= stage.blocks) buffer_tile<kHeadDim, kSas>(buffer, s_q8, s_p, q_scale, visible, skip_x, ws, lane);
     __syncwarp();  // s_p and the ring's slots are rewritten next
   }
   cp_async_wait<0>();
@@ -483,9 +487,9 @@ __device__ __forceinline__ MergedState merge_in_order(int n, M m_of, L l_of, O o
   return r;
 }
 
-template <int kHeadDim, typename T, bool kSas>
-__global__ void __launch_bounds__(DecodeTraits<kHeadDim>::kThreads, DecodeTraits<kHeadDim>::kMinBlocksPerSm)
-    cache_decode_kernel(const __grid_constant__ DecodeParams p) {
+// One CTA's work, for the width of its KV head.
+template <int kHeadDim, int kBits, typename T, bool kSas>
+__device__ __forceinline__ void decode_cta(const DecodeParams& p) {
   using Tr = DecodeTraits<kHeadDim>;
   constexpr int D = kHeadDim;
   extern __shared__ __align__(16) uint8_t smem[];
@@ -503,6 +507,20 @@ __global__ void __launch_bounds__(DecodeTraits<kHeadDim>::kThreads, DecodeTraits
   const int tiles = TA_BLOCK_COUNT(len);
   const int per_split = (tiles + p.num_splits - 1) / p.num_splits;
   const int begin = min(tiles, split * per_split), end = min(tiles, begin + per_split);
+  // Per warp: Q' rows (zero outside the live rows; the 8-bit path's B operand is Q itself), P rows,
+  // and the ring. The warp's first two halves are requested before anything else, so their page-table
+  // and page reads overlap the Q prologue.
+  uint8_t* wbase = smem + Tr::kQBytes + warp * Tr::warp_bytes(p.max_bits);
+  uint8_t* s_bh = wbase;
+  uint8_t* s_bl = s_bh + Tr::kRows * Tr::kBRowBytes;
+  uint8_t* s_p = s_bl + Tr::kRows * Tr::kBRowBytes;
+  const PageLayout& lay = *p.layout;
+  const HalfStager<kHeadDim, kBits> stage{p.pool, p.tables + int64_t(slot) * p.table_width, wbase + Tr::kWarpFixedBytes,
+                                          lay.page_bytes, lay.k_offset[hk], page_k_scale_offset(hk),
+                                          page_v_scale_offset(p.hkv, hk), Tr::half_bytes(p.max_bits), begin + warp, end,
+                                          int(len / Tr::kKeys), lane};
+  stage(0), cp_async_commit();
+  stage(1), cp_async_commit();
 
   // Q rows r = head * q_len + i: one INT8 block per query head (ref::quantize_head_block), scale
   // times softmax_scale * log2(e).
@@ -530,22 +548,13 @@ __global__ void __launch_bounds__(DecodeTraits<kHeadDim>::kThreads, DecodeTraits
     for (int c = lane; c < D; c += 32) s_q8[r * D + c] = 0;
     if (lane == 0) s_q_scale[r] = 0.0f;
   }
-  // Per warp: Q' rows (zero outside the live rows; the 8-bit path's B operand is Q itself), P rows,
-  // and the ring.
-  uint8_t* wbase = smem + Tr::kQBytes + warp * Tr::warp_bytes(p.max_bits);
-  uint8_t* s_bh = wbase;
-  uint8_t* s_bl = s_bh + Tr::kRows * Tr::kBRowBytes;
-  uint8_t* s_p = s_bl + Tr::kRows * Tr::kBRowBytes;
-  uint8_t* ring = wbase + Tr::kWarpFixedBytes;
   for (int i = lane; i < Tr::kWarpFixedBytes / 4; i += 32) reinterpret_cast<uint32_t*>(wbase)[i] = 0u;
   __syncthreads();
-  const PageLayout& lay = *p.layout;
-  const int bits = lay.bits[hk];
-  if (bits < 8) {  // Q in K order, once per CTA; every tile's Q' reads it
-    for (int i = threadIdx.x; i < Tr::kRows * D; i += Tr::kThreads) s_qk[i] = s_q8[(i / D) * D + code_at_position(i % D, bits)];
+  if constexpr (kBits < 8) {  // Q in K order, once per CTA; every tile's Q' reads it
+    for (int i = threadIdx.x; i < Tr::kRows * D; i += Tr::kThreads) s_qk[i] = s_q8[(i / D) * D + code_at_position(i % D, kBits)];
     __syncthreads();
   }
-  if (bits == 8)
+  if constexpr (kBits == 8)
     for (int i = lane; i < Tr::kRows * D; i += 32) s_bl[(i / D) * Tr::kBRowBytes + i % D] = s_q8[i];
   __syncwarp();
 
@@ -558,13 +567,8 @@ __global__ void __launch_bounds__(DecodeTraits<kHeadDim>::kThreads, DecodeTraits
     q_scale[r] = s_q_scale[row];
   }
   WarpState<kHeadDim> ws;
-  const int half_stride = Tr::half_bytes(p.max_bits);
-  if (bits == 8)
-    warp_tiles<kHeadDim, 8, kSas>(p, ring, half_stride, s_q8, s_qk, s_bh, s_bl, s_p, q_scale, max_pos, rows, slot, hk, len, begin, end, ws, warp, lane);
-  else if (bits == 4)
-    warp_tiles<kHeadDim, 4, kSas>(p, ring, half_stride, s_q8, s_qk, s_bh, s_bl, s_p, q_scale, max_pos, rows, slot, hk, len, begin, end, ws, warp, lane);
-  else
-    warp_tiles<kHeadDim, 2, kSas>(p, ring, half_stride, s_q8, s_qk, s_bh, s_bl, s_p, q_scale, max_pos, rows, slot, hk, len, begin, end, ws, warp, lane);
+  warp_tiles<kHeadDim, kBits, kSas>(p, stage, s_q8, s_qk, s_bh, s_bl, s_p, q_scale, max_pos, rows, slot, hk, len, ws, lane);
+  if (p.num_splits > 1) launch_dependents();  // cache_merge_kernel's CTAs may start to load; they wait for this grid
 
   // The warps' states, merged per row in shared memory (each warp's own area, now free); then the
   // output (one split) or the split's part for cache_merge_kernel.
@@ -598,6 +602,17 @@ __global__ void __launch_bounds__(DecodeTraits<kHeadDim>::kThreads, DecodeTraits
   }
 }
 
+template <int kHeadDim, typename T, bool kSas>
+__global__ void __launch_bounds__(DecodeTraits<kHeadDim>::kThreads, DecodeTraits<kHeadDim>::kMinBlocksPerSm)
+    cache_decode_kernel(const __grid_constant__ DecodeParams p) {
+  const int chunks = (p.hq / p.hkv + p.heads_per_cta - 1) / p.heads_per_cta;
+  switch (p.layout->bits[blockIdx.y / chunks]) {
+    case TA_BITS_8: return decode_cta<kHeadDim, 8, T, kSas>(p);
+    case TA_BITS_4: return decode_cta<kHeadDim, 4, T, kSas>(p);
+    default: return decode_cta<kHeadDim, 2, T, kSas>(p);
+  }
+}
+
 // With several splits: merges the splits' parts of each row (a CTA per row) and normalizes. (Merging
 // them in the last CTA of each row group instead, through arrival counters, saved this launch but was
 // slower on every shape measured, by up to 35% at batch 1: docs/BENCHMARKS.md.)
@@ -607,6 +622,7 @@ __global__ void cache_merge_kernel(const float* partial, int num_splits, int hq,
   const int64_t row = blockIdx.x;  // (seq * hq + h) * q_len + i
   const int i = int(row % q_len), h = int((row / q_len) % hq), seq = int(row / (int64_t(q_len) * hq));
   const float* parts = partial + row * num_splits * (dim + 2);
+  wait_for_prerequisite_grid();  // launched early (programmatic dependent launch): the parts are complete after this
   T* dst = static_cast<T*>(out) + seq * o_b + i * o_n + h * o_h;
   for (int c = threadIdx.x; c < dim; c += blockDim.x) {
     const MergedState m = merge_in_order(
