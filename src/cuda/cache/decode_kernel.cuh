@@ -407,14 +407,14 @@ __device__ __forceinline__ void buffer_tile(const uint8_t* buffer, const uint8_t
 // Stages half h of a warp's tiles (nothing for the buffer's tile or past the split) into its ring:
 // the warp's tiles are j = begin + warp, + kWarps, ...; K of its it-th tile is half h = 2 it, V is
 // 2 it + 1, and half h goes to ring slot h % 3, so while one half is used the next two are in flight.
-template <int kHeadDim, int kBits>
+template <int kHeadDim>
 struct HalfStager {
   using Tr = DecodeTraits<kHeadDim>;
-  static constexpr int kRegion = Tr::half_scales(kBits);  // a K or V region: codes, then metadata
   const uint8_t* pool;
   const int32_t* table;
   uint8_t* ring;
   int64_t page_bytes, k_offset, k_scale_offset, v_scale_offset;
+  int region;  // bytes of a K or V region at the head's width: codes, then metadata (Tr::half_scales)
   int half_stride, first, end, blocks, lane;
 
   __device__ __forceinline__ void operator()(int h) const {
@@ -422,17 +422,17 @@ struct HalfStager {
     if (j >= end || j >= blocks) return;
     uint8_t* dst = ring + (h % Tr::kRingHalves) * half_stride;
     const uint8_t* page = pool + int64_t(table[j]) * page_bytes;
-    stage_bytes_async(dst, page + k_offset + (h % 2) * kRegion, kRegion, lane);  // the V region follows the K region
+    stage_bytes_async(dst, page + k_offset + (h % 2) * region, region, lane);  // the V region follows the K region
     if (h % 2 == 0) {
-      if (lane == 0) cp_async_4(dst + kRegion, page + k_scale_offset);
-      if (lane == 1) cp_async_4(dst + kRegion + 4, page + v_scale_offset);
+      if (lane == 0) cp_async_4(dst + region, page + k_scale_offset);
+      if (lane == 1) cp_async_4(dst + region + 4, page + v_scale_offset);
     }
   }
 };
 
 // A warp's tiles of the split, its first two halves already staged.
 template <int kHeadDim, int kBits, bool kSas>
-__device__ __forceinline__ void warp_tiles(const DecodeParams& p, const HalfStager<kHeadDim, kBits>& stage, const uint8_t* s_q8,
+__device__ __forceinline__ void warp_tiles(const DecodeParams& p, const HalfStager<kHeadDim>& stage, const uint8_t* s_q8,
                                            const uint8_t* s_qk, uint8_t* s_bh, uint8_t* s_bl, uint8_t* s_p,
                                            const float (&q_scale)[2], const int64_t (&max_pos)[2], int rows, int slot, int hk,
                                            int64_t len, WarpState<kHeadDim>& ws, int lane) {
@@ -487,9 +487,9 @@ __device__ __forceinline__ MergedState merge_in_order(int n, M m_of, L l_of, O o
   return r;
 }
 
-// One CTA's work, for the width of its KV head.
-template <int kHeadDim, int kBits, typename T, bool kSas>
-__device__ __forceinline__ void decode_cta(const DecodeParams& p) {
+template <int kHeadDim, typename T, bool kSas>
+__global__ void __launch_bounds__(DecodeTraits<kHeadDim>::kThreads, DecodeTraits<kHeadDim>::kMinBlocksPerSm)
+    cache_decode_kernel(const __grid_constant__ DecodeParams p) {
   using Tr = DecodeTraits<kHeadDim>;
   constexpr int D = kHeadDim;
   extern __shared__ __align__(16) uint8_t smem[];
@@ -515,10 +515,11 @@ __device__ __forceinline__ void decode_cta(const DecodeParams& p) {
   uint8_t* s_bl = s_bh + Tr::kRows * Tr::kBRowBytes;
   uint8_t* s_p = s_bl + Tr::kRows * Tr::kBRowBytes;
   const PageLayout& lay = *p.layout;
-  const HalfStager<kHeadDim, kBits> stage{p.pool, p.tables + int64_t(slot) * p.table_width, wbase + Tr::kWarpFixedBytes,
-                                          lay.page_bytes, lay.k_offset[hk], page_k_scale_offset(hk),
-                                          page_v_scale_offset(p.hkv, hk), Tr::half_bytes(p.max_bits), begin + warp, end,
-                                          int(len / Tr::kKeys), lane};
+  const int bits = lay.bits[hk];
+  const HalfStager<kHeadDim> stage{p.pool, p.tables + int64_t(slot) * p.table_width, wbase + Tr::kWarpFixedBytes,
+                                   lay.page_bytes, lay.k_offset[hk], page_k_scale_offset(hk), page_v_scale_offset(p.hkv, hk),
+                                   Tr::half_scales(bits), Tr::half_bytes(p.max_bits), begin + warp, end,
+                                   int(len / Tr::kKeys), lane};
   stage(0), cp_async_commit();
   stage(1), cp_async_commit();
 
@@ -550,11 +551,11 @@ __device__ __forceinline__ void decode_cta(const DecodeParams& p) {
   }
   for (int i = lane; i < Tr::kWarpFixedBytes / 4; i += 32) reinterpret_cast<uint32_t*>(wbase)[i] = 0u;
   __syncthreads();
-  if constexpr (kBits < 8) {  // Q in K order, once per CTA; every tile's Q' reads it
-    for (int i = threadIdx.x; i < Tr::kRows * D; i += Tr::kThreads) s_qk[i] = s_q8[(i / D) * D + code_at_position(i % D, kBits)];
+  if (bits < 8) {  // Q in K order, once per CTA; every tile's Q' reads it
+    for (int i = threadIdx.x; i < Tr::kRows * D; i += Tr::kThreads) s_qk[i] = s_q8[(i / D) * D + code_at_position(i % D, bits)];
     __syncthreads();
   }
-  if constexpr (kBits == 8)
+  if (bits == 8)
     for (int i = lane; i < Tr::kRows * D; i += 32) s_bl[(i / D) * Tr::kBRowBytes + i % D] = s_q8[i];
   __syncwarp();
 
@@ -567,7 +568,12 @@ __device__ __forceinline__ void decode_cta(const DecodeParams& p) {
     q_scale[r] = s_q_scale[row];
   }
   WarpState<kHeadDim> ws;
-  warp_tiles<kHeadDim, kBits, kSas>(p, stage, s_q8, s_qk, s_bh, s_bl, s_p, q_scale, max_pos, rows, slot, hk, len, ws, lane);
+  if (bits == 8)
+    warp_tiles<kHeadDim, 8, kSas>(p, stage, s_q8, s_qk, s_bh, s_bl, s_p, q_scale, max_pos, rows, slot, hk, len, ws, lane);
+  else if (bits == 4)
+    warp_tiles<kHeadDim, 4, kSas>(p, stage, s_q8, s_qk, s_bh, s_bl, s_p, q_scale, max_pos, rows, slot, hk, len, ws, lane);
+  else
+    warp_tiles<kHeadDim, 2, kSas>(p, stage, s_q8, s_qk, s_bh, s_bl, s_p, q_scale, max_pos, rows, slot, hk, len, ws, lane);
   if (p.num_splits > 1) launch_dependents();  // cache_merge_kernel's CTAs may start to load; they wait for this grid
 
   // The warps' states, merged per row in shared memory (each warp's own area, now free); then the
@@ -599,17 +605,6 @@ __device__ __forceinline__ void decode_cta(const DecodeParams& p) {
     float* part = p.partial + (((int64_t(seq) * p.hq + h) * p.q_len + i) * p.num_splits + split) * (D + 2);
     if (c == 0) part[0] = m.m, part[1] = m.l;
     part[2 + c] = m.o;
-  }
-}
-
-template <int kHeadDim, typename T, bool kSas>
-__global__ void __launch_bounds__(DecodeTraits<kHeadDim>::kThreads, DecodeTraits<kHeadDim>::kMinBlocksPerSm)
-    cache_decode_kernel(const __grid_constant__ DecodeParams p) {
-  const int chunks = (p.hq / p.hkv + p.heads_per_cta - 1) / p.heads_per_cta;
-  switch (p.layout->bits[blockIdx.y / chunks]) {
-    case TA_BITS_8: return decode_cta<kHeadDim, 8, T, kSas>(p);
-    case TA_BITS_4: return decode_cta<kHeadDim, 4, T, kSas>(p);
-    default: return decode_cta<kHeadDim, 2, T, kSas>(p);
   }
 }
 
