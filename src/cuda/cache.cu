@@ -95,20 +95,6 @@ void launch_decode(const DecodeParams& p, int num_seqs, int chunks, cudaStream_t
   TA_CUDA_CHECK_LAUNCH("cache_decode_kernel");
 }
 
-// The splits' merge, launched as a programmatic dependent of the decode kernel where the GPU has it
-// (sm_90): its launch overlaps the decode's last CTAs, and it waits for the decode grid in the kernel.
-template <typename T>
-void launch_merge(const DecodeParams& p, unsigned rows, int dim, bool dependent_launch, cudaStream_t stream) {
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(rows), config.blockDim = dim3(128), config.dynamicSmemBytes = 0, config.stream = stream;
-  cudaLaunchAttribute attribute{};
-  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute.val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = &attribute, config.numAttrs = dependent_launch ? 1 : 0;
-  TA_CUDA_CHECK(cudaLaunchKernelEx(&config, cache_merge_kernel<T>, static_cast<const float*>(p.partial), p.num_splits, p.hq,
-                                   p.q_len, dim, p.out, p.o_b, p.o_n, p.o_h));
-}
-
 // The one place that maps (head dim, SAS) to a decode kernel instance.
 template <typename T>
 void dispatch_decode(int dim, bool sas, const DecodeParams& p, int num_seqs, int chunks, cudaStream_t stream) {
@@ -141,11 +127,9 @@ DeviceCache::DeviceCache(const ref::CacheConfig& config)
     TA_CUDA_CHECK(cudaMemcpy(d_layouts_, layouts_.data(), layouts_.size() * sizeof(PageLayout), cudaMemcpyHostToDevice));
     d_tables_ = device_alloc<int32_t>(int64_t(cfg_.max_seqs) * table_width_, "page tables");
     d_lengths_ = device_alloc<int64_t>(int64_t(cfg_.layers) * cfg_.max_seqs, "lengths");
-    int device = 0, major = 0;
+    int device = 0;
     TA_CUDA_CHECK(cudaGetDevice(&device));  // the cache's device
     TA_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms_, cudaDevAttrMultiProcessorCount, device));
-    TA_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-    dependent_launch_ = major >= 9;
   } catch (...) {
     this->~DeviceCache();
     throw;
@@ -242,11 +226,14 @@ void DeviceCache::decode(int layer, const int32_t* seqs, int num_seqs, const ta_
     const unsigned rows = unsigned(n * hq * q_len);
     if (q.dtype == TA_DTYPE_F16) {
       dispatch_decode<__half>(D, options.use_sas != 0, p, n, chunks, stream);
-      if (splits > 1) launch_merge<__half>(p, rows, D, dependent_launch_, stream);
+      if (splits > 1)
+        cache_merge_kernel<__half><<<rows, 128, 0, stream>>>(p.partial, splits, hq, q_len, D, p.out, p.o_b, p.o_n, p.o_h);
     } else {
       dispatch_decode<__nv_bfloat16>(D, options.use_sas != 0, p, n, chunks, stream);
-      if (splits > 1) launch_merge<__nv_bfloat16>(p, rows, D, dependent_launch_, stream);
+      if (splits > 1)
+        cache_merge_kernel<__nv_bfloat16><<<rows, 128, 0, stream>>>(p.partial, splits, hq, q_len, D, p.out, p.o_b, p.o_n, p.o_h);
     }
+    if (splits > 1) TA_CUDA_CHECK_LAUNCH("cache_merge_kernel");
   }
 }
 

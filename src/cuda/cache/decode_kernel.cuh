@@ -20,7 +20,6 @@
 #include <stdint.h>
 
 #include "cuda/cache/codes.cuh"
-#include "cuda/common/grid_dependency.cuh"
 #include "cuda/common/int8.cuh"
 #include "cuda/common/mma.cuh"
 #include "cuda/common/numeric.cuh"
@@ -404,46 +403,44 @@ __device__ __forceinline__ void buffer_tile(const uint8_t* buffer, const uint8_t
   __syncwarp();
 }
 
-// Stages half h of a warp's tiles (nothing for the buffer's tile or past the split) into its ring:
-// the warp's tiles are j = begin + warp, + kWarps, ...; K of its it-th tile is half h = 2 it, V is
-// 2 it + 1, and half h goes to ring slot h % 3, so while one half is used the next two are in flight.
-template <int kHeadDim>
-struct HalfStager {
+// A warp's tiles of the split: j = begin + warp, + kWarps, ...; half h of the warp's sequence of halves
+// (K of its it-th tile is h = 2 it, V is 2 it + 1) goes to ring slot h % 3, so while one half is used
+// the next two are in flight.
+template <int kHeadDim, int kBits, bool kSas>
+__device__ __forceinline__ void warp_tiles(const DecodeParams& p, uint8_t* ring, int half_stride, const uint8_t* s_q8,
+                                           const uint8_t* s_qk,
+                                           uint8_t* s_bh, uint8_t* s_bl, uint8_t* s_p, const float (&q_scale)[2],
+                                           const int64_t (&max_pos)[2], int rows, int slot, int hk, int64_t len, int begin,
+                                           int end, WarpState<kHeadDim>& ws, int warp, int lane) {
   using Tr = DecodeTraits<kHeadDim>;
-  const uint8_t* pool;
-  const int32_t* table;
-  uint8_t* ring;
-  int64_t page_bytes, k_offset, k_scale_offset, v_scale_offset;
-  int region;  // bytes of a K or V region at the head's width: codes, then metadata (Tr::half_scales)
-  int half_stride, first, end, blocks, lane;
-
-  __device__ __forceinline__ void operator()(int h) const {
+  constexpr int D = kHeadDim;
+  const PageLayout& lay = *p.layout;
+  const int blocks = int(len / Tr::kKeys);
+  const float skip_x = skip_threshold(len);
+  const int64_t page_bytes = lay.page_bytes, k_offset = lay.k_offset[hk];
+  const int32_t* table = p.tables + int64_t(slot) * p.table_width;
+  constexpr int kRegion = Tr::half_scales(kBits);  // a K or V region: codes, then metadata
+  const int first = begin + warp;
+  // Half h of the warp's tiles (nothing for the buffer's tile or past the split), into its slot.
+  auto stage = [&](int h) {
     const int j = first + (h / 2) * Tr::kWarps;
     if (j >= end || j >= blocks) return;
     uint8_t* dst = ring + (h % Tr::kRingHalves) * half_stride;
-    const uint8_t* page = pool + int64_t(table[j]) * page_bytes;
-    stage_bytes_async(dst, page + k_offset + (h % 2) * region, region, lane);  // the V region follows the K region
+    const uint8_t* page = p.pool + int64_t(table[j]) * page_bytes;
+    const uint8_t* region = page + k_offset + (h % 2) * kRegion;  // the V region follows the K region
+    stage_bytes_async(dst, region, kRegion, lane);                 // codes, then metadata
     if (h % 2 == 0) {
-      if (lane == 0) cp_async_4(dst + region, page + k_scale_offset);
-      if (lane == 1) cp_async_4(dst + region + 4, page + v_scale_offset);
+      if (lane == 0) cp_async_4(dst + Tr::half_scales(kBits), page + page_k_scale_offset(hk));
+      if (lane == 1) cp_async_4(dst + Tr::half_scales(kBits) + 4, page + page_v_scale_offset(p.hkv, hk));
     }
-  }
-};
-
-// A warp's tiles of the split, its first two halves already staged.
-template <int kHeadDim, int kBits, bool kSas>
-__device__ __forceinline__ void warp_tiles(const DecodeParams& p, const HalfStager<kHeadDim>& stage, const uint8_t* s_q8,
-                                           const uint8_t* s_qk, uint8_t* s_bh, uint8_t* s_bl, uint8_t* s_p,
-                                           const float (&q_scale)[2], const int64_t (&max_pos)[2], int rows, int slot, int hk,
-                                           int64_t len, WarpState<kHeadDim>& ws, int lane) {
-  using Tr = DecodeTraits<kHeadDim>;
-  constexpr int D = kHeadDim;
-  const float skip_x = skip_threshold(len);
+  };
   const uint8_t* buffer = p.buffers + (int64_t(slot) * p.hkv + hk) * buffer_head_bytes(D);
+  stage(0), cp_async_commit();
+  stage(1), cp_async_commit();
   int it = 0;
-  for (int j = stage.first; j < stage.end; j += Tr::kWarps, ++it) {
+  for (int j = first; j < end; j += Tr::kWarps, ++it) {
     const int64_t first_pos = int64_t(j) * Tr::kKeys;
-    const int tile_tokens = j < stage.blocks ? Tr::kKeys : int(len % Tr::kKeys);
+    const int tile_tokens = j < blocks ? Tr::kKeys : int(len % Tr::kKeys);
     int visible[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) visible[r] = int(min(int64_t(tile_tokens), max(int64_t(0), max_pos[r] - first_pos + 1)));
@@ -452,15 +449,14 @@ __device__ __forceinline__ void warp_tiles(const DecodeParams& p, const HalfStag
     stage(2 * it + 2), cp_async_commit();  // the next K, into the slot of the previous V
     TileSoftmax<kSas> sm;
     bool values = false;
-    if (j < stage.blocks)
-      values = page_scores<kHeadDim, kBits, kSas>(stage.ring + ((2 * it) % Tr::kRingHalves) * stage.half_stride, s_q8, s_qk, s_bh,
-                                                  s_bl, s_p, q_scale, visible, rows, skip_x, ws, sm, lane);
+    if (j < blocks)
+      values = page_scores<kHeadDim, kBits, kSas>(ring + ((2 * it) % Tr::kRingHalves) * half_stride, s_q8, s_qk, s_bh, s_bl, s_p,
+                                                  q_scale, visible, rows, skip_x, ws, sm, lane);
     cp_async_wait<1>();  // V of this tile has landed
     __syncwarp();
     stage(2 * it + 3), cp_async_commit();  // the next V, into the slot of this K
-    if (values)
-      page_values<kHeadDim, kBits, kSas>(stage.ring + ((2 * it + 1) % Tr::kRingHalves) * stage.half_stride, s_p, sm, ws, lane);
-    if (j >= stage.blocks) buffer_tile<kHeadDim, kSas>(buffer, s_q8, s_p, q_scale, visible, skip_x, ws, lane);
+    if (values) page_values<kHeadDim, kBits, kSas>(ring + ((2 * it + 1) % Tr::kRingHalves) * half_stride, s_p, sm, ws, lane);
+    if (j >= blocks) buffer_tile<kHeadDim, kSas>(buffer, s_q8, s_p, q_scale, visible, skip_x, ws, lane);
     __syncwarp();  // s_p and the ring's slots are rewritten next
   }
   cp_async_wait<0>();
@@ -507,21 +503,6 @@ __global__ void __launch_bounds__(DecodeTraits<kHeadDim>::kThreads, DecodeTraits
   const int tiles = TA_BLOCK_COUNT(len);
   const int per_split = (tiles + p.num_splits - 1) / p.num_splits;
   const int begin = min(tiles, split * per_split), end = min(tiles, begin + per_split);
-  // Per warp: Q' rows (zero outside the live rows; the 8-bit path's B operand is Q itself), P rows,
-  // and the ring. The warp's first two halves are requested before anything else, so their page-table
-  // and page reads overlap the Q prologue.
-  uint8_t* wbase = smem + Tr::kQBytes + warp * Tr::warp_bytes(p.max_bits);
-  uint8_t* s_bh = wbase;
-  uint8_t* s_bl = s_bh + Tr::kRows * Tr::kBRowBytes;
-  uint8_t* s_p = s_bl + Tr::kRows * Tr::kBRowBytes;
-  const PageLayout& lay = *p.layout;
-  const int bits = lay.bits[hk];
-  const HalfStager<kHeadDim> stage{p.pool, p.tables + int64_t(slot) * p.table_width, wbase + Tr::kWarpFixedBytes,
-                                   lay.page_bytes, lay.k_offset[hk], page_k_scale_offset(hk), page_v_scale_offset(p.hkv, hk),
-                                   Tr::half_scales(bits), Tr::half_bytes(p.max_bits), begin + warp, end,
-                                   int(len / Tr::kKeys), lane};
-  stage(0), cp_async_commit();
-  stage(1), cp_async_commit();
 
   // Q rows r = head * q_len + i: one INT8 block per query head (ref::quantize_head_block), scale
   // times softmax_scale * log2(e).
@@ -549,8 +530,17 @@ __global__ void __launch_bounds__(DecodeTraits<kHeadDim>::kThreads, DecodeTraits
     for (int c = lane; c < D; c += 32) s_q8[r * D + c] = 0;
     if (lane == 0) s_q_scale[r] = 0.0f;
   }
+  // Per warp: Q' rows (zero outside the live rows; the 8-bit path's B operand is Q itself), P rows,
+  // and the ring.
+  uint8_t* wbase = smem + Tr::kQBytes + warp * Tr::warp_bytes(p.max_bits);
+  uint8_t* s_bh = wbase;
+  uint8_t* s_bl = s_bh + Tr::kRows * Tr::kBRowBytes;
+  uint8_t* s_p = s_bl + Tr::kRows * Tr::kBRowBytes;
+  uint8_t* ring = wbase + Tr::kWarpFixedBytes;
   for (int i = lane; i < Tr::kWarpFixedBytes / 4; i += 32) reinterpret_cast<uint32_t*>(wbase)[i] = 0u;
   __syncthreads();
+  const PageLayout& lay = *p.layout;
+  const int bits = lay.bits[hk];
   if (bits < 8) {  // Q in K order, once per CTA; every tile's Q' reads it
     for (int i = threadIdx.x; i < Tr::kRows * D; i += Tr::kThreads) s_qk[i] = s_q8[(i / D) * D + code_at_position(i % D, bits)];
     __syncthreads();
@@ -568,13 +558,13 @@ __global__ void __launch_bounds__(DecodeTraits<kHeadDim>::kThreads, DecodeTraits
     q_scale[r] = s_q_scale[row];
   }
   WarpState<kHeadDim> ws;
+  const int half_stride = Tr::half_bytes(p.max_bits);
   if (bits == 8)
-    warp_tiles<kHeadDim, 8, kSas>(p, stage, s_q8, s_qk, s_bh, s_bl, s_p, q_scale, max_pos, rows, slot, hk, len, ws, lane);
+    warp_tiles<kHeadDim, 8, kSas>(p, ring, half_stride, s_q8, s_qk, s_bh, s_bl, s_p, q_scale, max_pos, rows, slot, hk, len, begin, end, ws, warp, lane);
   else if (bits == 4)
-    warp_tiles<kHeadDim, 4, kSas>(p, stage, s_q8, s_qk, s_bh, s_bl, s_p, q_scale, max_pos, rows, slot, hk, len, ws, lane);
+    warp_tiles<kHeadDim, 4, kSas>(p, ring, half_stride, s_q8, s_qk, s_bh, s_bl, s_p, q_scale, max_pos, rows, slot, hk, len, begin, end, ws, warp, lane);
   else
-    warp_tiles<kHeadDim, 2, kSas>(p, stage, s_q8, s_qk, s_bh, s_bl, s_p, q_scale, max_pos, rows, slot, hk, len, ws, lane);
-  if (p.num_splits > 1) launch_dependents();  // cache_merge_kernel's CTAs may start to load; they wait for this grid
+    warp_tiles<kHeadDim, 2, kSas>(p, ring, half_stride, s_q8, s_qk, s_bh, s_bl, s_p, q_scale, max_pos, rows, slot, hk, len, begin, end, ws, warp, lane);
 
   // The warps' states, merged per row in shared memory (each warp's own area, now free); then the
   // output (one split) or the split's part for cache_merge_kernel.
@@ -617,7 +607,6 @@ __global__ void cache_merge_kernel(const float* partial, int num_splits, int hq,
   const int64_t row = blockIdx.x;  // (seq * hq + h) * q_len + i
   const int i = int(row % q_len), h = int((row / q_len) % hq), seq = int(row / (int64_t(q_len) * hq));
   const float* parts = partial + row * num_splits * (dim + 2);
-  wait_for_prerequisite_grid();  // launched early (programmatic dependent launch): the parts are complete after this
   T* dst = static_cast<T*>(out) + seq * o_b + i * o_n + h * o_h;
   for (int c = threadIdx.x; c < dim; c += blockDim.x) {
     const MergedState m = merge_in_order(

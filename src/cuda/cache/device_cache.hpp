@@ -57,7 +57,6 @@ class DeviceCache {
   float* workspace_ = nullptr;          // decode: the splits' parts, grown on demand
   int64_t workspace_floats_ = 0;
   int num_sms_ = 0;
-  bool dependent_launch_ = false;     // sm_90+: the merge kernel is a programmatic dependent launch
 };
 
 }  // namespace turboattn::cuda
