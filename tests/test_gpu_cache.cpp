@@ -422,6 +422,47 @@ TEST(GpuCacheCapi, CapacityErrorsWriteNothingAndBadTensorsAreRejected) {
   ta_cache_destroy(cache);
 }
 
+TEST(GpuCacheCapi, AnotherCurrentDeviceIsRejected) {
+  // The cache's memory is on the device current at creation; writes and decodes with another device
+  // current are refused by name, even when the tensors are on that other device.
+  int devices = 0;
+  if (!have_gpu() || cudaGetDeviceCount(&devices) != cudaSuccess || devices < 2) GTEST_SKIP() << "needs two CUDA devices";
+  ASSERT_EQ(cudaSetDevice(0), cudaSuccess);
+  ta_cache_config cfg = ta_cache_default_config();
+  cfg.num_kv_heads = 2, cfg.head_dim = 64, cfg.num_pages = 4, cfg.max_seqs = 2, cfg.max_seq_len = 1000;
+  ta_cache* cache = nullptr;
+  ASSERT_EQ(ta_cache_create(&cfg, TA_DEVICE_CUDA, &cache), TA_SUCCESS) << ta_last_error();
+  int32_t s = -1;
+  ASSERT_EQ(ta_cache_add_sequence(cache, &s), TA_SUCCESS);
+  ASSERT_EQ(cudaSetDevice(1), cudaSuccess);
+  {
+    test::DeviceBuffer<uint16_t> k(size_t(2) * 64);  // on device 1
+    EXPECT_EQ(cudaMemset(k.ptr, 0x3c, k.n * 2), cudaSuccess);
+    const ta_tensor tk = device_tensor(k.ptr, TA_DTYPE_F16, {1, 2, 64});
+    EXPECT_EQ(ta_cache_append(cache, 0, &s, 1, &tk, &tk, nullptr), TA_ERROR_INVALID_ARGUMENT);
+    EXPECT_NE(std::string(ta_last_error()).find("current device is 1"), std::string::npos) << ta_last_error();
+    int64_t len = -1;
+    ASSERT_EQ(ta_cache_sequence_length(cache, 0, s, &len), TA_SUCCESS);
+    EXPECT_EQ(len, 0);  // nothing written
+  }
+  ASSERT_EQ(cudaSetDevice(0), cudaSuccess);
+  {
+    test::DeviceBuffer<uint16_t> k(size_t(2) * 64), q(size_t(4) * 64), out(size_t(4) * 64);
+    EXPECT_EQ(cudaMemset(k.ptr, 0x3c, k.n * 2), cudaSuccess);
+    EXPECT_EQ(cudaMemset(q.ptr, 0x3c, q.n * 2), cudaSuccess);
+    const ta_tensor tk = device_tensor(k.ptr, TA_DTYPE_F16, {1, 2, 64});
+    ASSERT_EQ(ta_cache_append(cache, 0, &s, 1, &tk, &tk, nullptr), TA_SUCCESS) << ta_last_error();
+    const ta_tensor tq = device_tensor(q.ptr, TA_DTYPE_F16, {1, 1, 4, 64});
+    ta_tensor to = device_tensor(out.ptr, TA_DTYPE_F16, {1, 1, 4, 64});
+    ASSERT_EQ(cudaSetDevice(1), cudaSuccess);
+    EXPECT_EQ(ta_decode(cache, 0, &s, 1, &tq, nullptr, &to, nullptr), TA_ERROR_INVALID_ARGUMENT);
+    EXPECT_NE(std::string(ta_last_error()).find("its memory is on CUDA device 0"), std::string::npos) << ta_last_error();
+    ASSERT_EQ(cudaSetDevice(0), cudaSuccess);
+    EXPECT_EQ(ta_decode(cache, 0, &s, 1, &tq, nullptr, &to, nullptr), TA_SUCCESS) << ta_last_error();
+  }
+  ta_cache_destroy(cache);
+}
+
 TEST(GpuCacheGraph, CapturedDecodeSeesTokensAppendedLater) {
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
   const uint64_t seed = std::random_device{}();

@@ -580,6 +580,7 @@ void write_tokens(ta_cache& c, int32_t layer, const int32_t* seqs, int32_t num_s
   check_capacity(c, layer, seqs, tokens);
 #ifdef TURBOATTN_WITH_CUDA
   if (c.gpu) {
+    c.gpu->expect_current_device();
     cuda::expect_device_pointer(k.data, "k");
     cuda::expect_device_pointer(v.data, "v");
     return c.gpu->write(layer, seqs, num_seqs, k, v, cu, cuda_stream);
@@ -655,6 +656,7 @@ ta_status ta_decode(ta_cache* cache, int32_t layer, const int32_t* seqs, int32_t
 #ifdef TURBOATTN_WITH_CUDA
     if (c.gpu) {
       require(q_len <= 8, TA_ERROR_UNSUPPORTED, "q: q_len ", q_len, " is over 8, the most the CUDA decode takes per call");
+      c.gpu->expect_current_device();
       cuda::expect_device_pointer(q.data, "q");
       cuda::expect_device_pointer(out.data, "out");
       return c.gpu->decode(layer, seqs, num_seqs, q, o, out, cuda_stream);

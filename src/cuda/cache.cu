@@ -127,9 +127,8 @@ DeviceCache::DeviceCache(const ref::CacheConfig& config)
     TA_CUDA_CHECK(cudaMemcpy(d_layouts_, layouts_.data(), layouts_.size() * sizeof(PageLayout), cudaMemcpyHostToDevice));
     d_tables_ = device_alloc<int32_t>(int64_t(cfg_.max_seqs) * table_width_, "page tables");
     d_lengths_ = device_alloc<int64_t>(int64_t(cfg_.layers) * cfg_.max_seqs, "lengths");
-    int device = 0;
-    TA_CUDA_CHECK(cudaGetDevice(&device));  // the cache's device
-    TA_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms_, cudaDevAttrMultiProcessorCount, device));
+    TA_CUDA_CHECK(cudaGetDevice(&device_));  // the cache's device
+    TA_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms_, cudaDevAttrMultiProcessorCount, device_));
   } catch (...) {
     this->~DeviceCache();
     throw;
@@ -143,6 +142,13 @@ DeviceCache::~DeviceCache() {
   cudaFree(d_layouts_), cudaFree(d_tables_), cudaFree(d_lengths_), cudaFree(workspace_);
   pools_.clear(), buffers_.clear(), means_.clear();
   d_layouts_ = nullptr, d_tables_ = nullptr, d_lengths_ = nullptr, workspace_ = nullptr;
+}
+
+void DeviceCache::expect_current_device() const {
+  int current = -1;
+  TA_CUDA_CHECK(cudaGetDevice(&current));
+  require(current == device_, TA_ERROR_INVALID_ARGUMENT, "cache: its memory is on CUDA device ", device_,
+          " but the current device is ", current, " (make the cache's device current)");
 }
 
 void DeviceCache::write(int layer, const int32_t* seqs, int num_seqs, const ta_tensor& k, const ta_tensor& v,

@@ -218,3 +218,17 @@ def test_cuda_cache_rejects_tensors_elsewhere():
         torch.ops.turboattn.decode(gpu.handle, 0, seqs, randn(1, 1, HQ, D))
     with pytest.raises(turboattn.InvalidArgument, match="out: on cpu"):
         gpu.decode(0, seqs, randn(1, 1, HQ, D).cuda(), out=randn(1, 1, HQ, D))
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.device_count() >= 2 and turboattn.cuda_available()),
+                    reason="needs two CUDA devices and a CUDA build of libturboattn")
+def test_cuda_cache_on_another_device_than_the_tensors():
+    cache = turboattn.KVCache(1, HKV, D, 4, 2, 256, device="cuda:1")
+    s = cache.add_sequence()
+    k = randn(1, HKV, D)
+    with pytest.raises(turboattn.InvalidArgument, match="k: on cuda:0, expected cuda:1"):
+        cache.append(0, [s], k.cuda(0), k.cuda(0))
+    cache.append(0, [s], k.cuda(1), k.cuda(1))  # from any current device: the call makes the cache's current
+    assert torch.cuda.current_device() == 0
+    out = cache.decode(0, [s], randn(1, 1, HQ, D).cuda(1))
+    assert out.device == torch.device("cuda:1") and torch.isfinite(out).all()

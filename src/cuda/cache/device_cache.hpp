@@ -29,6 +29,8 @@ class DeviceCache {
   // to the end of those sequences in one layer; appends are writes of one token per sequence. The
   // caller has checked capacity. Pages are taken on the host exactly as the CPU cache takes them. The
   // device lengths are set (not incremented) by the writes, so a reused slot needs no reset.
+  // The cache's memory is on one device: that device must be current for writes and decodes.
+  void expect_current_device() const;
   void write(int layer, const int32_t* seqs, int num_seqs, const ta_tensor& k, const ta_tensor& v,
              const std::vector<int32_t>& cu, void* stream);
 
@@ -56,6 +58,7 @@ class DeviceCache {
   int64_t* d_lengths_ = nullptr;        // [layers][max_seqs]
   float* workspace_ = nullptr;          // decode: the splits' parts, grown on demand
   int64_t workspace_floats_ = 0;
+  int device_ = 0;
   int num_sms_ = 0;
 };
 
