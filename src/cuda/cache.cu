@@ -64,11 +64,8 @@ void launch_write(const ta_tensor& k, const ta_tensor& v, const std::vector<Writ
   std::vector<WriteRun> ordered[2];
   for (const WriteRun& r : runs) ordered[r.page >= 0 ? 0 : 1].push_back(r);
   const int smem = write_smem_bytes(dim);
-  static const bool configured = [&] {
-    TA_CUDA_CHECK(cudaFuncSetAttribute(cache_write_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, write_smem_bytes(256)));
-    return true;
-  }();
-  (void)configured;
+  static std::atomic<uint64_t> configured{0};
+  allow_dynamic_smem(configured, reinterpret_cast<const void*>(cache_write_kernel<T>), write_smem_bytes(256));
   for (const auto& part : ordered) {
     if (part.empty()) continue;
     StreamArray<WriteRun> d_runs(part, stream);
@@ -84,12 +81,8 @@ void launch_write(const ta_tensor& k, const ta_tensor& v, const std::vector<Writ
 template <int kHeadDim, typename T, bool kSas>
 void launch_decode(const DecodeParams& p, int num_seqs, int chunks, cudaStream_t stream) {
   using Tr = DecodeTraits<kHeadDim>;
-  static const bool configured = [] {
-    TA_CUDA_CHECK(cudaFuncSetAttribute(cache_decode_kernel<kHeadDim, T, kSas>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       Tr::smem_bytes(TA_BITS_8)));
-    return true;
-  }();
-  (void)configured;
+  static std::atomic<uint64_t> configured{0};
+  allow_dynamic_smem(configured, reinterpret_cast<const void*>(cache_decode_kernel<kHeadDim, T, kSas>), Tr::smem_bytes(TA_BITS_8));
   const dim3 grid{unsigned(p.num_splits), unsigned(p.hkv * chunks), unsigned(num_seqs)};
   cache_decode_kernel<kHeadDim, T, kSas><<<grid, Tr::kThreads, Tr::smem_bytes(p.max_bits), stream>>>(p);
   TA_CUDA_CHECK_LAUNCH("cache_decode_kernel");
