@@ -125,6 +125,20 @@ def test_left_padded_batch_matches_each_sequence_alone():
         assert min(cos) > 0.9999
 
 
+def test_each_forward_reads_the_mask_once(monkeypatch):
+    """Reading the mask syncs the device: once per forward at layer 0, not once per layer."""
+    calls = []
+    original = hf._valid_keys
+    monkeypatch.setattr(hf, "_valid_keys", lambda *a: calls.append(1) or original(*a))
+    model = hf.patch(llama(), hf.TurboConfig(bits=4))
+    ids = torch.zeros(2, 30, dtype=torch.long)
+    mask = torch.zeros(2, 30, dtype=torch.long)
+    ids[0], mask[0] = tokens(30, seed=2)[0], 1
+    ids[1, 10:], mask[1, 10:] = tokens(20, seed=3)[0], 1
+    generate(model, ids, 5, attention_mask=mask)
+    assert len(calls) == 5  # the prefill and 4 decode steps, each over L layers
+
+
 def test_forward_without_cache_matches_sdpa_with_padding():
     model = hf.patch(llama())
     ids = tokens(40, rows=2)

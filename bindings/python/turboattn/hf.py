@@ -257,6 +257,7 @@ class TurboCache(Cache):
         self.seqs = None  # KVCache sequence ids, one per batch row, from the first prefill
         self.lengths = [None] * layers  # cached (non-padded) tokens per row, per layer
         self._pending = None
+        self._valid_memo = self._mask_memo = None  # this forward's mask and its host-side facts
         super().__init__(layers=[_TurboLayer(self, i) for i in range(layers)])
 
     def _create(self, device):
@@ -301,6 +302,7 @@ class TurboCache(Cache):
         self.seqs = None
         self.lengths = [None] * self.num_layers
         self._pending = None
+        self._valid_memo = self._mask_memo = None
         super().reset()
 
     def memory(self):
@@ -407,50 +409,73 @@ def _plain_attention(q, k, v, valid, scale, cfg):
     return out
 
 
+def _new_token_counts(cache, layer, valid, B, nq):
+    """Host-side facts of this step's mask, computed at layer 0 and reused by the forward's other layers
+    (they get the same mask object, and each fact costs a device-to-host copy): (valid_new [B, nq] bool on the CPU or None
+    when every new token is real, real new tokens per row, real earlier tokens per row or None)."""
+    if valid is None:
+        return None, [nq] * B, None
+    memo = cache._mask_memo
+    if memo is not None and layer != 0 and memo[0] is valid:
+        return memo[1]
+    valid_new = valid[:, -nq:].cpu()
+    counts = valid_new.sum(1).tolist()
+    seen_real = valid[:, :-nq].sum(1).tolist() if valid.shape[1] > nq else [0] * B
+    facts = (None if all(c == nq for c in counts) else valid_new, counts, seen_real)
+    cache._mask_memo = (valid, facts)  # holds `valid`, so its identity stays unique while memoized
+    return facts
+
+
 def _cached_attention(cache, layer, q, k, v, valid, scale):
     """q [B, Nq, Hq, D], k, v [B, Nq, Hkv, D]: the new tokens; valid [B, past + Nq] or None."""
     cfg, kv = cache.config, cache.kv
     B, nq = q.shape[0], q.shape[1]
     seqs = cache._sequences(B)
     past = cache.lengths[layer] or [0] * B
-    valid_new = torch.ones(B, nq, dtype=torch.bool) if valid is None else valid[:, -nq:].cpu()
-    if valid is not None:
-        seen_real = valid[:, :-nq].sum(1).tolist() if valid.shape[1] > nq else [0] * B
-        if seen_real != past:
-            raise InvalidArgument(1, f"layer {layer}: the attention mask shows {seen_real} earlier real tokens per "
-                                     f"sequence but the cache holds {past}")
-    counts = valid_new.sum(1).tolist()
+    valid_new, counts, seen_real = _new_token_counts(cache, layer, valid, B, nq)
+    if seen_real is not None and seen_real != past:
+        raise InvalidArgument(1, f"layer {layer}: the attention mask shows {seen_real} earlier real tokens per "
+                                 f"sequence but the cache holds {past}")
     dev = cache.cache_device
     kc, vc = k.to(dev), v.to(dev)
-    vn = valid_new.to(dev)
+    rows = [b for b in range(B) if counts[b]]  # a sequence's first write sets its K mean: never empty
+    if valid_new is None:  # every new token is real: no packing, no boolean indexing (no host syncs)
+        packed_k, packed_v = kc.reshape(B * nq, *kc.shape[2:]), vc.reshape(B * nq, *vc.shape[2:])
+    else:
+        vn = valid_new.to(dev)
+        packed_k, packed_v = kc[vn], vc[vn]
     if not any(past):
         # Prefill: attention on the uncompressed new tokens, then one bulk write of the real ones.
         out = _plain_attention(q, k, v, None if valid is None else valid[:, -nq:], scale, cfg)
-        rows = [b for b in range(B) if counts[b]]  # a sequence's first write sets its K mean: never empty
         if rows:
-            kv.write(layer, [seqs[b] for b in rows], kc[vn].contiguous(), vc[vn].contiguous(),
+            kv.write(layer, [seqs[b] for b in rows], packed_k.contiguous(), packed_v.contiguous(),
                      _cu([counts[b] for b in rows]))
     else:
-        rows = [b for b in range(B) if counts[b]]
-        if nq == 1:
-            if rows:
+        if nq == 1 and rows:
+            if len(rows) == B:
+                kv.append(layer, seqs, kc[:, 0].contiguous(), vc[:, 0].contiguous())
+            else:
                 kv.append(layer, [seqs[b] for b in rows], kc[rows, 0].contiguous(), vc[rows, 0].contiguous())
         elif rows:
-            kv.write(layer, [seqs[b] for b in rows], kc[vn].contiguous(), vc[vn].contiguous(),
+            kv.write(layer, [seqs[b] for b in rows], packed_k.contiguous(), packed_v.contiguous(),
                      _cu([counts[b] for b in rows]))
-        out = torch.zeros_like(q)
         qc = q.to(dev)
-        # Decode takes one q_len for all its sequences: one call per distinct count of new real tokens.
-        for c in sorted(set(counts) - {0}):
-            group = [b for b in range(B) if counts[b] == c]
-            qg = qc[group][vn[group]].view(len(group), c, q.shape[2], q.shape[3])
-            og = kv.decode(layer, [seqs[b] for b in group], qg.contiguous(), softmax_scale=scale,
-                           use_sas=cfg.use_sas, split_tiles=cfg.split_tiles)
-            og = og.to(q.device)
-            sel = valid_new[group].to(q.device)
-            block = out[group]
-            block[sel] = og.reshape(-1, q.shape[2], q.shape[3])
-            out[group] = block
+        if valid_new is None:
+            out = kv.decode(layer, seqs, qc.contiguous(), softmax_scale=scale, use_sas=cfg.use_sas,
+                            split_tiles=cfg.split_tiles).to(q.device)
+        else:
+            out = torch.zeros_like(q)
+            # Decode takes one q_len for all its sequences: one call per distinct count of new real tokens.
+            for c in sorted(set(counts) - {0}):
+                group = [b for b in range(B) if counts[b] == c]
+                qg = qc[group][vn[group]].view(len(group), c, q.shape[2], q.shape[3])
+                og = kv.decode(layer, [seqs[b] for b in group], qg.contiguous(), softmax_scale=scale,
+                               use_sas=cfg.use_sas, split_tiles=cfg.split_tiles)
+                og = og.to(q.device)
+                sel = valid_new[group].to(q.device)
+                block = out[group]
+                block[sel] = og.reshape(-1, q.shape[2], q.shape[3])
+                out[group] = block
     cache.lengths[layer] = [p + c for p, c in zip(past, counts)]
     return out
 
@@ -475,7 +500,15 @@ def turboattn_attention_forward(module, query, key, value, attention_mask, scali
     if sliding_window is not None and kv_len > sliding_window:
         raise Unsupported(2, f"layer {layer} attends over a sliding window of {sliding_window} tokens and the "
                              f"sequence has reached {kv_len}; turboattn attends over the whole context")
-    valid = _valid_keys(attention_mask, nq, kv_len)
+    if cached:  # the layers of a forward get the same mask: read at layer 0 (each read syncs the device)
+        memo = cache._valid_memo
+        if memo is not None and layer != 0 and memo[0] is attention_mask and memo[1] == (nq, kv_len):
+            valid = memo[2]
+        else:
+            valid = _valid_keys(attention_mask, nq, kv_len)
+            cache._valid_memo = (attention_mask, (nq, kv_len), valid)  # holds the mask: its identity stays unique
+    else:
+        valid = _valid_keys(attention_mask, nq, kv_len)
     dtype = _compute_dtype(query)
     # [B, H, N, D] -> [B, N, H, D] views: turboattn takes any strides with the last dim contiguous.
     q, k, v = (t.to(dtype).transpose(1, 2) for t in (query, key, value))
