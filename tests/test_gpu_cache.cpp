@@ -215,8 +215,10 @@ TEST_P(GpuDecode, MatchesTheCpuCacheAndFloat64) {
   std::mt19937_64 rng(seed);
   const int hkv = 2;
   Mirror m(make_config(bits, 1, hkv, dim, 160, 8), rng);
-  std::vector<int> seqs, lengths{3, 63, 64, 65, 200, 1000, 4097};
-  for (int len : lengths) seqs.push_back(m.add());
+  std::vector<int> seqs, lengths;
+  for (int len : {3, 63, 64, 65, 200, 1000, 4097})
+    if (len + 1 >= q_len) lengths.push_back(len);  // the sequences hold at least q_len tokens
+  for (size_t i = 0; i < lengths.size(); ++i) seqs.push_back(m.add());
   m.write(0, seqs, lengths);
   m.write(0, seqs, std::vector<int>(seqs.size(), 1));  // one appended token each
   // The cache's 4- and 2-bit values are the ground truth here, so every width is held to the 8-bit
@@ -232,7 +234,10 @@ INSTANTIATE_TEST_SUITE_P(
                     DecodeCase{256, "4", 4, 1, true, 0, TA_DTYPE_F16}, DecodeCase{256, "2", 1, 2, true, 0, TA_DTYPE_BF16},
                     DecodeCase{128, "4", 8, 1, true, 3, TA_DTYPE_F16}, DecodeCase{128, "4", 4, 3, true, 1, TA_DTYPE_F16},
                     DecodeCase{64, "mix", 4, 4, false, 0, TA_DTYPE_F16}, DecodeCase{128, "8", 1, 1, false, 2, TA_DTYPE_BF16},
-                    DecodeCase{64, "4", 16, 1, true, 0, TA_DTYPE_F16}, DecodeCase{64, "8", 4, 8, true, 0, TA_DTYPE_F16}, DecodeCase{96, "2", 8, 1, true, 0, TA_DTYPE_F16}));
+                    DecodeCase{64, "4", 16, 1, true, 0, TA_DTYPE_F16}, DecodeCase{64, "8", 4, 8, true, 0, TA_DTYPE_F16}, DecodeCase{96, "2", 8, 1, true, 0, TA_DTYPE_F16},
+                    // q_len over 8 runs in launches of 8 query tokens (a chunked prefill over the cache)
+                    DecodeCase{128, "4", 4, 13, true, 0, TA_DTYPE_F16}, DecodeCase{64, "mix", 2, 20, true, 2, TA_DTYPE_BF16},
+                    DecodeCase{128, "8", 1, 9, false, 0, TA_DTYPE_F16}));
 
 TEST(GpuCacheServing, RandomLivesStayIdenticalToTheCpuCache) {
   // Sequences start, append, finish and reuse slots and pages at random; after every step each live
@@ -412,13 +417,14 @@ TEST(GpuCacheCapi, CapacityErrorsWriteNothingAndBadTensorsAreRejected) {
   const ta_tensor cu2 = ta_tensor_contiguous(const_cast<int32_t*>(cu2_host), TA_DTYPE_I32, TA_DEVICE_CPU, 1, cu_shape);
   lie.shape[0] = 100;
   EXPECT_EQ(ta_cache_write(cache, 0, &s, 1, &lie, &lie, &cu2, nullptr), TA_ERROR_INVALID_ARGUMENT) << ta_last_error();
-  // A write that fits succeeds; q_len over 16 is refused with a clear error.
+  // A write that fits succeeds; q_len over the cached length is refused by name.
   ta_tensor tk100 = tk;
   tk100.shape[0] = 100;
   ASSERT_EQ(ta_cache_write(cache, 0, &s, 1, &tk100, &tk100, &cu2, nullptr), TA_SUCCESS) << ta_last_error();
-  test::DeviceBuffer<uint16_t> q(size_t(17) * 4 * 64), out(size_t(17) * 4 * 64);
-  const ta_tensor tq = device_tensor(q.ptr, TA_DTYPE_F16, {1, 17, 4, 64}), to = device_tensor(out.ptr, TA_DTYPE_F16, {1, 17, 4, 64});
-  EXPECT_EQ(ta_decode(cache, 0, &s, 1, &tq, nullptr, const_cast<ta_tensor*>(&to), nullptr), TA_ERROR_UNSUPPORTED);
+  test::DeviceBuffer<uint16_t> q(size_t(101) * 4 * 64), out(size_t(101) * 4 * 64);
+  const ta_tensor tq = device_tensor(q.ptr, TA_DTYPE_F16, {1, 101, 4, 64}), to = device_tensor(out.ptr, TA_DTYPE_F16, {1, 101, 4, 64});
+  EXPECT_EQ(ta_decode(cache, 0, &s, 1, &tq, nullptr, const_cast<ta_tensor*>(&to), nullptr), TA_ERROR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(ta_last_error()).find("q_len 101 exceeds"), std::string::npos) << ta_last_error();
   ta_cache_destroy(cache);
 }
 

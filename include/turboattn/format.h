@@ -40,6 +40,10 @@
 #define TA_BITS_4 4
 #define TA_BITS_2 2
 
+/* Decode quantizes each query head's q_len tokens in INT8 blocks of up to this many consecutive tokens
+   (the N of the decode kernel's m16n8k32 tile). */
+#define TA_DECODE_Q_TOKENS 8
+
 /* Most KV heads per layer that a cache accepts. */
 #define TA_MAX_KV_HEADS 64
 

@@ -655,7 +655,6 @@ ta_status ta_decode(ta_cache* cache, int32_t layer, const int32_t* seqs, int32_t
     require(o.split_tiles >= 0, TA_ERROR_INVALID_ARGUMENT, "options.split_tiles: ", o.split_tiles, ", expected >= 0");
 #ifdef TURBOATTN_WITH_CUDA
     if (c.gpu) {
-      require(q_len <= 8, TA_ERROR_UNSUPPORTED, "q: q_len ", q_len, " is over 8, the most the CUDA decode takes per call");
       c.gpu->expect_current_device();
       cuda::expect_device_pointer(q.data, "q");
       cuda::expect_device_pointer(out.data, "out");

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "api/errors.hpp"
@@ -180,22 +181,27 @@ void DeviceCache::write(int layer, const int32_t* seqs, int num_seqs, const ta_t
 void DeviceCache::decode(int layer, const int32_t* seqs, int num_seqs, const ta_tensor& q, const ta_decode_options& options,
                          ta_tensor& out, void* stream_) {
   const auto stream = static_cast<cudaStream_t>(stream_);
-  const int D = cfg_.head_dim, hkv = cfg_.kv_heads, q_len = int(q.shape[1]), hq = int(q.shape[2]), group = hq / hkv;
-  const int heads_per_cta = std::max(1, std::min(group, DecodeTraits<64>::kRows / q_len));
-  const int chunks = (group + heads_per_cta - 1) / heads_per_cta;
+  const int D = cfg_.head_dim, hkv = cfg_.kv_heads, call_q = int(q.shape[1]), hq = int(q.shape[2]), group = hq / hkv;
+  // Launches take up to TA_DECODE_Q_TOKENS query tokens per head (the CTA's 8 rows); a longer q_len
+  // runs in chunks, each masked as the tokens it holds (q_behind: the call's tokens after the chunk).
+  const int max_q = std::min(call_q, TA_DECODE_Q_TOKENS);
   int64_t max_tiles = 1;
   for (int i = 0; i < num_seqs; ++i) max_tiles = std::max<int64_t>(max_tiles, TA_BLOCK_COUNT(book_.length(layer, seqs[i])));
+  auto row_groups = [&](int q_len) {  // (heads per CTA, CTAs per KV head)
+    const int heads_per_cta = std::max(1, std::min(group, DecodeTraits<64>::kRows / q_len));
+    return std::pair{heads_per_cta, (group + heads_per_cta - 1) / heads_per_cta};
+  };
   int splits;
   if (options.split_tiles > 0) {
     splits = int((max_tiles + options.split_tiles - 1) / options.split_tiles);
   } else {  // about four CTAs per SM in all, no split shorter than 16 tiles (4 per warp)
-    const int64_t base = int64_t(std::min(num_seqs, kDecodeMaxSeqs)) * hkv * chunks;
+    const int64_t base = int64_t(std::min(num_seqs, kDecodeMaxSeqs)) * hkv * row_groups(max_q).second;
     splits = int(std::clamp<int64_t>((4 * int64_t(num_sms_) + base - 1) / base, 1, std::max<int64_t>(1, max_tiles / 16)));
   }
   int max_bits = TA_BITS_2;
   for (int h = 0; h < hkv; ++h) max_bits = std::max(max_bits, layouts_[size_t(layer)].bits[h]);
   // With several splits, the splits' parts (docs/FORMATS.md 1.7) for cache_merge_kernel.
-  const int64_t part_floats = splits > 1 ? int64_t(num_seqs) * hq * q_len * splits * (D + 2) : 0;
+  const int64_t part_floats = splits > 1 ? int64_t(num_seqs) * hq * max_q * splits * (D + 2) : 0;
   if (part_floats > workspace_floats_) {
     cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
     TA_CUDA_CHECK(cudaStreamIsCapturing(stream, &capturing));
@@ -209,30 +215,36 @@ void DeviceCache::decode(int layer, const int32_t* seqs, int num_seqs, const ta_
   }
   const float scale = ref::resolve_softmax_scale(options.softmax_scale, D);
   const size_t elem = q.dtype == TA_DTYPE_F16 ? sizeof(__half) : sizeof(__nv_bfloat16);
-  for (int s0 = 0; s0 < num_seqs; s0 += kDecodeMaxSeqs) {
-    const int n = std::min(kDecodeMaxSeqs, num_seqs - s0);
-    DecodeParams p{};
-    p.pool = pools_[size_t(layer)], p.buffers = buffers_[size_t(layer)], p.layout = d_layouts_ + layer;
-    p.tables = d_tables_, p.table_width = table_width_, p.lengths = d_lengths_ + int64_t(layer) * cfg_.max_seqs;
-    p.q = static_cast<const uint8_t*>(q.data) + int64_t(s0) * q.strides[0] * int64_t(elem);
-    p.q_b = q.strides[0], p.q_n = q.strides[1], p.q_h = q.strides[2];
-    p.out = static_cast<uint8_t*>(out.data) + int64_t(s0) * out.strides[0] * int64_t(elem);
-    p.o_b = out.strides[0], p.o_n = out.strides[1], p.o_h = out.strides[2];
-    p.partial = splits > 1 ? workspace_ + int64_t(s0) * hq * q_len * splits * (D + 2) : nullptr;
-    p.hq = hq, p.hkv = hkv, p.q_len = q_len, p.heads_per_cta = heads_per_cta, p.num_splits = splits, p.max_bits = max_bits;
-    p.scale_log2 = ref::scale_log2(scale);
-    for (int i = 0; i < n; ++i) p.slots[i] = seqs[s0 + i];
-    const unsigned rows = unsigned(n * hq * q_len);
-    if (q.dtype == TA_DTYPE_F16) {
-      dispatch_decode<__half>(D, options.use_sas != 0, p, n, chunks, stream);
-      if (splits > 1)
-        cache_merge_kernel<__half><<<rows, 128, 0, stream>>>(p.partial, splits, hq, q_len, D, p.out, p.o_b, p.o_n, p.o_h);
-    } else {
-      dispatch_decode<__nv_bfloat16>(D, options.use_sas != 0, p, n, chunks, stream);
-      if (splits > 1)
-        cache_merge_kernel<__nv_bfloat16><<<rows, 128, 0, stream>>>(p.partial, splits, hq, q_len, D, p.out, p.o_b, p.o_n, p.o_h);
+  for (int q0 = 0; q0 < call_q; q0 += TA_DECODE_Q_TOKENS) {
+    const int q_len = std::min(TA_DECODE_Q_TOKENS, call_q - q0);
+    const auto [heads_per_cta, chunks] = row_groups(q_len);
+    for (int s0 = 0; s0 < num_seqs; s0 += kDecodeMaxSeqs) {
+      const int n = std::min(kDecodeMaxSeqs, num_seqs - s0);
+      DecodeParams p{};
+      p.pool = pools_[size_t(layer)], p.buffers = buffers_[size_t(layer)], p.layout = d_layouts_ + layer;
+      p.tables = d_tables_, p.table_width = table_width_, p.lengths = d_lengths_ + int64_t(layer) * cfg_.max_seqs;
+      p.q = static_cast<const uint8_t*>(q.data) + (int64_t(s0) * q.strides[0] + int64_t(q0) * q.strides[1]) * int64_t(elem);
+      p.q_b = q.strides[0], p.q_n = q.strides[1], p.q_h = q.strides[2];
+      p.out = static_cast<uint8_t*>(out.data) + (int64_t(s0) * out.strides[0] + int64_t(q0) * out.strides[1]) * int64_t(elem);
+      p.o_b = out.strides[0], p.o_n = out.strides[1], p.o_h = out.strides[2];
+      p.partial = splits > 1 ? workspace_ + int64_t(s0) * hq * q_len * splits * (D + 2) : nullptr;
+      p.hq = hq, p.hkv = hkv, p.q_len = q_len, p.heads_per_cta = heads_per_cta, p.num_splits = splits, p.max_bits = max_bits;
+      p.q_behind = call_q - q0 - q_len;
+      p.scale_log2 = ref::scale_log2(scale);
+      for (int i = 0; i < n; ++i) p.slots[i] = seqs[s0 + i];
+      const unsigned rows = unsigned(n * hq * q_len);
+      if (q.dtype == TA_DTYPE_F16) {
+        dispatch_decode<__half>(D, options.use_sas != 0, p, n, chunks, stream);
+        if (splits > 1)
+          cache_merge_kernel<__half><<<rows, 128, 0, stream>>>(p.partial, splits, hq, q_len, D, p.out, p.o_b, p.o_n, p.o_h);
+      } else {
+        dispatch_decode<__nv_bfloat16>(D, options.use_sas != 0, p, n, chunks, stream);
+        if (splits > 1)
+          cache_merge_kernel<__nv_bfloat16><<<rows, 128, 0, stream>>>(p.partial, splits, hq, q_len, D, p.out, p.o_b, p.o_n,
+                                                                      p.o_h);
+      }
+      if (splits > 1) TA_CUDA_CHECK_LAUNCH("cache_merge_kernel");
     }
-    if (splits > 1) TA_CUDA_CHECK_LAUNCH("cache_merge_kernel");
   }
 }
 

@@ -189,8 +189,8 @@ void KvCache::decode(int layer, int seq, const HeadsView& q, float softmax_scale
     const std::vector<Int8Tile> all = tiles(layer, seq, hk, codes, scales);
     const int per_split = split_tiles > 0 ? split_tiles : int(std::max<size_t>(1, all.size()));
     for (int h = hk * group; h < (hk + 1) * group; ++h) {
-      for (int t0 = 0; t0 < q_len; t0 += kBlock) {  // Q blocks of up to 64 query tokens
-        const int rows = std::min(kBlock, q_len - t0);
+      for (int t0 = 0; t0 < q_len; t0 += TA_DECODE_Q_TOKENS) {  // Q blocks of up to 8 query tokens
+        const int rows = std::min(TA_DECODE_Q_TOKENS, q_len - t0);
         std::vector<int8_t> q8(size_t(rows) * d);
         const float q_scale = quantize_head_block(q, h, t0, rows, nullptr, q8.data()) * sl2;
         for (int r = 0; r < rows; ++r) {

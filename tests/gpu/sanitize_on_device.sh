@@ -12,7 +12,7 @@ filter+='Shapes/GpuQuantize.BitExactWithReference/1*:All/GpuPrefillVarlen.*:GpuP
 # The cache: writes at every head dim and bit width, decode variants, the C API's errors, graph replay.
 filter+='All/GpuCacheBytes.*/0:All/GpuCacheBytes.*/6:All/GpuCacheBytes.*/9:All/GpuCacheBytes.*/15:'
 filter+='Shapes/GpuDecode.*/2:Shapes/GpuDecode.*/5:Shapes/GpuDecode.*/7:Shapes/GpuDecode.*/9:Shapes/GpuDecode.*/10:'
-filter+='Shapes/GpuDecode.*/13:GpuCacheCapi.*:GpuCacheGraph.*:GpuCacheNumerics.InputsNear*:GpuCacheNumerics.NonFinite*:'
+filter+='Shapes/GpuDecode.*/13:Shapes/GpuDecode.*/16:GpuCacheCapi.*:GpuCacheGraph.*:GpuCacheNumerics.InputsNear*:GpuCacheNumerics.NonFinite*:'
 filter+='GpuCacheNumerics.EqualScores*:GpuCacheNumerics.Sequences*'
 rc=0
 for tool in memcheck racecheck initcheck; do

@@ -153,7 +153,7 @@ LENGTHS = [1, 63, 64, 65, 200, 1000]
 
 @needs_cuda
 @pytest.mark.parametrize("split_tiles", [0, 3])
-@pytest.mark.parametrize("q_len", [1, 3])
+@pytest.mark.parametrize("q_len", [1, 3, 12])  # 12: two launches of up to 8 query tokens
 @pytest.mark.parametrize("bits", [[8, 8], [4, 4], [2, 2], [4, 2]], ids=["8", "4", "2", "4/2"])
 def test_cuda_decode_matches_cpu(bits, q_len, split_tiles):
     lengths = [max(n, q_len) for n in LENGTHS]

@@ -31,6 +31,7 @@
 namespace turboattn::cuda {
 
 constexpr int kDecodeMaxSeqs = 256;  // sequences per launch (their slots travel in the parameters)
+static_assert(TA_DECODE_Q_TOKENS == 8, "a launch's query tokens per head fill at most the 8 rows of a CTA");
 
 // Warps per CTA: 4, but 2 at head dim 256, where four warps' rings of 8-bit pages would not fit.
 __host__ __device__ constexpr int decode_warps(int head_dim) { return head_dim == 256 ? 2 : 4; }
@@ -78,6 +79,7 @@ struct DecodeParams {
   int64_t o_b, o_n, o_h;
   float* partial;  // with several splits: [seq][hq][q_len][split] x (m, l, o[D])
   int hq, hkv, q_len, heads_per_cta, num_splits, max_bits;
+  int q_behind;  // the call's query tokens after this launch's q_len (a long q_len runs in chunks)
   float scale_log2;
   int32_t slots[kDecodeMaxSeqs];
 };
@@ -554,7 +556,7 @@ __global__ void __launch_bounds__(DecodeTraits<kHeadDim>::kThreads, DecodeTraits
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int row = 2 * t + r;
-    max_pos[r] = row < rows ? len - p.q_len + row % p.q_len : -1;
+    max_pos[r] = row < rows ? len - p.q_behind - p.q_len + row % p.q_len : -1;
     q_scale[r] = s_q_scale[row];
   }
   WarpState<kHeadDim> ws;
