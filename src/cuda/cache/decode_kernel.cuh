@@ -246,7 +246,7 @@ __device__ __forceinline__ bool page_scores(const uint8_t* k_half, const uint8_t
     const int32_t* q_words = reinterpret_cast<const int32_t*>(s_q8 + g * D);
     const int32_t* zero_words = reinterpret_cast<const int32_t*>(k_meta + D);
     int32_t dot = 0;
-    const int base = (t + 4 * g) % (D / 4);  // rotated by row, so the 8 rows' lanes hit different banks
+    const int base = (t + 4 * g) % (D / 4);  // rotated by row against bank conflicts (none at D = 128, 256)
 #pragma unroll
     for (int j = 0; j < D / 16; ++j) {
       const int w = base + 4 * j < D / 4 ? base + 4 * j : base + 4 * j - D / 4;
