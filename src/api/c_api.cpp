@@ -3,7 +3,6 @@
 #include <initializer_list>
 #include <cmath>
 #include <memory>
-#include <set>
 #include <string>
 #include <vector>
 
@@ -484,10 +483,14 @@ void check_seq(const ta_cache& c, int32_t seq, const char* name) {
 void check_seqs(const ta_cache& c, const int32_t* seqs, int32_t num_seqs) {
   require(num_seqs >= 1, TA_ERROR_INVALID_ARGUMENT, "num_seqs: ", num_seqs, ", expected >= 1");
   require(seqs != nullptr, TA_ERROR_INVALID_ARGUMENT, "seqs: is NULL");
-  std::set<int32_t> seen;
+  // On every decode and append: no allocation and no message text unless something is wrong.
+  thread_local std::vector<uint8_t> seen;
+  seen.assign(size_t(c.config().max_seqs), 0);
   for (int32_t i = 0; i < num_seqs; ++i) {
-    check_seq(c, seqs[i], concat("seqs[", i, "]").c_str());
-    require(seen.insert(seqs[i]).second, TA_ERROR_INVALID_ARGUMENT, "seqs[", i, "]: sequence ", seqs[i], " appears twice");
+    const int32_t s = seqs[i];
+    if (s < 0 || s >= c.config().max_seqs || !c.book().active(s)) check_seq(c, s, concat("seqs[", i, "]").c_str());
+    require(!seen[size_t(s)], TA_ERROR_INVALID_ARGUMENT, "seqs[", i, "]: sequence ", s, " appears twice");
+    seen[size_t(s)] = 1;
   }
 }
 void check_kv_tokens(const ta_cache& c, const ta_tensor* k_, const ta_tensor* v_, int64_t tokens_expected) {

@@ -147,6 +147,37 @@ def test_bad_input_names_the_argument():
     assert cache.length(0, seqs[0]) == 64
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and turboattn.cuda_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_plan_equals_decode_and_reads_its_buffers_each_call(device):
+    lengths = [70, 130]
+    cache = turboattn.KVCache(2, HKV, D, num_pages=8, max_seqs=2, max_seq_len=256, head_bits=[4, 2] * 2,
+                              device=device)
+    seqs = [cache.add_sequence() for _ in lengths]
+    for layer in (0, 1):
+        k = torch.cat([randn(n, HKV, D) for n in lengths]).to(device)
+        cache.write(layer, seqs, k, k.flip(0), torch.tensor([0, 70, 200], dtype=torch.int32))
+    q = randn(2, 3, HQ, D).to(device)
+    out = torch.full_like(q, float("nan"))
+    plan = cache.decode_plan(seqs, q, out, split_tiles=1)
+    for layer in (1, 0):
+        assert plan(layer) is out
+        assert torch.equal(out, cache.decode(layer, seqs, q, split_tiles=1))
+    q.copy_(randn(2, 3, HQ, D))  # new contents in the same buffer: the plan reads them
+    assert torch.equal(plan(0), cache.decode(0, seqs, q, split_tiles=1))
+    cache.release_sequence(seqs[1])
+    with pytest.raises(turboattn.InvalidArgument, match="seqs"):
+        plan(0)
+
+
+def test_decode_plan_checks_its_buffers_once():
+    cache, seqs = make([64], None)
+    with pytest.raises(turboattn.InvalidArgument, match="out: on meta, expected cpu"):
+        cache.decode_plan(seqs, randn(1, 1, HQ, D), torch.empty(1, 1, HQ, D, dtype=torch.float16, device="meta"))
+
+
 # ---- GPU: the CUDA cache against the CPU cache fed the same tokens ----
 LENGTHS = [1, 63, 64, 65, 200, 1000]
 

@@ -15,8 +15,8 @@ import weakref
 from ._capi import (AttentionOptions, CacheConfig, CacheMemory, DecodeOptions, InvalidArgument, OutOfCapacity,
                     TurboattnError, Unsupported, check, describe, lib, on_device_of, ref, stream_of)
 
-__all__ = ["attention", "attention_exact", "quantize_int8", "KVCache", "head_priority", "assign_head_bits", "version",
-           "cuda_available", "TurboattnError", "InvalidArgument", "Unsupported", "OutOfCapacity"]
+__all__ = ["attention", "attention_exact", "quantize_int8", "KVCache", "DecodePlan", "head_priority", "assign_head_bits",
+           "version", "cuda_available", "TurboattnError", "InvalidArgument", "Unsupported", "OutOfCapacity"]
 
 
 def version():
@@ -247,6 +247,34 @@ class KVCache:
             check(lib.ta_decode(self._handle, layer, arr, n, ref(describe(q)), ctypes.byref(opt), ref(describe(out)),
                                 stream_of(q)))
         return out
+
+    def decode_plan(self, seqs, q, out, *, softmax_scale=0.0, use_sas=True, split_tiles=0):
+        """A decode of q [len(seqs), q_len, Hq, D] into out prepared once, for model loops that keep q and
+        out in fixed buffers: plan(layer) runs it for one layer with the buffers' current contents, at
+        the host cost of the C call alone (the arguments are checked and described here, once). The
+        C call still checks the sequences' lengths, the devices and the pointers every time."""
+        return DecodePlan(self, seqs, q, out, softmax_scale, use_sas, split_tiles)
+
+
+class DecodePlan:
+    """KVCache.decode_plan: one decode's arguments, described once; call it with a layer."""
+
+    def __init__(self, cache, seqs, q, out, softmax_scale, use_sas, split_tiles):
+        cache._expect_here("q", q)
+        cache._expect_here("out", out)
+        self._cache, self._q, self._out = cache, q, out  # held: the descriptors point into them
+        self._seqs, self._n = cache._seqs(seqs)
+        self._opt = DecodeOptions(float(softmax_scale), int(use_sas), int(split_tiles))
+        self._q_desc, self._out_desc = describe(q), describe(out)
+        self._args = (ctypes.byref(self._q_desc), ctypes.byref(self._opt), ctypes.byref(self._out_desc))
+        self._stream_of = stream_of
+
+    def __call__(self, layer):
+        """Decode layer `layer` (on the current stream); returns out."""
+        q_desc, opt, out_desc = self._args
+        check(lib.ta_decode(self._cache._handle, layer, self._seqs, self._n, q_desc, opt, out_desc,
+                            self._stream_of(self._q)))
+        return self._out
 
 
 try:  # the PyTorch operators, when PyTorch is installed

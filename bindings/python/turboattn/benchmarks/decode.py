@@ -273,8 +273,8 @@ def host_overhead(timer, n):
     """Host time per decode call (batch 1, 1k context, 4 bits): rounds of 100 back-to-back calls timed on
     the host with no synchronization inside a round (100 calls queue at most 200 launches, short of the
     driver's launch queue, so the host never waits for the GPU: the time is the host's own). Median over
-    the rounds, through the C API alone (ctypes, descriptors built once), KVCache.decode with and without
-    `out`, and torch.ops.turboattn.decode; and the GPU time of one call."""
+    the rounds, through the C API alone (ctypes, descriptors built once), KVCache.decode_plan, KVCache.decode
+    with and without `out`, and torch.ops.turboattn.decode; and the GPU time of one call."""
     import ctypes
     from turboattn._capi import DecodeOptions, describe, lib, ref, stream_of
     per_round = 100
@@ -289,6 +289,7 @@ def host_overhead(timer, n):
         c_opt, stream = DecodeOptions(0.0, 1, 0), stream_of(q)
         calls = {"c_api": lambda: lib.ta_decode(cache._handle, 0, c_seqs, 1, ref(c_q), ctypes.byref(c_opt), ref(c_out),
                                                 stream),
+                 "decode_plan": functools.partial(cache.decode_plan(seqs, q, out), 0),
                  "kvcache_decode_out": lambda: cache.decode(0, seqs, q, out=out),
                  "kvcache_decode": lambda: cache.decode(0, seqs, q),
                  "torch_op": lambda: torch.ops.turboattn.decode(cache.handle, 0, seqs, q)}
