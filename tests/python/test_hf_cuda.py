@@ -75,25 +75,15 @@ def test_left_padded_batch_on_cuda_matches_each_sequence_alone():
         assert min(cos) > 0.999, cos
 
 
-def test_second_turn_on_cuda_decodes_several_new_tokens():
-    model = hf.patch(cuda_llama(), hf.TurboConfig(bits=8))
+# 7 new tokens + the last generated one: one decode call with q_len 8; 30 + 1: launches of 8 query tokens.
+@pytest.mark.parametrize("new,bits,min_cos", [(7, 8, 0.998), (30, 4, 0.997)])
+def test_second_turn_on_cuda_decodes_the_new_tokens_over_the_cache(new, bits, min_cos):
+    model = hf.patch(cuda_llama(), hf.TurboConfig(bits=bits))
     cache = hf.make_cache(model, batch_size=1, max_seq_len=300)
     first = model.generate(tokens(40).cuda(), past_key_values=cache, max_new_tokens=5, do_sample=False,
                            eos_token_id=None)
-    more = torch.cat([first, tokens(7, seed=5).cuda()], 1)
-    out = generate(model, more, 5, past_key_values=cache)  # 8 uncached tokens: one decode call with q_len 8
+    more = torch.cat([first, tokens(new, seed=5).cuda()], 1)
+    out = generate(model, more, 5, past_key_values=cache)
     assert cache.lengths[0] == [more.shape[1] + 4]
     ref = reference_logits(model, out.sequences, more.shape[1])
-    assert step_cosines(out, ref).min().item() > 0.998
-
-
-def test_second_turn_on_cuda_with_more_new_tokens_than_a_launch_takes():
-    model = hf.patch(cuda_llama(), hf.TurboConfig(bits=4))
-    cache = hf.make_cache(model, batch_size=1, max_seq_len=300)
-    first = model.generate(tokens(40).cuda(), past_key_values=cache, max_new_tokens=5, do_sample=False,
-                           eos_token_id=None)
-    more = torch.cat([first, tokens(30, seed=5).cuda()], 1)
-    out = generate(model, more, 5, past_key_values=cache)  # 31 uncached tokens: decode launches of 8
-    assert cache.lengths[0] == [more.shape[1] + 4]
-    ref = reference_logits(model, out.sequences, more.shape[1])
-    assert step_cosines(out, ref).min().item() > 0.997
+    assert step_cosines(out, ref).min().item() > min_cos

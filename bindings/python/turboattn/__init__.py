@@ -264,16 +264,15 @@ class DecodePlan:
         cache._expect_here("out", out)
         self._cache, self._q, self._out = cache, q, out  # held: the descriptors point into them
         self._seqs, self._n = cache._seqs(seqs)
-        self._opt = DecodeOptions(float(softmax_scale), int(use_sas), int(split_tiles))
-        self._q_desc, self._out_desc = describe(q), describe(out)
-        self._args = (ctypes.byref(self._q_desc), ctypes.byref(self._opt), ctypes.byref(self._out_desc))
-        self._stream_of = stream_of
+        # byref keeps its descriptor alive
+        self._q_desc = ctypes.byref(describe(q))
+        self._out_desc = ctypes.byref(describe(out))
+        self._opt = ctypes.byref(DecodeOptions(float(softmax_scale), int(use_sas), int(split_tiles)))
 
     def __call__(self, layer):
         """Decode layer `layer` (on the current stream); returns out."""
-        q_desc, opt, out_desc = self._args
-        check(lib.ta_decode(self._cache._handle, layer, self._seqs, self._n, q_desc, opt, out_desc,
-                            self._stream_of(self._q)))
+        check(lib.ta_decode(self._cache._handle, layer, self._seqs, self._n, self._q_desc, self._opt, self._out_desc,
+                            stream_of(self._q)))
         return self._out
 
 

@@ -257,7 +257,7 @@ class TurboCache(Cache):
         self.seqs = None  # KVCache sequence ids, one per batch row, from the first prefill
         self.lengths = [None] * layers  # cached (non-padded) tokens per row, per layer
         self._pending = None
-        self._valid_memo = self._mask_memo = None  # this forward's mask and its host-side facts
+        self._step_memo = None  # this forward's mask, read once (_step_mask)
         super().__init__(layers=[_TurboLayer(self, i) for i in range(layers)])
 
     def _create(self, device):
@@ -302,7 +302,7 @@ class TurboCache(Cache):
         self.seqs = None
         self.lengths = [None] * self.num_layers
         self._pending = None
-        self._valid_memo = self._mask_memo = None
+        self._step_memo = None
         super().reset()
 
     def memory(self):
@@ -409,30 +409,36 @@ def _plain_attention(q, k, v, valid, scale, cfg):
     return out
 
 
-def _new_token_counts(cache, layer, valid, B, nq):
-    """Host-side facts of this step's mask, computed at layer 0 and reused by the forward's other layers
-    (they get the same mask object, and each fact costs a device-to-host copy): (valid_new [B, nq] bool on the CPU or None
-    when every new token is real, real new tokens per row, real earlier tokens per row or None)."""
+def _mask_facts(valid, B, nq):
+    """What the cached path needs of the mask on the host: (valid_new [B, nq] bool on the CPU, or None
+    when every new token is real; real new tokens per row; real earlier tokens per row, or None)."""
     if valid is None:
         return None, [nq] * B, None
-    memo = cache._mask_memo
-    if memo is not None and layer != 0 and memo[0] is valid:
-        return memo[1]
     valid_new = valid[:, -nq:].cpu()
     counts = valid_new.sum(1).tolist()
     seen_real = valid[:, :-nq].sum(1).tolist() if valid.shape[1] > nq else [0] * B
-    facts = (None if all(c == nq for c in counts) else valid_new, counts, seen_real)
-    cache._mask_memo = (valid, facts)  # holds `valid`, so its identity stays unique while memoized
-    return facts
+    return (None if all(c == nq for c in counts) else valid_new), counts, seen_real
 
 
-def _cached_attention(cache, layer, q, k, v, valid, scale):
-    """q [B, Nq, Hq, D], k, v [B, Nq, Hkv, D]: the new tokens; valid [B, past + Nq] or None."""
+def _step_mask(cache, layer, attention_mask, B, nq, kv_len):
+    """(valid, facts) of this forward's mask (_valid_keys, _mask_facts), read at layer 0 and reused by the
+    forward's other layers, which get the same mask object: each read syncs the device."""
+    memo = cache._step_memo
+    if memo is None or layer == 0 or memo[0] is not attention_mask or memo[1] != (B, nq, kv_len):
+        valid = _valid_keys(attention_mask, nq, kv_len)
+        memo = (attention_mask, (B, nq, kv_len), valid, _mask_facts(valid, B, nq))
+        cache._step_memo = memo  # holds the mask, so its identity stays unique while memoized
+    return memo[2], memo[3]
+
+
+def _cached_attention(cache, layer, q, k, v, valid, facts, scale):
+    """q [B, Nq, Hq, D], k, v [B, Nq, Hkv, D]: the new tokens; valid [B, past + Nq] or None, and its
+    _mask_facts."""
     cfg, kv = cache.config, cache.kv
     B, nq = q.shape[0], q.shape[1]
     seqs = cache._sequences(B)
     past = cache.lengths[layer] or [0] * B
-    valid_new, counts, seen_real = _new_token_counts(cache, layer, valid, B, nq)
+    valid_new, counts, seen_real = facts
     if seen_real is not None and seen_real != past:
         raise InvalidArgument(1, f"layer {layer}: the attention mask shows {seen_real} earlier real tokens per "
                                  f"sequence but the cache holds {past}")
@@ -500,13 +506,8 @@ def turboattn_attention_forward(module, query, key, value, attention_mask, scali
     if sliding_window is not None and kv_len > sliding_window:
         raise Unsupported(2, f"layer {layer} attends over a sliding window of {sliding_window} tokens and the "
                              f"sequence has reached {kv_len}; turboattn attends over the whole context")
-    if cached:  # the layers of a forward get the same mask: read at layer 0 (each read syncs the device)
-        memo = cache._valid_memo
-        if memo is not None and layer != 0 and memo[0] is attention_mask and memo[1] == (nq, kv_len):
-            valid = memo[2]
-        else:
-            valid = _valid_keys(attention_mask, nq, kv_len)
-            cache._valid_memo = (attention_mask, (nq, kv_len), valid)  # holds the mask: its identity stays unique
+    if cached:
+        valid, facts = _step_mask(cache, layer, attention_mask, query.shape[0], nq, kv_len)
     else:
         valid = _valid_keys(attention_mask, nq, kv_len)
     dtype = _compute_dtype(query)
@@ -515,7 +516,7 @@ def turboattn_attention_forward(module, query, key, value, attention_mask, scali
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     scale = float(scaling) if scaling else 0.0
     if cached:
-        out = _cached_attention(cache, layer, q, k, v, valid, scale)
+        out = _cached_attention(cache, layer, q, k, v, valid, facts, scale)
     else:
         out = _plain_attention(q, k, v, valid, scale, cfg)
     return out.to(query.dtype), None
