@@ -84,14 +84,20 @@ class Workspace {
 
 TokenStrides strides_of(const ta_tensor& t) { return {t.strides[0], t.strides[1], t.strides[2]}; }
 
-template <int kHeadDim, typename Out>
-void launch_prefill(const sm80::PrefillParams& p, bool sas, int batch, cudaStream_t stream) {
+template <int kHeadDim, typename Out, bool kSas>
+void launch_prefill(const sm80::PrefillParams& p, int batch, cudaStream_t stream) {
   using Tr = sm80::PrefillTraits<kHeadDim>;
-  auto kernel = sas ? sm80::flashq_prefill_kernel<kHeadDim, Out, true> : sm80::flashq_prefill_kernel<kHeadDim, Out, false>;
-  TA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes));
+  auto kernel = sm80::flashq_prefill_kernel<kHeadDim, Out, kSas>;
+  static std::atomic<uint64_t> configured{0};
+  allow_dynamic_smem(configured, reinterpret_cast<const void*>(kernel), Tr::kSmemBytes);
   const dim3 grid{unsigned((p.nq + Tr::kBlockM - 1) / Tr::kBlockM), unsigned(p.hq), unsigned(batch)};
   kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
   TA_CUDA_CHECK_LAUNCH("flashq_prefill_kernel");
+}
+
+template <int kHeadDim, typename Out>
+void launch_prefill(const sm80::PrefillParams& p, bool sas, int batch, cudaStream_t stream) {
+  return sas ? launch_prefill<kHeadDim, Out, true>(p, batch, stream) : launch_prefill<kHeadDim, Out, false>(p, batch, stream);
 }
 
 // The one place that maps (head dim, dtype) to a kernel instance.

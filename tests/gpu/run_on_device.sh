@@ -15,6 +15,10 @@ cmake --build build -j 16 > "$OUT/build.log" 2>&1 || { grep -E "error|FAILED" "$
 echo "build ok"
 ./build/tests/turboattn_gpu_tests --gtest_brief=1 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
 gpu_rc=${PIPESTATUS[0]}
+if [ -x build/tests/turboattn_wgmma_tests ]; then  # the sm_90a instruction probes
+  ./build/tests/turboattn_wgmma_tests --gtest_brief=1 2>&1 | tee "$OUT/wgmma_tests.log" | tail -4
+  gpu_rc=$(( gpu_rc | PIPESTATUS[0] ))
+fi
 ctest --test-dir build -LE gpu -j 16 --output-on-failure "$@" > "$OUT/cpu_tests.log" 2>&1
 cpu_rc=$?
 tail -3 "$OUT/cpu_tests.log"

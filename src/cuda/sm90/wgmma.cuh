@@ -1,0 +1,58 @@
+// Inline-PTX wrappers for Hopper's warpgroup matrix instructions (sm_90a), one per instruction, named
+// after it, and the shared-memory matrix descriptor they read B (and optionally A) through.
+//
+// Layout used here: K-major operands without swizzle. A "core matrix" is 8 rows (M or N) of 16
+// contiguous bytes (16 K positions at 8 bits); the descriptor gives the byte distance between core
+// matrices adjacent along K (leading byte offset) and along M/N (stride byte offset).
+#pragma once
+
+#include <stdint.h>
+
+namespace turboattn::cuda::sm90 {
+
+// Byte offset of element (row, k) of a K-major, unswizzled operand whose core matrices are laid out
+// K-fastest: rows of `k_bytes` bytes, so LBO = 128 and SBO = 8 * k_bytes.
+__host__ __device__ constexpr int kmajor_offset(int row, int k, int k_bytes) {
+  return (row / 8) * (8 * k_bytes) + (k / 16) * 128 + (row % 8) * 16 + (k % 16);
+}
+
+// The 64-bit shared-memory matrix descriptor: start address, LBO and SBO in 16-byte units (bits 0-13,
+// 16-29, 32-45), base offset 0 and swizzle mode 0 (none).
+__device__ __forceinline__ uint64_t smem_descriptor(const void* smem, uint32_t lbo_bytes, uint32_t sbo_bytes) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  return uint64_t((addr >> 4) & 0x3FFF) | (uint64_t((lbo_bytes >> 4) & 0x3FFF) << 16) |
+         (uint64_t((sbo_bytes >> 4) & 0x3FFF) << 32);
+}
+
+// wgmma.fence.sync.aligned: orders register accesses to the accumulators before the next wgmma.
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+// wgmma.commit_group.sync.aligned / wgmma.wait_group.sync.aligned N.
+__device__ __forceinline__ void wgmma_commit_group() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait_group() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// fence.proxy.async.shared::cta: shared-memory stores by threads become visible to wgmma's reads.
+__device__ __forceinline__ void fence_proxy_async_shared() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// wgmma.mma_async.sync.aligned.m64n64k32.s32.{s8,u8}.s8: d (64 x 64 s32, 32 registers a thread) +=
+// a (64 x 32, from registers: each warp's 16 rows in the m16n8k32 A-fragment layout) * b (32 x 64 from
+// shared memory through its descriptor, K-major). scale_d = 0 overwrites d instead of adding.
+#define TA_WGMMA_M64N64K32(NAME, ATYPE)                                                                              \
+  __device__ __forceinline__ void NAME(int32_t (&d)[32], const uint32_t (&a)[4], uint64_t b_desc, int scale_d) {   \
+    asm volatile(                                                                                                  \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                                               \
+        "wgmma.mma_async.sync.aligned.m64n64k32.s32." ATYPE ".s8 "                                                  \
+        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,"   \
+        "%28,%29,%30,%31}, {%32,%33,%34,%35}, %36, p;\n}\n"                                                         \
+        : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]), "+r"(d[8]),   \
+          "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]), "+r"(d[16]),       \
+          "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]), "+r"(d[24]),      \
+          "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31])                   \
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(scale_d));                          \
+  }
+TA_WGMMA_M64N64K32(wgmma_m64n64k32_s8s8, "s8")
+TA_WGMMA_M64N64K32(wgmma_m64n64k32_u8s8, "u8")
+#undef TA_WGMMA_M64N64K32
+
+}  // namespace turboattn::cuda::sm90
