@@ -201,6 +201,66 @@ TEST(CApi, RejectsBadCacheArguments) {
   ta_cache_destroy(c);
 }
 
+// A decode plan gives ta_decode's bytes in every layer; what can change after its creation (the
+// sequences, their lengths, the layer) is checked at each run.
+TEST(CApi, DecodePlanEqualsDecodeAndRechecksEachRun) {
+  std::mt19937_64 rng(std::random_device{}());
+  ta_cache_config cfg = ta_cache_default_config();
+  cfg.num_layers = 2, cfg.num_kv_heads = 2, cfg.head_dim = 64, cfg.max_seqs = 3, cfg.max_seq_len = 300, cfg.num_pages = 16;
+  KvCache cache(cfg);
+  const std::vector<int32_t> seqs = {cache.add_sequence(), cache.add_sequence()};
+  const int lens[2] = {131, 70}, q_len = 2, hq = 4;
+  for (int layer = 0; layer < 2; ++layer)
+    for (int i = 0; i < 2; ++i) {
+      std::vector<float> kf = test::make_input(rng, lens[i], 2, 64, InputKind::Outliers, 'k');
+      std::vector<float> vf = test::make_input(rng, lens[i], 2, 64, InputKind::Normal, 'v');
+      std::vector<uint16_t> k = test::to_half(kf), v = test::to_half(vf);
+      int32_t cu[2] = {0, lens[i]};
+      cache.write(layer, {seqs[size_t(i)]}, tensor(k.data(), TA_DTYPE_F16, {lens[i], 2, 64}),
+                  tensor(v.data(), TA_DTYPE_F16, {lens[i], 2, 64}), tensor(cu, TA_DTYPE_I32, {2}));
+    }
+  std::vector<float> qf = test::make_input(rng, 2 * q_len, hq, 64, InputKind::Normal, 'q');
+  std::vector<uint16_t> q = test::to_half(qf);
+  std::vector<uint16_t> by_plan(q.size(), 0x7E00), by_call(q.size(), 0x7E00);
+  const ta_tensor tq = tensor(q.data(), TA_DTYPE_F16, {2, q_len, hq, 64});
+  ta_tensor t_plan = tensor(by_plan.data(), TA_DTYPE_F16, {2, q_len, hq, 64});
+  ta_tensor t_call = tensor(by_call.data(), TA_DTYPE_F16, {2, q_len, hq, 64});
+  DecodePlan plan(cache, seqs, tq, t_plan);
+  for (int layer = 0; layer < 2; ++layer) {
+    std::fill(by_plan.begin(), by_plan.end(), uint16_t(0x7E00));  // NaN poison
+    std::fill(by_call.begin(), by_call.end(), uint16_t(0x7E00));
+    plan.run(layer);
+    cache.decode(layer, seqs, tq, t_call);
+    for (uint16_t h : by_plan) ASSERT_TRUE(std::isfinite(ref::half_to_float(h))) << "layer " << layer;
+    EXPECT_EQ(by_plan, by_call) << "layer " << layer;
+  }
+  // Creation rejects what ta_decode rejects, by the same names.
+  ta_decode_plan* bad = nullptr;
+  ta_tensor q3h = tensor(q.data(), TA_DTYPE_F16, {2, 1, 3, 64});
+  EXPECT_EQ(ta_decode_plan_create(cache.get(), seqs.data(), 2, &q3h, nullptr, &t_plan, &bad), TA_ERROR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(ta_last_error()).find("3 query heads"), std::string::npos) << ta_last_error();
+  const int32_t twice[2] = {seqs[0], seqs[0]};
+  EXPECT_EQ(ta_decode_plan_create(cache.get(), twice, 2, &tq, nullptr, &t_plan, &bad), TA_ERROR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(ta_last_error()).find("appears twice"), std::string::npos) << ta_last_error();
+  EXPECT_EQ(ta_decode_plan_create(cache.get(), seqs.data(), 2, &tq, nullptr, &t_plan, nullptr), TA_ERROR_INVALID_ARGUMENT);
+  EXPECT_EQ(bad, nullptr);
+  EXPECT_EQ(ta_decode_plan_run(nullptr, 0, nullptr), TA_ERROR_INVALID_ARGUMENT);
+  // Each run: the layer, a released sequence.
+  ta_decode_plan* raw = nullptr;
+  ASSERT_EQ(ta_decode_plan_create(cache.get(), seqs.data(), 2, &tq, nullptr, &t_plan, &raw), TA_SUCCESS) << ta_last_error();
+  EXPECT_EQ(ta_decode_plan_run(raw, 2, nullptr), TA_ERROR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(ta_last_error()).find("layer: 2 is outside [0, 2)"), std::string::npos) << ta_last_error();
+  cache.release_sequence(seqs[1]);
+  EXPECT_EQ(ta_decode_plan_run(raw, 0, nullptr), TA_ERROR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(ta_last_error()).find("sequence " + std::to_string(seqs[1]) + " is not active"), std::string::npos)
+      << ta_last_error();
+  // A re-added sequence shorter than q_len: refused by length, not decoded.
+  ASSERT_EQ(cache.add_sequence(), seqs[1]);
+  EXPECT_EQ(ta_decode_plan_run(raw, 0, nullptr), TA_ERROR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(ta_last_error()).find("q_len 2 exceeds"), std::string::npos) << ta_last_error();
+  ta_decode_plan_destroy(raw);
+}
+
 TEST(CApi, QuantizeInt8MatchesReferenceBlocks) {
   std::mt19937_64 rng(std::random_device{}());
   const int B = 2, N = 130, H = 3, D = 96;

@@ -170,6 +170,19 @@ TA_API ta_status ta_decode(ta_cache* cache, int32_t layer, const int32_t* seqs, 
                            const ta_tensor* q, const ta_decode_options* options, ta_tensor* out,
                            void* cuda_stream);
 
+/* A decode prepared once and run per layer: for model loops that keep q and out in fixed buffers and
+ * decode the same sequences in every layer of a step. ta_decode_plan_create checks what ta_decode
+ * checks that does not depend on the layer (sequences, q, out, options, device pointers) and keeps
+ * copies of seqs and of the two descriptors (not of the data: q and out must outlive the plan);
+ * ta_decode_plan_run(plan, layer, stream) then decodes one layer with q's current contents, checking
+ * only the layer, that the sequences are still active and long enough, and the current device. A plan
+ * refers to its cache: destroy plans before their cache. */
+typedef struct ta_decode_plan ta_decode_plan;
+TA_API ta_status ta_decode_plan_create(ta_cache* cache, const int32_t* seqs, int32_t num_seqs, const ta_tensor* q,
+                                       const ta_decode_options* options, ta_tensor* out, ta_decode_plan** plan);
+TA_API ta_status ta_decode_plan_run(ta_decode_plan* plan, int32_t layer, void* cuda_stream);
+TA_API void ta_decode_plan_destroy(ta_decode_plan* plan);
+
 /* ---- Headwise mixed precision ----
  * Priority of each KV head of one layer from calibration k, v [T, Hkv, D] (f16, bf16 or f32):
  * priority f32 [Hkv]. Then bits for every (layer, head) with a target fraction of 2-bit heads. */

@@ -91,4 +91,22 @@ class KvCache {
   std::unique_ptr<ta_cache, Deleter> cache_;
 };
 
+// ta_decode_plan: one step's decode arguments checked once, run per layer. Must not outlive its cache.
+class DecodePlan {
+ public:
+  DecodePlan(KvCache& cache, const std::vector<int32_t>& seqs, const ta_tensor& q, ta_tensor& out,
+             const ta_decode_options& options = ta_decode_default_options()) {
+    ta_decode_plan* p = nullptr;
+    check(ta_decode_plan_create(cache.get(), seqs.data(), int32_t(seqs.size()), &q, &options, &out, &p));
+    plan_.reset(p);
+  }
+  void run(int32_t layer, void* cuda_stream = nullptr) { check(ta_decode_plan_run(plan_.get(), layer, cuda_stream)); }
+
+ private:
+  struct Deleter {
+    void operator()(ta_decode_plan* p) const { ta_decode_plan_destroy(p); }
+  };
+  std::unique_ptr<ta_decode_plan, Deleter> plan_;
+};
+
 }  // namespace turboattn

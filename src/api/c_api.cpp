@@ -191,6 +191,14 @@ struct ta_cache {
 #endif
 };
 
+// A decode's layer-independent arguments, checked once (ta_decode_plan_create).
+struct ta_decode_plan {
+  ta_cache* cache;
+  std::vector<int32_t> seqs;
+  ta_tensor q, out;
+  ta_decode_options options;
+};
+
 using namespace turboattn;
 
 extern "C" {
@@ -628,52 +636,95 @@ ta_status ta_cache_append(ta_cache* cache, int32_t layer, const int32_t* seqs, i
 
 ta_decode_options ta_decode_default_options(void) { return {0.0f, 1, 0}; }
 
-ta_status ta_decode(ta_cache* cache, int32_t layer, const int32_t* seqs, int32_t num_seqs, const ta_tensor* q_,
-                    const ta_decode_options* options, ta_tensor* out_, void* cuda_stream) {
+namespace {
+// What a decode checks once for all layers: the sequence list, q and out, the options, the pointers.
+void check_decode_args(ta_cache& c, const int32_t* seqs, int32_t num_seqs, const ta_tensor* q_, const ta_tensor* out_,
+                       const ta_decode_options& o) {
+  check_seqs(c, seqs, num_seqs);
+  const ta_tensor& q = check_tensor(q_, "q");
+  const ta_tensor& out = check_tensor(out_, "out");
+  expect_dtype(q, "q", {TA_DTYPE_F16, TA_DTYPE_BF16});
+  expect_dtype(out, "out", {q.dtype});
+  expect_device(q, "q", c.device);
+  expect_device(out, "out", c.device);
+  expect_rank(q, "q", 4);
+  expect_last_dim_contiguous(q, "q");
+  expect_last_dim_contiguous(out, "out");
+  const int64_t q_len = q.shape[1], hq = q.shape[2], D = c.config().head_dim, hkv = c.config().kv_heads;
+  require(q.shape[0] == num_seqs, TA_ERROR_INVALID_ARGUMENT, "q: batch ", q.shape[0], " differs from num_seqs ", num_seqs);
+  require(q.shape[3] == D, TA_ERROR_INVALID_ARGUMENT, "q: head dim ", q.shape[3], " differs from the cache's ", D);
+  require(hq > 0 && hq % hkv == 0, TA_ERROR_INVALID_ARGUMENT, "q: ", hq, " query heads is not a positive multiple of the cache's ",
+          hkv, " KV heads");
+  require(q_len >= 1, TA_ERROR_INVALID_ARGUMENT, "q: q_len ", q_len, ", expected >= 1");
+  expect_shape(out, "out", {num_seqs, q_len, hq, D});
+  check_softmax_scale(o.softmax_scale, "options.softmax_scale");
+  require(o.split_tiles >= 0, TA_ERROR_INVALID_ARGUMENT, "options.split_tiles: ", o.split_tiles, ", expected >= 0");
+#ifdef TURBOATTN_WITH_CUDA
+  if (c.gpu) {
+    c.gpu->expect_current_device();
+    cuda::expect_device_pointer(q.data, "q");
+    cuda::expect_device_pointer(out.data, "out");
+  }
+#endif
+}
+
+// One layer's decode of arguments check_decode_args accepted: what can change between layers and
+// steps (the layer, the sequences still being active, their lengths, the current device) is checked here.
+void run_decode(ta_cache& c, int32_t layer, const int32_t* seqs, int32_t num_seqs, const ta_tensor& q,
+                const ta_decode_options& o, ta_tensor& out, void* cuda_stream) {
+  check_layer(c, layer);
+  check_seqs(c, seqs, num_seqs);
+  const int64_t q_len = q.shape[1], hq = q.shape[2], D = c.config().head_dim;
+  for (int32_t i = 0; i < num_seqs; ++i)
+    require(c.book().length(layer, seqs[i]) >= q_len, TA_ERROR_INVALID_ARGUMENT, "q: q_len ", q_len, " exceeds sequence ",
+            seqs[i], "'s ", c.book().length(layer, seqs[i]), " cached tokens in layer ", layer, " (append the new tokens first)");
+#ifdef TURBOATTN_WITH_CUDA
+  if (c.gpu) {
+    c.gpu->expect_current_device();
+    return c.gpu->decode(layer, seqs, num_seqs, q, o, out, cuda_stream);
+  }
+#else
+  (void)cuda_stream;
+#endif
+  const std::vector<float> qf = to_float(q);
+  std::vector<float> of(qf.size());
+  for (int32_t i = 0; i < num_seqs; ++i)
+    c.host->decode(layer, seqs[i], view(qf, int64_t(i) * q_len, q_len, hq, D), o.softmax_scale, o.use_sas != 0, o.split_tiles,
+                   of.data() + size_t(i) * q_len * hq * D);
+  from_float(of, out);
+}
+}  // namespace
+
+ta_status ta_decode(ta_cache* cache, int32_t layer, const int32_t* seqs, int32_t num_seqs, const ta_tensor* q,
+                    const ta_decode_options* options, ta_tensor* out, void* cuda_stream) {
   return guard([&] {
     ta_cache& c = cache_of(cache);
-    check_layer(c, layer);
-    check_seqs(c, seqs, num_seqs);
-    const ta_tensor& q = check_tensor(q_, "q");
-    ta_tensor& out = const_cast<ta_tensor&>(check_tensor(out_, "out"));
-    expect_dtype(q, "q", {TA_DTYPE_F16, TA_DTYPE_BF16});
-    expect_dtype(out, "out", {q.dtype});
-    expect_device(q, "q", c.device);
-    expect_device(out, "out", c.device);
-    expect_rank(q, "q", 4);
-    expect_last_dim_contiguous(q, "q");
-    expect_last_dim_contiguous(out, "out");
-    const int64_t q_len = q.shape[1], hq = q.shape[2], D = c.config().head_dim, hkv = c.config().kv_heads;
-    require(q.shape[0] == num_seqs, TA_ERROR_INVALID_ARGUMENT, "q: batch ", q.shape[0], " differs from num_seqs ", num_seqs);
-    require(q.shape[3] == D, TA_ERROR_INVALID_ARGUMENT, "q: head dim ", q.shape[3], " differs from the cache's ", D);
-    require(hq > 0 && hq % hkv == 0, TA_ERROR_INVALID_ARGUMENT, "q: ", hq, " query heads is not a positive multiple of the cache's ",
-            hkv, " KV heads");
-    require(q_len >= 1, TA_ERROR_INVALID_ARGUMENT, "q: q_len ", q_len, ", expected >= 1");
-    expect_shape(out, "out", {num_seqs, q_len, hq, D});
-    for (int32_t i = 0; i < num_seqs; ++i)
-      require(c.book().length(layer, seqs[i]) >= q_len, TA_ERROR_INVALID_ARGUMENT, "q: q_len ", q_len, " exceeds sequence ",
-              seqs[i], "'s ", c.book().length(layer, seqs[i]), " cached tokens in layer ", layer, " (append the new tokens first)");
     const ta_decode_options o = options ? *options : ta_decode_default_options();
-    check_softmax_scale(o.softmax_scale, "options.softmax_scale");
-    require(o.split_tiles >= 0, TA_ERROR_INVALID_ARGUMENT, "options.split_tiles: ", o.split_tiles, ", expected >= 0");
-#ifdef TURBOATTN_WITH_CUDA
-    if (c.gpu) {
-      c.gpu->expect_current_device();
-      cuda::expect_device_pointer(q.data, "q");
-      cuda::expect_device_pointer(out.data, "out");
-      return c.gpu->decode(layer, seqs, num_seqs, q, o, out, cuda_stream);
-    }
-#else
-    (void)cuda_stream;
-#endif
-    const std::vector<float> qf = to_float(q);
-    std::vector<float> of(qf.size());
-    for (int32_t i = 0; i < num_seqs; ++i)
-      c.host->decode(layer, seqs[i], view(qf, int64_t(i) * q_len, q_len, hq, D), o.softmax_scale, o.use_sas != 0, o.split_tiles,
-               of.data() + size_t(i) * q_len * hq * D);
-    from_float(of, out);
+    check_decode_args(c, seqs, num_seqs, q, out, o);
+    run_decode(c, layer, seqs, num_seqs, *q, o, *out, cuda_stream);
   });
 }
+
+ta_status ta_decode_plan_create(ta_cache* cache, const int32_t* seqs, int32_t num_seqs, const ta_tensor* q,
+                                const ta_decode_options* options, ta_tensor* out, ta_decode_plan** plan) {
+  return guard([&] {
+    ta_cache& c = cache_of(cache);
+    require(plan != nullptr, TA_ERROR_INVALID_ARGUMENT, "plan: output pointer is NULL");
+    const ta_decode_options o = options ? *options : ta_decode_default_options();
+    check_decode_args(c, seqs, num_seqs, q, out, o);
+    *plan = new ta_decode_plan{&c, std::vector<int32_t>(seqs, seqs + num_seqs), *q, *out, o};
+  });
+}
+
+ta_status ta_decode_plan_run(ta_decode_plan* plan, int32_t layer, void* cuda_stream) {
+  return guard([&] {
+    require(plan != nullptr, TA_ERROR_INVALID_ARGUMENT, "plan: is NULL");
+    ta_decode_plan& p = *plan;
+    run_decode(*p.cache, layer, p.seqs.data(), int32_t(p.seqs.size()), p.q, p.options, p.out, cuda_stream);
+  });
+}
+
+void ta_decode_plan_destroy(ta_decode_plan* plan) { delete plan; }
 
 ta_status ta_head_priority(const ta_tensor* k_, const ta_tensor* v_, float* priority) {
   return guard([&] {

@@ -176,6 +176,10 @@ def test_decode_plan_checks_its_buffers_once():
     cache, seqs = make([64], None)
     with pytest.raises(turboattn.InvalidArgument, match="out: on meta, expected cpu"):
         cache.decode_plan(seqs, randn(1, 1, HQ, D), torch.empty(1, 1, HQ, D, dtype=torch.float16, device="meta"))
+    with pytest.raises(turboattn.InvalidArgument, match=r"out: shape \[1, 2, 8, 128\], expected \[1, 1, 8, 128\]"):
+        cache.decode_plan(seqs, randn(1, 1, HQ, D), randn(1, 2, HQ, D))
+    with pytest.raises(turboattn.InvalidArgument, match="layer: 5"):
+        cache.decode_plan(seqs, randn(1, 1, HQ, D), randn(1, 1, HQ, D))(5)
 
 
 # ---- GPU: the CUDA cache against the CPU cache fed the same tokens ----

@@ -13,7 +13,8 @@ import ctypes
 import weakref
 
 from ._capi import (AttentionOptions, CacheConfig, CacheMemory, DecodeOptions, InvalidArgument, OutOfCapacity,
-                    TurboattnError, Unsupported, check, describe, lib, on_device_of, ref, stream_of)
+                    TurboattnError, Unsupported, check, describe, lib, on_device_of, ref, stream_of,
+                    stream_source)
 
 __all__ = ["attention", "attention_exact", "quantize_int8", "KVCache", "DecodePlan", "head_priority", "assign_head_bits",
            "version", "cuda_available", "TurboattnError", "InvalidArgument", "Unsupported", "OutOfCapacity"]
@@ -250,30 +251,41 @@ class KVCache:
 
     def decode_plan(self, seqs, q, out, *, softmax_scale=0.0, use_sas=True, split_tiles=0):
         """A decode of q [len(seqs), q_len, Hq, D] into out prepared once, for model loops that keep q and
-        out in fixed buffers: plan(layer) runs it for one layer with the buffers' current contents, at
-        the host cost of the C call alone (the arguments are checked and described here, once). The
-        C call still checks the sequences' lengths, the devices and the pointers every time."""
+        out in fixed buffers: plan(layer) runs it for one layer with the buffers' current contents on
+        the current stream. q, out, the sequence list and the options are checked here, once
+        (ta_decode_plan_create); each run checks only what can change between calls: the layer, that the
+        sequences are still active and long enough, and that the cache's device is current (plan(layer)
+        does not switch devices, unlike decode). q and out must keep their storage while the plan lives."""
         return DecodePlan(self, seqs, q, out, softmax_scale, use_sas, split_tiles)
 
 
 class DecodePlan:
-    """KVCache.decode_plan: one decode's arguments, described once; call it with a layer."""
+    """KVCache.decode_plan: one step's decode arguments, checked once in C (ta_decode_plan_create); call it
+    with a layer."""
 
     def __init__(self, cache, seqs, q, out, softmax_scale, use_sas, split_tiles):
         cache._expect_here("q", q)
         cache._expect_here("out", out)
-        self._cache, self._q, self._out = cache, q, out  # held: the descriptors point into them
-        self._seqs, self._n = cache._seqs(seqs)
-        # byref keeps its descriptor alive
-        self._q_desc = ctypes.byref(describe(q))
-        self._out_desc = ctypes.byref(describe(out))
-        self._opt = ctypes.byref(DecodeOptions(float(softmax_scale), int(use_sas), int(split_tiles)))
+        self._cache, self._q, self._out = cache, q, out  # held: the plan points into them and its cache
+        c_seqs, n = cache._seqs(seqs)
+        options = DecodeOptions(float(softmax_scale), int(use_sas), int(split_tiles))
+        plan = ctypes.c_void_p()
+        with on_device_of(q):
+            check(lib.ta_decode_plan_create(cache._handle, c_seqs, n, ctypes.byref(describe(q)), ctypes.byref(options),
+                                            ctypes.byref(describe(out)), ctypes.byref(plan)))
+        self._plan, self._stream = plan, stream_source(q)
 
     def __call__(self, layer):
         """Decode layer `layer` (on the current stream); returns out."""
-        check(lib.ta_decode(self._cache._handle, layer, self._seqs, self._n, self._q_desc, self._opt, self._out_desc,
-                            stream_of(self._q)))
+        status = lib.ta_decode_plan_run(self._plan, layer, self._stream())
+        if status:
+            check(status)
         return self._out
+
+    def __del__(self):
+        if getattr(self, "_plan", None):
+            lib.ta_decode_plan_destroy(self._plan)
+            self._plan = None
 
 
 try:  # the PyTorch operators, when PyTorch is installed

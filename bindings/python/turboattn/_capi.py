@@ -6,6 +6,7 @@ arrays (CPU) both work.
 """
 import contextlib
 import ctypes
+import functools
 import os
 
 MAX_DIMS = 4
@@ -90,6 +91,11 @@ lib.ta_cache_write.argtypes = [ctypes.c_void_p, ctypes.c_int32, _SEQS, ctypes.c_
 lib.ta_cache_append.argtypes = [ctypes.c_void_p, ctypes.c_int32, _SEQS, ctypes.c_int32, _T, _T, ctypes.c_void_p]
 lib.ta_decode.argtypes = [ctypes.c_void_p, ctypes.c_int32, _SEQS, ctypes.c_int32, _T, ctypes.POINTER(DecodeOptions), _T,
                           ctypes.c_void_p]
+lib.ta_decode_plan_create.argtypes = [ctypes.c_void_p, _SEQS, ctypes.c_int32, _T, ctypes.POINTER(DecodeOptions), _T,
+                                      ctypes.POINTER(ctypes.c_void_p)]
+lib.ta_decode_plan_run.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p]
+lib.ta_decode_plan_destroy.argtypes = [ctypes.c_void_p]
+lib.ta_decode_plan_destroy.restype = None
 lib.ta_head_priority.argtypes = [_T, _T, ctypes.POINTER(ctypes.c_float)]
 lib.ta_assign_head_bits.argtypes = [ctypes.POINTER(ctypes.c_float), ctypes.c_int32, ctypes.c_int32, ctypes.c_float,
                                     ctypes.POINTER(ctypes.c_int32)]
@@ -146,6 +152,17 @@ def _raw_stream_getter():
 
 
 _raw_stream = None
+
+
+def stream_source(x):
+    """A function of no arguments giving the current CUDA stream of x's device as an int (x a torch CUDA
+    tensor), or None (otherwise): for calls that pass the stream of the same device many times."""
+    global _raw_stream
+    if hasattr(x, "is_cuda") and x.is_cuda:
+        if _raw_stream is None:
+            _raw_stream = _raw_stream_getter()
+        return functools.partial(_raw_stream, x.device.index)
+    return lambda: None
 
 
 def stream_of(x):
