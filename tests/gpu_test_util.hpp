@@ -6,6 +6,8 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "reference/half.hpp"
@@ -31,6 +33,17 @@ struct DeviceBuffer {
     return h;
   }
   void poison() { EXPECT_EQ(cudaMemset(ptr, 0xFF, n * sizeof(T)), cudaSuccess); }  // NaN for floats
+};
+
+// Sets an environment variable for a scope (the library reads TURBOATTN_PREFILL_MMA at each call).
+struct ScopedEnv {
+  std::string name, old;
+  bool had;
+  ScopedEnv(const char* n, const char* value) : name(n), had(std::getenv(n) != nullptr) {
+    if (had) old = std::getenv(n);
+    setenv(n, value, 1);
+  }
+  ~ScopedEnv() { had ? setenv(name.c_str(), old.c_str(), 1) : unsetenv(name.c_str()); }
 };
 
 // Values of x ([B, N, H, D] order) as fp16 or bf16 bits in [B, N, H, D] or [B, H, N, D] memory.

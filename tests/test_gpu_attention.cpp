@@ -66,6 +66,27 @@ std::vector<float> expect_close_to_reference(const DeviceMem& dout, const Device
   return g;
 }
 
+// The prefill kernel's two operand paths (mma.sync, and wgmma on sm_90a) give the same bytes: `call`
+// reruns the attention into dout and dlse under each path this device has (TURBOATTN_PREFILL_MMA),
+// and each result must equal what the default path wrote there. Returns the number of paths run.
+template <class Call>
+int expect_operand_paths_agree(DeviceMem& dout, DeviceMem& dlse, Call call) {
+  const std::vector<uint8_t> out0 = dout.download(), lse0 = dlse.download();
+  int paths = 0;
+  for (const char* path : {"sm80", "sm90"}) {
+    test::ScopedEnv env("TURBOATTN_PREFILL_MMA", path);
+    dout.poison(), dlse.poison();
+    const ta_status st = call();
+    if (st == TA_ERROR_UNSUPPORTED && std::string(path) == "sm90") continue;  // not a Hopper device or build
+    EXPECT_EQ(st, TA_SUCCESS) << path << ": " << ta_last_error();
+    EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    EXPECT_TRUE(dout.download() == out0) << path << ": output bytes differ from the default path's";
+    EXPECT_TRUE(dlse.download() == lse0) << path << ": lse bytes differ from the default path's";
+    ++paths;
+  }
+  return paths;
+}
+
 void run_case(const GpuCase& c) {
   const uint64_t seed = std::random_device{}();
   SCOPED_TRACE(testing::Message() << "seed " << seed << " dim " << c.dim << " nq " << c.nq << " nk " << c.nk << " hq " << c.hq
@@ -111,6 +132,7 @@ void run_case(const GpuCase& c) {
   // Same arithmetic as the reference but for exp2 (MUFU vs libm), the K mean's summation order and
   // the order of the row sums: differences at rounding level.
   const std::vector<float> g = expect_close_to_reference(dout, dlse, ref_out, ref_lse, c.dtype, 5e-3, 2e-2);
+  expect_operand_paths_agree(dout, dlse, [&] { return ta_attention(&gq, &gk, &gv, nullptr, nullptr, &opt, &go, &gl, nullptr); });
   std::vector<float> e(qh.size());
   for (size_t i = 0; i < e.size(); ++i) e[i] = value(exact_out[i], c.dtype);
   const test::ErrorStats vs_exact = test::compare(g, e);
@@ -206,6 +228,7 @@ TEST_P(GpuPrefillVarlen, MatchesReferenceWithCuSeqlensOnEitherDevice) {
   ASSERT_EQ(ta_attention(&gq, &gk, &gv, &gcq, &gck, &opt, &go, &gl, nullptr), TA_SUCCESS) << ta_last_error();
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   expect_close_to_reference(dout, dlse, ref_out, ref_lse, TA_DTYPE_F16, 5e-3, 2e-2);
+  expect_operand_paths_agree(dout, dlse, [&] { return ta_attention(&gq, &gk, &gv, &gcq, &gck, &opt, &go, &gl, nullptr); });
 }
 INSTANTIATE_TEST_SUITE_P(All, GpuPrefillVarlen, testing::Combine(testing::Bool(), testing::Bool()));
 
@@ -257,6 +280,26 @@ TEST(GpuPrefillInt8Kv, MatchesReferenceOverTheSameCodes) {
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   // The same codes on both sides: only exp2 and the order of the row sums differ.
   expect_close_to_reference(dout, dlse, ref_out, ref_lse, TA_DTYPE_F16, 2e-3, 1e-2);
+  expect_operand_paths_agree(dout, dlse, [&] { return ta_attention_int8kv(&gq, &gkc, &gks, &gvc, &gvs, &gm, &opt, &go, &gl, nullptr); });
+}
+
+TEST(GpuPrefill, OperandPathSwitchIsCheckedAndHopperRunsWgmma) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  DeviceBuffer<uint16_t> dq(64 * 64), dout(64 * 64);
+  dq.upload(std::vector<uint16_t>(64 * 64, 0x3C00));
+  ta_tensor gq = tensor(dq.ptr, TA_DTYPE_F16, {1, 64, 1, 64}, TA_DEVICE_CUDA), go = tensor(dout.ptr, TA_DTYPE_F16, {1, 64, 1, 64}, TA_DEVICE_CUDA);
+  {
+    test::ScopedEnv env("TURBOATTN_PREFILL_MMA", "sm75");
+    EXPECT_EQ(ta_attention(&gq, &gq, &gq, nullptr, nullptr, nullptr, &go, nullptr, nullptr), TA_ERROR_INVALID_ARGUMENT);
+    EXPECT_NE(std::string(ta_last_error()).find("TURBOATTN_PREFILL_MMA=sm75: expected sm80, sm90 or unset"), std::string::npos)
+        << ta_last_error();
+  }
+  int major = 0;
+  ASSERT_EQ(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0), cudaSuccess);
+  test::ScopedEnv env("TURBOATTN_PREFILL_MMA", "sm90");
+  const ta_status st = ta_attention(&gq, &gq, &gq, nullptr, nullptr, nullptr, &go, nullptr, nullptr);
+  if (major == 9) EXPECT_EQ(st, TA_SUCCESS) << "a Hopper device must have the wgmma path: " << ta_last_error();
+  else EXPECT_EQ(st, TA_ERROR_UNSUPPORTED);
 }
 
 namespace {

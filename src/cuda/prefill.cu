@@ -4,6 +4,8 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -14,7 +16,9 @@
 #include "cuda/common/check.cuh"
 #include "cuda/common/numeric.cuh"
 #include "cuda/quantize.cuh"
-#include "cuda/sm80/prefill_kernel.cuh"
+#include "cuda/prefill/prefill_kernel.cuh"
+#include "cuda/sm80/prefill_mma.cuh"
+#include "cuda/sm90/prefill_mma.cuh"
 #include "turboattn/format.h"
 
 namespace turboattn::cuda {
@@ -84,30 +88,62 @@ class Workspace {
 
 TokenStrides strides_of(const ta_tensor& t) { return {t.strides[0], t.strides[1], t.strides[2]}; }
 
-template <int kHeadDim, typename Out, bool kSas>
-void launch_prefill(const sm80::PrefillParams& p, int batch, cudaStream_t stream) {
-  using Tr = sm80::PrefillTraits<kHeadDim>;
-  auto kernel = sm80::flashq_prefill_kernel<kHeadDim, Out, kSas>;
+// The prefill kernel's operand path: wgmma (sm90::PrefillMma) on a compute capability 9.0 device
+// when this build has sm_90a code, else mma.sync (sm80::PrefillMma). Both give the same bytes.
+// TURBOATTN_PREFILL_MMA=sm80 or =sm90 picks one (tests and benchmarks compare them); sm90 where it
+// cannot run is an error.
+enum class PrefillPath { kMmaSync, kWgmma };
+
+PrefillPath prefill_path() {
+  int device = 0, major = 0;
+  TA_CUDA_CHECK(cudaGetDevice(&device));
+  TA_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+#ifdef TURBOATTN_HAVE_SM90A
+  const bool wgmma_here = major == 9;
+#else
+  const bool wgmma_here = false;
+#endif
+  const char* forced = std::getenv("TURBOATTN_PREFILL_MMA");
+  if (!forced || !*forced) return wgmma_here ? PrefillPath::kWgmma : PrefillPath::kMmaSync;
+  const std::string want = forced;
+  require(want == "sm80" || want == "sm90", TA_ERROR_INVALID_ARGUMENT, "TURBOATTN_PREFILL_MMA=", want,
+          ": expected sm80, sm90 or unset");
+  require(want == "sm80" || wgmma_here, TA_ERROR_UNSUPPORTED, "TURBOATTN_PREFILL_MMA=sm90: needs a compute capability 9.0 "
+          "device and a build with sm_90a (TURBOATTN_CUDA_ARCHS); this device is ", major, ".x");
+  return want == "sm90" ? PrefillPath::kWgmma : PrefillPath::kMmaSync;
+}
+
+template <class Mma, typename Out, bool kSas>
+void launch_prefill(const PrefillParams& p, int batch, cudaStream_t stream) {
+  using Shape = PrefillShape<Mma::kHeadDim>;
+  constexpr int smem = prefill_smem_bytes<Mma>();
+  auto kernel = flashq_prefill_kernel<Mma, Out, kSas>;
   static std::atomic<uint64_t> configured{0};
-  allow_dynamic_smem(configured, reinterpret_cast<const void*>(kernel), Tr::kSmemBytes);
-  const dim3 grid{unsigned((p.nq + Tr::kBlockM - 1) / Tr::kBlockM), unsigned(p.hq), unsigned(batch)};
-  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
+  allow_dynamic_smem(configured, reinterpret_cast<const void*>(kernel), smem);
+  const dim3 grid{unsigned((p.nq + Shape::kBlockM - 1) / Shape::kBlockM), unsigned(p.hq), unsigned(batch)};
+  kernel<<<grid, Shape::kThreads, smem, stream>>>(p);
   TA_CUDA_CHECK_LAUNCH("flashq_prefill_kernel");
 }
 
 template <int kHeadDim, typename Out>
-void launch_prefill(const sm80::PrefillParams& p, bool sas, int batch, cudaStream_t stream) {
-  return sas ? launch_prefill<kHeadDim, Out, true>(p, batch, stream) : launch_prefill<kHeadDim, Out, false>(p, batch, stream);
+void launch_prefill(const PrefillParams& p, bool sas, PrefillPath path, int batch, cudaStream_t stream) {
+  if (path == PrefillPath::kWgmma) {
+    using Mma = sm90::PrefillMma<kHeadDim>;
+    return sas ? launch_prefill<Mma, Out, true>(p, batch, stream) : launch_prefill<Mma, Out, false>(p, batch, stream);
+  }
+  using Mma = sm80::PrefillMma<kHeadDim>;
+  return sas ? launch_prefill<Mma, Out, true>(p, batch, stream) : launch_prefill<Mma, Out, false>(p, batch, stream);
 }
 
-// The one place that maps (head dim, dtype) to a kernel instance.
+// The one place that maps (head dim, dtype, operand path) to a kernel instance.
 template <typename Out>
-void dispatch_head_dim(int dim, const sm80::PrefillParams& p, bool sas, int batch, cudaStream_t stream) {
+void dispatch_head_dim(int dim, const PrefillParams& p, bool sas, int batch, cudaStream_t stream) {
+  const PrefillPath path = prefill_path();
   switch (dim) {
-    case 64: return launch_prefill<64, Out>(p, sas, batch, stream);
-    case 96: return launch_prefill<96, Out>(p, sas, batch, stream);
-    case 128: return launch_prefill<128, Out>(p, sas, batch, stream);
-    case 256: return launch_prefill<256, Out>(p, sas, batch, stream);
+    case 64: return launch_prefill<64, Out>(p, sas, path, batch, stream);
+    case 96: return launch_prefill<96, Out>(p, sas, path, batch, stream);
+    case 128: return launch_prefill<128, Out>(p, sas, path, batch, stream);
+    case 256: return launch_prefill<256, Out>(p, sas, path, batch, stream);
   }
   throw Error(TA_ERROR_UNSUPPORTED, concat("head dim ", dim, " has no CUDA kernel"));
 }
@@ -174,7 +210,7 @@ void run_attention(const ta_tensor& q, const KvOperands& kv, const ta_attention_
         static_cast<const T*>(q.data), strides_of(q), kv.mean, nq, hq, kv.hkv, D, softmax_scale, lse_offset);
     TA_CUDA_CHECK_LAUNCH("lse_offset_kernel");
   }
-  sm80::PrefillParams p{};
+  PrefillParams p{};
   p.q = q8, p.k = kv.k8, p.vt = kv.vt8, p.q_scale = q_scale, p.k_scale = kv.k_scale, p.v_scale = kv.v_scale;
   p.lse_offset = lse_offset;
   p.out = out.data, p.out_b = out.strides[0], p.out_n = out.strides[1], p.out_h = out.strides[2];

@@ -24,23 +24,32 @@ __device__ __forceinline__ uint64_t smem_descriptor(const void* smem, uint32_t l
          (uint64_t((sbo_bytes >> 4) & 0x3FFF) << 32);
 }
 
+// The instructions below exist on sm_90a only; the library is also compiled for sm_80 and sm_89, where
+// these bodies trap instead (the dispatch never runs the sm_90a path there: cuda/prefill.cu).
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define TA_SM90A_ASM(...) asm volatile(__VA_ARGS__)
+#else
+#define TA_SM90A_ASM(...) __trap()
+#endif
+
 // wgmma.fence.sync.aligned: orders register accesses to the accumulators before the next wgmma.
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_fence() { TA_SM90A_ASM("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 // wgmma.commit_group.sync.aligned / wgmma.wait_group.sync.aligned N.
-__device__ __forceinline__ void wgmma_commit_group() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit_group() { TA_SM90A_ASM("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N>
 __device__ __forceinline__ void wgmma_wait_group() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+  TA_SM90A_ASM("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
 // fence.proxy.async.shared::cta: shared-memory stores by threads become visible to wgmma's reads.
-__device__ __forceinline__ void fence_proxy_async_shared() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+__device__ __forceinline__ void fence_proxy_async_shared() { TA_SM90A_ASM("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
-// wgmma.mma_async.sync.aligned.m64n64k32.s32.{s8,u8}.s8: d (64 x 64 s32, 32 registers a thread) +=
-// a (64 x 32, from registers: each warp's 16 rows in the m16n8k32 A-fragment layout) * b (32 x 64 from
-// shared memory through its descriptor, K-major). scale_d = 0 overwrites d instead of adding.
+// wgmma.mma_async.sync.aligned.m64nNk32.s32.{s8,u8}.s8: d (64 x N s32, N / 2 registers a thread) +=
+// a (64 x 32, from registers: each warp's 16 rows in the m16n8k32 A-fragment layout) * b (32 x N from
+// shared memory through its descriptor, K-major). Register 4 j + i of d holds row 16 warp + g + 8 (i / 2),
+// column 8 j + 2 t + i % 2. scale_d = 0 overwrites d instead of adding.
 #define TA_WGMMA_M64N64K32(NAME, ATYPE)                                                                              \
   __device__ __forceinline__ void NAME(int32_t (&d)[32], const uint32_t (&a)[4], uint64_t b_desc, int scale_d) {   \
-    asm volatile(                                                                                                  \
+    TA_SM90A_ASM(                                                                                                  \
         "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                                               \
         "wgmma.mma_async.sync.aligned.m64n64k32.s32." ATYPE ".s8 "                                                  \
         "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,"   \
@@ -49,10 +58,23 @@ __device__ __forceinline__ void fence_proxy_async_shared() { asm volatile("fence
           "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]), "+r"(d[16]),       \
           "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]), "+r"(d[24]),      \
           "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31])                   \
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(scale_d));                          \
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(scale_d));                                      \
   }
 TA_WGMMA_M64N64K32(wgmma_m64n64k32_s8s8, "s8")
 TA_WGMMA_M64N64K32(wgmma_m64n64k32_u8s8, "u8")
 #undef TA_WGMMA_M64N64K32
+
+// wgmma.mma_async.sync.aligned.m64n32k32.s32.u8.s8: as above with N = 32 (16 registers).
+__device__ __forceinline__ void wgmma_m64n32k32_u8s8(int32_t (&d)[16], const uint32_t (&a)[4], uint64_t b_desc, int scale_d) {
+  TA_SM90A_ASM(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k32.s32.u8.s8 "
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, {%16,%17,%18,%19}, %20, p;\n}\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]), "+r"(d[8]),
+        "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(scale_d));
+}
+
+#undef TA_SM90A_ASM
 
 }  // namespace turboattn::cuda::sm90

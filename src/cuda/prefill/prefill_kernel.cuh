@@ -1,7 +1,11 @@
-// FlashQ + SAS prefill attention with mma.sync integer tensor cores (sm_80, sm_89; it also runs on
-// sm_90). One CTA computes one 64-row Q block of one head against all its visible 64-key tiles:
-// S = Q8 K8^T (s8 x s8 -> s32), P codes by SAS relative to each tile's maximum, O += P V
-// (u8 x s8 -> s32), in the order and with the fp32 operations of docs/FORMATS.md, section 1.5.
+// FlashQ + SAS prefill attention on integer tensor cores. One CTA (one warpgroup: 4 warps x 16 rows)
+// computes one 64-row Q block of one head against all its visible 64-key tiles: S = Q8 K8^T (s8 x s8 ->
+// s32), P codes by SAS relative to each tile's maximum, O += P V (u8 x s8 -> s32), in the order and
+// with the fp32 operations of docs/FORMATS.md, section 1.5. The two matmuls and the shared-memory
+// layout of the K and V^T tiles they read come from `Mma`, one per architecture: sm80::PrefillMma
+// (mma.sync and ldmatrix; sm_80, sm_89, and it runs on sm_90) and sm90::PrefillMma (wgmma; sm_90a).
+// Everything else, the softmax, SAS, masking and the skip rule, is this one body, so both paths give
+// the same bytes.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -14,13 +18,13 @@
 #include "format/skip_rule.h"
 #include "turboattn/format.h"
 
-namespace turboattn::cuda::sm80 {
+namespace turboattn::cuda {
 
-// Tile shapes of the kernel for one head dim.
+// Tile shapes common to both operand paths, for one head dim.
 template <int kHeadDim>
-struct PrefillTraits {
+struct PrefillShape {
   static constexpr int kWarps = 4;
-  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kThreads = 32 * kWarps;  // one warpgroup
 #ifndef TURBOATTN_PREFILL_MIN_BLOCKS
 #define TURBOATTN_PREFILL_MIN_BLOCKS 3  // measured on an H200: 209 vs 175 TFLOP/s at D = 128 over 2
 #endif
@@ -31,14 +35,19 @@ struct PrefillTraits {
   static constexpr int kKSteps = kHeadDim / 32;  // k-steps of Q K^T (32 channels each)
   static constexpr int kSTiles = kBlockN / 8;    // n-tiles of S (8 keys each)
   static constexpr int kOTiles = kHeadDim / 8;   // n-tiles of O (8 channels each)
-  // Shared-memory rows hold an odd number of 16-byte chunks, so ldmatrix's 8 rows hit 8 bank groups.
-  static constexpr int kRowBytes = kHeadDim + (((kHeadDim / 16) % 2 == 0) ? 16 : 0);
-  static constexpr int kVtRowBytes = kBlockN + 16;
-  static constexpr int kQBytes = kBlockM * kRowBytes;
-  static constexpr int kKBytes = kBlockN * kRowBytes;
-  static constexpr int kVtBytes = kHeadDim * kVtRowBytes;
-  static constexpr int kSmemBytes = kQBytes + 2 * (kKBytes + kVtBytes);  // Q, and K/V double-buffered
+  // Q rows in shared memory hold an odd number of 16-byte chunks, so ldmatrix's 8 rows hit 8 bank groups.
+  static constexpr int kQRowBytes = kHeadDim + (((kHeadDim / 16) % 2 == 0) ? 16 : 0);
+  static constexpr int kQBytes = kBlockM * kQRowBytes;
+  static constexpr int kChunksPerRow = kHeadDim / 16;  // 16-byte chunks of a K row
+  static constexpr int kVtChunksPerRow = kBlockN / 16;  // of a V^T row (one channel's 64 keys)
 };
+
+// Dynamic shared memory of the kernel with operand path Mma: the Q block, then K and V^T tiles in two
+// stages.
+template <class Mma>
+constexpr int prefill_smem_bytes() {
+  return PrefillShape<Mma::kHeadDim>::kQBytes + 2 * (Mma::kKBytes + Mma::kVtBytes);
+}
 
 struct PrefillParams {
   const int8_t* q;   // [B, Hq, Nq, D]
@@ -71,13 +80,15 @@ __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float a, float b) {
 }
 
 // kSas: SAS exponential (docs/FORMATS.md, section 2), else the exact-exponential variant.
-template <int kHeadDim, typename Out, bool kSas>
-__global__ void __launch_bounds__(PrefillTraits<kHeadDim>::kThreads, PrefillTraits<kHeadDim>::kMinBlocksPerSm) flashq_prefill_kernel(const PrefillParams p) {
-  using Tr = PrefillTraits<kHeadDim>;
-  extern __shared__ __align__(16) uint8_t smem[];
+template <class Mma, typename Out, bool kSas>
+__global__ void __launch_bounds__(PrefillShape<Mma::kHeadDim>::kThreads, PrefillShape<Mma::kHeadDim>::kMinBlocksPerSm)
+    flashq_prefill_kernel(const PrefillParams p) {
+  constexpr int kHeadDim = Mma::kHeadDim;
+  using Tr = PrefillShape<kHeadDim>;
+  extern __shared__ __align__(128) uint8_t smem[];
   uint8_t* s_q = smem;
-  uint8_t* s_k = smem + Tr::kQBytes;                   // 2 stages
-  uint8_t* s_vt = s_k + 2 * Tr::kKBytes;               // 2 stages
+  uint8_t* s_k = smem + Tr::kQBytes;      // 2 stages
+  uint8_t* s_vt = s_k + 2 * Mma::kKBytes;  // 2 stages
 
   const int qb = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int hk = h / (p.hq / p.hkv);
@@ -99,33 +110,34 @@ __global__ void __launch_bounds__(PrefillTraits<kHeadDim>::kThreads, PrefillTrai
   const int8_t* vt_src = p.vt + (int64_t(b) * p.hkv + hk) * kHeadDim * p.nk_padded;
 
   // Async copies of the Q block and of K/V tile j (rows past the sequence are zero-filled).
-  constexpr int kChunksPerRow = kHeadDim / 16;
+  constexpr int kChunksPerRow = Tr::kChunksPerRow;
   for (int i = threadIdx.x; i < Tr::kBlockM * kChunksPerRow; i += Tr::kThreads) {
     const int r = i / kChunksPerRow, c = i % kChunksPerRow;
     const bool valid = m0 + r < p.nq;
-    cp_async_16(s_q + r * Tr::kRowBytes + 16 * c, valid ? q_src + int64_t(r) * kHeadDim + 16 * c : q_src, valid);
+    cp_async_16(s_q + r * Tr::kQRowBytes + 16 * c, valid ? q_src + int64_t(r) * kHeadDim + 16 * c : q_src, valid);
   }
-  // Each thread copies the same 16-byte chunks of every K and V^T tile (kThreads apart).
+  // Each thread copies the same 16-byte chunks of every K and V^T tile (kThreads apart), placed where
+  // Mma's layout wants them.
   constexpr int kKCopies = Tr::kBlockN * kChunksPerRow / Tr::kThreads;
-  constexpr int kVtChunks = Tr::kBlockN / 16;
+  constexpr int kVtChunks = Tr::kVtChunksPerRow;
   constexpr int kVtCopies = kHeadDim * kVtChunks / Tr::kThreads;
   static_assert(kKCopies * Tr::kThreads == Tr::kBlockN * kChunksPerRow && kVtCopies * Tr::kThreads == kHeadDim * kVtChunks,
                 "tiles split evenly over the threads");
   auto load_tile = [&](int j, int stage) {
-    uint8_t* sk = s_k + stage * Tr::kKBytes;
-    uint8_t* sv = s_vt + stage * Tr::kVtBytes;
+    uint8_t* sk = s_k + stage * Mma::kKBytes;
+    uint8_t* sv = s_vt + stage * Mma::kVtBytes;
     const int n0 = j * Tr::kBlockN;
     const bool full = n0 + Tr::kBlockN <= p.nk;
 #pragma unroll
     for (int i = 0; i < kKCopies; ++i) {
-      const int idx = threadIdx.x + i * Tr::kThreads, r = idx / kChunksPerRow, c = idx % kChunksPerRow;
-      const bool valid = full || n0 + r < p.nk;
-      cp_async_16(sk + r * Tr::kRowBytes + 16 * c, valid ? k_src + int64_t(n0 + r) * kHeadDim + 16 * c : k_src, valid);
+      const int2 rc = Mma::copy_coords(threadIdx.x + i * Tr::kThreads, kChunksPerRow);
+      const bool valid = full || n0 + rc.x < p.nk;
+      cp_async_16(sk + Mma::k_offset(rc.x, rc.y), valid ? k_src + int64_t(n0 + rc.x) * kHeadDim + 16 * rc.y : k_src, valid);
     }
 #pragma unroll
     for (int i = 0; i < kVtCopies; ++i) {
-      const int idx = threadIdx.x + i * Tr::kThreads, r = idx / kVtChunks, c = idx % kVtChunks;
-      cp_async_16(sv + r * Tr::kVtRowBytes + 16 * c, vt_src + int64_t(r) * p.nk_padded + n0 + 16 * c, true);
+      const int2 rc = Mma::copy_coords(threadIdx.x + i * Tr::kThreads, kVtChunks);
+      cp_async_16(sv + Mma::vt_offset(rc.x, rc.y), vt_src + int64_t(rc.x) * p.nk_padded + n0 + 16 * rc.y, true);
     }
   };
   if (tiles > 0) load_tile(0, 0);
@@ -142,36 +154,24 @@ __global__ void __launch_bounds__(PrefillTraits<kHeadDim>::kThreads, PrefillTrai
 #pragma unroll
   for (int i = 0; i < Tr::kOTiles; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
 
-  // The Q block stays in shared memory; its fragments are reloaded at each k-step (registers are
-  // the scarcer resource: O, S and P fragments hold most of them).
-  const uint8_t* q_frag = s_q + (16 * warp + lane % 16) * Tr::kRowBytes + 16 * (lane / 16);
+  // The Q block stays in shared memory; Mma reloads its fragments for each tile (registers are the
+  // scarcer resource: O, S and P fragments hold most of them).
+  const uint8_t* q_frag = s_q + (16 * warp + lane % 16) * Tr::kQRowBytes + 16 * (lane / 16);
   cp_async_wait<0>();
+  Mma::copies_landed();
   __syncthreads();
 
   for (int j = 0; j < tiles; ++j) {
     const int stage = j & 1;
     if (j + 1 < tiles) load_tile(j + 1, stage ^ 1);
     cp_async_commit();
-    const uint8_t* sk = s_k + stage * Tr::kKBytes;
-    const uint8_t* sv = s_vt + stage * Tr::kVtBytes;
+    const uint8_t* sk = s_k + stage * Mma::kKBytes;
+    const uint8_t* sv = s_vt + stage * Mma::kVtBytes;
 
-    // S = Q K^T for the warp's 16 rows and the tile's 64 keys.
-    int32_t s_acc[Tr::kSTiles][4];
-#pragma unroll
-    for (int i = 0; i < Tr::kSTiles; ++i) s_acc[i][0] = s_acc[i][1] = s_acc[i][2] = s_acc[i][3] = 0;
-#pragma unroll
-    for (int ks = 0; ks < Tr::kKSteps; ++ks) {
-      uint32_t qf[4];
-      ldmatrix_x4(qf, q_frag + 32 * ks);
-#pragma unroll
-      for (int np = 0; np < Tr::kSTiles / 2; ++np) {
-        uint32_t kb[4];
-        const int mi = lane / 8;
-        ldmatrix_x4(kb, sk + (16 * np + 8 * (mi >> 1) + lane % 8) * Tr::kRowBytes + 32 * ks + 16 * (mi & 1));
-        mma_m16n8k32_s8s8(s_acc[2 * np], qf, {kb[0], kb[1]});
-        mma_m16n8k32_s8s8(s_acc[2 * np + 1], qf, {kb[2], kb[3]});
-      }
-    }
+    // S = Q K^T for the warp's 16 rows and the tile's 64 keys: s_acc[4 nt + i] is row g + 8 (i / 2),
+    // key 8 nt + 2 t + i % 2 (the m16n8 accumulator layout, n-tile after n-tile).
+    int32_t s_acc[4 * Tr::kSTiles];
+    Mma::scores(s_acc, q_frag, sk, lane);
 
     // Scores in base 2, masking, the tile maximum of each row.
     const float sk_scale = k_scales[j], sv_scale = v_scales[j];
@@ -192,7 +192,7 @@ __global__ void __launch_bounds__(PrefillTraits<kHeadDim>::kThreads, PrefillTrai
         for (int e = 0; e < 2; ++e) {
           const int key = j * Tr::kBlockN + 8 * nt + 2 * t + e;
           const bool visible = !need_mask || (row < p.nq && key < p.nk && key <= max_key);
-          s[r][nt][e] = visible ? __fmul_rn(small_int_to_float(s_acc[nt][2 * r + e]), st) : -INFINITY;
+          s[r][nt][e] = visible ? __fmul_rn(small_int_to_float(s_acc[4 * nt + 2 * r + e]), st) : -INFINITY;
           tile_max[r] = nan_max(tile_max[r], s[r][nt][e]);
         }
       tile_max[r] = nan_max(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
@@ -231,43 +231,36 @@ __global__ void __launch_bounds__(PrefillTraits<kHeadDim>::kThreads, PrefillTrai
 #pragma unroll
     for (int r = 0; r < 2; ++r) l[r] = __fmaf_rn(small_int_to_float(int32_t(p_sum[r])), beta[r], __fmul_rn(l[r], alpha[r]));
 
-    // O = alpha O + (P V) sv beta, 32 channels at a time; skipped when none of the warp's rows use the tile.
-    if (!__all_sync(0xffffffffu, skip[0] && skip[1])) {
+    // O = alpha O + (P V) sv beta, Mma::kPvChannels channels at a time; skipped when none of the rows
+    // of the warp (Mma::kPvVoteCta: of the CTA, for a warpgroup-wide matmul) use the tile.
+    const bool any_row_uses = !(skip[0] && skip[1]);
+    if (Mma::kPvVoteCta ? __syncthreads_or(any_row_uses) : __any_sync(0xffffffffu, any_row_uses)) {
       // Skipped rows add nothing, even when sv is NaN (a NaN reaches only the rows that use the tile).
       const float svb[2] = {skip[0] ? 0.0f : __fmul_rn(sv_scale, beta[0]), skip[1] ? 0.0f : __fmul_rn(sv_scale, beta[1])};
       const bool rescale = !__all_sync(0xffffffffu, alpha[0] == 1.0f && alpha[1] == 1.0f);
+      constexpr int kPvTiles = Mma::kPvChannels / 8;
 #pragma unroll
-      for (int chunk = 0; chunk < kHeadDim / 32; ++chunk) {
-        int32_t acc[4][4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0;
-#pragma unroll
-        for (int kp = 0; kp < 2; ++kp)
-#pragma unroll
-          for (int np = 0; np < 2; ++np) {
-            uint32_t vb[4];
-            const int mi = lane / 8;
-            ldmatrix_x4(vb, sv + (32 * chunk + 16 * np + 8 * (mi >> 1) + lane % 8) * Tr::kVtRowBytes + 32 * kp + 16 * (mi & 1));
-            mma_m16n8k32_u8s8(acc[2 * np], pa[kp], {vb[0], vb[1]});
-            mma_m16n8k32_u8s8(acc[2 * np + 1], pa[kp], {vb[2], vb[3]});
-          }
+      for (int chunk = 0; chunk < kHeadDim / Mma::kPvChannels; ++chunk) {
+        int32_t acc[4 * kPvTiles];  // acc[4 nt + i]: row g + 8 (i / 2), channel 8 nt + 2 t + i % 2 of the chunk
+        Mma::pv(acc, pa, sv, chunk, lane);
         // o = fma(acc, sv beta, o alpha); o alpha is o itself when no row of the warp rescales.
         if (rescale) {
 #pragma unroll
-          for (int nt = 0; nt < 4; ++nt)
+          for (int nt = 0; nt < kPvTiles; ++nt)
 #pragma unroll
-            for (int i = 0; i < 4; ++i) o[4 * chunk + nt][i] = __fmul_rn(o[4 * chunk + nt][i], alpha[i / 2]);
+            for (int i = 0; i < 4; ++i) o[kPvTiles * chunk + nt][i] = __fmul_rn(o[kPvTiles * chunk + nt][i], alpha[i / 2]);
         }
 #pragma unroll
-        for (int nt = 0; nt < 4; ++nt)
+        for (int nt = 0; nt < kPvTiles; ++nt)
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
-            float& oi = o[4 * chunk + nt][i];
-            oi = __fmaf_rn(small_int_to_float(acc[nt][i]), svb[i / 2], oi);
+            float& oi = o[kPvTiles * chunk + nt][i];
+            oi = __fmaf_rn(small_int_to_float(acc[4 * nt + i]), svb[i / 2], oi);
           }
       }
     }  // else every row skipped: alpha is 1 and O is unchanged
     cp_async_wait<0>();
+    Mma::copies_landed();
     __syncthreads();
   }
 
@@ -296,4 +289,4 @@ __global__ void __launch_bounds__(PrefillTraits<kHeadDim>::kThreads, PrefillTrai
   }
 }
 
-}  // namespace turboattn::cuda::sm80
+}  // namespace turboattn::cuda
