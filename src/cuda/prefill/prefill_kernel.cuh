@@ -231,10 +231,11 @@ __global__ void __launch_bounds__(PrefillShape<Mma::kHeadDim>::kThreads, Prefill
 #pragma unroll
     for (int r = 0; r < 2; ++r) l[r] = __fmaf_rn(small_int_to_float(int32_t(p_sum[r])), beta[r], __fmul_rn(l[r], alpha[r]));
 
-    // O = alpha O + (P V) sv beta, Mma::kPvChannels channels at a time; skipped when none of the rows
-    // of the warp (Mma::kPvVoteCta: of the CTA, for a warpgroup-wide matmul) use the tile.
-    const bool any_row_uses = !(skip[0] && skip[1]);
-    if (Mma::kPvVoteCta ? __syncthreads_or(any_row_uses) : __any_sync(0xffffffffu, any_row_uses)) {
+    // O = alpha O + (P V) sv beta, Mma::kPvChannels channels at a time; skipped when none of the warp's
+    // rows use the tile. A warpgroup-wide matmul (Mma::kPvWarpgroupWide) runs for all 4 warps, and a
+    // warp whose rows all skip leaves O alone.
+    const bool warp_uses = __any_sync(0xffffffffu, !(skip[0] && skip[1]));
+    if (Mma::kPvWarpgroupWide || warp_uses) {
       // Skipped rows add nothing, even when sv is NaN (a NaN reaches only the rows that use the tile).
       const float svb[2] = {skip[0] ? 0.0f : __fmul_rn(sv_scale, beta[0]), skip[1] ? 0.0f : __fmul_rn(sv_scale, beta[1])};
       const bool rescale = !__all_sync(0xffffffffu, alpha[0] == 1.0f && alpha[1] == 1.0f);
@@ -243,6 +244,7 @@ __global__ void __launch_bounds__(PrefillShape<Mma::kHeadDim>::kThreads, Prefill
       for (int chunk = 0; chunk < kHeadDim / Mma::kPvChannels; ++chunk) {
         int32_t acc[4 * kPvTiles];  // acc[4 nt + i]: row g + 8 (i / 2), channel 8 nt + 2 t + i % 2 of the chunk
         Mma::pv(acc, pa, sv, chunk, lane);
+        if (!warp_uses) continue;
         // o = fma(acc, sv beta, o alpha); o alpha is o itself when no row of the warp rescales.
         if (rescale) {
 #pragma unroll

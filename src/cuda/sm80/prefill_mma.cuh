@@ -19,7 +19,7 @@ struct PrefillMma {
   static constexpr int kKBytes = Shape::kBlockN * kKRowBytes;
   static constexpr int kVtBytes = kHeadDim * kVtRowBytes;
   static constexpr int kPvChannels = 32;    // O channels per P V pass (its int32 accumulators: 16 registers)
-  static constexpr bool kPvVoteCta = false;  // each warp skips P V on its own
+  static constexpr bool kPvWarpgroupWide = false;  // each warp skips its own P V
 
   // Copy index -> (row, 16-byte chunk): consecutive threads take consecutive chunks of a row.
   __device__ static int2 copy_coords(int idx, int chunks_per_row) { return {idx / chunks_per_row, idx % chunks_per_row}; }

@@ -19,7 +19,7 @@ struct PrefillMma {
   static constexpr int kKBytes = Shape::kBlockN * kHeadDim;  // [64 keys] x [D channels], K-major
   static constexpr int kVtBytes = kHeadDim * Shape::kBlockN;  // [D channels] x [64 keys], K-major
   static constexpr int kPvChannels = kHeadDim % 64 == 0 ? 64 : 32;  // O channels per P V pass
-  static constexpr bool kPvVoteCta = true;  // the warpgroup's matmul runs for all 4 warps or none
+  static constexpr bool kPvWarpgroupWide = true;  // P V runs for all 4 warps together
 
   // Copy index -> (row, 16-byte chunk): 8 consecutive threads fill one core matrix (8 rows of one
   // chunk: 128 contiguous bytes), so a warp's 16-byte stores are 512 contiguous bytes.
