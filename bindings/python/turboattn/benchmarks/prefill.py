@@ -1,7 +1,7 @@
 """Prefill attention benchmark: turboattn against torch SDPA (FlashAttention-2 and cuDNN backends) and
 SageAttention 1.0.6, one run on one card. Effective TFLOP/s = 4 B H N^2 D / time (halved for causal),
-quantization included. Error: relative L2 against FP32 attention. On Hopper, `turboattn` is the wgmma
-path and `turboattn_mma_sync` the mma.sync one (TURBOATTN_PREFILL_MMA=sm80), timed in the same run.
+quantization included. Error: relative L2 against FP32 attention. On Hopper, `turboattn_wgmma` is the
+kernel's wgmma operand path (TURBOATTN_PREFILL_MMA=sm90) beside the default mma.sync one, same run.
 
     turboattn bench prefill [--out prefill.json] [--quick]
     PYTHONPATH=bindings/python python bench/prefill.py [--out bench/results/prefill.json] [--quick]
@@ -67,9 +67,9 @@ def main(argv=None, *, prog=None, default_out="prefill.json"):
                     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # [B, N, H, D] views
                     ours = lambda: turboattn.attention(qt, kt, vt, causal=causal, out=out)
                     ms = {"turboattn": do_bench(ours, warmup=25, rep=100, return_mode="median")}
-                    if hopper:  # the mma.sync operand path beside the default wgmma one
-                        os.environ["TURBOATTN_PREFILL_MMA"] = "sm80"
-                        ms["turboattn_mma_sync"] = do_bench(ours, warmup=25, rep=100, return_mode="median")
+                    if hopper:  # the wgmma operand path beside the default mma.sync one
+                        os.environ["TURBOATTN_PREFILL_MMA"] = "sm90"
+                        ms["turboattn_wgmma"] = do_bench(ours, warmup=25, rep=100, return_mode="median")
                         del os.environ["TURBOATTN_PREFILL_MMA"]
                     for name, backend in (("fa2", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
                         fn = sdpa(backend)
@@ -87,8 +87,8 @@ def main(argv=None, *, prog=None, default_out="prefill.json"):
                            "tflops": {k_: (flops / (t * 1e-3) / 1e12 if t else None) for k_, t in ms.items()}}
                     rows.append(row)
                     tf = row["tflops"]
-                    mma_sync = f" (mma.sync {tf['turboattn_mma_sync']:.0f})" if hopper else ""
-                    bar.write(f"D{D} B{B} N{N} causal={int(causal)}: turboattn {tf['turboattn']:.0f}{mma_sync} | fa2 {tf['fa2']:.0f} | "
+                    wgmma = f" (wgmma {tf['turboattn_wgmma']:.0f})" if hopper else ""
+                    bar.write(f"D{D} B{B} N{N} causal={int(causal)}: turboattn {tf['turboattn']:.0f}{wgmma} | fa2 {tf['fa2']:.0f} | "
                               f"cudnn {tf['cudnn']:.0f} | sage {tf['sageattention'] or 0:.0f} TFLOP/s; "
                               f"rel_l2 {err:.4f} (sage {sage_err or 0:.4f})")
                     bar.update(f"D{D} B{B} N{N} causal={int(causal)}")
