@@ -149,25 +149,15 @@ struct TileSoftmax {
   __device__ __forceinline__ void run(float (&s)[TA_BLOCK_TOKENS / 16][4], const int (&visible)[2], bool v_nan, float skip_x,
                                       float (&m)[2], float (&l)[2], int g) {
     constexpr int kMTiles = TA_BLOCK_TOKENS / 16;
-    float tile_max[2];
+    float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int key = 16 * mt + g + 8 * (i / 2), r = i % 2;
         if (key >= visible[r]) s[mt][i] = -INFINITY;
+        tile_max[r] = nan_max(tile_max[r], s[mt][i]);
       }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {  // a tree over the thread's 8 scores of row r (max is exact in any order)
-      float level[kMTiles];
-#pragma unroll
-      for (int mt = 0; mt < kMTiles; ++mt) level[mt] = nan_max(s[mt][r], s[mt][r + 2]);
-#pragma unroll
-      for (int width = kMTiles / 2; width > 0; width /= 2)
-#pragma unroll
-        for (int i = 0; i < width; ++i) level[i] = nan_max(level[i], level[i + width]);
-      tile_max[r] = level[0];
-    }
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
 #pragma unroll

@@ -177,7 +177,7 @@ __global__ void __launch_bounds__(PrefillShape<Mma::kHeadDim>::kThreads, Prefill
     const float sk_scale = k_scales[j], sv_scale = v_scales[j];
     const float st = __fmul_rn(q_scale, sk_scale);
     float s[2][Tr::kSTiles][2];
-    float tile_max[2];
+    float tile_max[2] = {-INFINITY, -INFINITY};
     // Only tiles at the sequence's end, on the causal diagonal, or past the last row need masks.
     const int warp_row = m0 + 16 * warp;
     const bool need_mask = (j + 1) * Tr::kBlockN > p.nk || warp_row + 16 > p.nq ||
@@ -193,16 +193,8 @@ __global__ void __launch_bounds__(PrefillShape<Mma::kHeadDim>::kThreads, Prefill
           const int key = j * Tr::kBlockN + 8 * nt + 2 * t + e;
           const bool visible = !need_mask || (row < p.nq && key < p.nk && key <= max_key);
           s[r][nt][e] = visible ? __fmul_rn(small_int_to_float(s_acc[4 * nt + 2 * r + e]), st) : -INFINITY;
+          tile_max[r] = nan_max(tile_max[r], s[r][nt][e]);
         }
-      // A tree, not a chain: 4 dependent steps instead of 16 (max is exact in any order).
-      float level[Tr::kSTiles];
-#pragma unroll
-      for (int nt = 0; nt < Tr::kSTiles; ++nt) level[nt] = nan_max(s[r][nt][0], s[r][nt][1]);
-#pragma unroll
-      for (int width = Tr::kSTiles / 2; width > 0; width /= 2)
-#pragma unroll
-        for (int i = 0; i < width; ++i) level[i] = nan_max(level[i], level[i + width]);
-      tile_max[r] = level[0];
       tile_max[r] = nan_max(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
       tile_max[r] = nan_max(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
     }
