@@ -102,6 +102,32 @@ def test_decode_logits_match_the_fp32_model(bits, min_cos):
     assert torch.nn.functional.cosine_similarity(moved, ref).mean().item() < 0.9
 
 
+def test_sdpa_prefill_is_exact_and_decode_still_reads_the_compressed_cache():
+    model = hf.patch(llama(), hf.TurboConfig(bits=4, prefill="sdpa"))
+    ids = torch.zeros(2, 70, dtype=torch.long)
+    mask = torch.zeros(2, 70, dtype=torch.long)
+    ids[0], mask[0] = tokens(70, seed=2)[0], 1
+    ids[1, 25:], mask[1, 25:] = tokens(45, seed=3)[0], 1
+    out = generate(model, ids, 12, attention_mask=mask)
+    cache = cache_of(out)
+    memory = cache.memory()
+    assert cache.lengths[0] == [81, 56] and memory["bytes_per_token"] < memory["fp16_bytes_per_token"] / 3
+    flashq = generate(hf.patch(llama(), hf.TurboConfig(bits=4)), ids, 12, attention_mask=mask)
+    hf.unpatch(model)
+    fp16_path = generate(model, ids, 12, attention_mask=mask)  # the model's own SDPA
+    # The prompt's last logits come from the prefill alone: SDPA's, up to the fp16 rounding of q, k, v.
+    for row in (0, 1):
+        first = (out.logits[0][row], fp16_path.logits[0][row], flashq.logits[0][row])
+        exact = torch.nn.functional.cosine_similarity(first[0], first[1], dim=0).item()
+        int8 = torch.nn.functional.cosine_similarity(first[2], first[1], dim=0).item()
+        assert exact > 0.99999 and 1 - exact < (1 - int8) / 10, (exact, int8)
+    # Later steps decode over the 4-bit cache: as close to the model's own logits on the same tokens
+    # as with the FlashQ prefill (test_decode_logits_match_the_fp32_model).
+    for row, start in ((0, 0), (1, 25)):
+        ref = reference_logits(model, out.sequences[row:row + 1, start:], 70 - start)
+        assert step_cosines(out, ref, row)[1:].min().item() > 0.998
+
+
 def test_bf16_model():
     model = hf.patch(llama(dtype=torch.bfloat16), hf.TurboConfig(bits=8))
     out = generate(model, tokens(50), 8)
@@ -230,6 +256,8 @@ def test_bad_configuration_raises_clear_errors(tmp_path):
         hf.patch(model, hf.TurboConfig(head_bits=[4, 3] + [4] * 6))
     with pytest.raises(ValueError, match="max_seqs: 0"):
         hf.patch(model, hf.TurboConfig(max_seqs=0))
+    with pytest.raises(ValueError, match="prefill: 'fp8', expected 'flashq' or 'sdpa'"):
+        hf.patch(model, hf.TurboConfig(prefill="fp8"))
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"model": "x", "num_layers": 2, "num_kv_heads": 2, "fraction_2bit": 0.5,
                                  "head_bits": [2, 4, 2, 4]}))

@@ -59,8 +59,9 @@ def test_cuda_generation_tracks_the_cpu_reference_path():
     assert cos.min().item() > 0.999, cos
 
 
-def test_left_padded_batch_on_cuda_matches_each_sequence_alone():
-    model = hf.patch(cuda_llama(), hf.TurboConfig(bits=4))
+@pytest.mark.parametrize("prefill", ["flashq", "sdpa"])
+def test_left_padded_batch_on_cuda_matches_each_sequence_alone(prefill):
+    model = hf.patch(cuda_llama(), hf.TurboConfig(bits=4, prefill=prefill))
     a, b = tokens(70, seed=2), tokens(45, seed=3)
     ids = torch.zeros(2, 70, dtype=torch.long)
     mask = torch.zeros(2, 70, dtype=torch.long)

@@ -58,6 +58,11 @@ class TurboConfig:
     max_seqs, max_seq_len, num_pages: cache sizing; None sizes the cache for each generate() call
         (its batch and max length) or, in make_cache, from its arguments.
     split_tiles: split-KV decode, in 64-token tiles per split (0: none).
+    prefill: "flashq" (FlashQ + SAS, INT8) or "sdpa" (PyTorch's FP16/BF16 scaled_dot_product_attention,
+        exact): how attention over the new tokens of a prompt is computed. Either way the keys and
+        values go into the compressed cache and every later step decodes over it. "sdpa" separates
+        the cache's cost from the prefill's (and is faster on GPUs where turboattn's prefill kernel is
+        not yet, docs/BENCHMARKS.md).
     """
     bits: int = 4
     fraction_2bit: float = 0.0
@@ -68,6 +73,7 @@ class TurboConfig:
     max_seq_len: int = None
     num_pages: int = None
     split_tiles: int = 0
+    prefill: str = "flashq"
 
     def validate(self):
         if self.bits not in (8, 4, 2):
@@ -84,6 +90,8 @@ class TurboConfig:
                 raise ValueError(f"TurboConfig.{name}: {value!r}, expected a positive integer or None")
         if not isinstance(self.split_tiles, int) or self.split_tiles < 0:
             raise ValueError(f"TurboConfig.split_tiles: {self.split_tiles!r}, expected an integer >= 0")
+        if self.prefill not in ("flashq", "sdpa"):
+            raise ValueError(f"TurboConfig.prefill: {self.prefill!r}, expected 'flashq' or 'sdpa'")
         return self
 
 
@@ -392,8 +400,27 @@ def _cu(counts):
     return torch.tensor([0] + list(counts), dtype=torch.int64).cumsum(0).to(torch.int32)
 
 
+def _sdpa_attention(q, k, v, valid, scale):
+    """_plain_attention through torch's scaled_dot_product_attention (TurboConfig.prefill="sdpa"); rows
+    that see no key are zero, as turboattn.attention makes them."""
+    nq, nk = q.shape[1], k.shape[1]
+    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, N, D]
+    gqa = {"enable_gqa": True} if q.shape[2] != k.shape[2] else {}
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    if valid is None and nq == nk:
+        out = sdpa(qh, kh, vh, is_causal=True, scale=scale or None, **gqa)
+        return out.transpose(1, 2)
+    seen = torch.ones(nq, nk, dtype=torch.bool, device=q.device).tril(nk - nq)  # bottom-right causal
+    if valid is not None:
+        seen = seen[None, None] & valid.to(q.device)[:, None, None, :]
+    out = sdpa(qh, kh, vh, attn_mask=seen, scale=scale or None, **gqa)
+    return out.masked_fill(~seen.any(-1, keepdim=True), 0).transpose(1, 2)
+
+
 def _plain_attention(q, k, v, valid, scale, cfg):
     """q [B, Nq, Hq, D], k, v [B, Nk, Hkv, D] (fp16/bf16); valid [B, Nk] or None. Causal, bottom-right."""
+    if cfg.prefill == "sdpa":
+        return _sdpa_attention(q, k, v, valid, scale)
     if valid is None:
         return attention(q, k, v, causal=True, softmax_scale=scale, use_sas=cfg.use_sas, smooth_k=cfg.smooth_k)
     nq = q.shape[1]
