@@ -471,16 +471,37 @@ struct MergedState {
   __device__ __forceinline__ float normalized() const { return m == -INFINITY ? 0.0f : __fmul_rn(o, __fdiv_rn(1.0f, l)); }
 };
 
+// The states are read kMergeBatch at a time, all loads of a batch issued before their arithmetic: from
+// global memory (cache_merge_kernel) one state's loads would otherwise wait for the previous state's.
+constexpr int kMergeBatch = 8;
+
 template <class M, class L, class O>
 __device__ __forceinline__ MergedState merge_in_order(int n, M m_of, L l_of, O o_of) {
   MergedState r;
-  for (int s = 0; s < n; ++s) r.m = nan_max(r.m, m_of(s));
-  for (int s = 0; s < n && r.m != -INFINITY; ++s) {
-    const float ms = m_of(s);
-    if (ms == -INFINITY) continue;
-    const float w = exp2f(ms - r.m);
-    r.l = __fmaf_rn(l_of(s), w, r.l);
-    r.o = __fmaf_rn(o_of(s), w, r.o);
+  for (int s0 = 0; s0 < n; s0 += kMergeBatch) {
+    float ms[kMergeBatch];
+#pragma unroll
+    for (int k = 0; k < kMergeBatch; ++k) ms[k] = s0 + k < n ? m_of(s0 + k) : -INFINITY;
+#pragma unroll
+    for (int k = 0; k < kMergeBatch; ++k) r.m = nan_max(r.m, ms[k]);
+  }
+  if (r.m == -INFINITY) return r;
+  for (int s0 = 0; s0 < n; s0 += kMergeBatch) {
+    float ms[kMergeBatch], ls[kMergeBatch], os[kMergeBatch];
+#pragma unroll
+    for (int k = 0; k < kMergeBatch; ++k) {
+      const bool in = s0 + k < n;
+      ms[k] = in ? m_of(s0 + k) : -INFINITY;
+      ls[k] = in ? l_of(s0 + k) : 0.0f;
+      os[k] = in ? o_of(s0 + k) : 0.0f;
+    }
+#pragma unroll
+    for (int k = 0; k < kMergeBatch; ++k) {  // in order; states that saw no key add nothing
+      if (ms[k] == -INFINITY) continue;
+      const float w = exp2f(ms[k] - r.m);
+      r.l = __fmaf_rn(ls[k], w, r.l);
+      r.o = __fmaf_rn(os[k], w, r.o);
+    }
   }
   return r;
 }
