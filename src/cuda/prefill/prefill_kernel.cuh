@@ -183,18 +183,31 @@ __global__ void __launch_bounds__(PrefillShape<Mma::kHeadDim>::kThreads, Prefill
     const bool need_mask = (j + 1) * Tr::kBlockN > p.nk || warp_row + 16 > p.nq ||
                            (p.causal && int64_t(j + 1) * Tr::kBlockN - 1 > int64_t(warp_row) + p.nk - p.nq);
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int row = row0 + 8 * r;
-      const int64_t max_key = p.causal ? int64_t(row) + p.nk - p.nq : int64_t(p.nk) - 1;
+    for (int r = 0; r < 2; ++r)
 #pragma unroll
       for (int nt = 0; nt < Tr::kSTiles; ++nt)
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int key = j * Tr::kBlockN + 8 * nt + 2 * t + e;
-          const bool visible = !need_mask || (row < p.nq && key < p.nk && key <= max_key);
-          s[r][nt][e] = visible ? __fmul_rn(small_int_to_float(s_acc[4 * nt + 2 * r + e]), st) : -INFINITY;
-          tile_max[r] = nan_max(tile_max[r], s[r][nt][e]);
-        }
+        for (int e = 0; e < 2; ++e) s[r][nt][e] = __fmul_rn(small_int_to_float(s_acc[4 * nt + 2 * r + e]), st);
+    if (need_mask) {  // apart from the scores, so that the common tile's scores compile without branches
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int row = row0 + 8 * r;
+        const int64_t max_key = p.causal ? int64_t(row) + p.nk - p.nq : int64_t(p.nk) - 1;
+#pragma unroll
+        for (int nt = 0; nt < Tr::kSTiles; ++nt)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int key = j * Tr::kBlockN + 8 * nt + 2 * t + e;
+            if (!(row < p.nq && key < p.nk && key <= max_key)) s[r][nt][e] = -INFINITY;
+          }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+#pragma unroll
+      for (int nt = 0; nt < Tr::kSTiles; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) tile_max[r] = nan_max(tile_max[r], s[r][nt][e]);
       tile_max[r] = nan_max(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
       tile_max[r] = nan_max(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
     }
