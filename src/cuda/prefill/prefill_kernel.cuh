@@ -117,28 +117,42 @@ __global__ void __launch_bounds__(PrefillShape<Mma::kHeadDim>::kThreads, Prefill
     cp_async_16(s_q + r * Tr::kQRowBytes + 16 * c, valid ? q_src + int64_t(r) * kHeadDim + 16 * c : q_src, valid);
   }
   // Each thread copies the same 16-byte chunks of every K and V^T tile (kThreads apart), placed where
-  // Mma's layout wants them.
+  // Mma's layout wants them. When kThreads spans whole groups of 8 rows (every case but K at D = 96),
+  // a thread's i-th copy is i * kThreads / chunks rows below its first, at Mma's row pitch in shared
+  // memory (Mma::copy_coords keeps that property), so the addresses are computed once, not per tile.
   constexpr int kKCopies = Tr::kBlockN * kChunksPerRow / Tr::kThreads;
   constexpr int kVtChunks = Tr::kVtChunksPerRow;
   constexpr int kVtCopies = kHeadDim * kVtChunks / Tr::kThreads;
   static_assert(kKCopies * Tr::kThreads == Tr::kBlockN * kChunksPerRow && kVtCopies * Tr::kThreads == kHeadDim * kVtChunks,
                 "tiles split evenly over the threads");
+  constexpr bool kKLinear = Tr::kThreads % (8 * kChunksPerRow) == 0;
+  static_assert(Tr::kThreads % (8 * kVtChunks) == 0, "V^T copies step by whole groups of 8 rows");
+  constexpr int kKRowStep = Tr::kThreads / kChunksPerRow, kVtRowStep = Tr::kThreads / kVtChunks;
+  const int2 k_rc = Mma::copy_coords(threadIdx.x, kChunksPerRow), v_rc = Mma::copy_coords(threadIdx.x, kVtChunks);
+  const int k_smem = Mma::k_offset(k_rc.x, k_rc.y), v_smem = Mma::vt_offset(v_rc.x, v_rc.y);
+  const int8_t* k_first = k_src + int64_t(k_rc.x) * kHeadDim + 16 * k_rc.y;
+  const int8_t* v_first = vt_src + int64_t(v_rc.x) * p.nk_padded + 16 * v_rc.y;
+  const int64_t v_step = int64_t(kVtRowStep) * p.nk_padded;
   auto load_tile = [&](int j, int stage) {
     uint8_t* sk = s_k + stage * Mma::kKBytes;
-    uint8_t* sv = s_vt + stage * Mma::kVtBytes;
+    uint8_t* sv = s_vt + stage * Mma::kVtBytes + v_smem;
     const int n0 = j * Tr::kBlockN;
     const bool full = n0 + Tr::kBlockN <= p.nk;
 #pragma unroll
     for (int i = 0; i < kKCopies; ++i) {
-      const int2 rc = Mma::copy_coords(threadIdx.x + i * Tr::kThreads, kChunksPerRow);
-      const bool valid = full || n0 + rc.x < p.nk;
-      cp_async_16(sk + Mma::k_offset(rc.x, rc.y), valid ? k_src + int64_t(n0 + rc.x) * kHeadDim + 16 * rc.y : k_src, valid);
+      if constexpr (kKLinear) {
+        const bool valid = full || n0 + k_rc.x + i * kKRowStep < p.nk;
+        cp_async_16(sk + k_smem + i * kKRowStep * Mma::kKRowPitch,
+                    valid ? k_first + int64_t(n0 + i * kKRowStep) * kHeadDim : k_src, valid);
+      } else {
+        const int2 rc = Mma::copy_coords(threadIdx.x + i * Tr::kThreads, kChunksPerRow);
+        const bool valid = full || n0 + rc.x < p.nk;
+        cp_async_16(sk + Mma::k_offset(rc.x, rc.y), valid ? k_src + int64_t(n0 + rc.x) * kHeadDim + 16 * rc.y : k_src, valid);
+      }
     }
+    const int8_t* vg = v_first + n0;
 #pragma unroll
-    for (int i = 0; i < kVtCopies; ++i) {
-      const int2 rc = Mma::copy_coords(threadIdx.x + i * Tr::kThreads, kVtChunks);
-      cp_async_16(sv + Mma::vt_offset(rc.x, rc.y), vt_src + int64_t(rc.x) * p.nk_padded + n0 + 16 * rc.y, true);
-    }
+    for (int i = 0; i < kVtCopies; ++i) cp_async_16(sv + i * kVtRowStep * Mma::kVtRowPitch, vg + i * v_step, true);
   };
   if (tiles > 0) load_tile(0, 0);
   cp_async_commit();

@@ -21,7 +21,11 @@ struct PrefillMma {
   static constexpr int kPvChannels = 32;    // O channels per P V pass (its int32 accumulators: 16 registers)
   static constexpr bool kPvWarpgroupWide = false;  // each warp skips its own P V
 
-  // Copy index -> (row, 16-byte chunk): consecutive threads take consecutive chunks of a row.
+  // Rows r and r + 8 k of a tile are 8 k pitches apart in shared memory.
+  static constexpr int kKRowPitch = kKRowBytes, kVtRowPitch = kVtRowBytes;
+
+  // Copy index -> (row, 16-byte chunk): consecutive threads take consecutive chunks of a row (so index
+  // idx + n * chunks_per_row is n rows below idx).
   __device__ static int2 copy_coords(int idx, int chunks_per_row) { return {idx / chunks_per_row, idx % chunks_per_row}; }
   __device__ static int k_offset(int key, int chunk) { return key * kKRowBytes + 16 * chunk; }
   __device__ static int vt_offset(int channel, int chunk) { return channel * kVtRowBytes + 16 * chunk; }

@@ -21,8 +21,12 @@ struct PrefillMma {
   static constexpr int kPvChannels = kHeadDim % 64 == 0 ? 64 : 32;  // O channels per P V pass
   static constexpr bool kPvWarpgroupWide = true;  // P V runs for all 4 warps together
 
+  // Rows r and r + 8 k of a tile are 8 k pitches apart in shared memory (k core-matrix rows).
+  static constexpr int kKRowPitch = kHeadDim, kVtRowPitch = Shape::kBlockN;
+
   // Copy index -> (row, 16-byte chunk): 8 consecutive threads fill one core matrix (8 rows of one
-  // chunk: 128 contiguous bytes), so a warp's 16-byte stores are 512 contiguous bytes.
+  // chunk: 128 contiguous bytes), so a warp's 16-byte stores are 512 contiguous bytes. Index
+  // idx + 8 n * chunks_per_row is 8 n rows below idx.
   __device__ static int2 copy_coords(int idx, int chunks_per_row) {
     return {idx % 8 + 8 * (idx / (8 * chunks_per_row)), (idx / 8) % chunks_per_row};
   }
