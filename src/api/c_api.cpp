@@ -669,11 +669,12 @@ void check_decode_args(ta_cache& c, const int32_t* seqs, int32_t num_seqs, const
 }
 
 // One layer's decode of arguments check_decode_args accepted: what can change between layers and
-// steps (the layer, the sequences still being active, their lengths, the current device) is checked here.
+// steps (the layer, the sequences still being active, their lengths, the current device) is checked
+// here; the sequence list itself unless the caller has just checked it.
 void run_decode(ta_cache& c, int32_t layer, const int32_t* seqs, int32_t num_seqs, const ta_tensor& q,
-                const ta_decode_options& o, ta_tensor& out, void* cuda_stream) {
+                const ta_decode_options& o, ta_tensor& out, void* cuda_stream, bool seqs_checked) {
   check_layer(c, layer);
-  check_seqs(c, seqs, num_seqs);
+  if (!seqs_checked) check_seqs(c, seqs, num_seqs);
   const int64_t q_len = q.shape[1], hq = q.shape[2], D = c.config().head_dim;
   for (int32_t i = 0; i < num_seqs; ++i)
     require(c.book().length(layer, seqs[i]) >= q_len, TA_ERROR_INVALID_ARGUMENT, "q: q_len ", q_len, " exceeds sequence ",
@@ -701,7 +702,7 @@ ta_status ta_decode(ta_cache* cache, int32_t layer, const int32_t* seqs, int32_t
     ta_cache& c = cache_of(cache);
     const ta_decode_options o = options ? *options : ta_decode_default_options();
     check_decode_args(c, seqs, num_seqs, q, out, o);
-    run_decode(c, layer, seqs, num_seqs, *q, o, *out, cuda_stream);
+    run_decode(c, layer, seqs, num_seqs, *q, o, *out, cuda_stream, /*seqs_checked=*/true);
   });
 }
 
@@ -720,7 +721,8 @@ ta_status ta_decode_plan_run(ta_decode_plan* plan, int32_t layer, void* cuda_str
   return guard([&] {
     require(plan != nullptr, TA_ERROR_INVALID_ARGUMENT, "plan: is NULL");
     ta_decode_plan& p = *plan;
-    run_decode(*p.cache, layer, p.seqs.data(), int32_t(p.seqs.size()), p.q, p.options, p.out, cuda_stream);
+    run_decode(*p.cache, layer, p.seqs.data(), int32_t(p.seqs.size()), p.q, p.options, p.out, cuda_stream,
+               /*seqs_checked=*/false);
   });
 }
 

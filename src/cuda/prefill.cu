@@ -102,17 +102,17 @@ PrefillPath prefill_path() {
   require(want == "sm80" || want == "sm90", TA_ERROR_INVALID_ARGUMENT, "TURBOATTN_PREFILL_MMA=", want,
           ": expected sm80, sm90 or unset");
   if (want == "sm80") return PrefillPath::kMmaSync;
+#ifndef TURBOATTN_HAVE_SM90A
+  throw Error(TA_ERROR_UNSUPPORTED, "TURBOATTN_PREFILL_MMA=sm90: this build has no sm_90a code (add 90a to "
+                                    "TURBOATTN_CUDA_ARCHS)");
+#else
   int device = 0, major = 0;
   TA_CUDA_CHECK(cudaGetDevice(&device));
   TA_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-#ifdef TURBOATTN_HAVE_SM90A
-  const bool wgmma_here = major == 9;
-#else
-  const bool wgmma_here = false;
-#endif
-  require(wgmma_here, TA_ERROR_UNSUPPORTED, "TURBOATTN_PREFILL_MMA=sm90: needs a compute capability 9.0 device and a "
-          "build with sm_90a (TURBOATTN_CUDA_ARCHS); this device is ", major, ".x");
+  require(major == 9, TA_ERROR_UNSUPPORTED, "TURBOATTN_PREFILL_MMA=sm90: needs a compute capability 9.0 device; this one is ",
+          major, ".x");
   return PrefillPath::kWgmma;
+#endif
 }
 
 template <class Mma, typename Out, bool kSas>

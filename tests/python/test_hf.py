@@ -128,6 +128,17 @@ def test_sdpa_prefill_is_exact_and_decode_still_reads_the_compressed_cache():
         assert step_cosines(out, ref, row)[1:].min().item() > 0.998
 
 
+def test_sdpa_prefill_without_enable_gqa_repeats_the_kv_heads(monkeypatch):
+    """PyTorch before 2.5 has no enable_gqa: the K and V heads are repeated instead, same result."""
+    q, k, v = (torch.randn(2, n, h, D, dtype=torch.float16) for n, h in ((5, HQ), (9, HKV), (9, HKV)))
+    valid = torch.ones(2, 9, dtype=torch.bool)
+    valid[1, :4] = False
+    with_gqa = hf._sdpa_attention(q, k, v, valid, 0.0)
+    monkeypatch.setattr(hf, "_SDPA_TAKES_GQA", False)
+    repeated = hf._sdpa_attention(q, k, v, valid, 0.0)
+    assert torch.allclose(with_gqa.float(), repeated.float(), atol=1e-3) and with_gqa.abs().sum() > 0
+
+
 def test_bf16_model():
     model = hf.patch(llama(dtype=torch.bfloat16), hf.TurboConfig(bits=8))
     out = generate(model, tokens(50), 8)

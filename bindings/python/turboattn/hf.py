@@ -400,12 +400,21 @@ def _cu(counts):
     return torch.tensor([0] + list(counts), dtype=torch.int64).cumsum(0).to(torch.int32)
 
 
+# scaled_dot_product_attention takes enable_gqa from PyTorch 2.5; before, K and V heads are repeated.
+_SDPA_TAKES_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
+
 def _sdpa_attention(q, k, v, valid, scale):
     """_plain_attention through torch's scaled_dot_product_attention (TurboConfig.prefill="sdpa"); rows
     that see no key are zero, as turboattn.attention makes them."""
     nq, nk = q.shape[1], k.shape[1]
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, N, D]
-    gqa = {"enable_gqa": True} if q.shape[2] != k.shape[2] else {}
+    gqa = {}
+    if q.shape[2] != k.shape[2]:
+        if _SDPA_TAKES_GQA:
+            gqa = {"enable_gqa": True}
+        else:
+            kh, vh = (t.repeat_interleave(q.shape[2] // k.shape[2], dim=1) for t in (kh, vh))
     sdpa = torch.nn.functional.scaled_dot_product_attention
     if valid is None and nq == nk:
         out = sdpa(qh, kh, vh, is_causal=True, scale=scale or None, **gqa)

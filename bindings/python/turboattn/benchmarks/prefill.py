@@ -43,6 +43,22 @@ def fp32_reference(q, k, v, causal):
         return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal)
 
 
+def with_wgmma(fn):
+    """fn() with TURBOATTN_PREFILL_MMA=sm90 (the kernel's wgmma operand path), the variable restored
+    after; None where this library or device has no such path."""
+    before = os.environ.get("TURBOATTN_PREFILL_MMA")
+    os.environ["TURBOATTN_PREFILL_MMA"] = "sm90"
+    try:
+        return fn()
+    except turboattn.Unsupported:
+        return None
+    finally:
+        if before is None:
+            del os.environ["TURBOATTN_PREFILL_MMA"]
+        else:
+            os.environ["TURBOATTN_PREFILL_MMA"] = before
+
+
 def main(argv=None, *, prog=None, default_out="prefill.json"):
     """argv: the command line's arguments (None: sys.argv[1:]); default_out: --out's default (bench/prefill.py
     passes bench/results/prefill.json)."""
@@ -68,9 +84,8 @@ def main(argv=None, *, prog=None, default_out="prefill.json"):
                     ours = lambda: turboattn.attention(qt, kt, vt, causal=causal, out=out)
                     ms = {"turboattn": do_bench(ours, warmup=25, rep=100, return_mode="median")}
                     if hopper:  # the wgmma operand path beside the default mma.sync one
-                        os.environ["TURBOATTN_PREFILL_MMA"] = "sm90"
-                        ms["turboattn_wgmma"] = do_bench(ours, warmup=25, rep=100, return_mode="median")
-                        del os.environ["TURBOATTN_PREFILL_MMA"]
+                        ms["turboattn_wgmma"] = with_wgmma(lambda: do_bench(ours, warmup=25, rep=100,
+                                                                            return_mode="median"))
                     for name, backend in (("fa2", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
                         fn = sdpa(backend)
                         ms[name] = do_bench(lambda: fn(q, k, v, causal), warmup=25, rep=100, return_mode="median")
@@ -87,7 +102,7 @@ def main(argv=None, *, prog=None, default_out="prefill.json"):
                            "tflops": {k_: (flops / (t * 1e-3) / 1e12 if t else None) for k_, t in ms.items()}}
                     rows.append(row)
                     tf = row["tflops"]
-                    wgmma = f" (wgmma {tf['turboattn_wgmma']:.0f})" if hopper else ""
+                    wgmma = f" (wgmma {tf['turboattn_wgmma']:.0f})" if tf.get("turboattn_wgmma") else ""
                     bar.write(f"D{D} B{B} N{N} causal={int(causal)}: turboattn {tf['turboattn']:.0f}{wgmma} | fa2 {tf['fa2']:.0f} | "
                               f"cudnn {tf['cudnn']:.0f} | sage {tf['sageattention'] or 0:.0f} TFLOP/s; "
                               f"rel_l2 {err:.4f} (sage {sage_err or 0:.4f})")
