@@ -62,17 +62,25 @@ void accumulate_tile(const int8_t* q8, float q_scale, const Int8Tile& tile, int6
   // History scaled first (exact when alpha is 1, so kernels may skip it), then the tile added with
   // one rounding per product.
   row.l = std::fma(float(p_sum), beta, row.l * alpha);
-  for (int c = 0; c < dim; ++c) {
-    float o = row.o[c] * alpha;
-    if (tile.shared_v_scale) {
-      int32_t acc = 0;
-      for (int j = 0; j < visible; ++j) acc += int32_t(p[j]) * int32_t(tile.v[int64_t(j) * dim + c]);
-      o = std::fma(float(acc), tile.v_scale[0] * beta, o);
-    } else {
-      for (int j = 0; j < visible; ++j)
-        o = std::fma(float(int32_t(p[j]) * int32_t(tile.v[int64_t(j) * dim + c])), tile.v_scale[j] * beta, o);
+  // Keys outer, channels inner (contiguous V rows); each channel still sees its keys in order.
+  for (int c = 0; c < dim; ++c) row.o[c] *= alpha;
+  if (tile.shared_v_scale) {
+    thread_local std::vector<int32_t> acc;
+    acc.assign(size_t(dim), 0);
+    for (int j = 0; j < visible; ++j) {
+      const int32_t pj = p[j];
+      const int8_t* vj = tile.v + int64_t(j) * dim;
+      for (int c = 0; c < dim; ++c) acc[c] += pj * int32_t(vj[c]);
     }
-    row.o[c] = o;
+    const float w = tile.v_scale[0] * beta;
+    for (int c = 0; c < dim; ++c) row.o[c] = std::fma(float(acc[c]), w, row.o[c]);
+  } else {
+    for (int j = 0; j < visible; ++j) {
+      const int32_t pj = p[j];
+      const int8_t* vj = tile.v + int64_t(j) * dim;
+      const float w = tile.v_scale[j] * beta;
+      for (int c = 0; c < dim; ++c) row.o[c] = std::fma(float(pj * int32_t(vj[c])), w, row.o[c]);
+    }
   }
   row.m = m_new;
 }
