@@ -471,32 +471,33 @@ struct MergedState {
   __device__ __forceinline__ float normalized() const { return m == -INFINITY ? 0.0f : __fmul_rn(o, __fdiv_rn(1.0f, l)); }
 };
 
-// The states are read kMergeBatch at a time, all loads of a batch issued before their arithmetic: from
-// global memory (cache_merge_kernel) one state's loads would otherwise wait for the previous state's.
+// The states are read kBatch at a time, all loads of a batch issued before their arithmetic: from global
+// memory (cache_merge_kernel) one state's loads would otherwise wait for the previous state's. From shared
+// memory (the warps of one CTA) a batch of all the warps is enough; a larger one only costs registers.
 constexpr int kMergeBatch = 8;
 
-template <class M, class L, class O>
+template <int kBatch, class M, class L, class O>
 __device__ __forceinline__ MergedState merge_in_order(int n, M m_of, L l_of, O o_of) {
   MergedState r;
-  for (int s0 = 0; s0 < n; s0 += kMergeBatch) {
-    float ms[kMergeBatch];
+  for (int s0 = 0; s0 < n; s0 += kBatch) {
+    float ms[kBatch];
 #pragma unroll
-    for (int k = 0; k < kMergeBatch; ++k) ms[k] = s0 + k < n ? m_of(s0 + k) : -INFINITY;
+    for (int k = 0; k < kBatch; ++k) ms[k] = s0 + k < n ? m_of(s0 + k) : -INFINITY;
 #pragma unroll
-    for (int k = 0; k < kMergeBatch; ++k) r.m = nan_max(r.m, ms[k]);
+    for (int k = 0; k < kBatch; ++k) r.m = nan_max(r.m, ms[k]);
   }
   if (r.m == -INFINITY) return r;
-  for (int s0 = 0; s0 < n; s0 += kMergeBatch) {
-    float ms[kMergeBatch], ls[kMergeBatch], os[kMergeBatch];
+  for (int s0 = 0; s0 < n; s0 += kBatch) {
+    float ms[kBatch], ls[kBatch], os[kBatch];
 #pragma unroll
-    for (int k = 0; k < kMergeBatch; ++k) {
+    for (int k = 0; k < kBatch; ++k) {
       const bool in = s0 + k < n;
       ms[k] = in ? m_of(s0 + k) : -INFINITY;
       ls[k] = in ? l_of(s0 + k) : 0.0f;
       os[k] = in ? o_of(s0 + k) : 0.0f;
     }
 #pragma unroll
-    for (int k = 0; k < kMergeBatch; ++k) {  // in order; states that saw no key add nothing
+    for (int k = 0; k < kBatch; ++k) {  // in order; states that saw no key add nothing
       if (ms[k] == -INFINITY) continue;
       const float w = exp2f(ms[k] - r.m);
       r.l = __fmaf_rn(ls[k], w, r.l);
@@ -608,7 +609,7 @@ __global__ void __launch_bounds__(DecodeTraits<kHeadDim>::kThreads, DecodeTraits
     auto warp_state = [&](int w) {
       return reinterpret_cast<const float*>(smem + Tr::kQBytes + w * Tr::warp_bytes(p.max_bits));
     };
-    const MergedState m = merge_in_order(
+    const MergedState m = merge_in_order<Tr::kWarps>(
         Tr::kWarps, [&](int w) { return warp_state(w)[row]; }, [&](int w) { return warp_state(w)[Tr::kRows + row]; },
         [&](int w) { return warp_state(w)[2 * Tr::kRows + row * D + c]; });
     if (one_split) {
@@ -632,7 +633,7 @@ __global__ void cache_merge_kernel(const float* partial, int num_splits, int hq,
   const float* parts = partial + row * num_splits * (dim + 2);
   T* dst = static_cast<T*>(out) + seq * o_b + i * o_n + h * o_h;
   for (int c = threadIdx.x; c < dim; c += blockDim.x) {
-    const MergedState m = merge_in_order(
+    const MergedState m = merge_in_order<kMergeBatch>(
         num_splits, [&](int s) { return parts[s * (dim + 2)]; }, [&](int s) { return parts[s * (dim + 2) + 1]; },
         [&](int s) { return parts[s * (dim + 2) + 2 + c]; });
     dst[c] = T(m.normalized());
