@@ -5,6 +5,8 @@ on the PATH.
     turboattn reference [--seqlen N] [--head-dim D] [--seed S]
     turboattn bench prefill|decode [benchmark options]      (--help after the name lists them)
     turboattn calibrate MODEL_DIR --text FILE [--tokens N] --fraction F --out PATH
+    turboattn demo [--model M] [--device D] [--prompt TEXT] [--tokens N] [--bits B]
+    turboattn eval [--model M] [--device D] [--quick] [--only NAME ...] [--no-passkey] [--out FILE]
 
 The C++ program of the same name (tools/cli) runs `reference` and `version` itself and hands `bench` and
 `calibrate` to this module. Exit status: 0 on success, 2 for bad arguments or inputs.
@@ -253,6 +255,76 @@ def cmd_calibrate(args):
     return 0
 
 
+# ---- demo and eval (real models, docs/ACCURACY.md) ----
+
+def _load_model(args):
+    """(model, tokenizer, None) or (None, None, exit status) with the reason printed."""
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+        from .evaluation import corpus, models
+    except ImportError as e:
+        return None, None, _fail(f"{args.command} needs torch and transformers (pip install 'turboattn[demo]'): {e}")
+    device = args.device or ("cuda" if torch.cuda.is_available() and turboattn.cuda_available() else "cpu")
+    try:
+        corpus.ensure_austen()
+        print(f"loading {args.model} on {device}", file=sys.stderr)
+        model, tokenizer = models.load(args.model, device)
+    except (FileNotFoundError, ImportError, OSError, ValueError) as e:
+        return None, None, _fail(f"{args.command}: {e}")
+    return model, tokenizer, 0
+
+
+def cmd_demo(args):
+    model, tokenizer, status = _load_model(args)
+    if model is None:
+        return status
+    from . import hf
+    from .evaluation import demo
+    demo.run(model, tokenizer, prompt=args.prompt or demo.DEFAULT_PROMPT, new_tokens=args.tokens, config=hf.TurboConfig(bits=args.bits),
+             ppl_prefix=args.ppl_prefix, ppl_tokens=args.ppl_tokens)
+    return 0
+
+
+def cmd_eval(args):
+    model, tokenizer, status = _load_model(args)
+    if model is None:
+        return status
+    import json
+    from .evaluation import evaluate
+    sizes = dict(windows=2, batch=2, prefix=256, steps=16, score_prefill=64, passkey_lengths=(512,),
+                 passkey_depths=(0.5,), passkey_keys=1, calibration_tokens=1024) if args.quick else {}
+    if args.no_passkey:
+        sizes["passkey_lengths"] = ()
+    known = [c.name for c in evaluate.configurations([1.0] * 4, 1, 4)]
+    unknown = [n for n in args.only or [] if not any(n == k or (n.startswith("mix") and k.startswith("mix")) for k in known)]
+    if unknown:
+        return _fail(f"eval --only: unknown configuration(s) {unknown}; known: {known} (mixes are named by the "
+                     "model's fractions, e.g. mix33_priority)")
+    if args.windows:
+        sizes.update(windows=args.windows, batch=min(args.windows, args.batch or 8))
+    elif args.batch:
+        sizes["batch"] = args.batch
+    result = evaluate.evaluate(model, tokenizer, only=args.only, report=lambda line: print(line, flush=True),
+                               progress=lambda line: print(line, file=sys.stderr, flush=True), **sizes)
+    import datetime
+    result.update({"model": dict(result["model"], name=args.model), "device": str(model.device),
+                   "card": torch_device_name(model.device), "commit": os.environ.get("TURBOATTN_COMMIT", ""),
+                   "date": datetime.date.today().isoformat(), "quick": bool(args.quick)})
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+            f.write("\n")
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def torch_device_name(device):
+    import torch
+    return torch.cuda.get_device_name(device) if str(device).startswith("cuda") else "CPU"
+
+
 # ---- the parser ----
 
 def build_parser():
@@ -294,6 +366,34 @@ def build_parser():
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                    help="the model's dtype while it runs (default float32)")
     p.set_defaults(func=cmd_calibrate)
+
+    from .evaluation.models import DEFAULT_MODEL, MODELS
+    model_help = (f"a bundled model ({', '.join(MODELS)}; default {DEFAULT_MODEL}), a transformers model directory or "
+                  "a .gguf file")
+    p = sub.add_parser("demo", help="generate with the FP16 cache and with turboattn on a real model: both texts, KV "
+                       "memory, held-out perplexity and speed")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when usable)")
+    p.add_argument("--prompt", default=None, help="the user message (default: a short question)")
+    p.add_argument("--tokens", type=_positive_int, default=64, metavar="N", help="new tokens to generate (default 64)")
+    p.add_argument("--bits", type=int, choices=(8, 4, 2), default=4, help="bits per cached value (default 4)")
+    p.add_argument("--ppl-prefix", type=_positive_int, default=512, metavar="N",
+                   help="tokens of held-out text prefilled before the perplexity tokens (default 512)")
+    p.add_argument("--ppl-tokens", type=_positive_int, default=128, metavar="N",
+                   help="held-out tokens decoded over the cache for perplexity (default 128)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("eval", help="accuracy of each part of the method on a real model and text "
+                       "(docs/ACCURACY.md): perplexity, KL, top-1 agreement, passkey, KV bytes per token")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when usable)")
+    p.add_argument("--quick", action="store_true", help="a small run (2 windows, short contexts) for a CPU check")
+    p.add_argument("--only", nargs="+", metavar="NAME", help="only these configurations (and fp16, the reference)")
+    p.add_argument("--no-passkey", action="store_true", help="skip the passkey test")
+    p.add_argument("--windows", type=_positive_int, metavar="N", help="held-out windows (default 16)")
+    p.add_argument("--batch", type=_positive_int, metavar="N", help="windows run together (default 8)")
+    p.add_argument("--out", metavar="FILE.json", help="write the results as JSON")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -682,8 +682,8 @@ def calibrate(model, tokenizer_or_input_ids, fraction_2bit, path, *, text=None):
     """Runs `model` on calibration input (a tokenizer with `text`, a built-in paragraph by default, or
     input ids), captures each layer's K (after RoPE) and V, computes the per-head priority
     (turboattn.head_priority), assigns 4 or 2 bits per head (turboattn.assign_head_bits) and saves
-    {model, num_layers, num_kv_heads, fraction_2bit, head_bits, priority} as JSON at `path`.
-    Returns that dict. Use it with TurboConfig(head_bits=path)."""
+    {model, num_layers, num_kv_heads, fraction_2bit, head_bits, priority} as JSON at `path` (None: not
+    saved). Returns that dict. Use it with TurboConfig(head_bits=path)."""
     if not (isinstance(fraction_2bit, (int, float)) and 0.0 <= fraction_2bit <= 1.0):
         raise ValueError(f"calibrate: fraction_2bit {fraction_2bit!r}, expected a number in [0, 1]")
     layers, kv_heads, _ = _shape(model)
@@ -714,7 +714,8 @@ def calibrate(model, tokenizer_or_input_ids, fraction_2bit, path, *, text=None):
             "num_layers": layers, "num_kv_heads": kv_heads, "fraction_2bit": float(fraction_2bit),
             "tokens": int(sum(ids.shape[1] for ids in inputs)), "head_bits": bits,
             "priority": [round(float(p), 6) for p in priority]}
-    with open(path, "w") as f:
-        json.dump(data, f)
-        f.write("\n")
+    if path is not None:
+        with open(path, "w") as f:
+            json.dump(data, f)
+            f.write("\n")
     return data
