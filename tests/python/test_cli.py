@@ -284,3 +284,17 @@ def test_cpp_program_names_what_to_install(tmp_path):
     run = subprocess.run([exe, "calibrate", "x"], capture_output=True, text=True, env=env_with_package(PATH=bare))
     assert run.returncode == 2 and "python3 has no turboattn package: install the Python package: pip install ." in \
         run.stderr
+
+
+def test_demo_and_eval_name_a_bad_model_or_configuration(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    assert cli.main(["eval", "--only", "kv4", "kv3", "mix50_best"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown configuration(s) ['kv3', 'mix50_best']" in err and "'kivi2'" in err
+    for command in ("demo", "eval"):
+        assert cli.main([command, "--model", str(tmp_path / "none.gguf")]) == 2
+        assert f"no GGUF file {tmp_path / 'none.gguf'}" in capsys.readouterr().err
+        assert cli.main([command, "--model", "llama-9000"]) == 2
+        assert "not one of ['smollm2-135m']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--bits", "3"])

@@ -1,5 +1,5 @@
 // The turboattn command line: `turboattn <subcommand>`. `reference` and `version` run here; the
-// subcommands that need PyTorch or transformers (bench, calibrate) are the Python package's
+// subcommands that need PyTorch or transformers (bench, calibrate, demo, eval) are the Python package's
 // (bindings/python/turboattn/cli.py), and this program hands them to `python3 -m turboattn`.
 #include <spawn.h>
 #include <sys/wait.h>
@@ -28,8 +28,11 @@ void usage() {
       "  bench prefill|decode [options]           run a GPU benchmark (docs/BENCHMARKS.md): JSON and PNG results\n"
       "  calibrate MODEL_DIR --text FILE --fraction F --out PATH [--tokens N]\n"
       "                                           per-head 4/2-bit assignment for a local transformers model\n"
+      "  demo [options]                           generate with the FP16 cache and with turboattn on a real model\n"
+      "  eval [options]                           accuracy on a real model and text (docs/ACCURACY.md)\n"
       "\n"
-      "bench and calibrate run `python3 -m turboattn` (the Python package: pip install . in the source tree);\n"
+      "bench, calibrate, demo and eval run `python3 -m turboattn` (the Python package: pip install . in the\n"
+      "source tree);\n"
       "`turboattn <command> --help` lists a command's options.\n");
 }
 
@@ -101,7 +104,7 @@ int main(int argc, char** argv) {
     }
     return turboattn::cli::run_reference_sample(opt);
   }
-  if (cmd == "bench" || cmd == "calibrate") return run_python_command(argc, argv);
+  if (cmd == "bench" || cmd == "calibrate" || cmd == "demo" || cmd == "eval") return run_python_command(argc, argv);
   std::fprintf(stderr, "turboattn: unknown command '%s'\n\n", cmd.c_str());
   usage();
   return 2;

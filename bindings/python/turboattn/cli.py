@@ -14,6 +14,7 @@ The C++ program of the same name (tools/cli) runs `reference` and `version` itse
 import argparse
 import math
 import os
+import re
 import sys
 import time
 
@@ -267,6 +268,7 @@ def _load_model(args):
         return None, None, _fail(f"{args.command} needs torch and transformers (pip install 'turboattn[demo]'): {e}")
     device = args.device or ("cuda" if torch.cuda.is_available() and turboattn.cuda_available() else "cpu")
     try:
+        models.model_path(args.model)  # a bad name fails before anything is fetched
         corpus.ensure_austen()
         print(f"loading {args.model} on {device}", file=sys.stderr)
         model, tokenizer = models.load(args.model, device)
@@ -287,20 +289,24 @@ def cmd_demo(args):
 
 
 def cmd_eval(args):
+    import json
+    try:
+        from .evaluation import evaluate
+    except ImportError as e:
+        return _fail(f"eval needs torch and transformers (pip install 'turboattn[demo]'): {e}")
+    known = [c.name for c in evaluate.configurations([1.0] * 4, 1, 4) if not c.name.startswith("mix")]
+    mix = re.compile(r"mix\d+_(priority|random|index)$")
+    unknown = [n for n in args.only or [] if n not in known and not mix.match(n)]
+    if unknown:
+        return _fail(f"eval --only: unknown configuration(s) {unknown}; known: {known} and mixes named by the "
+                     "model's fraction of 2-bit heads and the selection, e.g. mix33_priority")
     model, tokenizer, status = _load_model(args)
     if model is None:
         return status
-    import json
-    from .evaluation import evaluate
     sizes = dict(windows=2, batch=2, prefix=256, steps=16, score_prefill=64, passkey_lengths=(512,),
                  passkey_depths=(0.5,), passkey_keys=1, calibration_tokens=1024) if args.quick else {}
     if args.no_passkey:
         sizes["passkey_lengths"] = ()
-    known = [c.name for c in evaluate.configurations([1.0] * 4, 1, 4)]
-    unknown = [n for n in args.only or [] if not any(n == k or (n.startswith("mix") and k.startswith("mix")) for k in known)]
-    if unknown:
-        return _fail(f"eval --only: unknown configuration(s) {unknown}; known: {known} (mixes are named by the "
-                     "model's fractions, e.g. mix33_priority)")
     if args.windows:
         sizes.update(windows=args.windows, batch=min(args.windows, args.batch or 8))
     elif args.batch:

