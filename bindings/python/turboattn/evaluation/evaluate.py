@@ -205,7 +205,7 @@ def passkey_accuracy(runner, c, tokenizer, haystack_ids, lengths, depths, keys):
 
 
 def evaluate(model, tokenizer, *, windows=16, batch=8, prefix=1024, steps=256, score_prefill=256,
-             passkey_lengths=(1024, 2048, 4096, 8192), passkey_depths=(0.0, 0.25, 0.5, 0.75, 1.0), passkey_keys=2,
+             passkey_lengths=(1024, 2048, 4096, 8192), passkey_depths=(0.0, 0.25, 0.5, 0.75, 1.0), passkey_keys=3,
              calibration_tokens=8192, only=None, progress=print, report=print):
     """Runs every configuration; returns the results dict (eval/results/*.json)."""
     device = model.device
