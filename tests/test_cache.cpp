@@ -243,9 +243,9 @@ TEST(CacheMemory, BytesPerValueAtHeadDim128) {
     return m.bytes_per_token / (8 * 128 * 2);
   };
   EXPECT_DOUBLE_EQ(bytes_per_value(std::vector<int32_t>(8, 8)), 131136.0 / 131072);
-  EXPECT_DOUBLE_EQ(bytes_per_value(std::vector<int32_t>(8, 4)), 69696.0 / 131072);
-  EXPECT_DOUBLE_EQ(bytes_per_value(std::vector<int32_t>(8, 2)), 36928.0 / 131072);
-  EXPECT_DOUBLE_EQ(bytes_per_value({4, 2, 4, 2, 4, 2, 4, 2}), 53312.0 / 131072);
+  EXPECT_DOUBLE_EQ(bytes_per_value(std::vector<int32_t>(8, 4)), 68672.0 / 131072);
+  EXPECT_DOUBLE_EQ(bytes_per_value(std::vector<int32_t>(8, 2)), 35904.0 / 131072);
+  EXPECT_DOUBLE_EQ(bytes_per_value({4, 2, 4, 2, 4, 2, 4, 2}), 52288.0 / 131072);
   EXPECT_GT(2.0 / bytes_per_value({4, 2, 4, 2, 4, 2, 4, 2}), 4.9);  // vs FP16: over the paper's 4.4x
 }
 

@@ -18,10 +18,15 @@ namespace turboattn {
 TA_HOST_DEVICE int64_t block_code_bytes(int bits, int head_dim) {
   return int64_t(TA_BLOCK_TOKENS) * head_dim * bits / 8;
 }
-// Stage-2 metadata of one head's K (or V) block: u8 scale[D] then s8 zero[D]; none at 8 bits.
-TA_HOST_DEVICE int64_t block_meta_bytes(int bits, int head_dim) { return bits == 8 ? 0 : 2 * head_dim; }
-TA_HOST_DEVICE int64_t block_region_bytes(int bits, int head_dim) {
-  return block_code_bytes(bits, head_dim) + block_meta_bytes(bits, head_dim);
+// Stage-2 metadata of one head's block, none at 8 bits: K's grid is per channel (u8 scale[D] then
+// s8 zero[D]), V's per token (u8 scale[64] then s8 zero[64]).
+TA_HOST_DEVICE constexpr int64_t block_k_meta_bytes(int bits, int head_dim) { return bits == 8 ? 0 : 2 * head_dim; }
+TA_HOST_DEVICE constexpr int64_t block_v_meta_bytes(int bits) { return bits == 8 ? 0 : 2 * TA_BLOCK_TOKENS; }
+TA_HOST_DEVICE int64_t block_k_region_bytes(int bits, int head_dim) {
+  return block_code_bytes(bits, head_dim) + block_k_meta_bytes(bits, head_dim);
+}
+TA_HOST_DEVICE int64_t block_v_region_bytes(int bits, int head_dim) {
+  return block_code_bytes(bits, head_dim) + block_v_meta_bytes(bits);
 }
 // Page header: fp32 stage-1 scale of K for each head, then of V, padded to 16 bytes.
 TA_HOST_DEVICE int64_t page_header_bytes(int kv_heads) { return (8 * int64_t(kv_heads) + 15) / 16 * 16; }
@@ -42,9 +47,9 @@ TA_HOST_DEVICE PageLayout make_page_layout(const int* bits, int kv_heads, int he
   for (int h = 0; h < kv_heads; ++h) {
     p.bits[h] = bits[h];
     p.k_offset[h] = off;
-    off += block_region_bytes(bits[h], head_dim);
+    off += block_k_region_bytes(bits[h], head_dim);
     p.v_offset[h] = off;
-    off += block_region_bytes(bits[h], head_dim);
+    off += block_v_region_bytes(bits[h], head_dim);
   }
   p.page_bytes = off;
   return p;

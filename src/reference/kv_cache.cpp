@@ -101,7 +101,7 @@ void KvCache::flush(int layer, int seq) {
         for (int t = 0; t < kBlock; ++t)
           for (int c = 0; c < d; ++c)
             codes[which ? size_t(c) * kBlock + t : size_t(t) * d + c] = uint8_t(q[size_t(t) * d + c]);
-      } else {
+      } else if (which == 0) {  // K: a grid per channel over the block's tokens
         uint8_t* s2_scale = region + block_code_bytes(bits, d);
         auto* s2_zero = reinterpret_cast<int8_t*>(s2_scale + d);
         std::vector<uint8_t> channel(static_cast<size_t>(kBlock));
@@ -109,7 +109,17 @@ void KvCache::flush(int layer, int seq) {
           const Stage2Params p = stage2_encode(q.data() + c, kBlock, d, bits, channel.data());
           s2_scale[c] = p.scale;
           s2_zero[c] = p.zero;
-          for (int t = 0; t < kBlock; ++t) codes[which ? size_t(c) * kBlock + t : size_t(t) * d + c] = channel[size_t(t)];
+          for (int t = 0; t < kBlock; ++t) codes[size_t(t) * d + c] = channel[size_t(t)];
+        }
+      } else {  // V: a grid per token over its channels
+        uint8_t* s2_scale = region + block_code_bytes(bits, d);
+        auto* s2_zero = reinterpret_cast<int8_t*>(s2_scale + kBlock);
+        std::vector<uint8_t> token(static_cast<size_t>(d));
+        for (int t = 0; t < kBlock; ++t) {
+          const Stage2Params p = stage2_encode(q.data() + size_t(t) * d, d, 1, bits, token.data());
+          s2_scale[t] = p.scale;
+          s2_zero[t] = p.zero;
+          for (int c = 0; c < d; ++c) codes[size_t(c) * kBlock + t] = token[size_t(c)];
         }
       }
       pack_codes(codes.data(), kBlock * d, bits, region);
@@ -129,12 +139,13 @@ void KvCache::block_tile(int layer, int page_id, int head, int8_t* k, int8_t* v,
     const uint8_t* region = pg + (which ? lay.v_offset[head] : lay.k_offset[head]);
     int8_t* out = which ? v : k;
     unpack_codes(region, kBlock * d, bits, codes.data());
-    const uint8_t* s2_scale = region + block_code_bytes(bits, d);
-    const auto* s2_zero = reinterpret_cast<const int8_t*>(s2_scale + d);
+    const uint8_t* s2_scale = region + block_code_bytes(bits, d);  // K: per channel; V: per token
+    const auto* s2_zero = reinterpret_cast<const int8_t*>(s2_scale + (which ? kBlock : d));
     for (int t = 0; t < kBlock; ++t)
       for (int c = 0; c < d; ++c) {
         const uint8_t code = codes[which ? size_t(c) * kBlock + t : size_t(t) * d + c];
-        out[size_t(t) * d + c] = bits == 8 ? int8_t(code) : stage2_decode(code, {s2_scale[c], s2_zero[c]});
+        const int g = which ? t : c;
+        out[size_t(t) * d + c] = bits == 8 ? int8_t(code) : stage2_decode(code, {s2_scale[g], s2_zero[g]});
       }
   }
 }

@@ -204,9 +204,10 @@ def test_second_turn_decodes_several_new_tokens_over_the_cache():
 
 def page_bytes(bits_per_head, d):
     """One layer's page (docs/FORMATS.md 3.5): header of 2 * H fp32 scales padded to 16, then per
-    head K and V regions of 64 * D * b / 8 code bytes plus 2 * D bytes of stage-2 metadata below 8 bits."""
+    head K and V regions of 64 * D * b / 8 code bytes plus, below 8 bits, stage-2 metadata: 2 * D bytes
+    for K (per channel) and 2 * 64 for V (per token)."""
     header = -(-2 * len(bits_per_head) * 4 // 16) * 16
-    return header + sum(2 * (64 * d * b // 8 + (0 if b == 8 else 2 * d)) for b in bits_per_head)
+    return header + sum(2 * (64 * d * b // 8) + (0 if b == 8 else 2 * d + 2 * 64) for b in bits_per_head)
 
 
 @pytest.mark.parametrize("bits", [8, 4, 2])

@@ -9,7 +9,8 @@
 
 namespace turboattn::cuda {
 
-// ref::stage2_encode of one channel's `count` INT8 values q[i * stride]: codes (unpacked) and params.
+// ref::stage2_encode of `count` INT8 values q[i * stride] (a K channel's tokens or a V token's channels):
+// codes (unpacked) and params.
 __device__ __forceinline__ void stage2_encode(const int8_t* q, int count, int stride, int bits, uint8_t* codes,
                                               int code_stride, uint8_t* scale_out, int8_t* zero_out) {
   int lo = TA_INT8_MAX, hi = -TA_INT8_MAX;

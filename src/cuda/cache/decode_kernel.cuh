@@ -4,10 +4,11 @@
 // with its own online-softmax state and its own cp.async ring of three half-pages (a page's K half
 // and V half travel separately, so the next K is in flight during P V and the next V during S).
 //
-// The packed codes are never expanded to INT8. With k = zero + code * scale per channel (3.3):
+// The packed codes are never expanded to INT8. With k = zero + code * scale per channel and
+// v = zero + code * scale per token (3.3):
 //   S_j  = sum_c q_c k_jc = sum_c q_c zero_c + sum_c (q_c scale_c) code_jc,  q_c scale_c = 128 hi + lo,
-//   PV_c = sum_j p_j v_jc = zero_c sum_j p_j + scale_c sum_j p_j code_jc,
-// exact integer identities, so S^T = K Q^T and O^T = V^T P^T run on the raw codes as u8 x s8 and
+//   PV_c = sum_j p_j v_jc = sum_j p_j zero_j + sum_j (p_j scale_j) code_jc,  p_j scale_j = 128 hi + lo,
+// exact integer identities, so S^T = K Q'^T and O^T = V^T P'^T run on the raw codes as u8 x s8 and
 // u8 x u8 tensor-core products (keys and channels in the M dimension, the query rows in N = 8), with
 // the codes unpacked straight into the A fragments by a shift and a mask. The tensor-core K dimension
 // takes the codes in packed order (k_order_position), and Q' and P are laid out to match. 8-bit pages
@@ -50,10 +51,13 @@ struct DecodeTraits {
   // Unpadded, so that three halves per warp leave room for three CTAs per SM at 4 bits, D = 128.
   __host__ __device__ static constexpr int k_row_bytes(int bits) { return kHeadDim * bits / 8; }
   __host__ __device__ static constexpr int v_row_bytes(int bits) { return kKeys * bits / 8; }
-  __host__ __device__ static constexpr int meta_bytes(int bits) { return bits == 8 ? 0 : 2 * kHeadDim; }
+  __host__ __device__ static constexpr int k_meta_bytes(int bits) { return int(block_k_meta_bytes(bits, kHeadDim)); }
+  __host__ __device__ static constexpr int v_meta_bytes(int bits) { return int(block_v_meta_bytes(bits)); }
   __host__ __device__ static constexpr int half_meta(int bits) { return kKeys * k_row_bytes(bits); }  // == D rows of V
-  __host__ __device__ static constexpr int half_scales(int bits) { return half_meta(bits) + meta_bytes(bits); }
+  // A K half ends with the two block scales; a V half's metadata (per token) is never larger than K's.
+  __host__ __device__ static constexpr int half_scales(int bits) { return half_meta(bits) + k_meta_bytes(bits); }
   __host__ __device__ static constexpr int half_bytes(int bits) { return half_scales(bits) + 16; }
+  static_assert(kHeadDim >= kKeys, "V's per-token metadata fits where K's per-channel metadata goes");
   static constexpr int kRingHalves = 3;
   // Per warp: Q' hi and lo rows, P rows, and the ring sized for the layer's widest head.
   static constexpr int kWarpFixedBytes = 2 * kRows * kBRowBytes + kRows * kPRowBytes;
@@ -187,12 +191,12 @@ struct TileSoftmax {
   }
 };
 
-// The stage-2 scales (bytes of a K page's metadata, by channel) of K positions 4 w .. 4 w + 3 as one
-// word: their channels are w8 * 8 + h + {0, 2, 4, 6} at 4 bits and w16 * 16 + a + {0, 4, 8, 12} at 2
+// The metadata bytes (indexed by code: a K row's channel, a V row's key) of K positions 4 w .. 4 w + 3
+// as one word: their codes are w8 * 8 + h + {0, 2, 4, 6} at 4 bits and w16 * 16 + a + {0, 4, 8, 12} at 2
 // (code_at_position).
 template <int kBits>
-__device__ __forceinline__ uint32_t scales_at_positions(const uint8_t* k_meta, int w) {
-  const uint32_t* m = reinterpret_cast<const uint32_t*>(k_meta);
+__device__ __forceinline__ uint32_t scales_at_positions(const uint8_t* meta, int w) {
+  const uint32_t* m = reinterpret_cast<const uint32_t*>(meta);
   if constexpr (kBits == 4) {
     return __byte_perm(m[2 * (w / 2)], m[2 * (w / 2) + 1], (w % 2) ? 0x7531 : 0x6420);
   } else {
@@ -308,38 +312,65 @@ __device__ __forceinline__ bool page_scores(const uint8_t* k_half, const uint8_t
   return true;
 }
 
-// A page's second half: O^T = V^T P^T on the V codes, into the warp's state.
+// A page's second half: O^T = V^T P'^T on the V codes, into the warp's state. At 4 and 2 bits the
+// B operand is P' = p_j scale_j (u8 x u8 < 2^15), split into 128 hi + lo like Q', and each row adds
+// sum_j p_j zero_j = sum_j p_j (zero_j + 128) - 128 sum_j p_j (u8 dot products, then the row's p_sum).
 template <int kHeadDim, int kBits, bool kSas>
 __device__ __forceinline__ void page_values(const uint8_t* v_half, const uint8_t* s_p, const TileSoftmax<kSas>& sm,
                                             WarpState<kHeadDim>& ws, int lane) {
   using Tr = DecodeTraits<kHeadDim>;
-  constexpr int D = kHeadDim;
   const int g = lane / 4, t = lane % 4;
   const uint8_t* v_codes = v_half;
-  const uint8_t* v_meta = v_half + Tr::half_meta(kBits);
+  const uint8_t* v_meta = v_half + Tr::half_meta(kBits);  // u8 scale[64], then s8 zero[64], by key
   constexpr int kVStride = Tr::v_row_bytes(kBits);
-  uint32_t bp[2][2];
+  // Row g's P codes at K positions 32 ks + 16 j + 4 t .. + 3 (word w = 8 ks + 4 j + t).
+  uint32_t bl[2][2], bh[2][2] = {};
 #pragma unroll
   for (int ks = 0; ks < 2; ++ks)
-    bp[ks][0] = *reinterpret_cast<const uint32_t*>(s_p + g * Tr::kPRowBytes + 32 * ks + 4 * t),
-    bp[ks][1] = *reinterpret_cast<const uint32_t*>(s_p + g * Tr::kPRowBytes + 32 * ks + 16 + 4 * t);
+#pragma unroll
+    for (int j = 0; j < 2; ++j) bl[ks][j] = *reinterpret_cast<const uint32_t*>(s_p + g * Tr::kPRowBytes + 32 * ks + 16 * j + 4 * t);
+  int32_t zero_row[2] = {0, 0};
+  if constexpr (kBits < 8) {
+    uint32_t zp = 0;  // row g, this lane's 16 keys: sum_j p_j (zero_j + 128)
+#pragma unroll
+    for (int ks = 0; ks < 2; ++ks)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int w = 8 * ks + 4 * j + t;
+        const uint32_t p4 = bl[ks][j], s4 = scales_at_positions<kBits>(v_meta, w);
+        zp = __dp4a(p4, scales_at_positions<kBits>(v_meta + Tr::kKeys, w) ^ 0x80808080u, zp);
+        uint32_t pp[4];
+#pragma unroll
+        for (int b = 0; b < 4; ++b) pp[b] = __dp4a(p4, s4 & (0xFFu << (8 * b)), 0u);
+        bl[ks][j] = __byte_perm(__byte_perm(pp[0], pp[1], 0x0040), __byte_perm(pp[2], pp[3], 0x0040), 0x5410) & 0x7F7F7F7Fu;
+        bh[ks][j] = __byte_perm(__byte_perm(pp[0] >> 7, pp[1] >> 7, 0x0040), __byte_perm(pp[2] >> 7, pp[3] >> 7, 0x0040), 0x5410);
+      }
+    zp += __shfl_xor_sync(0xffffffffu, zp, 1);
+    zp += __shfl_xor_sync(0xffffffffu, zp, 2);
+#pragma unroll
+    for (int r = 0; r < 2; ++r)  // rows 2t and 2t + 1 are the sums of lanes 4 (2t + r) + 0..3
+      zero_row[r] = int32_t(__shfl_sync(0xffffffffu, zp, 4 * (2 * t + r))) - 128 * sm.p_sum[r];
+  }
   const float svb[2] = {__fmul_rn(sm.sv, sm.beta[0]), __fmul_rn(sm.sv, sm.beta[1])};
   const bool rescale = !__all_sync(0xffffffffu, sm.alpha[0] == 1.0f && sm.alpha[1] == 1.0f);
 #pragma unroll
   for (int ot = 0; ot < Tr::kOTiles; ++ot) {
-    int32_t acc[4] = {0, 0, 0, 0};
+    int32_t acc_lo[4] = {0, 0, 0, 0}, acc_hi[4] = {0, 0, 0, 0};
 #pragma unroll
     for (int ks = 0; ks < 2; ++ks) {
       uint32_t a[4];
       load_code_fragment<kBits>(a, v_codes, kVStride, 16 * ot + g, ks, t);
-      if constexpr (kBits == 8) mma_m16n8k32_s8u8(acc, a, bp[ks]);
-      else mma_m16n8k32_u8u8(acc, a, bp[ks]);
+      if constexpr (kBits == 8) {
+        mma_m16n8k32_s8u8(acc_lo, a, bl[ks]);
+      } else {
+        mma_m16n8k32_u8u8(acc_hi, a, bh[ks]);
+        mma_m16n8k32_u8u8(acc_lo, a, bl[ks]);
+      }
     }
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const int c = 16 * ot + g + 8 * (i / 2), r = i % 2;
-      int32_t pv = acc[i];
-      if constexpr (kBits < 8) pv = int32_t(v_meta[c]) * acc[i] + int32_t(int8_t(v_meta[D + c])) * sm.p_sum[r];
+      const int r = i % 2;
+      const int32_t pv = kBits == 8 ? acc_lo[i] : 128 * acc_hi[i] + acc_lo[i] + zero_row[r];
       float& o = ws.o[ot][i];
       o = __fmaf_rn(small_int_to_float(pv), svb[r], rescale ? __fmul_rn(o, sm.alpha[r]) : o);
     }
@@ -419,9 +450,10 @@ __device__ __forceinline__ void warp_tiles(const DecodeParams& p, uint8_t* ring,
   const PageLayout& lay = *p.layout;
   const int blocks = int(len / Tr::kKeys);
   const float skip_x = skip_threshold(len);
-  const int64_t page_bytes = lay.page_bytes, k_offset = lay.k_offset[hk];
+  const int64_t page_bytes = lay.page_bytes, region_offset[2] = {lay.k_offset[hk], lay.v_offset[hk]};
   const int32_t* table = p.tables + int64_t(slot) * p.table_width;
-  constexpr int kRegion = Tr::half_scales(kBits);  // a K or V region: codes, then metadata
+  constexpr int kRegion[2] = {Tr::half_meta(kBits) + Tr::k_meta_bytes(kBits),  // K, V regions: codes, then metadata
+                              Tr::half_meta(kBits) + Tr::v_meta_bytes(kBits)};
   const int first = begin + warp;
   // Half h of the warp's tiles (nothing for the buffer's tile or past the split), into its slot.
   auto stage = [&](int h) {
@@ -429,8 +461,7 @@ __device__ __forceinline__ void warp_tiles(const DecodeParams& p, uint8_t* ring,
     if (j >= end || j >= blocks) return;
     uint8_t* dst = ring + (h % Tr::kRingHalves) * half_stride;
     const uint8_t* page = p.pool + int64_t(table[j]) * page_bytes;
-    const uint8_t* region = page + k_offset + (h % 2) * kRegion;  // the V region follows the K region
-    stage_bytes_async(dst, region, kRegion, lane);                 // codes, then metadata
+    stage_bytes_async(dst, page + region_offset[h % 2], kRegion[h % 2], lane);
     if (h % 2 == 0) {
       if (lane == 0) cp_async_4(dst + Tr::half_scales(kBits), page + page_k_scale_offset(hk));
       if (lane == 1) cp_async_4(dst + Tr::half_scales(kBits) + 4, page + page_v_scale_offset(p.hkv, hk));

@@ -135,10 +135,14 @@ __global__ void __launch_bounds__(kWriteThreads) cache_write_kernel(const WriteP
         const int t = i / D, c = i % D;
         s_codes[which ? c * kBlock + t : i] = uint8_t(q[i]);
       }
-    } else {
+    } else if (which == 0) {  // K: a grid per channel over the block's tokens
       for (int c = threadIdx.x; c < D; c += kWriteThreads)
-        stage2_encode(q + c, kBlock, D, bits, s_codes + (which ? c * kBlock : c), which ? 1 : D, region + code_bytes + c,
+        stage2_encode(q + c, kBlock, D, bits, s_codes + c, D, region + code_bytes + c,
                       reinterpret_cast<int8_t*>(region + code_bytes + D + c));
+    } else {  // V: a grid per token over its channels
+      for (int t = threadIdx.x; t < kBlock; t += kWriteThreads)
+        stage2_encode(q + t * D, D, 1, bits, s_codes + t, kBlock, region + code_bytes + t,
+                      reinterpret_cast<int8_t*>(region + code_bytes + kBlock + t));
     }
     __syncthreads();
     const int per_byte = 8 / bits;
