@@ -32,13 +32,13 @@ def fetched():
 def test_demo(fetched, capsys):
     assert cli.main(["demo", "--device", "cpu", "--tokens", "12", "--ppl-prefix", "128", "--ppl-tokens", "24"]) == 0
     out = capsys.readouterr().out
-    assert "--- FP16 cache" in out and "--- turboattn (4-bit cache" in out
+    assert "--- FP32 cache (transformers, SDPA)" in out and "--- turboattn (4-bit cache" in out
     texts = out.split("--- ")[1:]
     assert all(len(t.split("\n", 1)[1].strip()) > 10 for t in texts)  # both generated something
     fields = {line[:34].strip(): line[34:].split() for line in out.splitlines() if line[:34].strip() in (
         "KV cache bytes per token", "perplexity, held-out Austen")}
-    fp16_bytes, turbo_bytes = map(float, fields["KV cache bytes per token"][:2])
-    assert fp16_bytes == 30 * 3 * 64 * 2 * 2 and fp16_bytes / turbo_bytes == pytest.approx(3.76, abs=0.01)
+    plain_bytes, turbo_bytes = map(float, fields["KV cache bytes per token"][:2])
+    assert plain_bytes == 30 * 3 * 64 * 2 * 4 and plain_bytes / turbo_bytes == pytest.approx(2 * 3.76, abs=0.02)  # FP32
     ppl_fp16, ppl_turbo = map(float, fields["perplexity, held-out Austen"][:2])
     assert 5 < ppl_fp16 < 200 and abs(ppl_turbo / ppl_fp16 - 1) < 0.15
 

@@ -60,7 +60,7 @@ def run(model, tokenizer, *, prompt=DEFAULT_PROMPT, new_tokens=64, config=None, 
     config = config or hf.TurboConfig(bits=4)
     ids = _chat_ids(tokenizer, prompt, device)
     layers, kv_heads, head_dim = hf._shape(model)
-    fp16_bytes = 2 * 2 * layers * kv_heads * head_dim
+    plain_bytes = torch.finfo(model.dtype).bits // 8 * 2 * layers * kv_heads * head_dim  # K and V in the model's dtype
     novels = corpus.austen_novels()
     held = tokenizer(corpus.text_of(corpus.HELD_OUT[:1], novels), add_special_tokens=False)["input_ids"]
     window = torch.tensor([held[2000:2000 + ppl_prefix + ppl_tokens + 1]], device=device)
@@ -70,7 +70,7 @@ def run(model, tokenizer, *, prompt=DEFAULT_PROMPT, new_tokens=64, config=None, 
     _generate(model, ids, 2, None)  # warm-up
     text, secs = _generate(model, ids, new_tokens, None)
     res["fp16"] = {"text": tokenizer.decode(text, skip_special_tokens=True), "seconds": secs,
-                   "kv_bytes_per_token": fp16_bytes,
+                   "kv_bytes_per_token": plain_bytes,
                    "ppl": _perplexity(model, window, ppl_prefix, DynamicCache())}
 
     hf.patch(model, config)
@@ -86,12 +86,13 @@ def run(model, tokenizer, *, prompt=DEFAULT_PROMPT, new_tokens=64, config=None, 
     where = torch.cuda.get_device_name(device) if str(device).startswith("cuda") else "CPU"
     out(f"model: {type(model).__name__}, {layers} layers x {kv_heads} KV heads x head dim {head_dim}, on {where}")
     out(f"prompt: {prompt!r}; {new_tokens} new tokens, greedy\n")
-    label = {"fp16": "FP16 cache (transformers, SDPA)", "turboattn": f"turboattn ({config.bits}-bit cache, "
+    plain = str(model.dtype).replace("torch.", "").replace("float", "FP").replace("bFP", "BF")  # FP16, FP32, BF16
+    label = {"fp16": f"{plain} cache (transformers, SDPA)", "turboattn": f"turboattn ({config.bits}-bit cache, "
              f"FlashQ + SAS prefill{'' if config.use_sas else ', SAS off'})"}
     for name in ("fp16", "turboattn"):
         r = res[name]
         out(f"--- {label[name]}\n{r['text'].strip()}\n")
-    out(f"{'':34s}{'FP16':>12s}{'turboattn':>12s}")
+    out(f"{'':34s}{plain:>12s}{'turboattn':>12s}")
     f, t = res["fp16"], res["turboattn"]
     out(f"{'KV cache bytes per token':34s}{f['kv_bytes_per_token']:12.0f}{t['kv_bytes_per_token']:12.0f}"
         f"   ({f['kv_bytes_per_token'] / t['kv_bytes_per_token']:.2f}x smaller)")
