@@ -298,3 +298,9 @@ def test_demo_and_eval_name_a_bad_model_or_configuration(tmp_path, capsys):
         assert "not one of ['smollm2-135m']" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["demo", "--bits", "3"])
+    assert cli.main(["eval", "--device", "tpu"]) == 2
+    assert "--device tpu: expected cpu, cuda or cuda:N" in capsys.readouterr().err
+    import torch
+    if not (torch.cuda.is_available() and turboattn.cuda_available()):
+        assert cli.main(["demo", "--device", "cuda"]) == 2
+        assert "demo --device cuda: " in capsys.readouterr().err

@@ -267,6 +267,12 @@ def _load_model(args):
     except ImportError as e:
         return None, None, _fail(f"{args.command} needs torch and transformers (pip install 'turboattn[demo]'): {e}")
     device = args.device or ("cuda" if torch.cuda.is_available() and turboattn.cuda_available() else "cpu")
+    if device.startswith("cuda") and not (torch.cuda.is_available() and turboattn.cuda_available()):
+        return None, None, _fail(f"{args.command} --device {device}: " + (
+            "PyTorch sees no CUDA device" if not torch.cuda.is_available() else
+            "this build of libturboattn has no CUDA kernels (build with nvcc on the path)"))
+    if device != "cpu" and not device.startswith("cuda"):
+        return None, None, _fail(f"{args.command} --device {device}: expected cpu, cuda or cuda:N")
     try:
         models.model_path(args.model)  # a bad name fails before anything is fetched
         corpus.ensure_austen()
