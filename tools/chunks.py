@@ -30,12 +30,13 @@ def split(path, directory, mib):
 
 def join(directory, name, out):
     digest, n = open(os.path.join(directory, f"{name}.sha256")).read().split()
+    parts = [os.path.join(directory, f"{name}.part{i:02d}") for i in range(int(n))]
+    for part in parts:
+        if not os.path.exists(part):
+            sys.exit(f"join: {part} is missing ({n} parts expected)")
     h = hashlib.sha256()
     with open(out + ".tmp", "wb") as f:
-        for i in range(int(n)):
-            part = os.path.join(directory, f"{name}.part{i:02d}")
-            if not os.path.exists(part):
-                sys.exit(f"join: {part} is missing ({n} parts expected)")
+        for part in parts:
             data = open(part, "rb").read()
             h.update(data)
             f.write(data)
