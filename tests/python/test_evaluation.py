@@ -149,7 +149,7 @@ def test_configurations():
     cfgs = evaluate.configurations([1.0] * 6, 2, 3)
     names = [c.name for c in cfgs]
     assert names[0] == "fp16" and len(set(names)) == len(names)
-    # 3 KV heads per layer: 25% and 50% round to one head, 75% to two; each mix once per selection.
+    # 3 KV heads per layer: 25% rounds to one head, 50% and 75% to two; each mix once per selection.
     assert [n for n in names if n.startswith("mix")] == [f"mix{p}_{s}" for p in (33, 67)
                                                          for s in ("priority", "random", "index")]
     for needed in ("flashq_prefill", "kv8", "kv4", "kv2", "kv4_no_sas", "kv4_no_smooth_k", "kivi4", "kivi2"):
