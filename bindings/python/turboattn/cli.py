@@ -311,6 +311,9 @@ def cmd_eval(args):
         return status
     sizes = dict(windows=2, batch=2, prefix=256, steps=16, score_prefill=64, passkey_lengths=(512,),
                  passkey_depths=(0.5,), passkey_keys=1, calibration_tokens=1024) if args.quick else {}
+    if not args.quick and model.device.type == "cpu":
+        print("eval: the full evaluation on the CPU takes hours (about 6 minutes on an H200); --quick is a "
+              "small check", file=sys.stderr)
     if args.no_passkey:
         sizes["passkey_lengths"] = ()
     if args.windows:
