@@ -1,5 +1,5 @@
 // Quantization formats on the CPU: blockwise symmetric INT8 (FlashQ compute format and cache stage 1),
-// stage-2 INT4/INT2 channel-wise codes with integer scale and zero, and bit packing.
+// stage-2 INT4/INT2 codes with an integer scale and zero per group (a K channel, a V token), and bit packing.
 #pragma once
 
 #include <cstdint>
