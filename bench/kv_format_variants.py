@@ -3,7 +3,7 @@
 loss comes from"): the stage-1/stage-2 quantization of docs/FORMATS.md 3.1-3.3, re-implemented here as
 quantize-then-dequantize in PyTorch, with its grouping varied (stage 2 per channel over a 64-token
 block, per channel over 32 tokens, or per token over the channels; K or V alone at 4 bits), run through
-the evaluation's protocol beside the library's own cache ("kv4", "kv2") and KIVI-style. The simulation
+the evaluation's protocol (also K's channels scaled by their range first, "scaled") beside the library's own cache ("kv4", "kv2") and KIVI-style. The simulation
 of the current format ("k:chan v:tok", since a31dfde; "k:chan v:chan" before) must land on the library's
 numbers; that is its check.
 
@@ -61,22 +61,27 @@ def quantize_blocks(x, bits, grouping):
 
 
 class VariantLayer(DynamicLayer):
-    """Full 64-token blocks quantized as above; the partial block as the INT8 buffer (per-token codes)."""
+    """Full 64-token blocks quantized as above; the partial block as the INT8 buffer (per-token codes).
+    k_scaled: K's channels divided by their range over the first write before quantization and
+    multiplied back after (scale migration: Q would take the factors, exactly)."""
 
-    def __init__(self, k_bits, v_bits, k_grouping, v_grouping):
+    def __init__(self, k_bits, v_bits, k_grouping, v_grouping, k_scaled=False):
         super().__init__()
         self.k_bits, self.v_bits, self.k_grouping, self.v_grouping = k_bits, v_bits, k_grouping, v_grouping
-        self.done, self.mu = 0, None
+        self.k_scaled, self.done, self.mu, self.k_range = k_scaled, 0, None, 1.0
 
     def update(self, key_states, value_states, *args, **kwargs):
         if self.mu is None:  # K smoothing: the first write's mean (FORMATS 1.4)
             self.mu = key_states.double().mean(-2, keepdim=True).float()
+            if self.k_scaled:
+                self.k_range = (key_states - self.mu).abs().amax(-2, keepdim=True).clamp_min(1e-6)
         keys, values = super().update(key_states, value_states, *args, **kwargs)
         full = (keys.shape[-2] - self.done) // 64 * 64
         seen = (keys.clone(), values.clone()) if full else (keys, values)
         if full:
             s = slice(self.done, self.done + full)
-            self.keys[..., s, :] = quantize_blocks(keys[..., s, :] - self.mu, self.k_bits, self.k_grouping) + self.mu
+            k = (keys[..., s, :] - self.mu) / self.k_range
+            self.keys[..., s, :] = quantize_blocks(k, self.k_bits, self.k_grouping) * self.k_range + self.mu
             self.values[..., s, :] = quantize_blocks(values[..., s, :], self.v_bits, self.v_grouping)
             self.done += full
         return seen
@@ -92,6 +97,10 @@ VARIANTS = {  # name: (K bits, V bits, K grouping, V grouping)
     "k:chan v:chan (2)": (2, 2, "chan", "chan"),
     "k:chan v:tok (2)": (2, 2, "chan", "tok"),
     "k:chan32 v:tok (2)": (2, 2, "chan32", "tok"),
+    "k:chan scaled v:tok (4)": (4, 4, "chan", "tok", True),
+    "k:chan scaled v:8 bits": (4, 8, "chan", "chan", True),
+    "k:8 bits v:tok (4)": (8, 4, "chan", "tok"),
+    "k:chan32 scaled v:tok (4)": (4, 4, "chan32", "tok", True),
 }
 
 
