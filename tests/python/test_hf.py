@@ -368,3 +368,20 @@ def test_calibration_file_sizes_the_cache_through_make_cache(tmp_path):
     cache = hf.make_cache(hf.patch(model), hf.TurboConfig(head_bits=path), batch_size=2, max_seq_len=200)
     assert cache.head_bits == hf.load_head_bits(path)["head_bits"]
     assert (cache.max_seqs, cache.max_seq_len, cache.num_pages) == (2, 200, 2 * math.ceil(200 / 64))
+
+
+def test_a_dropped_cache_frees_its_kvcache_at_once():
+    """No reference cycle between TurboCache and its layers: the KVCache (GPU memory on CUDA) goes when
+    the last reference does, not at the garbage collector's next run."""
+    import gc
+    import weakref
+    model = hf.patch(llama(), hf.TurboConfig(bits=4))
+    out = generate(model, tokens(70), 3)
+    kv = weakref.ref(cache_of(out).kv)
+    gc.collect()
+    gc.disable()
+    try:
+        del out
+        assert kv() is None
+    finally:
+        gc.enable()

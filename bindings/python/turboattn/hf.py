@@ -23,6 +23,7 @@ import math
 import os
 import threading
 import warnings
+import weakref
 
 import torch
 
@@ -180,7 +181,9 @@ class _TurboLayer(CacheLayerMixin):
         super().__init__()
         self.keys = self.values = None  # never filled: the data is in the KVCache
         self.is_initialized = False
-        self.owner, self.layer_idx = owner, layer_idx
+        # A weak reference: the cache holds its layers, and a cycle would keep the KVCache (GPU memory)
+        # alive after the last user reference until the garbage collector happens to run.
+        self.owner, self.layer_idx = weakref.proxy(owner), layer_idx
         self.seen = 0
 
     def lazy_initialization(self, key_states, value_states):
