@@ -23,16 +23,27 @@ from transformers.cache_utils import Cache, DynamicLayer
 from turboattn.evaluation import corpus, evaluate, models
 
 
+ZERO_BLOCK_AMAX = 7.888609052210118e-31  # TA_ZERO_BLOCK_AMAX: a block this small gets scale 0
+
+
+def _token_int8(x):
+    """FORMATS 1.2 / 3.1 per token on [..., T, D] in fp32 as the reference does it: (codes, scales)."""
+    x = x.float()
+    amax = x.abs().amax(-1, keepdim=True)
+    scale = torch.where(amax < ZERO_BLOCK_AMAX, 0.0, amax / 127)
+    inv = torch.where(scale > 0, 127 / amax, 0.0)
+    return torch.round(x * inv).clamp(-127, 127), scale
+
+
 def _block_int8(x):
     """FORMATS 3.1-3.2 on [..., T, D] (T a multiple of 64): per-token INT8 codes, then requantized to
-    the block's largest token scale. Returns (codes as float64, block scale [..., blocks, 1, 1])."""
+    the block's largest token scale. Returns (codes, block scale [..., blocks, 1, 1]), bit-exact with
+    the reference's fp32 operations."""
     *b, T, D = x.shape
-    xb = x.reshape(*b, T // 64, 64, D).double()
-    s = (xb.abs().amax(-1, keepdim=True) / 127).float().double()
-    q = torch.where(s > 0, torch.round(xb / torch.where(s > 0, s, 1)), 0).clamp(-127, 127)
+    q, s = _token_int8(x.reshape(*b, T // 64, 64, D))
     block = s.amax(-2, keepdim=True)
-    ratio = (s / torch.where(block > 0, block, 1)).float().double()
-    return torch.round(q * ratio), block
+    ratio = torch.where(block > 0, s / block, 0.0)
+    return torch.round(q * ratio).clamp(-127, 127), block
 
 
 def _stage2(q, bits, dim):
@@ -46,7 +57,7 @@ def _stage2(q, bits, dim):
 
 
 def quantize_blocks(x, bits, grouping):
-    """x [..., T, D] -> its dequantized values. grouping: "chan" (per channel over 64 tokens), "chan32"
+    """x [..., T, D] -> its dequantized values (fp32). grouping: "chan" (per channel over 64 tokens), "chan32"
     (per channel over 32 tokens) or "tok" (per token over the channels); bits 8: stage 1 only."""
     q, block = _block_int8(x)
     if bits < 8:
@@ -57,34 +68,43 @@ def quantize_blocks(x, bits, grouping):
         else:
             q = _stage2(q, bits, -2)
     *b, blocks, T, D = q.shape
-    return (q * block).reshape(*b, blocks * T, D).to(x.dtype)
+    return (q * block).reshape(*b, blocks * T, D)
 
 
 class VariantLayer(DynamicLayer):
-    """Full 64-token blocks quantized as above; the partial block as the INT8 buffer (per-token codes).
-    k_scaled: K's channels divided by their range over the first write before quantization and
-    multiplied back after (scale migration: Q would take the factors, exactly)."""
+    """The cache as decode reads it: full 64-token blocks quantized as above, the 0-63 newest tokens as
+    the INT8 buffer (per-token codes and scales). The prefill's own forward attends over its inputs, as
+    the library's prefill does; every later step over what the cache holds, the token just appended
+    included. k_scaled: K's channels divided by their range over the first write before quantization
+    and multiplied back after (scale migration: the query would take the factors, exactly)."""
 
     def __init__(self, k_bits, v_bits, k_grouping, v_grouping, k_scaled=False):
         super().__init__()
         self.k_bits, self.v_bits, self.k_grouping, self.v_grouping = k_bits, v_bits, k_grouping, v_grouping
-        self.k_scaled, self.done, self.mu, self.k_range = k_scaled, 0, None, 1.0
+        self.k_scaled, self.mu, self.k_range = k_scaled, None, 1.0
+        self.blocks = self.pending = None  # quantized full blocks (K, V); raw newest tokens (K - mu, V)
 
     def update(self, key_states, value_states, *args, **kwargs):
-        if self.mu is None:  # K smoothing: the first write's mean (FORMATS 1.4)
-            self.mu = key_states.double().mean(-2, keepdim=True).float()
+        first = self.mu is None
+        if first:
+            self.lazy_initialization(key_states, value_states)
+            self.mu = key_states.double().mean(-2, keepdim=True).float()  # K smoothing (FORMATS 1.4)
             if self.k_scaled:
                 self.k_range = (key_states - self.mu).abs().amax(-2, keepdim=True).clamp_min(1e-6)
-        keys, values = super().update(key_states, value_states, *args, **kwargs)
-        full = (keys.shape[-2] - self.done) // 64 * 64
-        seen = (keys.clone(), values.clone()) if full else (keys, values)
+            empty = key_states.float()[..., :0, :]
+            self.blocks, self.pending = (empty, empty), (empty, empty)
+        k = torch.cat([self.pending[0], ((key_states - self.mu) / self.k_range).float()], -2)
+        v = torch.cat([self.pending[1], value_states.float()], -2)
+        full = k.shape[-2] // 64 * 64
         if full:
-            s = slice(self.done, self.done + full)
-            k = (keys[..., s, :] - self.mu) / self.k_range
-            self.keys[..., s, :] = quantize_blocks(k, self.k_bits, self.k_grouping) * self.k_range + self.mu
-            self.values[..., s, :] = quantize_blocks(values[..., s, :], self.v_bits, self.v_grouping)
-            self.done += full
-        return seen
+            self.blocks = (torch.cat([self.blocks[0], quantize_blocks(k[..., :full, :], self.k_bits, self.k_grouping)], -2),
+                           torch.cat([self.blocks[1], quantize_blocks(v[..., :full, :], self.v_bits, self.v_grouping)], -2))
+        self.pending = (k[..., full:, :], v[..., full:, :])
+        buffered = [q * s for q, s in map(_token_int8, self.pending)]
+        dtype = key_states.dtype
+        self.keys = (torch.cat([self.blocks[0], buffered[0]], -2) * self.k_range + self.mu).to(dtype)
+        self.values = torch.cat([self.blocks[1], buffered[1]], -2).to(dtype)
+        return (key_states, value_states) if first else (self.keys, self.values)
 
 
 VARIANTS = {  # name: (K bits, V bits, K grouping, V grouping)
