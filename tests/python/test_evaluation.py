@@ -113,22 +113,29 @@ def test_kivi_cache_quantizes_what_leaves_the_window():
     k, v = torch.randn(1, 2, 100, 64), torch.randn(1, 2, 100, 64)
     seen_k, seen_v = layer.update(k, v)
     assert torch.equal(seen_k, k) and torch.equal(seen_v, v)  # the prefill attends over its own inputs
-    assert layer.quantized == 64
+    # K: one group-aligned window of 64 quantized, 36 in fp16; V: all but the newest 64 quantized.
+    assert (layer.k_quantized, layer.v_quantized) == (64, 36)
     assert not torch.equal(layer.keys[..., :64, :], k[..., :64, :]) and torch.equal(layer.keys[..., 64:, :], k[..., 64:, :])
-    for _ in range(27):  # 127 tokens: the window holds 63
+    assert not torch.equal(layer.values[..., :36, :], v[..., :36, :]) and torch.equal(layer.values[..., 36:, :], v[..., 36:, :])
+    for _ in range(27):  # 127 tokens: K's window holds 63, V's 64
         layer.update(torch.randn(1, 2, 1, 64), torch.randn(1, 2, 1, 64))
-    assert layer.quantized == 64
+    assert (layer.k_quantized, layer.v_quantized) == (64, 63)
     layer.update(torch.randn(1, 2, 1, 64), torch.randn(1, 2, 1, 64))
-    assert layer.quantized == 128
+    assert (layer.k_quantized, layer.v_quantized) == (128, 64)
+    layer.reset()
+    assert (layer.k_quantized, layer.v_quantized) == (0, 0)
     with pytest.raises(ValueError, match="multiple"):
         kivi.KiviLayer(bits=2, group=48, residual=64)
 
 
 def test_kivi_bytes_per_token():
     asym, at = kivi.kivi_bytes_per_token(2, 32, 64, 1000, layers=2, kv_heads=3, head_dim=64)
-    values = 2 * 2 * 3 * 64
-    assert asym == pytest.approx(values * (2 / 8 + 4 / 32))
-    assert at == pytest.approx(values * (960 * (2 / 8 + 4 / 32) + 40 * 2) / 1000)
+    per_token = 2 * 3 * 64  # of K, and of V
+    per_value = 2 / 8 + 4 / 32
+    assert asym == pytest.approx(2 * per_token * per_value)
+    k_bytes = 960 * per_value + 40 * 2  # 40 K tokens in the fp16 window
+    v_bytes = 936 * per_value + 64 * 2  # V's window: always the newest 64
+    assert at == pytest.approx(per_token * (k_bytes + v_bytes) / 1000)
 
 
 def test_mixed_bits_selections():

@@ -233,7 +233,7 @@ def evaluate(model, tokenizer, *, windows=16, batch=8, prefix=1024, steps=256, s
                 ref = (torch.log_softmax(pre, -1), torch.log_softmax(dec, -1))
             _add(acc[c.name]["prefill"], _metrics(pre, ref[0], w[:, prefix - score_prefill + 1:prefix + 1]))
             _add(acc[c.name]["decode"], _metrics(dec, ref[1], w[:, prefix + 1:prefix + steps + 1]))
-            memory[c.name] = runner.bytes_per_token(c, cache, length)
+            memory[c.name] = runner.bytes_per_token(c, cache, length - 1)  # the last token is never fed
             del cache
             progress(f"  windows {b0 + len(w)}/{windows}  {c.name:24s} {time.time() - t0:7.1f} s")
     rows = []
@@ -248,13 +248,14 @@ def evaluate(model, tokenizer, *, windows=16, batch=8, prefix=1024, steps=256, s
                          "tokens": a["n"]}
         asym, at = memory[c.name]
         row["kv_bytes_per_token"] = asym
-        row[f"kv_bytes_per_token_at_{length}"] = at
+        row[f"kv_bytes_per_token_at_{length - 1}"] = at
         rows.append(row)
         report(f"{c.name:24s} prefill ppl {row['prefill']['ppl']:.4f}  decode ppl {row['decode']['ppl']:.4f}  "
                  f"KL {row['decode']['kl']:.5f}  top1 {row['decode']['top1_agree']:.4f}  {asym:.0f} B/token")
     if passkey_lengths:
         max_len = int(getattr(hf._text_config(model), "max_position_embeddings", 8192) or 8192)
-        lengths = [n for n in passkey_lengths if n <= max_len]
+        # The answer's 7 tokens must fit in the model's positions too.
+        lengths = [min(n, max_len - 8) for n in passkey_lengths if n <= max_len]
         keys = corpus.passkeys(passkey_keys)
         for c, row in zip(cfgs, rows):
             if c.passkey:

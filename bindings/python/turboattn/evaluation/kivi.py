@@ -3,9 +3,11 @@ transformers Cache for the evaluation.
 
 Format (our reading of KIVI, decided here): asymmetric uniform codes of `bits` bits with an fp16 scale
 and an fp16 minimum per group; K per channel in groups of `group` tokens, V per token in groups of
-`group` channels; the most recent tokens, up to `residual` of them, stay in fp16 and are quantized
-`residual` at a time when the window fills. Values are quantized then dequantized in place (what
-attention sees is exactly what the format stores); memory is counted from the format.
+`group` channels. K's newest tokens, up to `residual` of them, stay in fp16 and are quantized `residual`
+at a time when that window fills (a K group needs its tokens); V keeps exactly its `residual` newest
+tokens in fp16 and quantizes each token as it leaves that sliding window. Values are quantized then
+dequantized in place (what attention sees is exactly what the format stores); memory is counted from
+the format.
 """
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
@@ -30,21 +32,30 @@ class KiviLayer(DynamicLayer):
         if residual % group:
             raise ValueError(f"KIVI: residual {residual} must be a multiple of the group {group}")
         self.bits, self.group, self.residual = bits, group, residual
-        self.quantized = 0  # leading tokens already quantized
+        self.k_quantized = self.v_quantized = 0  # leading tokens already quantized
 
     def update(self, key_states, value_states, *args, **kwargs):
         keys, values = super().update(key_states, value_states, *args, **kwargs)  # [B, H, T, D]
-        full = (keys.shape[-2] - self.quantized) // self.residual * self.residual
-        if not full:
+        n = keys.shape[-2]
+        k_full = (n - self.k_quantized) // self.residual * self.residual
+        v_end = max(self.v_quantized, n - self.residual)
+        if not k_full and v_end == self.v_quantized:
             return keys, values
         # This call attends over what it was given; later calls see the stored (quantized) tokens.
         seen_k, seen_v = keys.clone(), values.clone()
-        s = slice(self.quantized, self.quantized + full)
-        self.keys[..., s, :] = fake_quantize(keys[..., s, :], self.bits, self.group, dim=-2)
-        group_v = min(self.group, values.shape[-1])
-        self.values[..., s, :] = fake_quantize(values[..., s, :], self.bits, group_v, dim=-1)
-        self.quantized += full
+        if k_full:
+            s = slice(self.k_quantized, self.k_quantized + k_full)
+            self.keys[..., s, :] = fake_quantize(keys[..., s, :], self.bits, self.group, dim=-2)
+            self.k_quantized += k_full
+        if v_end > self.v_quantized:
+            s = slice(self.v_quantized, v_end)
+            self.values[..., s, :] = fake_quantize(values[..., s, :], self.bits, min(self.group, values.shape[-1]), dim=-1)
+            self.v_quantized = v_end
         return seen_k, seen_v
+
+    def reset(self):
+        super().reset()
+        self.k_quantized = self.v_quantized = 0
 
 
 class KiviCache(Cache):
@@ -55,8 +66,8 @@ class KiviCache(Cache):
 
 def kivi_bytes_per_token(bits, group, residual, tokens, layers, kv_heads, head_dim):
     """(asymptotic, at `tokens`) bytes per token, all layers and heads, K and V."""
-    values = 2 * layers * kv_heads * head_dim
+    per_token = layers * kv_heads * head_dim  # values of K (or of V) per token
     per_value = bits / 8 + 4 / group  # codes + fp16 scale and minimum per group
-    window = tokens % residual
-    at = ((tokens - window) * per_value + window * 2.0) * values / tokens
-    return per_value * values, at
+    k_window, v_window = tokens % residual, min(tokens, residual)
+    at = ((tokens - k_window) * per_value + k_window * 2.0 + (tokens - v_window) * per_value + v_window * 2.0)
+    return 2 * per_value * per_token, at * per_token / tokens
