@@ -161,7 +161,7 @@ def main():
         with open(a.out, "w") as f:
             json.dump({"model": a.model, "device": str(model.device), "windows": a.windows, "prefix": a.prefix,
                        "steps": a.steps, "commit": os.environ.get("TURBOATTN_COMMIT", ""),
-                       "card": torch.cuda.get_device_name() if model.device.type == "cuda" else "CPU",
+                       "card": models.device_name(model.device),
                        "rows": rows}, f, indent=1)
             f.write("\n")
     return 0

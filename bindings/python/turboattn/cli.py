@@ -297,7 +297,7 @@ def cmd_demo(args):
 def cmd_eval(args):
     import json
     try:
-        from .evaluation import evaluate
+        from .evaluation import evaluate, models
     except ImportError as e:
         return _fail(f"eval needs torch and transformers (pip install 'turboattn[demo]'): {e}")
     known = [c.name for c in evaluate.configurations([1.0] * 4, 1, 4) if not c.name.startswith("mix")]
@@ -324,7 +324,7 @@ def cmd_eval(args):
                                progress=lambda line: print(line, file=sys.stderr, flush=True), **sizes)
     import datetime
     result.update({"model": dict(result["model"], name=args.model), "device": str(model.device),
-                   "card": torch_device_name(model.device), "commit": os.environ.get("TURBOATTN_COMMIT", ""),
+                   "card": models.device_name(model.device), "commit": os.environ.get("TURBOATTN_COMMIT", ""),
                    "date": datetime.date.today().isoformat(), "quick": bool(args.quick)})
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -333,11 +333,6 @@ def cmd_eval(args):
             f.write("\n")
         print(f"wrote {args.out}", file=sys.stderr)
     return 0
-
-
-def torch_device_name(device):
-    import torch
-    return torch.cuda.get_device_name(device) if str(device).startswith("cuda") else "CPU"
 
 
 # ---- the parser ----

@@ -9,7 +9,8 @@ import time
 import torch
 
 from .. import hf
-from . import corpus
+from . import corpus, evaluate
+from .models import device_name
 
 DEFAULT_PROMPT = "Write three sentences about why the sea is salty."
 
@@ -41,15 +42,13 @@ def _generate(model, ids, new_tokens, cache):
 
 @torch.no_grad()
 def _perplexity(model, window, prefix, cache):
-    """Perplexity of window[prefix + 1:], the prefix prefilled into `cache`, then one token at a time
-    over it (teacher forcing), as generation reads its cache."""
-    kwarg = hf._cache_kwarg(model)
-    model(input_ids=window[:, :prefix], use_cache=True, **{kwarg: cache})
-    nll = 0.0
-    for t in range(prefix, window.shape[1] - 1):
-        logits = model(input_ids=window[:, t:t + 1], use_cache=True, **{kwarg: cache}).logits[0, -1].float()
-        nll -= torch.log_softmax(logits, -1)[window[0, t + 1]].item()
-    return math.exp(nll / (window.shape[1] - 1 - prefix))
+    """Perplexity of window[prefix + 1:], the prefix prefilled into `cache`, then the evaluation's
+    teacher-forced decode over it."""
+    runner = evaluate.Runner(model)
+    runner._forward(window[:, :prefix], cache)
+    logits = evaluate.teacher_forced(runner, window, prefix, window.shape[1] - 1, cache)
+    nll = -torch.log_softmax(logits, -1).gather(-1, window[:, prefix + 1:, None])
+    return math.exp(nll.mean().item())
 
 
 def run(model, tokenizer, *, prompt=DEFAULT_PROMPT, new_tokens=64, config=None, ppl_prefix=512, ppl_tokens=128,
@@ -83,7 +82,7 @@ def run(model, tokenizer, *, prompt=DEFAULT_PROMPT, new_tokens=64, config=None, 
                         "ppl": _perplexity(model, window, ppl_prefix, ppl_cache)}
     hf.unpatch(model)
 
-    where = torch.cuda.get_device_name(device) if str(device).startswith("cuda") else "CPU"
+    where = device_name(device)
     out(f"model: {type(model).__name__}, {layers} layers x {kv_heads} KV heads x head dim {head_dim}, on {where}")
     out(f"prompt: {prompt!r}; {new_tokens} new tokens, greedy\n")
     plain = str(model.dtype).replace("torch.", "").replace("float", "FP").replace("bFP", "BF")  # FP16, FP32, BF16

@@ -169,16 +169,19 @@ def _add(acc, m):
 
 
 @torch.no_grad()
-def run_windows(runner, c, windows, prefix, steps, score_prefill, ref=None):
+def teacher_forced(runner, windows, start, stop, cache):
+    """Logits [B, stop - start, V] of feeding windows[:, t], t = start .. stop - 1, one token at a time
+    over `cache` (the true tokens, not the predicted ones), as generation reads its cache."""
+    return torch.stack([runner._forward(windows[:, t:t + 1], cache)[:, -1] for t in range(start, stop)], 1)
+
+
+@torch.no_grad()
+def run_windows(runner, c, windows, prefix, steps, score_prefill):
     """Runs one configuration on a batch of windows [B, prefix + steps + 1]. Returns (prefill logits of
     the last `score_prefill` positions, decode logits [B, steps, V], cache)."""
-    B = windows.shape[0]
-    cache = runner.new_cache(c, B, prefix + steps + 1)
+    cache = runner.new_cache(c, windows.shape[0], prefix + steps + 1)
     pre = runner.prefill(c, windows[:, :prefix], cache)[:, prefix - score_prefill:]
-    dec = []
-    for t in range(prefix, prefix + steps):
-        dec.append(runner._forward(windows[:, t:t + 1], cache)[:, -1])
-    return pre, torch.stack(dec, 1), cache
+    return pre, teacher_forced(runner, windows, prefix, prefix + steps, cache), cache
 
 
 @torch.no_grad()

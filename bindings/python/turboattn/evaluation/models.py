@@ -71,6 +71,12 @@ def model_path(name):
     raise FileNotFoundError(f"model {name!r}: not one of {sorted(MODELS)}, a directory or a .gguf file")
 
 
+def device_name(device):
+    """The GPU's name for a CUDA device, "CPU" otherwise (results record where they were measured)."""
+    import torch
+    return torch.cuda.get_device_name(device) if str(device).startswith("cuda") else "CPU"
+
+
 def load(name, device="cpu", dtype=None):
     """(model, tokenizer) in eval mode on `device`; dtype fp16 on CUDA and fp32 on the CPU by default."""
     import torch
