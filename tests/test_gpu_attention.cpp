@@ -66,18 +66,19 @@ std::vector<float> expect_close_to_reference(const DeviceMem& dout, const Device
   return g;
 }
 
-// The prefill kernel's two operand paths (mma.sync, and wgmma on sm_90a) give the same bytes: `call`
-// reruns the attention into dout and dlse under each path this device has (TURBOATTN_PREFILL_MMA),
-// and each result must equal what the default path wrote there. Returns the number of paths run.
+// The prefill kernels (mma.sync; on sm_90a wgmma in the same body, and the warp-specialized one) give
+// the same bytes: `call` reruns the attention into dout and dlse under each path this device has
+// (TURBOATTN_PREFILL_MMA), and each result must equal what the default path wrote there. Returns the
+// number of paths run.
 template <class Call>
 int expect_operand_paths_agree(DeviceMem& dout, DeviceMem& dlse, Call call) {
   const std::vector<uint8_t> out0 = dout.download(), lse0 = dlse.download();
   int paths = 0;
-  for (const char* path : {"sm80", "sm90"}) {
+  for (const char* path : {"sm80", "sm90", "sm90ws"}) {
     test::ScopedEnv env("TURBOATTN_PREFILL_MMA", path);
     dout.poison(), dlse.poison();
     const ta_status st = call();
-    if (st == TA_ERROR_UNSUPPORTED && std::string(path) == "sm90") continue;  // not a Hopper device or build
+    if (st == TA_ERROR_UNSUPPORTED && std::string(path) != "sm80") continue;  // not a Hopper device or build, or head dim
     EXPECT_EQ(st, TA_SUCCESS) << path << ": " << ta_last_error();
     EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     EXPECT_TRUE(dout.download() == out0) << path << ": output bytes differ from the default path's";
@@ -291,15 +292,25 @@ TEST(GpuPrefill, OperandPathSwitchIsCheckedAndHopperRunsWgmma) {
   {
     test::ScopedEnv env("TURBOATTN_PREFILL_MMA", "sm75");
     EXPECT_EQ(ta_attention(&gq, &gq, &gq, nullptr, nullptr, nullptr, &go, nullptr, nullptr), TA_ERROR_INVALID_ARGUMENT);
-    EXPECT_NE(std::string(ta_last_error()).find("TURBOATTN_PREFILL_MMA=sm75: expected sm80, sm90 or unset"), std::string::npos)
+    EXPECT_NE(std::string(ta_last_error()).find("TURBOATTN_PREFILL_MMA=sm75: expected sm80, sm90, sm90ws or unset"), std::string::npos)
         << ta_last_error();
   }
   int major = 0;
   ASSERT_EQ(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0), cudaSuccess);
-  test::ScopedEnv env("TURBOATTN_PREFILL_MMA", "sm90");
-  const ta_status st = ta_attention(&gq, &gq, &gq, nullptr, nullptr, nullptr, &go, nullptr, nullptr);
-  if (major == 9) EXPECT_EQ(st, TA_SUCCESS) << "a Hopper device must have the wgmma path: " << ta_last_error();
-  else EXPECT_EQ(st, TA_ERROR_UNSUPPORTED);
+  for (const char* path : {"sm90", "sm90ws"}) {
+    test::ScopedEnv env("TURBOATTN_PREFILL_MMA", path);
+    const ta_status st = ta_attention(&gq, &gq, &gq, nullptr, nullptr, nullptr, &go, nullptr, nullptr);
+    if (major == 9) EXPECT_EQ(st, TA_SUCCESS) << "a Hopper device must have the " << path << " path: " << ta_last_error();
+    else EXPECT_EQ(st, TA_ERROR_UNSUPPORTED);
+  }
+  if (major != 9) return;
+  // The warp-specialized kernel covers head dims 64 and 128: another is an error, not a fallback.
+  DeviceBuffer<uint16_t> dq96(64 * 96), dout96(64 * 96);
+  dq96.upload(std::vector<uint16_t>(64 * 96, 0x3C00));
+  ta_tensor gq96 = tensor(dq96.ptr, TA_DTYPE_F16, {1, 64, 1, 96}, TA_DEVICE_CUDA), go96 = tensor(dout96.ptr, TA_DTYPE_F16, {1, 64, 1, 96}, TA_DEVICE_CUDA);
+  test::ScopedEnv env("TURBOATTN_PREFILL_MMA", "sm90ws");
+  EXPECT_EQ(ta_attention(&gq96, &gq96, &gq96, nullptr, nullptr, nullptr, &go96, nullptr, nullptr), TA_ERROR_UNSUPPORTED);
+  EXPECT_NE(std::string(ta_last_error()).find("head dim 96 has no warp-specialized kernel"), std::string::npos) << ta_last_error();
 }
 
 namespace {

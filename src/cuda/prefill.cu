@@ -18,6 +18,7 @@
 #include "cuda/quantize.cuh"
 #include "cuda/prefill/prefill_kernel.cuh"
 #include "cuda/sm80/prefill_mma.cuh"
+#include "cuda/sm90/prefill_kernel.cuh"
 #include "cuda/sm90/prefill_mma.cuh"
 #include "turboattn/format.h"
 
@@ -88,30 +89,33 @@ class Workspace {
 
 TokenStrides strides_of(const ta_tensor& t) { return {t.strides[0], t.strides[1], t.strides[2]}; }
 
-// The prefill kernel's operand path: mma.sync (sm80::PrefillMma) by default, on every device, because
-// it measured 2-6% faster than the wgmma path (sm90::PrefillMma) on an H200 (docs/HOPPER_PLAN.md says
-// why and what the wgmma path needs to overtake it). Both give the same bytes. TURBOATTN_PREFILL_MMA=sm90
-// runs the wgmma path (a compute capability 9.0 device and a build with sm_90a; otherwise an error),
-// =sm80 the default; tests and benchmarks compare the two.
-enum class PrefillPath { kMmaSync, kWgmma };
+// The prefill kernel: mma.sync (sm80::PrefillMma) by default, on every device. TURBOATTN_PREFILL_MMA
+// picks another: =sm90 the shared body on wgmma (sm90::PrefillMma), =sm90ws the warp-specialized
+// Hopper kernel (sm90::flashq_prefill_ws_kernel, head dims 64 and 128), both on a compute capability
+// 9.0 device with a build that has sm_90a, otherwise an error; =sm80 the default. All give the same
+// bytes; tests and benchmarks compare them.
+enum class PrefillPath { kMmaSync, kWgmma, kWarpSpecialized };
 
-PrefillPath prefill_path() {
+PrefillPath prefill_path(int dim) {
   const char* forced = std::getenv("TURBOATTN_PREFILL_MMA");
   if (!forced || !*forced) return PrefillPath::kMmaSync;
   const std::string want = forced;
-  require(want == "sm80" || want == "sm90", TA_ERROR_INVALID_ARGUMENT, "TURBOATTN_PREFILL_MMA=", want,
-          ": expected sm80, sm90 or unset");
+  require(want == "sm80" || want == "sm90" || want == "sm90ws", TA_ERROR_INVALID_ARGUMENT, "TURBOATTN_PREFILL_MMA=", want,
+          ": expected sm80, sm90, sm90ws or unset");
   if (want == "sm80") return PrefillPath::kMmaSync;
 #ifndef TURBOATTN_HAVE_SM90A
-  throw Error(TA_ERROR_UNSUPPORTED, "TURBOATTN_PREFILL_MMA=sm90: this build has no sm_90a code (add 90a to "
-                                    "TURBOATTN_CUDA_ARCHS)");
+  throw Error(TA_ERROR_UNSUPPORTED, concat("TURBOATTN_PREFILL_MMA=", want, ": this build has no sm_90a code (add 90a to "
+                                           "TURBOATTN_CUDA_ARCHS)"));
 #else
   int device = 0, major = 0;
   TA_CUDA_CHECK(cudaGetDevice(&device));
   TA_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  require(major == 9, TA_ERROR_UNSUPPORTED, "TURBOATTN_PREFILL_MMA=sm90: needs a compute capability 9.0 device; this one is ",
+  require(major == 9, TA_ERROR_UNSUPPORTED, "TURBOATTN_PREFILL_MMA=", want, ": needs a compute capability 9.0 device; this one is ",
           major, ".x");
-  return PrefillPath::kWgmma;
+  if (want == "sm90") return PrefillPath::kWgmma;
+  require(dim == 64 || dim == 128, TA_ERROR_UNSUPPORTED, "TURBOATTN_PREFILL_MMA=sm90ws: head dim ", dim,
+          " has no warp-specialized kernel (64 and 128 do)");
+  return PrefillPath::kWarpSpecialized;
 #endif
 }
 
@@ -127,8 +131,26 @@ void launch_prefill(const PrefillParams& p, int batch, cudaStream_t stream) {
   TA_CUDA_CHECK_LAUNCH("flashq_prefill_kernel");
 }
 
+template <int kHeadDim, typename Out, bool kSas>
+void launch_prefill_ws(const PrefillParams& p, int batch, cudaStream_t stream) {
+  if constexpr (kHeadDim == 64 || kHeadDim == 128) {
+    using Tr = sm90::PrefillTraits<kHeadDim>;
+    auto kernel = sm90::flashq_prefill_ws_kernel<kHeadDim, Out, kSas>;
+    static std::atomic<uint64_t> configured{0};
+    allow_dynamic_smem(configured, reinterpret_cast<const void*>(kernel), Tr::kSmemBytes);
+    const int q_blocks = TA_BLOCK_COUNT(p.nq);
+    const dim3 grid{unsigned((q_blocks + Tr::kConsumers - 1) / Tr::kConsumers), unsigned(p.hq), unsigned(batch)};
+    kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
+    TA_CUDA_CHECK_LAUNCH("flashq_prefill_ws_kernel");
+  } else {
+    throw Error(TA_ERROR_INTERNAL, "no warp-specialized prefill kernel for this head dim");  // prefill_path rules it out
+  }
+}
+
 template <int kHeadDim, typename Out>
 void launch_prefill(const PrefillParams& p, bool sas, PrefillPath path, int batch, cudaStream_t stream) {
+  if (path == PrefillPath::kWarpSpecialized)
+    return sas ? launch_prefill_ws<kHeadDim, Out, true>(p, batch, stream) : launch_prefill_ws<kHeadDim, Out, false>(p, batch, stream);
   if (path == PrefillPath::kWgmma) {
     using Mma = sm90::PrefillMma<kHeadDim>;
     return sas ? launch_prefill<Mma, Out, true>(p, batch, stream) : launch_prefill<Mma, Out, false>(p, batch, stream);
@@ -137,10 +159,10 @@ void launch_prefill(const PrefillParams& p, bool sas, PrefillPath path, int batc
   return sas ? launch_prefill<Mma, Out, true>(p, batch, stream) : launch_prefill<Mma, Out, false>(p, batch, stream);
 }
 
-// The one place that maps (head dim, dtype, operand path) to a kernel instance.
+// The one place that maps (head dim, dtype, kernel) to a kernel instance.
 template <typename Out>
 void dispatch_head_dim(int dim, const PrefillParams& p, bool sas, int batch, cudaStream_t stream) {
-  const PrefillPath path = prefill_path();
+  const PrefillPath path = prefill_path(dim);
   switch (dim) {
     case 64: return launch_prefill<64, Out>(p, sas, path, batch, stream);
     case 96: return launch_prefill<96, Out>(p, sas, path, batch, stream);

@@ -13,8 +13,7 @@
 #include <stdint.h>
 
 #include "cuda/common/mma.cuh"
-#include "cuda/common/numeric.cuh"
-#include "cuda/common/sas.cuh"
+#include "cuda/prefill/tile_softmax.cuh"
 #include "format/skip_rule.h"
 #include "turboattn/format.h"
 
@@ -49,36 +48,6 @@ constexpr int prefill_smem_bytes() {
   return PrefillShape<Mma::kHeadDim>::kQBytes + 2 * (Mma::kKBytes + Mma::kVtBytes);
 }
 
-struct PrefillParams {
-  const int8_t* q;   // [B, Hq, Nq, D]
-  const int8_t* k;   // [B, Hkv, Nk, D]
-  const int8_t* vt;  // [B, Hkv, D, nk_padded], keys permuted by vt_position
-  const float* q_scale;  // [B, Hq, q_blocks]
-  const float* k_scale;  // [B, Hkv, k_blocks]
-  const float* v_scale;  // [B, Hkv, k_blocks]
-  const float* lse_offset;  // [B, Hq, Nq] (K smoothing) or null
-  void* out;
-  int64_t out_b, out_n, out_h;  // element strides of out [B, Nq, Hq, D]
-  float* lse;                   // [B, Hq, Nq] with strides (lse_b, lse_h, 1), or null
-  int64_t lse_b, lse_h;
-  int hq, hkv, nq, nk, nk_padded;
-  float scale_log2;  // softmax_scale * log2(e)
-  bool causal;
-};
-
-template <typename Out>
-__device__ __forceinline__ uint32_t pack2(float a, float b);
-template <>
-__device__ __forceinline__ uint32_t pack2<__half>(float a, float b) {
-  const __half2 h = __floats2half2_rn(a, b);
-  return *reinterpret_cast<const uint32_t*>(&h);
-}
-template <>
-__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float a, float b) {
-  const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
-  return *reinterpret_cast<const uint32_t*>(&h);
-}
-
 // kSas: SAS exponential (docs/FORMATS.md, section 2), else the exact-exponential variant.
 template <class Mma, typename Out, bool kSas>
 __global__ void __launch_bounds__(PrefillShape<Mma::kHeadDim>::kThreads, PrefillShape<Mma::kHeadDim>::kMinBlocksPerSm)
@@ -98,12 +67,7 @@ __global__ void __launch_bounds__(PrefillShape<Mma::kHeadDim>::kThreads, Prefill
   const int k_blocks = TA_BLOCK_COUNT(p.nk);
   const float skip_x = skip_threshold(p.nk);
 
-  // Visible tiles: with causal masking the CTA's last row sees keys up to m0 + 63 + nk - nq.
-  int tiles = k_blocks;
-  if (p.causal) {
-    const int64_t last_key = int64_t(m0) + Tr::kBlockM - 1 + p.nk - p.nq;
-    tiles = last_key < 0 ? 0 : int(min(int64_t(k_blocks), last_key / Tr::kBlockN + 1));
-  }
+  const int tiles = visible_tiles(p, qb);
 
   const int8_t* q_src = p.q + ((int64_t(b) * p.hq + h) * p.nq + m0) * kHeadDim;
   const int8_t* k_src = p.k + (int64_t(b) * p.hkv + hk) * p.nk * kHeadDim;
@@ -163,7 +127,7 @@ __global__ void __launch_bounds__(PrefillShape<Mma::kHeadDim>::kThreads, Prefill
 
   // Per thread: rows g and g + 8 of this warp's 16.
   const int row0 = m0 + 16 * warp + g;
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+  RowState rs;
   float o[Tr::kOTiles][4];
 #pragma unroll
   for (int i = 0; i < Tr::kOTiles; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
@@ -187,105 +151,20 @@ __global__ void __launch_bounds__(PrefillShape<Mma::kHeadDim>::kThreads, Prefill
     int32_t s_acc[4 * Tr::kSTiles];
     Mma::scores(s_acc, q_frag, sk, lane);
 
-    // Scores in base 2, masking, the tile maximum of each row.
-    const float sk_scale = k_scales[j], sv_scale = v_scales[j];
-    const float st = __fmul_rn(q_scale, sk_scale);
-    float s[2][Tr::kSTiles][2];
-    float tile_max[2] = {-INFINITY, -INFINITY};
-    // Only tiles at the sequence's end, on the causal diagonal, or past the last row need masks.
+    const float st = __fmul_rn(q_scale, k_scales[j]);
     const int warp_row = m0 + 16 * warp;
-    const bool need_mask = (j + 1) * Tr::kBlockN > p.nk || warp_row + 16 > p.nq ||
-                           (p.causal && int64_t(j + 1) * Tr::kBlockN - 1 > int64_t(warp_row) + p.nk - p.nq);
-#pragma unroll
-    for (int r = 0; r < 2; ++r)
-#pragma unroll
-      for (int nt = 0; nt < Tr::kSTiles; ++nt)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) s[r][nt][e] = __fmul_rn(small_int_to_float(s_acc[4 * nt + 2 * r + e]), st);
-    if (need_mask) {  // apart from the scores, so that the common tile's scores compile without branches
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int row = row0 + 8 * r;
-        const int64_t max_key = p.causal ? int64_t(row) + p.nk - p.nq : int64_t(p.nk) - 1;
-#pragma unroll
-        for (int nt = 0; nt < Tr::kSTiles; ++nt)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int key = j * Tr::kBlockN + 8 * nt + 2 * t + e;
-            if (!(row < p.nq && key < p.nk && key <= max_key)) s[r][nt][e] = -INFINITY;
-          }
-      }
-    }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-#pragma unroll
-      for (int nt = 0; nt < Tr::kSTiles; ++nt)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) tile_max[r] = nan_max(tile_max[r], s[r][nt][e]);
-      tile_max[r] = nan_max(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
-      tile_max[r] = nan_max(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
-    }
-
-    float alpha[2], beta[2];
-    bool skip[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const float m_new = nan_max(m[r], tile_max[r]);
-      skip[r] = tile_max[r] == -INFINITY || (tile_max[r] - m_new < skip_x && !isnan(sv_scale));
-      alpha[r] = skip[r] ? 1.0f : ex2_approx(m[r] - m_new);
-      beta[r] = skip[r] ? 0.0f : ex2_approx(tile_max[r] - m_new);
-      if (!skip[r]) m[r] = m_new;
-    }
-
-    // P codes, packed straight into the A fragments of P V (the keys' order matches vt_position).
-    uint32_t pa[2][4];
-    uint32_t p_sum[2] = {0u, 0u};
-#pragma unroll
-    for (int kp = 0; kp < 2; ++kp)
-#pragma unroll
-      for (int half = 0; half < 2; ++half)
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const int nt = 4 * kp + 2 * half;
-          const float tm = tile_max[r];
-          const auto codes_x2 = [](float a, float b) { return kSas ? sas_codes_x2(a, b) : exp2_codes_x2(a, b); };
-          const uint32_t y0 = codes_x2(s[r][nt][0] - tm, s[r][nt][1] - tm);
-          const uint32_t y1 = codes_x2(s[r][nt + 1][0] - tm, s[r][nt + 1][1] - tm);
-          const uint32_t codes = __byte_perm(y0, y1, 0x6420);
-          pa[kp][2 * half + r] = codes;
-          p_sum[r] = __dp4a(codes, 0x01010101u, p_sum[r]);  // sum of the 4 codes
-        }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) l[r] = __fmaf_rn(small_int_to_float(int32_t(p_sum[r])), beta[r], __fmul_rn(l[r], alpha[r]));
+    const TileP tp = softmax_tile<kSas>(s_acc, st, v_scales[j], tile_needs_mask(p, j, warp_row), p, j, row0, t, skip_x, rs);
 
     // O = alpha O + (P V) sv beta, Mma::kPvChannels channels at a time; skipped when none of the warp's
     // rows use the tile. A warpgroup-wide matmul (Mma::kPvWarpgroupWide) runs for all 4 warps, and a
     // warp whose rows all skip leaves O alone.
-    const bool warp_uses = __any_sync(0xffffffffu, !(skip[0] && skip[1]));
-    if (Mma::kPvWarpgroupWide || warp_uses) {
-      // Skipped rows add nothing, even when sv is NaN (a NaN reaches only the rows that use the tile).
-      const float svb[2] = {skip[0] ? 0.0f : __fmul_rn(sv_scale, beta[0]), skip[1] ? 0.0f : __fmul_rn(sv_scale, beta[1])};
-      const bool rescale = !__all_sync(0xffffffffu, alpha[0] == 1.0f && alpha[1] == 1.0f);
+    if (Mma::kPvWarpgroupWide || tp.warp_uses) {
       constexpr int kPvTiles = Mma::kPvChannels / 8;
 #pragma unroll
       for (int chunk = 0; chunk < kHeadDim / Mma::kPvChannels; ++chunk) {
         int32_t acc[4 * kPvTiles];  // acc[4 nt + i]: row g + 8 (i / 2), channel 8 nt + 2 t + i % 2 of the chunk
-        Mma::pv(acc, pa, sv, chunk, lane);
-        if (!warp_uses) continue;
-        // o = fma(acc, sv beta, o alpha); o alpha is o itself when no row of the warp rescales.
-        if (rescale) {
-#pragma unroll
-          for (int nt = 0; nt < kPvTiles; ++nt)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) o[kPvTiles * chunk + nt][i] = __fmul_rn(o[kPvTiles * chunk + nt][i], alpha[i / 2]);
-        }
-#pragma unroll
-        for (int nt = 0; nt < kPvTiles; ++nt)
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            float& oi = o[kPvTiles * chunk + nt][i];
-            oi = __fmaf_rn(small_int_to_float(acc[4 * nt + i]), svb[i / 2], oi);
-          }
+        Mma::pv(acc, tp.pa, sv, chunk, lane);
+        if (tp.warp_uses) accumulate_o<kPvTiles>(o, kPvTiles * chunk, acc, tp);
       }
     }  // else every row skipped: alpha is 1 and O is unchanged
     cp_async_wait<0>();
@@ -293,29 +172,7 @@ __global__ void __launch_bounds__(PrefillShape<Mma::kHeadDim>::kThreads, Prefill
     __syncthreads();
   }
 
-  // Epilogue: row sums across the quad, normalize, store.
-  const float ln2 = 0.6931471805599453f;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-    const int row = row0 + 8 * r;
-    if (row >= p.nq) continue;
-    const bool empty = m[r] == -INFINITY;
-    const float inv_l = empty ? 0.0f : __fdiv_rn(1.0f, l[r]);
-    Out* dst = static_cast<Out*>(p.out) + int64_t(b) * p.out_b + int64_t(row) * p.out_n + int64_t(h) * p.out_h;
-#pragma unroll
-    for (int nt = 0; nt < Tr::kOTiles; ++nt) {
-      const float a0 = empty ? 0.0f : __fmul_rn(o[nt][2 * r], inv_l);
-      const float a1 = empty ? 0.0f : __fmul_rn(o[nt][2 * r + 1], inv_l);
-      *reinterpret_cast<uint32_t*>(dst + 8 * nt + 2 * t) = pack2<Out>(a0, a1);
-    }
-    if (p.lse && t == 0) {
-      float v = empty ? -INFINITY : (m[r] + log2f(l[r] / float(TA_P_CODE_MAX))) * ln2;
-      if (!empty && p.lse_offset) v += p.lse_offset[(int64_t(b) * p.hq + h) * p.nq + row];
-      p.lse[int64_t(b) * p.lse_b + int64_t(h) * p.lse_h + row] = v;
-    }
-  }
+  store_rows<Out>(o, rs, p, b, h, row0, t);
 }
 
 }  // namespace turboattn::cuda

@@ -47,6 +47,7 @@ struct PrefillMma {
       wgmma_m64n64k32_s8s8(s, qf[ks], smem_descriptor(sk + 256 * ks, 128, 8 * kHeadDim), ks > 0);
     wgmma_commit_group();
     wgmma_wait_group<0>();
+    fence_operands(s);
   }
 
   // acc = P V for channels [kPvChannels chunk, + kPvChannels); pa[kp]: P's A fragments of keys 32 kp..
@@ -62,6 +63,7 @@ struct PrefillMma {
     }
     wgmma_commit_group();
     wgmma_wait_group<0>();
+    fence_operands(acc);
   }
 };
 

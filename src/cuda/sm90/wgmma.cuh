@@ -8,6 +8,8 @@
 
 #include <stdint.h>
 
+#include "cuda/sm90/sm90a.cuh"
+
 namespace turboattn::cuda::sm90 {
 
 // Byte offset of element (row, k) of a K-major, unswizzled operand whose core matrices are laid out
@@ -24,14 +26,6 @@ __device__ __forceinline__ uint64_t smem_descriptor(const void* smem, uint32_t l
          (uint64_t((sbo_bytes >> 4) & 0x3FFF) << 32);
 }
 
-// The instructions below exist on sm_90a only; the library is also compiled for sm_80 and sm_89, where
-// these bodies trap instead (the dispatch never runs the sm_90a path there: cuda/prefill.cu).
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define TA_SM90A_ASM(...) asm volatile(__VA_ARGS__)
-#else
-#define TA_SM90A_ASM(...) __trap()
-#endif
-
 // wgmma.fence.sync.aligned: orders register accesses to the accumulators before the next wgmma.
 __device__ __forceinline__ void wgmma_fence() { TA_SM90A_ASM("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 // wgmma.commit_group.sync.aligned / wgmma.wait_group.sync.aligned N.
@@ -39,6 +33,13 @@ __device__ __forceinline__ void wgmma_commit_group() { TA_SM90A_ASM("wgmma.commi
 template <int N>
 __device__ __forceinline__ void wgmma_wait_group() {
   TA_SM90A_ASM("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Marks registers as rewritten here, so that the compiler neither reads an accumulator of an
+// asynchronous wgmma before the wait that completes it nor moves earlier writes past this point.
+template <int N>
+__device__ __forceinline__ void fence_operands(int32_t (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i])::"memory");
 }
 // fence.proxy.async.shared::cta: shared-memory stores by threads become visible to wgmma's reads.
 __device__ __forceinline__ void fence_proxy_async_shared() { TA_SM90A_ASM("fence.proxy.async.shared::cta;\n" ::: "memory"); }
@@ -64,6 +65,20 @@ TA_WGMMA_M64N64K32(wgmma_m64n64k32_s8s8, "s8")
 TA_WGMMA_M64N64K32(wgmma_m64n64k32_u8s8, "u8")
 #undef TA_WGMMA_M64N64K32
 
+// The same instruction with A (64 x 32, K-major) from shared memory through its descriptor too.
+__device__ __forceinline__ void wgmma_m64n64k32_s8s8(int32_t (&d)[32], uint64_t a_desc, uint64_t b_desc, int scale_d) {
+  TA_SM90A_ASM(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k32.s32.s8.s8 "
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,"
+      "%28,%29,%30,%31}, %32, %33, p;\n}\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]), "+r"(d[8]),
+        "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]), "+r"(d[16]),
+        "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]), "+r"(d[24]),
+        "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31])
+      : "l"(a_desc), "l"(b_desc), "r"(scale_d));
+}
+
 // wgmma.mma_async.sync.aligned.m64n32k32.s32.u8.s8: as above with N = 32 (16 registers).
 __device__ __forceinline__ void wgmma_m64n32k32_u8s8(int32_t (&d)[16], const uint32_t (&a)[4], uint64_t b_desc, int scale_d) {
   TA_SM90A_ASM(
@@ -74,7 +89,5 @@ __device__ __forceinline__ void wgmma_m64n32k32_u8s8(int32_t (&d)[16], const uin
         "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(scale_d));
 }
-
-#undef TA_SM90A_ASM
 
 }  // namespace turboattn::cuda::sm90

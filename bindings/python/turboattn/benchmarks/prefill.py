@@ -1,6 +1,6 @@
 """Prefill attention benchmark: turboattn against torch SDPA (FlashAttention-2 and cuDNN backends) and
 SageAttention 1.0.6, one run on one card. Effective TFLOP/s = 4 B H N^2 D / time (halved for causal),
-quantization included. Error: relative L2 against FP32 attention. On Hopper, `turboattn_wgmma` is the
+quantization included. Error: relative L2 against FP32 attention. On Hopper, HOPPER_PATHS are the
 kernel's wgmma operand path (TURBOATTN_PREFILL_MMA=sm90) beside the default mma.sync one, same run.
 
     turboattn bench prefill [--out prefill.json] [--quick]
@@ -43,11 +43,15 @@ def fp32_reference(q, k, v, causal):
         return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal)
 
 
-def with_wgmma(fn):
-    """fn() with TURBOATTN_PREFILL_MMA=sm90 (the kernel's wgmma operand path), the variable restored
-    after; None where this library or device has no such path."""
+# On Hopper, the kernels TURBOATTN_PREFILL_MMA selects besides the default, timed in the same run.
+HOPPER_PATHS = {"turboattn_wgmma": "sm90", "turboattn_ws": "sm90ws"}
+
+
+def with_path(path, fn):
+    """fn() with TURBOATTN_PREFILL_MMA=path, the variable restored after; None where this library or
+    device has no such kernel."""
     before = os.environ.get("TURBOATTN_PREFILL_MMA")
-    os.environ["TURBOATTN_PREFILL_MMA"] = "sm90"
+    os.environ["TURBOATTN_PREFILL_MMA"] = path
     try:
         return fn()
     except turboattn.Unsupported:
@@ -83,9 +87,8 @@ def main(argv=None, *, prog=None, default_out="prefill.json"):
                     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # [B, N, H, D] views
                     ours = lambda: turboattn.attention(qt, kt, vt, causal=causal, out=out)
                     ms = {"turboattn": do_bench(ours, warmup=25, rep=100, return_mode="median")}
-                    if hopper:  # the wgmma operand path beside the default mma.sync one
-                        ms["turboattn_wgmma"] = with_wgmma(lambda: do_bench(ours, warmup=25, rep=100,
-                                                                            return_mode="median"))
+                    for name, path in (HOPPER_PATHS.items() if hopper else ()):
+                        ms[name] = with_path(path, lambda: do_bench(ours, warmup=25, rep=100, return_mode="median"))
                     for name, backend in (("fa2", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
                         fn = sdpa(backend)
                         ms[name] = do_bench(lambda: fn(q, k, v, causal), warmup=25, rep=100, return_mode="median")
@@ -102,7 +105,7 @@ def main(argv=None, *, prog=None, default_out="prefill.json"):
                            "tflops": {k_: (flops / (t * 1e-3) / 1e12 if t else None) for k_, t in ms.items()}}
                     rows.append(row)
                     tf = row["tflops"]
-                    wgmma = f" (wgmma {tf['turboattn_wgmma']:.0f})" if tf.get("turboattn_wgmma") else ""
+                    wgmma = "".join(f" ({n[10:]} {tf[n]:.0f})" for n in HOPPER_PATHS if tf.get(n))
                     bar.write(f"D{D} B{B} N{N} causal={int(causal)}: turboattn {tf['turboattn']:.0f}{wgmma} | fa2 {tf['fa2']:.0f} | "
                               f"cudnn {tf['cudnn']:.0f} | sage {tf['sageattention'] or 0:.0f} TFLOP/s; "
                               f"rel_l2 {err:.4f} (sage {sage_err or 0:.4f})")

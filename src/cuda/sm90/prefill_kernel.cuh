@@ -1,0 +1,202 @@
+// FlashQ + SAS prefill on Hopper (sm_90a), warp-specialized: a producer warpgroup streams K and V^T
+// tiles into a ring of shared-memory stages (cp.async, completion tracked by mbarriers), and two
+// consumer warpgroups, each with its own 64-row Q block of the same head, run both matmuls on wgmma:
+// P V of tile j - 1 runs while the softmax of tile j does, and each warpgroup's waits are filled by the
+// other's work. (ptxas keeps wgmma asynchronous only when none is pending across the loop's back edge,
+// which rules out also overlapping the scores of tile j + 1 with the O update of tile j - 1.) The
+// softmax, SAS, masking and skip rule are tile_softmax.cuh's, so the bytes equal every other path's.
+#pragma once
+
+#include <stdint.h>
+
+#include "cuda/common/mma.cuh"
+#include "cuda/prefill/tile_softmax.cuh"
+#include "cuda/sm90/barrier.cuh"
+#include "cuda/sm90/wgmma.cuh"
+#include "format/skip_rule.h"
+#include "turboattn/format.h"
+
+namespace turboattn::cuda::sm90 {
+
+// Kernel traits: the tile shapes and resources of the kernel for one head dim.
+template <int kHeadDim_>
+struct PrefillTraits {
+  static constexpr int kHeadDim = kHeadDim_;
+  static_assert(kHeadDim == 64 || kHeadDim == 128, "the warp-specialized kernel covers head dims 64 and 128");
+  static constexpr int kBlockM = TA_BLOCK_TOKENS;  // rows of a consumer: one Q block
+  static constexpr int kBlockN = TA_BLOCK_TOKENS;  // keys per tile: one K/V block
+  static constexpr int kConsumers = 2;             // consumer warpgroups (Q blocks per CTA)
+  static constexpr int kThreads = 128 * (1 + kConsumers);
+  static constexpr int kStages = 4;                // K / V^T tiles in the ring
+  static constexpr int kProducerRegs = 40, kConsumerRegs = 232;  // 128 x 40 + 256 x 232 <= 64k
+  static constexpr int kKSteps = kHeadDim / 32;    // wgmma k-steps of Q K^T
+  static constexpr int kPvChunks = kHeadDim / 64;  // m64n64 products of P V per k-step
+  static constexpr int kOTiles = kHeadDim / 8;
+  // Operands in shared memory as K-major core matrices without swizzle (wgmma.cuh, kmajor_offset).
+  static constexpr int kQBytes = kBlockM * kHeadDim;
+  static constexpr int kKBytes = kBlockN * kHeadDim;
+  static constexpr int kVtBytes = kHeadDim * kBlockN;
+  static constexpr int kStageBytes = kKBytes + kVtBytes;
+  static constexpr int kSmemBytes = kConsumers * kQBytes + kStages * kStageBytes + 2 * kStages * 8;
+  static constexpr int kKChunks = kHeadDim / 16, kVtChunks = kBlockN / 16;  // 16-byte chunks of a row
+};
+
+// Copy index -> (row, 16-byte chunk) of a K-major operand: 8 consecutive indices fill one core matrix
+// (128 contiguous bytes), and index i + 8 n chunks is 8 n rows below index i.
+__device__ __forceinline__ int2 kmajor_copy_coords(int idx, int chunks_per_row) {
+  return {idx % 8 + 8 * (idx / (8 * chunks_per_row)), (idx / 8) % chunks_per_row};
+}
+
+template <int kHeadDim, typename Out, bool kSas>
+__global__ void __launch_bounds__(PrefillTraits<kHeadDim>::kThreads, 1) flashq_prefill_ws_kernel(const PrefillParams p) {
+  using Tr = PrefillTraits<kHeadDim>;
+  extern __shared__ __align__(128) uint8_t smem[];
+  uint8_t* const s_q = smem;                                 // kConsumers Q blocks
+  uint8_t* const s_stages = smem + Tr::kConsumers * Tr::kQBytes;  // kStages x (K tile, V^T tile)
+  uint64_t* const full = reinterpret_cast<uint64_t*>(s_stages + Tr::kStages * Tr::kStageBytes);
+  uint64_t* const empty = full + Tr::kStages;
+
+  const int h = blockIdx.y, b = blockIdx.z, hk = h / (p.hq / p.hkv);
+  const int first_block = Tr::kConsumers * (gridDim.x - 1 - blockIdx.x);  // the longest causal CTAs start first
+  const int cta_tiles = visible_tiles(p, min(first_block + Tr::kConsumers, TA_BLOCK_COUNT(p.nq)) - 1);
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < Tr::kStages; ++s) {
+      mbarrier_init(full + s, 128);                  // every producer thread's copies landed
+      mbarrier_init(empty + s, 4 * Tr::kConsumers);  // every consumer warp is done with the stage
+    }
+  }
+  __syncthreads();
+
+  const int wg = threadIdx.x / 128, tid = threadIdx.x % 128;
+  if (wg == 0) {  // producer: K and V^T tiles into the ring, in order
+    setmaxnreg_dec<Tr::kProducerRegs>();
+    const int8_t* k_src = p.k + (int64_t(b) * p.hkv + hk) * p.nk * kHeadDim;
+    const int8_t* vt_src = p.vt + (int64_t(b) * p.hkv + hk) * kHeadDim * p.nk_padded;
+    // Each thread copies the same chunks of every tile, kRowStep rows apart (addresses computed once).
+    constexpr int kKRowStep = 128 / Tr::kKChunks, kVtRowStep = 128 / Tr::kVtChunks;
+    const int2 k_rc = kmajor_copy_coords(tid, Tr::kKChunks), v_rc = kmajor_copy_coords(tid, Tr::kVtChunks);
+    const int k_smem = kmajor_offset(k_rc.x, 16 * k_rc.y, kHeadDim);
+    const int v_smem = Tr::kKBytes + kmajor_offset(v_rc.x, 16 * v_rc.y, Tr::kBlockN);
+    const int8_t* k_first = k_src + int64_t(k_rc.x) * kHeadDim + 16 * k_rc.y;
+    const int8_t* v_first = vt_src + int64_t(v_rc.x) * p.nk_padded + 16 * v_rc.y;
+    const int64_t v_step = int64_t(kVtRowStep) * p.nk_padded;
+    for (int j = 0; j < cta_tiles; ++j) {
+      const int stage = j % Tr::kStages;
+      if (j >= Tr::kStages) mbarrier_wait_parity(empty + stage, (j / Tr::kStages + 1) & 1);
+      uint8_t* dst = s_stages + stage * Tr::kStageBytes;
+      const int n0 = j * Tr::kBlockN;
+#pragma unroll
+      for (int i = 0; i < Tr::kBlockN / kKRowStep; ++i) {  // rows past the sequence are zero-filled
+        const bool valid = n0 + k_rc.x + i * kKRowStep < p.nk;
+        cp_async_16(dst + k_smem + i * kKRowStep * kHeadDim, valid ? k_first + int64_t(n0 + i * kKRowStep) * kHeadDim : k_src, valid);
+      }
+#pragma unroll
+      for (int i = 0; i < kHeadDim / kVtRowStep; ++i)
+        cp_async_16(dst + v_smem + i * kVtRowStep * Tr::kBlockN, v_first + n0 + i * v_step, true);
+      cp_async_mbarrier_arrive_noinc(full + stage);
+    }
+    cp_async_wait_all();
+    return;
+  }
+
+  // Consumer `wg - 1`: Q block q_block, 64 rows, 4 warps of 16.
+  setmaxnreg_inc<Tr::kConsumerRegs>();
+  const int q_block = first_block + wg - 1;
+  const int warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const int m0 = q_block * Tr::kBlockM, warp_row = m0 + 16 * warp, row0 = warp_row + g;
+  const int tiles = q_block < TA_BLOCK_COUNT(p.nq) ? visible_tiles(p, q_block) : 0;
+
+  RowState rs;
+  float o[Tr::kOTiles][4];
+#pragma unroll
+  for (int i = 0; i < Tr::kOTiles; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+
+  if (tiles > 0) {
+    uint8_t* const my_q = s_q + (wg - 1) * Tr::kQBytes;
+    const int8_t* q_src = p.q + ((int64_t(b) * p.hq + h) * p.nq + m0) * kHeadDim;
+    for (int i = tid; i < Tr::kBlockM * Tr::kKChunks; i += 128) {  // rows past the sequence are zero-filled
+      const int2 rc = kmajor_copy_coords(i, Tr::kKChunks);
+      const bool valid = m0 + rc.x < p.nq;
+      cp_async_16(my_q + kmajor_offset(rc.x, 16 * rc.y, kHeadDim), valid ? q_src + int64_t(rc.x) * kHeadDim + 16 * rc.y : q_src, valid);
+    }
+    cp_async_commit();
+    cp_async_wait<0>();
+    fence_proxy_async_shared();
+    bar_sync(wg, 128);
+
+    const int k_blocks = TA_BLOCK_COUNT(p.nk);
+    const float q_scale = __fmul_rn(p.q_scale[(int64_t(b) * p.hq + h) * TA_BLOCK_COUNT(p.nq) + q_block], p.scale_log2);
+    const float* k_scales = p.k_scale + (int64_t(b) * p.hkv + hk) * k_blocks;
+    const float* v_scales = p.v_scale + (int64_t(b) * p.hkv + hk) * k_blocks;
+    const float skip_x = skip_threshold(p.nk);
+
+    int32_t s_acc[32];                 // S of one tile (m16n8 layout per warp, as mma.sync's)
+    int32_t acc[Tr::kPvChunks][32];    // P V of one tile, 64 channels per chunk
+    // S = Q K^T of tile j, issued once its stage is full; not waited for.
+    auto issue_scores = [&](int j) {
+      const int stage = j % Tr::kStages;
+      mbarrier_wait_parity(full + stage, (j / Tr::kStages) & 1);
+      fence_proxy_async_shared();  // the copies were generic-proxy writes; wgmma reads through the async proxy
+      const uint8_t* sk = s_stages + stage * Tr::kStageBytes;
+      wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < Tr::kKSteps; ++ks)  // a k-step of 32 channels is two core matrices along K
+        wgmma_m64n64k32_s8s8(s_acc, smem_descriptor(my_q + 256 * ks, 128, 8 * kHeadDim),
+                             smem_descriptor(sk + 256 * ks, 128, 8 * kHeadDim), ks > 0);
+      wgmma_commit_group();
+    };
+    // acc = P V of tile j; not waited for.
+    auto issue_pv = [&](const TileP& tp, int j) {
+      const uint8_t* sv = s_stages + (j % Tr::kStages) * Tr::kStageBytes + Tr::kKBytes;
+      wgmma_fence();
+#pragma unroll
+      for (int c = 0; c < Tr::kPvChunks; ++c)
+#pragma unroll
+        for (int kp = 0; kp < 2; ++kp)
+          wgmma_m64n64k32_u8s8(acc[c], tp.pa[kp], smem_descriptor(sv + 64 * c * Tr::kBlockN + 256 * kp, 128, 8 * Tr::kBlockN),
+                               kp > 0);
+      wgmma_commit_group();
+    };
+    // O takes tile j's P V (complete), and the warp releases the tile's stage.
+    auto finish_tile = [&](const TileP& tp, int j) {
+#pragma unroll
+      for (int c = 0; c < Tr::kPvChunks; ++c) fence_operands(acc[c]);
+      if (tp.warp_uses) {
+#pragma unroll
+        for (int c = 0; c < Tr::kPvChunks; ++c) accumulate_o<8>(o, 8 * c, acc[c], tp);
+      }
+      if (lane == 0) mbarrier_arrive(empty + j % Tr::kStages);
+    };
+
+    // Tile j's softmax, on scores already waited for.
+    auto softmax = [&](int j) {
+      fence_operands(s_acc);
+      const float st = __fmul_rn(q_scale, k_scales[j]);
+      return softmax_tile<kSas>(s_acc, st, v_scales[j], tile_needs_mask(p, j, warp_row), p, j, row0, t, skip_x, rs);
+    };
+    issue_scores(0);
+    wgmma_wait_group<0>();
+    TileP prev = softmax(0);
+    for (int j = 1; j < tiles; ++j) {
+      issue_scores(j);
+      issue_pv(prev, j - 1);
+      wgmma_wait_group<1>();  // S of tile j
+      const TileP tp = softmax(j);
+      wgmma_wait_group<0>();  // P V of tile j - 1
+      finish_tile(prev, j - 1);
+      prev = tp;
+    }
+    issue_pv(prev, tiles - 1);
+    wgmma_wait_group<0>();
+    finish_tile(prev, tiles - 1);
+  }
+  // Tiles the CTA's other Q block sees and this one does not: released unread.
+  for (int j = tiles; j < cta_tiles; ++j) {
+    mbarrier_wait_parity(full + j % Tr::kStages, (j / Tr::kStages) & 1);
+    if (lane == 0) mbarrier_arrive(empty + j % Tr::kStages);
+  }
+  store_rows<Out>(o, rs, p, b, h, row0, t);
+}
+
+}  // namespace turboattn::cuda::sm90
