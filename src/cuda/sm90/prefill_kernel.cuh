@@ -18,17 +18,22 @@
 
 namespace turboattn::cuda::sm90 {
 
-// Kernel traits: the tile shapes and resources of the kernel for one head dim.
-template <int kHeadDim_>
+// Kernel traits: the tile shapes and resources of the kernel for one head dim. kConsumers consumer
+// warpgroups share each K/V tile. With two, each has the registers to keep P V of one tile in flight
+// while it runs the softmax of the next; with three, P V is waited for, 64 channels at a time.
+template <int kHeadDim_, int kConsumers_>
 struct PrefillTraits {
   static constexpr int kHeadDim = kHeadDim_;
   static_assert(kHeadDim == 64 || kHeadDim == 128, "the warp-specialized kernel covers head dims 64 and 128");
   static constexpr int kBlockM = TA_BLOCK_TOKENS;  // rows of a consumer: one Q block
   static constexpr int kBlockN = TA_BLOCK_TOKENS;  // keys per tile: one K/V block
-  static constexpr int kConsumers = 2;             // consumer warpgroups (Q blocks per CTA)
+  static constexpr int kConsumers = kConsumers_;   // consumer warpgroups (Q blocks per CTA)
+  static_assert(kConsumers == 2 || kConsumers == 3, "register budgets exist for 2 or 3 consumers");
+  static constexpr bool kOverlapPv = kConsumers == 2;
   static constexpr int kThreads = 128 * (1 + kConsumers);
   static constexpr int kStages = 4;                // K / V^T tiles in the ring
-  static constexpr int kProducerRegs = 40, kConsumerRegs = 232;  // 128 x 40 + 256 x 232 <= 64k
+  // Registers per thread after setmaxnreg: 128 x producer + 128 kConsumers x consumer <= 64k.
+  static constexpr int kProducerRegs = kConsumers == 2 ? 40 : 24, kConsumerRegs = kConsumers == 2 ? 232 : 160;
   static constexpr int kKSteps = kHeadDim / 32;    // wgmma k-steps of Q K^T
   static constexpr int kPvChunks = kHeadDim / 64;  // m64n64 products of P V per k-step
   static constexpr int kOTiles = kHeadDim / 8;
@@ -47,9 +52,9 @@ __device__ __forceinline__ int2 kmajor_copy_coords(int idx, int chunks_per_row) 
   return {idx % 8 + 8 * (idx / (8 * chunks_per_row)), (idx / 8) % chunks_per_row};
 }
 
-template <int kHeadDim, typename Out, bool kSas>
-__global__ void __launch_bounds__(PrefillTraits<kHeadDim>::kThreads, 1) flashq_prefill_ws_kernel(const PrefillParams p) {
-  using Tr = PrefillTraits<kHeadDim>;
+template <int kHeadDim, int kConsumers, typename Out, bool kSas>
+__global__ void __launch_bounds__(PrefillTraits<kHeadDim, kConsumers>::kThreads, 1) flashq_prefill_ws_kernel(const PrefillParams p) {
+  using Tr = PrefillTraits<kHeadDim, kConsumers>;
   extern __shared__ __align__(128) uint8_t smem[];
   uint8_t* const s_q = smem;                                 // kConsumers Q blocks
   uint8_t* const s_stages = smem + Tr::kConsumers * Tr::kQBytes;  // kStages x (K tile, V^T tile)
@@ -131,8 +136,8 @@ __global__ void __launch_bounds__(PrefillTraits<kHeadDim>::kThreads, 1) flashq_p
     const float* v_scales = p.v_scale + (int64_t(b) * p.hkv + hk) * k_blocks;
     const float skip_x = skip_threshold(p.nk);
 
-    int32_t s_acc[32];                 // S of one tile (m16n8 layout per warp, as mma.sync's)
-    int32_t acc[Tr::kPvChunks][32];    // P V of one tile, 64 channels per chunk
+    int32_t s_acc[32];  // S of one tile (m16n8 layout per warp, as mma.sync's)
+    int32_t acc[Tr::kOverlapPv ? Tr::kPvChunks : 1][32];  // P V of one tile, 64 channels per chunk
     // S = Q K^T of tile j, issued once its stage is full; not waited for.
     auto issue_scores = [&](int j) {
       const int stage = j % Tr::kStages;
@@ -146,50 +151,72 @@ __global__ void __launch_bounds__(PrefillTraits<kHeadDim>::kThreads, 1) flashq_p
                              smem_descriptor(sk + 256 * ks, 128, 8 * kHeadDim), ks > 0);
       wgmma_commit_group();
     };
-    // acc = P V of tile j; not waited for.
-    auto issue_pv = [&](const TileP& tp, int j) {
-      const uint8_t* sv = s_stages + (j % Tr::kStages) * Tr::kStageBytes + Tr::kKBytes;
-      wgmma_fence();
+    // dst = P V of tile j for channels [64 c, 64 c + 64); not waited for.
+    auto issue_pv = [&](int32_t (&dst)[32], const TileP& tp, int j, int c) {
+      const uint8_t* sv = s_stages + (j % Tr::kStages) * Tr::kStageBytes + Tr::kKBytes + 64 * c * Tr::kBlockN;
 #pragma unroll
-      for (int c = 0; c < Tr::kPvChunks; ++c)
-#pragma unroll
-        for (int kp = 0; kp < 2; ++kp)
-          wgmma_m64n64k32_u8s8(acc[c], tp.pa[kp], smem_descriptor(sv + 64 * c * Tr::kBlockN + 256 * kp, 128, 8 * Tr::kBlockN),
-                               kp > 0);
-      wgmma_commit_group();
+      for (int kp = 0; kp < 2; ++kp)
+        wgmma_m64n64k32_u8s8(dst, tp.pa[kp], smem_descriptor(sv + 256 * kp, 128, 8 * Tr::kBlockN), kp > 0);
     };
-    // O takes tile j's P V (complete), and the warp releases the tile's stage.
-    auto finish_tile = [&](const TileP& tp, int j) {
-#pragma unroll
-      for (int c = 0; c < Tr::kPvChunks; ++c) fence_operands(acc[c]);
-      if (tp.warp_uses) {
-#pragma unroll
-        for (int c = 0; c < Tr::kPvChunks; ++c) accumulate_o<8>(o, 8 * c, acc[c], tp);
-      }
+    // O takes P V of tile j for channels [64 c, 64 c + 64) (complete).
+    auto take_pv = [&](int32_t (&src)[32], const TileP& tp, int c) {
+      fence_operands(src);
+      if (tp.warp_uses) accumulate_o<8>(o, 8 * c, src, tp);
+    };
+    // The warp is done with tile j's stage.
+    auto release = [&](int j) {
       if (lane == 0) mbarrier_arrive(empty + j % Tr::kStages);
     };
-
     // Tile j's softmax, on scores already waited for.
     auto softmax = [&](int j) {
       fence_operands(s_acc);
       const float st = __fmul_rn(q_scale, k_scales[j]);
       return softmax_tile<kSas>(s_acc, st, v_scales[j], tile_needs_mask(p, j, warp_row), p, j, row0, t, skip_x, rs);
     };
-    issue_scores(0);
-    wgmma_wait_group<0>();
-    TileP prev = softmax(0);
-    for (int j = 1; j < tiles; ++j) {
-      issue_scores(j);
-      issue_pv(prev, j - 1);
-      wgmma_wait_group<1>();  // S of tile j
-      const TileP tp = softmax(j);
-      wgmma_wait_group<0>();  // P V of tile j - 1
-      finish_tile(prev, j - 1);
-      prev = tp;
+
+    if constexpr (Tr::kOverlapPv) {
+      auto issue_all_pv = [&](const TileP& tp, int j) {
+        wgmma_fence();
+#pragma unroll
+        for (int c = 0; c < Tr::kPvChunks; ++c) issue_pv(acc[c], tp, j, c);
+        wgmma_commit_group();
+      };
+      auto take_all_pv = [&](const TileP& tp, int j) {
+#pragma unroll
+        for (int c = 0; c < Tr::kPvChunks; ++c) take_pv(acc[c], tp, c);
+        release(j);
+      };
+      issue_scores(0);
+      wgmma_wait_group<0>();
+      TileP prev = softmax(0);
+      for (int j = 1; j < tiles; ++j) {
+        issue_scores(j);
+        issue_all_pv(prev, j - 1);
+        wgmma_wait_group<1>();  // S of tile j
+        const TileP tp = softmax(j);
+        wgmma_wait_group<0>();  // P V of tile j - 1
+        take_all_pv(prev, j - 1);
+        prev = tp;
+      }
+      issue_all_pv(prev, tiles - 1);
+      wgmma_wait_group<0>();
+      take_all_pv(prev, tiles - 1);
+    } else {
+      for (int j = 0; j < tiles; ++j) {
+        issue_scores(j);
+        wgmma_wait_group<0>();
+        const TileP tp = softmax(j);
+#pragma unroll
+        for (int c = 0; c < Tr::kPvChunks; ++c) {
+          wgmma_fence();
+          issue_pv(acc[0], tp, j, c);
+          wgmma_commit_group();
+          wgmma_wait_group<0>();
+          take_pv(acc[0], tp, c);
+        }
+        release(j);
+      }
     }
-    issue_pv(prev, tiles - 1);
-    wgmma_wait_group<0>();
-    finish_tile(prev, tiles - 1);
   }
   // Tiles the CTA's other Q block sees and this one does not: released unread.
   for (int j = tiles; j < cta_tiles; ++j) {
