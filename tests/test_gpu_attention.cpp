@@ -74,7 +74,7 @@ template <class Call>
 int expect_operand_paths_agree(DeviceMem& dout, DeviceMem& dlse, Call call) {
   const std::vector<uint8_t> out0 = dout.download(), lse0 = dlse.download();
   int paths = 0;
-  for (const char* path : {"sm80", "sm90", "sm90ws", "sm90ws3"}) {
+  for (const char* path : {"sm80", "sm90", "sm90ws"}) {
     test::ScopedEnv env("TURBOATTN_PREFILL_MMA", path);
     dout.poison(), dlse.poison();
     const ta_status st = call();
@@ -292,7 +292,7 @@ TEST(GpuPrefill, OperandPathSwitchIsCheckedAndHopperRunsWgmma) {
   {
     test::ScopedEnv env("TURBOATTN_PREFILL_MMA", "sm75");
     EXPECT_EQ(ta_attention(&gq, &gq, &gq, nullptr, nullptr, nullptr, &go, nullptr, nullptr), TA_ERROR_INVALID_ARGUMENT);
-    EXPECT_NE(std::string(ta_last_error()).find("TURBOATTN_PREFILL_MMA=sm75: expected sm80, sm90, sm90ws, sm90ws3 or unset"), std::string::npos)
+    EXPECT_NE(std::string(ta_last_error()).find("TURBOATTN_PREFILL_MMA=sm75: expected sm80, sm90, sm90ws or unset"), std::string::npos)
         << ta_last_error();
   }
   int major = 0;

@@ -94,14 +94,14 @@ TokenStrides strides_of(const ta_tensor& t) { return {t.strides[0], t.strides[1]
 // Hopper kernel (sm90::flashq_prefill_ws_kernel, head dims 64 and 128), both on a compute capability
 // 9.0 device with a build that has sm_90a, otherwise an error; =sm80 the default. All give the same
 // bytes; tests and benchmarks compare them.
-enum class PrefillPath { kMmaSync, kWgmma, kWarpSpecialized, kWarpSpecialized3 };
+enum class PrefillPath { kMmaSync, kWgmma, kWarpSpecialized };
 
 PrefillPath prefill_path(int dim) {
   const char* forced = std::getenv("TURBOATTN_PREFILL_MMA");
   if (!forced || !*forced) return PrefillPath::kMmaSync;
   const std::string want = forced;
-  require(want == "sm80" || want == "sm90" || want == "sm90ws" || want == "sm90ws3", TA_ERROR_INVALID_ARGUMENT, "TURBOATTN_PREFILL_MMA=", want,
-          ": expected sm80, sm90, sm90ws, sm90ws3 or unset");
+  require(want == "sm80" || want == "sm90" || want == "sm90ws", TA_ERROR_INVALID_ARGUMENT, "TURBOATTN_PREFILL_MMA=", want,
+          ": expected sm80, sm90, sm90ws or unset");
   if (want == "sm80") return PrefillPath::kMmaSync;
 #ifndef TURBOATTN_HAVE_SM90A
   throw Error(TA_ERROR_UNSUPPORTED, concat("TURBOATTN_PREFILL_MMA=", want, ": this build has no sm_90a code (add 90a to "
@@ -115,7 +115,7 @@ PrefillPath prefill_path(int dim) {
   if (want == "sm90") return PrefillPath::kWgmma;
   require(dim == 64 || dim == 128, TA_ERROR_UNSUPPORTED, "TURBOATTN_PREFILL_MMA=", want, ": head dim ", dim,
           " has no warp-specialized kernel (64 and 128 do)");
-  return want == "sm90ws" ? PrefillPath::kWarpSpecialized : PrefillPath::kWarpSpecialized3;
+  return PrefillPath::kWarpSpecialized;
 #endif
 }
 
@@ -131,13 +131,14 @@ void launch_prefill(const PrefillParams& p, int batch, cudaStream_t stream) {
   TA_CUDA_CHECK_LAUNCH("flashq_prefill_kernel");
 }
 
-template <int kHeadDim, int kConsumers, typename Out, bool kSas>
+template <int kHeadDim, typename Out, bool kSas>
 void launch_prefill_ws(const PrefillParams& p, int batch, cudaStream_t stream) {
   if constexpr (kHeadDim == 64 || kHeadDim == 128) {
-    using Tr = sm90::PrefillTraits<kHeadDim, kConsumers>;
-    auto kernel = sm90::flashq_prefill_ws_kernel<kHeadDim, kConsumers, Out, kSas>;
-    static std::atomic<uint64_t> configured{0};
-    allow_dynamic_smem(configured, reinterpret_cast<const void*>(kernel), Tr::kSmemBytes);
+    using Tr = sm90::PrefillTraits<kHeadDim>;
+    const char* ov = std::getenv("TURBOATTN_WS_OVERLAP");  // experiment
+    auto kernel = ov && *ov == '1' ? sm90::flashq_prefill_ws_kernel<kHeadDim, true, Out, kSas> : sm90::flashq_prefill_ws_kernel<kHeadDim, false, Out, kSas>;
+    static std::atomic<uint64_t> configured{0}, configured1{0};
+    allow_dynamic_smem(ov && *ov == '1' ? configured1 : configured, reinterpret_cast<const void*>(kernel), Tr::kSmemBytes);
     const int q_blocks = TA_BLOCK_COUNT(p.nq);
     const dim3 grid{unsigned((q_blocks + Tr::kConsumers - 1) / Tr::kConsumers), unsigned(p.hq), unsigned(batch)};
     kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
@@ -150,9 +151,7 @@ void launch_prefill_ws(const PrefillParams& p, int batch, cudaStream_t stream) {
 template <int kHeadDim, typename Out>
 void launch_prefill(const PrefillParams& p, bool sas, PrefillPath path, int batch, cudaStream_t stream) {
   if (path == PrefillPath::kWarpSpecialized)
-    return sas ? launch_prefill_ws<kHeadDim, 2, Out, true>(p, batch, stream) : launch_prefill_ws<kHeadDim, 2, Out, false>(p, batch, stream);
-  if (path == PrefillPath::kWarpSpecialized3)
-    return sas ? launch_prefill_ws<kHeadDim, 3, Out, true>(p, batch, stream) : launch_prefill_ws<kHeadDim, 3, Out, false>(p, batch, stream);
+    return sas ? launch_prefill_ws<kHeadDim, Out, true>(p, batch, stream) : launch_prefill_ws<kHeadDim, Out, false>(p, batch, stream);
   if (path == PrefillPath::kWgmma) {
     using Mma = sm90::PrefillMma<kHeadDim>;
     return sas ? launch_prefill<Mma, Out, true>(p, batch, stream) : launch_prefill<Mma, Out, false>(p, batch, stream);

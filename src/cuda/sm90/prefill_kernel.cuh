@@ -18,22 +18,20 @@
 
 namespace turboattn::cuda::sm90 {
 
-// Kernel traits: the tile shapes and resources of the kernel for one head dim. kConsumers consumer
-// warpgroups share each K/V tile. With two, each has the registers to keep P V of one tile in flight
-// while it runs the softmax of the next; with three, P V is waited for, 64 channels at a time.
-template <int kHeadDim_, int kConsumers_>
+// Kernel traits: the tile shapes and resources of the kernel for one head dim. Three consumer
+// warpgroups share each K/V tile; at head dim 64 each has the registers to keep P V of one tile in
+// flight while it runs the softmax of the next, at 128 it waits for P V, 64 channels at a time.
+template <int kHeadDim_>
 struct PrefillTraits {
   static constexpr int kHeadDim = kHeadDim_;
   static_assert(kHeadDim == 64 || kHeadDim == 128, "the warp-specialized kernel covers head dims 64 and 128");
   static constexpr int kBlockM = TA_BLOCK_TOKENS;  // rows of a consumer: one Q block
   static constexpr int kBlockN = TA_BLOCK_TOKENS;  // keys per tile: one K/V block
-  static constexpr int kConsumers = kConsumers_;   // consumer warpgroups (Q blocks per CTA)
-  static_assert(kConsumers == 2 || kConsumers == 3, "register budgets exist for 2 or 3 consumers");
-  static constexpr bool kOverlapPv = kConsumers == 2;
+  static constexpr int kConsumers = 3;             // consumer warpgroups (Q blocks per CTA)
   static constexpr int kThreads = 128 * (1 + kConsumers);
   static constexpr int kStages = 4;                // K / V^T tiles in the ring
-  // Registers per thread after setmaxnreg: 128 x producer + 128 kConsumers x consumer <= 64k.
-  static constexpr int kProducerRegs = kConsumers == 2 ? 40 : 24, kConsumerRegs = kConsumers == 2 ? 232 : 160;
+  // Registers per thread after setmaxnreg: 128 x 24 (producer) + 384 x 160 (consumers) <= 64k.
+  static constexpr int kProducerRegs = 24, kConsumerRegs = 160;
   static constexpr int kKSteps = kHeadDim / 32;    // wgmma k-steps of Q K^T
   static constexpr int kPvChunks = kHeadDim / 64;  // m64n64 products of P V per k-step
   static constexpr int kOTiles = kHeadDim / 8;
@@ -52,9 +50,9 @@ __device__ __forceinline__ int2 kmajor_copy_coords(int idx, int chunks_per_row) 
   return {idx % 8 + 8 * (idx / (8 * chunks_per_row)), (idx / 8) % chunks_per_row};
 }
 
-template <int kHeadDim, int kConsumers, typename Out, bool kSas>
-__global__ void __launch_bounds__(PrefillTraits<kHeadDim, kConsumers>::kThreads, 1) flashq_prefill_ws_kernel(const PrefillParams p) {
-  using Tr = PrefillTraits<kHeadDim, kConsumers>;
+template <int kHeadDim, bool kOverlapPv, typename Out, bool kSas>
+__global__ void __launch_bounds__(PrefillTraits<kHeadDim>::kThreads, 1) flashq_prefill_ws_kernel(const PrefillParams p) {
+  using Tr = PrefillTraits<kHeadDim>;
   extern __shared__ __align__(128) uint8_t smem[];
   uint8_t* const s_q = smem;                                 // kConsumers Q blocks
   uint8_t* const s_stages = smem + Tr::kConsumers * Tr::kQBytes;  // kStages x (K tile, V^T tile)
@@ -137,7 +135,7 @@ __global__ void __launch_bounds__(PrefillTraits<kHeadDim, kConsumers>::kThreads,
     const float skip_x = skip_threshold(p.nk);
 
     int32_t s_acc[32];  // S of one tile (m16n8 layout per warp, as mma.sync's)
-    int32_t acc[Tr::kOverlapPv ? Tr::kPvChunks : 1][32];  // P V of one tile, 64 channels per chunk
+    int32_t acc[32];    // P V of one tile for 64 channels
     // S = Q K^T of tile j, issued once its stage is full; not waited for.
     auto issue_scores = [&](int j) {
       const int stage = j % Tr::kStages;
@@ -174,46 +172,43 @@ __global__ void __launch_bounds__(PrefillTraits<kHeadDim, kConsumers>::kThreads,
       return softmax_tile<kSas>(s_acc, st, v_scales[j], tile_needs_mask(p, j, warp_row), p, j, row0, t, skip_x, rs);
     };
 
-    if constexpr (Tr::kOverlapPv) {
-      auto issue_all_pv = [&](const TileP& tp, int j) {
+    // P V of tile j for the channel chunks [first, last), each waited for.
+    auto pv_in_turn = [&](const TileP& tp, int j, int first, int last) {
+#pragma unroll
+      for (int c = first; c < last; ++c) {
         wgmma_fence();
-#pragma unroll
-        for (int c = 0; c < Tr::kPvChunks; ++c) issue_pv(acc[c], tp, j, c);
+        issue_pv(acc, tp, j, c);
         wgmma_commit_group();
-      };
-      auto take_all_pv = [&](const TileP& tp, int j) {
-#pragma unroll
-        for (int c = 0; c < Tr::kPvChunks; ++c) take_pv(acc[c], tp, c);
-        release(j);
-      };
+        wgmma_wait_group<0>();
+        take_pv(acc, tp, c);
+      }
+    };
+    if constexpr (kOverlapPv) {
+      // The last chunk of P V of tile j - 1 runs while the softmax of tile j does.
+      constexpr int kLast = Tr::kPvChunks - 1;
       issue_scores(0);
       wgmma_wait_group<0>();
       TileP prev = softmax(0);
       for (int j = 1; j < tiles; ++j) {
+        pv_in_turn(prev, j - 1, 0, kLast);
         issue_scores(j);
-        issue_all_pv(prev, j - 1);
+        wgmma_fence();
+        issue_pv(acc, prev, j - 1, kLast);
+        wgmma_commit_group();
         wgmma_wait_group<1>();  // S of tile j
         const TileP tp = softmax(j);
         wgmma_wait_group<0>();  // P V of tile j - 1
-        take_all_pv(prev, j - 1);
+        take_pv(acc, prev, kLast);
+        release(j - 1);
         prev = tp;
       }
-      issue_all_pv(prev, tiles - 1);
-      wgmma_wait_group<0>();
-      take_all_pv(prev, tiles - 1);
+      pv_in_turn(prev, tiles - 1, 0, Tr::kPvChunks);
+      release(tiles - 1);
     } else {
       for (int j = 0; j < tiles; ++j) {
         issue_scores(j);
         wgmma_wait_group<0>();
-        const TileP tp = softmax(j);
-#pragma unroll
-        for (int c = 0; c < Tr::kPvChunks; ++c) {
-          wgmma_fence();
-          issue_pv(acc[0], tp, j, c);
-          wgmma_commit_group();
-          wgmma_wait_group<0>();
-          take_pv(acc[0], tp, c);
-        }
+        pv_in_turn(softmax(j), j, 0, Tr::kPvChunks);
         release(j);
       }
     }

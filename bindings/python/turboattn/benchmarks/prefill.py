@@ -44,7 +44,7 @@ def fp32_reference(q, k, v, causal):
 
 
 # On Hopper, the kernels TURBOATTN_PREFILL_MMA selects besides the default, timed in the same run.
-HOPPER_PATHS = {"turboattn_wgmma": "sm90", "turboattn_ws": "sm90ws", "turboattn_ws3": "sm90ws3"}
+HOPPER_PATHS = {"turboattn_wgmma": "sm90", "turboattn_ws": "sm90ws"}
 
 
 def with_path(path, fn):
