@@ -66,19 +66,19 @@ std::vector<float> expect_close_to_reference(const DeviceMem& dout, const Device
   return g;
 }
 
-// The prefill kernels (mma.sync; on sm_90a wgmma in the same body, and the warp-specialized one) give
-// the same bytes: `call` reruns the attention into dout and dlse under each path this device has
-// (TURBOATTN_PREFILL_MMA), and each result must equal what the default path wrote there. Returns the
-// number of paths run.
+// The prefill kernels (mma.sync, and on sm_90a the warp-specialized wgmma kernel) give the same
+// bytes: `call` reruns the attention into dout and dlse under each kernel this device and head dim
+// have (TURBOATTN_PREFILL_MMA), and each result must equal what the default wrote there. Returns the
+// number of kernels run.
 template <class Call>
 int expect_operand_paths_agree(DeviceMem& dout, DeviceMem& dlse, Call call) {
   const std::vector<uint8_t> out0 = dout.download(), lse0 = dlse.download();
   int paths = 0;
-  for (const char* path : {"sm80", "sm90", "sm90ws"}) {
+  for (const char* path : {"sm80", "sm90"}) {
     test::ScopedEnv env("TURBOATTN_PREFILL_MMA", path);
     dout.poison(), dlse.poison();
     const ta_status st = call();
-    if (st == TA_ERROR_UNSUPPORTED && std::string(path) != "sm80") continue;  // not a Hopper device or build, or head dim
+    if (st == TA_ERROR_UNSUPPORTED && std::string(path) == "sm90") continue;  // not a Hopper device or build, or head dim
     EXPECT_EQ(st, TA_SUCCESS) << path << ": " << ta_last_error();
     EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     EXPECT_TRUE(dout.download() == out0) << path << ": output bytes differ from the default path's";
@@ -284,7 +284,7 @@ TEST(GpuPrefillInt8Kv, MatchesReferenceOverTheSameCodes) {
   expect_operand_paths_agree(dout, dlse, [&] { return ta_attention_int8kv(&gq, &gkc, &gks, &gvc, &gvs, &gm, &opt, &go, &gl, nullptr); });
 }
 
-TEST(GpuPrefill, OperandPathSwitchIsCheckedAndHopperRunsWgmma) {
+TEST(GpuPrefill, KernelSwitchIsCheckedAndHopperRunsWarpSpecialized) {
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
   DeviceBuffer<uint16_t> dq(64 * 64), dout(64 * 64);
   dq.upload(std::vector<uint16_t>(64 * 64, 0x3C00));
@@ -292,25 +292,23 @@ TEST(GpuPrefill, OperandPathSwitchIsCheckedAndHopperRunsWgmma) {
   {
     test::ScopedEnv env("TURBOATTN_PREFILL_MMA", "sm75");
     EXPECT_EQ(ta_attention(&gq, &gq, &gq, nullptr, nullptr, nullptr, &go, nullptr, nullptr), TA_ERROR_INVALID_ARGUMENT);
-    EXPECT_NE(std::string(ta_last_error()).find("TURBOATTN_PREFILL_MMA=sm75: expected sm80, sm90, sm90ws or unset"), std::string::npos)
+    EXPECT_NE(std::string(ta_last_error()).find("TURBOATTN_PREFILL_MMA=sm75: expected sm80, sm90 or unset"), std::string::npos)
         << ta_last_error();
   }
   int major = 0;
   ASSERT_EQ(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0), cudaSuccess);
-  for (const char* path : {"sm90", "sm90ws"}) {
-    test::ScopedEnv env("TURBOATTN_PREFILL_MMA", path);
-    const ta_status st = ta_attention(&gq, &gq, &gq, nullptr, nullptr, nullptr, &go, nullptr, nullptr);
-    if (major == 9) EXPECT_EQ(st, TA_SUCCESS) << "a Hopper device must have the " << path << " path: " << ta_last_error();
-    else EXPECT_EQ(st, TA_ERROR_UNSUPPORTED);
-  }
+  test::ScopedEnv env("TURBOATTN_PREFILL_MMA", "sm90");
+  const ta_status st = ta_attention(&gq, &gq, &gq, nullptr, nullptr, nullptr, &go, nullptr, nullptr);
+  if (major == 9) EXPECT_EQ(st, TA_SUCCESS) << "a Hopper device must have the warp-specialized kernel: " << ta_last_error();
+  else EXPECT_EQ(st, TA_ERROR_UNSUPPORTED);
   if (major != 9) return;
-  // The warp-specialized kernel covers head dims 64 and 128: another is an error, not a fallback.
+  // It covers head dims 64 and 128: another is an error, not a fallback.
   DeviceBuffer<uint16_t> dq96(64 * 96), dout96(64 * 96);
   dq96.upload(std::vector<uint16_t>(64 * 96, 0x3C00));
   ta_tensor gq96 = tensor(dq96.ptr, TA_DTYPE_F16, {1, 64, 1, 96}, TA_DEVICE_CUDA), go96 = tensor(dout96.ptr, TA_DTYPE_F16, {1, 64, 1, 96}, TA_DEVICE_CUDA);
-  test::ScopedEnv env("TURBOATTN_PREFILL_MMA", "sm90ws");
   EXPECT_EQ(ta_attention(&gq96, &gq96, &gq96, nullptr, nullptr, nullptr, &go96, nullptr, nullptr), TA_ERROR_UNSUPPORTED);
-  EXPECT_NE(std::string(ta_last_error()).find("head dim 96 has no warp-specialized kernel"), std::string::npos) << ta_last_error();
+  EXPECT_NE(std::string(ta_last_error()).find("TURBOATTN_PREFILL_MMA=sm90: head dim 96 has no warp-specialized kernel"), std::string::npos)
+      << ta_last_error();
 }
 
 namespace {
@@ -364,11 +362,13 @@ TEST(GpuPrefillNumerics, EqualScoresAverageTheValues) {
   }
 }
 
-class GpuPrefillNan : public testing::TestWithParam<int> {};
+// Head dims 64 and 128: on Hopper, the default kernel differs between them.
+class GpuPrefillNan : public testing::TestWithParam<std::tuple<int, int>> {};
 TEST_P(GpuPrefillNan, NanInValueReachesExactlyTheRowsThatSeeIt) {
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
   std::mt19937_64 rng(std::random_device{}());
-  const int d = 64, nq = GetParam(), nk = 130;  // nq < nk: the causal diagonal is offset by nk - nq
+  const auto [nq, d] = GetParam();
+  const int nk = 130;  // nq < nk: the causal diagonal is offset by nk - nq
   std::vector<float> q = test::make_input(rng, nq, 1, d, InputKind::Normal, 'q');
   std::vector<float> k = test::make_input(rng, nk, 1, d, InputKind::Normal, 'k');
   std::vector<float> v = test::make_input(rng, nk, 1, d, InputKind::Normal, 'v');
@@ -380,4 +380,4 @@ TEST_P(GpuPrefillNan, NanInValueReachesExactlyTheRowsThatSeeIt) {
     EXPECT_EQ(any_nan, i + nk - nq >= 64) << "query " << i;  // it sees keys up to i + nk - nq
   }
 }
-INSTANTIATE_TEST_SUITE_P(Offsets, GpuPrefillNan, testing::Values(130, 100, 77));
+INSTANTIATE_TEST_SUITE_P(Offsets, GpuPrefillNan, testing::Combine(testing::Values(130, 100, 77), testing::Values(64, 128)));

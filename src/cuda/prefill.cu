@@ -19,7 +19,6 @@
 #include "cuda/prefill/prefill_kernel.cuh"
 #include "cuda/sm80/prefill_mma.cuh"
 #include "cuda/sm90/prefill_kernel.cuh"
-#include "cuda/sm90/prefill_mma.cuh"
 #include "turboattn/format.h"
 
 namespace turboattn::cuda {
@@ -89,34 +88,40 @@ class Workspace {
 
 TokenStrides strides_of(const ta_tensor& t) { return {t.strides[0], t.strides[1], t.strides[2]}; }
 
-// The prefill kernel: mma.sync (sm80::PrefillMma) by default, on every device. TURBOATTN_PREFILL_MMA
-// picks another: =sm90 the shared body on wgmma (sm90::PrefillMma), =sm90ws the warp-specialized
-// Hopper kernel (sm90::flashq_prefill_ws_kernel, head dims 64 and 128), both on a compute capability
-// 9.0 device with a build that has sm_90a, otherwise an error; =sm80 the default. All give the same
-// bytes; tests and benchmarks compare them.
-enum class PrefillPath { kMmaSync, kWgmma, kWarpSpecialized };
+// The prefill kernel for a head dim on the current device: the warp-specialized Hopper kernel
+// (sm90::flashq_prefill_ws_kernel) at head dim 128 on a compute capability 9.0 device when the build
+// has sm_90a, else the mma.sync kernel (flashq_prefill_kernel over sm80::PrefillMma), which measured
+// faster at head dim 64 on an H200 (docs/HOPPER_PLAN.md). TURBOATTN_PREFILL_MMA=sm80 or =sm90 forces
+// one (sm90: head dims 64 and 128 on such a device and build; otherwise an error, never a fallback).
+// Both give the same bytes; tests and benchmarks compare them.
+enum class PrefillPath { kMmaSync, kWarpSpecialized };
 
-PrefillPath prefill_path(int dim) {
-  const char* forced = std::getenv("TURBOATTN_PREFILL_MMA");
-  if (!forced || !*forced) return PrefillPath::kMmaSync;
-  const std::string want = forced;
-  require(want == "sm80" || want == "sm90" || want == "sm90ws", TA_ERROR_INVALID_ARGUMENT, "TURBOATTN_PREFILL_MMA=", want,
-          ": expected sm80, sm90, sm90ws or unset");
-  if (want == "sm80") return PrefillPath::kMmaSync;
+// Why the warp-specialized kernel cannot run here, or "" when it can.
+std::string warp_specialized_unavailable(int dim) {
 #ifndef TURBOATTN_HAVE_SM90A
-  throw Error(TA_ERROR_UNSUPPORTED, concat("TURBOATTN_PREFILL_MMA=", want, ": this build has no sm_90a code (add 90a to "
-                                           "TURBOATTN_CUDA_ARCHS)"));
+  (void)dim;
+  return "this build has no sm_90a code (add 90a to TURBOATTN_CUDA_ARCHS)";
 #else
   int device = 0, major = 0;
   TA_CUDA_CHECK(cudaGetDevice(&device));
   TA_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  require(major == 9, TA_ERROR_UNSUPPORTED, "TURBOATTN_PREFILL_MMA=", want, ": needs a compute capability 9.0 device; this one is ",
-          major, ".x");
-  if (want == "sm90") return PrefillPath::kWgmma;
-  require(dim == 64 || dim == 128, TA_ERROR_UNSUPPORTED, "TURBOATTN_PREFILL_MMA=", want, ": head dim ", dim,
-          " has no warp-specialized kernel (64 and 128 do)");
-  return PrefillPath::kWarpSpecialized;
+  if (major != 9) return concat("needs a compute capability 9.0 device; this one is ", major, ".x");
+  if (dim != 64 && dim != 128) return concat("head dim ", dim, " has no warp-specialized kernel (64 and 128 do)");
+  return "";
 #endif
+}
+
+PrefillPath prefill_path(int dim) {
+  const char* forced = std::getenv("TURBOATTN_PREFILL_MMA");
+  if (!forced || !*forced) {
+    return dim == 128 && warp_specialized_unavailable(dim).empty() ? PrefillPath::kWarpSpecialized : PrefillPath::kMmaSync;
+  }
+  const std::string want = forced;
+  require(want == "sm80" || want == "sm90", TA_ERROR_INVALID_ARGUMENT, "TURBOATTN_PREFILL_MMA=", want, ": expected sm80, sm90 or unset");
+  if (want == "sm80") return PrefillPath::kMmaSync;
+  const std::string why = warp_specialized_unavailable(dim);
+  require(why.empty(), TA_ERROR_UNSUPPORTED, "TURBOATTN_PREFILL_MMA=sm90: ", why);
+  return PrefillPath::kWarpSpecialized;
 }
 
 template <class Mma, typename Out, bool kSas>
@@ -135,10 +140,9 @@ template <int kHeadDim, typename Out, bool kSas>
 void launch_prefill_ws(const PrefillParams& p, int batch, cudaStream_t stream) {
   if constexpr (kHeadDim == 64 || kHeadDim == 128) {
     using Tr = sm90::PrefillTraits<kHeadDim>;
-    const char* ov = std::getenv("TURBOATTN_WS_OVERLAP");  // experiment
-    auto kernel = ov && *ov == '1' ? sm90::flashq_prefill_ws_kernel<kHeadDim, true, Out, kSas> : sm90::flashq_prefill_ws_kernel<kHeadDim, false, Out, kSas>;
-    static std::atomic<uint64_t> configured{0}, configured1{0};
-    allow_dynamic_smem(ov && *ov == '1' ? configured1 : configured, reinterpret_cast<const void*>(kernel), Tr::kSmemBytes);
+    auto kernel = sm90::flashq_prefill_ws_kernel<kHeadDim, Out, kSas>;
+    static std::atomic<uint64_t> configured{0};
+    allow_dynamic_smem(configured, reinterpret_cast<const void*>(kernel), Tr::kSmemBytes);
     const int q_blocks = TA_BLOCK_COUNT(p.nq);
     const dim3 grid{unsigned((q_blocks + Tr::kConsumers - 1) / Tr::kConsumers), unsigned(p.hq), unsigned(batch)};
     kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
@@ -152,10 +156,6 @@ template <int kHeadDim, typename Out>
 void launch_prefill(const PrefillParams& p, bool sas, PrefillPath path, int batch, cudaStream_t stream) {
   if (path == PrefillPath::kWarpSpecialized)
     return sas ? launch_prefill_ws<kHeadDim, Out, true>(p, batch, stream) : launch_prefill_ws<kHeadDim, Out, false>(p, batch, stream);
-  if (path == PrefillPath::kWgmma) {
-    using Mma = sm90::PrefillMma<kHeadDim>;
-    return sas ? launch_prefill<Mma, Out, true>(p, batch, stream) : launch_prefill<Mma, Out, false>(p, batch, stream);
-  }
   using Mma = sm80::PrefillMma<kHeadDim>;
   return sas ? launch_prefill<Mma, Out, true>(p, batch, stream) : launch_prefill<Mma, Out, false>(p, batch, stream);
 }

@@ -147,14 +147,14 @@ def test_bench_prefill_times_another_kernel_and_restores_the_switch(monkeypatch)
             monkeypatch.delenv("TURBOATTN_PREFILL_MMA", raising=False)
         else:
             monkeypatch.setenv("TURBOATTN_PREFILL_MMA", before)
-        assert prefill.with_path("sm90ws", lambda: seen.append(os.environ["TURBOATTN_PREFILL_MMA"]) or 1.5) == 1.5
+        assert prefill.with_path("sm90", lambda: seen.append(os.environ["TURBOATTN_PREFILL_MMA"]) or 1.5) == 1.5
         assert os.environ.get("TURBOATTN_PREFILL_MMA") == before
 
         def unsupported():
-            raise turboattn.Unsupported(2, "TURBOATTN_PREFILL_MMA=sm90ws: this build has no sm_90a code")
-        assert prefill.with_path("sm90ws", unsupported) is None  # a library or device without the path: no column
+            raise turboattn.Unsupported(2, "TURBOATTN_PREFILL_MMA=sm90: this build has no sm_90a code")
+        assert prefill.with_path("sm90", unsupported) is None  # a library or device without the path: no column
         assert os.environ.get("TURBOATTN_PREFILL_MMA") == before
-    assert seen == ["sm90ws", "sm90ws"]
+    assert seen == ["sm90", "sm90"]
 
 
 def save_tiny_llama(path):

@@ -1,11 +1,11 @@
-// FlashQ + SAS prefill attention on integer tensor cores. One CTA (one warpgroup: 4 warps x 16 rows)
-// computes one 64-row Q block of one head against all its visible 64-key tiles: S = Q8 K8^T (s8 x s8 ->
-// s32), P codes by SAS relative to each tile's maximum, O += P V (u8 x s8 -> s32), in the order and
-// with the fp32 operations of docs/FORMATS.md, section 1.5. The two matmuls and the shared-memory
-// layout of the K and V^T tiles they read come from `Mma`, one per architecture: sm80::PrefillMma
-// (mma.sync and ldmatrix; sm_80, sm_89, and it runs on sm_90) and sm90::PrefillMma (wgmma; sm_90a).
-// Everything else, the softmax, SAS, masking and the skip rule, is this one body, so both paths give
-// the same bytes.
+// FlashQ + SAS prefill attention on integer tensor cores, for every architecture from sm_80. One CTA
+// (one warpgroup: 4 warps x 16 rows) computes one 64-row Q block of one head against all its visible
+// 64-key tiles: S = Q8 K8^T (s8 x s8 -> s32), P codes by SAS relative to each tile's maximum,
+// O += P V (u8 x s8 -> s32), in the order and with the fp32 operations of docs/FORMATS.md, section 1.5.
+// The two matmuls and the shared-memory layout of the K and V^T tiles come from `Mma`
+// (sm80::PrefillMma: mma.sync and ldmatrix); the softmax, SAS, masking and the skip rule from
+// tile_softmax.cuh, which the Hopper kernel (sm90/prefill_kernel.cuh) shares, so both give the same
+// bytes.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -136,7 +136,6 @@ __global__ void __launch_bounds__(PrefillShape<Mma::kHeadDim>::kThreads, Prefill
   // scarcer resource: O, S and P fragments hold most of them).
   const uint8_t* q_frag = s_q + (16 * warp + lane % 16) * Tr::kQRowBytes + 16 * (lane / 16);
   cp_async_wait<0>();
-  Mma::copies_landed();
   __syncthreads();
 
   for (int j = 0; j < tiles; ++j) {
@@ -156,19 +155,17 @@ __global__ void __launch_bounds__(PrefillShape<Mma::kHeadDim>::kThreads, Prefill
     const TileP tp = softmax_tile<kSas>(s_acc, st, v_scales[j], tile_needs_mask(p, j, warp_row), p, j, row0, t, skip_x, rs);
 
     // O = alpha O + (P V) sv beta, Mma::kPvChannels channels at a time; skipped when none of the warp's
-    // rows use the tile. A warpgroup-wide matmul (Mma::kPvWarpgroupWide) runs for all 4 warps, and a
-    // warp whose rows all skip leaves O alone.
-    if (Mma::kPvWarpgroupWide || tp.warp_uses) {
+    // rows use the tile.
+    if (tp.warp_uses) {
       constexpr int kPvTiles = Mma::kPvChannels / 8;
 #pragma unroll
       for (int chunk = 0; chunk < kHeadDim / Mma::kPvChannels; ++chunk) {
         int32_t acc[4 * kPvTiles];  // acc[4 nt + i]: row g + 8 (i / 2), channel 8 nt + 2 t + i % 2 of the chunk
         Mma::pv(acc, tp.pa, sv, chunk, lane);
-        if (tp.warp_uses) accumulate_o<kPvTiles>(o, kPvTiles * chunk, acc, tp);
+        accumulate_o<kPvTiles>(o, kPvTiles * chunk, acc, tp);
       }
     }  // else every row skipped: alpha is 1 and O is unchanged
     cp_async_wait<0>();
-    Mma::copies_landed();
     __syncthreads();
   }
 

@@ -19,7 +19,6 @@ struct PrefillMma {
   static constexpr int kKBytes = Shape::kBlockN * kKRowBytes;
   static constexpr int kVtBytes = kHeadDim * kVtRowBytes;
   static constexpr int kPvChannels = 32;    // O channels per P V pass (its int32 accumulators: 16 registers)
-  static constexpr bool kPvWarpgroupWide = false;  // each warp skips its own P V
 
   // Rows r and r + 8 k of a tile are 8 k pitches apart in shared memory.
   static constexpr int kKRowPitch = kKRowBytes, kVtRowPitch = kVtRowBytes;
@@ -29,7 +28,6 @@ struct PrefillMma {
   __device__ static int2 copy_coords(int idx, int chunks_per_row) { return {idx / chunks_per_row, idx % chunks_per_row}; }
   __device__ static int k_offset(int key, int chunk) { return key * kKRowBytes + 16 * chunk; }
   __device__ static int vt_offset(int channel, int chunk) { return channel * kVtRowBytes + 16 * chunk; }
-  __device__ static void copies_landed() {}  // ldmatrix reads what cp.async wrote once the barrier passes
 
   // S (16 rows x 64 keys of the warp) = Q K^T; q_frag: this lane's ldmatrix row address of Q.
   __device__ static void scores(int32_t (&s)[4 * Shape::kSTiles], const uint8_t* q_frag, const uint8_t* sk, int lane) {

@@ -1,10 +1,15 @@
 // FlashQ + SAS prefill on Hopper (sm_90a), warp-specialized: a producer warpgroup streams K and V^T
-// tiles into a ring of shared-memory stages (cp.async, completion tracked by mbarriers), and two
-// consumer warpgroups, each with its own 64-row Q block of the same head, run both matmuls on wgmma:
-// P V of tile j - 1 runs while the softmax of tile j does, and each warpgroup's waits are filled by the
-// other's work. (ptxas keeps wgmma asynchronous only when none is pending across the loop's back edge,
-// which rules out also overlapping the scores of tile j + 1 with the O update of tile j - 1.) The
-// softmax, SAS, masking and skip rule are tile_softmax.cuh's, so the bytes equal every other path's.
+// tiles into a ring of shared-memory stages (cp.async, completion tracked by mbarriers), and three
+// consumer warpgroups, each with its own 64-row Q block of the same head, run both matmuls on wgmma
+// (Q and K, V^T from shared memory, P from registers). Consumers never wait for copies in flight or
+// for each other, and the CTA's three Q blocks read each K/V tile once. The softmax, SAS, masking and
+// skip rule are tile_softmax.cuh's, so the bytes equal the mma.sync kernel's.
+//
+// Measured on an H200 (docs/HOPPER_PLAN.md): 4-9% faster than the mma.sync kernel at head dim 128, 1-4%
+// slower at 64. Overlapping P V of one tile with the softmax of the next, within a warpgroup, was slower
+// (two consumers with the registers for it: 18-28% slower; three, overlapping the last 64 channels:
+// 4-11%): the kernel is bound by instruction issue, and fewer warps or more registers cost more than the
+// overlap gains.
 #pragma once
 
 #include <stdint.h>
@@ -18,9 +23,7 @@
 
 namespace turboattn::cuda::sm90 {
 
-// Kernel traits: the tile shapes and resources of the kernel for one head dim. Three consumer
-// warpgroups share each K/V tile; at head dim 64 each has the registers to keep P V of one tile in
-// flight while it runs the softmax of the next, at 128 it waits for P V, 64 channels at a time.
+// Kernel traits: the tile shapes and resources of the kernel for one head dim.
 template <int kHeadDim_>
 struct PrefillTraits {
   static constexpr int kHeadDim = kHeadDim_;
@@ -50,7 +53,7 @@ __device__ __forceinline__ int2 kmajor_copy_coords(int idx, int chunks_per_row) 
   return {idx % 8 + 8 * (idx / (8 * chunks_per_row)), (idx / 8) % chunks_per_row};
 }
 
-template <int kHeadDim, bool kOverlapPv, typename Out, bool kSas>
+template <int kHeadDim, typename Out, bool kSas>
 __global__ void __launch_bounds__(PrefillTraits<kHeadDim>::kThreads, 1) flashq_prefill_ws_kernel(const PrefillParams p) {
   using Tr = PrefillTraits<kHeadDim>;
   extern __shared__ __align__(128) uint8_t smem[];
@@ -136,7 +139,7 @@ __global__ void __launch_bounds__(PrefillTraits<kHeadDim>::kThreads, 1) flashq_p
 
     int32_t s_acc[32];  // S of one tile (m16n8 layout per warp, as mma.sync's)
     int32_t acc[32];    // P V of one tile for 64 channels
-    // S = Q K^T of tile j, issued once its stage is full; not waited for.
+    // S = Q K^T of tile j, issued once its stage is full.
     auto issue_scores = [&](int j) {
       const int stage = j % Tr::kStages;
       mbarrier_wait_parity(full + stage, (j / Tr::kStages) & 1);
@@ -149,7 +152,7 @@ __global__ void __launch_bounds__(PrefillTraits<kHeadDim>::kThreads, 1) flashq_p
                              smem_descriptor(sk + 256 * ks, 128, 8 * kHeadDim), ks > 0);
       wgmma_commit_group();
     };
-    // dst = P V of tile j for channels [64 c, 64 c + 64); not waited for.
+    // dst = P V of tile j for channels [64 c, 64 c + 64).
     auto issue_pv = [&](int32_t (&dst)[32], const TileP& tp, int j, int c) {
       const uint8_t* sv = s_stages + (j % Tr::kStages) * Tr::kStageBytes + Tr::kKBytes + 64 * c * Tr::kBlockN;
 #pragma unroll
@@ -161,10 +164,6 @@ __global__ void __launch_bounds__(PrefillTraits<kHeadDim>::kThreads, 1) flashq_p
       fence_operands(src);
       if (tp.warp_uses) accumulate_o<8>(o, 8 * c, src, tp);
     };
-    // The warp is done with tile j's stage.
-    auto release = [&](int j) {
-      if (lane == 0) mbarrier_arrive(empty + j % Tr::kStages);
-    };
     // Tile j's softmax, on scores already waited for.
     auto softmax = [&](int j) {
       fence_operands(s_acc);
@@ -172,45 +171,19 @@ __global__ void __launch_bounds__(PrefillTraits<kHeadDim>::kThreads, 1) flashq_p
       return softmax_tile<kSas>(s_acc, st, v_scales[j], tile_needs_mask(p, j, warp_row), p, j, row0, t, skip_x, rs);
     };
 
-    // P V of tile j for the channel chunks [first, last), each waited for.
-    auto pv_in_turn = [&](const TileP& tp, int j, int first, int last) {
+    for (int j = 0; j < tiles; ++j) {
+      issue_scores(j);
+      wgmma_wait_group<0>();
+      const TileP tp = softmax(j);
 #pragma unroll
-      for (int c = first; c < last; ++c) {
+      for (int c = 0; c < Tr::kPvChunks; ++c) {
         wgmma_fence();
         issue_pv(acc, tp, j, c);
         wgmma_commit_group();
         wgmma_wait_group<0>();
         take_pv(acc, tp, c);
       }
-    };
-    if constexpr (kOverlapPv) {
-      // The last chunk of P V of tile j - 1 runs while the softmax of tile j does.
-      constexpr int kLast = Tr::kPvChunks - 1;
-      issue_scores(0);
-      wgmma_wait_group<0>();
-      TileP prev = softmax(0);
-      for (int j = 1; j < tiles; ++j) {
-        pv_in_turn(prev, j - 1, 0, kLast);
-        issue_scores(j);
-        wgmma_fence();
-        issue_pv(acc, prev, j - 1, kLast);
-        wgmma_commit_group();
-        wgmma_wait_group<1>();  // S of tile j
-        const TileP tp = softmax(j);
-        wgmma_wait_group<0>();  // P V of tile j - 1
-        take_pv(acc, prev, kLast);
-        release(j - 1);
-        prev = tp;
-      }
-      pv_in_turn(prev, tiles - 1, 0, Tr::kPvChunks);
-      release(tiles - 1);
-    } else {
-      for (int j = 0; j < tiles; ++j) {
-        issue_scores(j);
-        wgmma_wait_group<0>();
-        pv_in_turn(softmax(j), j, 0, Tr::kPvChunks);
-        release(j);
-      }
+      if (lane == 0) mbarrier_arrive(empty + j % Tr::kStages);  // the warp is done with the tile's stage
     }
   }
   // Tiles the CTA's other Q block sees and this one does not: released unread.

@@ -79,15 +79,4 @@ __device__ __forceinline__ void wgmma_m64n64k32_s8s8(int32_t (&d)[32], uint64_t 
       : "l"(a_desc), "l"(b_desc), "r"(scale_d));
 }
 
-// wgmma.mma_async.sync.aligned.m64n32k32.s32.u8.s8: as above with N = 32 (16 registers).
-__device__ __forceinline__ void wgmma_m64n32k32_u8s8(int32_t (&d)[16], const uint32_t (&a)[4], uint64_t b_desc, int scale_d) {
-  TA_SM90A_ASM(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n32k32.s32.u8.s8 "
-      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, {%16,%17,%18,%19}, %20, p;\n}\n"
-      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]), "+r"(d[8]),
-        "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(scale_d));
-}
-
 }  // namespace turboattn::cuda::sm90
