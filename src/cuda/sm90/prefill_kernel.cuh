@@ -1,15 +1,15 @@
 // FlashQ + SAS prefill on Hopper (sm_90a), warp-specialized: a producer warpgroup streams K and V^T
-// tiles into a ring of shared-memory stages (cp.async, completion tracked by mbarriers), and three
-// consumer warpgroups, each with its own 64-row Q block of the same head, run both matmuls on wgmma
-// (Q and K, V^T from shared memory, P from registers). Consumers never wait for copies in flight or
-// for each other, and the CTA's three Q blocks read each K/V tile once. The softmax, SAS, masking and
+// tiles into a ring of shared-memory stages (cp.async, completion tracked by mbarriers), up to four
+// tiles ahead, and three consumer warpgroups, each with its own 64-row Q block of the same head, run
+// both matmuls on wgmma (Q, K and V^T from shared memory, P from registers). Consumers share no barrier
+// with each other, and the CTA's three Q blocks read each K/V tile once. The softmax, SAS, masking and
 // skip rule are tile_softmax.cuh's, so the bytes equal the mma.sync kernel's.
 //
-// Measured on an H200 (docs/HOPPER_PLAN.md): 4-9% faster than the mma.sync kernel at head dim 128, 1-4%
-// slower at 64. Overlapping P V of one tile with the softmax of the next, within a warpgroup, was slower
-// (two consumers with the registers for it: 18-28% slower; three, overlapping the last 64 channels:
-// 4-11%): the kernel is bound by instruction issue, and fewer warps or more registers cost more than the
-// overlap gains.
+// Measured on an H200 (docs/HOPPER_PLAN.md): 1.04-1.15x the mma.sync kernel at head dim 128 and
+// N >= 4k, 0.90-1.04x at 64. Overlapping P V of one tile with the softmax of the next, within a
+// warpgroup, was slower (two consumers with the registers for it: 18-28% slower than mma.sync; three,
+// overlapping the last 64 channels: 4-11% slower than not): the kernel is bound by instruction issue,
+// and fewer warps or more registers cost more than the overlap gains.
 #pragma once
 
 #include <stdint.h>
