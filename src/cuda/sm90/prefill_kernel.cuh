@@ -136,28 +136,31 @@ __global__ void __launch_bounds__(PrefillTraits<kHeadDim>::kThreads, 1) flashq_p
     const float* k_scales = p.k_scale + (int64_t(b) * p.hkv + hk) * k_blocks;
     const float* v_scales = p.v_scale + (int64_t(b) * p.hkv + hk) * k_blocks;
     const float skip_x = skip_threshold(p.nk);
+    const int mask_from = first_masked_tile(p, warp_row);
 
     int32_t s_acc[32];  // S of one tile (m16n8 layout per warp, as mma.sync's)
     int32_t acc[32];    // P V of one tile for 64 channels
+    // Shared-memory descriptors, computed once: a tile's is the first stage's advanced by its stage.
+    const uint64_t q_desc = smem_descriptor(my_q, 128, 8 * kHeadDim);
+    const uint64_t k_desc = smem_descriptor(s_stages, 128, 8 * kHeadDim);
+    const uint64_t vt_desc = smem_descriptor(s_stages + Tr::kKBytes, 128, 8 * Tr::kBlockN);
     // S = Q K^T of tile j, issued once its stage is full.
     auto issue_scores = [&](int j) {
       const int stage = j % Tr::kStages;
       mbarrier_wait_parity(full + stage, (j / Tr::kStages) & 1);
       fence_proxy_async_shared();  // the copies were generic-proxy writes; wgmma reads through the async proxy
-      const uint8_t* sk = s_stages + stage * Tr::kStageBytes;
+      const uint64_t kd = descriptor_advance(k_desc, stage * Tr::kStageBytes);
       wgmma_fence();
 #pragma unroll
       for (int ks = 0; ks < Tr::kKSteps; ++ks)  // a k-step of 32 channels is two core matrices along K
-        wgmma_m64n64k32_s8s8(s_acc, smem_descriptor(my_q + 256 * ks, 128, 8 * kHeadDim),
-                             smem_descriptor(sk + 256 * ks, 128, 8 * kHeadDim), ks > 0);
+        wgmma_m64n64k32_s8s8(s_acc, descriptor_advance(q_desc, 256 * ks), descriptor_advance(kd, 256 * ks), ks > 0);
       wgmma_commit_group();
     };
     // dst = P V of tile j for channels [64 c, 64 c + 64).
     auto issue_pv = [&](int32_t (&dst)[32], const TileP& tp, int j, int c) {
-      const uint8_t* sv = s_stages + (j % Tr::kStages) * Tr::kStageBytes + Tr::kKBytes + 64 * c * Tr::kBlockN;
+      const uint64_t vd = descriptor_advance(vt_desc, (j % Tr::kStages) * Tr::kStageBytes + 64 * c * Tr::kBlockN);
 #pragma unroll
-      for (int kp = 0; kp < 2; ++kp)
-        wgmma_m64n64k32_u8s8(dst, tp.pa[kp], smem_descriptor(sv + 256 * kp, 128, 8 * Tr::kBlockN), kp > 0);
+      for (int kp = 0; kp < 2; ++kp) wgmma_m64n64k32_u8s8(dst, tp.pa[kp], descriptor_advance(vd, 256 * kp), kp > 0);
     };
     // O takes P V of tile j for channels [64 c, 64 c + 64) (complete).
     auto take_pv = [&](int32_t (&src)[32], const TileP& tp, int c) {
@@ -168,7 +171,7 @@ __global__ void __launch_bounds__(PrefillTraits<kHeadDim>::kThreads, 1) flashq_p
     auto softmax = [&](int j) {
       fence_operands(s_acc);
       const float st = __fmul_rn(q_scale, k_scales[j]);
-      return softmax_tile<kSas>(s_acc, st, v_scales[j], tile_needs_mask(p, j, warp_row), p, j, row0, t, skip_x, rs);
+      return softmax_tile<kSas>(s_acc, st, v_scales[j], j >= mask_from, p, j, row0, t, skip_x, rs);
     };
 
     for (int j = 0; j < tiles; ++j) {

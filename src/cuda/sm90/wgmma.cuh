@@ -26,6 +26,13 @@ __device__ __forceinline__ uint64_t smem_descriptor(const void* smem, uint32_t l
          (uint64_t((sbo_bytes >> 4) & 0x3FFF) << 32);
 }
 
+// The descriptor of the operand `bytes` further on in shared memory (same LBO and SBO). The start
+// address field (bits 0-13, 16-byte units) cannot carry into the other fields for addresses in
+// shared memory, so only the low word changes.
+__device__ __forceinline__ uint64_t descriptor_advance(uint64_t desc, uint32_t bytes) {
+  return (desc & 0xFFFFFFFF00000000ull) | uint32_t(uint32_t(desc) + (bytes >> 4));
+}
+
 // wgmma.fence.sync.aligned: orders register accesses to the accumulators before the next wgmma.
 __device__ __forceinline__ void wgmma_fence() { TA_SM90A_ASM("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 // wgmma.commit_group.sync.aligned / wgmma.wait_group.sync.aligned N.
