@@ -126,9 +126,18 @@ __device__ __forceinline__ void load_code_fragment(uint32_t (&a)[4], const uint8
   }
 }
 
-// Copies `bytes` (a multiple of 16) with one warp.
-__device__ __forceinline__ void stage_bytes_async(uint8_t* dst, const uint8_t* src, int bytes, int lane) {
-  for (int i = lane; i < bytes / 16; i += 32) cp_async_16(dst + 16 * i, src + 16 * i, true);
+// Copies kBytes (a multiple of 16) with one warp; dst and src are the lane's first chunk (16 lane bytes
+// in), and every further copy is one instruction at an immediate offset from them.
+template <int kBytes, int kChunk = 0>
+__device__ __forceinline__ void stage_bytes_async(uint32_t dst, const uint8_t* src, int lane) {
+  static_assert(kBytes % 16 == 0, "whole 16-byte chunks");
+  constexpr int kChunks = kBytes / 16;
+  if constexpr (kChunk + 32 <= kChunks) {
+    cp_async_16_at<16 * kChunk>(dst, src);
+    stage_bytes_async<kBytes, kChunk + 32>(dst, src, lane);
+  } else if constexpr (kChunk < kChunks) {
+    if (lane < kChunks - kChunk) cp_async_16_at<16 * kChunk>(dst, src);
+  }
 }
 
 // The online-softmax state of one warp: rows 2t and 2t + 1 of the CTA's 8, channels 16 ot + g and
@@ -214,10 +223,8 @@ __device__ __forceinline__ void build_q_prime(const uint8_t* s_qk, const uint8_t
                                               int lane) {
   using Tr = DecodeTraits<kHeadDim>;
   constexpr int kWords = kHeadDim / 4;
-  for (int idx = lane; idx < rows * kWords; idx += 32) {
-    const int r = idx / kWords, w = idx % kWords;
+  auto row_word = [&](int r, int w, int32_t s4) {
     const int32_t q4 = reinterpret_cast<const int32_t*>(s_qk + r * kHeadDim)[w];
-    const int32_t s4 = int32_t(scales_at_positions<kBits>(k_meta, w));
     int32_t qp[4];
 #pragma unroll
     for (int b = 0; b < 4; ++b) qp[b] = __dp4a(q4, s4 & (0xFF << (8 * b)), 0);
@@ -225,6 +232,20 @@ __device__ __forceinline__ void build_q_prime(const uint8_t* s_qk, const uint8_t
     const uint32_t high = __byte_perm(__byte_perm(qp[0] >> 7, qp[1] >> 7, 0x0040), __byte_perm(qp[2] >> 7, qp[3] >> 7, 0x0040), 0x5410);
     reinterpret_cast<uint32_t*>(s_bl + r * Tr::kBRowBytes)[w] = low & 0x7F7F7F7Fu;
     reinterpret_cast<uint32_t*>(s_bh + r * Tr::kBRowBytes)[w] = high;
+  };
+  if constexpr (kWords % 32 == 0) {  // each lane keeps the same words for every row: their scales once
+    constexpr int kPerLane = kWords / 32;
+    int32_t s4[kPerLane];
+#pragma unroll
+    for (int k = 0; k < kPerLane; ++k) s4[k] = int32_t(scales_at_positions<kBits>(k_meta, lane + 32 * k));
+    for (int r = 0; r < rows; ++r)
+#pragma unroll
+      for (int k = 0; k < kPerLane; ++k) row_word(r, lane + 32 * k, s4[k]);
+  } else {
+    for (int idx = lane; idx < rows * kWords; idx += 32) {
+      const int w = idx % kWords;
+      row_word(idx / kWords, w, int32_t(scales_at_positions<kBits>(k_meta, w)));
+    }
   }
 }
 
@@ -461,10 +482,13 @@ __device__ __forceinline__ void warp_tiles(const DecodeParams& p, uint8_t* ring,
     if (j >= end || j >= blocks) return;
     uint8_t* dst = ring + (h % Tr::kRingHalves) * half_stride;
     const uint8_t* page = p.pool + int64_t(table[j]) * page_bytes;
-    stage_bytes_async(dst, page + region_offset[h % 2], kRegion[h % 2], lane);
+    const uint32_t lane_dst = static_cast<uint32_t>(__cvta_generic_to_shared(dst)) + 16 * lane;
     if (h % 2 == 0) {
+      stage_bytes_async<kRegion[0]>(lane_dst, page + region_offset[0] + 16 * lane, lane);
       if (lane == 0) cp_async_4(dst + Tr::half_scales(kBits), page + page_k_scale_offset(hk));
       if (lane == 1) cp_async_4(dst + Tr::half_scales(kBits) + 4, page + page_v_scale_offset(p.hkv, hk));
+    } else {
+      stage_bytes_async<kRegion[1]>(lane_dst, page + region_offset[1] + 16 * lane, lane);
     }
   };
   const uint8_t* buffer = p.buffers + (int64_t(slot) * p.hkv + hk) * buffer_head_bytes(D);

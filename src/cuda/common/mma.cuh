@@ -53,6 +53,12 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool v
   const int src_bytes = valid ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(gmem), "r"(src_bytes));
 }
+// cp.async.cg.shared.global [16 bytes] at kOffset bytes past both addresses (smem: a shared-window
+// address), the offset an immediate of the instruction, so a run of copies costs no address arithmetic.
+template <int kOffset>
+__device__ __forceinline__ void cp_async_16_at(uint32_t smem, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0+%2], [%1+%2], 16;\n" ::"r"(smem), "l"(gmem), "n"(kOffset));
+}
 // cp.async.ca.shared.global [4 bytes] (the 16-byte form needs 16-byte-aligned addresses).
 __device__ __forceinline__ void cp_async_4(void* smem, const void* gmem) {
   const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
