@@ -127,7 +127,6 @@ __global__ void __launch_bounds__(PrefillShape<Mma::kHeadDim>::kThreads, Prefill
 
   // Per thread: rows g and g + 8 of this warp's 16.
   const int row0 = m0 + 16 * warp + g;
-  const int mask_from = first_masked_tile(p, m0 + 16 * warp);
   RowState rs;
   float o[Tr::kOTiles][4];
 #pragma unroll
@@ -152,7 +151,8 @@ __global__ void __launch_bounds__(PrefillShape<Mma::kHeadDim>::kThreads, Prefill
     Mma::scores(s_acc, q_frag, sk, lane);
 
     const float st = __fmul_rn(q_scale, k_scales[j]);
-    const TileP tp = softmax_tile<kSas>(s_acc, st, v_scales[j], j >= mask_from, p, j, row0, t, skip_x, rs);
+    const int warp_row = m0 + 16 * warp;
+    const TileP tp = softmax_tile<kSas>(s_acc, st, v_scales[j], tile_needs_mask(p, j, warp_row), p, j, row0, t, skip_x, rs);
 
     // O = alpha O + (P V) sv beta, Mma::kPvChannels channels at a time; skipped when none of the warp's
     // rows use the tile.

@@ -136,7 +136,6 @@ __global__ void __launch_bounds__(PrefillTraits<kHeadDim>::kThreads, 1) flashq_p
     const float* k_scales = p.k_scale + (int64_t(b) * p.hkv + hk) * k_blocks;
     const float* v_scales = p.v_scale + (int64_t(b) * p.hkv + hk) * k_blocks;
     const float skip_x = skip_threshold(p.nk);
-    const int mask_from = first_masked_tile(p, warp_row);
 
     int32_t s_acc[32];  // S of one tile (m16n8 layout per warp, as mma.sync's)
     int32_t acc[32];    // P V of one tile for 64 channels
@@ -171,7 +170,7 @@ __global__ void __launch_bounds__(PrefillTraits<kHeadDim>::kThreads, 1) flashq_p
     auto softmax = [&](int j) {
       fence_operands(s_acc);
       const float st = __fmul_rn(q_scale, k_scales[j]);
-      return softmax_tile<kSas>(s_acc, st, v_scales[j], j >= mask_from, p, j, row0, t, skip_x, rs);
+      return softmax_tile<kSas>(s_acc, st, v_scales[j], tile_needs_mask(p, j, warp_row), p, j, row0, t, skip_x, rs);
     };
 
     for (int j = 0; j < tiles; ++j) {
