@@ -137,7 +137,7 @@ __global__ void __launch_bounds__(PrefillTraits<kHeadDim>::kThreads, 1) flashq_p
     const float* v_scales = p.v_scale + (int64_t(b) * p.hkv + hk) * k_blocks;
     const float skip_x = skip_threshold(p.nk);
 
-    int32_t s_acc[32];  // S of one tile (m16n8 layout per warp, as mma.sync's)
+    int32_t s_acc[32];  // S of one tile (m16n8 layout per warp, as mma.sync's); then P V of channels 64..127
     int32_t acc[32];    // P V of one tile for 64 channels
     // Shared-memory descriptors, computed once: a tile's is the first stage's advanced by its stage.
     const uint64_t q_desc = smem_descriptor(my_q, 128, 8 * kHeadDim);
@@ -173,19 +173,40 @@ __global__ void __launch_bounds__(PrefillTraits<kHeadDim>::kThreads, 1) flashq_p
       return softmax_tile<kSas>(s_acc, st, v_scales[j], tile_needs_mask(p, j, warp_row), p, j, row0, t, skip_x, rs);
     };
 
-    for (int j = 0; j < tiles; ++j) {
-      issue_scores(j);
-      wgmma_wait_group<0>();
-      const TileP tp = softmax(j);
-#pragma unroll
-      for (int c = 0; c < Tr::kPvChunks; ++c) {
-        wgmma_fence();
-        issue_pv(acc, tp, j, c);
-        wgmma_commit_group();
+    if constexpr (Tr::kPvChunks == 2) {
+      for (int j = 0; j < tiles; ++j) {
+        issue_scores(j);
         wgmma_wait_group<0>();
-        take_pv(acc, tp, c);
+        const TileP tp = softmax(j);
+        // P V in two 64-channel chunks, the second into the scores' registers (free after the
+        // softmax): O takes the first chunk while the second runs.
+        wgmma_fence();
+        issue_pv(acc, tp, j, 0);
+        wgmma_commit_group();
+        issue_pv(s_acc, tp, j, 1);
+        wgmma_commit_group();
+        wgmma_wait_group<1>();
+        take_pv(acc, tp, 0);
+        wgmma_wait_group<0>();
+        take_pv(s_acc, tp, 1);
+        if (lane == 0) mbarrier_arrive(empty + j % Tr::kStages);  // the warp is done with the tile's stage
       }
-      if (lane == 0) mbarrier_arrive(empty + j % Tr::kStages);  // the warp is done with the tile's stage
+    } else {
+      // One chunk of P V; the scores of the next tile (the last tile's again at the end, so that the
+      // instruction sequence has no branch) run while O takes it.
+      issue_scores(0);
+      wgmma_wait_group<0>();
+      for (int j = 0; j < tiles; ++j) {
+        const TileP tp = softmax(j);
+        wgmma_fence();
+        issue_pv(acc, tp, j, 0);
+        wgmma_commit_group();
+        issue_scores(min(j + 1, tiles - 1));
+        wgmma_wait_group<1>();
+        take_pv(acc, tp, 0);
+        wgmma_wait_group<0>();
+        if (lane == 0) mbarrier_arrive(empty + j % Tr::kStages);
+      }
     }
   }
   // Tiles the CTA's other Q block sees and this one does not: released unread.
