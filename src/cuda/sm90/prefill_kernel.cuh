@@ -5,8 +5,8 @@
 // with each other, and the CTA's three Q blocks read each K/V tile once. The softmax, SAS, masking and
 // skip rule are tile_softmax.cuh's, so the bytes equal the mma.sync kernel's.
 //
-// Measured on an H200 (docs/HOPPER_PLAN.md): 1.04-1.15x the mma.sync kernel at head dim 128 and
-// N >= 4k, 0.90-1.04x at 64. Overlapping P V of one tile with the softmax of the next, within a
+// Measured on an H200 (docs/HOPPER_PLAN.md): 1.06-1.19x the mma.sync kernel at head dim 128 and
+// N >= 4k (0.96-1.00x at 1k), 0.89-1.05x at 64. Overlapping P V of one tile with the softmax of the next, within a
 // warpgroup, was slower (two consumers with the registers for it: 18-28% slower than mma.sync; three,
 // overlapping the last 64 channels: 4-11% slower than not): the kernel is bound by instruction issue,
 // and fewer warps or more registers cost more than the overlap gains.
@@ -173,40 +173,28 @@ __global__ void __launch_bounds__(PrefillTraits<kHeadDim>::kThreads, 1) flashq_p
       return softmax_tile<kSas>(s_acc, st, v_scales[j], tile_needs_mask(p, j, warp_row), p, j, row0, t, skip_x, rs);
     };
 
-    if constexpr (Tr::kPvChunks == 2) {
-      for (int j = 0; j < tiles; ++j) {
-        issue_scores(j);
-        wgmma_wait_group<0>();
-        const TileP tp = softmax(j);
-        // P V in two 64-channel chunks, the second into the scores' registers (free after the
-        // softmax): O takes the first chunk while the second runs.
-        wgmma_fence();
-        issue_pv(acc, tp, j, 0);
-        wgmma_commit_group();
+    for (int j = 0; j < tiles; ++j) {
+      issue_scores(j);
+      wgmma_wait_group<0>();
+      const TileP tp = softmax(j);
+      // P V in 64-channel chunks, the second (D = 128) into the scores' registers, free after the
+      // softmax: O takes the first chunk while the second runs (+0-3% at D = 128 on an H200). At D = 64,
+      // issuing the next tile's scores before O takes P V instead measured 2-13% slower.
+      wgmma_fence();
+      issue_pv(acc, tp, j, 0);
+      wgmma_commit_group();
+      if constexpr (Tr::kPvChunks == 2) {
         issue_pv(s_acc, tp, j, 1);
         wgmma_commit_group();
         wgmma_wait_group<1>();
         take_pv(acc, tp, 0);
         wgmma_wait_group<0>();
         take_pv(s_acc, tp, 1);
-        if (lane == 0) mbarrier_arrive(empty + j % Tr::kStages);  // the warp is done with the tile's stage
-      }
-    } else {
-      // One chunk of P V; the scores of the next tile (the last tile's again at the end, so that the
-      // instruction sequence has no branch) run while O takes it.
-      issue_scores(0);
-      wgmma_wait_group<0>();
-      for (int j = 0; j < tiles; ++j) {
-        const TileP tp = softmax(j);
-        wgmma_fence();
-        issue_pv(acc, tp, j, 0);
-        wgmma_commit_group();
-        issue_scores(min(j + 1, tiles - 1));
-        wgmma_wait_group<1>();
-        take_pv(acc, tp, 0);
+      } else {
         wgmma_wait_group<0>();
-        if (lane == 0) mbarrier_arrive(empty + j % Tr::kStages);
+        take_pv(acc, tp, 0);
       }
+      if (lane == 0) mbarrier_arrive(empty + j % Tr::kStages);  // the warp is done with the tile's stage
     }
   }
   // Tiles the CTA's other Q block sees and this one does not: released unread.
