@@ -30,11 +30,11 @@ struct PrefillTraits {
   static_assert(kHeadDim == 64 || kHeadDim == 128, "the warp-specialized kernel covers head dims 64 and 128");
   static constexpr int kBlockM = TA_BLOCK_TOKENS;  // rows of a consumer: one Q block
   static constexpr int kBlockN = TA_BLOCK_TOKENS;  // keys per tile: one K/V block
-  static constexpr int kConsumers = 3;             // consumer warpgroups (Q blocks per CTA)
+  static constexpr int kConsumers = kHeadDim == 64 ? 4 : 3;  // consumer warpgroups (Q blocks per CTA)
   static constexpr int kThreads = 128 * (1 + kConsumers);
   static constexpr int kStages = 4;                // K / V^T tiles in the ring
   // Registers per thread after setmaxnreg: 128 x 24 (producer) + 384 x 160 (consumers) <= 64k.
-  static constexpr int kProducerRegs = 24, kConsumerRegs = 160;
+  static constexpr int kProducerRegs = 24, kConsumerRegs = kConsumers == 4 ? 120 : 160;
   static constexpr int kKSteps = kHeadDim / 32;    // wgmma k-steps of Q K^T
   static constexpr int kPvChunks = kHeadDim / 64;  // m64n64 products of P V per k-step
   static constexpr int kOTiles = kHeadDim / 8;
