@@ -34,7 +34,11 @@ struct PrefillTraits {
   static constexpr int kThreads = 128 * (1 + kConsumers);
   static constexpr int kStages = 4;                // K / V^T tiles in the ring
   // Registers per thread after setmaxnreg: 128 x 24 (producer) + 384 x 160 (consumers) <= 64k.
-  static constexpr int kProducerRegs = 24, kConsumerRegs = kConsumers == 4 ? 120 : 160;
+  static constexpr int kProducerRegs = 24, kConsumerRegs = kConsumers == 4 ? 112 : 160;
+  // setmaxnreg.inc waits until the CTA's pool has the registers, so asking for more than the launch
+  // allocated (kThreads x what __launch_bounds__ gives each thread, a multiple of 8) hangs the kernel.
+  static_assert(128 * kProducerRegs + 128 * kConsumers * kConsumerRegs <= kThreads * ((65536 / kThreads) / 8 * 8),
+                "the register split must fit the registers the launch allocates");
   static constexpr int kKSteps = kHeadDim / 32;    // wgmma k-steps of Q K^T
   static constexpr int kPvChunks = kHeadDim / 64;  // m64n64 products of P V per k-step
   static constexpr int kOTiles = kHeadDim / 8;
