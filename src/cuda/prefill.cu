@@ -89,11 +89,11 @@ class Workspace {
 TokenStrides strides_of(const ta_tensor& t) { return {t.strides[0], t.strides[1], t.strides[2]}; }
 
 // The prefill kernel for a head dim on the current device: the warp-specialized Hopper kernel
-// (sm90::flashq_prefill_ws_kernel) at head dim 128 on a compute capability 9.0 device when the build
-// has sm_90a, else the mma.sync kernel (flashq_prefill_kernel over sm80::PrefillMma), which measured
-// faster at head dim 64 on an H200 (docs/HOPPER_PLAN.md). TURBOATTN_PREFILL_MMA=sm80 or =sm90 forces
-// one (sm90: head dims 64 and 128 on such a device and build; otherwise an error, never a fallback).
-// Both give the same bytes; tests and benchmarks compare them.
+// (sm90::flashq_prefill_ws_kernel) at head dims 64 and 128 on a compute capability 9.0 device when
+// the build has sm_90a (on an H200 1.02-1.20x the mma.sync kernel at N >= 4k, 0.97-1.00x at 1k:
+// docs/HOPPER_PLAN.md), else the mma.sync kernel (flashq_prefill_kernel over sm80::PrefillMma).
+// TURBOATTN_PREFILL_MMA=sm80 or =sm90 forces one (sm90 where the Hopper kernel cannot run is an error,
+// never a fallback). Both give the same bytes; tests and benchmarks compare them.
 enum class PrefillPath { kMmaSync, kWarpSpecialized };
 
 // Why the warp-specialized kernel cannot run here, or "" when it can.
@@ -114,7 +114,7 @@ std::string warp_specialized_unavailable(int dim) {
 PrefillPath prefill_path(int dim) {
   const char* forced = std::getenv("TURBOATTN_PREFILL_MMA");
   if (!forced || !*forced) {
-    return dim == 128 && warp_specialized_unavailable(dim).empty() ? PrefillPath::kWarpSpecialized : PrefillPath::kMmaSync;
+    return warp_specialized_unavailable(dim).empty() ? PrefillPath::kWarpSpecialized : PrefillPath::kMmaSync;
   }
   const std::string want = forced;
   require(want == "sm80" || want == "sm90", TA_ERROR_INVALID_ARGUMENT, "TURBOATTN_PREFILL_MMA=", want, ": expected sm80, sm90 or unset");

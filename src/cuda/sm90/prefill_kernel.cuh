@@ -1,15 +1,15 @@
 // FlashQ + SAS prefill on Hopper (sm_90a), warp-specialized: a producer warpgroup streams K and V^T
 // tiles into a ring of shared-memory stages (cp.async, completion tracked by mbarriers), up to four
-// tiles ahead, and three consumer warpgroups, each with its own 64-row Q block of the same head, run
-// both matmuls on wgmma (Q, K and V^T from shared memory, P from registers). Consumers share no barrier
-// with each other, and the CTA's three Q blocks read each K/V tile once. The softmax, SAS, masking and
-// skip rule are tile_softmax.cuh's, so the bytes equal the mma.sync kernel's.
+// tiles ahead, and consumer warpgroups (four at head dim 64, three at 128), each with its own 64-row Q
+// block of the same head, run both matmuls on wgmma (Q, K and V^T from shared memory, P from
+// registers). Consumers share no barrier with each other, and the CTA's Q blocks read each K/V tile
+// once. The softmax, SAS, masking and skip rule are tile_softmax.cuh's, so the bytes equal the mma.sync
+// kernel's.
 //
-// Measured on an H200 (docs/HOPPER_PLAN.md): 1.06-1.19x the mma.sync kernel at head dim 128 and
-// N >= 4k (0.96-1.00x at 1k), 0.89-1.05x at 64. Overlapping P V of one tile with the softmax of the next, within a
-// warpgroup, was slower (two consumers with the registers for it: 18-28% slower than mma.sync; three,
-// overlapping the last 64 channels: 4-11% slower than not): the kernel is bound by instruction issue,
-// and fewer warps or more registers cost more than the overlap gains.
+// Measured on an H200 (docs/HOPPER_PLAN.md): 1.06-1.20x the mma.sync kernel at head dim 128 and
+// 1.02-1.08x at 64 for N >= 4k, 0.97-1.00x at 1k. The kernel waits more than it issues: more consumer
+// warps helped (three instead of two at 128, four instead of three at 64); overlapping one tile's
+// P V with the next tile's softmax in a warpgroup, which costs registers or warps, did not.
 #pragma once
 
 #include <stdint.h>
@@ -30,10 +30,11 @@ struct PrefillTraits {
   static_assert(kHeadDim == 64 || kHeadDim == 128, "the warp-specialized kernel covers head dims 64 and 128");
   static constexpr int kBlockM = TA_BLOCK_TOKENS;  // rows of a consumer: one Q block
   static constexpr int kBlockN = TA_BLOCK_TOKENS;  // keys per tile: one K/V block
-  static constexpr int kConsumers = kHeadDim == 64 ? 4 : 3;  // consumer warpgroups (Q blocks per CTA)
+  // Consumer warpgroups (Q blocks per CTA): as many as the registers allow (O takes half as many at 64).
+  static constexpr int kConsumers = kHeadDim == 64 ? 4 : 3;
   static constexpr int kThreads = 128 * (1 + kConsumers);
   static constexpr int kStages = 4;                // K / V^T tiles in the ring
-  // Registers per thread after setmaxnreg: 128 x 24 (producer) + 384 x 160 (consumers) <= 64k.
+  // Registers per thread after setmaxnreg (the producer needs few; the consumers take the rest).
   static constexpr int kProducerRegs = 24, kConsumerRegs = kConsumers == 4 ? 112 : 160;
   // setmaxnreg.inc waits until the CTA's pool has the registers, so asking for more than the launch
   // allocated (kThreads x what __launch_bounds__ gives each thread, a multiple of 8) hangs the kernel.
