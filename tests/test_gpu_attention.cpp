@@ -68,12 +68,11 @@ std::vector<float> expect_close_to_reference(const DeviceMem& dout, const Device
 
 // The prefill kernels (mma.sync, and on sm_90a the warp-specialized wgmma kernel) give the same
 // bytes: `call` reruns the attention into dout and dlse under each kernel this device and head dim
-// have (TURBOATTN_PREFILL_MMA), and each result must equal what the default wrote there. Returns the
-// number of kernels run.
+// have (TURBOATTN_PREFILL_MMA), and each result must equal what the default wrote there. (Which
+// kernels a Hopper device must have is KernelSwitchIsCheckedAndHopperRunsWarpSpecialized's to check.)
 template <class Call>
-int expect_operand_paths_agree(DeviceMem& dout, DeviceMem& dlse, Call call) {
+void expect_kernels_agree(DeviceMem& dout, DeviceMem& dlse, Call call) {
   const std::vector<uint8_t> out0 = dout.download(), lse0 = dlse.download();
-  int paths = 0;
   for (const char* path : {"sm80", "sm90"}) {
     test::ScopedEnv env("TURBOATTN_PREFILL_MMA", path);
     dout.poison(), dlse.poison();
@@ -81,11 +80,9 @@ int expect_operand_paths_agree(DeviceMem& dout, DeviceMem& dlse, Call call) {
     if (st == TA_ERROR_UNSUPPORTED && std::string(path) == "sm90") continue;  // not a Hopper device or build, or head dim
     EXPECT_EQ(st, TA_SUCCESS) << path << ": " << ta_last_error();
     EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    EXPECT_TRUE(dout.download() == out0) << path << ": output bytes differ from the default path's";
-    EXPECT_TRUE(dlse.download() == lse0) << path << ": lse bytes differ from the default path's";
-    ++paths;
+    EXPECT_TRUE(dout.download() == out0) << path << ": output bytes differ from the default kernel's";
+    EXPECT_TRUE(dlse.download() == lse0) << path << ": lse bytes differ from the default kernel's";
   }
-  return paths;
 }
 
 void run_case(const GpuCase& c) {
@@ -133,7 +130,7 @@ void run_case(const GpuCase& c) {
   // Same arithmetic as the reference but for exp2 (MUFU vs libm), the K mean's summation order and
   // the order of the row sums: differences at rounding level.
   const std::vector<float> g = expect_close_to_reference(dout, dlse, ref_out, ref_lse, c.dtype, 5e-3, 2e-2);
-  expect_operand_paths_agree(dout, dlse, [&] { return ta_attention(&gq, &gk, &gv, nullptr, nullptr, &opt, &go, &gl, nullptr); });
+  expect_kernels_agree(dout, dlse, [&] { return ta_attention(&gq, &gk, &gv, nullptr, nullptr, &opt, &go, &gl, nullptr); });
   std::vector<float> e(qh.size());
   for (size_t i = 0; i < e.size(); ++i) e[i] = value(exact_out[i], c.dtype);
   const test::ErrorStats vs_exact = test::compare(g, e);
@@ -151,7 +148,10 @@ TEST_P(GpuPrefill, MatchesReferenceAndFloat64) {
   const auto [dim, lens, causal, kind] = GetParam();
   run_case({dim, lens.first, lens.second, 4, 2, causal, kind});
 }
-const std::pair<int, int> kLengths[] = {{1, 1}, {63, 63}, {65, 65}, {257, 257}, {1000, 1000}, {65, 1000}, {100, 64}, {1, 1000}};
+// {200, 64} causal: the first Q blocks see no key while later ones do (the Hopper kernel's consumers
+// then only release the tiles their CTA loads).
+const std::pair<int, int> kLengths[] = {{1, 1},    {63, 63},   {65, 65}, {257, 257}, {1000, 1000},
+                                        {65, 1000}, {100, 64}, {1, 1000}, {200, 64}};
 INSTANTIATE_TEST_SUITE_P(Shapes, GpuPrefill,
                          testing::Combine(testing::Values(64, 96, 128, 256), testing::ValuesIn(kLengths), testing::Bool(),
                                           testing::Values(InputKind::Normal, InputKind::Outliers)));
@@ -229,7 +229,7 @@ TEST_P(GpuPrefillVarlen, MatchesReferenceWithCuSeqlensOnEitherDevice) {
   ASSERT_EQ(ta_attention(&gq, &gk, &gv, &gcq, &gck, &opt, &go, &gl, nullptr), TA_SUCCESS) << ta_last_error();
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   expect_close_to_reference(dout, dlse, ref_out, ref_lse, TA_DTYPE_F16, 5e-3, 2e-2);
-  expect_operand_paths_agree(dout, dlse, [&] { return ta_attention(&gq, &gk, &gv, &gcq, &gck, &opt, &go, &gl, nullptr); });
+  expect_kernels_agree(dout, dlse, [&] { return ta_attention(&gq, &gk, &gv, &gcq, &gck, &opt, &go, &gl, nullptr); });
 }
 INSTANTIATE_TEST_SUITE_P(All, GpuPrefillVarlen, testing::Combine(testing::Bool(), testing::Bool()));
 
@@ -281,7 +281,7 @@ TEST(GpuPrefillInt8Kv, MatchesReferenceOverTheSameCodes) {
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   // The same codes on both sides: only exp2 and the order of the row sums differ.
   expect_close_to_reference(dout, dlse, ref_out, ref_lse, TA_DTYPE_F16, 2e-3, 1e-2);
-  expect_operand_paths_agree(dout, dlse, [&] { return ta_attention_int8kv(&gq, &gkc, &gks, &gvc, &gvs, &gm, &opt, &go, &gl, nullptr); });
+  expect_kernels_agree(dout, dlse, [&] { return ta_attention_int8kv(&gq, &gkc, &gks, &gvc, &gvs, &gm, &opt, &go, &gl, nullptr); });
 }
 
 TEST(GpuPrefill, KernelSwitchIsCheckedAndHopperRunsWarpSpecialized) {
@@ -298,9 +298,16 @@ TEST(GpuPrefill, KernelSwitchIsCheckedAndHopperRunsWarpSpecialized) {
   int major = 0;
   ASSERT_EQ(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0), cudaSuccess);
   test::ScopedEnv env("TURBOATTN_PREFILL_MMA", "sm90");
-  const ta_status st = ta_attention(&gq, &gq, &gq, nullptr, nullptr, nullptr, &go, nullptr, nullptr);
-  if (major == 9) EXPECT_EQ(st, TA_SUCCESS) << "a Hopper device must have the warp-specialized kernel: " << ta_last_error();
-  else EXPECT_EQ(st, TA_ERROR_UNSUPPORTED);
+  DeviceBuffer<uint16_t> dq128(64 * 128), dout128(64 * 128);
+  dq128.upload(std::vector<uint16_t>(64 * 128, 0x3C00));
+  ta_tensor gq128 = tensor(dq128.ptr, TA_DTYPE_F16, {1, 64, 1, 128}, TA_DEVICE_CUDA),
+            go128 = tensor(dout128.ptr, TA_DTYPE_F16, {1, 64, 1, 128}, TA_DEVICE_CUDA);
+  for (auto [q, o] : {std::pair{&gq, &go}, {&gq128, &go128}}) {
+    const ta_status st = ta_attention(q, q, q, nullptr, nullptr, nullptr, o, nullptr, nullptr);
+    if (major == 9) EXPECT_EQ(st, TA_SUCCESS) << "a Hopper device must have the warp-specialized kernel at head dim " << q->shape[3]
+                                              << ": " << ta_last_error();
+    else EXPECT_EQ(st, TA_ERROR_UNSUPPORTED);
+  }
   if (major != 9) return;
   // It covers head dims 64 and 128: another is an error, not a fallback.
   DeviceBuffer<uint16_t> dq96(64 * 96), dout96(64 * 96);
@@ -362,12 +369,16 @@ TEST(GpuPrefillNumerics, EqualScoresAverageTheValues) {
   }
 }
 
-// Head dims 64 and 128: on Hopper, the default kernel differs between them.
-class GpuPrefillNan : public testing::TestWithParam<std::tuple<int, int>> {};
+// Each kernel (sm90: the Hopper kernel, on compute capability 9.0 devices) at head dims 64 and 128.
+class GpuPrefillNan : public testing::TestWithParam<std::tuple<int, int, const char*>> {};
 TEST_P(GpuPrefillNan, NanInValueReachesExactlyTheRowsThatSeeIt) {
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  const auto [nq, d, kernel] = GetParam();
+  int major = 0;
+  ASSERT_EQ(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0), cudaSuccess);
+  if (std::string(kernel) == "sm90" && major != 9) GTEST_SKIP() << "the Hopper kernel needs a compute capability 9.0 device";
+  test::ScopedEnv env("TURBOATTN_PREFILL_MMA", kernel);
   std::mt19937_64 rng(std::random_device{}());
-  const auto [nq, d] = GetParam();
   const int nk = 130;  // nq < nk: the causal diagonal is offset by nk - nq
   std::vector<float> q = test::make_input(rng, nq, 1, d, InputKind::Normal, 'q');
   std::vector<float> k = test::make_input(rng, nk, 1, d, InputKind::Normal, 'k');
@@ -380,4 +391,5 @@ TEST_P(GpuPrefillNan, NanInValueReachesExactlyTheRowsThatSeeIt) {
     EXPECT_EQ(any_nan, i + nk - nq >= 64) << "query " << i;  // it sees keys up to i + nk - nq
   }
 }
-INSTANTIATE_TEST_SUITE_P(Offsets, GpuPrefillNan, testing::Combine(testing::Values(130, 100, 77), testing::Values(64, 128)));
+INSTANTIATE_TEST_SUITE_P(Offsets, GpuPrefillNan,
+                         testing::Combine(testing::Values(130, 100, 77), testing::Values(64, 128), testing::Values("sm80", "sm90")));

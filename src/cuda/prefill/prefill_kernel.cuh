@@ -19,7 +19,7 @@
 
 namespace turboattn::cuda {
 
-// Tile shapes common to both operand paths, for one head dim.
+// Tile shapes of the kernel for one head dim.
 template <int kHeadDim>
 struct PrefillShape {
   static constexpr int kWarps = 4;
@@ -41,8 +41,7 @@ struct PrefillShape {
   static constexpr int kVtChunksPerRow = kBlockN / 16;  // of a V^T row (one channel's 64 keys)
 };
 
-// Dynamic shared memory of the kernel with operand path Mma: the Q block, then K and V^T tiles in two
-// stages.
+// Dynamic shared memory of the kernel over Mma: the Q block, then K and V^T tiles in two stages.
 template <class Mma>
 constexpr int prefill_smem_bytes() {
   return PrefillShape<Mma::kHeadDim>::kQBytes + 2 * (Mma::kKBytes + Mma::kVtBytes);

@@ -2,12 +2,12 @@
 // tiles into a ring of shared-memory stages (cp.async, completion tracked by mbarriers), up to four
 // tiles ahead, and consumer warpgroups (four at head dim 64, three at 128), each with its own 64-row Q
 // block of the same head, run both matmuls on wgmma (Q, K and V^T from shared memory, P from
-// registers). Consumers share no barrier with each other, and the CTA's Q blocks read each K/V tile
-// once. The softmax, SAS, masking and skip rule are tile_softmax.cuh's, so the bytes equal the mma.sync
-// kernel's.
+// registers). Consumers never wait for one another (only for the producer), and the CTA's Q blocks
+// read each K/V tile once. The softmax, SAS, masking and skip rule are tile_softmax.cuh's, so the
+// bytes equal the mma.sync kernel's.
 //
 // Measured on an H200 (docs/HOPPER_PLAN.md): 1.06-1.20x the mma.sync kernel at head dim 128 and
-// 1.02-1.08x at 64 for N >= 4k, 0.97-1.00x at 1k. The kernel waits more than it issues: more consumer
+// 1.02-1.08x at 64 for N >= 4k, 0.96-1.00x at 1k. The kernel waits more than it issues: more consumer
 // warps helped (three instead of two at 128, four instead of three at 64); overlapping one tile's
 // P V with the next tile's softmax in a warpgroup, which costs registers or warps, did not.
 #pragma once
@@ -49,6 +49,7 @@ struct PrefillTraits {
   static constexpr int kVtBytes = kHeadDim * kBlockN;
   static constexpr int kStageBytes = kKBytes + kVtBytes;
   static constexpr int kSmemBytes = kConsumers * kQBytes + kStages * kStageBytes + 2 * kStages * 8;
+  static_assert((kConsumers * kQBytes + kStages * kStageBytes) % 16 == 0, "the mbarriers after the stages are aligned");
   static constexpr int kKChunks = kHeadDim / 16, kVtChunks = kBlockN / 16;  // 16-byte chunks of a row
 };
 
@@ -202,7 +203,7 @@ __global__ void __launch_bounds__(PrefillTraits<kHeadDim>::kThreads, 1) flashq_p
       if (lane == 0) mbarrier_arrive(empty + j % Tr::kStages);  // the warp is done with the tile's stage
     }
   }
-  // Tiles the CTA's other Q block sees and this one does not: released unread.
+  // Tiles the CTA's other Q blocks see and this one does not: released unread.
   for (int j = tiles; j < cta_tiles; ++j) {
     mbarrier_wait_parity(full + j % Tr::kStages, (j / Tr::kStages) & 1);
     if (lane == 0) mbarrier_arrive(empty + j % Tr::kStages);
