@@ -105,8 +105,8 @@ def main(argv=None, *, prog=None, default_out="prefill.json"):
                            "tflops": {k_: (flops / (t * 1e-3) / 1e12 if t else None) for k_, t in ms.items()}}
                     rows.append(row)
                     tf = row["tflops"]
-                    wgmma = "".join(f" ({n[10:]} {tf[n]:.0f})" for n in HOPPER_PATHS if tf.get(n))
-                    bar.write(f"D{D} B{B} N{N} causal={int(causal)}: turboattn {tf['turboattn']:.0f}{wgmma} | fa2 {tf['fa2']:.0f} | "
+                    per_kernel = "".join(f" ({n.removeprefix('turboattn_')} {tf[n]:.0f})" for n in HOPPER_PATHS if tf.get(n))
+                    bar.write(f"D{D} B{B} N{N} causal={int(causal)}: turboattn {tf['turboattn']:.0f}{per_kernel} | fa2 {tf['fa2']:.0f} | "
                               f"cudnn {tf['cudnn']:.0f} | sage {tf['sageattention'] or 0:.0f} TFLOP/s; "
                               f"rel_l2 {err:.4f} (sage {sage_err or 0:.4f})")
                     bar.update(f"D{D} B{B} N{N} causal={int(causal)}")
