@@ -25,6 +25,7 @@ struct GpuCase {
   InputKind kind;
   ta_dtype dtype = TA_DTYPE_F16;
   bool head_major = false, sas = true, smooth = true;
+  int offset = 0;  // elements between an aligned address and the GPU's q, k and v (1: the pre-pass's element-wise loads)
 };
 
 
@@ -89,7 +90,8 @@ void run_case(const GpuCase& c) {
   const uint64_t seed = std::random_device{}();
   SCOPED_TRACE(testing::Message() << "seed " << seed << " dim " << c.dim << " nq " << c.nq << " nk " << c.nk << " hq " << c.hq
                                   << " hkv " << c.hkv << " causal " << c.causal << " " << test::kind_name(c.kind) << " dtype "
-                                  << c.dtype << " head_major " << c.head_major << " sas " << c.sas << " smooth " << c.smooth);
+                                  << c.dtype << " head_major " << c.head_major << " sas " << c.sas << " smooth " << c.smooth
+                                  << " offset " << c.offset);
   std::mt19937_64 rng(seed);
   const int B = 2;
   std::vector<float> q = test::make_input(rng, B * c.nq, c.hq, c.dim, c.kind, 'q');
@@ -114,15 +116,16 @@ void run_case(const GpuCase& c) {
   ASSERT_EQ(ta_attention_exact(&cq, &ck, &cv, nullptr, nullptr, 0.0f, c.causal, &eo, &el), TA_SUCCESS) << ta_last_error();
 
   // GPU, outputs poisoned with NaN.
-  DeviceMem dq(qh.size() * 2), dk(kh.size() * 2), dv(vh.size() * 2), dout(qh.size() * 2), dlse(ref_lse.size() * 4);
-  ASSERT_EQ(cudaMemcpy(dq.ptr, qh.data(), qh.size() * 2, cudaMemcpyHostToDevice), cudaSuccess);
-  ASSERT_EQ(cudaMemcpy(dk.ptr, kh.data(), kh.size() * 2, cudaMemcpyHostToDevice), cudaSuccess);
-  ASSERT_EQ(cudaMemcpy(dv.ptr, vh.data(), vh.size() * 2, cudaMemcpyHostToDevice), cudaSuccess);
+  const size_t skip = 2 * size_t(c.offset);
+  DeviceMem dq(qh.size() * 2 + skip), dk(kh.size() * 2 + skip), dv(vh.size() * 2 + skip), dout(qh.size() * 2), dlse(ref_lse.size() * 4);
+  ASSERT_EQ(cudaMemcpy(dq.ptr + skip, qh.data(), qh.size() * 2, cudaMemcpyHostToDevice), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(dk.ptr + skip, kh.data(), kh.size() * 2, cudaMemcpyHostToDevice), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(dv.ptr + skip, vh.data(), vh.size() * 2, cudaMemcpyHostToDevice), cudaSuccess);
   ASSERT_EQ(cudaMemset(dout.ptr, 0xFF, qh.size() * 2), cudaSuccess);
   ASSERT_EQ(cudaMemset(dlse.ptr, 0xFF, ref_lse.size() * 4), cudaSuccess);
-  ta_tensor gq = describe(dq.ptr, c.dtype, TA_DEVICE_CUDA, B, c.nq, c.hq, c.dim, c.head_major);
-  ta_tensor gk = describe(dk.ptr, c.dtype, TA_DEVICE_CUDA, B, c.nk, c.hkv, c.dim, c.head_major);
-  ta_tensor gv = describe(dv.ptr, c.dtype, TA_DEVICE_CUDA, B, c.nk, c.hkv, c.dim, c.head_major);
+  ta_tensor gq = describe(dq.ptr + skip, c.dtype, TA_DEVICE_CUDA, B, c.nq, c.hq, c.dim, c.head_major);
+  ta_tensor gk = describe(dk.ptr + skip, c.dtype, TA_DEVICE_CUDA, B, c.nk, c.hkv, c.dim, c.head_major);
+  ta_tensor gv = describe(dv.ptr + skip, c.dtype, TA_DEVICE_CUDA, B, c.nk, c.hkv, c.dim, c.head_major);
   ta_tensor go = tensor(dout.ptr, c.dtype, {B, c.nq, c.hq, c.dim}, TA_DEVICE_CUDA);
   ta_tensor gl = tensor(dlse.ptr, TA_DTYPE_F32, {B, c.hq, c.nq}, TA_DEVICE_CUDA);
   ASSERT_EQ(ta_attention(&gq, &gk, &gv, nullptr, nullptr, &opt, &go, &gl, nullptr), TA_SUCCESS) << ta_last_error();
@@ -168,10 +171,13 @@ TEST_P(GpuPrefillVariants, DtypesLayoutsGroupsOptions) {
     case 4: c.sas = false; break;
     case 5: c.smooth = false; break;
     case 6: c.dtype = TA_DTYPE_BF16, c.head_major = true, c.dim = 64, c.kind = InputKind::Normal; break;
+    case 7: c.offset = 1; break;                  // misaligned q, k, v: element-wise pre-pass loads
+    case 8: c.offset = 1, c.dim = 96; break;      // and at a head dim whose V tasks do not divide the CTA
+    case 9: c.offset = 1, c.head_major = true, c.dim = 64, c.dtype = TA_DTYPE_BF16; break;
   }
   run_case(c);
 }
-INSTANTIATE_TEST_SUITE_P(All, GpuPrefillVariants, testing::Range(0, 7));
+INSTANTIATE_TEST_SUITE_P(All, GpuPrefillVariants, testing::Range(0, 10));
 
 TEST(GpuPrefill, RowsWithNoVisibleKeyAreZero) {
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device";

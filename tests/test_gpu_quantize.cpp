@@ -24,11 +24,17 @@ namespace {
 
 }  // namespace
 
-class GpuQuantize : public testing::TestWithParam<std::tuple<int, int, ta_dtype, InputKind, bool, bool>> {};
+// Layouts of x (and of the codes): token-major [B, N, H, D]; head-major strides; token-major one
+// element past an aligned address (the kernels' element-wise path instead of 16-byte loads).
+enum class Layout { TokenMajor, HeadMajor, Misaligned };
+
+class GpuQuantize : public testing::TestWithParam<std::tuple<int, int, ta_dtype, InputKind, bool, Layout>> {};
 
 TEST_P(GpuQuantize, BitExactWithReference) {
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
-  const auto [n, dim, dtype, kind, with_shift, head_major] = GetParam();
+  const auto [n, dim, dtype, kind, with_shift, layout] = GetParam();
+  const bool head_major = layout == Layout::HeadMajor;
+  const size_t offset = layout == Layout::Misaligned ? 1 : 0;  // elements
   const uint64_t seed = std::random_device{}();
   SCOPED_TRACE(testing::Message() << "seed " << seed);
   std::mt19937_64 rng(seed);
@@ -57,20 +63,24 @@ TEST_P(GpuQuantize, BitExactWithReference) {
   ta_tensor csh = tensor(shift.data(), TA_DTYPE_F32, {B, H, dim});
   ASSERT_EQ(ta_quantize_int8(&cx, with_shift ? &csh : nullptr, &cc, &cs, nullptr), TA_SUCCESS) << ta_last_error();
   // GPU, outputs poisoned first.
-  DeviceBuffer<uint16_t> dx(bits.size());
-  DeviceBuffer<int8_t> dc(bits.size());
+  DeviceBuffer<uint16_t> dx(bits.size() + offset);
+  DeviceBuffer<int8_t> dc(bits.size() + offset);
   DeviceBuffer<float> ds(scales_ref.size()), dsh(shift.size());
-  dx.upload(bits);
+  std::vector<uint16_t> shifted(offset, 0);
+  shifted.insert(shifted.end(), bits.begin(), bits.end());
+  dx.upload(shifted);
   dsh.upload(shift);
   CUDA_OK(cudaMemset(dc.ptr, 0x55, dc.n));
   CUDA_OK(cudaMemset(ds.ptr, 0xFF, ds.n * sizeof(float)));
-  ta_tensor gx = describe(dx.ptr, TA_DEVICE_CUDA);
-  ta_tensor gc = tensor(dc.ptr, TA_DTYPE_I8, {B, n, H, dim}, TA_DEVICE_CUDA);
+  ta_tensor gx = describe(dx.ptr + offset, TA_DEVICE_CUDA);
+  ta_tensor gc = tensor(dc.ptr + offset, TA_DTYPE_I8, {B, n, H, dim}, TA_DEVICE_CUDA);
   ta_tensor gs = tensor(ds.ptr, TA_DTYPE_F32, {B, H, blocks}, TA_DEVICE_CUDA);
   ta_tensor gsh = tensor(dsh.ptr, TA_DTYPE_F32, {B, H, dim}, TA_DEVICE_CUDA);
   ASSERT_EQ(ta_quantize_int8(&gx, with_shift ? &gsh : nullptr, &gc, &gs, nullptr), TA_SUCCESS) << ta_last_error();
   CUDA_OK(cudaDeviceSynchronize());
-  const std::vector<int8_t> codes = dc.download();
+  std::vector<int8_t> codes = dc.download();
+  ASSERT_TRUE(offset == 0 || codes[0] == 0x55) << "a code was written before the tensor";
+  codes.erase(codes.begin(), codes.begin() + offset);
   const std::vector<float> scales = ds.download();
   for (size_t i = 0; i < scales.size(); ++i) {
     if (std::isnan(scales_ref[i])) ASSERT_TRUE(std::isnan(scales[i])) << "scale " << i;
@@ -83,7 +93,7 @@ INSTANTIATE_TEST_SUITE_P(Shapes, GpuQuantize,
                          testing::Combine(testing::Values(1, 63, 65, 1000), testing::Values(64, 96, 128, 256),
                                           testing::Values(TA_DTYPE_F16, TA_DTYPE_BF16),
                                           testing::Values(InputKind::Normal, InputKind::Outliers), testing::Bool(),
-                                          testing::Bool()));
+                                          testing::Values(Layout::TokenMajor, Layout::HeadMajor, Layout::Misaligned)));
 
 TEST(GpuQuantize, HostPointerMarkedCudaIsRejected) {
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device";

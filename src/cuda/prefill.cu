@@ -1,5 +1,5 @@
 // Host side of FlashQ + SAS prefill on CUDA: the quantization pre-pass (K mean, INT8 Q and K, INT8 V
-// transposed), the attention kernel, dispatched by head dim and output dtype in one place.
+// transposed: quantize.cu), the attention kernel, dispatched by head dim and output dtype in one place.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -24,30 +24,6 @@
 namespace turboattn::cuda {
 
 namespace {
-
-constexpr int kMeanTokens = 256;  // tokens per partial sum of the K mean
-
-// Partial per-channel sums of K over runs of kMeanTokens tokens: partial[b][h][split][c].
-template <typename T>
-__global__ void k_partial_sum_kernel(const T* k, TokenStrides ks, int tokens, int heads, int dim, float* partial) {
-  const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z, splits = gridDim.x;
-  for (int c = threadIdx.x; c < dim; c += blockDim.x) {
-    float sum = 0.0f;
-    const int t1 = min(tokens, (split + 1) * kMeanTokens);
-    for (int t = split * kMeanTokens; t < t1; ++t) sum += to_float(k[b * ks.b + int64_t(t) * ks.n + h * ks.h + c]);
-    partial[((int64_t(b) * heads + h) * splits + split) * dim + c] = sum;
-  }
-}
-
-// mean[b][h][c] = sum of the partials (in order) / tokens.
-__global__ void k_mean_kernel(const float* partial, int splits, int tokens, int heads, int dim, float* mean) {
-  const int h = blockIdx.x, b = blockIdx.y;
-  for (int c = threadIdx.x; c < dim; c += blockDim.x) {
-    float sum = 0.0f;
-    for (int s = 0; s < splits; ++s) sum += partial[((int64_t(b) * heads + h) * splits + s) * dim + c];
-    mean[(int64_t(b) * heads + h) * dim + c] = sum / float(tokens);
-  }
-}
 
 // lse_offset[b][h][i] = softmax_scale * (q_i . mean of h's KV head): what K smoothing took from the
 // row's log-sum-exp (docs/FORMATS.md, 1.4). One warp per row.
@@ -254,14 +230,9 @@ void attention_typed(const ta_tensor& q, const ta_tensor& k, const ta_tensor& v,
   KvOperands kv = allocate_kv(ws, B, hkv, nk, D);
   float* mean = nullptr;
   if (o.smooth_k && nk > 0) {
-    const int splits = (nk + kMeanTokens - 1) / kMeanTokens;
-    float* partial = ws.get<float>(int64_t(B) * hkv * splits * D);
+    float* partial = ws.get<float>(mean_partial_count(B, nk, hkv, D));
     mean = ws.get<float>(int64_t(B) * hkv * D);
-    k_partial_sum_kernel<<<dim3{unsigned(splits), unsigned(hkv), unsigned(B)}, 128, 0, stream>>>(
-        static_cast<const T*>(k.data), strides_of(k), nk, hkv, D, partial);
-    TA_CUDA_CHECK_LAUNCH("k_partial_sum_kernel");
-    k_mean_kernel<<<dim3{unsigned(hkv), unsigned(B)}, 128, 0, stream>>>(partial, splits, nk, hkv, D, mean);
-    TA_CUDA_CHECK_LAUNCH("k_mean_kernel");
+    launch_channel_mean(static_cast<const T*>(k.data), strides_of(k), B, nk, hkv, D, partial, mean, stream);
   }
   launch_quantize_int8(quantize_args<T>(k, mean, kv.k8, kv.k_scale), stream);
   launch_quantize_int8_transposed(quantize_args<T>(v, nullptr, kv.vt8, kv.v_scale), kv.nk_padded(), stream);

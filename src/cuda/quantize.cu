@@ -1,6 +1,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <type_traits>
+
 #include "api/cuda_backend.hpp"
 #include "api/errors.hpp"
 #include "cuda/common/check.cuh"
@@ -13,59 +15,193 @@ namespace turboattn::cuda {
 
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = 256;  // transpose_codes_kernel
+// The quantization kernels: one CTA of 128 threads per 64-token block of one head, which holds the
+// block in registers (read once, in 16-byte loads where the layout allows), reduces its max |x|, and
+// writes the codes from the registers.
+constexpr int kQuantThreads = 128;
 
-template <typename T>
-struct BlockView {
-  const T* x;
-  const float* shift;
-  int64_t token_stride;
-  int rows, dim;
-  __device__ float load(int r, int c) const {
-    const float v = to_float(x[int64_t(r) * token_stride + c]);
-    return shift ? __fsub_rn(v, shift[c]) : v;
+// Eight consecutive elements (16 bytes), loaded as one vector when kVector (16-byte aligned), else
+// element by element.
+template <typename T, bool kVector>
+__device__ __forceinline__ uint4 load8(const T* p) {
+  static_assert(sizeof(T) == 2, "fp16 or bf16");
+  if constexpr (kVector) {
+    return __ldg(reinterpret_cast<const uint4*>(p));
+  } else {
+    uint4 r;
+    uint16_t* h = reinterpret_cast<uint16_t*>(&r);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) h[e] = __ldg(reinterpret_cast<const unsigned short*>(p) + e);
+    return r;
   }
-};
-
-template <typename T>
-__device__ BlockView<T> block_view(const QuantizeArgs<T>& a, int block, int h, int b) {
-  const int t0 = block * TA_BLOCK_TOKENS;
-  return {a.x + b * a.xs.b + h * a.xs.h + int64_t(t0) * a.xs.n, a.shift ? a.shift + b * a.shift_b + h * a.shift_h : nullptr,
-          a.xs.n, min(TA_BLOCK_TOKENS, a.tokens - t0), a.dim};
 }
 
-// The block's scale and 127 / amax (0 when the codes are all 0), per the rules of ref::int8_scale.
-// Called by every thread of the CTA; writes the scale to *scale_out from thread 0.
+// The eight values of `raw` (channels c0..c0 + 7) minus the shift, when there is one.
 template <typename T>
-__device__ float block_inverse_scale(const BlockView<T>& v, float* scale_out) {
-  float amax = 0.0f;
-  bool finite = true;
-  for (int i = threadIdx.x; i < v.rows * v.dim; i += kThreads) {
-    const float x = v.load(i / v.dim, i % v.dim);
-    finite = finite && isfinite(x);
-    amax = fmaxf(amax, fabsf(x));
+__device__ __forceinline__ void values8(const uint4& raw, const float* shift, int c0, float (&f)[8]) {
+  const T* x = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int e = 0; e < 8; ++e) f[e] = shift ? __fsub_rn(to_float(x[e]), __ldg(shift + c0 + e)) : to_float(x[e]);
+}
+
+template <typename T>
+__device__ __forceinline__ void accumulate_amax(const uint4& raw, const float* shift, int c0, float& amax, bool& finite) {
+  float f[8];
+  values8<T>(raw, shift, c0, f);
+#pragma unroll
+  for (int e = 0; e < 8; ++e) {
+    finite = finite && isfinite(f[e]);
+    amax = fmaxf(amax, fabsf(f[e]));
   }
-  __shared__ float warp_max[kThreads / 32];
+}
+
+// The block's 127 / amax (0 when the codes are all 0) from every thread's partial max |x| and
+// finiteness, per the rules of ref::int8_scale; thread 0 writes the scale to *scale_out.
+__device__ float block_inverse_scale(float amax, bool finite, float* scale_out) {
+  __shared__ float warp_max[kQuantThreads / 32];
   for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
   if (threadIdx.x % 32 == 0) warp_max[threadIdx.x / 32] = amax;
   finite = __syncthreads_and(finite);
   amax = warp_max[0];
-  for (int w = 1; w < kThreads / 32; ++w) amax = fmaxf(amax, warp_max[w]);
+#pragma unroll
+  for (int w = 1; w < kQuantThreads / 32; ++w) amax = fmaxf(amax, warp_max[w]);
   const Int8Scale s = int8_block_scale(amax, finite);
   if (threadIdx.x == 0) *scale_out = s.scale;
   return s.inv;
 }
 
-// One CTA per (block of 64 tokens, head, batch).
 template <typename T>
-__global__ void __launch_bounds__(kThreads) quantize_int8_kernel(QuantizeArgs<T> a) {
+__device__ const T* block_source(const QuantizeArgs<T>& a, int block, int h, int b) {
+  return a.x + b * a.xs.b + h * a.xs.h + int64_t(block) * TA_BLOCK_TOKENS * a.xs.n;
+}
+
+template <typename T>
+__device__ const float* block_shift(const QuantizeArgs<T>& a, int h, int b) {
+  return a.shift ? a.shift + b * a.shift_b + h * a.shift_h : nullptr;
+}
+
+// Token-major codes. Thread i's vectors are i + 128 v: token (i + 128 v) / (D / 8), channels 8 x the
+// remainder, so a warp reads whole rows. kVector: x in 16-byte and the codes in 8-byte units.
+template <typename T, int kDim, bool kVector>
+__global__ void __launch_bounds__(kQuantThreads) quantize_int8_kernel(QuantizeArgs<T> a) {
+  constexpr int kOctets = kDim / 8, kVecs = TA_BLOCK_TOKENS * kOctets / kQuantThreads;
+  static_assert(TA_BLOCK_TOKENS * kOctets % kQuantThreads == 0, "whole vectors per thread");
   const int block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-  const BlockView<T> v = block_view(a, block, h, b);
-  const float inv = block_inverse_scale(v, a.scales + b * a.scale_b + h * a.scale_h + block);
+  const int rows = min(TA_BLOCK_TOKENS, a.tokens - block * TA_BLOCK_TOKENS);
+  const T* x = block_source(a, block, h, b);
+  const float* shift = block_shift(a, h, b);
+  uint4 raw[kVecs];
+#pragma unroll
+  for (int v = 0; v < kVecs; ++v) {
+    const int i = threadIdx.x + kQuantThreads * v, r = i / kOctets;
+    if (r < rows) raw[v] = load8<T, kVector>(x + int64_t(r) * a.xs.n + 8 * (i % kOctets));
+  }
+  float amax = 0.0f;
+  bool finite = true;
+#pragma unroll
+  for (int v = 0; v < kVecs; ++v) {
+    const int i = threadIdx.x + kQuantThreads * v;
+    if (i / kOctets < rows) accumulate_amax<T>(raw[v], shift, 8 * (i % kOctets), amax, finite);
+  }
+  const float inv = block_inverse_scale(amax, finite, a.scales + b * a.scale_b + h * a.scale_h + block);
   int8_t* out = a.codes + b * a.cs.b + h * a.cs.h + int64_t(block) * TA_BLOCK_TOKENS * a.cs.n;
-  for (int i = threadIdx.x; i < v.rows * v.dim; i += kThreads) {
-    const int r = i / v.dim, c = i % v.dim;
-    out[int64_t(r) * a.cs.n + c] = int8_code(v.load(r, c), inv);
+#pragma unroll
+  for (int v = 0; v < kVecs; ++v) {
+    const int i = threadIdx.x + kQuantThreads * v, r = i / kOctets, c0 = 8 * (i % kOctets);
+    if (r >= rows) continue;
+    float f[8];
+    values8<T>(raw[v], shift, c0, f);
+    uint2 codes;
+    int8_t* c = reinterpret_cast<int8_t*>(&codes);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) c[e] = int8_code(f[e], inv);
+    int8_t* dst = out + int64_t(r) * a.cs.n + c0;
+    if constexpr (kVector) {
+      *reinterpret_cast<uint2*>(dst) = codes;
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) dst[e] = c[e];
+    }
+  }
+}
+
+// Channel-major codes (launch_quantize_int8_transposed). A task is 8 channels x the 4 keys of one
+// 4-byte group of stored positions (vt_key), so each thread writes whole words, and the 16 tasks of a
+// half-warp write one channel's 64 positions together. kVector: x in 16-byte units.
+template <typename T, int kDim, bool kVector>
+__global__ void __launch_bounds__(kQuantThreads) quantize_int8_transposed_kernel(QuantizeArgs<T> a, int padded_tokens) {
+  constexpr int kGroups = TA_BLOCK_TOKENS / 4;  // 4-byte groups of positions in a channel's row
+  constexpr int kTasks = kGroups * kDim / 8, kTasksPerThread = (kTasks + kQuantThreads - 1) / kQuantThreads;
+  const int block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int rows = min(TA_BLOCK_TOKENS, a.tokens - block * TA_BLOCK_TOKENS);
+  const T* x = block_source(a, block, h, b);
+  uint4 raw[kTasksPerThread][4];
+  float amax = 0.0f;
+  bool finite = true;
+#pragma unroll
+  for (int k = 0; k < kTasksPerThread; ++k) {
+    const int task = threadIdx.x + kQuantThreads * k, group = task % kGroups, c0 = 8 * (task / kGroups);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int r = vt_key(4 * group + e);
+      if (task < kTasks && r < rows) {
+        raw[k][e] = load8<T, kVector>(x + int64_t(r) * a.xs.n + c0);
+        accumulate_amax<T>(raw[k][e], nullptr, c0, amax, finite);
+      }
+    }
+  }
+  const float inv = block_inverse_scale(amax, finite, a.scales + b * a.scale_b + h * a.scale_h + block);
+  int8_t* out = a.codes + (int64_t(b) * a.heads + h) * kDim * padded_tokens + int64_t(block) * TA_BLOCK_TOKENS;
+#pragma unroll
+  for (int k = 0; k < kTasksPerThread; ++k) {
+    const int task = threadIdx.x + kQuantThreads * k, group = task % kGroups, c0 = 8 * (task / kGroups);
+    if (task >= kTasks) continue;
+    uint32_t words[8] = {};  // channel c0 + j: the codes of positions 4 group .. 4 group + 3
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      if (vt_key(4 * group + e) >= rows) continue;  // past the sequence: code 0
+      float f[8];
+      values8<T>(raw[k][e], nullptr, c0, f);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) words[j] |= uint32_t(uint8_t(int8_code(f[j], inv))) << (8 * e);
+    }
+#pragma unroll
+    for (int j = 0; j < 8; ++j) *reinterpret_cast<uint32_t*>(out + int64_t(c0 + j) * padded_tokens + 4 * group) = words[j];
+  }
+}
+
+// Partial sums for launch_channel_mean: partial[((b * heads + h) * runs + run) * dim + c], one thread
+// per 8 channels of a run (a warp reads whole rows across heads).
+template <typename T, bool kVector>
+__global__ void channel_partial_sum_kernel(const T* x, TokenStrides xs, int batch, int tokens, int heads, int dim, float* partial) {
+  const int octets = dim / 8, runs = (tokens + kMeanRunTokens - 1) / kMeanRunTokens;
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= int64_t(batch) * runs * heads * octets) return;
+  const int o = int(i % octets), h = int(i / octets % heads), run = int(i / (int64_t(octets) * heads) % runs);
+  const int b = int(i / (int64_t(octets) * heads * runs));
+  const T* src = x + b * xs.b + h * xs.h + 8 * o;
+  float sum[8] = {};
+  const int t1 = min(tokens, (run + 1) * kMeanRunTokens);
+#pragma unroll 8
+  for (int t = run * kMeanRunTokens; t < t1; ++t) {
+    float f[8];
+    values8<T>(load8<T, kVector>(src + int64_t(t) * xs.n), nullptr, 0, f);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) sum[e] += f[e];
+  }
+  float* dst = partial + ((int64_t(b) * heads + h) * runs + run) * dim + 8 * o;
+#pragma unroll
+  for (int e = 0; e < 8; ++e) dst[e] = sum[e];
+}
+
+// mean[b][h][c] = the partials summed in run order / tokens.
+__global__ void channel_mean_kernel(const float* partial, int runs, int tokens, int heads, int dim, float* mean) {
+  const int h = blockIdx.x, b = blockIdx.y;
+  for (int c = threadIdx.x; c < dim; c += blockDim.x) {
+    float sum = 0.0f;
+    for (int s = 0; s < runs; ++s) sum += partial[((int64_t(b) * heads + h) * runs + s) * dim + c];
+    mean[(int64_t(b) * heads + h) * dim + c] = sum / float(tokens);
   }
 }
 
@@ -79,22 +215,6 @@ __device__ void store_transposed_tile(const int8_t* tile, int8_t* out, int b, in
     const int c = i / kChunks, k = i % kChunks;
     *reinterpret_cast<int4*>(dst + int64_t(c) * padded_tokens + 16 * k) = *reinterpret_cast<const int4*>(tile + c * TA_BLOCK_TOKENS + 16 * k);
   }
-}
-
-// As above, but the codes go channel-major (keys permuted by vt_position) through shared memory,
-// so that the writes are whole 64-byte rows.
-template <typename T>
-__global__ void __launch_bounds__(kThreads) quantize_int8_transposed_kernel(QuantizeArgs<T> a, int padded_tokens) {
-  extern __shared__ int8_t tile[];  // [dim][TA_BLOCK_TOKENS]
-  const int block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-  const BlockView<T> v = block_view(a, block, h, b);
-  const float inv = block_inverse_scale(v, a.scales + b * a.scale_b + h * a.scale_h + block);
-  for (int i = threadIdx.x; i < TA_BLOCK_TOKENS * v.dim; i += kThreads) {
-    const int r = i / v.dim, c = i % v.dim;
-    tile[c * TA_BLOCK_TOKENS + vt_position(r)] = r < v.rows ? int8_code(v.load(r, c), inv) : int8_t(0);
-  }
-  __syncthreads();
-  store_transposed_tile(tile, a.codes, b, h, block, a.heads, a.dim, padded_tokens);
 }
 
 // INT8 codes [B, N, H, D] (strided) to the channel-major layout of launch_quantize_int8_transposed.
@@ -120,21 +240,63 @@ dim3 grid_of(const QuantizeArgs<T>& a) {
   return dim3{unsigned(blocks), unsigned(a.heads), unsigned(a.batch)};
 }
 
+// Calls f(std::integral_constant<int, D>) for the head dims the library supports.
+template <typename F>
+void with_head_dim(int dim, F&& f) {
+  switch (dim) {
+    case 64: return f(std::integral_constant<int, 64>{});
+    case 96: return f(std::integral_constant<int, 96>{});
+    case 128: return f(std::integral_constant<int, 128>{});
+    case 256: return f(std::integral_constant<int, 256>{});
+  }
+  throw Error(TA_ERROR_UNSUPPORTED, concat("head dim ", dim, " has no quantization kernel"));
+}
+
+// 16-byte loads need x's pointer and strides in whole 16-byte units (every layout torch makes at these
+// head dims); other layouts take the element-wise path of the same kernels.
+template <typename T>
+bool vector_loads(const T* x, TokenStrides xs) {
+  return reinterpret_cast<uintptr_t>(x) % 16 == 0 && xs.b % 8 == 0 && xs.n % 8 == 0 && xs.h % 8 == 0;
+}
+
 }  // namespace
 
 template <typename T>
 void launch_quantize_int8(const QuantizeArgs<T>& a, cudaStream_t stream) {
   if (a.batch == 0 || a.tokens == 0 || a.heads == 0) return;
-  quantize_int8_kernel<<<grid_of(a), kThreads, 0, stream>>>(a);
+  const bool vector = vector_loads(a.x, a.xs) && reinterpret_cast<uintptr_t>(a.codes) % 8 == 0 && a.cs.b % 8 == 0 &&
+                      a.cs.n % 8 == 0 && a.cs.h % 8 == 0;
+  with_head_dim(a.dim, [&](auto dim) {
+    constexpr int D = decltype(dim)::value;
+    const auto kernel = vector ? quantize_int8_kernel<T, D, true> : quantize_int8_kernel<T, D, false>;
+    kernel<<<grid_of(a), kQuantThreads, 0, stream>>>(a);
+  });
   TA_CUDA_CHECK_LAUNCH("quantize_int8_kernel");
 }
 
 template <typename T>
 void launch_quantize_int8_transposed(const QuantizeArgs<T>& a, int padded_tokens, cudaStream_t stream) {
   if (a.batch == 0 || a.tokens == 0 || a.heads == 0) return;
-  const int smem = TA_BLOCK_TOKENS * a.dim;
-  quantize_int8_transposed_kernel<<<grid_of(a), kThreads, smem, stream>>>(a, padded_tokens);
+  const bool vector = vector_loads(a.x, a.xs);
+  with_head_dim(a.dim, [&](auto dim) {
+    constexpr int D = decltype(dim)::value;
+    const auto kernel = vector ? quantize_int8_transposed_kernel<T, D, true> : quantize_int8_transposed_kernel<T, D, false>;
+    kernel<<<grid_of(a), kQuantThreads, 0, stream>>>(a, padded_tokens);
+  });
   TA_CUDA_CHECK_LAUNCH("quantize_int8_transposed_kernel");
+}
+
+template <typename T>
+void launch_channel_mean(const T* x, TokenStrides xs, int batch, int tokens, int heads, int dim, float* partial, float* mean,
+                         cudaStream_t stream) {
+  if (batch == 0 || tokens == 0 || heads == 0) return;
+  const int runs = (tokens + kMeanRunTokens - 1) / kMeanRunTokens;
+  const int64_t threads = int64_t(batch) * runs * heads * (dim / 8);
+  const auto kernel = vector_loads(x, xs) ? channel_partial_sum_kernel<T, true> : channel_partial_sum_kernel<T, false>;
+  kernel<<<unsigned((threads + 127) / 128), 128, 0, stream>>>(x, xs, batch, tokens, heads, dim, partial);
+  TA_CUDA_CHECK_LAUNCH("channel_partial_sum_kernel");
+  channel_mean_kernel<<<dim3{unsigned(heads), unsigned(batch)}, 128, 0, stream>>>(partial, runs, tokens, heads, dim, mean);
+  TA_CUDA_CHECK_LAUNCH("channel_mean_kernel");
 }
 
 void launch_transpose_codes(const int8_t* codes, TokenStrides cs, int batch, int tokens, int heads, int dim, int8_t* out,
@@ -149,6 +311,9 @@ template void launch_quantize_int8<__half>(const QuantizeArgs<__half>&, cudaStre
 template void launch_quantize_int8<__nv_bfloat16>(const QuantizeArgs<__nv_bfloat16>&, cudaStream_t);
 template void launch_quantize_int8_transposed<__half>(const QuantizeArgs<__half>&, int, cudaStream_t);
 template void launch_quantize_int8_transposed<__nv_bfloat16>(const QuantizeArgs<__nv_bfloat16>&, int, cudaStream_t);
+template void launch_channel_mean<__half>(const __half*, TokenStrides, int, int, int, int, float*, float*, cudaStream_t);
+template void launch_channel_mean<__nv_bfloat16>(const __nv_bfloat16*, TokenStrides, int, int, int, int, float*, float*,
+                                                 cudaStream_t);
 
 namespace {
 template <typename T>
