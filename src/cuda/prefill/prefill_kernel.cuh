@@ -138,6 +138,7 @@ __global__ void __launch_bounds__(PrefillShape<Mma::kHeadDim>::kThreads, Prefill
   __syncthreads();
 
   for (int j = 0; j < tiles; ++j) {
+    const float k_scale = k_scales[j], v_scale = v_scales[j];  // loaded before S, used after it
     const int stage = j & 1;
     if (j + 1 < tiles) load_tile(j + 1, stage ^ 1);
     cp_async_commit();
@@ -149,9 +150,9 @@ __global__ void __launch_bounds__(PrefillShape<Mma::kHeadDim>::kThreads, Prefill
     int32_t s_acc[4 * Tr::kSTiles];
     Mma::scores(s_acc, q_frag, sk, lane);
 
-    const float st = __fmul_rn(q_scale, k_scales[j]);
+    const float st = __fmul_rn(q_scale, k_scale);
     const int warp_row = m0 + 16 * warp;
-    const TileP tp = softmax_tile<kSas>(s_acc, st, v_scales[j], tile_needs_mask(p, j, warp_row), p, j, row0, t, skip_x, rs);
+    const TileP tp = softmax_tile<kSas>(s_acc, st, v_scale, tile_needs_mask(p, j, warp_row), p, j, row0, t, skip_x, rs);
 
     // O = alpha O + (P V) sv beta, Mma::kPvChannels channels at a time; skipped when none of the warp's
     // rows use the tile.

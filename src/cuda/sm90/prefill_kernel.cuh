@@ -173,16 +173,20 @@ __global__ void __launch_bounds__(PrefillTraits<kHeadDim>::kThreads, 1) flashq_p
       if (tp.warp_uses) accumulate_o<8>(o, 8 * c, src, tp);
     };
     // Tile j's softmax, on scores already waited for.
-    auto softmax = [&](int j) {
+    auto softmax = [&](int j, float k_scale, float v_scale) {
       fence_operands(s_acc);
-      const float st = __fmul_rn(q_scale, k_scales[j]);
-      return softmax_tile<kSas>(s_acc, st, v_scales[j], tile_needs_mask(p, j, warp_row), p, j, row0, t, skip_x, rs);
+      const float st = __fmul_rn(q_scale, k_scale);
+      return softmax_tile<kSas>(s_acc, st, v_scale, tile_needs_mask(p, j, warp_row), p, j, row0, t, skip_x, rs);
     };
 
+    // Each tile's K and V scales are loaded a tile ahead, so no global load waits on the softmax's path.
+    float k_scale_next = k_scales[0], v_scale_next = v_scales[0];
     for (int j = 0; j < tiles; ++j) {
+      const float k_scale = k_scale_next, v_scale = v_scale_next;
+      if (j + 1 < tiles) k_scale_next = k_scales[j + 1], v_scale_next = v_scales[j + 1];
       issue_scores(j);
       wgmma_wait_group<0>();
-      const TileP tp = softmax(j);
+      const TileP tp = softmax(j, k_scale, v_scale);
       // P V in 64-channel chunks, the second (D = 128) into the scores' registers, free after the
       // softmax: O takes the first chunk while the second runs (+0-3% at D = 128 on an H200). At D = 64,
       // issuing the next tile's scores before O takes P V instead measured 2-13% slower.
