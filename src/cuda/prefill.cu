@@ -1,6 +1,5 @@
-// Host side of FlashQ + SAS prefill on CUDA: the quantization pre-pass (K mean, INT8 K, INT8 V
-// transposed: quantize.cu; the kernels quantize their Q blocks), the attention kernel, dispatched by
-// head dim and output dtype in one place.
+// Host side of FlashQ + SAS prefill on CUDA: the quantization pre-pass (K mean, INT8 Q and K, INT8 V
+// transposed: quantize.cu), the attention kernel, dispatched by head dim and output dtype in one place.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -196,12 +195,15 @@ QuantizeArgs<T> quantize_args(const ta_tensor& x, const float* shift, int8_t* co
   return a;
 }
 
-// Runs the kernel (which quantizes Q itself) over kv.
+// Quantizes Q, then runs the kernel over kv.
 template <typename T>
 void run_attention(const ta_tensor& q, const KvOperands& kv, const ta_attention_options& o, ta_tensor& out, ta_tensor* lse,
                    Workspace& ws, cudaStream_t stream) {
   const int B = int(q.shape[0]), nq = int(q.shape[1]), hq = int(q.shape[2]), D = int(q.shape[3]);
   const float softmax_scale = ref::resolve_softmax_scale(o.softmax_scale, D);
+  int8_t* q8 = ws.get<int8_t>(int64_t(B) * hq * nq * D);
+  float* q_scale = ws.get<float>(int64_t(B) * hq * blocks_of(nq));
+  launch_quantize_int8(quantize_args<T>(q, nullptr, q8, q_scale), stream);
   float* lse_offset = nullptr;
   if (lse && kv.mean) {
     lse_offset = ws.get<float>(int64_t(B) * hq * nq);
@@ -210,9 +212,7 @@ void run_attention(const ta_tensor& q, const KvOperands& kv, const ta_attention_
     TA_CUDA_CHECK_LAUNCH("lse_offset_kernel");
   }
   PrefillParams p{};
-  p.q = q.data, p.q_b = q.strides[0], p.q_n = q.strides[1], p.q_h = q.strides[2];
-  p.q_vector = reinterpret_cast<uintptr_t>(q.data) % 16 == 0 && p.q_b % 8 == 0 && p.q_n % 8 == 0 && p.q_h % 8 == 0;
-  p.k = kv.k8, p.vt = kv.vt8, p.k_scale = kv.k_scale, p.v_scale = kv.v_scale;
+  p.q = q8, p.k = kv.k8, p.vt = kv.vt8, p.q_scale = q_scale, p.k_scale = kv.k_scale, p.v_scale = kv.v_scale;
   p.lse_offset = lse_offset;
   p.out = out.data, p.out_b = out.strides[0], p.out_n = out.strides[1], p.out_h = out.strides[2];
   if (lse) p.lse = static_cast<float*>(lse->data), p.lse_b = lse->strides[0], p.lse_h = lse->strides[1];

@@ -8,7 +8,6 @@
 #include "cuda/common/check.cuh"
 #include "cuda/common/int8.cuh"
 #include "cuda/common/numeric.cuh"
-#include "cuda/common/vec8.cuh"
 #include "cuda/quantize.cuh"
 #include "turboattn/format.h"
 
@@ -22,14 +21,28 @@ constexpr int kThreads = 256;  // transpose_codes_kernel
 // writes the codes from the registers.
 constexpr int kQuantThreads = 128;
 
+// Eight consecutive elements (16 bytes), loaded as one vector when kVector (16-byte aligned), else
+// element by element.
+template <typename T, bool kVector>
+__device__ __forceinline__ uint4 load8(const T* p) {
+  static_assert(sizeof(T) == 2, "fp16 or bf16");
+  if constexpr (kVector) {
+    return __ldg(reinterpret_cast<const uint4*>(p));
+  } else {
+    uint4 r;
+    uint16_t* h = reinterpret_cast<uint16_t*>(&r);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) h[e] = __ldg(reinterpret_cast<const unsigned short*>(p) + e);
+    return r;
+  }
+}
+
 // The eight values of `raw` (channels c0..c0 + 7) minus the shift, when there is one.
 template <typename T>
 __device__ __forceinline__ void values8(const uint4& raw, const float* shift, int c0, float (&f)[8]) {
-  to_floats8<T>(raw, f);
-  if (shift) {
+  const T* x = reinterpret_cast<const T*>(&raw);
 #pragma unroll
-    for (int e = 0; e < 8; ++e) f[e] = __fsub_rn(f[e], __ldg(shift + c0 + e));
-  }
+  for (int e = 0; e < 8; ++e) f[e] = shift ? __fsub_rn(to_float(x[e]), __ldg(shift + c0 + e)) : to_float(x[e]);
 }
 
 template <typename T>

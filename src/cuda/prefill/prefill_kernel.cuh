@@ -13,7 +13,6 @@
 #include <stdint.h>
 
 #include "cuda/common/mma.cuh"
-#include "cuda/prefill/quantize_q.cuh"
 #include "cuda/prefill/tile_softmax.cuh"
 #include "format/skip_rule.h"
 #include "turboattn/format.h"
@@ -63,16 +62,23 @@ __global__ void __launch_bounds__(PrefillShape<Mma::kHeadDim>::kThreads, Prefill
   const int hk = h / (p.hq / p.hkv);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int m0 = qb * Tr::kBlockM;
+  const int q_blocks = TA_BLOCK_COUNT(p.nq);
   const int k_blocks = TA_BLOCK_COUNT(p.nk);
   const float skip_x = skip_threshold(p.nk);
 
   const int tiles = visible_tiles(p, qb);
 
+  const int8_t* q_src = p.q + ((int64_t(b) * p.hq + h) * p.nq + m0) * kHeadDim;
   const int8_t* k_src = p.k + (int64_t(b) * p.hkv + hk) * p.nk * kHeadDim;
   const int8_t* vt_src = p.vt + (int64_t(b) * p.hkv + hk) * kHeadDim * p.nk_padded;
 
-  // Async copies of K/V tile j (rows past the sequence are zero-filled).
+  // Async copies of the Q block and of K/V tile j (rows past the sequence are zero-filled).
   constexpr int kChunksPerRow = Tr::kChunksPerRow;
+  for (int i = threadIdx.x; i < Tr::kBlockM * kChunksPerRow; i += Tr::kThreads) {
+    const int r = i / kChunksPerRow, c = i % kChunksPerRow;
+    const bool valid = m0 + r < p.nq;
+    cp_async_16(s_q + r * Tr::kQRowBytes + 16 * c, valid ? q_src + int64_t(r) * kHeadDim + 16 * c : q_src, valid);
+  }
   // Each thread copies the same 16-byte chunks of every K and V^T tile (kThreads apart), placed where
   // Mma's layout wants them. When kThreads spans whole groups of 8 rows (every case but K at D = 96),
   // a thread's i-th copy is i * kThreads / chunks rows below its first, at Mma's row pitch in shared
@@ -114,11 +120,7 @@ __global__ void __launch_bounds__(PrefillShape<Mma::kHeadDim>::kThreads, Prefill
   if (tiles > 0) load_tile(0, 0);
   cp_async_commit();
 
-  // The Q block, quantized while the first tile's copies fly.
-  __shared__ float q_partial[8];
-  const float q_block_scale = quantize_q_block<Out, kHeadDim>(
-      p, b, h, m0, threadIdx.x, s_q, [](int r, int byte) { return r * Tr::kQRowBytes + byte; }, q_partial, [] { __syncthreads(); });
-  const float q_scale = __fmul_rn(q_block_scale, p.scale_log2);
+  const float q_scale = __fmul_rn(p.q_scale[(int64_t(b) * p.hq + h) * q_blocks + qb], p.scale_log2);
   const float* k_scales = p.k_scale + (int64_t(b) * p.hkv + hk) * k_blocks;
   const float* v_scales = p.v_scale + (int64_t(b) * p.hkv + hk) * k_blocks;
 

@@ -16,11 +16,10 @@
 namespace turboattn::cuda {
 
 struct PrefillParams {
-  const void* q;                // fp16 or bf16 (the output's dtype) [B, Nq, Hq, D], quantized in the kernel
-  int64_t q_b, q_n, q_h;        // its element strides
-  bool q_vector;                // q and its strides in whole 16-byte units
+  const int8_t* q;   // [B, Hq, Nq, D]
   const int8_t* k;   // [B, Hkv, Nk, D]
   const int8_t* vt;  // [B, Hkv, D, nk_padded], keys permuted by vt_position
+  const float* q_scale;  // [B, Hq, q_blocks]
   const float* k_scale;  // [B, Hkv, k_blocks]
   const float* v_scale;  // [B, Hkv, k_blocks]
   const float* lse_offset;  // [B, Hq, Nq] (K smoothing) or null

@@ -15,7 +15,6 @@
 #include <stdint.h>
 
 #include "cuda/common/mma.cuh"
-#include "cuda/prefill/quantize_q.cuh"
 #include "cuda/prefill/tile_softmax.cuh"
 #include "cuda/sm90/barrier.cuh"
 #include "cuda/sm90/wgmma.cuh"
@@ -126,17 +125,20 @@ __global__ void __launch_bounds__(PrefillTraits<kHeadDim>::kThreads, 1) flashq_p
   for (int i = 0; i < Tr::kOTiles; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
 
   if (tiles > 0) {
-    // The Q block, quantized into shared memory as wgmma's K-major operand.
     uint8_t* const my_q = s_q + (wg - 1) * Tr::kQBytes;
-    __shared__ float q_partial[Tr::kConsumers][8];
-    const float q_block_scale = quantize_q_block<Out, kHeadDim>(
-        p, b, h, m0, tid, my_q, [](int r, int byte) { return kmajor_offset(r, byte, kHeadDim); }, q_partial[wg - 1],
-        [wg] { bar_sync(wg, 128); });
-    fence_proxy_async_shared();  // generic-proxy writes, read by wgmma through the async proxy
+    const int8_t* q_src = p.q + ((int64_t(b) * p.hq + h) * p.nq + m0) * kHeadDim;
+    for (int i = tid; i < Tr::kBlockM * Tr::kKChunks; i += 128) {  // rows past the sequence are zero-filled
+      const int2 rc = kmajor_copy_coords(i, Tr::kKChunks);
+      const bool valid = m0 + rc.x < p.nq;
+      cp_async_16(my_q + kmajor_offset(rc.x, 16 * rc.y, kHeadDim), valid ? q_src + int64_t(rc.x) * kHeadDim + 16 * rc.y : q_src, valid);
+    }
+    cp_async_commit();
+    cp_async_wait<0>();
+    fence_proxy_async_shared();
     bar_sync(wg, 128);
 
     const int k_blocks = TA_BLOCK_COUNT(p.nk);
-    const float q_scale = __fmul_rn(q_block_scale, p.scale_log2);
+    const float q_scale = __fmul_rn(p.q_scale[(int64_t(b) * p.hq + h) * TA_BLOCK_COUNT(p.nq) + q_block], p.scale_log2);
     const float* k_scales = p.k_scale + (int64_t(b) * p.hkv + hk) * k_blocks;
     const float* v_scales = p.v_scale + (int64_t(b) * p.hkv + hk) * k_blocks;
     const float skip_x = skip_threshold(p.nk);
