@@ -7,6 +7,7 @@
 #include <cstring>
 #include <tuple>
 
+#include "cuda/quantize.cuh"
 #include "gpu_test_util.hpp"
 #include "test_util.hpp"
 #include "turboattn/turboattn.hpp"
@@ -94,6 +95,17 @@ INSTANTIATE_TEST_SUITE_P(Shapes, GpuQuantize,
                                           testing::Values(TA_DTYPE_F16, TA_DTYPE_BF16),
                                           testing::Values(InputKind::Normal, InputKind::Outliers), testing::Bool(),
                                           testing::Values(Layout::TokenMajor, Layout::HeadMajor, Layout::Misaligned)));
+
+// The transposed V layout's key order (vt_position) and its inverse (vt_key, which the quantization
+// kernel writes by) agree, and vt_position permutes each group of 16 keys.
+TEST(VtLayout, KeyOrderAndItsInverseAgree) {
+  for (int key = 0; key < 64; ++key) {
+    EXPECT_EQ(cuda::vt_key(cuda::vt_position(key)), key) << "key " << key;
+    EXPECT_EQ(cuda::vt_position(key) / 16, key / 16) << "key " << key;
+  }
+  EXPECT_EQ(cuda::vt_position(2), 4);  // position 4i + e holds key {2i, 2i + 1, 8 + 2i, 9 + 2i}[e]
+  EXPECT_EQ(cuda::vt_position(9), 3);
+}
 
 TEST(GpuQuantize, HostPointerMarkedCudaIsRejected) {
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
