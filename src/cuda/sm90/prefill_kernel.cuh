@@ -6,10 +6,11 @@
 // read each K/V tile once. The softmax, SAS, masking and skip rule are tile_softmax.cuh's, so the
 // bytes equal the mma.sync kernel's.
 //
-// Measured on an H200 (docs/HOPPER_PLAN.md): 1.06-1.20x the mma.sync kernel at head dim 128 and
-// 1.02-1.08x at 64 for N >= 4k, 0.96-1.00x at 1k. The kernel waits more than it issues: more consumer
-// warps helped (three instead of two at 128, four instead of three at 64); overlapping one tile's
-// P V with the next tile's softmax in a warpgroup, which costs registers or warps, did not.
+// Measured on an H200 (docs/HOPPER_PLAN.md, docs/BENCHMARKS.md): 1.09-1.21x the mma.sync kernel at
+// head dim 128 and 1.06-1.13x at 64 for N >= 4k, 0.95-1.00x at 1k. The consumers are bound by
+// instruction issue across the SM (stall sampling), and more of them helped (three instead of two at
+// 128, four instead of three at 64); overlapping one tile's P V with the next tile's softmax in a
+// warpgroup, which costs registers or warps, did not.
 #pragma once
 
 #include <stdint.h>
