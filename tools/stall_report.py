@@ -13,8 +13,9 @@ retry loop that spins a varying number of times is not mistaken for it.
 import argparse
 import collections
 import csv
-import re
 import sys
+
+from sass_loop import opcode  # tools/ is on the path when this script runs
 
 
 def read(path):
@@ -32,11 +33,6 @@ def number(text):
         return float(text)
     except ValueError:  # "-" for instructions without a value
         return 0.0
-
-
-def opcode(source):
-    """'@!P0  BRA 0x30' -> 'BRA'; 'IMAD.MOV.U32 R1, ...' -> 'IMAD'."""
-    return re.sub(r"^@!?U?P\w+\s+", "", source.strip()).split()[0].split(".")[0]
 
 
 def stall_reasons(rows):
@@ -73,7 +69,7 @@ def main(argv=None):
     print(f"main loop: {len(loop)} instructions executed {per_trip} times each, {100 * loop_samples / samples:.1f}% of the samples")
     print(f"  stalls in the loop: {shares(stall_reasons(loop))}")
     print(f"  stalls elsewhere:   {shares(stall_reasons(rest))}")
-    mix = collections.Counter(opcode(r["Source"]) for r in loop)
+    mix = collections.Counter(opcode(r["Source"].strip()) for r in loop)
     print("  loop instruction mix: " + ", ".join(f"{name} {count}" for name, count in mix.most_common()))
     print("  loop instructions with the most samples:")
     for r in sorted(loop, key=lambda r: -number(r["Warp Stall Sampling (All Samples)"]))[: args.top]:
