@@ -13,9 +13,11 @@
 #include <string>
 #include <vector>
 
+#include "cuda/cache/code_order.cuh"
 #include "cuda/cache/device_cache.hpp"
 #include "gpu_test_util.hpp"
 #include "reference/kv_cache.hpp"
+#include "reference/quant.hpp"
 #include "test_util.hpp"
 
 namespace test = turboattn::test;
@@ -202,6 +204,48 @@ TEST_P(GpuCacheBytes, WritesAppendsAndReleasesMatchTheCpuCache) {
 
 INSTANTIATE_TEST_SUITE_P(All, GpuCacheBytes,
                          testing::Combine(testing::Values(64, 96, 128, 256), testing::Values("8", "4", "2", "mix")));
+
+// The decode kernel's walk over packed code rows (code_order.cuh), on the host: code_at and
+// position_of are inverse permutations, each quad lane's fragment registers hold the codes of the
+// positions they stand for, unpacked from a row packed as docs/FORMATS.md 3.4 packs it, and keys 16 apart
+// sit a fixed number of positions apart (the kernel's P stores rely on it).
+template <int kBits, int kRow>
+void expect_code_order(std::mt19937_64& rng) {
+  using Order = cuda::CodeOrder<kBits, kRow>;
+  SCOPED_TRACE(testing::Message() << kBits << "-bit rows of " << kRow << " codes");
+  for (int p = 0; p < kRow; ++p) {
+    ASSERT_GE(Order::code_at(p), 0);
+    ASSERT_LT(Order::code_at(p), kRow);
+    EXPECT_EQ(Order::position_of(Order::code_at(p)), p) << "position " << p;
+  }
+  if (kRow == TA_BLOCK_TOKENS)
+    for (int key = 0; key + 16 < kRow; ++key)
+      EXPECT_EQ(Order::position_of(key + 16), Order::position_of(key) + Order::position_of(16)) << "key " << key;
+  std::vector<uint8_t> codes(kRow);
+  for (uint8_t& c : codes) c = uint8_t(rng() & ((1u << kBits) - 1u));
+  alignas(16) uint8_t packed[kRow * kBits / 8];
+  if (kBits == 8)
+    std::memcpy(packed, codes.data(), codes.size());
+  else
+    ref::pack_codes(codes.data(), kRow, kBits, packed);
+  for (int t = 0; t < 4; ++t) {
+    uint32_t frag[Order::kSteps][2];
+    Order::load(frag, packed, t);
+    for (int ks = 0; ks < Order::kSteps; ++ks)
+      for (int h = 0; h < 2; ++h)
+        for (int b = 0; b < 4; ++b) {
+          const int p = 32 * ks + 16 * h + 4 * t + b;
+          EXPECT_EQ((frag[ks][h] >> (8 * b)) & 0xFFu, codes[size_t(Order::code_at(p))]) << "lane " << t << ", position " << p;
+        }
+  }
+}
+
+TEST(DecodeCodeOrder, PositionsAndFragmentsAgreeWithThePacking) {
+  std::mt19937_64 rng(std::random_device{}());
+  expect_code_order<8, 64>(rng), expect_code_order<8, 128>(rng), expect_code_order<8, 96>(rng);
+  expect_code_order<4, 64>(rng), expect_code_order<4, 96>(rng), expect_code_order<4, 128>(rng), expect_code_order<4, 256>(rng);
+  expect_code_order<2, 64>(rng), expect_code_order<2, 96>(rng), expect_code_order<2, 128>(rng), expect_code_order<2, 256>(rng);
+}
 
 // (head dim, bits, query heads per KV head, q_len, SAS, split_tiles, dtype of q)
 using DecodeCase = std::tuple<int, std::string, int, int, bool, int, ta_dtype>;

@@ -11,7 +11,8 @@
 // exact integer identities, so S^T = K Q'^T and O^T = V^T P'^T run on the raw codes as u8 x s8 and
 // u8 x u8 tensor-core products (keys and channels in the M dimension, the query rows in N = 8), with
 // the codes unpacked straight into the A fragments by a shift and a mask. The tensor-core K dimension
-// takes the codes in packed order (k_order_position), and Q' and P are laid out to match. 8-bit pages
+// walks each row in the order of code_order.cuh (each lane loads its own run of words), and Q' and P
+// are laid out to match. 8-bit pages
 // take s8 codes as they are. The buffer's partial tile, whose scales are per token, takes the
 // reference's token-by-token P V. Partial states go to a workspace that cache_merge_kernel combines (1.7).
 #pragma once
@@ -20,6 +21,7 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "cuda/cache/code_order.cuh"
 #include "cuda/cache/codes.cuh"
 #include "cuda/common/int8.cuh"
 #include "cuda/common/mma.cuh"
@@ -87,44 +89,6 @@ struct DecodeParams {
   float scale_log2;
   int32_t slots[kDecodeMaxSeqs];
 };
-
-// Position in the tensor-core K dimension of packed code `index` (a channel of a K row, a key of a V
-// row): a 32-bit word holds 32 / bits codes; `(word >> (bits * s)) & mask` puts codes s, s + n/bits..
-// into byte lanes 0..3, and those four lanes are four consecutive K positions.
-__host__ __device__ __forceinline__ int k_order_position(int index, int bits) {
-  if (bits == 8) return index;
-  const int per_word = 32 / bits, w = index / per_word, r = index % per_word, lanes = per_word / 4;
-  return w * per_word + 4 * (r % lanes) + r / lanes;
-}
-
-// Code index (channel of a K row, key of a V row) at a K position: the inverse of k_order_position.
-__host__ __device__ __forceinline__ int code_at_position(int position, int bits) {
-  if (bits == 8) return position;
-  const int per_word = 32 / bits, w = position / per_word, q = position % per_word, lanes = per_word / 4;
-  return w * per_word + (q % 4) * lanes + q / 4;
-}
-
-// The A fragment (16 x 32 u8/s8, rows row0 and row0 + 8) of k-step ks from staged code rows.
-template <int kBits>
-__device__ __forceinline__ void load_code_fragment(uint32_t (&a)[4], const uint8_t* rows, int stride, int row0, int ks, int t) {
-  const uint8_t* r0 = rows + row0 * stride;
-  const uint8_t* r1 = r0 + 8 * stride;
-  if constexpr (kBits == 8) {
-    a[0] = *reinterpret_cast<const uint32_t*>(r0 + 32 * ks + 4 * t);
-    a[1] = *reinterpret_cast<const uint32_t*>(r1 + 32 * ks + 4 * t);
-    a[2] = *reinterpret_cast<const uint32_t*>(r0 + 32 * ks + 16 + 4 * t);
-    a[3] = *reinterpret_cast<const uint32_t*>(r1 + 32 * ks + 16 + 4 * t);
-  } else {
-    constexpr int kLanes = 8 / kBits;  // threads sharing one word (4 for 2 bits, 2 for 4 bits)
-    constexpr uint32_t kMask = ((1u << kBits) - 1u) * 0x01010101u;
-    const int word = (32 * ks / (32 / kBits)) + t / kLanes, shift = kBits * (t % kLanes);
-    constexpr int kHalf = 16 / (32 / kBits);  // words between K positions 0 and 16
-    const uint32_t* w0 = reinterpret_cast<const uint32_t*>(r0) + word;
-    const uint32_t* w1 = reinterpret_cast<const uint32_t*>(r1) + word;
-    a[0] = (w0[0] >> shift) & kMask, a[1] = (w1[0] >> shift) & kMask;
-    a[2] = (w0[kHalf] >> shift) & kMask, a[3] = (w1[kHalf] >> shift) & kMask;
-  }
-}
 
 // Copies kBytes (a multiple of 16) with one warp; dst and src are the lane's first chunk (16 lane bytes
 // in), and every further copy is one instruction at an immediate offset from them.
@@ -200,21 +164,6 @@ struct TileSoftmax {
   }
 };
 
-// The metadata bytes (indexed by code: a K row's channel, a V row's key) of K positions 4 w .. 4 w + 3
-// as one word: their codes are w8 * 8 + h + {0, 2, 4, 6} at 4 bits and w16 * 16 + a + {0, 4, 8, 12} at 2
-// (code_at_position).
-template <int kBits>
-__device__ __forceinline__ uint32_t scales_at_positions(const uint8_t* meta, int w) {
-  const uint32_t* m = reinterpret_cast<const uint32_t*>(meta);
-  if constexpr (kBits == 4) {
-    return __byte_perm(m[2 * (w / 2)], m[2 * (w / 2) + 1], (w % 2) ? 0x7531 : 0x6420);
-  } else {
-    const int a = w % 4, sel = a | ((a + 4) << 4);
-    const uint32_t* m4 = m + 4 * (w / 4);
-    return __byte_perm(__byte_perm(m4[0], m4[1], sel), __byte_perm(m4[2], m4[3], sel), 0x5410);
-  }
-}
-
 // Q' of one tile: q (K order) times the stage-2 scale of each position's channel, split into
 // hi = qp >> 7 (s8) and lo = qp & 127, four positions (one word) per lane and step. Stage-2 scales are
 // at most 255 / 3 (docs/FORMATS.md 3.3), so they are valid s8 and one masked dp4a is one product.
@@ -237,14 +186,14 @@ __device__ __forceinline__ void build_q_prime(const uint8_t* s_qk, const uint8_t
     constexpr int kPerLane = kWords / 32;
     int32_t s4[kPerLane];
 #pragma unroll
-    for (int k = 0; k < kPerLane; ++k) s4[k] = int32_t(scales_at_positions<kBits>(k_meta, lane + 32 * k));
+    for (int k = 0; k < kPerLane; ++k) s4[k] = int32_t(CodeOrder<kBits, kHeadDim>::gather(k_meta, lane + 32 * k));
     for (int r = 0; r < rows; ++r)
 #pragma unroll
       for (int k = 0; k < kPerLane; ++k) row_word(r, lane + 32 * k, s4[k]);
   } else {
     for (int idx = lane; idx < rows * kWords; idx += 32) {
       const int w = idx % kWords;
-      row_word(idx / kWords, w, int32_t(scales_at_positions<kBits>(k_meta, w)));
+      row_word(idx / kWords, w, int32_t(CodeOrder<kBits, kHeadDim>::gather(k_meta, w)));
     }
   }
 }
@@ -284,25 +233,32 @@ __device__ __forceinline__ bool page_scores(const uint8_t* k_half, const uint8_t
     __syncwarp();
   }
 
-  // S^T = K Q'^T: keys in M, query rows in N.
+  // S^T = K Q'^T: keys in M, query rows in N, the tensor-core K dimension in KOrder.
+  using KOrder = CodeOrder<kBits, D>;
+  constexpr int kSteps = KOrder::kSteps;
+  uint32_t bl[kSteps][2], bh[kSteps][2] = {};
+#pragma unroll
+  for (int ks = 0; ks < kSteps; ++ks)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int at = g * Tr::kBRowBytes + 32 * ks + 16 * h + 4 * t;
+      bl[ks][h] = *reinterpret_cast<const uint32_t*>(s_bl + at);
+      if constexpr (kBits < 8) bh[ks][h] = *reinterpret_cast<const uint32_t*>(s_bh + at);
+    }
   int32_t acc_lo[kMTiles][4] = {}, acc_hi[kMTiles][4] = {};
 #pragma unroll
-  for (int ks = 0; ks < D / 32; ++ks) {
-    const uint32_t bl[2] = {*reinterpret_cast<const uint32_t*>(s_bl + g * Tr::kBRowBytes + 32 * ks + 4 * t),
-                            *reinterpret_cast<const uint32_t*>(s_bl + g * Tr::kBRowBytes + 32 * ks + 16 + 4 * t)};
-    uint32_t bh[2] = {0u, 0u};
-    if constexpr (kBits < 8)
-      bh[0] = *reinterpret_cast<const uint32_t*>(s_bh + g * Tr::kBRowBytes + 32 * ks + 4 * t),
-      bh[1] = *reinterpret_cast<const uint32_t*>(s_bh + g * Tr::kBRowBytes + 32 * ks + 16 + 4 * t);
+  for (int mt = 0; mt < kMTiles; ++mt) {
+    uint32_t top[kSteps][2], bottom[kSteps][2];  // keys 16 mt + g and 16 mt + g + 8
+    KOrder::load(top, k_codes + (16 * mt + g) * kKStride, t);
+    KOrder::load(bottom, k_codes + (16 * mt + g + 8) * kKStride, t);
 #pragma unroll
-    for (int mt = 0; mt < kMTiles; ++mt) {
-      uint32_t a[4];
-      load_code_fragment<kBits>(a, k_codes, kKStride, 16 * mt + g, ks, t);
+    for (int ks = 0; ks < kSteps; ++ks) {
+      const uint32_t a[4] = {top[ks][0], bottom[ks][0], top[ks][1], bottom[ks][1]};
       if constexpr (kBits == 8) {
-        mma_m16n8k32_s8s8(acc_lo[mt], a, bl);
+        mma_m16n8k32_s8s8(acc_lo[mt], a, bl[ks]);
       } else {
-        mma_m16n8k32_u8s8(acc_hi[mt], a, bh);
-        mma_m16n8k32_u8s8(acc_lo[mt], a, bl);
+        mma_m16n8k32_u8s8(acc_hi[mt], a, bh[ks]);
+        mma_m16n8k32_u8s8(acc_lo[mt], a, bl[ks]);
       }
     }
   }
@@ -319,14 +275,16 @@ __device__ __forceinline__ bool page_scores(const uint8_t* k_half, const uint8_t
   sm.run(s, visible, isnan(sm.sv), skip_x, ws.m, ws.l, g);
   if (__all_sync(0xffffffffu, sm.skip[0] && sm.skip[1])) return false;
 
-  // P^T in V's K order: row r of s_p holds row r's codes at k_order_position(key); within a group
-  // of 16 keys the order repeats, so each thread's two positions are fixed.
-  const int pos[2] = {k_order_position(g, kBits), k_order_position(g + 8, kBits)};
+  // P^T in V's K order: row r of s_p holds row r's codes at VOrder::position_of(key). Keys 16 apart
+  // are a fixed number of positions apart, so each thread's positions are two offsets and a stride.
+  using VOrder = CodeOrder<kBits, Tr::kKeys>;
+  constexpr int kMStride = VOrder::position_of(16);
+  const int pos[2] = {VOrder::position_of(g), VOrder::position_of(g + 8)};
 #pragma unroll
   for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      uint8_t* row = s_p + (2 * t + r) * Tr::kPRowBytes + 16 * mt;
+      uint8_t* row = s_p + (2 * t + r) * Tr::kPRowBytes + kMStride * mt;
       row[pos[0]] = uint8_t(sm.codes[mt][r]);
       row[pos[1]] = uint8_t(sm.codes[mt][r] >> 16);
     }
@@ -344,6 +302,7 @@ __device__ __forceinline__ void page_values(const uint8_t* v_half, const uint8_t
   const uint8_t* v_codes = v_half;
   const uint8_t* v_meta = v_half + Tr::half_meta(kBits);  // u8 scale[64], then s8 zero[64], by key
   constexpr int kVStride = Tr::v_row_bytes(kBits);
+  using VOrder = CodeOrder<kBits, Tr::kKeys>;
   // Row g's P codes at K positions 32 ks + 16 j + 4 t .. + 3 (word w = 8 ks + 4 j + t).
   uint32_t bl[2][2], bh[2][2] = {};
 #pragma unroll
@@ -358,8 +317,8 @@ __device__ __forceinline__ void page_values(const uint8_t* v_half, const uint8_t
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
         const int w = 8 * ks + 4 * j + t;
-        const uint32_t p4 = bl[ks][j], s4 = scales_at_positions<kBits>(v_meta, w);
-        zp = __dp4a(p4, scales_at_positions<kBits>(v_meta + Tr::kKeys, w) ^ 0x80808080u, zp);
+        const uint32_t p4 = bl[ks][j], s4 = VOrder::gather(v_meta, w);
+        zp = __dp4a(p4, VOrder::gather(v_meta + Tr::kKeys, w) ^ 0x80808080u, zp);
         uint32_t pp[4];
 #pragma unroll
         for (int b = 0; b < 4; ++b) pp[b] = __dp4a(p4, s4 & (0xFFu << (8 * b)), 0u);
@@ -377,10 +336,12 @@ __device__ __forceinline__ void page_values(const uint8_t* v_half, const uint8_t
 #pragma unroll
   for (int ot = 0; ot < Tr::kOTiles; ++ot) {
     int32_t acc_lo[4] = {0, 0, 0, 0}, acc_hi[4] = {0, 0, 0, 0};
+    uint32_t top[2][2], bottom[2][2];  // channels 16 ot + g and 16 ot + g + 8
+    VOrder::load(top, v_codes + (16 * ot + g) * kVStride, t);
+    VOrder::load(bottom, v_codes + (16 * ot + g + 8) * kVStride, t);
 #pragma unroll
     for (int ks = 0; ks < 2; ++ks) {
-      uint32_t a[4];
-      load_code_fragment<kBits>(a, v_codes, kVStride, 16 * ot + g, ks, t);
+      const uint32_t a[4] = {top[ks][0], bottom[ks][0], top[ks][1], bottom[ks][1]};
       if constexpr (kBits == 8) {
         mma_m16n8k32_s8u8(acc_lo, a, bl[ks]);
       } else {
@@ -410,15 +371,18 @@ __device__ __forceinline__ void buffer_tile(const uint8_t* buffer, const uint8_t
   const float* k_scale = reinterpret_cast<const float*>(buffer + buffer_k_scale_offset(D));
   const float* v_scale = reinterpret_cast<const float*>(buffer + buffer_v_scale_offset(D));
   int32_t acc[kMTiles][4] = {};
+  using KOrder = CodeOrder<8, D>;
+  uint32_t b[KOrder::kSteps][2];
+  KOrder::load(b, s_q8 + g * D, t);
 #pragma unroll
-  for (int ks = 0; ks < D / 32; ++ks) {
-    const uint32_t b[2] = {*reinterpret_cast<const uint32_t*>(s_q8 + g * D + 32 * ks + 4 * t),
-                           *reinterpret_cast<const uint32_t*>(s_q8 + g * D + 32 * ks + 16 + 4 * t)};
+  for (int mt = 0; mt < kMTiles; ++mt) {
+    uint32_t top[KOrder::kSteps][2], bottom[KOrder::kSteps][2];
+    KOrder::load(top, k_rows + (16 * mt + g) * D, t);
+    KOrder::load(bottom, k_rows + (16 * mt + g + 8) * D, t);
 #pragma unroll
-    for (int mt = 0; mt < kMTiles; ++mt) {
-      uint32_t a[4];
-      load_code_fragment<8>(a, k_rows, D, 16 * mt + g, ks, t);
-      mma_m16n8k32_s8s8(acc[mt], a, b);
+    for (int ks = 0; ks < KOrder::kSteps; ++ks) {
+      const uint32_t a[4] = {top[ks][0], bottom[ks][0], top[ks][1], bottom[ks][1]};
+      mma_m16n8k32_s8s8(acc[mt], a, b[ks]);
     }
   }
   float s[kMTiles][4];
@@ -621,7 +585,10 @@ __global__ void __launch_bounds__(DecodeTraits<kHeadDim>::kThreads, DecodeTraits
   const PageLayout& lay = *p.layout;
   const int bits = lay.bits[hk];
   if (bits < 8) {  // Q in K order, once per CTA; every tile's Q' reads it
-    for (int i = threadIdx.x; i < Tr::kRows * D; i += Tr::kThreads) s_qk[i] = s_q8[(i / D) * D + code_at_position(i % D, bits)];
+    for (int i = threadIdx.x; i < Tr::kRows * D; i += Tr::kThreads) {
+      const int p = i % D, c = bits == 4 ? CodeOrder<4, D>::code_at(p) : CodeOrder<2, D>::code_at(p);
+      s_qk[i] = s_q8[(i / D) * D + c];
+    }
     __syncthreads();
   }
   if (bits == 8)
