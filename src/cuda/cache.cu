@@ -79,14 +79,22 @@ void launch_write(const ta_tensor& k, const ta_tensor& v, const std::vector<Writ
   }
 }
 
+template <int kHeadDim, typename T, bool kSas, int kGroups>
+void launch_decode_groups(const DecodeParams& p, int num_seqs, int chunks, cudaStream_t stream) {
+  using Tr = DecodeTraits<kHeadDim>;
+  const auto kernel = cache_decode_kernel<kHeadDim, T, kSas, kGroups>;
+  static std::atomic<uint64_t> configured{0};
+  allow_dynamic_smem(configured, reinterpret_cast<const void*>(kernel), Tr::smem_bytes(TA_BITS_8));
+  const dim3 grid{unsigned(p.num_splits), unsigned(p.hkv * chunks), unsigned(num_seqs)};
+  kernel<<<grid, Tr::kThreads, Tr::smem_bytes(p.max_bits), stream>>>(p);
+  TA_CUDA_CHECK_LAUNCH("cache_decode_kernel");
+}
+
+// A CTA's query rows (heads x q_len) come in groups of 4: one group when they fit.
 template <int kHeadDim, typename T, bool kSas>
 void launch_decode(const DecodeParams& p, int num_seqs, int chunks, cudaStream_t stream) {
-  using Tr = DecodeTraits<kHeadDim>;
-  static std::atomic<uint64_t> configured{0};
-  allow_dynamic_smem(configured, reinterpret_cast<const void*>(cache_decode_kernel<kHeadDim, T, kSas>), Tr::smem_bytes(TA_BITS_8));
-  const dim3 grid{unsigned(p.num_splits), unsigned(p.hkv * chunks), unsigned(num_seqs)};
-  cache_decode_kernel<kHeadDim, T, kSas><<<grid, Tr::kThreads, Tr::smem_bytes(p.max_bits), stream>>>(p);
-  TA_CUDA_CHECK_LAUNCH("cache_decode_kernel");
+  if (p.heads_per_cta * p.q_len <= 4) return launch_decode_groups<kHeadDim, T, kSas, 1>(p, num_seqs, chunks, stream);
+  launch_decode_groups<kHeadDim, T, kSas, 2>(p, num_seqs, chunks, stream);
 }
 
 // The one place that maps (head dim, SAS) to a decode kernel instance.

@@ -79,6 +79,21 @@ struct CodeOrder {
     }
   }
 
+  // The same for one k-step: frag[h] holds positions 32 ks + 16 h + 4 t .. + 3 (32-bit loads).
+  __host__ __device__ static void load_step(uint32_t (&frag)[2], const uint8_t* row, int t, int ks) {
+    const uint32_t* w = reinterpret_cast<const uint32_t*>(row);
+    if constexpr (kBits == 8) {
+      frag[0] = w[8 * ks + t], frag[1] = w[8 * ks + 4 + t];
+    } else if constexpr (kShared) {
+      frag[0] = (w[2 * ks] >> (2 * t)) & kMask, frag[1] = (w[2 * ks + 1] >> (2 * t)) & kMask;
+    } else {
+      constexpr int kPerWord = 32 / (8 * kBits);
+      const uint32_t word = w[t * kLaneWords + ks / kPerWord];
+      frag[0] = (word >> (kBits * ((ks % kPerWord) * 2))) & kMask;
+      frag[1] = (word >> (kBits * ((ks % kPerWord) * 2 + 1))) & kMask;
+    }
+  }
+
 #ifdef __CUDACC__
   // The bytes meta[code_at(4 w + b)], b = 0..3, as one word: the per-code metadata (a K row's
   // per-channel, a V row's per-token scales or zeros; 4-byte aligned) of the four positions of B word w.

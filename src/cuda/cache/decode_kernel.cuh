@@ -12,7 +12,7 @@
 // u8 x u8 tensor-core products (keys and channels in the M dimension, the query rows in N = 8), with
 // the codes unpacked straight into the A fragments by a shift and a mask. The tensor-core K dimension
 // walks each row in the order of code_order.cuh (each lane loads its own run of words), and Q' and P
-// are laid out to match. 8-bit pages
+// are laid out to match; N holds the query rows' hi and lo parts side by side (WarpState). 8-bit pages
 // take s8 codes as they are. The buffer's partial tile, whose scales are per token, takes the
 // reference's token-by-token P V. Partial states go to a workspace that cache_merge_kernel combines (1.7).
 #pragma once
@@ -47,7 +47,7 @@ struct DecodeTraits {
   static constexpr int kRows = 8;                 // query rows per CTA: the N of an m16n8k32 tile
   static constexpr int kKeys = TA_BLOCK_TOKENS;   // keys per tile: one page
   static constexpr int kOTiles = kHeadDim / 16;   // m16 tiles of O^T (channels)
-  static constexpr int kBRowBytes = kHeadDim + 16;  // Q' rows; the padding spreads the 8 rows over banks
+  static constexpr int kBRowBytes = kHeadDim + 16;  // B operand rows; the padding spreads 8 rows over banks
   static constexpr int kPRowBytes = kKeys + 16;
   // Staged halves: K code rows, K stage-2 metadata, the two block scales; V code rows, V metadata.
   // Unpadded, so that three halves per warp leave room for three CTAs per SM at 4 bits, D = 128.
@@ -61,7 +61,8 @@ struct DecodeTraits {
   __host__ __device__ static constexpr int half_bytes(int bits) { return half_scales(bits) + 16; }
   static_assert(kHeadDim >= kKeys, "V's per-token metadata fits where K's per-channel metadata goes");
   static constexpr int kRingHalves = 3;
-  // Per warp: Q' hi and lo rows, P rows, and the ring sized for the layer's widest head.
+  // Per warp: the B operand's rows (hi and lo parts of 8 query rows), P rows, and the ring sized for the
+  // layer's widest head.
   static constexpr int kWarpFixedBytes = 2 * kRows * kBRowBytes + kRows * kPRowBytes;
   __host__ __device__ static constexpr int warp_bytes(int max_bits) { return kWarpFixedBytes + kRingHalves * half_bytes(max_bits); }
   // Per CTA: INT8 Q in channel order (for the buffer and q . zero) and in the K order of the head's width.
@@ -104,72 +105,85 @@ __device__ __forceinline__ void stage_bytes_async(uint32_t dst, const uint8_t* s
   }
 }
 
-// The online-softmax state of one warp: rows 2t and 2t + 1 of the CTA's 8, channels 16 ot + g and
-// 16 ot + g + 8 of O^T.
-template <int kHeadDim>
+// Query rows: a CTA takes up to 8 (kRows) in groups of 4. In each group's 4- and 2-bit tensor-core
+// products the 8 N columns are its 4 rows' hi and lo parts (column 2 j: row j's hi part, 2 j + 1: its
+// lo part), so the accumulators of lane (g, t) hold both parts of row 4 grp + t for M rows g and g + 8:
+// every lane ends with whole scores and outputs of a live row, none of padding (with GQA groups of 4,
+// the common case, an 8-row layout would leave half the lanes' work on padding). 8-bit products have no
+// parts and take both groups at once (s8_scores).
+template <int kHeadDim, int kGroups>
 struct WarpState {
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
-  float o[kHeadDim / 16][4] = {};
+  float m[kGroups], l[kGroups];
+  float o[kGroups][kHeadDim / 16][2];  // channels 16 ot + g + 8 i of row 4 grp + t
+  __device__ WarpState() {
+#pragma unroll
+    for (int grp = 0; grp < kGroups; ++grp) {
+      m[grp] = -INFINITY, l[grp] = 0.0f;
+#pragma unroll
+      for (int ot = 0; ot < kHeadDim / 16; ++ot) o[grp][ot][0] = o[grp][ot][1] = 0.0f;
+    }
+  }
 };
 
-// Scores of a tile from the S^T accumulators: s[mt][i] is key 16 mt + g + 8 (i / 2), row 2t + i % 2.
-// Masks keys past each row's last visible one, finds each row's tile maximum, applies the skip rule,
-// rescales l, and returns the P codes' row sums. codes[mt][r] holds keys 16 mt + g and 16 mt + g + 8 of
-// row 2t + r in its bytes 0 and 2.
-template <bool kSas>
-struct TileSoftmax {
-  float alpha[2], beta[2], sv = 0.0f;
-  bool skip[2];
-  uint32_t codes[TA_BLOCK_TOKENS / 16][2];
-  int32_t p_sum[2];
+// Bytes (x_b >> shift) & 0xFF, b = 0..3, of four int32 with |x_b| < 2^15, as one word (shift 0 or 7):
+// the lo (then masked to 7 bits) or hi part of 128 hi + lo splits.
+__device__ __forceinline__ uint32_t pack_bytes(const int32_t (&x)[4], int shift) {
+  const uint32_t x01 = __byte_perm(x[0], x[1], 0x5410), x23 = __byte_perm(x[2], x[3], 0x5410);
+  return __byte_perm(x01 >> shift, x23 >> shift, 0x6420);
+}
 
-  __device__ __forceinline__ void run(float (&s)[TA_BLOCK_TOKENS / 16][4], const int (&visible)[2], bool v_nan, float skip_x,
-                                      float (&m)[2], float (&l)[2], int g) {
+// Scores of a tile: s[grp][mt][i] is key 16 mt + g + 8 i of row 4 grp + t. Masks keys past each row's
+// last visible one, finds each row's tile maximum, applies the skip rule, rescales l, and returns the
+// P codes' row sums. codes[grp][mt] holds keys 16 mt + g and 16 mt + g + 8 in its bytes 0 and 2.
+template <bool kSas, int kGroups>
+struct TileSoftmax {
+  float alpha[kGroups], beta[kGroups], sv = 0.0f;
+  bool skip[kGroups];
+  uint32_t codes[kGroups][TA_BLOCK_TOKENS / 16];
+  int32_t p_sum[kGroups];
+
+  __device__ __forceinline__ void run(float (&s)[kGroups][TA_BLOCK_TOKENS / 16][2], const int (&visible)[kGroups], bool v_nan,
+                                      float skip_x, float (&m)[kGroups], float (&l)[kGroups], int g) {
     constexpr int kMTiles = TA_BLOCK_TOKENS / 16;
-    float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-    for (int mt = 0; mt < kMTiles; ++mt)
+    for (int grp = 0; grp < kGroups; ++grp) {
+      float tile_max = -INFINITY;
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int key = 16 * mt + g + 8 * (i / 2), r = i % 2;
-        if (key >= visible[r]) s[mt][i] = -INFINITY;
-        tile_max[r] = nan_max(tile_max[r], s[mt][i]);
+      for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          if (16 * mt + g + 8 * i >= visible[grp]) s[grp][mt][i] = -INFINITY;
+          tile_max = nan_max(tile_max, s[grp][mt][i]);
+        }
+#pragma unroll
+      for (int x = 4; x < 32; x <<= 1) tile_max = nan_max(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, x));
+      const float m_new = nan_max(m[grp], tile_max);
+      skip[grp] = tile_max == -INFINITY || (tile_max - m_new < skip_x && !v_nan);
+      alpha[grp] = skip[grp] ? 1.0f : ex2_approx(m[grp] - m_new);
+      beta[grp] = skip[grp] ? 0.0f : ex2_approx(tile_max - m_new);
+      if (!skip[grp]) m[grp] = m_new;
+      int32_t sum = 0;
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        const float x0 = s[grp][mt][0] - tile_max, x1 = s[grp][mt][1] - tile_max;
+        const uint32_t y = kSas ? sas_codes_x2(x0, x1) : exp2_codes_x2(x0, x1);
+        codes[grp][mt] = skip[grp] ? 0u : (y & 0x00FF00FFu);
+        sum += int32_t(codes[grp][mt] & 0xFFu) + int32_t(codes[grp][mt] >> 16);
       }
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-#pragma unroll
-      for (int x = 4; x < 32; x <<= 1) tile_max[r] = nan_max(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], x));
-      const float m_new = nan_max(m[r], tile_max[r]);
-      skip[r] = tile_max[r] == -INFINITY || (tile_max[r] - m_new < skip_x && !v_nan);
-      alpha[r] = skip[r] ? 1.0f : ex2_approx(m[r] - m_new);
-      beta[r] = skip[r] ? 0.0f : ex2_approx(tile_max[r] - m_new);
-      if (!skip[r]) m[r] = m_new;
-      p_sum[r] = 0;
-    }
-#pragma unroll
-    for (int mt = 0; mt < kMTiles; ++mt)
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const float tm = tile_max[r];
-        const uint32_t y = kSas ? sas_codes_x2(s[mt][r] - tm, s[mt][2 + r] - tm) : exp2_codes_x2(s[mt][r] - tm, s[mt][2 + r] - tm);
-        codes[mt][r] = skip[r] ? 0u : (y & 0x00FF00FFu);
-        p_sum[r] += int32_t(codes[mt][r] & 0xFFu) + int32_t(codes[mt][r] >> 16);
-      }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-#pragma unroll
-      for (int x = 4; x < 32; x <<= 1) p_sum[r] += __shfl_xor_sync(0xffffffffu, p_sum[r], x);
-      l[r] = __fmaf_rn(small_int_to_float(p_sum[r]), beta[r], __fmul_rn(l[r], alpha[r]));
+      for (int x = 4; x < 32; x <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, x);
+      p_sum[grp] = sum;
+      l[grp] = __fmaf_rn(small_int_to_float(sum), beta[grp], __fmul_rn(l[grp], alpha[grp]));
     }
   }
 };
 
 // Q' of one tile: q (K order) times the stage-2 scale of each position's channel, split into
-// hi = qp >> 7 (s8) and lo = qp & 127, four positions (one word) per lane and step. Stage-2 scales are
-// at most 255 / 3 (docs/FORMATS.md 3.3), so they are valid s8 and one masked dp4a is one product.
+// hi = qp >> 7 (s8) and lo = qp & 127, four positions (one word) per lane and step, written to the rows
+// of the B operand: row r's hi to row 8 (r / 4) + 2 (r % 4), its lo to the next. Stage-2 scales are at
+// most 255 / 3 (docs/FORMATS.md 3.3), so they are valid s8 and one masked dp4a is one product.
 template <int kHeadDim, int kBits>
-__device__ __forceinline__ void build_q_prime(const uint8_t* s_qk, const uint8_t* k_meta, uint8_t* s_bh, uint8_t* s_bl, int rows,
-                                              int lane) {
+__device__ __forceinline__ void build_q_prime(const uint8_t* s_qk, const uint8_t* k_meta, uint8_t* s_b, int rows, int lane) {
   using Tr = DecodeTraits<kHeadDim>;
   constexpr int kWords = kHeadDim / 4;
   auto row_word = [&](int r, int w, int32_t s4) {
@@ -177,10 +191,9 @@ __device__ __forceinline__ void build_q_prime(const uint8_t* s_qk, const uint8_t
     int32_t qp[4];
 #pragma unroll
     for (int b = 0; b < 4; ++b) qp[b] = __dp4a(q4, s4 & (0xFF << (8 * b)), 0);
-    const uint32_t low = __byte_perm(__byte_perm(qp[0], qp[1], 0x0040), __byte_perm(qp[2], qp[3], 0x0040), 0x5410);
-    const uint32_t high = __byte_perm(__byte_perm(qp[0] >> 7, qp[1] >> 7, 0x0040), __byte_perm(qp[2] >> 7, qp[3] >> 7, 0x0040), 0x5410);
-    reinterpret_cast<uint32_t*>(s_bl + r * Tr::kBRowBytes)[w] = low & 0x7F7F7F7Fu;
-    reinterpret_cast<uint32_t*>(s_bh + r * Tr::kBRowBytes)[w] = high;
+    uint32_t* hi_row = reinterpret_cast<uint32_t*>(s_b + (8 * (r / 4) + 2 * (r % 4)) * Tr::kBRowBytes);
+    hi_row[w] = pack_bytes(qp, 7);
+    hi_row[Tr::kBRowBytes / 4 + w] = pack_bytes(qp, 0) & 0x7F7F7F7Fu;
   };
   if constexpr (kWords % 32 == 0) {  // each lane keeps the same words for every row: their scales once
     constexpr int kPerLane = kWords / 32;
@@ -198,12 +211,37 @@ __device__ __forceinline__ void build_q_prime(const uint8_t* s_qk, const uint8_t
   }
 }
 
+// S^T of INT8 key rows (an 8-bit page's, or the buffer's): no hi and lo parts, so one product takes both
+// row groups, column 2 j + grp holding row 4 grp + j: acc[mt][2 i + grp] is key 16 mt + g + 8 i of row
+// 4 grp + t.
+template <int D>
+__device__ __forceinline__ void s8_scores(int32_t (&acc)[TA_BLOCK_TOKENS / 16][4], const uint8_t* k_rows, const uint8_t* s_q8,
+                                          int lane) {
+  using Order = CodeOrder<8, D>;
+  const int g = lane / 4, t = lane % 4;
+  const uint8_t* q_row = s_q8 + (4 * (g % 2) + g / 2) * D;
+#pragma unroll
+  for (int ks = 0; ks < Order::kSteps; ++ks) {  // a k-step at a time: the buffer's tile runs with the state live
+    uint32_t b[2];
+    Order::load_step(b, q_row, t, ks);
+#pragma unroll
+    for (int mt = 0; mt < TA_BLOCK_TOKENS / 16; ++mt) {
+      uint32_t top[2], bottom[2];
+      Order::load_step(top, k_rows + (16 * mt + g) * D, t, ks);
+      Order::load_step(bottom, k_rows + (16 * mt + g + 8) * D, t, ks);
+      const uint32_t a[4] = {top[0], bottom[0], top[1], bottom[1]};
+      mma_m16n8k32_s8s8(acc[mt], a, b);
+    }
+  }
+}
+
 // A page's first half: S^T on the K codes, the softmax, and P in shared memory in V's K order.
 // Returns whether any row of the warp uses the tile (else P V is skipped).
-template <int kHeadDim, int kBits, bool kSas>
-__device__ __forceinline__ bool page_scores(const uint8_t* k_half, const uint8_t* s_q8, const uint8_t* s_qk, uint8_t* s_bh, uint8_t* s_bl,
-                                            uint8_t* s_p, const float (&q_scale)[2], const int (&visible)[2], int rows,
-                                            float skip_x, WarpState<kHeadDim>& ws, TileSoftmax<kSas>& sm, int lane) {
+template <int kHeadDim, int kBits, bool kSas, int kGroups>
+__device__ __forceinline__ bool page_scores(const uint8_t* k_half, const uint8_t* s_q8, const uint8_t* s_qk, uint8_t* s_b,
+                                            uint8_t* s_p, const float (&q_scale)[kGroups], const int (&visible)[kGroups], int rows,
+                                            float skip_x, WarpState<kHeadDim, kGroups>& ws, TileSoftmax<kSas, kGroups>& sm,
+                                            int lane) {
   using Tr = DecodeTraits<kHeadDim>;
   constexpr int D = kHeadDim, kMTiles = Tr::kKeys / 16;
   const int g = lane / 4, t = lane % 4;
@@ -212,11 +250,11 @@ __device__ __forceinline__ bool page_scores(const uint8_t* k_half, const uint8_t
   const float* block_scale = reinterpret_cast<const float*>(k_half + Tr::half_scales(kBits));
   constexpr int kKStride = Tr::k_row_bytes(kBits);
 
-  // Q' = q * scale split into hi (s8) and lo (0..127) in K's K order, and zq = q . zero per row.
-  int32_t zq[2] = {0, 0};
+  // Q' = q * scale split into hi (s8) and lo (0..127) in K's K order, and zq = q . zero of row 4 grp + t.
+  int32_t zq[kGroups] = {};
   if constexpr (kBits < 8) {
-    build_q_prime<kHeadDim, kBits>(s_qk, k_meta, s_bh, s_bl, rows, lane);
-    // Four lanes per row (row lane / 4), each a quarter of the channels; then rows 2t and 2t + 1 to lane t.
+    build_q_prime<kHeadDim, kBits>(s_qk, k_meta, s_b, rows, lane);
+    // Four lanes per row (row lane / 4), each a quarter of the channels, for rows 0..7.
     const int32_t* q_words = reinterpret_cast<const int32_t*>(s_q8 + g * D);
     const int32_t* zero_words = reinterpret_cast<const int32_t*>(k_meta + D);
     int32_t dot = 0;
@@ -228,52 +266,81 @@ __device__ __forceinline__ bool page_scores(const uint8_t* k_half, const uint8_t
     }
     dot += __shfl_xor_sync(0xffffffffu, dot, 1);
     dot += __shfl_xor_sync(0xffffffffu, dot, 2);
-    zq[0] = __shfl_sync(0xffffffffu, dot, 8 * t);
-    zq[1] = __shfl_sync(0xffffffffu, dot, 8 * t + 4);
+#pragma unroll
+    for (int grp = 0; grp < kGroups; ++grp) zq[grp] = __shfl_sync(0xffffffffu, dot, 4 * (4 * grp + t));
     __syncwarp();
   }
 
-  // S^T = K Q'^T: keys in M, query rows in N, the tensor-core K dimension in KOrder.
+  // S^T = K Q'^T: keys in M, (row, part) columns in N, the tensor-core K dimension in KOrder.
   using KOrder = CodeOrder<kBits, D>;
   constexpr int kSteps = KOrder::kSteps;
-  uint32_t bl[kSteps][2], bh[kSteps][2] = {};
+  float s[kGroups][kMTiles][2];
+  if constexpr (kBits == 8) {
+    int32_t acc[kMTiles][4] = {};
+    s8_scores<D>(acc, k_codes, s_q8, lane);
 #pragma unroll
-  for (int ks = 0; ks < kSteps; ++ks)
+    for (int grp = 0; grp < kGroups; ++grp) {
+      const float st = __fmul_rn(q_scale[grp], block_scale[0]);
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int at = g * Tr::kBRowBytes + 32 * ks + 16 * h + 4 * t;
-      bl[ks][h] = *reinterpret_cast<const uint32_t*>(s_bl + at);
-      if constexpr (kBits < 8) bh[ks][h] = *reinterpret_cast<const uint32_t*>(s_bh + at);
+      for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+        for (int i = 0; i < 2; ++i) s[grp][mt][i] = __fmul_rn(small_int_to_float(acc[mt][2 * i + grp]), st);
     }
-  int32_t acc_lo[kMTiles][4] = {}, acc_hi[kMTiles][4] = {};
+  } else {
+    int32_t acc[kGroups][kMTiles][4] = {};
+    auto b_word = [&](int grp, int ks, int h) {
+      return *reinterpret_cast<const uint32_t*>(s_b + (8 * grp + g) * Tr::kBRowBytes + 32 * ks + 16 * h + 4 * t);
+    };
+    if constexpr (kGroups == 1) {  // B held for the tile, each code row loaded whole
+      uint32_t bq[kSteps][2];
 #pragma unroll
-  for (int mt = 0; mt < kMTiles; ++mt) {
-    uint32_t top[kSteps][2], bottom[kSteps][2];  // keys 16 mt + g and 16 mt + g + 8
-    KOrder::load(top, k_codes + (16 * mt + g) * kKStride, t);
-    KOrder::load(bottom, k_codes + (16 * mt + g + 8) * kKStride, t);
+      for (int ks = 0; ks < kSteps; ++ks) bq[ks][0] = b_word(0, ks, 0), bq[ks][1] = b_word(0, ks, 1);
 #pragma unroll
-    for (int ks = 0; ks < kSteps; ++ks) {
-      const uint32_t a[4] = {top[ks][0], bottom[ks][0], top[ks][1], bottom[ks][1]};
-      if constexpr (kBits == 8) {
-        mma_m16n8k32_s8s8(acc_lo[mt], a, bl[ks]);
-      } else {
-        mma_m16n8k32_u8s8(acc_hi[mt], a, bh[ks]);
-        mma_m16n8k32_u8s8(acc_lo[mt], a, bl[ks]);
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        uint32_t top[kSteps][2], bottom[kSteps][2];  // keys 16 mt + g and 16 mt + g + 8
+        KOrder::load(top, k_codes + (16 * mt + g) * kKStride, t);
+        KOrder::load(bottom, k_codes + (16 * mt + g + 8) * kKStride, t);
+#pragma unroll
+        for (int ks = 0; ks < kSteps; ++ks) {
+          const uint32_t a[4] = {top[ks][0], bottom[ks][0], top[ks][1], bottom[ks][1]};
+          mma_m16n8k32_u8s8(acc[0][mt], a, bq[ks]);
+        }
+      }
+    } else {  // two groups' B and accumulators: a k-step at a time, so that registers hold
+#pragma unroll
+      for (int ks = 0; ks < kSteps; ++ks) {
+        uint32_t bq[kGroups][2];
+#pragma unroll
+        for (int grp = 0; grp < kGroups; ++grp) bq[grp][0] = b_word(grp, ks, 0), bq[grp][1] = b_word(grp, ks, 1);
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) {
+          uint32_t top[2], bottom[2];
+          KOrder::load_step(top, k_codes + (16 * mt + g) * kKStride, t, ks);
+          KOrder::load_step(bottom, k_codes + (16 * mt + g + 8) * kKStride, t, ks);
+          const uint32_t a[4] = {top[0], bottom[0], top[1], bottom[1]};
+#pragma unroll
+          for (int grp = 0; grp < kGroups; ++grp) mma_m16n8k32_u8s8(acc[grp][mt], a, bq[grp]);
+        }
       }
     }
-  }
-  float s[kMTiles][4];
-  const float st_row[2] = {__fmul_rn(q_scale[0], block_scale[0]), __fmul_rn(q_scale[1], block_scale[0])};
 #pragma unroll
-  for (int mt = 0; mt < kMTiles; ++mt)
+    for (int grp = 0; grp < kGroups; ++grp) {
+      const float st = __fmul_rn(q_scale[grp], block_scale[0]);
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int32_t dot = kBits == 8 ? acc_lo[mt][i] : 128 * acc_hi[mt][i] + acc_lo[mt][i] + zq[i % 2];
-      s[mt][i] = __fmul_rn(small_int_to_float(dot), st_row[i % 2]);
+      for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const int32_t* c = acc[grp][mt] + 2 * i;
+          s[grp][mt][i] = __fmul_rn(small_int_to_float(128 * c[0] + c[1] + zq[grp]), st);
+        }
     }
+  }
   sm.sv = block_scale[1];
   sm.run(s, visible, isnan(sm.sv), skip_x, ws.m, ws.l, g);
-  if (__all_sync(0xffffffffu, sm.skip[0] && sm.skip[1])) return false;
+  bool all_skip = true;
+#pragma unroll
+  for (int grp = 0; grp < kGroups; ++grp) all_skip = all_skip && sm.skip[grp];
+  if (__all_sync(0xffffffffu, all_skip)) return false;
 
   // P^T in V's K order: row r of s_p holds row r's codes at VOrder::position_of(key). Keys 16 apart
   // are a fixed number of positions apart, so each thread's positions are two offsets and a stride.
@@ -281,88 +348,108 @@ __device__ __forceinline__ bool page_scores(const uint8_t* k_half, const uint8_t
   constexpr int kMStride = VOrder::position_of(16);
   const int pos[2] = {VOrder::position_of(g), VOrder::position_of(g + 8)};
 #pragma unroll
-  for (int mt = 0; mt < kMTiles; ++mt)
+  for (int grp = 0; grp < kGroups; ++grp)
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      uint8_t* row = s_p + (2 * t + r) * Tr::kPRowBytes + kMStride * mt;
-      row[pos[0]] = uint8_t(sm.codes[mt][r]);
-      row[pos[1]] = uint8_t(sm.codes[mt][r] >> 16);
+    for (int mt = 0; mt < kMTiles; ++mt) {
+      uint8_t* row = s_p + (4 * grp + t) * Tr::kPRowBytes + kMStride * mt;
+      row[pos[0]] = uint8_t(sm.codes[grp][mt]);
+      row[pos[1]] = uint8_t(sm.codes[grp][mt] >> 16);
     }
   return true;
 }
 
 // A page's second half: O^T = V^T P'^T on the V codes, into the warp's state. At 4 and 2 bits the
-// B operand is P' = p_j scale_j (u8 x u8 < 2^15), split into 128 hi + lo like Q', and each row adds
-// sum_j p_j zero_j = sum_j p_j (zero_j + 128) - 128 sum_j p_j (u8 dot products, then the row's p_sum).
-template <int kHeadDim, int kBits, bool kSas>
-__device__ __forceinline__ void page_values(const uint8_t* v_half, const uint8_t* s_p, const TileSoftmax<kSas>& sm,
-                                            WarpState<kHeadDim>& ws, int lane) {
+// B operand is P' = p_j scale_j (u8 x u8 < 2^15), split into 128 hi + lo like Q' (lane (g, t) builds
+// column g: row 4 grp + g / 2's hi or lo part), and each row adds sum_j p_j zero_j =
+// sum_j p_j (zero_j + 128) - 128 sum_j p_j (u8 dot products, then the row's p_sum). At 8 bits the B
+// operand is P itself, both row groups in one product as in s8_scores.
+template <int kHeadDim, int kBits, bool kSas, int kGroups>
+__device__ __forceinline__ void page_values(const uint8_t* v_half, const uint8_t* s_p, const TileSoftmax<kSas, kGroups>& sm,
+                                            WarpState<kHeadDim, kGroups>& ws, int lane) {
   using Tr = DecodeTraits<kHeadDim>;
   const int g = lane / 4, t = lane % 4;
   const uint8_t* v_codes = v_half;
   const uint8_t* v_meta = v_half + Tr::half_meta(kBits);  // u8 scale[64], then s8 zero[64], by key
   constexpr int kVStride = Tr::v_row_bytes(kBits);
   using VOrder = CodeOrder<kBits, Tr::kKeys>;
-  // Row g's P codes at K positions 32 ks + 16 j + 4 t .. + 3 (word w = 8 ks + 4 j + t).
-  uint32_t bl[2][2], bh[2][2] = {};
+  constexpr int kBGroups = kBits == 8 ? 1 : kGroups;  // B operands
+  // Column g's P row: 4 grp + g / 2 (hi or lo part), or at 8 bits 4 (g % 2) + g / 2.
+  const int p_row0 = kBits == 8 ? 4 * (g % 2) + g / 2 : g / 2;
+  const bool lo_column = g & 1;
+  uint32_t bp[kBGroups][2][2];
+  int32_t zero_row[kGroups] = {};
 #pragma unroll
-  for (int ks = 0; ks < 2; ++ks)
-#pragma unroll
-    for (int j = 0; j < 2; ++j) bl[ks][j] = *reinterpret_cast<const uint32_t*>(s_p + g * Tr::kPRowBytes + 32 * ks + 16 * j + 4 * t);
-  int32_t zero_row[2] = {0, 0};
-  if constexpr (kBits < 8) {
-    uint32_t zp = 0;  // row g, this lane's 16 keys: sum_j p_j (zero_j + 128)
+  for (int grp = 0; grp < kBGroups; ++grp) {
+    // The row's P codes at K positions 32 ks + 16 h + 4 t .. + 3 (word w = 8 ks + 4 h + t).
+    const uint8_t* p_row = s_p + (4 * grp + p_row0) * Tr::kPRowBytes;
+    uint32_t zp = 0;  // that row, this lane's 16 keys: sum_j p_j (zero_j + 128)
 #pragma unroll
     for (int ks = 0; ks < 2; ++ks)
 #pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const int w = 8 * ks + 4 * j + t;
-        const uint32_t p4 = bl[ks][j], s4 = VOrder::gather(v_meta, w);
-        zp = __dp4a(p4, VOrder::gather(v_meta + Tr::kKeys, w) ^ 0x80808080u, zp);
-        uint32_t pp[4];
+      for (int h = 0; h < 2; ++h) {
+        const int w = 8 * ks + 4 * h + t;
+        const uint32_t p4 = *reinterpret_cast<const uint32_t*>(p_row + 4 * w);
+        if constexpr (kBits == 8) {
+          bp[grp][ks][h] = p4;
+        } else {
+          const uint32_t s4 = VOrder::gather(v_meta, w);
+          zp = __dp4a(p4, VOrder::gather(v_meta + Tr::kKeys, w) ^ 0x80808080u, zp);
+          int32_t pp[4];
 #pragma unroll
-        for (int b = 0; b < 4; ++b) pp[b] = __dp4a(p4, s4 & (0xFFu << (8 * b)), 0u);
-        bl[ks][j] = __byte_perm(__byte_perm(pp[0], pp[1], 0x0040), __byte_perm(pp[2], pp[3], 0x0040), 0x5410) & 0x7F7F7F7Fu;
-        bh[ks][j] = __byte_perm(__byte_perm(pp[0] >> 7, pp[1] >> 7, 0x0040), __byte_perm(pp[2] >> 7, pp[3] >> 7, 0x0040), 0x5410);
+          for (int b = 0; b < 4; ++b) pp[b] = int32_t(__dp4a(p4, s4 & (0xFFu << (8 * b)), 0u));
+          bp[grp][ks][h] = pack_bytes(pp, lo_column ? 0 : 7) & (lo_column ? 0x7F7F7F7Fu : 0xFFFFFFFFu);
+        }
       }
-    zp += __shfl_xor_sync(0xffffffffu, zp, 1);
-    zp += __shfl_xor_sync(0xffffffffu, zp, 2);
-#pragma unroll
-    for (int r = 0; r < 2; ++r)  // rows 2t and 2t + 1 are the sums of lanes 4 (2t + r) + 0..3
-      zero_row[r] = int32_t(__shfl_sync(0xffffffffu, zp, 4 * (2 * t + r))) - 128 * sm.p_sum[r];
+    if constexpr (kBits < 8) {
+      zp += __shfl_xor_sync(0xffffffffu, zp, 1);
+      zp += __shfl_xor_sync(0xffffffffu, zp, 2);
+      // Row 4 grp + t's sum sits in the lanes of g = 2 t.
+      zero_row[grp] = int32_t(__shfl_sync(0xffffffffu, zp, 8 * t)) - 128 * sm.p_sum[grp];
+    }
   }
-  const float svb[2] = {__fmul_rn(sm.sv, sm.beta[0]), __fmul_rn(sm.sv, sm.beta[1])};
-  const bool rescale = !__all_sync(0xffffffffu, sm.alpha[0] == 1.0f && sm.alpha[1] == 1.0f);
+  float svb[kGroups];
+  bool same_max = true;
+#pragma unroll
+  for (int grp = 0; grp < kGroups; ++grp) svb[grp] = __fmul_rn(sm.sv, sm.beta[grp]), same_max = same_max && sm.alpha[grp] == 1.0f;
+  const bool rescale = !__all_sync(0xffffffffu, same_max);
+  auto accumulate = [&](int grp, int ot, int i, int32_t pv) {
+    float& o = ws.o[grp][ot][i];
+    o = __fmaf_rn(small_int_to_float(pv), svb[grp], rescale ? __fmul_rn(o, sm.alpha[grp]) : o);
+  };
 #pragma unroll
   for (int ot = 0; ot < Tr::kOTiles; ++ot) {
-    int32_t acc_lo[4] = {0, 0, 0, 0}, acc_hi[4] = {0, 0, 0, 0};
     uint32_t top[2][2], bottom[2][2];  // channels 16 ot + g and 16 ot + g + 8
     VOrder::load(top, v_codes + (16 * ot + g) * kVStride, t);
     VOrder::load(bottom, v_codes + (16 * ot + g + 8) * kVStride, t);
 #pragma unroll
-    for (int ks = 0; ks < 2; ++ks) {
-      const uint32_t a[4] = {top[ks][0], bottom[ks][0], top[ks][1], bottom[ks][1]};
-      if constexpr (kBits == 8) {
-        mma_m16n8k32_s8u8(acc_lo, a, bl[ks]);
-      } else {
-        mma_m16n8k32_u8u8(acc_hi, a, bh[ks]);
-        mma_m16n8k32_u8u8(acc_lo, a, bl[ks]);
-      }
-    }
+    for (int grp = 0; grp < kBGroups; ++grp) {
+      int32_t acc[4] = {0, 0, 0, 0};
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int r = i % 2;
-      const int32_t pv = kBits == 8 ? acc_lo[i] : 128 * acc_hi[i] + acc_lo[i] + zero_row[r];
-      float& o = ws.o[ot][i];
-      o = __fmaf_rn(small_int_to_float(pv), svb[r], rescale ? __fmul_rn(o, sm.alpha[r]) : o);
+      for (int ks = 0; ks < 2; ++ks) {
+        const uint32_t a[4] = {top[ks][0], bottom[ks][0], top[ks][1], bottom[ks][1]};
+        if constexpr (kBits == 8)
+          mma_m16n8k32_s8u8(acc, a, bp[grp][ks]);
+        else
+          mma_m16n8k32_u8u8(acc, a, bp[grp][ks]);
+      }
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        if constexpr (kBits == 8) {
+#pragma unroll
+          for (int og = 0; og < kGroups; ++og) accumulate(og, ot, i, acc[2 * i + og]);
+        } else {
+          accumulate(grp, ot, i, 128 * acc[2 * i] + acc[2 * i + 1] + zero_row[grp]);
+        }
+      }
     }
   }
 }
 
 // The buffer's tile: per-token scales; K rows read from global memory, P V token by token.
-template <int kHeadDim, bool kSas>
-__device__ __forceinline__ void buffer_tile(const uint8_t* buffer, const uint8_t* s_q8, uint8_t* s_p, const float (&q_scale)[2],
-                                            const int (&visible)[2], float skip_x, WarpState<kHeadDim>& ws, int lane) {
+template <int kHeadDim, bool kSas, int kGroups>
+__device__ __forceinline__ void buffer_tile(const uint8_t* buffer, const uint8_t* s_q8, uint8_t* s_p, const float (&q_scale)[kGroups],
+                                            const int (&visible)[kGroups], float skip_x, WarpState<kHeadDim, kGroups>& ws,
+                                            int lane) {
   using Tr = DecodeTraits<kHeadDim>;
   constexpr int D = kHeadDim, kMTiles = Tr::kKeys / 16;
   const int g = lane / 4, t = lane % 4;
@@ -371,65 +458,57 @@ __device__ __forceinline__ void buffer_tile(const uint8_t* buffer, const uint8_t
   const float* k_scale = reinterpret_cast<const float*>(buffer + buffer_k_scale_offset(D));
   const float* v_scale = reinterpret_cast<const float*>(buffer + buffer_v_scale_offset(D));
   int32_t acc[kMTiles][4] = {};
-  using KOrder = CodeOrder<8, D>;
-  uint32_t b[KOrder::kSteps][2];
-  KOrder::load(b, s_q8 + g * D, t);
+  s8_scores<D>(acc, k_rows, s_q8, lane);
+  float s[kGroups][kMTiles][2];
 #pragma unroll
-  for (int mt = 0; mt < kMTiles; ++mt) {
-    uint32_t top[KOrder::kSteps][2], bottom[KOrder::kSteps][2];
-    KOrder::load(top, k_rows + (16 * mt + g) * D, t);
-    KOrder::load(bottom, k_rows + (16 * mt + g + 8) * D, t);
+  for (int grp = 0; grp < kGroups; ++grp)
 #pragma unroll
-    for (int ks = 0; ks < KOrder::kSteps; ++ks) {
-      const uint32_t a[4] = {top[ks][0], bottom[ks][0], top[ks][1], bottom[ks][1]};
-      mma_m16n8k32_s8s8(acc[mt], a, b[ks]);
-    }
-  }
-  float s[kMTiles][4];
+    for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
-  for (int mt = 0; mt < kMTiles; ++mt)
+      for (int i = 0; i < 2; ++i)
+        s[grp][mt][i] = __fmul_rn(small_int_to_float(acc[mt][2 * i + grp]), __fmul_rn(q_scale[grp], k_scale[16 * mt + g + 8 * i]));
+  int most_visible = 0;
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int key = 16 * mt + g + 8 * (i / 2);
-      s[mt][i] = __fmul_rn(small_int_to_float(acc[mt][i]), __fmul_rn(q_scale[i % 2], k_scale[key]));
-    }
+  for (int grp = 0; grp < kGroups; ++grp) most_visible = max(most_visible, visible[grp]);
   bool v_nan = false;
-  for (int key = 0; key < max(visible[0], visible[1]); ++key) v_nan = v_nan || isnan(v_scale[key]);
-  TileSoftmax<kSas> sm;
+  for (int key = 0; key < most_visible; ++key) v_nan = v_nan || isnan(v_scale[key]);
+  TileSoftmax<kSas, kGroups> sm;
   sm.run(s, visible, v_nan, skip_x, ws.m, ws.l, g);
 #pragma unroll
-  for (int mt = 0; mt < kMTiles; ++mt)
+  for (int grp = 0; grp < kGroups; ++grp)
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      uint8_t* row = s_p + (2 * t + r) * Tr::kPRowBytes;
-      row[16 * mt + g] = uint8_t(sm.codes[mt][r]);
-      row[16 * mt + g + 8] = uint8_t(sm.codes[mt][r] >> 16);
+    for (int mt = 0; mt < kMTiles; ++mt) {
+      uint8_t* row = s_p + (4 * grp + t) * Tr::kPRowBytes;
+      row[16 * mt + g] = uint8_t(sm.codes[grp][mt]);
+      row[16 * mt + g + 8] = uint8_t(sm.codes[grp][mt] >> 16);
     }
   __syncwarp();
 #pragma unroll
-  for (int ot = 0; ot < Tr::kOTiles; ++ot)
+  for (int grp = 0; grp < kGroups; ++grp) {
+    if (sm.skip[grp]) continue;
+    const uint8_t* p = s_p + (4 * grp + t) * Tr::kPRowBytes;
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int c = 16 * ot + g + 8 * (i / 2), r = i % 2;
-      if (sm.skip[r]) continue;
-      const uint8_t* p = s_p + (2 * t + r) * Tr::kPRowBytes;
-      float o = __fmul_rn(ws.o[ot][i], sm.alpha[r]);
-      for (int key = 0; key < visible[r]; ++key)
-        o = __fmaf_rn(float(int32_t(p[key]) * int32_t(v_rows[key * D + c])), __fmul_rn(v_scale[key], sm.beta[r]), o);
-      ws.o[ot][i] = o;
-    }
+    for (int ot = 0; ot < Tr::kOTiles; ++ot)
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int c = 16 * ot + g + 8 * i;
+        float o = __fmul_rn(ws.o[grp][ot][i], sm.alpha[grp]);
+        for (int key = 0; key < visible[grp]; ++key)
+          o = __fmaf_rn(float(int32_t(p[key]) * int32_t(v_rows[key * D + c])), __fmul_rn(v_scale[key], sm.beta[grp]), o);
+        ws.o[grp][ot][i] = o;
+      }
+  }
   __syncwarp();
 }
 
 // A warp's tiles of the split: j = begin + warp, + kWarps, ...; half h of the warp's sequence of halves
 // (K of its it-th tile is h = 2 it, V is 2 it + 1) goes to ring slot h % 3, so while one half is used
 // the next two are in flight.
-template <int kHeadDim, int kBits, bool kSas>
+template <int kHeadDim, int kBits, bool kSas, int kGroups>
 __device__ __forceinline__ void warp_tiles(const DecodeParams& p, uint8_t* ring, int half_stride, const uint8_t* s_q8,
-                                           const uint8_t* s_qk,
-                                           uint8_t* s_bh, uint8_t* s_bl, uint8_t* s_p, const float (&q_scale)[2],
-                                           const int64_t (&max_pos)[2], int rows, int slot, int hk, int64_t len, int begin,
-                                           int end, WarpState<kHeadDim>& ws, int warp, int lane) {
+                                           const uint8_t* s_qk, uint8_t* s_b, uint8_t* s_p, const float (&q_scale)[kGroups],
+                                           const int64_t (&max_pos)[kGroups], int rows, int slot, int hk, int64_t len, int begin,
+                                           int end, WarpState<kHeadDim, kGroups>& ws, int warp, int lane) {
   using Tr = DecodeTraits<kHeadDim>;
   constexpr int D = kHeadDim;
   const PageLayout& lay = *p.layout;
@@ -455,32 +534,39 @@ __device__ __forceinline__ void warp_tiles(const DecodeParams& p, uint8_t* ring,
       stage_bytes_async<kRegion[1]>(lane_dst, page + region_offset[1] + 16 * lane, lane);
     }
   };
-  const uint8_t* buffer = p.buffers + (int64_t(slot) * p.hkv + hk) * buffer_head_bytes(D);
   stage(0), cp_async_commit();
   stage(1), cp_async_commit();
+  // The pages of the split, then (last in the sequence's order, so after the loop, where the loop's
+  // registers are free for it) the buffer's tile if it is this warp's.
+  const int page_end = min(end, blocks);
   int it = 0;
-  for (int j = first; j < end; j += Tr::kWarps, ++it) {
+  for (int j = first; j < page_end; j += Tr::kWarps, ++it) {
     const int64_t first_pos = int64_t(j) * Tr::kKeys;
-    const int tile_tokens = j < blocks ? Tr::kKeys : int(len % Tr::kKeys);
-    int visible[2];
+    int visible[kGroups];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) visible[r] = int(min(int64_t(tile_tokens), max(int64_t(0), max_pos[r] - first_pos + 1)));
+    for (int grp = 0; grp < kGroups; ++grp) visible[grp] = int(min(int64_t(Tr::kKeys), max(int64_t(0), max_pos[grp] - first_pos + 1)));
     cp_async_wait<1>();  // K of this tile has landed (its V may still be in flight)
     __syncwarp();
     stage(2 * it + 2), cp_async_commit();  // the next K, into the slot of the previous V
-    TileSoftmax<kSas> sm;
-    bool values = false;
-    if (j < blocks)
-      values = page_scores<kHeadDim, kBits, kSas>(ring + ((2 * it) % Tr::kRingHalves) * half_stride, s_q8, s_qk, s_bh, s_bl, s_p,
-                                                  q_scale, visible, rows, skip_x, ws, sm, lane);
+    TileSoftmax<kSas, kGroups> sm;
+    const bool values = page_scores<kHeadDim, kBits, kSas, kGroups>(ring + ((2 * it) % Tr::kRingHalves) * half_stride, s_q8, s_qk,
+                                                                    s_b, s_p, q_scale, visible, rows, skip_x, ws, sm, lane);
     cp_async_wait<1>();  // V of this tile has landed
     __syncwarp();
     stage(2 * it + 3), cp_async_commit();  // the next V, into the slot of this K
-    if (values) page_values<kHeadDim, kBits, kSas>(ring + ((2 * it + 1) % Tr::kRingHalves) * half_stride, s_p, sm, ws, lane);
-    if (j >= blocks) buffer_tile<kHeadDim, kSas>(buffer, s_q8, s_p, q_scale, visible, skip_x, ws, lane);
+    if (values) page_values<kHeadDim, kBits, kSas, kGroups>(ring + ((2 * it + 1) % Tr::kRingHalves) * half_stride, s_p, sm, ws, lane);
     __syncwarp();  // s_p and the ring's slots are rewritten next
   }
   cp_async_wait<0>();
+  if (blocks >= first && blocks < end && (blocks - first) % Tr::kWarps == 0 && len % Tr::kKeys != 0) {
+    const int64_t first_pos = int64_t(blocks) * Tr::kKeys;
+    int visible[kGroups];
+#pragma unroll
+    for (int grp = 0; grp < kGroups; ++grp)
+      visible[grp] = int(min(int64_t(len % Tr::kKeys), max(int64_t(0), max_pos[grp] - first_pos + 1)));
+    buffer_tile<kHeadDim, kSas, kGroups>(p.buffers + (int64_t(slot) * p.hkv + hk) * buffer_head_bytes(D), s_q8, s_p, q_scale, visible,
+                                         skip_x, ws, lane);
+  }
 }
 
 // One element of a row merged from n states in order (docs/FORMATS.md 1.7): M = max m_s, then
@@ -526,7 +612,8 @@ __device__ __forceinline__ MergedState merge_in_order(int n, M m_of, L l_of, O o
   return r;
 }
 
-template <int kHeadDim, typename T, bool kSas>
+// kGroups: groups of 4 query rows (1 when the CTA's rows are at most 4, else 2).
+template <int kHeadDim, typename T, bool kSas, int kGroups>
 __global__ void __launch_bounds__(DecodeTraits<kHeadDim>::kThreads, DecodeTraits<kHeadDim>::kMinBlocksPerSm)
     cache_decode_kernel(const __grid_constant__ DecodeParams p) {
   using Tr = DecodeTraits<kHeadDim>;
@@ -573,12 +660,11 @@ __global__ void __launch_bounds__(DecodeTraits<kHeadDim>::kThreads, DecodeTraits
     for (int c = lane; c < D; c += 32) s_q8[r * D + c] = 0;
     if (lane == 0) s_q_scale[r] = 0.0f;
   }
-  // Per warp: Q' rows (zero outside the live rows; the 8-bit path's B operand is Q itself), P rows,
-  // and the ring.
+  // Per warp: the B operand's rows of Q' parts (two groups of 8; zero outside the live rows), P rows, and
+  // the ring.
   uint8_t* wbase = smem + Tr::kQBytes + warp * Tr::warp_bytes(p.max_bits);
-  uint8_t* s_bh = wbase;
-  uint8_t* s_bl = s_bh + Tr::kRows * Tr::kBRowBytes;
-  uint8_t* s_p = s_bl + Tr::kRows * Tr::kBRowBytes;
+  uint8_t* s_b = wbase;
+  uint8_t* s_p = s_b + 2 * Tr::kRows * Tr::kBRowBytes;
   uint8_t* ring = wbase + Tr::kWarpFixedBytes;
   for (int i = lane; i < Tr::kWarpFixedBytes / 4; i += 32) reinterpret_cast<uint32_t*>(wbase)[i] = 0u;
   __syncthreads();
@@ -591,39 +677,38 @@ __global__ void __launch_bounds__(DecodeTraits<kHeadDim>::kThreads, DecodeTraits
     }
     __syncthreads();
   }
-  if (bits == 8)
-    for (int i = lane; i < Tr::kRows * D; i += 32) s_bl[(i / D) * Tr::kBRowBytes + i % D] = s_q8[i];
-  __syncwarp();
 
-  int64_t max_pos[2];
-  float q_scale[2];
+  int64_t max_pos[kGroups];  // of row 4 grp + t
+  float q_scale[kGroups];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int row = 2 * t + r;
-    max_pos[r] = row < rows ? len - p.q_behind - p.q_len + row % p.q_len : -1;
-    q_scale[r] = s_q_scale[row];
+  for (int grp = 0; grp < kGroups; ++grp) {
+    const int row = 4 * grp + t;
+    max_pos[grp] = row < rows ? len - p.q_behind - p.q_len + row % p.q_len : -1;
+    q_scale[grp] = s_q_scale[row];
   }
-  WarpState<kHeadDim> ws;
+  WarpState<kHeadDim, kGroups> ws;
   const int half_stride = Tr::half_bytes(p.max_bits);
   if (bits == 8)
-    warp_tiles<kHeadDim, 8, kSas>(p, ring, half_stride, s_q8, s_qk, s_bh, s_bl, s_p, q_scale, max_pos, rows, slot, hk, len, begin, end, ws, warp, lane);
+    warp_tiles<kHeadDim, 8, kSas, kGroups>(p, ring, half_stride, s_q8, s_qk, s_b, s_p, q_scale, max_pos, rows, slot, hk, len, begin, end, ws, warp, lane);
   else if (bits == 4)
-    warp_tiles<kHeadDim, 4, kSas>(p, ring, half_stride, s_q8, s_qk, s_bh, s_bl, s_p, q_scale, max_pos, rows, slot, hk, len, begin, end, ws, warp, lane);
+    warp_tiles<kHeadDim, 4, kSas, kGroups>(p, ring, half_stride, s_q8, s_qk, s_b, s_p, q_scale, max_pos, rows, slot, hk, len, begin, end, ws, warp, lane);
   else
-    warp_tiles<kHeadDim, 2, kSas>(p, ring, half_stride, s_q8, s_qk, s_bh, s_bl, s_p, q_scale, max_pos, rows, slot, hk, len, begin, end, ws, warp, lane);
+    warp_tiles<kHeadDim, 2, kSas, kGroups>(p, ring, half_stride, s_q8, s_qk, s_b, s_p, q_scale, max_pos, rows, slot, hk, len, begin, end, ws, warp, lane);
 
   // The warps' states, merged per row in shared memory (each warp's own area, now free); then the
   // output (one split) or the split's part for cache_merge_kernel.
   __syncwarp();  // warp_tiles waited for its last copies
   float* st = reinterpret_cast<float*>(wbase);  // m[8], l[8], o[8][D]
   const int g = lane / 4;
-  if (g == 0)
 #pragma unroll
-    for (int r = 0; r < 2; ++r) st[2 * t + r] = ws.m[r], st[Tr::kRows + 2 * t + r] = ws.l[r];
+  for (int grp = 0; grp < kGroups; ++grp) {
+    const int row = 4 * grp + t;
+    if (g == 0) st[row] = ws.m[grp], st[Tr::kRows + row] = ws.l[grp];
 #pragma unroll
-  for (int ot = 0; ot < Tr::kOTiles; ++ot)
+    for (int ot = 0; ot < Tr::kOTiles; ++ot)
 #pragma unroll
-    for (int i = 0; i < 4; ++i) st[2 * Tr::kRows + (2 * t + i % 2) * D + 16 * ot + g + 8 * (i / 2)] = ws.o[ot][i];
+      for (int i = 0; i < 2; ++i) st[2 * Tr::kRows + row * D + 16 * ot + g + 8 * i] = ws.o[grp][ot][i];
+  }
   __syncthreads();
   const bool one_split = p.num_splits == 1;
   for (int idx = threadIdx.x; idx < rows * D; idx += Tr::kThreads) {
