@@ -1,10 +1,11 @@
-// Host side of the GPU KV cache: device memory, the runs of a write, decode launches and the one place
-// that maps (head dim, dtype, SAS) to a decode kernel instance.
+// Host side of the GPU KV cache: device memory, the runs of a write, decode launches, the automatic
+// split, and the one place that maps (head dim, SAS, row groups) to a decode kernel instance.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -79,36 +80,56 @@ void launch_write(const ta_tensor& k, const ta_tensor& v, const std::vector<Writ
   }
 }
 
-template <int kHeadDim, typename T, bool kSas, int kGroups>
-void launch_decode_groups(const DecodeParams& p, int num_seqs, int chunks, cudaStream_t stream) {
-  using Tr = DecodeTraits<kHeadDim>;
-  const auto kernel = cache_decode_kernel<kHeadDim, T, kSas, kGroups>;
-  static std::atomic<uint64_t> configured{0};
-  allow_dynamic_smem(configured, reinterpret_cast<const void*>(kernel), Tr::smem_bytes(TA_BITS_8));
-  const dim3 grid{unsigned(p.num_splits), unsigned(p.hkv * chunks), unsigned(num_seqs)};
-  kernel<<<grid, Tr::kThreads, Tr::smem_bytes(p.max_bits), stream>>>(p);
-  TA_CUDA_CHECK_LAUNCH("cache_decode_kernel");
-}
-
-// A CTA's query rows (heads x q_len) come in groups of 4: one group when they fit.
-template <int kHeadDim, typename T, bool kSas>
-void launch_decode(const DecodeParams& p, int num_seqs, int chunks, cudaStream_t stream) {
-  if (p.heads_per_cta * p.q_len <= 4) return launch_decode_groups<kHeadDim, T, kSas, 1>(p, num_seqs, chunks, stream);
-  launch_decode_groups<kHeadDim, T, kSas, 2>(p, num_seqs, chunks, stream);
-}
-
-// The one place that maps (head dim, SAS) to a decode kernel instance.
-template <typename T>
-void dispatch_decode(int dim, bool sas, const DecodeParams& p, int num_seqs, int chunks, cudaStream_t stream) {
+// The one place that maps (head dim, SAS, row groups) to a decode kernel instance: calls
+// fn(D, SAS, GROUPS), each a std::integral_constant. A CTA's query rows (heads x q_len) come in groups
+// of 4: one group when they fit.
+template <typename Fn>
+void with_decode_instance(int dim, bool sas, int rows, Fn&& fn) {
+  const auto by_sas_and_groups = [&](auto d) {
+    using One = std::integral_constant<int, 1>;
+    using Two = std::integral_constant<int, 2>;
+    if (sas) return rows <= 4 ? fn(d, std::true_type{}, One{}) : fn(d, std::true_type{}, Two{});
+    return rows <= 4 ? fn(d, std::false_type{}, One{}) : fn(d, std::false_type{}, Two{});
+  };
   switch (dim) {
-    case 64: return sas ? launch_decode<64, T, true>(p, num_seqs, chunks, stream) : launch_decode<64, T, false>(p, num_seqs, chunks, stream);
-    case 96: return sas ? launch_decode<96, T, true>(p, num_seqs, chunks, stream) : launch_decode<96, T, false>(p, num_seqs, chunks, stream);
-    case 128:
-      return sas ? launch_decode<128, T, true>(p, num_seqs, chunks, stream) : launch_decode<128, T, false>(p, num_seqs, chunks, stream);
-    case 256:
-      return sas ? launch_decode<256, T, true>(p, num_seqs, chunks, stream) : launch_decode<256, T, false>(p, num_seqs, chunks, stream);
+    case 64: return by_sas_and_groups(std::integral_constant<int, 64>{});
+    case 96: return by_sas_and_groups(std::integral_constant<int, 96>{});
+    case 128: return by_sas_and_groups(std::integral_constant<int, 128>{});
+    case 256: return by_sas_and_groups(std::integral_constant<int, 256>{});
   }
   throw Error(TA_ERROR_UNSUPPORTED, concat("head dim ", dim, " has no CUDA decode kernel"));
+}
+
+// A decode kernel instance, its shared-memory limit raised (once per device) to what any layer needs.
+template <int kHeadDim, typename T, bool kSas, int kGroups>
+auto decode_kernel() {
+  const auto kernel = cache_decode_kernel<kHeadDim, T, kSas, kGroups>;
+  static std::atomic<uint64_t> configured{0};
+  allow_dynamic_smem(configured, reinterpret_cast<const void*>(kernel), DecodeTraits<kHeadDim>::smem_bytes(TA_BITS_8));
+  return kernel;
+}
+
+template <typename T>
+void launch_decode(int dim, bool sas, const DecodeParams& p, int num_seqs, int chunks, cudaStream_t stream) {
+  with_decode_instance(dim, sas, p.heads_per_cta * p.q_len, [&](auto d, auto s, auto g) {
+    using Tr = DecodeTraits<decltype(d)::value>;
+    const dim3 grid{unsigned(p.num_splits), unsigned(p.hkv * chunks), unsigned(num_seqs)};
+    decode_kernel<decltype(d)::value, T, decltype(s)::value, decltype(g)::value>()<<<grid, Tr::kThreads, Tr::smem_bytes(p.max_bits),
+                                                                                  stream>>>(p);
+    TA_CUDA_CHECK_LAUNCH("cache_decode_kernel");
+  });
+}
+
+// CTAs of that instance one SM holds at once, for a layer whose widest head has max_bits.
+template <typename T>
+int decode_ctas_per_sm(int dim, bool sas, int rows, int max_bits) {
+  int n = 0;
+  with_decode_instance(dim, sas, rows, [&](auto d, auto s, auto g) {
+    using Tr = DecodeTraits<decltype(d)::value>;
+    const auto kernel = decode_kernel<decltype(d)::value, T, decltype(s)::value, decltype(g)::value>();
+    TA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, Tr::kThreads, Tr::smem_bytes(max_bits)));
+  });
+  return std::max(1, n);
 }
 
 }  // namespace
@@ -186,6 +207,15 @@ void DeviceCache::write(int layer, const int32_t* seqs, int num_seqs, const ta_t
                                 d_tables_, table_width_, lengths, cfg_.kv_heads, cfg_.head_dim, cfg_.smooth_k, stream);
 }
 
+int DeviceCache::ctas_per_sm(ta_dtype dtype, bool sas, int rows, int max_bits) {
+  const int key = ((int(dtype == TA_DTYPE_F16) * 2 + int(sas)) * 2 + int(rows > 4)) * 3 + (max_bits == TA_BITS_8 ? 2 : max_bits == TA_BITS_4);
+  int& n = ctas_per_sm_[size_t(key)];
+  if (n == 0)
+    n = dtype == TA_DTYPE_F16 ? decode_ctas_per_sm<__half>(cfg_.head_dim, sas, rows, max_bits)
+                              : decode_ctas_per_sm<__nv_bfloat16>(cfg_.head_dim, sas, rows, max_bits);
+  return n;
+}
+
 void DeviceCache::decode(int layer, const int32_t* seqs, int num_seqs, const ta_tensor& q, const ta_decode_options& options,
                          ta_tensor& out, void* stream_) {
   const auto stream = static_cast<cudaStream_t>(stream_);
@@ -199,15 +229,17 @@ void DeviceCache::decode(int layer, const int32_t* seqs, int num_seqs, const ta_
     const int heads_per_cta = std::max(1, std::min(group, DecodeTraits<64>::kRows / q_len));
     return std::pair{heads_per_cta, (group + heads_per_cta - 1) / heads_per_cta};
   };
+  int max_bits = TA_BITS_2;
+  for (int h = 0; h < hkv; ++h) max_bits = std::max(max_bits, layouts_[size_t(layer)].bits[h]);
   int splits;
   if (options.split_tiles > 0) {
     splits = int((max_tiles + options.split_tiles - 1) / options.split_tiles);
-  } else {  // about four CTAs per SM in all, no split shorter than 16 tiles (4 per warp)
-    const int64_t base = int64_t(std::min(num_seqs, kDecodeMaxSeqs)) * hkv * row_groups(max_q).second;
-    splits = int(std::clamp<int64_t>((4 * int64_t(num_sms_) + base - 1) / base, 1, std::max<int64_t>(1, max_tiles / 16)));
+  } else {  // as many splits as fill the SMs' resident CTAs once, none shorter than 16 tiles (4 per warp)
+    const auto [heads_per_cta, chunks] = row_groups(max_q);
+    const int64_t base = int64_t(std::min(num_seqs, kDecodeMaxSeqs)) * hkv * chunks;
+    const int64_t slots = int64_t(ctas_per_sm(q.dtype, options.use_sas != 0, heads_per_cta * max_q, max_bits)) * num_sms_;
+    splits = int(std::clamp<int64_t>(slots / base, 1, std::max<int64_t>(1, max_tiles / 16)));
   }
-  int max_bits = TA_BITS_2;
-  for (int h = 0; h < hkv; ++h) max_bits = std::max(max_bits, layouts_[size_t(layer)].bits[h]);
   // With several splits, the splits' parts (docs/FORMATS.md 1.7) for cache_merge_kernel.
   const int64_t part_floats = splits > 1 ? int64_t(num_seqs) * hq * max_q * splits * (D + 2) : 0;
   if (part_floats > workspace_floats_) {
@@ -242,11 +274,11 @@ void DeviceCache::decode(int layer, const int32_t* seqs, int num_seqs, const ta_
       for (int i = 0; i < n; ++i) p.slots[i] = seqs[s0 + i];
       const unsigned rows = unsigned(n * hq * q_len);
       if (q.dtype == TA_DTYPE_F16) {
-        dispatch_decode<__half>(D, options.use_sas != 0, p, n, chunks, stream);
+        launch_decode<__half>(D, options.use_sas != 0, p, n, chunks, stream);
         if (splits > 1)
           cache_merge_kernel<__half><<<rows, 128, 0, stream>>>(p.partial, splits, hq, q_len, D, p.out, p.o_b, p.o_n, p.o_h);
       } else {
-        dispatch_decode<__nv_bfloat16>(D, options.use_sas != 0, p, n, chunks, stream);
+        launch_decode<__nv_bfloat16>(D, options.use_sas != 0, p, n, chunks, stream);
         if (splits > 1)
           cache_merge_kernel<__nv_bfloat16><<<rows, 128, 0, stream>>>(p.partial, splits, hq, q_len, D, p.out, p.o_b, p.o_n,
                                                                       p.o_h);

@@ -3,6 +3,7 @@
 // host, so capacity is checked before any work is queued. Host-compiler friendly: no CUDA types here.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <vector>
 
@@ -60,6 +61,10 @@ class DeviceCache {
   int64_t workspace_floats_ = 0;
   int device_ = 0;
   int num_sms_ = 0;
+  // CTAs per SM of a decode kernel instance (by dtype, SAS, row groups and the layer's widest head),
+  // asked of the driver once each: what the automatic split fills.
+  int ctas_per_sm(ta_dtype dtype, bool sas, int rows, int max_bits);
+  std::array<int, 24> ctas_per_sm_{};
 };
 
 }  // namespace turboattn::cuda
