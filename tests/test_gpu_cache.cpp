@@ -247,6 +247,20 @@ TEST(DecodeCodeOrder, PositionsAndFragmentsAgreeWithThePacking) {
   expect_code_order<2, 64>(rng), expect_code_order<2, 96>(rng), expect_code_order<2, 128>(rng), expect_code_order<2, 256>(rng);
 }
 
+// The automatic split on the benchmark's shapes (8 KV heads, an H200's 132 SMs at 3 CTAs each, 2 with
+// 8-bit heads): the choices docs/BENCHMARKS.md measured against fixed splits.
+TEST(DecodeSplit, FillsOneRoundOfResidentCtas) {
+  const int64_t slots = 3 * 132;
+  EXPECT_EQ(cuda::automatic_decode_splits(32 * 8, slots, 8192 / 64), 1);   // 32 x 8k: one round already
+  EXPECT_EQ(cuda::automatic_decode_splits(8 * 8, slots, 32768 / 64), 6);   // 8 x 32k: 384 of 396 slots
+  EXPECT_EQ(cuda::automatic_decode_splits(64 * 8, slots, 4096 / 64), 2);   // 64 x 4k: 1.3 rounds -> 2.6
+  EXPECT_EQ(cuda::automatic_decode_splits(128 * 8, slots, 2048 / 64), 1);  // 128 x 2k: 2.6 rounds
+  EXPECT_EQ(cuda::automatic_decode_splits(1 * 8, slots, 32768 / 64), 32);  // batch 1: 16-tile splits
+  EXPECT_EQ(cuda::automatic_decode_splits(1 * 8, slots, 2), 1);            // short: never under 16 tiles
+  EXPECT_EQ(cuda::automatic_decode_splits(32 * 8, 2 * 132, 8192 / 64), 1);
+  EXPECT_EQ(cuda::automatic_decode_splits(8 * 8, 2 * 132, 32768 / 64), 4);
+}
+
 // (head dim, bits, query heads per KV head, q_len, SAS, split_tiles, dtype of q)
 using DecodeCase = std::tuple<int, std::string, int, int, bool, int, ta_dtype>;
 class GpuDecode : public testing::TestWithParam<DecodeCase> {};

@@ -234,14 +234,11 @@ void DeviceCache::decode(int layer, const int32_t* seqs, int num_seqs, const ta_
   int splits;
   if (options.split_tiles > 0) {
     splits = int((max_tiles + options.split_tiles - 1) / options.split_tiles);
-  } else {  // as many splits as fill the SMs' resident CTAs once, none shorter than 16 tiles (4 per warp);
-    // where one split already takes more than one round of CTAs but less than two, two splits, so
-    // that the last round is not mostly empty (docs/BENCHMARKS.md: the split measured)
+  } else {
     const auto [heads_per_cta, chunks] = row_groups(max_q);
-    const int64_t base = int64_t(std::min(num_seqs, kDecodeMaxSeqs)) * hkv * chunks;
+    const int64_t ctas = int64_t(std::min(num_seqs, kDecodeMaxSeqs)) * hkv * chunks;
     const int64_t slots = int64_t(ctas_per_sm(q.dtype, options.use_sas != 0, heads_per_cta * max_q, max_bits)) * num_sms_;
-    const int64_t fill = base <= slots ? slots / base : base < 2 * slots ? 2 : 1;
-    splits = int(std::clamp<int64_t>(fill, 1, std::max<int64_t>(1, max_tiles / 16)));
+    splits = automatic_decode_splits(ctas, slots, max_tiles);
   }
   // With several splits, the splits' parts (docs/FORMATS.md 1.7) for cache_merge_kernel.
   const int64_t part_floats = splits > 1 ? int64_t(num_seqs) * hq * max_q * splits * (D + 2) : 0;

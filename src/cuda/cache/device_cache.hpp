@@ -3,6 +3,7 @@
 // host, so capacity is checked before any work is queued. Host-compiler friendly: no CUDA types here.
 #pragma once
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <vector>
@@ -13,6 +14,15 @@
 #include "turboattn/turboattn.h"
 
 namespace turboattn::cuda {
+
+// The automatic decode split: as many splits of each sequence's tiles as fill the SMs' resident CTAs
+// (`slots`) once when one split's `ctas` leave room; two where one split already takes between one and
+// two rounds, so that the last round is not mostly empty; never a split under 16 tiles (4 per warp).
+// Measured against fixed splits in docs/BENCHMARKS.md.
+inline int automatic_decode_splits(int64_t ctas, int64_t slots, int64_t max_tiles) {
+  const int64_t fill = ctas <= slots ? slots / ctas : ctas < 2 * slots ? 2 : 1;
+  return int(std::clamp<int64_t>(fill, 1, std::max<int64_t>(1, max_tiles / 16)));
+}
 
 class DeviceCache {
  public:
