@@ -128,6 +128,22 @@ def test_kivi_cache_quantizes_what_leaves_the_window():
         kivi.KiviLayer(bits=2, group=48, residual=64)
 
 
+def test_kivi_crop_keeps_the_counters_within_the_tokens():
+    torch.manual_seed(0)
+    layer = kivi.KiviLayer(bits=4, group=32, residual=64)
+    layer.update(torch.randn(1, 2, 150, 64), torch.randn(1, 2, 150, 64))
+    assert (layer.k_quantized, layer.v_quantized) == (128, 86)
+    kept_k = layer.keys[..., :100, :].clone()
+    layer.crop(-50)  # transformers 5: a negative count of tokens to drop
+    assert layer.get_seq_length() == 100 and torch.equal(layer.keys, kept_k)
+    assert (layer.k_quantized, layer.v_quantized) == (100, 86)
+    for _ in range(28):  # 128 tokens: K's next window of 64 starts at 100 and is not yet full
+        layer.update(torch.randn(1, 2, 1, 64), torch.randn(1, 2, 1, 64))
+    assert (layer.k_quantized, layer.v_quantized) == (100, 86)
+    layer.update(torch.randn(1, 2, 36, 64), torch.randn(1, 2, 36, 64))  # 164: 100 + 64 quantized
+    assert (layer.k_quantized, layer.v_quantized) == (164, 100)
+
+
 def test_kivi_bytes_per_token():
     asym, at = kivi.kivi_bytes_per_token(2, 32, 64, 1000, layers=2, kv_heads=3, head_dim=64)
     per_token = 2 * 3 * 64  # of K, and of V

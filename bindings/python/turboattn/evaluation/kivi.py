@@ -57,6 +57,13 @@ class KiviLayer(DynamicLayer):
         super().reset()
         self.k_quantized = self.v_quantized = 0
 
+    def crop(self, *args, **kwargs):
+        """Drops the newest tokens (transformers' signature, whichever version); the counters follow, and
+        tokens kept that were already quantized stay so (their fp16 values are gone)."""
+        super().crop(*args, **kwargs)
+        n = self.keys.shape[-2] if self.is_initialized else 0
+        self.k_quantized, self.v_quantized = min(self.k_quantized, n), min(self.v_quantized, n)
+
 
 class KiviCache(Cache):
     def __init__(self, num_layers, bits, group=32, residual=64):
