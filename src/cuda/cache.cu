@@ -14,6 +14,7 @@
 #include "cuda/cache/device_cache.hpp"
 #include "cuda/cache/write_kernel.cuh"
 #include "cuda/common/check.cuh"
+#include "cuda/common/head_dim.cuh"
 #include "reference/attention.hpp"
 
 namespace turboattn::cuda {
@@ -91,13 +92,7 @@ void with_decode_instance(int dim, bool sas, int rows, Fn&& fn) {
     if (sas) return rows <= 4 ? fn(d, std::true_type{}, One{}) : fn(d, std::true_type{}, Two{});
     return rows <= 4 ? fn(d, std::false_type{}, One{}) : fn(d, std::false_type{}, Two{});
   };
-  switch (dim) {
-    case 64: return by_sas_and_groups(std::integral_constant<int, 64>{});
-    case 96: return by_sas_and_groups(std::integral_constant<int, 96>{});
-    case 128: return by_sas_and_groups(std::integral_constant<int, 128>{});
-    case 256: return by_sas_and_groups(std::integral_constant<int, 256>{});
-  }
-  throw Error(TA_ERROR_UNSUPPORTED, concat("head dim ", dim, " has no CUDA decode kernel"));
+  with_head_dim(dim, "CUDA decode kernel", by_sas_and_groups);
 }
 
 // A decode kernel instance, its shared-memory limit raised (once per device) to what any layer needs.

@@ -6,6 +6,7 @@
 #include "api/cuda_backend.hpp"
 #include "api/errors.hpp"
 #include "cuda/common/check.cuh"
+#include "cuda/common/head_dim.cuh"
 #include "cuda/common/int8.cuh"
 #include "cuda/common/numeric.cuh"
 #include "cuda/quantize.cuh"
@@ -240,18 +241,6 @@ dim3 grid_of(const QuantizeArgs<T>& a) {
   return dim3{unsigned(blocks), unsigned(a.heads), unsigned(a.batch)};
 }
 
-// Calls f(std::integral_constant<int, D>) for the head dims the library supports.
-template <typename F>
-void with_head_dim(int dim, F&& f) {
-  switch (dim) {
-    case 64: return f(std::integral_constant<int, 64>{});
-    case 96: return f(std::integral_constant<int, 96>{});
-    case 128: return f(std::integral_constant<int, 128>{});
-    case 256: return f(std::integral_constant<int, 256>{});
-  }
-  throw Error(TA_ERROR_UNSUPPORTED, concat("head dim ", dim, " has no quantization kernel"));
-}
-
 // 16-byte loads need x's pointer and strides in whole 16-byte units (every layout torch makes at these
 // head dims); other layouts take the element-wise path of the same kernels.
 template <typename T>
@@ -266,7 +255,7 @@ void launch_quantize_int8(const QuantizeArgs<T>& a, cudaStream_t stream) {
   if (a.batch == 0 || a.tokens == 0 || a.heads == 0) return;
   const bool vector = vector_loads(a.x, a.xs) && reinterpret_cast<uintptr_t>(a.codes) % 8 == 0 && a.cs.b % 8 == 0 &&
                       a.cs.n % 8 == 0 && a.cs.h % 8 == 0;
-  with_head_dim(a.dim, [&](auto dim) {
+  with_head_dim(a.dim, "quantization kernel", [&](auto dim) {
     constexpr int D = decltype(dim)::value;
     const auto kernel = vector ? quantize_int8_kernel<T, D, true> : quantize_int8_kernel<T, D, false>;
     kernel<<<grid_of(a), kQuantThreads, 0, stream>>>(a);
@@ -278,7 +267,7 @@ template <typename T>
 void launch_quantize_int8_transposed(const QuantizeArgs<T>& a, int padded_tokens, cudaStream_t stream) {
   if (a.batch == 0 || a.tokens == 0 || a.heads == 0) return;
   const bool vector = vector_loads(a.x, a.xs);
-  with_head_dim(a.dim, [&](auto dim) {
+  with_head_dim(a.dim, "quantization kernel", [&](auto dim) {
     constexpr int D = decltype(dim)::value;
     const auto kernel = vector ? quantize_int8_transposed_kernel<T, D, true> : quantize_int8_transposed_kernel<T, D, false>;
     kernel<<<grid_of(a), kQuantThreads, 0, stream>>>(a, padded_tokens);
