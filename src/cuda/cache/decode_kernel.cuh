@@ -44,7 +44,7 @@ struct DecodeTraits {
   static constexpr int kWarps = decode_warps(kHeadDim);
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kMinBlocksPerSm = kHeadDim <= 128 ? 3 : 1;  // what shared memory allows at 4 bits
-  static constexpr int kRows = 8;                 // query rows per CTA: the N of an m16n8k32 tile
+  static constexpr int kRows = 8;                 // query rows per CTA: two groups of 4 (WarpState)
   static constexpr int kKeys = TA_BLOCK_TOKENS;   // keys per tile: one page
   static constexpr int kOTiles = kHeadDim / 16;   // m16 tiles of O^T (channels)
   static constexpr int kBRowBytes = kHeadDim + 16;  // B operand rows; the padding spreads 8 rows over banks
