@@ -144,6 +144,26 @@ def test_kivi_crop_keeps_the_counters_within_the_tokens():
     assert (layer.k_quantized, layer.v_quantized) == (164, 100)
 
 
+def test_hqq_cache_bytes_match_the_counted_figure():
+    # The asymptotic bytes per token counted for transformers' QuantizedCache (codes plus an fp16 scale
+    # and zero per group) against what its hqq backend stores for the tokens it has quantized.
+    pytest.importorskip("hqq")
+    from transformers import LlamaConfig
+    from transformers.cache_utils import QuantizedCache
+    cfg = LlamaConfig(num_hidden_layers=1, num_attention_heads=6, num_key_value_heads=3, hidden_size=384, head_dim=64)
+    for bits in (4, 2):
+        cache = QuantizedCache(backend="hqq", config=cfg, nbits=bits, q_group_size=64, residual_length=128)
+        cache.update(torch.randn(1, 3, 1000, 64, dtype=torch.float16), torch.randn(1, 3, 1000, 64, dtype=torch.float16), 0)
+        for _ in range(77):
+            cache.update(torch.randn(1, 3, 1, 64, dtype=torch.float16), torch.randn(1, 3, 1, 64, dtype=torch.float16), 0)
+        layer = cache.layers[0]
+        stored = sum(t.numel() * t.element_size() for q in (layer._quantized_keys, layer._quantized_values)
+                     for t in (q[0], q[1]["scale"], q[1]["zero"]))
+        in_fp16 = layer.keys.shape[-2] if layer.keys.numel() else 0
+        asymptote, _ = kivi.kivi_bytes_per_token(bits, 64, 128, 1077, layers=1, kv_heads=3, head_dim=64)
+        assert stored / (1077 - in_fp16) == asymptote
+
+
 def test_kivi_bytes_per_token():
     asym, at = kivi.kivi_bytes_per_token(2, 32, 64, 1000, layers=2, kv_heads=3, head_dim=64)
     per_token = 2 * 3 * 64  # of K, and of V
