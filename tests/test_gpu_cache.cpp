@@ -206,8 +206,8 @@ INSTANTIATE_TEST_SUITE_P(All, GpuCacheBytes,
                          testing::Combine(testing::Values(64, 96, 128, 256), testing::Values("8", "4", "2", "mix")));
 
 // The decode kernel's walk over packed code rows (code_order.cuh), on the host: code_at and
-// position_of are inverse permutations, each quad lane's fragment registers hold the codes of the
-// positions they stand for, unpacked from a row packed as docs/FORMATS.md 3.4 packs it, and keys 16 apart
+// position_of are inverse permutations, each quad lane's fragment registers (whole rows and single
+// k-steps alike) hold the codes of the positions they stand for, unpacked from a row packed as docs/FORMATS.md 3.4 packs it, and keys 16 apart
 // sit a fixed number of positions apart (the kernel's P stores rely on it).
 template <int kBits, int kRow>
 void expect_code_order(std::mt19937_64& rng) {
@@ -231,12 +231,17 @@ void expect_code_order(std::mt19937_64& rng) {
   for (int t = 0; t < 4; ++t) {
     uint32_t frag[Order::kSteps][2];
     Order::load(frag, packed, t);
-    for (int ks = 0; ks < Order::kSteps; ++ks)
-      for (int h = 0; h < 2; ++h)
+    for (int ks = 0; ks < Order::kSteps; ++ks) {
+      uint32_t step[2];
+      Order::load_step(step, packed, t, ks);
+      for (int h = 0; h < 2; ++h) {
+        EXPECT_EQ(step[h], frag[ks][h]) << "load_step, lane " << t << ", k-step " << ks;
         for (int b = 0; b < 4; ++b) {
           const int p = 32 * ks + 16 * h + 4 * t + b;
           EXPECT_EQ((frag[ks][h] >> (8 * b)) & 0xFFu, codes[size_t(Order::code_at(p))]) << "lane " << t << ", position " << p;
         }
+      }
+    }
   }
 }
 

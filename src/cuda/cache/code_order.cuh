@@ -57,25 +57,15 @@ struct CodeOrder {
   // A row's fragment registers for quad lane t: frag[ks][h] holds positions 32 ks + 16 h + 4 t .. + 3.
   // row: the row's first byte, 16-byte aligned.
   __host__ __device__ static void load(uint32_t (&frag)[kSteps][2], const uint8_t* row, int t) {
-    const uint32_t* w = reinterpret_cast<const uint32_t*>(row);
-    if constexpr (kBits == 8) {
+    if constexpr (kBits == 8 || kShared) {
 #pragma unroll
-      for (int ks = 0; ks < kSteps; ++ks) frag[ks][0] = w[8 * ks + t], frag[ks][1] = w[8 * ks + 4 + t];
-    } else if constexpr (kShared) {
-#pragma unroll
-      for (int ks = 0; ks < kSteps; ++ks)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) frag[ks][h] = (w[2 * ks + h] >> (2 * t)) & kMask;
-    } else {
+      for (int ks = 0; ks < kSteps; ++ks) load_step(frag[ks], row, t, ks);
+    } else {  // the lane's words in vector loads
       uint32_t mine[kLaneWords];
-      load_words<kLaneWords>(mine, w + t * kLaneWords);
+      load_words<kLaneWords>(mine, reinterpret_cast<const uint32_t*>(row) + t * kLaneWords);
 #pragma unroll
       for (int ks = 0; ks < kSteps; ++ks)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          constexpr int kPerWord = 32 / (8 * kBits);  // k-steps a word serves: 1 at 4 bits, 2 at 2
-          frag[ks][h] = (mine[ks / kPerWord] >> (kBits * ((ks % kPerWord) * 2 + h))) & kMask;
-        }
+        frag[ks][0] = fragment(mine[ks / kPerWord], ks, 0), frag[ks][1] = fragment(mine[ks / kPerWord], ks, 1);
     }
   }
 
@@ -87,10 +77,8 @@ struct CodeOrder {
     } else if constexpr (kShared) {
       frag[0] = (w[2 * ks] >> (2 * t)) & kMask, frag[1] = (w[2 * ks + 1] >> (2 * t)) & kMask;
     } else {
-      constexpr int kPerWord = 32 / (8 * kBits);
       const uint32_t word = w[t * kLaneWords + ks / kPerWord];
-      frag[0] = (word >> (kBits * ((ks % kPerWord) * 2))) & kMask;
-      frag[1] = (word >> (kBits * ((ks % kPerWord) * 2 + 1))) & kMask;
+      frag[0] = fragment(word, ks, 0), frag[1] = fragment(word, ks, 1);
     }
   }
 
@@ -115,6 +103,13 @@ struct CodeOrder {
 #endif
 
  private:
+  static constexpr int kPerWord = kBits < 8 ? 32 / (8 * kBits) : 1;  // k-steps one word serves: 1 at 4 bits, 2 at 2
+
+  // Register h of k-step ks from the lane's word that serves it (the orders of whole words per lane).
+  __host__ __device__ static constexpr uint32_t fragment(uint32_t word, int ks, int h) {
+    return (word >> (kBits * ((ks % kPerWord) * 2 + h))) & kMask;
+  }
+
   // n consecutive words in the widest loads their alignment allows (they start 4 n bytes per lane past
   // a 16-byte aligned row start).
   template <int n>
