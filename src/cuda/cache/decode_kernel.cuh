@@ -501,60 +501,74 @@ __device__ __forceinline__ void buffer_tile(const uint8_t* buffer, const uint8_t
   __syncwarp();
 }
 
-// A warp's tiles of the split: j = begin + warp, + kWarps, ...; half h of the warp's sequence of halves
-// (K of its it-th tile is h = 2 it, V is 2 it + 1) goes to ring slot h % 3, so while one half is used
+// The copies of a warp's halves: half h of the warp's sequence of halves (K of its it-th tile is h = 2 it,
+// V is 2 it + 1; tile j = begin + warp + it * kWarps) goes to ring slot h % 3, so while one half is used
 // the next two are in flight.
-template <int kHeadDim, int kBits, bool kSas, int kGroups>
-__device__ __forceinline__ void warp_tiles(const DecodeParams& p, uint8_t* ring, int half_stride, const uint8_t* s_q8,
-                                           const uint8_t* s_qk, uint8_t* s_b, uint8_t* s_p, const float (&q_scale)[kGroups],
-                                           const int64_t (&max_pos)[kGroups], int rows, int slot, int hk, int64_t len, int begin,
-                                           int end, WarpState<kHeadDim, kGroups>& ws, int warp, int lane) {
+template <int kHeadDim, int kBits>
+struct HalfCopies {
   using Tr = DecodeTraits<kHeadDim>;
-  constexpr int D = kHeadDim;
-  const PageLayout& lay = *p.layout;
-  const int blocks = int(len / Tr::kKeys);
-  const float skip_x = skip_threshold(len);
-  const int64_t page_bytes = lay.page_bytes, region_offset[2] = {lay.k_offset[hk], lay.v_offset[hk]};
-  const int32_t* table = p.tables + int64_t(slot) * p.table_width;
-  constexpr int kRegion[2] = {Tr::half_meta(kBits) + Tr::k_meta_bytes(kBits),  // K, V regions: codes, then metadata
-                              Tr::half_meta(kBits) + Tr::v_meta_bytes(kBits)};
-  const int first = begin + warp;
-  // Half h of the warp's tiles (nothing for the buffer's tile or past the split), into its slot.
-  auto stage = [&](int h) {
+  // K, V regions of a page: codes, then metadata.
+  static constexpr int kRegion[2] = {Tr::half_meta(kBits) + Tr::k_meta_bytes(kBits), Tr::half_meta(kBits) + Tr::v_meta_bytes(kBits)};
+  const uint8_t* pool;
+  const int32_t* table;
+  int64_t page_bytes, region_offset[2];
+  int64_t k_scale_offset, v_scale_offset;
+  uint8_t* ring;
+  int half_stride, first, end, lane;
+
+  __device__ HalfCopies(const DecodeParams& p, uint8_t* ring_, int half_stride_, int slot, int hk, int first_, int end_, int lane_)
+      : pool(p.pool), table(p.tables + int64_t(slot) * p.table_width), page_bytes(p.layout->page_bytes),
+        region_offset{p.layout->k_offset[hk], p.layout->v_offset[hk]}, k_scale_offset(page_k_scale_offset(hk)),
+        v_scale_offset(page_v_scale_offset(p.hkv, hk)), ring(ring_), half_stride(half_stride_), first(first_), end(end_), lane(lane_) {}
+
+  __device__ uint8_t* slot_of(int h) const { return ring + (h % Tr::kRingHalves) * half_stride; }
+
+  // Issues half h's copies (nothing past the split's pages); end is already capped at the page count.
+  __device__ __forceinline__ void stage(int h) const {
     const int j = first + (h / 2) * Tr::kWarps;
-    if (j >= end || j >= blocks) return;
-    uint8_t* dst = ring + (h % Tr::kRingHalves) * half_stride;
-    const uint8_t* page = p.pool + int64_t(table[j]) * page_bytes;
+    if (j >= end) return;
+    uint8_t* dst = slot_of(h);
+    const uint8_t* page = pool + int64_t(table[j]) * page_bytes;
     const uint32_t lane_dst = static_cast<uint32_t>(__cvta_generic_to_shared(dst)) + 16 * lane;
     if (h % 2 == 0) {
       stage_bytes_async<kRegion[0]>(lane_dst, page + region_offset[0] + 16 * lane, lane);
-      if (lane == 0) cp_async_4(dst + Tr::half_scales(kBits), page + page_k_scale_offset(hk));
-      if (lane == 1) cp_async_4(dst + Tr::half_scales(kBits) + 4, page + page_v_scale_offset(p.hkv, hk));
+      if (lane == 0) cp_async_4(dst + Tr::half_scales(kBits), page + k_scale_offset);
+      if (lane == 1) cp_async_4(dst + Tr::half_scales(kBits) + 4, page + v_scale_offset);
     } else {
       stage_bytes_async<kRegion[1]>(lane_dst, page + region_offset[1] + 16 * lane, lane);
     }
-  };
-  stage(0), cp_async_commit();
-  stage(1), cp_async_commit();
-  // The pages of the split, then (last in the sequence's order, so after the loop, where the loop's
-  // registers are free for it) the buffer's tile if it is this warp's.
-  const int page_end = min(end, blocks);
+  }
+};
+
+// A warp's tiles of the split after its first two halves were issued: the pages, then (last in the
+// sequence's order, so after the loop, where the loop's registers are free for it) the buffer's tile if
+// it is this warp's.
+template <int kHeadDim, int kBits, bool kSas, int kGroups>
+__device__ __forceinline__ void warp_tiles(const DecodeParams& p, const HalfCopies<kHeadDim, kBits>& copies, const uint8_t* s_q8,
+                                           const uint8_t* s_qk, uint8_t* s_b, uint8_t* s_p, const float (&q_scale)[kGroups],
+                                           const int64_t (&max_pos)[kGroups], int rows, int slot, int hk, int64_t len, int end,
+                                           WarpState<kHeadDim, kGroups>& ws, int lane) {
+  using Tr = DecodeTraits<kHeadDim>;
+  constexpr int D = kHeadDim;
+  const int blocks = int(len / Tr::kKeys);
+  const float skip_x = skip_threshold(len);
+  const int first = copies.first;
   int it = 0;
-  for (int j = first; j < page_end; j += Tr::kWarps, ++it) {
+  for (int j = first; j < copies.end; j += Tr::kWarps, ++it) {
     const int64_t first_pos = int64_t(j) * Tr::kKeys;
     int visible[kGroups];
 #pragma unroll
     for (int grp = 0; grp < kGroups; ++grp) visible[grp] = int(min(int64_t(Tr::kKeys), max(int64_t(0), max_pos[grp] - first_pos + 1)));
     cp_async_wait<1>();  // K of this tile has landed (its V may still be in flight)
     __syncwarp();
-    stage(2 * it + 2), cp_async_commit();  // the next K, into the slot of the previous V
+    copies.stage(2 * it + 2), cp_async_commit();  // the next K, into the slot of the previous V
     TileSoftmax<kSas, kGroups> sm;
-    const bool values = page_scores<kHeadDim, kBits, kSas, kGroups>(ring + ((2 * it) % Tr::kRingHalves) * half_stride, s_q8, s_qk,
-                                                                    s_b, s_p, q_scale, visible, rows, skip_x, ws, sm, lane);
+    const bool values = page_scores<kHeadDim, kBits, kSas, kGroups>(copies.slot_of(2 * it), s_q8, s_qk, s_b, s_p, q_scale, visible,
+                                                                    rows, skip_x, ws, sm, lane);
     cp_async_wait<1>();  // V of this tile has landed
     __syncwarp();
-    stage(2 * it + 3), cp_async_commit();  // the next V, into the slot of this K
-    if (values) page_values<kHeadDim, kBits, kSas, kGroups>(ring + ((2 * it + 1) % Tr::kRingHalves) * half_stride, s_p, sm, ws, lane);
+    copies.stage(2 * it + 3), cp_async_commit();  // the next V, into the slot of this K
+    if (values) page_values<kHeadDim, kBits, kSas, kGroups>(copies.slot_of(2 * it + 1), s_p, sm, ws, lane);
     __syncwarp();  // s_p and the ring's slots are rewritten next
   }
   cp_async_wait<0>();
@@ -612,30 +626,18 @@ __device__ __forceinline__ MergedState merge_in_order(int n, M m_of, L l_of, O o
   return r;
 }
 
-// kGroups: groups of 4 query rows (1 when the CTA's rows are at most 4, else 2).
-template <int kHeadDim, typename T, bool kSas, int kGroups>
-__global__ void __launch_bounds__(DecodeTraits<kHeadDim>::kThreads, DecodeTraits<kHeadDim>::kMinBlocksPerSm)
-    cache_decode_kernel(const __grid_constant__ DecodeParams p) {
+// Q rows r = head * q_len + i of the CTA: one INT8 block per query head (ref::quantize_head_block), scale
+// times softmax_scale * log2(e), into s_q8 (channel order) and, below 8 bits, s_qk (the K order of the
+// head's width, which every tile's Q' reads); padding rows get zero codes.
+template <int kHeadDim, typename T, int kBits>
+__device__ __forceinline__ void quantize_q_rows(const DecodeParams& p, int seq, int h0, int heads, int rows, uint8_t* s_q8, uint8_t* s_qk,
+                                                float* s_q_scale, int warp, int lane) {
   using Tr = DecodeTraits<kHeadDim>;
   constexpr int D = kHeadDim;
-  extern __shared__ __align__(16) uint8_t smem[];
-  uint8_t* s_q8 = smem;                     // [kRows][D] INT8 Q, channel order
-  uint8_t* s_qk = smem + Tr::kRows * D;     // [kRows][D] the same in the K order of this head's width
-  __shared__ float s_q_scale[Tr::kRows];
-
-  const int split = blockIdx.x, seq = blockIdx.z;
-  const int group = p.hq / p.hkv, chunks = (group + p.heads_per_cta - 1) / p.heads_per_cta;
-  const int hk = blockIdx.y / chunks, h0 = hk * group + (blockIdx.y % chunks) * p.heads_per_cta;
-  const int heads = min(p.heads_per_cta, hk * group + group - h0), rows = heads * p.q_len;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, t = lane % 4;
-  const int slot = p.slots[seq];
-  const int64_t len = p.lengths[slot];
-  const int tiles = TA_BLOCK_COUNT(len);
-  const int per_split = (tiles + p.num_splits - 1) / p.num_splits;
-  const int begin = min(tiles, split * per_split), end = min(tiles, begin + per_split);
-
-  // Q rows r = head * q_len + i: one INT8 block per query head (ref::quantize_head_block), scale
-  // times softmax_scale * log2(e).
+  auto put = [&](int r, int c, uint8_t code) {
+    s_q8[r * D + c] = code;
+    if constexpr (kBits < 8) s_qk[r * D + CodeOrder<kBits, D>::position_of(c)] = code;
+  };
   for (int hl = warp; hl < Tr::kRows; hl += Tr::kWarps) {
     const bool live = hl < heads;
     const T* src = static_cast<const T*>(p.q) + int64_t(seq) * p.q_b + int64_t(h0 + (live ? hl : 0)) * p.q_h;
@@ -652,31 +654,39 @@ __global__ void __launch_bounds__(DecodeTraits<kHeadDim>::kThreads, DecodeTraits
     const Int8Scale s = int8_block_scale(amax, finite);
     for (int i = 0; i < (live ? p.q_len : 0); ++i) {
       const int r = hl * p.q_len + i;
-      for (int c = lane; c < D; c += 32) s_q8[r * D + c] = uint8_t(int8_code(to_float(src[int64_t(i) * p.q_n + c]), s.inv));
+      for (int c = lane; c < D; c += 32) put(r, c, uint8_t(int8_code(to_float(src[int64_t(i) * p.q_n + c]), s.inv)));
       if (lane == 0) s_q_scale[r] = __fmul_rn(s.scale, p.scale_log2);
     }
   }
-  for (int r = rows + warp; r < Tr::kRows; r += Tr::kWarps) {  // padding rows: zero codes
-    for (int c = lane; c < D; c += 32) s_q8[r * D + c] = 0;
+  for (int r = rows + warp; r < Tr::kRows; r += Tr::kWarps) {
+    for (int c = lane; c < D; c += 32) put(r, c, 0);
     if (lane == 0) s_q_scale[r] = 0.0f;
   }
+}
+
+// A CTA's work at one bit width: the warps' first copies go out before anything else, so that their
+// latency overlaps Q's loads and quantization; then the warps' tiles.
+template <int kHeadDim, typename T, int kBits, bool kSas, int kGroups>
+__device__ __forceinline__ void decode_split(const DecodeParams& p, uint8_t* smem, float* s_q_scale, int seq, int h0, int heads, int rows,
+                                             int slot, int hk, int64_t len, int begin, int end, WarpState<kHeadDim, kGroups>& ws) {
+  using Tr = DecodeTraits<kHeadDim>;
+  constexpr int D = kHeadDim;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, t = lane % 4;
+  uint8_t* s_q8 = smem;                  // [kRows][D] INT8 Q, channel order
+  uint8_t* s_qk = smem + Tr::kRows * D;  // [kRows][D] the same in the K order of this head's width
   // Per warp: the B operand's rows of Q' parts (two groups of 8; zero outside the live rows), P rows, and
   // the ring.
   uint8_t* wbase = smem + Tr::kQBytes + warp * Tr::warp_bytes(p.max_bits);
   uint8_t* s_b = wbase;
   uint8_t* s_p = s_b + 2 * Tr::kRows * Tr::kBRowBytes;
-  uint8_t* ring = wbase + Tr::kWarpFixedBytes;
+  const HalfCopies<kHeadDim, kBits> copies(p, wbase + Tr::kWarpFixedBytes, Tr::half_bytes(p.max_bits), slot, hk, begin + warp,
+                                           min(end, int(len / Tr::kKeys)), lane);
+  copies.stage(0), cp_async_commit();
+  copies.stage(1), cp_async_commit();
+
+  quantize_q_rows<kHeadDim, T, kBits>(p, seq, h0, heads, rows, s_q8, s_qk, s_q_scale, warp, lane);
   for (int i = lane; i < Tr::kWarpFixedBytes / 4; i += 32) reinterpret_cast<uint32_t*>(wbase)[i] = 0u;
   __syncthreads();
-  const PageLayout& lay = *p.layout;
-  const int bits = lay.bits[hk];
-  if (bits < 8) {  // Q in K order, once per CTA; every tile's Q' reads it
-    for (int i = threadIdx.x; i < Tr::kRows * D; i += Tr::kThreads) {
-      const int p = i % D, c = bits == 4 ? CodeOrder<4, D>::code_at(p) : CodeOrder<2, D>::code_at(p);
-      s_qk[i] = s_q8[(i / D) * D + c];
-    }
-    __syncthreads();
-  }
 
   int64_t max_pos[kGroups];  // of row 4 grp + t
   float q_scale[kGroups];
@@ -686,19 +696,42 @@ __global__ void __launch_bounds__(DecodeTraits<kHeadDim>::kThreads, DecodeTraits
     max_pos[grp] = row < rows ? len - p.q_behind - p.q_len + row % p.q_len : -1;
     q_scale[grp] = s_q_scale[row];
   }
+  warp_tiles<kHeadDim, kBits, kSas, kGroups>(p, copies, s_q8, s_qk, s_b, s_p, q_scale, max_pos, rows, slot, hk, len, end, ws, lane);
+}
+
+// kGroups: groups of 4 query rows (1 when the CTA's rows are at most 4, else 2).
+template <int kHeadDim, typename T, bool kSas, int kGroups>
+__global__ void __launch_bounds__(DecodeTraits<kHeadDim>::kThreads, DecodeTraits<kHeadDim>::kMinBlocksPerSm)
+    cache_decode_kernel(const __grid_constant__ DecodeParams p) {
+  using Tr = DecodeTraits<kHeadDim>;
+  constexpr int D = kHeadDim;
+  extern __shared__ __align__(16) uint8_t smem[];
+  __shared__ float s_q_scale[Tr::kRows];
+
+  const int split = blockIdx.x, seq = blockIdx.z;
+  const int group = p.hq / p.hkv, chunks = (group + p.heads_per_cta - 1) / p.heads_per_cta;
+  const int hk = blockIdx.y / chunks, h0 = hk * group + (blockIdx.y % chunks) * p.heads_per_cta;
+  const int heads = min(p.heads_per_cta, hk * group + group - h0), rows = heads * p.q_len;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, t = lane % 4;
+  const int slot = p.slots[seq];
+  const int64_t len = p.lengths[slot];
+  const int tiles = TA_BLOCK_COUNT(len);
+  const int per_split = (tiles + p.num_splits - 1) / p.num_splits;
+  const int begin = min(tiles, split * per_split), end = min(tiles, begin + per_split);
+  const int bits = p.layout->bits[hk];
+
   WarpState<kHeadDim, kGroups> ws;
-  const int half_stride = Tr::half_bytes(p.max_bits);
   if (bits == 8)
-    warp_tiles<kHeadDim, 8, kSas, kGroups>(p, ring, half_stride, s_q8, s_qk, s_b, s_p, q_scale, max_pos, rows, slot, hk, len, begin, end, ws, warp, lane);
+    decode_split<kHeadDim, T, 8, kSas, kGroups>(p, smem, s_q_scale, seq, h0, heads, rows, slot, hk, len, begin, end, ws);
   else if (bits == 4)
-    warp_tiles<kHeadDim, 4, kSas, kGroups>(p, ring, half_stride, s_q8, s_qk, s_b, s_p, q_scale, max_pos, rows, slot, hk, len, begin, end, ws, warp, lane);
+    decode_split<kHeadDim, T, 4, kSas, kGroups>(p, smem, s_q_scale, seq, h0, heads, rows, slot, hk, len, begin, end, ws);
   else
-    warp_tiles<kHeadDim, 2, kSas, kGroups>(p, ring, half_stride, s_q8, s_qk, s_b, s_p, q_scale, max_pos, rows, slot, hk, len, begin, end, ws, warp, lane);
+    decode_split<kHeadDim, T, 2, kSas, kGroups>(p, smem, s_q_scale, seq, h0, heads, rows, slot, hk, len, begin, end, ws);
 
   // The warps' states, merged per row in shared memory (each warp's own area, now free); then the
   // output (one split) or the split's part for cache_merge_kernel.
   __syncwarp();  // warp_tiles waited for its last copies
-  float* st = reinterpret_cast<float*>(wbase);  // m[8], l[8], o[8][D]
+  float* st = reinterpret_cast<float*>(smem + Tr::kQBytes + warp * Tr::warp_bytes(p.max_bits));  // m[8], l[8], o[8][D]
   const int g = lane / 4;
 #pragma unroll
   for (int grp = 0; grp < kGroups; ++grp) {
