@@ -81,24 +81,33 @@ void launch_write(const ta_tensor& k, const ta_tensor& v, const std::vector<Writ
   }
 }
 
-// The one place that maps (head dim, SAS, row groups) to a decode kernel instance: calls
-// fn(D, SAS, GROUPS), each a std::integral_constant. A CTA's query rows (heads x q_len) come in groups
-// of 4: one group when they fit.
+// The one place that maps (head dim, SAS, row groups, the layer's widest head) to a decode kernel
+// instance: calls fn(D, SAS, GROUPS, MIN_BLOCKS), each a std::integral_constant. A CTA's query rows
+// (heads x q_len) come in groups of 4: one group when they fit. Layers of 2-bit heads only, with one
+// group, take the instance budgeted for more CTAs per SM (DecodeTraits::kMinBlocksPerSm2Bit).
 template <typename Fn>
-void with_decode_instance(int dim, bool sas, int rows, Fn&& fn) {
-  const auto by_sas_and_groups = [&](auto d) {
+void with_decode_instance(int dim, bool sas, int rows, int max_bits, Fn&& fn) {
+  const auto by_rest = [&](auto d) {
+    using Tr = DecodeTraits<decltype(d)::value>;
     using One = std::integral_constant<int, 1>;
     using Two = std::integral_constant<int, 2>;
-    if (sas) return rows <= 4 ? fn(d, std::true_type{}, One{}) : fn(d, std::true_type{}, Two{});
-    return rows <= 4 ? fn(d, std::false_type{}, One{}) : fn(d, std::false_type{}, Two{});
+    using Budget = std::integral_constant<int, Tr::kMinBlocksPerSm>;
+    using Budget2Bit = std::integral_constant<int, Tr::kMinBlocksPerSm2Bit>;
+    const auto by_groups = [&](auto s) {
+      if (rows > 4) return fn(d, s, Two{}, Budget{});
+      if constexpr (Budget2Bit::value != Budget::value)
+        if (max_bits == TA_BITS_2) return fn(d, s, One{}, Budget2Bit{});
+      return fn(d, s, One{}, Budget{});
+    };
+    return sas ? by_groups(std::true_type{}) : by_groups(std::false_type{});
   };
-  with_head_dim(dim, "CUDA decode kernel", by_sas_and_groups);
+  with_head_dim(dim, "CUDA decode kernel", by_rest);
 }
 
 // A decode kernel instance, its shared-memory limit raised (once per device) to what any layer needs.
-template <int kHeadDim, typename T, bool kSas, int kGroups>
+template <int kHeadDim, typename T, bool kSas, int kGroups, int kMinBlocks>
 auto decode_kernel() {
-  const auto kernel = cache_decode_kernel<kHeadDim, T, kSas, kGroups>;
+  const auto kernel = cache_decode_kernel<kHeadDim, T, kSas, kGroups, kMinBlocks>;
   static std::atomic<uint64_t> configured{0};
   allow_dynamic_smem(configured, reinterpret_cast<const void*>(kernel), DecodeTraits<kHeadDim>::smem_bytes(TA_BITS_8));
   return kernel;
@@ -106,11 +115,11 @@ auto decode_kernel() {
 
 template <typename T>
 void launch_decode(int dim, bool sas, const DecodeParams& p, int num_seqs, int chunks, cudaStream_t stream) {
-  with_decode_instance(dim, sas, p.heads_per_cta * p.q_len, [&](auto d, auto s, auto g) {
+  with_decode_instance(dim, sas, p.heads_per_cta * p.q_len, p.max_bits, [&](auto d, auto s, auto g, auto b) {
     using Tr = DecodeTraits<decltype(d)::value>;
     const dim3 grid{unsigned(p.num_splits), unsigned(p.hkv * chunks), unsigned(num_seqs)};
-    decode_kernel<decltype(d)::value, T, decltype(s)::value, decltype(g)::value>()<<<grid, Tr::kThreads, Tr::smem_bytes(p.max_bits),
-                                                                                  stream>>>(p);
+    decode_kernel<decltype(d)::value, T, decltype(s)::value, decltype(g)::value, decltype(b)::value>()<<<
+        grid, Tr::kThreads, Tr::smem_bytes(p.max_bits), stream>>>(p);
     TA_CUDA_CHECK_LAUNCH("cache_decode_kernel");
   });
 }
@@ -119,9 +128,9 @@ void launch_decode(int dim, bool sas, const DecodeParams& p, int num_seqs, int c
 template <typename T>
 int decode_ctas_per_sm(int dim, bool sas, int rows, int max_bits) {
   int n = 0;
-  with_decode_instance(dim, sas, rows, [&](auto d, auto s, auto g) {
+  with_decode_instance(dim, sas, rows, max_bits, [&](auto d, auto s, auto g, auto b) {
     using Tr = DecodeTraits<decltype(d)::value>;
-    const auto kernel = decode_kernel<decltype(d)::value, T, decltype(s)::value, decltype(g)::value>();
+    const auto kernel = decode_kernel<decltype(d)::value, T, decltype(s)::value, decltype(g)::value, decltype(b)::value>();
     TA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, Tr::kThreads, Tr::smem_bytes(max_bits)));
   });
   return std::max(1, n);

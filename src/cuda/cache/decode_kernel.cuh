@@ -43,7 +43,11 @@ template <int kHeadDim>
 struct DecodeTraits {
   static constexpr int kWarps = decode_warps(kHeadDim);
   static constexpr int kThreads = 32 * kWarps;
-  static constexpr int kMinBlocksPerSm = kHeadDim <= 128 ? 3 : 1;  // what shared memory allows at 4 bits
+  // CTAs per SM the registers are budgeted for: what shared memory allows at 4 bits. Layers whose heads
+  // are all 2-bit leave room for 4 CTAs, and at D = 128 one row group needs more than 128 registers
+  // unbudgeted: those layers get an instance budgeted for 4 (at D = 64 and 96 it fits 128 anyway).
+  static constexpr int kMinBlocksPerSm = kHeadDim <= 128 ? 3 : 1;
+  static constexpr int kMinBlocksPerSm2Bit = kHeadDim == 128 ? 4 : kMinBlocksPerSm;
   static constexpr int kRows = 8;                 // query rows per CTA: two groups of 4 (WarpState)
   static constexpr int kKeys = TA_BLOCK_TOKENS;   // keys per tile: one page
   static constexpr int kOTiles = kHeadDim / 16;   // m16 tiles of O^T (channels)
@@ -699,9 +703,10 @@ __device__ __forceinline__ void decode_split(const DecodeParams& p, uint8_t* sme
   warp_tiles<kHeadDim, kBits, kSas, kGroups>(p, copies, s_q8, s_qk, s_b, s_p, q_scale, max_pos, rows, slot, hk, len, end, ws, lane);
 }
 
-// kGroups: groups of 4 query rows (1 when the CTA's rows are at most 4, else 2).
-template <int kHeadDim, typename T, bool kSas, int kGroups>
-__global__ void __launch_bounds__(DecodeTraits<kHeadDim>::kThreads, DecodeTraits<kHeadDim>::kMinBlocksPerSm)
+// kGroups: groups of 4 query rows (1 when the CTA's rows are at most 4, else 2); kMinBlocks: the
+// register budget (DecodeTraits).
+template <int kHeadDim, typename T, bool kSas, int kGroups, int kMinBlocks>
+__global__ void __launch_bounds__(DecodeTraits<kHeadDim>::kThreads, kMinBlocks)
     cache_decode_kernel(const __grid_constant__ DecodeParams p) {
   using Tr = DecodeTraits<kHeadDim>;
   constexpr int D = kHeadDim;

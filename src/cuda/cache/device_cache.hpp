@@ -15,13 +15,29 @@
 
 namespace turboattn::cuda {
 
-// The automatic decode split: as many splits of each sequence's tiles as fill the SMs' resident CTAs
-// (`slots`) once when one split's `ctas` leave room; two where one split already takes between one and
-// two rounds, so that the last round is not mostly empty; never a split under 16 tiles (4 per warp).
-// Measured against fixed splits in docs/BENCHMARKS.md.
+// The automatic decode split, fitted to sweeps of fixed splits (docs/BENCHMARKS.md), whose best it
+// matches within 1% on every benchmark shape. Where one split's `ctas` fit the SMs' resident CTAs
+// (`slots`) in one round, as many splits as fill that round. Beyond, the split count with the least
+// estimated time: rounds of resident CTAs (a partial last round costs a whole one) times each CTA's
+// cost, its split's tiles plus kDecodeCtaTiles for its own work (Q, the first copies' latency, the
+// merges); ties go to fewer splits. Never a split under 16 tiles (4 per warp).
+constexpr int64_t kDecodeCtaTiles = 8;
+
 inline int automatic_decode_splits(int64_t ctas, int64_t slots, int64_t max_tiles) {
-  const int64_t fill = ctas <= slots ? slots / ctas : ctas < 2 * slots ? 2 : 1;
-  return int(std::clamp<int64_t>(fill, 1, std::max<int64_t>(1, max_tiles / 16)));
+  const int64_t most = std::max<int64_t>(1, max_tiles / 16);
+  if (ctas <= slots) return int(std::clamp<int64_t>(slots / ctas, 1, most));
+  int64_t best = 1, best_cost = INT64_MAX;
+  // Within r rounds the most splits that fit, floor(r slots / ctas), cost least. Any split count costs
+  // at least the ideal (all tiles spread over every slot) plus kDecodeCtaTiles per round, so the
+  // rounds stop once that bound reaches the best.
+  const int64_t ideal = (ctas * max_tiles + slots - 1) / slots;
+  for (int64_t r = (ctas + slots - 1) / slots;; ++r) {
+    const int64_t s = std::clamp<int64_t>(r * slots / ctas, 1, most);
+    const int64_t cost = (ctas * s + slots - 1) / slots * ((max_tiles + s - 1) / s + kDecodeCtaTiles);
+    if (cost < best_cost) best = s, best_cost = cost;
+    if (s == most || ideal + r * kDecodeCtaTiles >= best_cost) break;
+  }
+  return int(best);
 }
 
 class DeviceCache {
