@@ -252,27 +252,36 @@ TEST(DecodeCodeOrder, PositionsAndFragmentsAgreeWithThePacking) {
   expect_code_order<2, 64>(rng), expect_code_order<2, 96>(rng), expect_code_order<2, 128>(rng), expect_code_order<2, 256>(rng);
 }
 
-// The automatic split on the benchmark's shapes (8 KV heads, an H200's 132 SMs at 3 CTAs each, 4 with
-// 2-bit heads only, 2 with 8-bit heads): the best of the fixed splits docs/BENCHMARKS.md measured.
+// The automatic split on the benchmark's shapes (8 KV heads, an H200's 132 SMs): the best of the fixed
+// splits docs/BENCHMARKS.md measured, within 2%. Resident CTAs per SM: 4 for one row group without 8-bit
+// heads, 3 with two groups, 2 with 8-bit heads; one round is filled to 3 per SM, or all of them at 2 bits.
 TEST(DecodeSplit, PicksTheBestMeasuredSplit) {
-  const int64_t slots = 3 * 132, slots_2bit = 4 * 132, slots_8bit = 2 * 132;
-  EXPECT_EQ(cuda::automatic_decode_splits(32 * 8, slots, 8192 / 64), 1);   // 32 x 8k: one round already
-  EXPECT_EQ(cuda::automatic_decode_splits(8 * 8, slots, 32768 / 64), 6);   // 8 x 32k: 384 of 396 slots
-  EXPECT_EQ(cuda::automatic_decode_splits(64 * 8, slots, 4096 / 64), 2);   // 64 x 4k: 1.3 rounds -> 2.6
-  EXPECT_EQ(cuda::automatic_decode_splits(128 * 8, slots, 2048 / 64), 1);  // 128 x 2k: 2.6 rounds
-  EXPECT_EQ(cuda::automatic_decode_splits(1 * 8, slots, 32768 / 64), 32);  // batch 1: 16-tile splits
-  EXPECT_EQ(cuda::automatic_decode_splits(1 * 8, slots, 2), 1);            // short: never under 16 tiles
-  EXPECT_EQ(cuda::automatic_decode_splits(32 * 8, slots_2bit, 8192 / 64), 2);
-  EXPECT_EQ(cuda::automatic_decode_splits(8 * 8, slots_2bit, 32768 / 64), 8);
-  EXPECT_EQ(cuda::automatic_decode_splits(64 * 8, slots_2bit, 4096 / 64), 1);   // 0.97 rounds
-  EXPECT_EQ(cuda::automatic_decode_splits(128 * 8, slots_2bit, 2048 / 64), 1);  // 1.94 rounds: 2 would make 3.9
-  EXPECT_EQ(cuda::automatic_decode_splits(32 * 8, slots_8bit, 8192 / 64), 1);
-  EXPECT_EQ(cuda::automatic_decode_splits(8 * 8, slots_8bit, 32768 / 64), 4);
-  EXPECT_EQ(cuda::automatic_decode_splits(64 * 8, slots_8bit, 4096 / 64), 1);   // 1.94 rounds
+  const int64_t sms = 132, fill = cuda::kDecodeFillCtasPerSm * sms;
+  auto four_bit = [&](int64_t ctas, int64_t tiles) { return cuda::automatic_decode_splits(ctas, 4 * sms, fill, tiles); };
+  auto two_bit = [&](int64_t ctas, int64_t tiles) { return cuda::automatic_decode_splits(ctas, 4 * sms, 4 * sms, tiles); };
+  auto two_groups = [&](int64_t ctas, int64_t tiles) { return cuda::automatic_decode_splits(ctas, 3 * sms, fill, tiles); };
+  auto eight_bit = [&](int64_t ctas, int64_t tiles) { return cuda::automatic_decode_splits(ctas, 2 * sms, fill, tiles); };
+  EXPECT_EQ(four_bit(1 * 8, 32768 / 64), 32);   // batch 1: 16-tile splits
+  EXPECT_EQ(four_bit(8 * 8, 32768 / 64), 6);    // 8 x 32k: 384 CTAs
+  EXPECT_EQ(four_bit(32 * 8, 8192 / 64), 1);    // 32 x 8k: 256 CTAs are enough
+  EXPECT_EQ(four_bit(64 * 8, 4096 / 64), 1);    // 64 x 4k: 512 of 528 slots
+  EXPECT_EQ(four_bit(128 * 8, 2048 / 64), 1);   // 128 x 2k: 1.94 rounds; 2 splits would make 3.9
+  EXPECT_EQ(four_bit(1 * 8, 2), 1);             // short: never under 16 tiles
+  EXPECT_EQ(two_bit(8 * 8, 32768 / 64), 8);
+  EXPECT_EQ(two_bit(32 * 8, 8192 / 64), 2);
+  EXPECT_EQ(two_bit(64 * 8, 4096 / 64), 1);
+  EXPECT_EQ(two_bit(128 * 8, 2048 / 64), 1);
+  EXPECT_EQ(two_groups(32 * 8, 8192 / 64), 1);
+  EXPECT_EQ(two_groups(8 * 8, 32768 / 64), 6);
+  EXPECT_EQ(two_groups(64 * 8, 4096 / 64), 2);  // 1.3 rounds -> 2.6
+  EXPECT_EQ(two_groups(128 * 8, 2048 / 64), 1); // 2.6 rounds
+  EXPECT_EQ(eight_bit(8 * 8, 32768 / 64), 4);
+  EXPECT_EQ(eight_bit(32 * 8, 8192 / 64), 1);
+  EXPECT_EQ(eight_bit(64 * 8, 4096 / 64), 1);   // 1.94 rounds
   // 1M tokens: a few sequences fill one round; 256 of them (5.2 rounds at one split) split 11 ways
   // (56.9 rounds: the last nearly full).
-  EXPECT_EQ(cuda::automatic_decode_splits(2 * 8, slots, (1 << 20) / 64), 24);
-  EXPECT_EQ(cuda::automatic_decode_splits(256 * 8, slots, (1 << 20) / 64), 11);
+  EXPECT_EQ(two_groups(2 * 8, (1 << 20) / 64), 24);
+  EXPECT_EQ(two_groups(256 * 8, (1 << 20) / 64), 11);
 }
 
 // (head dim, bits, query heads per KV head, q_len, SAS, split_tiles, dtype of q)
@@ -307,7 +316,7 @@ INSTANTIATE_TEST_SUITE_P(
                     DecodeCase{128, "4", 8, 1, true, 3, TA_DTYPE_F16}, DecodeCase{128, "4", 4, 3, true, 1, TA_DTYPE_F16},
                     DecodeCase{64, "mix", 4, 4, false, 0, TA_DTYPE_F16}, DecodeCase{128, "8", 1, 1, false, 2, TA_DTYPE_BF16},
                     DecodeCase{64, "4", 16, 1, true, 0, TA_DTYPE_F16}, DecodeCase{64, "8", 4, 8, true, 0, TA_DTYPE_F16}, DecodeCase{96, "2", 8, 1, true, 0, TA_DTYPE_F16},
-                    DecodeCase{128, "2", 2, 1, false, 2, TA_DTYPE_BF16},  // the 2-bit instance (kMinBlocksPerSm2Bit)
+                    DecodeCase{128, "2", 2, 1, false, 2, TA_DTYPE_BF16},  // the 4-CTA instance (kMinBlocksPerSmPacked)
                     // q_len over 8 runs in launches of 8 query tokens (a chunked prefill over the cache)
                     DecodeCase{128, "4", 4, 13, true, 0, TA_DTYPE_F16}, DecodeCase{64, "mix", 2, 20, true, 2, TA_DTYPE_BF16},
                     DecodeCase{128, "8", 1, 9, false, 0, TA_DTYPE_F16}));

@@ -83,8 +83,8 @@ void launch_write(const ta_tensor& k, const ta_tensor& v, const std::vector<Writ
 
 // The one place that maps (head dim, SAS, row groups, the layer's widest head) to a decode kernel
 // instance: calls fn(D, SAS, GROUPS, MIN_BLOCKS), each a std::integral_constant. A CTA's query rows
-// (heads x q_len) come in groups of 4: one group when they fit. Layers of 2-bit heads only, with one
-// group, take the instance budgeted for more CTAs per SM (DecodeTraits::kMinBlocksPerSm2Bit).
+// (heads x q_len) come in groups of 4: one group when they fit. Layers without 8-bit heads, with one
+// group, take the instance budgeted for more CTAs per SM (DecodeTraits::kMinBlocksPerSmPacked).
 template <typename Fn>
 void with_decode_instance(int dim, bool sas, int rows, int max_bits, Fn&& fn) {
   const auto by_rest = [&](auto d) {
@@ -92,11 +92,11 @@ void with_decode_instance(int dim, bool sas, int rows, int max_bits, Fn&& fn) {
     using One = std::integral_constant<int, 1>;
     using Two = std::integral_constant<int, 2>;
     using Budget = std::integral_constant<int, Tr::kMinBlocksPerSm>;
-    using Budget2Bit = std::integral_constant<int, Tr::kMinBlocksPerSm2Bit>;
+    using Packed = std::integral_constant<int, Tr::kMinBlocksPerSmPacked>;
     const auto by_groups = [&](auto s) {
       if (rows > 4) return fn(d, s, Two{}, Budget{});
-      if constexpr (Budget2Bit::value != Budget::value)
-        if (max_bits == TA_BITS_2) return fn(d, s, One{}, Budget2Bit{});
+      if constexpr (Packed::value != Budget::value)
+        if (max_bits <= TA_BITS_4) return fn(d, s, One{}, Packed{});
       return fn(d, s, One{}, Budget{});
     };
     return sas ? by_groups(std::true_type{}) : by_groups(std::false_type{});
@@ -109,7 +109,7 @@ template <int kHeadDim, typename T, bool kSas, int kGroups, int kMinBlocks>
 auto decode_kernel() {
   const auto kernel = cache_decode_kernel<kHeadDim, T, kSas, kGroups, kMinBlocks>;
   static std::atomic<uint64_t> configured{0};
-  allow_dynamic_smem(configured, reinterpret_cast<const void*>(kernel), DecodeTraits<kHeadDim>::smem_bytes(TA_BITS_8));
+  allow_dynamic_smem(configured, reinterpret_cast<const void*>(kernel), DecodeTraits<kHeadDim>::smem_bytes(TA_BITS_8, kGroups));
   return kernel;
 }
 
@@ -119,7 +119,7 @@ void launch_decode(int dim, bool sas, const DecodeParams& p, int num_seqs, int c
     using Tr = DecodeTraits<decltype(d)::value>;
     const dim3 grid{unsigned(p.num_splits), unsigned(p.hkv * chunks), unsigned(num_seqs)};
     decode_kernel<decltype(d)::value, T, decltype(s)::value, decltype(g)::value, decltype(b)::value>()<<<
-        grid, Tr::kThreads, Tr::smem_bytes(p.max_bits), stream>>>(p);
+        grid, Tr::kThreads, Tr::smem_bytes(p.max_bits, decltype(g)::value), stream>>>(p);
     TA_CUDA_CHECK_LAUNCH("cache_decode_kernel");
   });
 }
@@ -131,7 +131,7 @@ int decode_ctas_per_sm(int dim, bool sas, int rows, int max_bits) {
   with_decode_instance(dim, sas, rows, max_bits, [&](auto d, auto s, auto g, auto b) {
     using Tr = DecodeTraits<decltype(d)::value>;
     const auto kernel = decode_kernel<decltype(d)::value, T, decltype(s)::value, decltype(g)::value, decltype(b)::value>();
-    TA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, Tr::kThreads, Tr::smem_bytes(max_bits)));
+    TA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, Tr::kThreads, Tr::smem_bytes(max_bits, decltype(g)::value)));
   });
   return std::max(1, n);
 }
@@ -242,7 +242,8 @@ void DeviceCache::decode(int layer, const int32_t* seqs, int num_seqs, const ta_
     const auto [heads_per_cta, chunks] = row_groups(max_q);
     const int64_t ctas = int64_t(std::min(num_seqs, kDecodeMaxSeqs)) * hkv * chunks;
     const int64_t slots = int64_t(ctas_per_sm(q.dtype, options.use_sas != 0, heads_per_cta * max_q, max_bits)) * num_sms_;
-    splits = automatic_decode_splits(ctas, slots, max_tiles);
+    const int64_t fill_slots = max_bits == TA_BITS_2 ? slots : int64_t(kDecodeFillCtasPerSm) * num_sms_;
+    splits = automatic_decode_splits(ctas, slots, fill_slots, max_tiles);
   }
   // With several splits, the splits' parts (docs/FORMATS.md 1.7) for cache_merge_kernel.
   const int64_t part_floats = splits > 1 ? int64_t(num_seqs) * hq * max_q * splits * (D + 2) : 0;

@@ -43,18 +43,19 @@ template <int kHeadDim>
 struct DecodeTraits {
   static constexpr int kWarps = decode_warps(kHeadDim);
   static constexpr int kThreads = 32 * kWarps;
-  // CTAs per SM the registers are budgeted for: what shared memory allows at 4 bits. Layers whose heads
-  // are all 2-bit leave room for 4 CTAs, and at D = 128 one row group needs more than 128 registers
-  // unbudgeted: those layers get an instance budgeted for 4 (at D = 64 and 96 it fits 128 anyway).
+  // CTAs per SM the registers are budgeted for: 3 (1 at D = 256). Layers of 4- and 2-bit heads only
+  // with one row group leave shared memory for 4 CTAs, and at D = 96 and 128 that group needs more than
+  // 128 registers unbudgeted: there they get an instance budgeted for 4 (at D = 64 it fits 128 anyway).
+  // With 8-bit heads shared memory allows 2 at D = 128.
   static constexpr int kMinBlocksPerSm = kHeadDim <= 128 ? 3 : 1;
-  static constexpr int kMinBlocksPerSm2Bit = kHeadDim == 128 ? 4 : kMinBlocksPerSm;
+  static constexpr int kMinBlocksPerSmPacked = kHeadDim == 96 || kHeadDim == 128 ? 4 : kMinBlocksPerSm;
   static constexpr int kRows = 8;                 // query rows per CTA: two groups of 4 (WarpState)
   static constexpr int kKeys = TA_BLOCK_TOKENS;   // keys per tile: one page
   static constexpr int kOTiles = kHeadDim / 16;   // m16 tiles of O^T (channels)
   static constexpr int kBRowBytes = kHeadDim + 16;  // B operand rows; the padding spreads 8 rows over banks
   static constexpr int kPRowBytes = kKeys + 16;
   // Staged halves: K code rows, K stage-2 metadata, the two block scales; V code rows, V metadata.
-  // Unpadded, so that three halves per warp leave room for three CTAs per SM at 4 bits, D = 128.
+  // Unpadded, so that three halves per warp leave room for four CTAs per SM at 4 bits, D = 128.
   __host__ __device__ static constexpr int k_row_bytes(int bits) { return kHeadDim * bits / 8; }
   __host__ __device__ static constexpr int v_row_bytes(int bits) { return kKeys * bits / 8; }
   __host__ __device__ static constexpr int k_meta_bytes(int bits) { return int(block_k_meta_bytes(bits, kHeadDim)); }
@@ -65,16 +66,29 @@ struct DecodeTraits {
   __host__ __device__ static constexpr int half_bytes(int bits) { return half_scales(bits) + 16; }
   static_assert(kHeadDim >= kKeys, "V's per-token metadata fits where K's per-channel metadata goes");
   static constexpr int kRingHalves = 3;
-  // Per warp: the B operand's rows (hi and lo parts of 8 query rows), P rows, and the ring sized for the
-  // layer's widest head.
-  static constexpr int kWarpFixedBytes = 2 * kRows * kBRowBytes + kRows * kPRowBytes;
-  __host__ __device__ static constexpr int warp_bytes(int max_bits) { return kWarpFixedBytes + kRingHalves * half_bytes(max_bits); }
+  // Q' (the B operand of S) goes through shared memory, as rows of its 4 query rows' hi and lo parts per
+  // group (build_q_prime), except with one group at 4 bits: there lanes build their fragments in registers
+  // (q_prime_fragments), which leaves shared memory for 4 CTAs per SM (at 2 bits the rows measured faster).
+  __host__ __device__ static constexpr bool q_prime_in_registers(int groups, int bits) { return groups == 1 && bits == TA_BITS_4; }
+  static constexpr int kBRowsBytes = 2 * 4 * kBRowBytes;  // per group
+  // Per warp: the B rows, then P rows, then the ring sized for the layer's widest head. With one group the
+  // B rows of a 2-bit head in a layer of wider heads take the unused tail of ring slot 0 (b_rows_in_ring),
+  // so only layers of 2-bit heads reserve them.
+  __host__ __device__ static constexpr bool b_rows_in_ring(int groups, int max_bits) { return groups == 1 && max_bits > TA_BITS_2; }
+  __host__ __device__ static constexpr int b_rows_bytes(int groups, int max_bits) {
+    return groups > 1 ? 2 * kBRowsBytes : b_rows_in_ring(groups, max_bits) ? 0 : kBRowsBytes;
+  }
+  __host__ __device__ static constexpr int warp_fixed_bytes(int groups, int max_bits) { return b_rows_bytes(groups, max_bits) + kRows * kPRowBytes; }
+  __host__ __device__ static constexpr int warp_bytes(int max_bits, int groups) {
+    return warp_fixed_bytes(groups, max_bits) + kRingHalves * half_bytes(max_bits);
+  }
+  static_assert(half_bytes(TA_BITS_4) - half_bytes(TA_BITS_2) >= kBRowsBytes, "a 2-bit half leaves room for the B rows in a wider slot");
   // Per CTA: INT8 Q in channel order (for the buffer and q . zero) and in the K order of the head's width.
   static constexpr int kQBytes = 2 * kRows * kHeadDim;
-  __host__ __device__ static constexpr int smem_bytes(int max_bits) { return kQBytes + kWarps * warp_bytes(max_bits); }
+  __host__ __device__ static constexpr int smem_bytes(int max_bits, int groups) { return kQBytes + kWarps * warp_bytes(max_bits, groups); }
   static_assert(kHeadDim % 32 == 0, "head dims are multiples of 32");
   // At the end a warp's area holds its state: m and l of 8 rows, then o of 8 rows.
-  static_assert(warp_bytes(TA_BITS_2) >= 4 * (2 * kRows + kRows * kHeadDim), "a warp's area holds its state");
+  static_assert(warp_bytes(TA_BITS_2, 1) >= 4 * (2 * kRows + kRows * kHeadDim), "a warp's area holds its state");
 };
 
 struct DecodeParams {
@@ -215,6 +229,28 @@ __device__ __forceinline__ void build_q_prime(const uint8_t* s_qk, const uint8_t
   }
 }
 
+// Q' of one row group as B fragments in registers (DecodeTraits::q_prime_in_registers): lane (g, t)'s
+// column g is row g / 2's hi part (g even) or lo part (g odd) at K positions 32 ks + 16 h + 4 t .. + 3.
+// (Gathering each scale word once and sharing it by shuffles spilled at 128 registers.)
+template <int kHeadDim, int kBits>
+__device__ __forceinline__ void q_prime_fragments(uint32_t (&bq)[kHeadDim / 32][2], const uint8_t* s_qk, const uint8_t* k_meta, int lane) {
+  const int g = lane / 4, t = lane % 4;
+  const int32_t* q_words = reinterpret_cast<const int32_t*>(s_qk + (g / 2) * kHeadDim);
+  const int shift = g & 1 ? 0 : 7;
+  const uint32_t mask = g & 1 ? 0x7F7F7F7Fu : 0xFFFFFFFFu;
+#pragma unroll
+  for (int ks = 0; ks < kHeadDim / 32; ++ks)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int w = 8 * ks + 4 * h + t;
+      const int32_t s4 = int32_t(CodeOrder<kBits, kHeadDim>::gather(k_meta, w)), q4 = q_words[w];
+      int32_t qp[4];
+#pragma unroll
+      for (int b = 0; b < 4; ++b) qp[b] = __dp4a(q4, s4 & (0xFF << (8 * b)), 0);
+      bq[ks][h] = pack_bytes(qp, shift) & mask;
+    }
+}
+
 // S^T of INT8 key rows (an 8-bit page's, or the buffer's): no hi and lo parts, so one product takes both
 // row groups, column 2 j + grp holding row 4 grp + j: acc[mt][2 i + grp] is key 16 mt + g + 8 i of row
 // 4 grp + t.
@@ -254,10 +290,12 @@ __device__ __forceinline__ bool page_scores(const uint8_t* k_half, const uint8_t
   const float* block_scale = reinterpret_cast<const float*>(k_half + Tr::half_scales(kBits));
   constexpr int kKStride = Tr::k_row_bytes(kBits);
 
-  // Q' = q * scale split into hi (s8) and lo (0..127) in K's K order, and zq = q . zero of row 4 grp + t.
+  // Q' = q * scale split into hi (s8) and lo (0..127) in K's K order (in B rows, or in registers below),
+  // and zq = q . zero of row 4 grp + t.
+  constexpr bool kQPrimeInRegisters = Tr::q_prime_in_registers(kGroups, kBits);
   int32_t zq[kGroups] = {};
   if constexpr (kBits < 8) {
-    build_q_prime<kHeadDim, kBits>(s_qk, k_meta, s_b, rows, lane);
+    if constexpr (!kQPrimeInRegisters) build_q_prime<kHeadDim, kBits>(s_qk, k_meta, s_b, rows, lane);
     // Four lanes per row (row lane / 4), each a quarter of the channels, for rows 0..7.
     const int32_t* q_words = reinterpret_cast<const int32_t*>(s_q8 + g * D);
     const int32_t* zero_words = reinterpret_cast<const int32_t*>(k_meta + D);
@@ -272,7 +310,7 @@ __device__ __forceinline__ bool page_scores(const uint8_t* k_half, const uint8_t
     dot += __shfl_xor_sync(0xffffffffu, dot, 2);
 #pragma unroll
     for (int grp = 0; grp < kGroups; ++grp) zq[grp] = __shfl_sync(0xffffffffu, dot, 4 * (4 * grp + t));
-    __syncwarp();
+    if constexpr (!kQPrimeInRegisters) __syncwarp();  // Q' rows written
   }
 
   // S^T = K Q'^T: keys in M, (row, part) columns in N, the tensor-core K dimension in KOrder.
@@ -297,8 +335,12 @@ __device__ __forceinline__ bool page_scores(const uint8_t* k_half, const uint8_t
     };
     if constexpr (kGroups == 1) {  // B held for the tile, each code row loaded whole
       uint32_t bq[kSteps][2];
+      if constexpr (kQPrimeInRegisters) {
+        q_prime_fragments<kHeadDim, kBits>(bq, s_qk, k_meta, lane);
+      } else {
 #pragma unroll
-      for (int ks = 0; ks < kSteps; ++ks) bq[ks][0] = b_word(0, ks, 0), bq[ks][1] = b_word(0, ks, 1);
+        for (int ks = 0; ks < kSteps; ++ks) bq[ks][0] = b_word(0, ks, 0), bq[ks][1] = b_word(0, ks, 1);
+      }
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt) {
         uint32_t top[kSteps][2], bottom[kSteps][2];  // keys 16 mt + g and 16 mt + g + 8
@@ -678,18 +720,22 @@ __device__ __forceinline__ void decode_split(const DecodeParams& p, uint8_t* sme
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, t = lane % 4;
   uint8_t* s_q8 = smem;                  // [kRows][D] INT8 Q, channel order
   uint8_t* s_qk = smem + Tr::kRows * D;  // [kRows][D] the same in the K order of this head's width
-  // Per warp: the B operand's rows of Q' parts (two groups of 8; zero outside the live rows), P rows, and
-  // the ring.
-  uint8_t* wbase = smem + Tr::kQBytes + warp * Tr::warp_bytes(p.max_bits);
-  uint8_t* s_b = wbase;
-  uint8_t* s_p = s_b + 2 * Tr::kRows * Tr::kBRowBytes;
-  const HalfCopies<kHeadDim, kBits> copies(p, wbase + Tr::kWarpFixedBytes, Tr::half_bytes(p.max_bits), slot, hk, begin + warp,
-                                           min(end, int(len / Tr::kKeys)), lane);
+  // Per warp (DecodeTraits): the B rows of Q' parts (zero outside the live rows), P rows, and the ring.
+  uint8_t* wbase = smem + Tr::kQBytes + warp * Tr::warp_bytes(p.max_bits, kGroups);
+  uint8_t* ring = wbase + Tr::warp_fixed_bytes(kGroups, p.max_bits);
+  uint8_t* s_b = Tr::b_rows_in_ring(kGroups, p.max_bits) ? ring + Tr::half_bytes(TA_BITS_2) : wbase;
+  uint8_t* s_p = wbase + Tr::b_rows_bytes(kGroups, p.max_bits);
+  const HalfCopies<kHeadDim, kBits> copies(p, ring, Tr::half_bytes(p.max_bits), slot, hk, begin + warp, min(end, int(len / Tr::kKeys)),
+                                           lane);
   copies.stage(0), cp_async_commit();
   copies.stage(1), cp_async_commit();
 
   quantize_q_rows<kHeadDim, T, kBits>(p, seq, h0, heads, rows, s_q8, s_qk, s_q_scale, warp, lane);
-  for (int i = lane; i < Tr::kWarpFixedBytes / 4; i += 32) reinterpret_cast<uint32_t*>(wbase)[i] = 0u;
+  auto zero = [&](uint8_t* area, int bytes) {
+    for (int i = lane; i < bytes / 4; i += 32) reinterpret_cast<uint32_t*>(area)[i] = 0u;
+  };
+  if constexpr (kBits < 8 && !Tr::q_prime_in_registers(kGroups, kBits)) zero(s_b, kGroups * Tr::kBRowsBytes);
+  zero(s_p, Tr::kRows * Tr::kPRowBytes);
   __syncthreads();
 
   int64_t max_pos[kGroups];  // of row 4 grp + t
@@ -736,7 +782,7 @@ __global__ void __launch_bounds__(DecodeTraits<kHeadDim>::kThreads, kMinBlocks)
   // The warps' states, merged per row in shared memory (each warp's own area, now free); then the
   // output (one split) or the split's part for cache_merge_kernel.
   __syncwarp();  // warp_tiles waited for its last copies
-  float* st = reinterpret_cast<float*>(smem + Tr::kQBytes + warp * Tr::warp_bytes(p.max_bits));  // m[8], l[8], o[8][D]
+  float* st = reinterpret_cast<float*>(smem + Tr::kQBytes + warp * Tr::warp_bytes(p.max_bits, kGroups));  // m[8], l[8], o[8][D]
   const int g = lane / 4;
 #pragma unroll
   for (int grp = 0; grp < kGroups; ++grp) {
@@ -752,7 +798,7 @@ __global__ void __launch_bounds__(DecodeTraits<kHeadDim>::kThreads, kMinBlocks)
   for (int idx = threadIdx.x; idx < rows * D; idx += Tr::kThreads) {
     const int row = idx / D, c = idx % D, h = h0 + row / p.q_len, i = row % p.q_len;
     auto warp_state = [&](int w) {
-      return reinterpret_cast<const float*>(smem + Tr::kQBytes + w * Tr::warp_bytes(p.max_bits));
+      return reinterpret_cast<const float*>(smem + Tr::kQBytes + w * Tr::warp_bytes(p.max_bits, kGroups));
     };
     const MergedState m = merge_in_order<Tr::kWarps>(
         Tr::kWarps, [&](int w) { return warp_state(w)[row]; }, [&](int w) { return warp_state(w)[Tr::kRows + row]; },

@@ -16,16 +16,20 @@
 namespace turboattn::cuda {
 
 // The automatic decode split, fitted to sweeps of fixed splits (docs/BENCHMARKS.md), whose best it
-// matches within 1% on every benchmark shape. Where one split's `ctas` fit the SMs' resident CTAs
-// (`slots`) in one round, as many splits as fill that round. Beyond, the split count with the least
-// estimated time: rounds of resident CTAs (a partial last round costs a whole one) times each CTA's
-// cost, its split's tiles plus kDecodeCtaTiles for its own work (Q, the first copies' latency, the
-// merges); ties go to fewer splits. Never a split under 16 tiles (4 per warp).
+// matches within 2% on every benchmark shape. Where one split's `ctas` fit the SMs' resident CTAs
+// (`slots`) in one round, as many splits as fill `fill_slots` (at most `slots`; the caller's
+// kDecodeFillCtasPerSm). Beyond, the split count with the least estimated time: rounds of resident CTAs
+// (a partial last round costs a whole one) times each CTA's cost, its split's tiles plus
+// kDecodeCtaTiles for its own work (Q, the first copies' latency, the merges); ties go to fewer
+// splits. Never a split under 16 tiles (4 per warp).
 constexpr int64_t kDecodeCtaTiles = 8;
+// CTAs per SM that keep 8- and 4-bit pages streaming: more splits to fill the rest only add their own
+// cost. 2-bit pages, with half the bytes per instruction, gain from every resident CTA.
+constexpr int kDecodeFillCtasPerSm = 3;
 
-inline int automatic_decode_splits(int64_t ctas, int64_t slots, int64_t max_tiles) {
+inline int automatic_decode_splits(int64_t ctas, int64_t slots, int64_t fill_slots, int64_t max_tiles) {
   const int64_t most = std::max<int64_t>(1, max_tiles / 16);
-  if (ctas <= slots) return int(std::clamp<int64_t>(slots / ctas, 1, most));
+  if (ctas <= slots) return int(std::clamp<int64_t>(std::min(slots, fill_slots) / ctas, 1, most));
   int64_t best = 1, best_cost = INT64_MAX;
   // Within r rounds the most splits that fit, floor(r slots / ctas), cost least. Any split count costs
   // at least the ideal (all tiles spread over every slot) plus kDecodeCtaTiles per round, so the
