@@ -136,6 +136,21 @@ int decode_ctas_per_sm(int dim, bool sas, int rows, int max_bits) {
   return std::max(1, n);
 }
 
+// The merge of several splits' parts: a CTA per row, launched as a programmatic dependent of the decode
+// kernel where the device has it (`dependent`), so that its launch overlaps the decode kernel's end.
+template <typename T>
+void launch_merge(const DecodeParams& p, int splits, int hq, int q_len, int dim, unsigned rows, bool dependent, cudaStream_t stream) {
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(rows), config.blockDim = dim3(128), config.stream = stream;
+  config.attrs = &attribute, config.numAttrs = dependent ? 1 : 0;
+  const auto kernel = splits <= kMergeBatchSmall ? cache_merge_kernel<T, kMergeBatchSmall> : cache_merge_kernel<T, kMergeBatchLarge>;
+  TA_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, static_cast<const float*>(p.partial), splits, hq, q_len, dim, p.out, p.o_b, p.o_n,
+                                   p.o_h));
+}
+
 }  // namespace
 
 DeviceCache::DeviceCache(const ref::CacheConfig& config)
@@ -156,6 +171,9 @@ DeviceCache::DeviceCache(const ref::CacheConfig& config)
     d_lengths_ = device_alloc<int64_t>(int64_t(cfg_.layers) * cfg_.max_seqs, "lengths");
     TA_CUDA_CHECK(cudaGetDevice(&device_));  // the cache's device
     TA_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms_, cudaDevAttrMultiProcessorCount, device_));
+    int major = 0;
+    TA_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device_));
+    dependent_launch_ = major >= 9;  // programmatic dependent launch
   } catch (...) {
     this->~DeviceCache();
     throw;
@@ -280,15 +298,11 @@ void DeviceCache::decode(int layer, const int32_t* seqs, int num_seqs, const ta_
       const unsigned rows = unsigned(n * hq * q_len);
       if (q.dtype == TA_DTYPE_F16) {
         launch_decode<__half>(D, options.use_sas != 0, p, n, chunks, stream);
-        if (splits > 1)
-          cache_merge_kernel<__half><<<rows, 128, 0, stream>>>(p.partial, splits, hq, q_len, D, p.out, p.o_b, p.o_n, p.o_h);
+        if (splits > 1) launch_merge<__half>(p, splits, hq, q_len, D, rows, dependent_launch_, stream);
       } else {
         launch_decode<__nv_bfloat16>(D, options.use_sas != 0, p, n, chunks, stream);
-        if (splits > 1)
-          cache_merge_kernel<__nv_bfloat16><<<rows, 128, 0, stream>>>(p.partial, splits, hq, q_len, D, p.out, p.o_b, p.o_n,
-                                                                      p.o_h);
+        if (splits > 1) launch_merge<__nv_bfloat16>(p, splits, hq, q_len, D, rows, dependent_launch_, stream);
       }
-      if (splits > 1) TA_CUDA_CHECK_LAUNCH("cache_merge_kernel");
     }
   }
 }

@@ -23,6 +23,7 @@
 
 #include "cuda/cache/code_order.cuh"
 #include "cuda/cache/codes.cuh"
+#include "cuda/common/griddepcontrol.cuh"
 #include "cuda/common/int8.cuh"
 #include "cuda/common/mma.cuh"
 #include "cuda/common/numeric.cuh"
@@ -637,13 +638,38 @@ struct MergedState {
 };
 
 // The states are read kBatch at a time, all loads of a batch issued before their arithmetic: from global
-// memory (cache_merge_kernel) one state's loads would otherwise wait for the previous state's. From shared
-// memory (the warps of one CTA) a batch of all the warps is enough; a larger one only costs registers.
-constexpr int kMergeBatch = 8;
+// memory (cache_merge_kernel) one state's loads would otherwise wait for the previous state's. Up to
+// kBatch states are read once, into registers (one round of loads); more take two passes of batches.
+// From shared memory (the warps of one CTA) a batch of all the warps is enough. cache_merge_kernel has
+// an instance for batches of 8 and one for batches of 32, for more splits (batch 1 at 32k tokens has
+// 32): the one instance of 32 (128 registers) measured 2-3% slower with a few splits.
+constexpr int kMergeBatchSmall = 8, kMergeBatchLarge = 32;
 
 template <int kBatch, class M, class L, class O>
 __device__ __forceinline__ MergedState merge_in_order(int n, M m_of, L l_of, O o_of) {
   MergedState r;
+  auto add = [&](float m, float l, float o) {  // in order; states that saw no key add nothing
+    if (m == -INFINITY) return;
+    const float w = exp2f(m - r.m);
+    r.l = __fmaf_rn(l, w, r.l);
+    r.o = __fmaf_rn(o, w, r.o);
+  };
+  if (n <= kBatch) {
+    float ms[kBatch], ls[kBatch], os[kBatch];
+#pragma unroll
+    for (int k = 0; k < kBatch; ++k) {
+      const bool in = k < n;
+      ms[k] = in ? m_of(k) : -INFINITY;
+      ls[k] = in ? l_of(k) : 0.0f;
+      os[k] = in ? o_of(k) : 0.0f;
+    }
+#pragma unroll
+    for (int k = 0; k < kBatch; ++k) r.m = nan_max(r.m, ms[k]);
+    if (r.m == -INFINITY) return r;
+#pragma unroll
+    for (int k = 0; k < kBatch; ++k) add(ms[k], ls[k], os[k]);
+    return r;
+  }
   for (int s0 = 0; s0 < n; s0 += kBatch) {
     float ms[kBatch];
 #pragma unroll
@@ -662,12 +688,7 @@ __device__ __forceinline__ MergedState merge_in_order(int n, M m_of, L l_of, O o
       os[k] = in ? o_of(s0 + k) : 0.0f;
     }
 #pragma unroll
-    for (int k = 0; k < kBatch; ++k) {  // in order; states that saw no key add nothing
-      if (ms[k] == -INFINITY) continue;
-      const float w = exp2f(ms[k] - r.m);
-      r.l = __fmaf_rn(ls[k], w, r.l);
-      r.o = __fmaf_rn(os[k], w, r.o);
-    }
+    for (int k = 0; k < kBatch; ++k) add(ms[k], ls[k], os[k]);
   }
   return r;
 }
@@ -779,6 +800,8 @@ __global__ void __launch_bounds__(DecodeTraits<kHeadDim>::kThreads, kMinBlocks)
   else
     decode_split<kHeadDim, T, 2, kSas, kGroups>(p, smem, s_q_scale, seq, h0, heads, rows, slot, hk, len, begin, end, ws);
 
+  // The merge kernel (several splits) may start launching now: it waits for this grid's end.
+  griddepcontrol_launch_dependents();
   // The warps' states, merged per row in shared memory (each warp's own area, now free); then the
   // output (one split) or the split's part for cache_merge_kernel.
   __syncwarp();  // warp_tiles waited for its last copies
@@ -813,18 +836,21 @@ __global__ void __launch_bounds__(DecodeTraits<kHeadDim>::kThreads, kMinBlocks)
   }
 }
 
-// With several splits: merges the splits' parts of each row (a CTA per row) and normalizes. (Merging
+// With several splits: merges the splits' parts of each row (a CTA per row) and normalizes. Launched as
+// a programmatic dependent of the decode kernel where the GPU has it (sm_90 on), so that its launch
+// overlaps the decode kernel's last CTAs. (Merging
 // them in the last CTA of each row group instead, through arrival counters, saved this launch but was
 // slower on every shape measured, by up to 35% at batch 1: docs/BENCHMARKS.md.)
-template <typename T>
+template <typename T, int kBatch>
 __global__ void cache_merge_kernel(const float* partial, int num_splits, int hq, int q_len, int dim, void* out, int64_t o_b,
                                    int64_t o_n, int64_t o_h) {
+  griddepcontrol_wait();  // launched as a dependent of the decode kernel: its parts are complete
   const int64_t row = blockIdx.x;  // (seq * hq + h) * q_len + i
   const int i = int(row % q_len), h = int((row / q_len) % hq), seq = int(row / (int64_t(q_len) * hq));
   const float* parts = partial + row * num_splits * (dim + 2);
   T* dst = static_cast<T*>(out) + seq * o_b + i * o_n + h * o_h;
   for (int c = threadIdx.x; c < dim; c += blockDim.x) {
-    const MergedState m = merge_in_order<kMergeBatch>(
+    const MergedState m = merge_in_order<kBatch>(
         num_splits, [&](int s) { return parts[s * (dim + 2)]; }, [&](int s) { return parts[s * (dim + 2) + 1]; },
         [&](int s) { return parts[s * (dim + 2) + 2 + c]; });
     dst[c] = T(m.normalized());

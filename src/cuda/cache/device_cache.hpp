@@ -91,6 +91,7 @@ class DeviceCache {
   int64_t workspace_floats_ = 0;
   int device_ = 0;
   int num_sms_ = 0;
+  bool dependent_launch_ = false;  // the merge kernel launched as a programmatic dependent (sm_90 on)
   // CTAs per SM of a decode kernel instance (by dtype, SAS, row groups and the layer's widest head),
   // asked of the driver once each: what the automatic split fills.
   int ctas_per_sm(ta_dtype dtype, bool sas, int rows, int max_bits);
