@@ -316,7 +316,7 @@ INSTANTIATE_TEST_SUITE_P(
                     DecodeCase{128, "4", 8, 1, true, 3, TA_DTYPE_F16}, DecodeCase{128, "4", 4, 3, true, 1, TA_DTYPE_F16},
                     DecodeCase{64, "mix", 4, 4, false, 0, TA_DTYPE_F16}, DecodeCase{128, "8", 1, 1, false, 2, TA_DTYPE_BF16},
                     DecodeCase{64, "4", 16, 1, true, 0, TA_DTYPE_F16}, DecodeCase{64, "8", 4, 8, true, 0, TA_DTYPE_F16}, DecodeCase{96, "2", 8, 1, true, 0, TA_DTYPE_F16},
-                    DecodeCase{128, "2", 2, 1, false, 2, TA_DTYPE_BF16},  // the 4-CTA instance (kMinBlocksPerSmPacked)
+                    DecodeCase{128, "2", 2, 1, false, 2, TA_DTYPE_BF16},  // the 4-CTA instance with SAS off, bf16 and a merge
                     // q_len over 8 runs in launches of 8 query tokens (a chunked prefill over the cache)
                     DecodeCase{128, "4", 4, 13, true, 0, TA_DTYPE_F16}, DecodeCase{64, "mix", 2, 20, true, 2, TA_DTYPE_BF16},
                     DecodeCase{128, "8", 1, 9, false, 0, TA_DTYPE_F16}));

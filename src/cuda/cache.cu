@@ -109,7 +109,7 @@ template <int kHeadDim, typename T, bool kSas, int kGroups, int kMinBlocks>
 auto decode_kernel() {
   const auto kernel = cache_decode_kernel<kHeadDim, T, kSas, kGroups, kMinBlocks>;
   static std::atomic<uint64_t> configured{0};
-  allow_dynamic_smem(configured, reinterpret_cast<const void*>(kernel), DecodeTraits<kHeadDim>::smem_bytes(TA_BITS_8, kGroups));
+  allow_dynamic_smem(configured, reinterpret_cast<const void*>(kernel), DecodeTraits<kHeadDim>::smem_bytes(kGroups, TA_BITS_8));
   return kernel;
 }
 
@@ -119,7 +119,7 @@ void launch_decode(int dim, bool sas, const DecodeParams& p, int num_seqs, int c
     using Tr = DecodeTraits<decltype(d)::value>;
     const dim3 grid{unsigned(p.num_splits), unsigned(p.hkv * chunks), unsigned(num_seqs)};
     decode_kernel<decltype(d)::value, T, decltype(s)::value, decltype(g)::value, decltype(b)::value>()<<<
-        grid, Tr::kThreads, Tr::smem_bytes(p.max_bits, decltype(g)::value), stream>>>(p);
+        grid, Tr::kThreads, Tr::smem_bytes(decltype(g)::value, p.max_bits), stream>>>(p);
     TA_CUDA_CHECK_LAUNCH("cache_decode_kernel");
   });
 }
@@ -131,24 +131,28 @@ int decode_ctas_per_sm(int dim, bool sas, int rows, int max_bits) {
   with_decode_instance(dim, sas, rows, max_bits, [&](auto d, auto s, auto g, auto b) {
     using Tr = DecodeTraits<decltype(d)::value>;
     const auto kernel = decode_kernel<decltype(d)::value, T, decltype(s)::value, decltype(g)::value, decltype(b)::value>();
-    TA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, Tr::kThreads, Tr::smem_bytes(max_bits, decltype(g)::value)));
+    TA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, Tr::kThreads, Tr::smem_bytes(decltype(g)::value, max_bits)));
   });
   return std::max(1, n);
 }
 
-// The merge of several splits' parts: a CTA per row, launched as a programmatic dependent of the decode
-// kernel where the device has it (`dependent`), so that its launch overlaps the decode kernel's end.
+// The merge of the launch's splits' parts (p.num_splits > 1): a CTA per row, launched as a programmatic
+// dependent of the decode kernel where the device has it (`dependent`), so that its launch overlaps the
+// decode kernel's end.
 template <typename T>
-void launch_merge(const DecodeParams& p, int splits, int hq, int q_len, int dim, unsigned rows, bool dependent, cudaStream_t stream) {
+void launch_merge(const DecodeParams& p, int dim, unsigned rows, bool dependent, cudaStream_t stream) {
   cudaLaunchAttribute attribute{};
   attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attribute.val.programmaticStreamSerializationAllowed = 1;
   cudaLaunchConfig_t config{};
   config.gridDim = dim3(rows), config.blockDim = dim3(128), config.stream = stream;
   config.attrs = &attribute, config.numAttrs = dependent ? 1 : 0;
-  const auto kernel = splits <= kMergeBatchSmall ? cache_merge_kernel<T, kMergeBatchSmall> : cache_merge_kernel<T, kMergeBatchLarge>;
-  TA_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, static_cast<const float*>(p.partial), splits, hq, q_len, dim, p.out, p.o_b, p.o_n,
-                                   p.o_h));
+  const auto kernel =
+      p.num_splits <= kMergeBatchSmall ? cache_merge_kernel<T, kMergeBatchSmall> : cache_merge_kernel<T, kMergeBatchLarge>;
+  // Checked as the <<<>>> launches are, through cudaGetLastError, which also clears a launch error.
+  (void)cudaLaunchKernelEx(&config, kernel, static_cast<const float*>(p.partial), p.num_splits, p.hq, p.q_len, dim, p.out, p.o_b,
+                           p.o_n, p.o_h);
+  TA_CUDA_CHECK_LAUNCH("cache_merge_kernel");
 }
 
 }  // namespace
@@ -173,7 +177,9 @@ DeviceCache::DeviceCache(const ref::CacheConfig& config)
     TA_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms_, cudaDevAttrMultiProcessorCount, device_));
     int major = 0;
     TA_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device_));
-    dependent_launch_ = major >= 9;  // programmatic dependent launch
+    // Programmatic dependent launch. Every kernel image is SASS for its architecture (CMakeLists.txt embeds
+    // no PTX), so on sm_90 and later the merge kernel always has its griddepcontrol.wait.
+    dependent_launch_ = major >= 9;
   } catch (...) {
     this->~DeviceCache();
     throw;
@@ -298,10 +304,10 @@ void DeviceCache::decode(int layer, const int32_t* seqs, int num_seqs, const ta_
       const unsigned rows = unsigned(n * hq * q_len);
       if (q.dtype == TA_DTYPE_F16) {
         launch_decode<__half>(D, options.use_sas != 0, p, n, chunks, stream);
-        if (splits > 1) launch_merge<__half>(p, splits, hq, q_len, D, rows, dependent_launch_, stream);
+        if (splits > 1) launch_merge<__half>(p, D, rows, dependent_launch_, stream);
       } else {
         launch_decode<__nv_bfloat16>(D, options.use_sas != 0, p, n, chunks, stream);
-        if (splits > 1) launch_merge<__nv_bfloat16>(p, splits, hq, q_len, D, rows, dependent_launch_, stream);
+        if (splits > 1) launch_merge<__nv_bfloat16>(p, D, rows, dependent_launch_, stream);
       }
     }
   }

@@ -44,10 +44,11 @@ template <int kHeadDim>
 struct DecodeTraits {
   static constexpr int kWarps = decode_warps(kHeadDim);
   static constexpr int kThreads = 32 * kWarps;
-  // CTAs per SM the registers are budgeted for: 3 (1 at D = 256). Layers of 4- and 2-bit heads only
-  // with one row group leave shared memory for 4 CTAs, and at D = 96 and 128 that group needs more than
-  // 128 registers unbudgeted: there they get an instance budgeted for 4 (at D = 64 it fits 128 anyway).
-  // With 8-bit heads shared memory allows 2 at D = 128.
+  // CTAs per SM the registers are budgeted for: 3 (1 at D = 256). "Packed" layers (every head 4- or
+  // 2-bit) whose CTAs have one row group leave an H100's or H200's shared memory room for 4 CTAs up to
+  // D = 128, and at D = 96 and 128 that group needs more than 128 registers unbudgeted: there they get
+  // an instance budgeted for 4 (at D = 64 it fits 128 anyway). With 8-bit heads shared memory allows 2
+  // at D = 128.
   static constexpr int kMinBlocksPerSm = kHeadDim <= 128 ? 3 : 1;
   static constexpr int kMinBlocksPerSmPacked = kHeadDim == 96 || kHeadDim == 128 ? 4 : kMinBlocksPerSm;
   static constexpr int kRows = 8;                 // query rows per CTA: two groups of 4 (WarpState)
@@ -56,7 +57,8 @@ struct DecodeTraits {
   static constexpr int kBRowBytes = kHeadDim + 16;  // B operand rows; the padding spreads 8 rows over banks
   static constexpr int kPRowBytes = kKeys + 16;
   // Staged halves: K code rows, K stage-2 metadata, the two block scales; V code rows, V metadata.
-  // Unpadded, so that three halves per warp leave room for four CTAs per SM at 4 bits, D = 128.
+  // Unpadded, so that three halves per warp leave room for four CTAs per SM at 4 bits, D = 128, one row
+  // group.
   __host__ __device__ static constexpr int k_row_bytes(int bits) { return kHeadDim * bits / 8; }
   __host__ __device__ static constexpr int v_row_bytes(int bits) { return kKeys * bits / 8; }
   __host__ __device__ static constexpr int k_meta_bytes(int bits) { return int(block_k_meta_bytes(bits, kHeadDim)); }
@@ -76,20 +78,21 @@ struct DecodeTraits {
   // B rows of a 2-bit head in a layer of wider heads take the unused tail of ring slot 0 (b_rows_in_ring),
   // so only layers of 2-bit heads reserve them.
   __host__ __device__ static constexpr bool b_rows_in_ring(int groups, int max_bits) { return groups == 1 && max_bits > TA_BITS_2; }
+  static_assert(q_prime_in_registers(1, TA_BITS_4), "with one group only 2-bit heads have B rows (in the ring's tail)");
   __host__ __device__ static constexpr int b_rows_bytes(int groups, int max_bits) {
     return groups > 1 ? 2 * kBRowsBytes : b_rows_in_ring(groups, max_bits) ? 0 : kBRowsBytes;
   }
   __host__ __device__ static constexpr int warp_fixed_bytes(int groups, int max_bits) { return b_rows_bytes(groups, max_bits) + kRows * kPRowBytes; }
-  __host__ __device__ static constexpr int warp_bytes(int max_bits, int groups) {
+  __host__ __device__ static constexpr int warp_bytes(int groups, int max_bits) {
     return warp_fixed_bytes(groups, max_bits) + kRingHalves * half_bytes(max_bits);
   }
   static_assert(half_bytes(TA_BITS_4) - half_bytes(TA_BITS_2) >= kBRowsBytes, "a 2-bit half leaves room for the B rows in a wider slot");
   // Per CTA: INT8 Q in channel order (for the buffer and q . zero) and in the K order of the head's width.
   static constexpr int kQBytes = 2 * kRows * kHeadDim;
-  __host__ __device__ static constexpr int smem_bytes(int max_bits, int groups) { return kQBytes + kWarps * warp_bytes(max_bits, groups); }
+  __host__ __device__ static constexpr int smem_bytes(int groups, int max_bits) { return kQBytes + kWarps * warp_bytes(groups, max_bits); }
   static_assert(kHeadDim % 32 == 0, "head dims are multiples of 32");
   // At the end a warp's area holds its state: m and l of 8 rows, then o of 8 rows.
-  static_assert(warp_bytes(TA_BITS_2, 1) >= 4 * (2 * kRows + kRows * kHeadDim), "a warp's area holds its state");
+  static_assert(warp_bytes(1, TA_BITS_2) >= 4 * (2 * kRows + kRows * kHeadDim), "a warp's area holds its state");
 };
 
 struct DecodeParams {
@@ -561,19 +564,20 @@ struct HalfCopies {
   int64_t page_bytes, region_offset[2];
   int64_t k_scale_offset, v_scale_offset;
   uint8_t* ring;
-  int half_stride, first, end, lane;
+  int half_stride, first, page_end, lane;
 
-  __device__ HalfCopies(const DecodeParams& p, uint8_t* ring_, int half_stride_, int slot, int hk, int first_, int end_, int lane_)
+  __device__ HalfCopies(const DecodeParams& p, uint8_t* ring_, int half_stride_, int slot, int hk, int first_, int page_end_, int lane_)
       : pool(p.pool), table(p.tables + int64_t(slot) * p.table_width), page_bytes(p.layout->page_bytes),
         region_offset{p.layout->k_offset[hk], p.layout->v_offset[hk]}, k_scale_offset(page_k_scale_offset(hk)),
-        v_scale_offset(page_v_scale_offset(p.hkv, hk)), ring(ring_), half_stride(half_stride_), first(first_), end(end_), lane(lane_) {}
+        v_scale_offset(page_v_scale_offset(p.hkv, hk)), ring(ring_), half_stride(half_stride_), first(first_), page_end(page_end_), lane(lane_) {}
 
   __device__ uint8_t* slot_of(int h) const { return ring + (h % Tr::kRingHalves) * half_stride; }
 
-  // Issues half h's copies (nothing past the split's pages); end is already capped at the page count.
+  // Issues half h's copies (nothing past the split's pages: page_end is the split's end capped at the
+  // sequence's full pages).
   __device__ __forceinline__ void stage(int h) const {
     const int j = first + (h / 2) * Tr::kWarps;
-    if (j >= end) return;
+    if (j >= page_end) return;
     uint8_t* dst = slot_of(h);
     const uint8_t* page = pool + int64_t(table[j]) * page_bytes;
     const uint32_t lane_dst = static_cast<uint32_t>(__cvta_generic_to_shared(dst)) + 16 * lane;
@@ -601,7 +605,7 @@ __device__ __forceinline__ void warp_tiles(const DecodeParams& p, const HalfCopi
   const float skip_x = skip_threshold(len);
   const int first = copies.first;
   int it = 0;
-  for (int j = first; j < copies.end; j += Tr::kWarps, ++it) {
+  for (int j = first; j < copies.page_end; j += Tr::kWarps, ++it) {
     const int64_t first_pos = int64_t(j) * Tr::kKeys;
     int visible[kGroups];
 #pragma unroll
@@ -742,7 +746,7 @@ __device__ __forceinline__ void decode_split(const DecodeParams& p, uint8_t* sme
   uint8_t* s_q8 = smem;                  // [kRows][D] INT8 Q, channel order
   uint8_t* s_qk = smem + Tr::kRows * D;  // [kRows][D] the same in the K order of this head's width
   // Per warp (DecodeTraits): the B rows of Q' parts (zero outside the live rows), P rows, and the ring.
-  uint8_t* wbase = smem + Tr::kQBytes + warp * Tr::warp_bytes(p.max_bits, kGroups);
+  uint8_t* wbase = smem + Tr::kQBytes + warp * Tr::warp_bytes(kGroups, p.max_bits);
   uint8_t* ring = wbase + Tr::warp_fixed_bytes(kGroups, p.max_bits);
   uint8_t* s_b = Tr::b_rows_in_ring(kGroups, p.max_bits) ? ring + Tr::half_bytes(TA_BITS_2) : wbase;
   uint8_t* s_p = wbase + Tr::b_rows_bytes(kGroups, p.max_bits);
@@ -805,7 +809,7 @@ __global__ void __launch_bounds__(DecodeTraits<kHeadDim>::kThreads, kMinBlocks)
   // The warps' states, merged per row in shared memory (each warp's own area, now free); then the
   // output (one split) or the split's part for cache_merge_kernel.
   __syncwarp();  // warp_tiles waited for its last copies
-  float* st = reinterpret_cast<float*>(smem + Tr::kQBytes + warp * Tr::warp_bytes(p.max_bits, kGroups));  // m[8], l[8], o[8][D]
+  float* st = reinterpret_cast<float*>(smem + Tr::kQBytes + warp * Tr::warp_bytes(kGroups, p.max_bits));  // m[8], l[8], o[8][D]
   const int g = lane / 4;
 #pragma unroll
   for (int grp = 0; grp < kGroups; ++grp) {
@@ -821,7 +825,7 @@ __global__ void __launch_bounds__(DecodeTraits<kHeadDim>::kThreads, kMinBlocks)
   for (int idx = threadIdx.x; idx < rows * D; idx += Tr::kThreads) {
     const int row = idx / D, c = idx % D, h = h0 + row / p.q_len, i = row % p.q_len;
     auto warp_state = [&](int w) {
-      return reinterpret_cast<const float*>(smem + Tr::kQBytes + w * Tr::warp_bytes(p.max_bits, kGroups));
+      return reinterpret_cast<const float*>(smem + Tr::kQBytes + w * Tr::warp_bytes(kGroups, p.max_bits));
     };
     const MergedState m = merge_in_order<Tr::kWarps>(
         Tr::kWarps, [&](int w) { return warp_state(w)[row]; }, [&](int w) { return warp_state(w)[Tr::kRows + row]; },
@@ -838,9 +842,9 @@ __global__ void __launch_bounds__(DecodeTraits<kHeadDim>::kThreads, kMinBlocks)
 
 // With several splits: merges the splits' parts of each row (a CTA per row) and normalizes. Launched as
 // a programmatic dependent of the decode kernel where the GPU has it (sm_90 on), so that its launch
-// overlaps the decode kernel's last CTAs. (Merging
-// them in the last CTA of each row group instead, through arrival counters, saved this launch but was
-// slower on every shape measured, by up to 35% at batch 1: docs/BENCHMARKS.md.)
+// overlaps the decode kernel's last CTAs. (Merging them in the last CTA of each row group instead,
+// through arrival counters, saved this launch but was slower on every shape measured, by up to 35% at
+// batch 1: docs/BENCHMARKS.md.)
 template <typename T, int kBatch>
 __global__ void cache_merge_kernel(const float* partial, int num_splits, int hq, int q_len, int dim, void* out, int64_t o_b,
                                    int64_t o_n, int64_t o_h) {
