@@ -27,9 +27,13 @@ using test::InputKind;
 
 namespace {
 
+// "8", "4" or "2": every head at that width; "a/b": heads alternate between a and b bits; "mix" is "4/2".
 std::vector<int> head_bits(const std::string& name, int layers, int heads) {
+  const std::string spec = name == "mix" ? "4/2" : name;
+  const size_t slash = spec.find('/');
+  const int even = std::stoi(spec.substr(0, slash)), odd = slash == std::string::npos ? even : std::stoi(spec.substr(slash + 1));
   std::vector<int> b(size_t(layers) * heads);
-  for (size_t i = 0; i < b.size(); ++i) b[i] = name == "mix" ? ((i % 2) ? 2 : 4) : std::stoi(name);
+  for (size_t i = 0; i < b.size(); ++i) b[i] = (i % 2) ? odd : even;
   return b;
 }
 
@@ -319,7 +323,9 @@ INSTANTIATE_TEST_SUITE_P(
                     DecodeCase{128, "2", 2, 1, false, 2, TA_DTYPE_BF16},  // the 4-CTA instance with SAS off, bf16 and a merge
                     // q_len over 8 runs in launches of 8 query tokens (a chunked prefill over the cache)
                     DecodeCase{128, "4", 4, 13, true, 0, TA_DTYPE_F16}, DecodeCase{64, "mix", 2, 20, true, 2, TA_DTYPE_BF16},
-                    DecodeCase{128, "8", 1, 9, false, 0, TA_DTYPE_F16}));
+                    DecodeCase{128, "8", 1, 9, false, 0, TA_DTYPE_F16},
+                    // rings sized for 8-bit heads: a 2-bit head's Q' rows in a slot's tail, a 4-bit head's Q' in registers
+                    DecodeCase{128, "8/2", 4, 1, true, 0, TA_DTYPE_F16}, DecodeCase{128, "8/4", 4, 1, true, 0, TA_DTYPE_BF16}));
 
 TEST(GpuCacheServing, RandomLivesStayIdenticalToTheCpuCache) {
   // Sequences start, append, finish and reuse slots and pages at random; after every step each live
