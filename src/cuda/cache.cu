@@ -1,5 +1,5 @@
 // Host side of the GPU KV cache: device memory, the runs of a write, decode launches, the automatic
-// split, and the one place that maps (head dim, SAS, row groups) to a decode kernel instance.
+// split, and the one place that maps (head dim, SAS, row groups, widest head) to a decode kernel instance.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
