@@ -290,7 +290,7 @@ void DeviceCache::decode(int layer, const int32_t* seqs, int num_seqs, const ta_
     for (int s0 = 0; s0 < num_seqs; s0 += kDecodeMaxSeqs) {
       const int n = std::min(kDecodeMaxSeqs, num_seqs - s0);
       DecodeParams p{};
-      p.pool = pools_[size_t(layer)], p.buffers = buffers_[size_t(layer)], p.layout = d_layouts_ + layer;
+      p.pool = pools_[size_t(layer)], p.buffers = buffers_[size_t(layer)], p.layout = layouts_[size_t(layer)];
       p.tables = d_tables_, p.table_width = table_width_, p.lengths = d_lengths_ + int64_t(layer) * cfg_.max_seqs;
       p.q = static_cast<const uint8_t*>(q.data) + (int64_t(s0) * q.strides[0] + int64_t(q0) * q.strides[1]) * int64_t(elem);
       p.q_b = q.strides[0], p.q_n = q.strides[1], p.q_h = q.strides[2];

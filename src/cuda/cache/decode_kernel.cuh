@@ -98,7 +98,8 @@ struct DecodeTraits {
 struct DecodeParams {
   const uint8_t* pool;       // the layer's pages
   const uint8_t* buffers;    // the layer's INT8 buffers [slot][head]
-  const PageLayout* layout;  // the layer's
+  PageLayout layout;         // the layer's (by value: read from the constant bank, not through a load
+                             // that the first copies would wait for)
   const int32_t* tables;     // [slot][table_width]
   int table_width;
   const int64_t* lengths;    // the layer's [slot]
@@ -112,6 +113,7 @@ struct DecodeParams {
   float scale_log2;
   int32_t slots[kDecodeMaxSeqs];
 };
+static_assert(sizeof(DecodeParams) <= 4096, "kernel parameters are limited to 4 KB");
 
 // Copies kBytes (a multiple of 16) with one warp; dst and src are the lane's first chunk (16 lane bytes
 // in), and every further copy is one instruction at an immediate offset from them.
@@ -553,7 +555,9 @@ __device__ __forceinline__ void buffer_tile(const uint8_t* buffer, const uint8_t
 
 // The copies of a warp's halves: half h of the warp's sequence of halves (K of its it-th tile is h = 2 it,
 // V is 2 it + 1; tile j = begin + warp + it * kWarps) goes to ring slot h % 3, so while one half is used
-// the next two are in flight.
+// the next two are in flight. The warps read a tile's page table entry (page_id) a tile ahead of its
+// copies: read just before them, it stalled the warp on every tile (9% of the decode kernel's stall
+// samples at 64 x 4k, 4 bits, on an H200).
 template <int kHeadDim, int kBits>
 struct HalfCopies {
   using Tr = DecodeTraits<kHeadDim>;
@@ -567,21 +571,27 @@ struct HalfCopies {
   int half_stride, first, page_end, lane;
 
   __device__ HalfCopies(const DecodeParams& p, uint8_t* ring_, int half_stride_, int slot, int hk, int first_, int page_end_, int lane_)
-      : pool(p.pool), table(p.tables + int64_t(slot) * p.table_width), page_bytes(p.layout->page_bytes),
-        region_offset{p.layout->k_offset[hk], p.layout->v_offset[hk]}, k_scale_offset(page_k_scale_offset(hk)),
+      : pool(p.pool), table(p.tables + int64_t(slot) * p.table_width), page_bytes(p.layout.page_bytes),
+        region_offset{p.layout.k_offset[hk], p.layout.v_offset[hk]}, k_scale_offset(page_k_scale_offset(hk)),
         v_scale_offset(page_v_scale_offset(p.hkv, hk)), ring(ring_), half_stride(half_stride_), first(first_), page_end(page_end_), lane(lane_) {}
 
-  __device__ uint8_t* slot_of(int h) const { return ring + (h % Tr::kRingHalves) * half_stride; }
+  __device__ uint8_t* slot_of(int ring_slot) const { return ring + ring_slot * half_stride; }
+  // The slot after `ring_slot` (tracked by the loop rather than computed as h % 3 per copy).
+  static __device__ __forceinline__ int next_slot(int ring_slot) { return ring_slot + 1 == Tr::kRingHalves ? 0 : ring_slot + 1; }
 
-  // Issues half h's copies (nothing past the split's pages: page_end is the split's end capped at the
-  // sequence's full pages).
-  __device__ __forceinline__ void stage(int h) const {
-    const int j = first + (h / 2) * Tr::kWarps;
+  // Tile j's page id (read only for tiles in the split's pages: page_end is the split's end capped at
+  // the sequence's full pages), and the page's address, formed where the copies need it (formed at the
+  // read, it waited for the read there).
+  __device__ __forceinline__ int32_t page_id(int j) const { return j < page_end ? table[j] : 0; }
+  __device__ __forceinline__ const uint8_t* page(int32_t id) const { return pool + int64_t(id) * page_bytes; }
+
+  // Issues the copies of tile j's K half (v false) or V half into ring slot `ring_slot` (nothing past the
+  // split's pages).
+  __device__ __forceinline__ void stage(bool v, int ring_slot, int j, const uint8_t* page) const {
     if (j >= page_end) return;
-    uint8_t* dst = slot_of(h);
-    const uint8_t* page = pool + int64_t(table[j]) * page_bytes;
+    uint8_t* dst = slot_of(ring_slot);
     const uint32_t lane_dst = static_cast<uint32_t>(__cvta_generic_to_shared(dst)) + 16 * lane;
-    if (h % 2 == 0) {
+    if (!v) {
       stage_bytes_async<kRegion[0]>(lane_dst, page + region_offset[0] + 16 * lane, lane);
       if (lane == 0) cp_async_4(dst + Tr::half_scales(kBits), page + k_scale_offset);
       if (lane == 1) cp_async_4(dst + Tr::half_scales(kBits) + 4, page + v_scale_offset);
@@ -604,23 +614,29 @@ __device__ __forceinline__ void warp_tiles(const DecodeParams& p, const HalfCopi
   const int blocks = int(len / Tr::kKeys);
   const float skip_x = skip_threshold(len);
   const int first = copies.first;
-  int it = 0;
-  for (int j = first; j < copies.page_end; j += Tr::kWarps, ++it) {
+  int32_t next_id = copies.page_id(first + Tr::kWarps);  // of the tile staged in the first iteration
+  int k_slot = 0;  // the ring slot of this tile's K; its V is in the next slot, the next K and V in the two after
+  for (int j = first; j < copies.page_end; j += Tr::kWarps) {
+    const int v_slot = copies.next_slot(k_slot), free_slot = copies.next_slot(v_slot);
     const int64_t first_pos = int64_t(j) * Tr::kKeys;
     int visible[kGroups];
 #pragma unroll
     for (int grp = 0; grp < kGroups; ++grp) visible[grp] = int(min(int64_t(Tr::kKeys), max(int64_t(0), max_pos[grp] - first_pos + 1)));
     cp_async_wait<1>();  // K of this tile has landed (its V may still be in flight)
     __syncwarp();
-    copies.stage(2 * it + 2), cp_async_commit();  // the next K, into the slot of the previous V
+    const uint8_t* next_page = copies.page(next_id);
+    copies.stage(false, free_slot, j + Tr::kWarps, next_page), cp_async_commit();  // the next K, into the slot of the previous V
+    const int32_t id_after = copies.page_id(j + 2 * Tr::kWarps);
     TileSoftmax<kSas, kGroups> sm;
-    const bool values = page_scores<kHeadDim, kBits, kSas, kGroups>(copies.slot_of(2 * it), s_q8, s_qk, s_b, s_p, q_scale, visible,
+    const bool values = page_scores<kHeadDim, kBits, kSas, kGroups>(copies.slot_of(k_slot), s_q8, s_qk, s_b, s_p, q_scale, visible,
                                                                     rows, skip_x, ws, sm, lane);
     cp_async_wait<1>();  // V of this tile has landed
     __syncwarp();
-    copies.stage(2 * it + 3), cp_async_commit();  // the next V, into the slot of this K
-    if (values) page_values<kHeadDim, kBits, kSas, kGroups>(copies.slot_of(2 * it + 1), s_p, sm, ws, lane);
+    copies.stage(true, k_slot, j + Tr::kWarps, next_page), cp_async_commit();  // the next V, into the slot of this K
+    next_id = id_after;
+    if (values) page_values<kHeadDim, kBits, kSas, kGroups>(copies.slot_of(v_slot), s_p, sm, ws, lane);
     __syncwarp();  // s_p and the ring's slots are rewritten next
+    k_slot = free_slot;
   }
   cp_async_wait<0>();
   if (blocks >= first && blocks < end && (blocks - first) % Tr::kWarps == 0 && len % Tr::kKeys != 0) {
@@ -697,35 +713,60 @@ __device__ __forceinline__ MergedState merge_in_order(int n, M m_of, L l_of, O o
   return r;
 }
 
+// Query token 0 of each of a warp's query heads (hl = warp + k kWarps), as loaded: read before the
+// page table, so that the two latencies overlap (a decode step has one token per head; further tokens
+// are read where they are quantized).
+template <int kHeadDim, typename T>
+struct FirstQueryTokens {
+  using Tr = DecodeTraits<kHeadDim>;
+  static constexpr int kHeads = Tr::kRows / Tr::kWarps, kPerLane = kHeadDim / 32;
+  T x[kHeads][kPerLane];  // channel lane + 32 m of head warp + k kWarps
+
+  __device__ __forceinline__ FirstQueryTokens(const DecodeParams& p, int seq, int h0, int heads, int warp, int lane) {
+#pragma unroll
+    for (int k = 0; k < kHeads; ++k) {
+      const int hl = warp + k * Tr::kWarps;
+      const T* src = static_cast<const T*>(p.q) + int64_t(seq) * p.q_b + int64_t(h0 + (hl < heads ? hl : 0)) * p.q_h;
+#pragma unroll
+      for (int m = 0; m < kPerLane; ++m) x[k][m] = src[lane + 32 * m];
+    }
+  }
+};
+
 // Q rows r = head * q_len + i of the CTA: one INT8 block per query head (ref::quantize_head_block), scale
 // times softmax_scale * log2(e), into s_q8 (channel order) and, below 8 bits, s_qk (the K order of the
-// head's width, which every tile's Q' reads); padding rows get zero codes.
+// head's width, which every tile's Q' reads); padding rows get zero codes. Token 0 comes from `first`.
 template <int kHeadDim, typename T, int kBits>
-__device__ __forceinline__ void quantize_q_rows(const DecodeParams& p, int seq, int h0, int heads, int rows, uint8_t* s_q8, uint8_t* s_qk,
-                                                float* s_q_scale, int warp, int lane) {
+__device__ __forceinline__ void quantize_q_rows(const DecodeParams& p, const FirstQueryTokens<kHeadDim, T>& first, int seq, int h0,
+                                                int heads, int rows, uint8_t* s_q8, uint8_t* s_qk, float* s_q_scale, int warp, int lane) {
   using Tr = DecodeTraits<kHeadDim>;
   constexpr int D = kHeadDim;
   auto put = [&](int r, int c, uint8_t code) {
     s_q8[r * D + c] = code;
     if constexpr (kBits < 8) s_qk[r * D + CodeOrder<kBits, D>::position_of(c)] = code;
   };
-  for (int hl = warp; hl < Tr::kRows; hl += Tr::kWarps) {
-    const bool live = hl < heads;
-    const T* src = static_cast<const T*>(p.q) + int64_t(seq) * p.q_b + int64_t(h0 + (live ? hl : 0)) * p.q_h;
+#pragma unroll
+  for (int k = 0; k < FirstQueryTokens<kHeadDim, T>::kHeads; ++k) {
+    const int hl = warp + k * Tr::kWarps;
+    if (hl >= heads) break;  // warp-uniform
+    const T* src = static_cast<const T*>(p.q) + int64_t(seq) * p.q_b + int64_t(h0 + hl) * p.q_h;
+    auto value = [&](int i, int m) { return to_float(i == 0 ? first.x[k][m] : src[int64_t(i) * p.q_n + lane + 32 * m]); };
     float amax = 0.0f;
     bool finite = true;
-    for (int i = 0; live && i < p.q_len; ++i)
-      for (int c = lane; c < D; c += 32) {
-        const float x = to_float(src[int64_t(i) * p.q_n + c]);
+    for (int i = 0; i < p.q_len; ++i)
+#pragma unroll
+      for (int m = 0; m < D / 32; ++m) {
+        const float x = value(i, m);
         finite = finite && isfinite(x);
         amax = fmaxf(amax, fabsf(x));
       }
     for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
     finite = __all_sync(0xffffffffu, finite);
     const Int8Scale s = int8_block_scale(amax, finite);
-    for (int i = 0; i < (live ? p.q_len : 0); ++i) {
+    for (int i = 0; i < p.q_len; ++i) {
       const int r = hl * p.q_len + i;
-      for (int c = lane; c < D; c += 32) put(r, c, uint8_t(int8_code(to_float(src[int64_t(i) * p.q_n + c]), s.inv)));
+#pragma unroll
+      for (int m = 0; m < D / 32; ++m) put(r, lane + 32 * m, uint8_t(int8_code(value(i, m), s.inv)));
       if (lane == 0) s_q_scale[r] = __fmul_rn(s.scale, p.scale_log2);
     }
   }
@@ -735,8 +776,8 @@ __device__ __forceinline__ void quantize_q_rows(const DecodeParams& p, int seq, 
   }
 }
 
-// A CTA's work at one bit width: the warps' first copies go out before anything else, so that their
-// latency overlaps Q's loads and quantization; then the warps' tiles.
+// A CTA's work at one bit width: Q's first token is read, then the warps' first copies go out, so that
+// the two latencies (and the page table's) overlap each other and Q's quantization; then the warps' tiles.
 template <int kHeadDim, typename T, int kBits, bool kSas, int kGroups>
 __device__ __forceinline__ void decode_split(const DecodeParams& p, uint8_t* smem, float* s_q_scale, int seq, int h0, int heads, int rows,
                                              int slot, int hk, int64_t len, int begin, int end, WarpState<kHeadDim, kGroups>& ws) {
@@ -752,10 +793,12 @@ __device__ __forceinline__ void decode_split(const DecodeParams& p, uint8_t* sme
   uint8_t* s_p = wbase + Tr::b_rows_bytes(kGroups, p.max_bits);
   const HalfCopies<kHeadDim, kBits> copies(p, ring, Tr::half_bytes(p.max_bits), slot, hk, begin + warp, min(end, int(len / Tr::kKeys)),
                                            lane);
-  copies.stage(0), cp_async_commit();
-  copies.stage(1), cp_async_commit();
+  const FirstQueryTokens<kHeadDim, T> first_tokens(p, seq, h0, heads, warp, lane);
+  const uint8_t* first_page = copies.page(copies.page_id(begin + warp));
+  copies.stage(false, 0, begin + warp, first_page), cp_async_commit();
+  copies.stage(true, 1, begin + warp, first_page), cp_async_commit();
 
-  quantize_q_rows<kHeadDim, T, kBits>(p, seq, h0, heads, rows, s_q8, s_qk, s_q_scale, warp, lane);
+  quantize_q_rows<kHeadDim, T, kBits>(p, first_tokens, seq, h0, heads, rows, s_q8, s_qk, s_q_scale, warp, lane);
   auto zero = [&](uint8_t* area, int bytes) {
     for (int i = lane; i < bytes / 4; i += 32) reinterpret_cast<uint32_t*>(area)[i] = 0u;
   };
@@ -794,7 +837,7 @@ __global__ void __launch_bounds__(DecodeTraits<kHeadDim>::kThreads, kMinBlocks)
   const int tiles = TA_BLOCK_COUNT(len);
   const int per_split = (tiles + p.num_splits - 1) / p.num_splits;
   const int begin = min(tiles, split * per_split), end = min(tiles, begin + per_split);
-  const int bits = p.layout->bits[hk];
+  const int bits = p.layout.bits[hk];
 
   WarpState<kHeadDim, kGroups> ws;
   if (bits == 8)
