@@ -615,7 +615,8 @@ __device__ __forceinline__ void warp_tiles(const DecodeParams& p, const HalfCopi
   const float skip_x = skip_threshold(len);
   const int first = copies.first;
   int32_t next_id = copies.page_id(first + Tr::kWarps);  // of the tile staged in the first iteration
-  int k_slot = 0;  // the ring slot of this tile's K; its V is in the next slot, the next K and V in the two after
+  int k_slot = 0;  // the ring slot of this tile's K; its V is in the next one, the next tile's K goes to the one
+                   // after that (the previous V's) and its V to this K's
   for (int j = first; j < copies.page_end; j += Tr::kWarps) {
     const int v_slot = copies.next_slot(k_slot), free_slot = copies.next_slot(v_slot);
     const int64_t first_pos = int64_t(j) * Tr::kKeys;
