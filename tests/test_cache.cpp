@@ -242,10 +242,10 @@ TEST(CacheMemory, BytesPerValueAtHeadDim128) {
     EXPECT_EQ(m.fp16_bytes_per_token, 8 * 128 * 2 * 2);
     return m.bytes_per_token / (8 * 128 * 2);
   };
-  EXPECT_DOUBLE_EQ(bytes_per_value(std::vector<int32_t>(8, 8)), 131136.0 / 131072);
-  EXPECT_DOUBLE_EQ(bytes_per_value(std::vector<int32_t>(8, 4)), 68672.0 / 131072);
-  EXPECT_DOUBLE_EQ(bytes_per_value(std::vector<int32_t>(8, 2)), 35904.0 / 131072);
-  EXPECT_DOUBLE_EQ(bytes_per_value({4, 2, 4, 2, 4, 2, 4, 2}), 52288.0 / 131072);
+  EXPECT_DOUBLE_EQ(bytes_per_value(std::vector<int32_t>(8, 8)), 131200.0 / 131072);
+  EXPECT_DOUBLE_EQ(bytes_per_value(std::vector<int32_t>(8, 4)), 68736.0 / 131072);
+  EXPECT_DOUBLE_EQ(bytes_per_value(std::vector<int32_t>(8, 2)), 35968.0 / 131072);
+  EXPECT_DOUBLE_EQ(bytes_per_value({4, 2, 4, 2, 4, 2, 4, 2}), 52352.0 / 131072);
   EXPECT_GT(2.0 / bytes_per_value({4, 2, 4, 2, 4, 2, 4, 2}), 4.9);  // vs FP16: over the paper's 4.4x
 }
 

@@ -28,8 +28,13 @@ TA_HOST_DEVICE int64_t block_k_region_bytes(int bits, int head_dim) {
 TA_HOST_DEVICE int64_t block_v_region_bytes(int bits, int head_dim) {
   return block_code_bytes(bits, head_dim) + block_v_meta_bytes(bits);
 }
-// Page header: fp32 stage-1 scale of K for each head, then of V, padded to 16 bytes.
-TA_HOST_DEVICE int64_t page_header_bytes(int kv_heads) { return (8 * int64_t(kv_heads) + 15) / 16 * 16; }
+// The header and every region start on a 128-byte line, and pages are whole lines: on an H200, 16-byte
+// async copies into 128-byte-aligned shared memory streamed 4.6 TB/s from aligned pages and 3.4-3.6
+// TB/s from pages 32 or 64 bytes off (docs/FORMATS.md 3.5).
+constexpr int64_t kPageAlign = 128;
+TA_HOST_DEVICE constexpr int64_t page_aligned(int64_t bytes) { return (bytes + kPageAlign - 1) / kPageAlign * kPageAlign; }
+// Page header: fp32 stage-1 scale of K for each head, then of V, padded to a line.
+TA_HOST_DEVICE int64_t page_header_bytes(int kv_heads) { return page_aligned(8 * int64_t(kv_heads)); }
 
 // Offsets within one layer's page, given that layer's bit widths (one per KV head).
 struct PageLayout {
@@ -47,9 +52,9 @@ TA_HOST_DEVICE PageLayout make_page_layout(const int* bits, int kv_heads, int he
   for (int h = 0; h < kv_heads; ++h) {
     p.bits[h] = bits[h];
     p.k_offset[h] = off;
-    off += block_k_region_bytes(bits[h], head_dim);
+    off += page_aligned(block_k_region_bytes(bits[h], head_dim));
     p.v_offset[h] = off;
-    off += block_v_region_bytes(bits[h], head_dim);
+    off += page_aligned(block_v_region_bytes(bits[h], head_dim));
   }
   p.page_bytes = off;
   return p;

@@ -78,7 +78,7 @@ def test_cache_decode_and_memory(rng):
     assert rel_l2(out, exact) < 0.04
     mem = cache.memory()
     assert mem["fp16_bytes_per_token"] == hkv * d * 2 * 2
-    assert mem["bytes_per_token"] == pytest.approx((16 + 2 * hkv * 64 * d) / 64)  # 8-bit pages
+    assert mem["bytes_per_token"] == pytest.approx((128 + 2 * hkv * 64 * d) / 64)  # 8-bit pages: a 128-byte header
 
 
 def test_cache_out_of_pages(rng):

@@ -241,7 +241,7 @@ def test_protocol_on_a_tiny_model(tiny_model, device):
     fp16 = 2 * 2 * 2 * 64 * 2  # K and V, layers, heads, dim, bytes
     assert results["fp16"]["bytes"] == (fp16, fp16)
     asym = [results[n]["bytes"][0] for n in ("kv8", "kv4", "kv2")]
-    assert asym == sorted(asym, reverse=True) and fp16 / asym[1] == pytest.approx(3.76, abs=0.01)
+    assert asym == sorted(asym, reverse=True) and fp16 / asym[1] == pytest.approx(3.71, abs=0.01)
     for name in ("kv8", "kv4", "kv2"):  # at 136 tokens: two pages and the buffer
         assert results[name]["bytes"][1] > results[name]["bytes"][0]
     nll = results["fp16"]["nll"] / results["fp16"]["n"]
