@@ -725,6 +725,12 @@ __device__ __forceinline__ MergedState merge_in_order(int n, M m_of, L l_of, O o
   return r;
 }
 
+// Query token 0 of query head h of sequence seq (further tokens are p.q_n elements apart).
+template <typename T>
+__device__ __forceinline__ const T* q_head_row(const DecodeParams& p, int seq, int h) {
+  return static_cast<const T*>(p.q) + int64_t(seq) * p.q_b + int64_t(h) * p.q_h;
+}
+
 // Query token 0 of each of a warp's query heads (hl = warp + k kWarps), as loaded: read before the
 // page table, so that the two latencies overlap (a decode step has one token per head; further tokens
 // are read where they are quantized).
@@ -738,7 +744,7 @@ struct FirstQueryTokens {
 #pragma unroll
     for (int k = 0; k < kHeads; ++k) {
       const int hl = warp + k * Tr::kWarps;
-      const T* src = static_cast<const T*>(p.q) + int64_t(seq) * p.q_b + int64_t(h0 + (hl < heads ? hl : 0)) * p.q_h;
+      const T* src = q_head_row<T>(p, seq, h0 + (hl < heads ? hl : 0));
 #pragma unroll
       for (int m = 0; m < kPerLane; ++m) x[k][m] = src[lane + 32 * m];
     }
@@ -761,7 +767,7 @@ __device__ __forceinline__ void quantize_q_rows(const DecodeParams& p, const Fir
   for (int k = 0; k < FirstQueryTokens<kHeadDim, T>::kHeads; ++k) {
     const int hl = warp + k * Tr::kWarps;
     if (hl >= heads) break;  // warp-uniform
-    const T* src = static_cast<const T*>(p.q) + int64_t(seq) * p.q_b + int64_t(h0 + hl) * p.q_h;
+    const T* src = q_head_row<T>(p, seq, h0 + hl);
     auto value = [&](int i, int m) { return to_float(i == 0 ? first.x[k][m] : src[int64_t(i) * p.q_n + lane + 32 * m]); };
     float amax = 0.0f;
     bool finite = true;
