@@ -9,7 +9,9 @@
 //          variant 0: the ceiling).
 // Page tables: in order (as bench/decode.py's bulk write leaves them) or shuffled (a long-running server).
 // `spin` adds that many clock cycles of busy waiting per half, standing in for the kernel's arithmetic
-// (arguments: the spins to run, 0 and 1500 by default).
+// (arguments: the spins to run, 0 and 1500 by default). H200, 2026-11-27: 4.26-4.39 TB/s at every
+// shape of B x context = 256k in every layout and table order; 3.2-3.4 TB/s, the kernel's, with 2000-3000
+// cycles of spin per half (docs/BENCHMARKS.md, "Where the decode time goes at 5670718").
 //
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o page_stream bench/page_stream.cu && ./page_stream [spin ...]
 #include <cuda_runtime.h>
