@@ -9,8 +9,8 @@
 //          variant 0: the ceiling).
 // Page tables: in order (as bench/decode.py's bulk write leaves them) or shuffled (a long-running server).
 // `spin` adds that many clock cycles of busy waiting per half, standing in for the kernel's arithmetic
-// (arguments: the spins to run, 0 and 1500 by default). H200, 2026-11-27: 4.26-4.39 TB/s at every
-// shape of B x context = 256k in every layout and table order; 3.2-3.4 TB/s, the kernel's, with 2000-3000
+// (arguments: the spins to run, 0 and 1500 by default). H200s, 2026-11-27, three runs: 4.2-4.4 TB/s at
+// every shape of B x context = 256k in every layout and table order; 3.2-3.4 TB/s, the kernel's, with 2000-3000
 // cycles of spin per half (docs/BENCHMARKS.md, "Where the decode time goes at 5670718").
 //
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o page_stream bench/page_stream.cu && ./page_stream [spin ...]
@@ -77,14 +77,16 @@ __global__ void __launch_bounds__(128, 4) stream(const __grid_constant__ Params 
   };
   auto stage = [&](bool v, int slot, int j) {
     if (j >= end) return;
-    const uint32_t dst = uint32_t(__cvta_generic_to_shared(ring + slot * kSlot)) + 16 * lane;
-    const uint8_t* src = source(j, v) + 16 * lane;
+    const uint32_t dst = uint32_t(__cvta_generic_to_shared(ring + slot * kSlot));
+    const uint8_t* src = source(j, v);
     if (!v) {
-      copy<kK>(dst - 16 * lane, src - 16 * lane, lane);
-      if (lane < 2 && p.layout == 0)
-        cp4(uint32_t(__cvta_generic_to_shared(scales + 2 * slot + lane)), p.pool + int64_t(p.tables[int64_t(seq) * p.width + j]) * kPage + 4 * (lane * kHeads + hk));
+      copy<kK>(dst, src, lane);
+      if (lane < 2 && p.layout == 0) {  // the head's two block scales from the page header, as the kernel's K half
+        const uint8_t* page = src - kHeader - hk * kHead;
+        cp4(uint32_t(__cvta_generic_to_shared(scales + 2 * slot + lane)), page + 4 * (lane * kHeads + hk));
+      }
     } else {
-      copy<kV>(dst - 16 * lane, src - 16 * lane, lane);
+      copy<kV>(dst, src, lane);
     }
   };
   auto work = [&](int slot) {
