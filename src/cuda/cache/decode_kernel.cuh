@@ -164,14 +164,13 @@ __device__ __forceinline__ uint32_t pack_bytes(const int32_t (&x)[4], int shift)
 }
 
 // Scores of a tile: s[grp][mt][i] is key 16 mt + g + 8 i of row 4 grp + t. Masks keys past each row's
-// last visible one, finds each row's tile maximum, applies the skip rule, rescales l, and returns the
-// P codes' row sums. codes[grp][mt] holds keys 16 mt + g and 16 mt + g + 8 in its bytes 0 and 2.
+// last visible one, finds each row's tile maximum, applies the skip rule, and updates m and l (with the
+// P codes' row sums). codes[grp][mt] holds keys 16 mt + g and 16 mt + g + 8 in its bytes 0 and 2.
 template <bool kSas, int kGroups>
 struct TileSoftmax {
   float alpha[kGroups], beta[kGroups], sv = 0.0f;
   bool skip[kGroups];
   uint32_t codes[kGroups][TA_BLOCK_TOKENS / 16];
-  int32_t p_sum[kGroups];
 
   __device__ __forceinline__ void run(float (&s)[kGroups][TA_BLOCK_TOKENS / 16][2], const int (&visible)[kGroups], bool v_nan,
                                       float skip_x, float (&m)[kGroups], float (&l)[kGroups], int g) {
@@ -203,7 +202,6 @@ struct TileSoftmax {
       }
 #pragma unroll
       for (int x = 4; x < 32; x <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, x);
-      p_sum[grp] = sum;
       l[grp] = __fmaf_rn(small_int_to_float(sum), beta[grp], __fmul_rn(l[grp], alpha[grp]));
     }
   }
@@ -309,20 +307,24 @@ __device__ __forceinline__ bool page_scores(const uint8_t* k_half, const float* 
   int32_t zq[kGroups] = {};
   if constexpr (kBits < 8) {
     if constexpr (!kQPrimeInRegisters) build_q_prime<kHeadDim, kBits>(s_qk, k_meta, s_b, rows, lane);
-    // Four lanes per row (row lane / 4), each a quarter of the channels, for rows 0..7.
-    const int32_t* q_words = reinterpret_cast<const int32_t*>(s_q8 + g * D);
+    // zq of each live row over kLanes lanes (lanes kLanes r.. take row r: 4 per row for two groups' 8
+    // rows, 8 per row for one group's 4), each lane every kLanes-th word, rotated by row against bank
+    // conflicts (none at D = 128, 256).
+    constexpr int kLanes = 8 / kGroups, kWords = D / 4;
+    const int row = lane / kLanes, sub = lane % kLanes;
+    const int32_t* q_words = reinterpret_cast<const int32_t*>(s_q8 + row * D);
     const int32_t* zero_words = reinterpret_cast<const int32_t*>(k_meta + D);
     int32_t dot = 0;
-    const int base = (t + 4 * g) % (D / 4);  // rotated by row against bank conflicts (none at D = 128, 256)
+    const int base = (sub + kLanes * row) % kWords;
 #pragma unroll
-    for (int j = 0; j < D / 16; ++j) {
-      const int w = base + 4 * j < D / 4 ? base + 4 * j : base + 4 * j - D / 4;
+    for (int j = 0; j < kWords / kLanes; ++j) {
+      const int w = base + kLanes * j < kWords ? base + kLanes * j : base + kLanes * j - kWords;
       dot = __dp4a(q_words[w], zero_words[w], dot);
     }
-    dot += __shfl_xor_sync(0xffffffffu, dot, 1);
-    dot += __shfl_xor_sync(0xffffffffu, dot, 2);
 #pragma unroll
-    for (int grp = 0; grp < kGroups; ++grp) zq[grp] = __shfl_sync(0xffffffffu, dot, 4 * (4 * grp + t));
+    for (int x = 1; x < kLanes; x <<= 1) dot += __shfl_xor_sync(0xffffffffu, dot, x);
+#pragma unroll
+    for (int grp = 0; grp < kGroups; ++grp) zq[grp] = __shfl_sync(0xffffffffu, dot, kLanes * (4 * grp + t));
     if constexpr (!kQPrimeInRegisters) __syncwarp();  // Q' rows written
   }
 
@@ -419,9 +421,8 @@ __device__ __forceinline__ bool page_scores(const uint8_t* k_half, const float* 
 
 // A page's second half: O^T = V^T P'^T on the V codes, into the warp's state. At 4 and 2 bits the
 // B operand is P' = p_j scale_j (u8 x u8 < 2^15), split into 128 hi + lo like Q' (lane (g, t) builds
-// column g: row 4 grp + g / 2's hi or lo part), and each row adds sum_j p_j zero_j =
-// sum_j p_j (zero_j + 128) - 128 sum_j p_j (u8 dot products, then the row's p_sum). At 8 bits the B
-// operand is P itself, both row groups in one product as in s8_scores.
+// column g: row 4 grp + g / 2's hi or lo part), and each row adds sum_j p_j zero_j (u8 x s8 dot
+// products). At 8 bits the B operand is P itself, both row groups in one product as in s8_scores.
 template <int kHeadDim, int kBits, bool kSas, int kGroups>
 __device__ __forceinline__ void page_values(const uint8_t* v_half, const uint8_t* s_p, const TileSoftmax<kSas, kGroups>& sm,
                                             WarpState<kHeadDim, kGroups>& ws, int lane) {
@@ -441,7 +442,7 @@ __device__ __forceinline__ void page_values(const uint8_t* v_half, const uint8_t
   for (int grp = 0; grp < kBGroups; ++grp) {
     // The row's P codes at K positions 32 ks + 16 h + 4 t .. + 3 (word w = 8 ks + 4 h + t).
     const uint8_t* p_row = s_p + (4 * grp + p_row0) * Tr::kPRowBytes;
-    uint32_t zp = 0;  // that row, this lane's 16 keys: sum_j p_j (zero_j + 128)
+    int32_t zp = 0;  // that row, this lane's 16 keys: sum_j p_j zero_j
 #pragma unroll
     for (int ks = 0; ks < 2; ++ks)
 #pragma unroll
@@ -452,7 +453,7 @@ __device__ __forceinline__ void page_values(const uint8_t* v_half, const uint8_t
           bp[grp][ks][h] = p4;
         } else {
           const uint32_t s4 = VOrder::gather(v_meta, w);
-          zp = __dp4a(p4, VOrder::gather(v_meta + Tr::kKeys, w) ^ 0x80808080u, zp);
+          zp = dp4a_u8s8(p4, VOrder::gather(v_meta + Tr::kKeys, w), zp);
           int32_t pp[4];
 #pragma unroll
           for (int b = 0; b < 4; ++b) pp[b] = int32_t(__dp4a(p4, s4 & (0xFFu << (8 * b)), 0u));
@@ -463,7 +464,7 @@ __device__ __forceinline__ void page_values(const uint8_t* v_half, const uint8_t
       zp += __shfl_xor_sync(0xffffffffu, zp, 1);
       zp += __shfl_xor_sync(0xffffffffu, zp, 2);
       // Row 4 grp + t's sum sits in the lanes of g = 2 t.
-      zero_row[grp] = int32_t(__shfl_sync(0xffffffffu, zp, 8 * t)) - 128 * sm.p_sum[grp];
+      zero_row[grp] = __shfl_sync(0xffffffffu, zp, 8 * t);
     }
   }
   float svb[kGroups];

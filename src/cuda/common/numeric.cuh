@@ -23,4 +23,12 @@ __device__ __forceinline__ float nan_max(float a, float b) {
 // into the mantissa, fp32 subtract), which costs two issue slots (docs/BENCHMARKS.md).
 __device__ __forceinline__ float small_int_to_float(int32_t x) { return __int2float_rn(x); }
 
+// dp4a.u32.s32: c + the sum of the four products of a's unsigned bytes and b's signed bytes (the CUDA
+// intrinsics take both signed or both unsigned).
+__device__ __forceinline__ int32_t dp4a_u8s8(uint32_t a, uint32_t b, int32_t c) {
+  int32_t d;
+  asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
 }  // namespace turboattn::cuda
