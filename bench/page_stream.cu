@@ -9,15 +9,18 @@
 //          variant 0: the ceiling).
 // Page tables: in order (as bench/decode.py's bulk write leaves them) or shuffled (a long-running server).
 // `spin` adds that many clock cycles of busy waiting per half, standing in for the kernel's arithmetic
-// (arguments: the spins to run, 0 and 1500 by default). H200s, 2026-11-27, four runs: 4.2-4.4 TB/s at
+// (arguments: the spins to run, 0 and 1500 by default); `reads=a,b,..` also reads each staged half
+// from shared memory that many times first (16-byte loads, each lane its own chunks), standing in for
+// the kernel's shared-memory loads. H200s, 2026-11-27, four runs: 4.2-4.4 TB/s at
 // every shape of B x context = 256k in every layout and table order; 3.2-3.4 TB/s, the kernel's, with 2000-3000
-// cycles of spin per half (docs/BENCHMARKS.md, "Where the decode time goes at 5670718").
+// cycles of spin per half (docs/BENCHMARKS.md, "Where the decode time goes at 5670718"); with spin 2000,
+// reads=4 costs at most 6% (3.76-3.96 TB/s at 8 x 32k, 64 x 4k, 128 x 2k; "What holds 4-bit decode").
 //
 // The layout, the ring, the shared-memory size and the split count are the library's own (cache_layout.h,
 // DecodeTraits, automatic_decode_splits).
 //
 //   nvcc -O3 -std=c++17 -Iinclude -Isrc -gencode=arch=compute_90a,code=sm_90a -o page_stream bench/page_stream.cu
-//   ./page_stream [spin ...]
+//   ./page_stream [spin ...] [reads=n,...]
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -26,6 +29,7 @@
 #include <cstdlib>
 #include <numeric>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "cuda/cache/decode_kernel.cuh"
@@ -45,7 +49,7 @@ struct Params {
   const uint8_t* pool;
   const int32_t* tables;
   PageLayout layout;
-  int width, tiles, splits, kind, spin;
+  int width, tiles, splits, kind, spin, reads;
   int64_t pool_pages;
   uint32_t* sink;
 };
@@ -87,6 +91,14 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocksPerSmPacked) strea
   };
   auto work = [&](int slot) {
     uint32_t x = reinterpret_cast<const uint32_t*>(ring + slot * Tr::half_bytes(kBits))[lane];
+    const uint32_t half = uint32_t(__cvta_generic_to_shared(ring + slot * Tr::half_bytes(kBits)));
+    for (int r = 0; r < p.reads; ++r)  // volatile: every pass is a load
+#pragma unroll
+      for (int i = 0; i < kV / 512; ++i) {
+        uint32_t a, b, c, d;
+        asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(a), "=r"(b), "=r"(c), "=r"(d) : "r"(half + 16 * (lane + 32 * i)));
+        x ^= (a + b) ^ (c + d) ^ uint32_t(r);
+      }
     if (p.spin > 0) {
       const long long t0 = clock64();
       while (clock64() - t0 < p.spin) x = x * 1664525u + 1013904223u;
@@ -118,8 +130,19 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocksPerSmPacked) strea
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::vector<int> spins;
-  for (int i = 1; i < argc; ++i) spins.push_back(std::atoi(argv[i]));
+  std::vector<int> spins, reads_list = {0};
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg.rfind("reads=", 0) == 0) {
+      reads_list.clear();
+      for (size_t at = 6; at < arg.size(); at = arg.find(',', at) + 1) {
+        reads_list.push_back(std::atoi(arg.c_str() + at));
+        if (arg.find(',', at) == std::string::npos) break;
+      }
+    } else {
+      spins.push_back(std::atoi(argv[i]));
+    }
+  }
   if (spins.empty()) spins = {0, 1500};
   int sms;
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0);
@@ -154,25 +177,26 @@ int main(int argc, char** argv) {
       if (shuffled) std::shuffle(ids.begin(), ids.end(), std::mt19937(7));
       cudaMemcpy(tables, ids.data(), sizeof(int32_t) * pages, cudaMemcpyHostToDevice);
       for (int spin : spins)
-        for (int kind = 0; kind < 3; ++kind) {
-          if (shuffled && kind == 2) continue;
-          const Params p{pool, tables, layout, tiles, tiles, splits, kind, spin, pages, sink};
-          const dim3 grid(splits, kHeads, batch);
-          float best = 1e30f;
-          for (int round = 0; round < 3; ++round) {
-            stream<<<grid, Tr::kThreads, kSmem>>>(p);
-            cudaEventRecord(a);
-            for (int r = 0; r < 20; ++r) stream<<<grid, Tr::kThreads, kSmem>>>(p);
-            cudaEventRecord(b);
-            cudaEventSynchronize(b);
-            float ms;
-            cudaEventElapsedTime(&ms, a, b);
-            best = std::min(best, ms / 20);
+        for (int reads : reads_list)
+          for (int kind = 0; kind < 3; ++kind) {
+            if (shuffled && kind == 2) continue;
+            const Params p{pool, tables, layout, tiles, tiles, splits, kind, spin, reads, pages, sink};
+            const dim3 grid(splits, kHeads, batch);
+            float best = 1e30f;
+            for (int round = 0; round < 3; ++round) {
+              stream<<<grid, Tr::kThreads, kSmem>>>(p);
+              cudaEventRecord(a);
+              for (int r = 0; r < 20; ++r) stream<<<grid, Tr::kThreads, kSmem>>>(p);
+              cudaEventRecord(b);
+              cudaEventSynchronize(b);
+              float ms;
+              cudaEventElapsedTime(&ms, a, b);
+              best = std::min(best, ms / 20);
+            }
+            const double bytes = double(pages) * kHeads * kHead;
+            printf("%d x %d (%d splits), %s, spin %d, reads %d, %s: %.1f us, %.0f GB/s\n", batch, context, splits,
+                   shuffled ? "shuffled" : "in order", spin, reads, layouts[kind], best * 1e3, bytes / (best * 1e6));
           }
-          const double bytes = double(pages) * kHeads * kHead;
-          printf("%d x %d (%d splits), %s, spin %d, %s: %.1f us, %.0f GB/s\n", batch, context, splits, shuffled ? "shuffled" : "in order",
-                 spin, layouts[kind], best * 1e3, bytes / (best * 1e6));
-        }
     }
   }
   printf("%s\n", cudaGetErrorString(cudaGetLastError()));
