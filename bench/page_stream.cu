@@ -29,6 +29,7 @@
 #include <cstdlib>
 #include <numeric>
 #include <random>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -135,10 +136,8 @@ int main(int argc, char** argv) {
     const std::string arg = argv[i];
     if (arg.rfind("reads=", 0) == 0) {
       reads_list.clear();
-      for (size_t at = 6; at < arg.size(); at = arg.find(',', at) + 1) {
-        reads_list.push_back(std::atoi(arg.c_str() + at));
-        if (arg.find(',', at) == std::string::npos) break;
-      }
+      std::istringstream list(arg.substr(6));
+      for (std::string n; std::getline(list, n, ',');) reads_list.push_back(std::atoi(n.c_str()));
     } else {
       spins.push_back(std::atoi(argv[i]));
     }
