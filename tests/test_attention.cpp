@@ -20,9 +20,12 @@ struct Case {
   InputKind kind;
 };
 
-// Bounds beside test::bound_rel_l2 (docs/FORMATS.md, "Measured error").
+// Bounds beside test::bound_rel_l2 (docs/FORMATS.md, "Measured error"). The log-sum-exp bound is on
+// the worst row; under a causal mask the first rows see one key or a few, so their error is that of
+// a few INT8 dot products. On normal inputs at 257 tokens, causal, the largest of 3000 draws was
+// 0.050 (0.05 was the bound until a CI run crossed it); the bound is twice that.
 double bound_cosine(InputKind kind) { return kind == InputKind::Normal ? 0.999 : 0.98; }
-double bound_lse(InputKind kind) { return kind == InputKind::Normal ? 0.05 : 1.0; }
+double bound_lse(InputKind kind) { return kind == InputKind::Normal ? 0.1 : 1.0; }
 
 struct Result {
   test::ErrorStats out;
@@ -68,6 +71,7 @@ void check(const Case& c) {
   EXPECT_GE(r.out.cosine, bound_cosine(c.kind));
   EXPECT_LE(r.lse_max_abs, bound_lse(c.kind));
   testing::Test::RecordProperty("rel_l2", std::to_string(r.out.rel_l2));
+  testing::Test::RecordProperty("lse_max_abs", std::to_string(r.lse_max_abs));
 }
 
 }  // namespace
