@@ -26,8 +26,12 @@ TEST(Int8Block, RoundTripWithinHalfStep) {
       for (float v : x) amax = std::max(amax, std::fabs(v));
       EXPECT_EQ(scale, amax / 127.0f);
       int hits_max = 0;
+      // Codes are rn(x * rn(127 / amax)) and the scale rn(amax / 127) (FORMATS.md 1.2): three fp32
+      // roundings of values up to 127 steps, so a code may land about 3 * 127 * 2^-24 steps past the
+      // half step (one in 181 runs of the suite did); the bound allows 4. Checked in double.
+      const double bound = (0.5 + 4 * 127 * 0x1p-24) * double(scale);
       for (size_t i = 0; i < x.size(); ++i) {
-        EXPECT_LE(std::fabs(q[i] * scale - x[i]), 0.5f * scale * (1 + 1e-5f)) << i;
+        EXPECT_LE(std::fabs(double(q[i]) * scale - double(x[i])), bound) << i;
         hits_max += std::abs(q[i]) == 127;
       }
       EXPECT_GE(hits_max, 1);  // the largest element maps to +-127
