@@ -6,6 +6,7 @@
 #include <string>
 
 #include "reference/attention.hpp"
+#include "reference/kv_cache.hpp"
 #include "test_util.hpp"
 #include "turboattn/turboattn.hpp"
 
@@ -296,6 +297,89 @@ TEST(CApi, HeadBitsAssignmentRule) {
   for (int i = 0; i < 8; ++i) EXPECT_EQ(bits[i], want[i]) << i;
   EXPECT_EQ(ta_assign_head_bits(priority, 2, 4, 1.5f, bits), TA_ERROR_INVALID_ARGUMENT);
   EXPECT_EQ(ta_assign_head_bits(nullptr, 2, 4, 0.5f, bits), TA_ERROR_INVALID_ARGUMENT);
+  // Across layers: the 4 lowest of all 8, so layer 1 (three ties at 1.0) keeps one 2-bit head less.
+  ASSERT_EQ(ta_assign_head_bits_across_layers(priority, 2, 4, 0.5f, bits), TA_SUCCESS) << ta_last_error();
+  const int32_t want_model[8] = {2, 4, 2, 2, /* 1.0 ties with layer 0's head 3, which comes first */ 4, 4, 4, 2};
+  for (int i = 0; i < 8; ++i) EXPECT_EQ(bits[i], want_model[i]) << i;
+  // round(0.3 * 8) = 2 heads: the two lowest.
+  ASSERT_EQ(ta_assign_head_bits_across_layers(priority, 2, 4, 0.3f, bits), TA_SUCCESS);
+  const int32_t want_two[8] = {4, 4, 2, 4, 4, 4, 4, 2};
+  for (int i = 0; i < 8; ++i) EXPECT_EQ(bits[i], want_two[i]) << i;
+  const float nan_priority[2] = {1.0f, std::nanf("")};
+  EXPECT_EQ(ta_assign_head_bits_across_layers(nan_priority, 1, 2, 0.5f, bits), TA_ERROR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(ta_last_error()).find("priority[1]"), std::string::npos) << ta_last_error();
+  EXPECT_EQ(ta_assign_head_bits_across_layers(priority, 2, 4, -0.1f, bits), TA_ERROR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(ta_last_error()).find("fraction_2bit"), std::string::npos) << ta_last_error();
+}
+
+// ta_cache_read gives what the reference cache holds, after a bulk write and appends across a flush,
+// in any float dtype and through strides; bad arguments are refused by name.
+TEST(CApi, CacheReadReturnsWhatTheReferenceHolds) {
+  std::mt19937_64 rng(std::random_device{}());
+  const int H = 2, D = 64, bulk = 100, appended = 30, n = bulk + appended;
+  ta_cache_config cfg = ta_cache_default_config();
+  const int32_t bits[4] = {4, 2, 8, 4};
+  cfg.num_layers = 2, cfg.num_kv_heads = H, cfg.head_dim = D, cfg.max_seqs = 2, cfg.max_seq_len = 256, cfg.num_pages = 8;
+  cfg.head_bits = bits;
+  KvCache cache(cfg);
+  ref::CacheConfig rcfg;
+  rcfg.layers = 2, rcfg.kv_heads = H, rcfg.head_dim = D, rcfg.num_pages = 8, rcfg.max_seqs = 2, rcfg.max_seq_len = 256;
+  rcfg.bits.assign(bits, bits + 4);
+  ref::KvCache want(rcfg);
+  const int32_t s = cache.add_sequence();
+  ASSERT_EQ(want.add_sequence(), s);
+  std::vector<float> kf = test::make_input(rng, n, H, D, InputKind::Outliers, 'k');
+  std::vector<float> vf = test::make_input(rng, n, H, D, InputKind::Normal, 'v');
+  std::vector<uint16_t> kh = test::to_half(kf), vh = test::to_half(vf);
+  test::to_half(kf), test::to_half(vf);  // the reference gets the same fp16 values
+  const int layer = 1;
+  int32_t cu[2] = {0, bulk};
+  cache.write(layer, {s}, tensor(kh.data(), TA_DTYPE_F16, {bulk, H, D}), tensor(vh.data(), TA_DTYPE_F16, {bulk, H, D}),
+              tensor(cu, TA_DTYPE_I32, {2}));
+  want.write(layer, s, test::view_of(kf, bulk, H, D), test::view_of(vf, bulk, H, D));
+  for (int t = bulk; t < n; ++t) {
+    const size_t row = size_t(t) * H * D;
+    cache.append(layer, {s}, tensor(kh.data() + row, TA_DTYPE_F16, {1, H, D}), tensor(vh.data() + row, TA_DTYPE_F16, {1, H, D}));
+    std::vector<float> k1(kf.begin() + long(row), kf.begin() + long(row + H * D)), v1(vf.begin() + long(row), vf.begin() + long(row + H * D));
+    want.write(layer, s, test::view_of(k1, 1, H, D), test::view_of(v1, 1, H, D));
+  }
+  std::vector<float> wk(kf.size()), wv(vf.size());
+  want.read_tokens(layer, s, wk.data(), wv.data());
+  std::vector<float> gk(kf.size(), std::nanf("")), gv(vf.size(), std::nanf(""));
+  ta_tensor tk = tensor(gk.data(), TA_DTYPE_F32, {n, H, D}), tv = tensor(gv.data(), TA_DTYPE_F32, {n, H, D});
+  cache.read(layer, s, tk, tv);
+  EXPECT_EQ(gk, wk);
+  EXPECT_EQ(gv, wv);
+  EXPECT_GT(test::compare(gk, kf).cosine, 0.99);  // and it is the data written, not a copy of zeros
+  // f16 out, head-major memory through strides: [H, n, D] viewed as [n, H, D].
+  std::vector<uint16_t> hk(kf.size(), 0x7E00), hv(vf.size(), 0x7E00);
+  ta_tensor sk = tensor(hk.data(), TA_DTYPE_F16, {n, H, D}), sv = tensor(hv.data(), TA_DTYPE_F16, {n, H, D});
+  sk.strides[0] = sv.strides[0] = D, sk.strides[1] = sv.strides[1] = int64_t(n) * D;
+  cache.read(layer, s, sk, sv);
+  for (int t = 0; t < n; ++t)
+    for (int h = 0; h < H; ++h)
+      for (int c = 0; c < D; ++c) {
+        const size_t i = (size_t(t) * H + h) * D + c, j = (size_t(h) * n + t) * D + c;
+        ASSERT_EQ(hk[j], ref::float_to_half(wk[i])) << t << " " << h << " " << c;
+        ASSERT_EQ(hv[j], ref::float_to_half(wv[i])) << t << " " << h << " " << c;
+      }
+  // Bad arguments.
+  ta_tensor short_k = tensor(gk.data(), TA_DTYPE_F32, {n - 1, H, D});
+  EXPECT_EQ(ta_cache_read(cache.get(), layer, s, &short_k, &tv), TA_ERROR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(ta_last_error()).find("k: shape [129, 2, 64], expected [130, 2, 64]"), std::string::npos)
+      << ta_last_error();
+  ta_tensor i8 = tensor(gk.data(), TA_DTYPE_I8, {n, H, D});
+  EXPECT_EQ(ta_cache_read(cache.get(), layer, s, &tk, &i8), TA_ERROR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(ta_last_error()).find("v: dtype"), std::string::npos) << ta_last_error();
+  EXPECT_EQ(ta_cache_read(cache.get(), 2, s, &tk, &tv), TA_ERROR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(ta_last_error()).find("layer: 2 is outside [0, 2)"), std::string::npos) << ta_last_error();
+  EXPECT_EQ(ta_cache_read(cache.get(), layer, 1, &tk, &tv), TA_ERROR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(ta_last_error()).find("not active"), std::string::npos) << ta_last_error();
+  EXPECT_EQ(ta_cache_read(nullptr, layer, s, &tk, &tv), TA_ERROR_INVALID_ARGUMENT);
+  EXPECT_EQ(ta_cache_read(cache.get(), layer, s, nullptr, &tv), TA_ERROR_INVALID_ARGUMENT);
+  // The other layer holds nothing yet: an empty read.
+  ta_tensor empty = tensor(nullptr, TA_DTYPE_F32, {0, H, D});
+  EXPECT_EQ(ta_cache_read(cache.get(), 0, s, &empty, &empty), TA_SUCCESS) << ta_last_error();
 }
 
 TEST(CApi, HeadPriorityRanksWideHeadsHigher) {

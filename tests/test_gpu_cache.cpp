@@ -513,6 +513,12 @@ TEST(GpuCacheCapi, CapacityErrorsWriteNothingAndBadTensorsAreRejected) {
   const ta_tensor tq = device_tensor(q.ptr, TA_DTYPE_F16, {1, 101, 4, 64}), to = device_tensor(out.ptr, TA_DTYPE_F16, {1, 101, 4, 64});
   EXPECT_EQ(ta_decode(cache, 0, &s, 1, &tq, nullptr, const_cast<ta_tensor*>(&to), nullptr), TA_ERROR_INVALID_ARGUMENT);
   EXPECT_NE(std::string(ta_last_error()).find("q_len 101 exceeds"), std::string::npos) << ta_last_error();
+  // Reading back is for CPU caches.
+  std::vector<float> back(size_t(100) * 2 * 64);
+  const int64_t back_shape[3] = {100, 2, 64};
+  ta_tensor tb = ta_tensor_contiguous(back.data(), TA_DTYPE_F32, TA_DEVICE_CPU, 3, back_shape);
+  EXPECT_EQ(ta_cache_read(cache, 0, s, &tb, &tb), TA_ERROR_UNSUPPORTED);
+  EXPECT_NE(std::string(ta_last_error()).find("CPU only"), std::string::npos) << ta_last_error();
   ta_cache_destroy(cache);
 }
 

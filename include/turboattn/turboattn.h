@@ -146,6 +146,10 @@ TA_API ta_status ta_cache_add_sequence(ta_cache* cache, int32_t* seq);
 TA_API ta_status ta_cache_release_sequence(ta_cache* cache, int32_t seq);
 TA_API ta_status ta_cache_sequence_length(const ta_cache* cache, int32_t layer, int32_t seq, int64_t* length);
 TA_API ta_status ta_cache_free_pages(const ta_cache* cache, int32_t* pages);
+/* Every token a sequence holds in one layer, read back as decode sees it: K (its mean added back) and
+ * V dequantized into k, v [length, Hkv, D] (f32, f16 or bf16, on the CPU). Caches on the CPU only
+ * (TA_ERROR_UNSUPPORTED on CUDA): for tests and for calibration (turboattn.hf.calibrate). */
+TA_API ta_status ta_cache_read(const ta_cache* cache, int32_t layer, int32_t seq, ta_tensor* k, ta_tensor* v);
 
 /* Writes k, v [T, Hkv, D] (f16 or bf16) of num_seqs sequences (token ranges cu_seqlens, i32
  * [num_seqs + 1]) to the end of those sequences in one layer: the bulk write after prefill. Checks
@@ -183,12 +187,17 @@ TA_API ta_status ta_decode_plan_create(ta_cache* cache, const int32_t* seqs, int
 TA_API ta_status ta_decode_plan_run(ta_decode_plan* plan, int32_t layer, void* cuda_stream);
 TA_API void ta_decode_plan_destroy(ta_decode_plan* plan);
 
-/* ---- Headwise mixed precision ----
+/* ---- Headwise mixed precision (docs/FORMATS.md 3.6) ----
  * Priority of each KV head of one layer from calibration k, v [T, Hkv, D] (f16, bf16 or f32):
- * priority f32 [Hkv]. Then bits for every (layer, head) with a target fraction of 2-bit heads. */
+ * priority f32 [Hkv], normalized within the layer. Then bits for every (layer, head) with a target
+ * fraction of 2-bit heads: ta_assign_head_bits takes round(fraction * Hkv) heads of lowest priority in
+ * each layer; ta_assign_head_bits_across_layers takes round(fraction * layers * Hkv) over the whole
+ * model, for priorities comparable across layers (a measured sensitivity, not ta_head_priority's). */
 TA_API ta_status ta_head_priority(const ta_tensor* k, const ta_tensor* v, float* priority);
 TA_API ta_status ta_assign_head_bits(const float* priority, int32_t num_layers, int32_t num_kv_heads,
                                      float fraction_2bit, int32_t* head_bits);
+TA_API ta_status ta_assign_head_bits_across_layers(const float* priority, int32_t num_layers, int32_t num_kv_heads,
+                                                   float fraction_2bit, int32_t* head_bits);
 
 #ifdef __cplusplus
 }

@@ -82,6 +82,10 @@ class KvCache {
               const ta_decode_options& options = ta_decode_default_options(), void* cuda_stream = nullptr) {
     check(ta_decode(cache_.get(), layer, seqs.data(), int32_t(seqs.size()), &q, &options, &out, cuda_stream));
   }
+  // What a sequence holds in one layer, dequantized (CPU caches): k, v [length, Hkv, D].
+  void read(int32_t layer, int32_t seq, ta_tensor& k, ta_tensor& v) const {
+    check(ta_cache_read(cache_.get(), layer, seq, &k, &v));
+  }
   ta_cache* get() { return cache_.get(); }
 
  private:

@@ -201,6 +201,27 @@ struct ta_decode_plan {
 
 using namespace turboattn;
 
+namespace {
+// ta_assign_head_bits and its across-layers twin: the same checks, then `rule`.
+template <class Rule>
+ta_status assign_bits(const float* priority, int32_t num_layers, int32_t num_kv_heads, float fraction_2bit,
+                      int32_t* head_bits, Rule rule) {
+  return guard([&] {
+    require(priority != nullptr, TA_ERROR_INVALID_ARGUMENT, "priority: is NULL");
+    require(head_bits != nullptr, TA_ERROR_INVALID_ARGUMENT, "head_bits: is NULL");
+    require(num_layers >= 1 && num_kv_heads >= 1, TA_ERROR_INVALID_ARGUMENT, "num_layers and num_kv_heads must be >= 1, got ",
+            num_layers, " and ", num_kv_heads);
+    require(fraction_2bit >= 0.0f && fraction_2bit <= 1.0f, TA_ERROR_INVALID_ARGUMENT, "fraction_2bit: ", fraction_2bit,
+            " is outside [0, 1]");
+    const std::vector<float> p(priority, priority + size_t(num_layers) * num_kv_heads);
+    for (size_t i = 0; i < p.size(); ++i)
+      require(std::isfinite(p[i]), TA_ERROR_INVALID_ARGUMENT, "priority[", i, "]: ", p[i], " is not finite");
+    const std::vector<int> bits = rule(p, num_layers, num_kv_heads, fraction_2bit);
+    std::copy(bits.begin(), bits.end(), head_bits);
+  });
+}
+}  // namespace
+
 extern "C" {
 
 const char* ta_version(void) { return "0.1.0"; }
@@ -581,6 +602,28 @@ ta_status ta_cache_free_pages(const ta_cache* cache, int32_t* pages) {
   });
 }
 
+ta_status ta_cache_read(const ta_cache* cache, int32_t layer, int32_t seq, ta_tensor* k_, ta_tensor* v_) {
+  return guard([&] {
+    const ta_cache& c = cache_of(const_cast<ta_cache*>(cache));
+    require(c.device == TA_DEVICE_CPU, TA_ERROR_UNSUPPORTED, "ta_cache_read: reads caches on the CPU only; this one is on CUDA");
+    check_layer(c, layer);
+    check_seq(c, seq, "seq");
+    check_tensor(k_, "k");
+    check_tensor(v_, "v");
+    ta_tensor &k = *k_, &v = *v_;
+    const int64_t n = c.book().length(layer, seq), H = c.config().kv_heads, D = c.config().head_dim;
+    for (auto [t, name] : {std::pair{&k, "k"}, {&v, "v"}}) {
+      expect_dtype(*t, name, {TA_DTYPE_F32, TA_DTYPE_F16, TA_DTYPE_BF16});
+      expect_device(*t, name, TA_DEVICE_CPU);
+      expect_shape(*t, name, {n, H, D});
+    }
+    std::vector<float> kf(size_t(n * H * D)), vf(kf.size());
+    c.host->read_tokens(layer, seq, kf.data(), vf.data());
+    from_float(kf, k);
+    from_float(vf, v);
+  });
+}
+
 namespace {
 // Writes tokens [cu[i], cu[i + 1]) of k, v to seqs[i] (arguments checked but capacity): checks capacity
 // for the whole call, then dispatches to the cache's device. Appends are writes of one token each.
@@ -750,19 +793,12 @@ ta_status ta_head_priority(const ta_tensor* k_, const ta_tensor* v_, float* prio
 
 ta_status ta_assign_head_bits(const float* priority, int32_t num_layers, int32_t num_kv_heads, float fraction_2bit,
                               int32_t* head_bits) {
-  return guard([&] {
-    require(priority != nullptr, TA_ERROR_INVALID_ARGUMENT, "priority: is NULL");
-    require(head_bits != nullptr, TA_ERROR_INVALID_ARGUMENT, "head_bits: is NULL");
-    require(num_layers >= 1 && num_kv_heads >= 1, TA_ERROR_INVALID_ARGUMENT, "num_layers and num_kv_heads must be >= 1, got ",
-            num_layers, " and ", num_kv_heads);
-    require(fraction_2bit >= 0.0f && fraction_2bit <= 1.0f, TA_ERROR_INVALID_ARGUMENT, "fraction_2bit: ", fraction_2bit,
-            " is outside [0, 1]");
-    const std::vector<float> p(priority, priority + size_t(num_layers) * num_kv_heads);
-    for (size_t i = 0; i < p.size(); ++i)
-      require(std::isfinite(p[i]), TA_ERROR_INVALID_ARGUMENT, "priority[", i, "]: ", p[i], " is not finite");
-    const std::vector<int> bits = ref::assign_head_bits(p, num_layers, num_kv_heads, fraction_2bit);
-    std::copy(bits.begin(), bits.end(), head_bits);
-  });
+  return assign_bits(priority, num_layers, num_kv_heads, fraction_2bit, head_bits, ref::assign_head_bits);
+}
+
+ta_status ta_assign_head_bits_across_layers(const float* priority, int32_t num_layers, int32_t num_kv_heads,
+                                            float fraction_2bit, int32_t* head_bits) {
+  return assign_bits(priority, num_layers, num_kv_heads, fraction_2bit, head_bits, ref::assign_head_bits_across_layers);
 }
 
 }  // extern "C"

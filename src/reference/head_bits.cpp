@@ -51,16 +51,28 @@ std::vector<float> head_priority(const HeadsView& k, const HeadsView& v) {
   return out;
 }
 
+namespace {
+// 2 bits for the n lowest of priority[first, first + count) (ties: lower index first).
+void lowest_get_2_bits(const std::vector<float>& priority, size_t first, size_t count, size_t n, std::vector<int>& bits) {
+  std::vector<size_t> order(count);
+  std::iota(order.begin(), order.end(), first);
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return priority[a] < priority[b]; });
+  for (size_t i = 0; i < n; ++i) bits[order[i]] = TA_BITS_2;
+}
+}  // namespace
+
 std::vector<int> assign_head_bits(const std::vector<float>& priority, int layers, int kv_heads, float fraction_2bit) {
   std::vector<int> bits(size_t(layers) * kv_heads, TA_BITS_4);
-  const int n2 = int(std::lround(double(fraction_2bit) * kv_heads));
-  for (int l = 0; l < layers; ++l) {
-    std::vector<int> order(static_cast<size_t>(kv_heads));
-    std::iota(order.begin(), order.end(), 0);
-    const float* p = priority.data() + size_t(l) * kv_heads;
-    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return p[a] < p[b]; });
-    for (int i = 0; i < n2; ++i) bits[size_t(l) * kv_heads + order[size_t(i)]] = TA_BITS_2;
-  }
+  const size_t n2 = size_t(std::lround(double(fraction_2bit) * kv_heads));
+  for (int l = 0; l < layers; ++l) lowest_get_2_bits(priority, size_t(l) * kv_heads, size_t(kv_heads), n2, bits);
+  return bits;
+}
+
+std::vector<int> assign_head_bits_across_layers(const std::vector<float>& priority, int layers, int kv_heads,
+                                                float fraction_2bit) {
+  const size_t heads = size_t(layers) * kv_heads;
+  std::vector<int> bits(heads, TA_BITS_4);
+  lowest_get_2_bits(priority, 0, heads, size_t(std::lround(double(fraction_2bit) * double(heads))), bits);
   return bits;
 }
 

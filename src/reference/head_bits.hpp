@@ -18,4 +18,10 @@ std::vector<float> head_priority(const HeadsView& k, const HeadsView& v);
 // the others 4.
 std::vector<int> assign_head_bits(const std::vector<float>& priority, int layers, int kv_heads, float fraction_2bit);
 
+// The same over the whole model: the round(fraction_2bit * layers * kv_heads) (layer, head) pairs of
+// lowest priority get 2 bits (ties: lower layer, then head, first). For priorities that compare
+// across layers, such as a measured sensitivity; head_priority's are normalized per layer.
+std::vector<int> assign_head_bits_across_layers(const std::vector<float>& priority, int layers, int kv_heads,
+                                                float fraction_2bit);
+
 }  // namespace turboattn::ref

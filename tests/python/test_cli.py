@@ -188,9 +188,9 @@ def test_calibrate_writes_head_bits_for_a_local_model(tmp_path, capsys):
     stdout, stderr = capsys.readouterr()
     data = json.loads(out.read_text())
     assert (data["num_layers"], data["num_kv_heads"], data["fraction_2bit"], data["tokens"]) == (2, 2, 0.5, 50)
-    assert [sorted(data["head_bits"][i * 2:i * 2 + 2]) for i in range(2)] == [[2, 4], [2, 4]]
+    assert data["metric"] == "sensitivity" and sorted(data["head_bits"]) == [2, 2, 4, 4]
     assert stdout.startswith(f"wrote {out}: 2 layers x 2 KV heads, 2 of 4 heads at 2 bits")
-    assert "2/2" in stderr  # the progress over the layers finished
+    assert "2/2" in stderr and "4/4" in stderr  # the progress over the layers, then over the heads, finished
     # The same as hf.calibrate on the first 50 tokens of the same model: the command line adds no change.
     import transformers
     import turboattn.hf as hf
@@ -198,6 +198,11 @@ def test_calibrate_writes_head_bits_for_a_local_model(tmp_path, capsys):
     ids = transformers.AutoTokenizer.from_pretrained(str(model_dir))(text.read_text(), return_tensors="pt")["input_ids"]
     direct = hf.calibrate(model, ids[:, :50], 0.5, str(tmp_path / "direct.json"))
     assert direct["head_bits"] == data["head_bits"] and direct["priority"] == data["priority"]
+    # --metric gap_std: the paper's statistic, one 2-bit head per layer.
+    assert cli.main(argv + ["--metric", "gap_std"]) == 0
+    data = json.loads(out.read_text())
+    assert data["metric"] == "gap_std"
+    assert [sorted(data["head_bits"][i * 2:i * 2 + 2]) for i in range(2)] == [[2, 4], [2, 4]]
 
 
 def test_calibrate_reports_a_directory_that_is_no_model(tmp_path, capsys):

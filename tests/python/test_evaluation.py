@@ -198,6 +198,14 @@ def test_configurations():
     for needed in ("flashq_prefill", "kv8", "kv4", "kv2", "kv4_no_sas", "kv4_no_smooth_k", "kivi4", "kivi2"):
         assert needed in names
     assert {c.name for c in cfgs if c.cache == "fp16"} == {"fp16", "flashq_prefill"}
+    # With measured sensitivities: model-wide mixes at the fractions (of 6 heads: 2, 3 and 5, halves
+    # rounded away from zero), the least sensitive heads at 2 bits, and a model-wide random one at 50%.
+    sens = [0.5, 0.1, 0.9, 0.3, 0.2, 0.7]
+    by = {c.name: c for c in evaluate.configurations([1.0] * 6, 2, 3, sensitivity=sens)}
+    assert by["mix33_sensitivity"].head_bits == [4, 2, 4, 4, 2, 4]
+    assert by["mix50_sensitivity"].head_bits == [4, 2, 4, 2, 2, 4] and by["mix50_sensitivity"].passkey
+    assert by["mix83_sensitivity"].head_bits == [2, 2, 4, 2, 2, 2]
+    assert by["mix50_random_model"].head_bits.count(2) == 3
 
 
 @pytest.fixture

@@ -225,10 +225,11 @@ def test_cache_memory_per_token_against_fp16(bits):
 def test_calibration_round_trip_changes_head_bits(tmp_path):
     model = llama()
     path = tmp_path / "bits.json"
-    data = hf.calibrate(model, tokens(150, rows=2), 0.5, str(path))
+    data = hf.calibrate(model, tokens(150, rows=2), 0.5, str(path), metric="gap_std")
     saved = json.loads(path.read_text())
     assert saved == data
     assert (saved["num_layers"], saved["num_kv_heads"], saved["fraction_2bit"], saved["tokens"]) == (L, HKV, 0.5, 300)
+    assert saved["metric"] == "gap_std"
     bits = saved["head_bits"]
     assert len(bits) == L * HKV and all(sorted(bits[i * HKV:(i + 1) * HKV]) == [2, 4] for i in range(L))
     # Each layer's 2-bit head is its lowest-priority one.
@@ -242,6 +243,31 @@ def test_calibration_round_trip_changes_head_bits(tmp_path):
     assert default.head_bits == [4] * (L * HKV)
     assert cache_of(out).memory()["bytes_per_token"] < default.memory()["bytes_per_token"]
     assert cache_of(out).memory()["bytes_per_token"] == sum(page_bytes(bits[i * HKV:(i + 1) * HKV], D) for i in range(L)) / 64
+
+
+def test_sensitivity_calibration_finds_a_head_the_model_ignores(tmp_path):
+    # Layer 2's KV head 1 feeds query heads 4-7; with their o_proj columns zeroed the model ignores that
+    # head, so storing it at 2 bits changes nothing: its sensitivity is exactly 0, the lowest of all, and
+    # over the whole model it is among the round(0.25 * L * HKV) = 2 heads at 2 bits.
+    model = llama()
+    group = HQ // HKV
+    with torch.no_grad():
+        model.model.layers[2].self_attn.o_proj.weight[:, 1 * group * D:2 * group * D] = 0
+    progress = []
+    data = hf.calibrate(model, tokens(150, rows=2), 0.25, str(tmp_path / "s.json"),
+                        progress=lambda done, total: progress.append((done, total)))
+    p, bits = data["priority"], data["head_bits"]
+    assert data["metric"] == "sensitivity" and progress[-1] == (L * HKV, L * HKV) and len(progress) == L * HKV
+    ignored = 2 * HKV + 1
+    assert p[ignored] == 0.0 and all(x > 0 and math.isfinite(x) for i, x in enumerate(p) if i != ignored)
+    assert bits.count(2) == 2 and bits[ignored] == 2
+    assert all(p[i] <= p[j] for i in range(L * HKV) for j in range(L * HKV) if bits[i] == 2 and bits[j] == 4)
+    assert model.config._attn_implementation == "sdpa"  # calibration left the model as it was
+    # The bits load as a calibration file; the cache takes different mixes in different layers.
+    hf.patch(model, hf.TurboConfig(head_bits=str(tmp_path / "s.json"), fraction_2bit=0.25))
+    assert cache_of(generate(model, tokens(70), 2)).head_bits == bits
+    with pytest.raises(ValueError, match="metric 'kl'"):
+        hf.calibrate(model, tokens(20), 0.5, None, metric="kl")
 
 
 def test_calibration_from_a_tokenizer(tmp_path):

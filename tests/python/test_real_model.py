@@ -45,11 +45,11 @@ def test_demo(fetched, capsys):
 
 def test_eval_quick(fetched, tmp_path, capsys):
     out = tmp_path / "eval.json"
-    assert cli.main(["eval", "--device", "cpu", "--quick", "--only", "flashq_prefill", "kv8", "kv2", "kivi2",
-                     "--out", str(out)]) == 0
+    assert cli.main(["eval", "--device", "cpu", "--quick", "--only", "flashq_prefill", "kv8", "kv2",
+                     "mix50_sensitivity", "kivi2", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     rows = {r["config"]: r for r in result["rows"]}
-    assert list(rows) == ["fp16", "flashq_prefill", "kv8", "kv2", "kivi2"]
+    assert list(rows) == ["fp16", "flashq_prefill", "kv8", "kv2", "mix50_sensitivity", "kivi2"]
     assert result["model"] == {"layers": 30, "kv_heads": 3, "head_dim": 64, "query_heads": 9, "name": "smollm2-135m"}
     for r in rows.values():
         for part in ("prefill", "decode"):
@@ -61,5 +61,10 @@ def test_eval_quick(fetched, tmp_path, capsys):
     assert rows["kv2"]["decode"]["kl"] > 0.05  # ... and 2 bits per value is not
     assert rows["fp16"]["kv_bytes_per_token"] / rows["kv2"]["kv_bytes_per_token"] == pytest.approx(6.98, abs=0.02)
     assert "passkey" in rows["kv2"] and "passkey" not in rows["kv8"]
+    # Half the heads at 2 bits, chosen by measured sensitivity over the model: between 8 and 2 bits.
+    mix = rows["mix50_sensitivity"]
+    assert mix["fraction_2bit"] == 0.5 and mix["selection"] == "sensitivity"
+    assert rows["kv2"]["kv_bytes_per_token"] < mix["kv_bytes_per_token"] < rows["kv8"]["kv_bytes_per_token"]
+    assert rows["kv8"]["decode"]["kl"] < mix["decode"]["kl"] < rows["kv2"]["decode"]["kl"]
     printed = capsys.readouterr().out
     assert all(name in printed for name in rows)

@@ -26,7 +26,7 @@ void usage() {
       "                                           error against float64 attention and the cache memory\n"
       "  version                                  print the library version and whether CUDA is usable\n"
       "  bench prefill|decode [options]           run a GPU benchmark (docs/BENCHMARKS.md): JSON and PNG results\n"
-      "  calibrate MODEL_DIR --text FILE --fraction F --out PATH [--tokens N]\n"
+      "  calibrate MODEL_DIR --text FILE --fraction F --out PATH [--tokens N] [--metric M]\n"
       "                                           per-head 4/2-bit assignment for a local transformers model\n"
       "  demo [options]                           generate with the FP16 cache and with turboattn on a real model\n"
       "  eval [options]                           accuracy on a real model and text (docs/ACCURACY.md)\n"

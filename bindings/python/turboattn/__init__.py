@@ -96,14 +96,18 @@ def head_priority(k, v):
     return list(out)
 
 
-def assign_head_bits(priority, num_layers, num_kv_heads, fraction_2bit):
-    """Bits (4 or 2) per (layer, KV head) from priorities (num_layers * num_kv_heads values)."""
+def assign_head_bits(priority, num_layers, num_kv_heads, fraction_2bit, *, across_layers=False):
+    """Bits (4 or 2) per (layer, KV head) from priorities (num_layers * num_kv_heads values): the
+    round(fraction_2bit * num_kv_heads) lowest of each layer at 2 bits, or with across_layers the
+    round(fraction_2bit * num_layers * num_kv_heads) lowest of the model (priorities that compare across
+    layers, such as hf.calibrate's measured sensitivity; docs/FORMATS.md 3.6)."""
     if len(priority) != num_layers * num_kv_heads:
         raise InvalidArgument(1, f"priority: {len(priority)} values, expected num_layers * num_kv_heads = "
                                  f"{num_layers * num_kv_heads}")
     p = (ctypes.c_float * len(priority))(*priority)
     out = (ctypes.c_int32 * len(priority))()
-    check(lib.ta_assign_head_bits(p, num_layers, num_kv_heads, float(fraction_2bit), out))
+    rule = lib.ta_assign_head_bits_across_layers if across_layers else lib.ta_assign_head_bits
+    check(rule(p, num_layers, num_kv_heads, float(fraction_2bit), out))
     return list(out)
 
 
@@ -141,6 +145,7 @@ class KVCache:
     def __init__(self, num_layers, num_kv_heads, head_dim, num_pages, max_seqs, max_seq_len, head_bits=None, smooth_k=True,
                  device="cpu"):
         self.device = _cache_device(device)
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         bits = None
         if head_bits is not None:
             if len(head_bits) != num_layers * num_kv_heads:
@@ -207,6 +212,21 @@ class KVCache:
     def bytes_per_token(self):
         """Compressed page bytes per token, all layers and heads, K and V (FP16: memory()["fp16_bytes_per_token"])."""
         return self.memory()["bytes_per_token"]
+
+    def read(self, layer, seq):
+        """(k, v): every token sequence `seq` holds in `layer`, dequantized as decode reads it (K with
+        its mean added back), float32 [length, Hkv, D] on the CPU (torch tensors if torch imports, else
+        numpy). CPU caches only."""
+        n = self.length(layer, seq)
+        shape = (n, self.num_kv_heads, self.head_dim)
+        try:
+            import torch
+            k, v = torch.empty(shape, dtype=torch.float32), torch.empty(shape, dtype=torch.float32)
+        except ImportError:
+            import numpy as np
+            k, v = np.empty(shape, dtype=np.float32), np.empty(shape, dtype=np.float32)
+        check(lib.ta_cache_read(self._handle, layer, seq, ref(describe(k)), ref(describe(v))))
+        return k, v
 
     def _expect_here(self, name, x, cpu_ok=False):
         where = _where(x, name)

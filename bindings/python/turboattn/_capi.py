@@ -86,6 +86,7 @@ lib.ta_cache_add_sequence.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_i
 lib.ta_cache_release_sequence.argtypes = [ctypes.c_void_p, ctypes.c_int32]
 lib.ta_cache_sequence_length.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.POINTER(ctypes.c_int64)]
 lib.ta_cache_free_pages.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int32)]
+lib.ta_cache_read.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, _T, _T]
 _SEQS = ctypes.POINTER(ctypes.c_int32)
 lib.ta_cache_write.argtypes = [ctypes.c_void_p, ctypes.c_int32, _SEQS, ctypes.c_int32, _T, _T, _T, ctypes.c_void_p]
 lib.ta_cache_append.argtypes = [ctypes.c_void_p, ctypes.c_int32, _SEQS, ctypes.c_int32, _T, _T, ctypes.c_void_p]
@@ -99,6 +100,7 @@ lib.ta_decode_plan_destroy.restype = None
 lib.ta_head_priority.argtypes = [_T, _T, ctypes.POINTER(ctypes.c_float)]
 lib.ta_assign_head_bits.argtypes = [ctypes.POINTER(ctypes.c_float), ctypes.c_int32, ctypes.c_int32, ctypes.c_float,
                                     ctypes.POINTER(ctypes.c_int32)]
+lib.ta_assign_head_bits_across_layers.argtypes = lib.ta_assign_head_bits.argtypes
 
 
 def check(status):

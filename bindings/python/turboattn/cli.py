@@ -4,7 +4,7 @@ on the PATH.
     turboattn version
     turboattn reference [--seqlen N] [--head-dim D] [--seed S]
     turboattn bench prefill|decode [benchmark options]      (--help after the name lists them)
-    turboattn calibrate MODEL_DIR --text FILE [--tokens N] --fraction F --out PATH
+    turboattn calibrate MODEL_DIR --text FILE [--tokens N] --fraction F --out PATH [--metric M]
     turboattn demo [--model M] [--device D] [--prompt TEXT] [--tokens N] [--bits B]
     turboattn eval [--model M] [--device D] [--quick] [--only NAME ...] [--no-passkey] [--out FILE]
 
@@ -237,17 +237,27 @@ def cmd_calibrate(args):
           f"K and V", file=sys.stderr)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     bar = Progress(len(layers), "calibrate: layers", unit="layer") if layers else None
-    # hf.calibrate runs the model in one call: hooks on the decoder layers show where the forward pass is.
-    hooks = [layer.register_forward_hook(lambda *_, i=i: bar.update(f"layer {i}")) for i, layer in enumerate(layers)]
+    # hf.calibrate records K and V in one forward pass: hooks on the decoder layers show where it is
+    # (the sensitivity's later passes, one per KV head, have their own bar).
+    def on_layer(i):
+        if bar.done < bar.total:
+            bar.update(f"layer {i}")
+    hooks = [layer.register_forward_hook(lambda *_, i=i: on_layer(i)) for i, layer in enumerate(layers)]
+    heads_bar = []
+
+    def per_head(done, total):
+        if not heads_bar:
+            heads_bar.append(Progress(total, "calibrate: KV heads at 2 bits", unit="head"))
+        heads_bar[0].update()
     try:
-        data = hf.calibrate(model, ids, args.fraction, args.out)
+        data = hf.calibrate(model, ids, args.fraction, args.out, metric=args.metric, progress=per_head)
     except (turboattn.Unsupported, ValueError) as e:  # a model turboattn cannot run, a bad fraction
         return _fail(f"calibrate: {e}")
     finally:
         for h in hooks:
             h.remove()
-        if bar is not None:
-            bar.close()
+        for b in ([bar] if bar is not None else []) + heads_bar:
+            b.close()
     total = data["num_layers"] * data["num_kv_heads"]
     print(f"wrote {args.out}: {data['num_layers']} layers x {data['num_kv_heads']} KV heads, "
           f"{sum(b == 2 for b in data['head_bits'])} of {total} heads at 2 bits (fraction {data['fraction_2bit']}), "
@@ -301,16 +311,17 @@ def cmd_eval(args):
     except ImportError as e:
         return _fail(f"eval needs torch and transformers (pip install 'turboattn[demo]'): {e}")
     known = [c.name for c in evaluate.configurations([1.0] * 4, 1, 4) if not c.name.startswith("mix")]
-    mix = re.compile(r"mix\d+_(priority|random|index)$")
+    mix = re.compile(r"mix\d+_(priority|random|index|sensitivity|random_model)$")
     unknown = [n for n in args.only or [] if n not in known and not mix.match(n)]
     if unknown:
         return _fail(f"eval --only: unknown configuration(s) {unknown}; known: {known} and mixes named by the "
-                     "model's fraction of 2-bit heads and the selection, e.g. mix33_priority")
+                     "model's fraction of 2-bit heads and the selection, e.g. mix33_priority or mix50_sensitivity")
     model, tokenizer, status = _load_model(args)
     if model is None:
         return status
     sizes = dict(windows=2, batch=2, prefix=256, steps=16, score_prefill=64, passkey_lengths=(512,),
-                 passkey_depths=(0.5,), passkey_keys=1, calibration_tokens=1024) if args.quick else {}
+                 passkey_depths=(0.5,), passkey_keys=1, calibration_tokens=1024,
+                 sensitivity_tokens=256) if args.quick else {}
     if not args.quick and model.device.type == "cpu":
         print("eval: the full evaluation on the CPU takes hours (about 6 minutes on an H200); --quick is a "
               "small check", file=sys.stderr)
@@ -372,6 +383,10 @@ def build_parser():
                    help="use the first N tokens of the text (default 2048)")
     p.add_argument("--fraction", required=True, type=_fraction, metavar="F", help="fraction of KV heads at 2 bits")
     p.add_argument("--out", required=True, metavar="PATH", help="the JSON file to write")
+    p.add_argument("--metric", default="sensitivity", choices=("sensitivity", "gap_std"),
+                   help="how heads are ranked (docs/FORMATS.md 3.6): sensitivity, the KL divergence each head at 2 "
+                   "bits causes, over the whole model (default; one forward pass per KV head), or gap_std, the "
+                   "paper's statistic, per layer (one pass)")
     p.add_argument("--device", default="cpu", help="where the model runs (default cpu; e.g. cuda)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                    help="the model's dtype while it runs (default float32)")

@@ -681,14 +681,69 @@ def _recording_attention(records):
     return forward
 
 
-def calibrate(model, tokenizer_or_input_ids, fraction_2bit, path, *, text=None):
+def _replacing_attention(swap):
+    """SDPA with one KV head's K and V replaced: swap = {"layer", "head", "k", "v"} ([N, D] each) or empty."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def forward(module, query, key, value, attention_mask, **kwargs):
+        if swap and module.layer_idx == swap["layer"]:
+            key, value = key.clone(), value.clone()
+            key[0, swap["head"]] = swap["k"].to(key)
+            value[0, swap["head"]] = swap["v"].to(value)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return forward
+
+
+def _two_bit_round_trip(k, v):
+    """k, v [N, Hkv, D] as a cache with every head at 2 bits reads them back (the library's CPU cache)."""
+    n, heads, dim = k.shape
+    cache = KVCache(1, heads, dim, num_pages=n // 64 + 1, max_seqs=1, max_seq_len=n, head_bits=[2] * heads)
+    seq = cache.add_sequence()
+    cache.write(0, [seq], k.half().contiguous(), v.half().contiguous(), torch.tensor([0, n], dtype=torch.int32))
+    return cache.read(0, seq)
+
+
+@torch.no_grad()
+def _sensitivity(model, inputs, records, layers, kv_heads, progress):
+    """Per (layer, KV head): the mean KL divergence of the model's next-token distributions on the
+    calibration inputs when that head alone is stored at 2 bits (the others exact), from the FP model's."""
+    swap = {}
+    AttentionInterface.register(_CALIBRATE_IMPLEMENTATION, _replacing_attention(swap))
+    logp = lambda ids: torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), -1)
+    base = [logp(ids) for ids in inputs]
+    out = []
+    for l in range(layers):
+        trips = [_two_bit_round_trip(*records[l][i]) for i in range(len(inputs))]
+        for h in range(kv_heads):
+            kl = tokens = 0.0
+            for i, ids in enumerate(inputs):
+                k2, v2 = trips[i]
+                swap.update(layer=l, head=h, k=k2[:, h], v=v2[:, h])
+                lp = logp(ids)
+                kl += (base[i].exp() * (base[i] - lp)).sum(-1).sum().item()
+                tokens += ids.shape[1]
+            out.append(kl / tokens)
+            if progress:
+                progress(l * kv_heads + h + 1, layers * kv_heads)
+    return out
+
+
+def calibrate(model, tokenizer_or_input_ids, fraction_2bit, path, *, text=None, metric="sensitivity", progress=None):
     """Runs `model` on calibration input (a tokenizer with `text`, a built-in paragraph by default, or
-    input ids), captures each layer's K (after RoPE) and V, computes the per-head priority
-    (turboattn.head_priority), assigns 4 or 2 bits per head (turboattn.assign_head_bits) and saves
-    {model, num_layers, num_kv_heads, fraction_2bit, head_bits, priority} as JSON at `path` (None: not
-    saved). Returns that dict. Use it with TurboConfig(head_bits=path)."""
+    input ids), captures each layer's K (after RoPE) and V, ranks the KV heads and assigns 4 or 2 bits
+    per head, then saves {model, num_layers, num_kv_heads, fraction_2bit, metric, head_bits, priority} as
+    JSON at `path` (None: not saved). Returns that dict. Use it with TurboConfig(head_bits=path).
+
+    metric "sensitivity" (default; docs/FORMATS.md 3.6): each head's priority is the KL divergence its
+    storage at 2 bits alone causes on the calibration input (one more forward pass per KV head), and the
+    round(fraction_2bit * layers * kv_heads) least sensitive heads of the whole model get 2 bits.
+    metric "gap_std": the paper's statistic (turboattn.head_priority, no extra forward pass), normalized
+    within each layer, so each layer gets round(fraction_2bit * kv_heads) 2-bit heads.
+    progress(done, total) is called after each head's sensitivity."""
     if not (isinstance(fraction_2bit, (int, float)) and 0.0 <= fraction_2bit <= 1.0):
         raise ValueError(f"calibrate: fraction_2bit {fraction_2bit!r}, expected a number in [0, 1]")
+    if metric not in ("sensitivity", "gap_std"):
+        raise ValueError(f"calibrate: metric {metric!r}, expected 'sensitivity' or 'gap_std'")
     layers, kv_heads, _ = _shape(model)
     inputs = _calibration_inputs(model, tokenizer_or_input_ids, text)
     records = {}
@@ -702,21 +757,24 @@ def calibrate(model, tokenizer_or_input_ids, fraction_2bit, path, *, text=None):
         with torch.no_grad():
             for ids in inputs:
                 model(input_ids=ids, use_cache=False)
+        missing = [i for i in range(layers) if i not in records]
+        if missing:
+            raise RuntimeError(f"calibrate: layers {missing} did not go through the attention interface")
+        if metric == "sensitivity":
+            priority = _sensitivity(model, inputs, records, layers, kv_heads, progress)
     finally:
         model.config._attn_implementation, text_config._attn_implementation = previous
-    missing = [i for i in range(layers) if i not in records]
-    if missing:
-        raise RuntimeError(f"calibrate: layers {missing} did not go through the attention interface")
-    priority = []
-    for i in range(layers):
-        k = torch.cat([r[0] for r in records[i]]).contiguous()
-        v = torch.cat([r[1] for r in records[i]]).contiguous()
-        priority += head_priority(k, v)
-    bits = assign_head_bits(priority, layers, kv_heads, fraction_2bit)
+    if metric == "gap_std":
+        priority = []
+        for i in range(layers):
+            k = torch.cat([r[0] for r in records[i]]).contiguous()
+            v = torch.cat([r[1] for r in records[i]]).contiguous()
+            priority += head_priority(k, v)
+    bits = assign_head_bits(priority, layers, kv_heads, fraction_2bit, across_layers=metric == "sensitivity")
     data = {"model": getattr(model.config, "_name_or_path", "") or model.config.model_type,
-            "num_layers": layers, "num_kv_heads": kv_heads, "fraction_2bit": float(fraction_2bit),
+            "num_layers": layers, "num_kv_heads": kv_heads, "fraction_2bit": float(fraction_2bit), "metric": metric,
             "tokens": int(sum(ids.shape[1] for ids in inputs)), "head_bits": bits,
-            "priority": [round(float(p), 6) for p in priority]}
+            "priority": [float(f"{p:.6g}") for p in priority]}
     if path is not None:
         with open(path, "w") as f:
             json.dump(data, f)

@@ -30,7 +30,8 @@ class Config:
     head_bits: list = None       # turbo: bits per (layer, KV head)
     use_sas: bool = True
     smooth_k: bool = True
-    selection: str = None        # mixed heads: "priority", "random", "index"
+    selection: str = None        # mixed heads: "priority" (gap x std), "random", "index" per layer;
+                                 # "sensitivity", "random_model" over the whole model
     fraction_2bit: float = 0.0   # of KV heads at 2 bits, as assigned
     kivi_group: int = 32         # kivi and hf_quantized: values per (scale, minimum) group
     kivi_residual: int = 64      # kivi and hf_quantized: most recent tokens kept in fp16
@@ -52,10 +53,16 @@ def _mixed_bits(priority, layers, kv_heads, fraction, selection, seed=0):
     return bits
 
 
-def configurations(priority, layers, kv_heads, fractions=(0.25, 0.5, 0.75)):
-    """The issue's list: FP16; FlashQ + SAS prefill only; KV 8/4/2 bits; mixed 2/4 by three selections;
-    SAS and K smoothing off; KIVI-style at 4 and 2 bits. Fractions that round to the same head count in
-    every layer (few KV heads) are run once."""
+def _model_wide_bits(score, layers, kv_heads, fraction):
+    """4/2 bits with the round(fraction * layers * kv_heads) lowest-scoring heads of the model at 2 bits."""
+    return assign_head_bits(score, layers, kv_heads, fraction, across_layers=True)
+
+
+def configurations(priority, layers, kv_heads, fractions=(0.25, 0.5, 0.75), sensitivity=None):
+    """The issue's list: FP16; FlashQ + SAS prefill only; KV 8/4/2 bits; mixed 2/4 by three selections
+    per layer; SAS and K smoothing off; KIVI-style at 4 and 2 bits. Fractions that round to the same
+    head count in every layer (few KV heads) are run once. With `sensitivity` (hf.calibrate's measured
+    priorities), mixes over the whole model at each fraction by it, and at 50% at random for contrast."""
     cfgs = [Config("fp16", prefill="sdpa", cache="fp16", passkey=True),
             Config("flashq_prefill", cache="fp16", passkey=True),
             Config("kv8", bits=8),
@@ -74,6 +81,15 @@ def configurations(priority, layers, kv_heads, fractions=(0.25, 0.5, 0.75)):
         for sel in ("priority", "random", "index"):
             cfgs.append(Config(f"mix{round(100 * actual)}_{sel}", head_bits=_mixed_bits(priority, layers, kv_heads, f, sel),
                                selection=sel, fraction_2bit=actual, passkey=sel == "priority"))
+    if sensitivity is not None:
+        n = layers * kv_heads
+        rng = random.Random(0)
+        for f, selection, score in [(f, "sensitivity", sensitivity) for f in fractions] + \
+                [(0.5, "random_model", [rng.random() for _ in range(n)])]:
+            bits = _model_wide_bits(score, layers, kv_heads, f)
+            actual = bits.count(2) / n  # the library rounds half away from zero
+            cfgs.append(Config(f"mix{round(100 * actual)}_{selection}", selection=selection, fraction_2bit=actual,
+                               head_bits=bits, passkey=selection == "sensitivity" and f == 0.5))
     cfgs += [Config("kivi4", prefill="sdpa", cache="kivi", bits=4, passkey=True),
              Config("kivi2", prefill="sdpa", cache="kivi", bits=2, passkey=True)]
     backend = quantized_cache_backend()
@@ -209,7 +225,7 @@ def passkey_accuracy(runner, c, tokenizer, haystack_ids, lengths, depths, keys):
 
 def evaluate(model, tokenizer, *, windows=16, batch=8, prefix=1024, steps=256, score_prefill=256,
              passkey_lengths=(1024, 2048, 4096, 8192), passkey_depths=(0.0, 0.25, 0.5, 0.75, 1.0), passkey_keys=3,
-             calibration_tokens=8192, only=None, progress=print, report=print):
+             calibration_tokens=8192, sensitivity_tokens=2048, only=None, progress=print, report=print):
     """Runs every configuration; returns the results dict (eval/results/*.json)."""
     device = model.device
     runner = Runner(model)
@@ -219,8 +235,13 @@ def evaluate(model, tokenizer, *, windows=16, batch=8, prefix=1024, steps=256, s
     held = tok(corpus.text_of(corpus.HELD_OUT, novels))
     hay = tok(corpus.text_of(corpus.HAYSTACK, novels))
     t0 = time.time()
-    priority = hf.calibrate(model, torch.tensor([calib_ids]), 0.0, None)["priority"]
-    cfgs = configurations(priority, runner.layers, runner.kv_heads)
+    priority = hf.calibrate(model, torch.tensor([calib_ids]), 0.0, None, metric="gap_std")["priority"]
+    # The sensitivity: one forward pass per KV head over the first `sensitivity_tokens` calibration tokens.
+    sensitivity = None
+    if not only or any(n.endswith(("_sensitivity", "_random_model")) for n in only):
+        sensitivity = hf.calibrate(model, torch.tensor([calib_ids[:sensitivity_tokens]]), 0.0, None,
+                                   progress=lambda d, n: d % 10 == 0 and progress(f"  sensitivity {d}/{n} heads"))["priority"]
+    cfgs = configurations(priority, runner.layers, runner.kv_heads, sensitivity=sensitivity)
     if only:
         cfgs = [c for c in cfgs if c.name in only or c.name == "fp16"]
     length = prefix + steps + 1
@@ -268,7 +289,8 @@ def evaluate(model, tokenizer, *, windows=16, batch=8, prefix=1024, steps=256, s
     hf.unpatch(model)
     return {"protocol": {"windows": windows, "prefix": prefix, "steps": steps, "score_prefill": score_prefill,
                          "held_out": list(corpus.HELD_OUT), "calibration": list(corpus.CALIBRATION),
-                         "calibration_tokens": len(calib_ids), "haystack": list(corpus.HAYSTACK),
+                         "calibration_tokens": len(calib_ids), "sensitivity_tokens": min(len(calib_ids), sensitivity_tokens),
+                         "haystack": list(corpus.HAYSTACK),
                          "passkey_lengths": list(passkey_lengths or []), "passkey_depths": list(passkey_depths),
                          "passkey_keys": passkey_keys},
             "model": {"layers": runner.layers, "kv_heads": runner.kv_heads, "head_dim": runner.head_dim,
