@@ -245,11 +245,12 @@ def test_calibration_round_trip_changes_head_bits(tmp_path):
     assert cache_of(out).memory()["bytes_per_token"] == sum(page_bytes(bits[i * HKV:(i + 1) * HKV], D) for i in range(L)) / 64
 
 
-def test_sensitivity_calibration_finds_a_head_the_model_ignores(tmp_path):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sensitivity_calibration_finds_a_head_the_model_ignores(tmp_path, dtype):
     # Layer 2's KV head 1 feeds query heads 4-7; with their o_proj columns zeroed the model ignores that
     # head, so storing it at 2 bits changes nothing: its sensitivity is exactly 0, the lowest of all, and
     # over the whole model it is among the round(0.25 * L * HKV) = 2 heads at 2 bits.
-    model = llama()
+    model = llama(dtype=dtype)
     group = HQ // HKV
     with torch.no_grad():
         model.model.layers[2].self_attn.o_proj.weight[:, 1 * group * D:2 * group * D] = 0

@@ -694,12 +694,13 @@ def _replacing_attention(swap):
     return forward
 
 
-def _two_bit_round_trip(k, v):
-    """k, v [N, Hkv, D] as a cache with every head at 2 bits reads them back (the library's CPU cache)."""
+def _two_bit_round_trip(k, v, dtype):
+    """k, v [N, Hkv, D] as a cache with every head at 2 bits reads them back (the library's CPU cache),
+    written in `dtype` (bf16 for a bf16 model, whose values may exceed fp16's range; else fp16)."""
     n, heads, dim = k.shape
     cache = KVCache(1, heads, dim, num_pages=n // 64 + 1, max_seqs=1, max_seq_len=n, head_bits=[2] * heads)
     seq = cache.add_sequence()
-    cache.write(0, [seq], k.half().contiguous(), v.half().contiguous(), torch.tensor([0, n], dtype=torch.int32))
+    cache.write(0, [seq], k.to(dtype).contiguous(), v.to(dtype).contiguous(), torch.tensor([0, n], dtype=torch.int32))
     return cache.read(0, seq)
 
 
@@ -711,9 +712,10 @@ def _sensitivity(model, inputs, records, layers, kv_heads, progress):
     AttentionInterface.register(_CALIBRATE_IMPLEMENTATION, _replacing_attention(swap))
     logp = lambda ids: torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), -1)
     base = [logp(ids) for ids in inputs]
+    dtype = torch.bfloat16 if next(model.parameters()).dtype == torch.bfloat16 else torch.float16
     out = []
     for l in range(layers):
-        trips = [_two_bit_round_trip(*records[l][i]) for i in range(len(inputs))]
+        trips = [_two_bit_round_trip(*records[l][i], dtype) for i in range(len(inputs))]
         for h in range(kv_heads):
             kl = tokens = 0.0
             for i, ids in enumerate(inputs):
