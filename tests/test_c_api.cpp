@@ -330,8 +330,7 @@ TEST(CApi, CacheReadReturnsWhatTheReferenceHolds) {
   ASSERT_EQ(want.add_sequence(), s);
   std::vector<float> kf = test::make_input(rng, n, H, D, InputKind::Outliers, 'k');
   std::vector<float> vf = test::make_input(rng, n, H, D, InputKind::Normal, 'v');
-  std::vector<uint16_t> kh = test::to_half(kf), vh = test::to_half(vf);
-  test::to_half(kf), test::to_half(vf);  // the reference gets the same fp16 values
+  std::vector<uint16_t> kh = test::to_half(kf), vh = test::to_half(vf);  // kf, vf now hold the fp16 values
   const int layer = 1;
   int32_t cu[2] = {0, bulk};
   cache.write(layer, {s}, tensor(kh.data(), TA_DTYPE_F16, {bulk, H, D}), tensor(vh.data(), TA_DTYPE_F16, {bulk, H, D}),

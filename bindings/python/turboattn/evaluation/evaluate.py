@@ -53,11 +53,6 @@ def _mixed_bits(priority, layers, kv_heads, fraction, selection, seed=0):
     return bits
 
 
-def _model_wide_bits(score, layers, kv_heads, fraction):
-    """4/2 bits with the round(fraction * layers * kv_heads) lowest-scoring heads of the model at 2 bits."""
-    return assign_head_bits(score, layers, kv_heads, fraction, across_layers=True)
-
-
 def configurations(priority, layers, kv_heads, fractions=(0.25, 0.5, 0.75), sensitivity=None):
     """The issue's list: FP16; FlashQ + SAS prefill only; KV 8/4/2 bits; mixed 2/4 by three selections
     per layer; SAS and K smoothing off; KIVI-style at 4 and 2 bits. Fractions that round to the same
@@ -86,7 +81,7 @@ def configurations(priority, layers, kv_heads, fractions=(0.25, 0.5, 0.75), sens
         rng = random.Random(0)
         for f, selection, score in [(f, "sensitivity", sensitivity) for f in fractions] + \
                 [(0.5, "random_model", [rng.random() for _ in range(n)])]:
-            bits = _model_wide_bits(score, layers, kv_heads, f)
+            bits = assign_head_bits(score, layers, kv_heads, f, across_layers=True)
             actual = bits.count(2) / n  # the library rounds half away from zero
             cfgs.append(Config(f"mix{round(100 * actual)}_{selection}", selection=selection, fraction_2bit=actual,
                                head_bits=bits, passkey=selection == "sensitivity" and f == 0.5))
