@@ -397,7 +397,9 @@ TEST(CacheLongContext, PeakyRowsKeepTheirAccuracyAtLength) {
   // below the row's maximum, yet together they carry real weight. The skip rule's threshold grows
   // with the key count (format/skip_rule.h), so decode stays at the 8-bit cache's own accuracy: against
   // float64 attention over the cache's dequantized values, as at short lengths. (A fixed -9 threshold
-  // measured 9-18% here and at 128k, this one about 2%.)
+  // measured 9-18% here and at 128k, this one about 2%.) Over 1600 draws the error's median was 1.6%,
+  // its 99th percentile 3.3-3.5% and its largest 5.3% (0.04 failed one suite run in 150): the bound,
+  // 8%, is 1.5x that and still below what the fixed threshold gave.
   const uint64_t seed = std::random_device{}();
   SCOPED_TRACE(testing::Message() << "seed " << seed);
   std::mt19937_64 rng(seed);
@@ -420,7 +422,8 @@ TEST(CacheLongContext, PeakyRowsKeepTheirAccuracyAtLength) {
     cache.decode(0, s, test::view_of(q, 1, hq, d), 0.0f, true, split_tiles, out.data());
     const test::ErrorStats e = test::compare(out, want);
     EXPECT_TRUE(e.finite);
-    EXPECT_LE(e.rel_l2, 0.04) << "split_tiles " << split_tiles;
+    EXPECT_LE(e.rel_l2, 0.08) << "split_tiles " << split_tiles;
+    testing::Test::RecordProperty("rel_l2_split_tiles_" + std::to_string(split_tiles), std::to_string(e.rel_l2));
   }
 }
 
