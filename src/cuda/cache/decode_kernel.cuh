@@ -146,12 +146,24 @@ template <int kHeadDim, int kGroups>
 struct WarpState {
   float m[kGroups], l[kGroups];
   float o[kGroups][kHeadDim / 16][2];  // channels 16 ot + g + 8 i of row 4 grp + t
+  // The 4- and 2-bit pages' V zeros' term sum_j p_j zero_j, common to every channel of row 4 grp + t:
+  // kept as one sum, rescaled with o, and added to o after the pages (fold_zero_term) instead of to
+  // each of a lane's int32 products per tile.
+  float zero_term[kGroups];
   __device__ WarpState() {
 #pragma unroll
     for (int grp = 0; grp < kGroups; ++grp) {
-      m[grp] = -INFINITY, l[grp] = 0.0f;
+      m[grp] = -INFINITY, l[grp] = 0.0f, zero_term[grp] = 0.0f;
 #pragma unroll
       for (int ot = 0; ot < kHeadDim / 16; ++ot) o[grp][ot][0] = o[grp][ot][1] = 0.0f;
+    }
+  }
+  __device__ __forceinline__ void fold_zero_term() {
+#pragma unroll
+    for (int grp = 0; grp < kGroups; ++grp) {
+#pragma unroll
+      for (int ot = 0; ot < kHeadDim / 16; ++ot) o[grp][ot][0] += zero_term[grp], o[grp][ot][1] += zero_term[grp];
+      zero_term[grp] = 0.0f;
     }
   }
 };
@@ -163,17 +175,20 @@ __device__ __forceinline__ uint32_t pack_bytes(const int32_t (&x)[4], int shift)
   return __byte_perm(x01 >> shift, x23 >> shift, 0x6420);
 }
 
-// Scores of a tile: s[grp][mt][i] is key 16 mt + g + 8 i of row 4 grp + t. Masks keys past each row's
-// last visible one, finds each row's tile maximum, applies the skip rule, and updates m and l (with the
-// P codes' row sums). codes[grp][mt] holds keys 16 mt + g and 16 mt + g + 8 in its bytes 0 and 2.
+// Scores of a tile: s[grp][mt][i] + offset[grp] is key 16 mt + g + 8 i of row 4 grp + t, where offset is
+// a term common to the row's keys (4- and 2-bit pages: q . zero of the K zeros, which the differences to
+// the tile maximum do not need; else 0). Masks keys past each row's last visible one, finds each row's
+// tile maximum, applies the skip rule, and updates m and l (with the P codes' row sums). codes[grp][mt]
+// holds keys 16 mt + g and 16 mt + g + 8 in its bytes 0 and 2.
 template <bool kSas, int kGroups>
 struct TileSoftmax {
   float alpha[kGroups], beta[kGroups], sv = 0.0f;
   bool skip[kGroups];
   uint32_t codes[kGroups][TA_BLOCK_TOKENS / 16];
 
-  __device__ __forceinline__ void run(float (&s)[kGroups][TA_BLOCK_TOKENS / 16][2], const int (&visible)[kGroups], bool v_nan,
-                                      float skip_x, float (&m)[kGroups], float (&l)[kGroups], int g) {
+  __device__ __forceinline__ void run(float (&s)[kGroups][TA_BLOCK_TOKENS / 16][2], const float (&offset)[kGroups],
+                                      const int (&visible)[kGroups], bool v_nan, float skip_x, float (&m)[kGroups], float (&l)[kGroups],
+                                      int g) {
     constexpr int kMTiles = TA_BLOCK_TOKENS / 16;
 #pragma unroll
     for (int grp = 0; grp < kGroups; ++grp) {
@@ -187,10 +202,11 @@ struct TileSoftmax {
         }
 #pragma unroll
       for (int x = 4; x < 32; x <<= 1) tile_max = nan_max(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, x));
-      const float m_new = nan_max(m[grp], tile_max);
-      skip[grp] = tile_max == -INFINITY || (tile_max - m_new < skip_x && !v_nan);
+      const float row_max = tile_max == -INFINITY ? -INFINITY : tile_max + offset[grp];
+      const float m_new = nan_max(m[grp], row_max);
+      skip[grp] = row_max == -INFINITY || (row_max - m_new < skip_x && !v_nan);
       alpha[grp] = skip[grp] ? 1.0f : ex2_approx(m[grp] - m_new);
-      beta[grp] = skip[grp] ? 0.0f : ex2_approx(tile_max - m_new);
+      beta[grp] = skip[grp] ? 0.0f : ex2_approx(row_max - m_new);
       if (!skip[grp]) m[grp] = m_new;
       int32_t sum = 0;
 #pragma unroll
@@ -331,7 +347,7 @@ __device__ __forceinline__ bool page_scores(const uint8_t* k_half, const float* 
   // S^T = K Q'^T: keys in M, (row, part) columns in N, the tensor-core K dimension in KOrder.
   using KOrder = CodeOrder<kBits, D>;
   constexpr int kSteps = KOrder::kSteps;
-  float s[kGroups][kMTiles][2];
+  float s[kGroups][kMTiles][2], offset[kGroups] = {};
   if constexpr (kBits == 8) {
     int32_t acc[kMTiles][4] = {};
     s8_scores<D>(acc, k_codes, s_q8, lane);
@@ -387,17 +403,18 @@ __device__ __forceinline__ bool page_scores(const uint8_t* k_half, const float* 
 #pragma unroll
     for (int grp = 0; grp < kGroups; ++grp) {
       const float st = __fmul_rn(q_scale[grp], block_scale[0]);
+      offset[grp] = __fmul_rn(small_int_to_float(zq[grp]), st);
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
           const int32_t* c = acc[grp][mt] + 2 * i;
-          s[grp][mt][i] = __fmul_rn(small_int_to_float(128 * c[0] + c[1] + zq[grp]), st);
+          s[grp][mt][i] = __fmul_rn(small_int_to_float(128 * c[0] + c[1]), st);
         }
     }
   }
   sm.sv = block_scale[1];
-  sm.run(s, visible, isnan(sm.sv), skip_x, ws.m, ws.l, g);
+  sm.run(s, offset, visible, isnan(sm.sv), skip_x, ws.m, ws.l, g);
   bool all_skip = true;
 #pragma unroll
   for (int grp = 0; grp < kGroups; ++grp) all_skip = all_skip && sm.skip[grp];
@@ -421,8 +438,8 @@ __device__ __forceinline__ bool page_scores(const uint8_t* k_half, const float* 
 
 // A page's second half: O^T = V^T P'^T on the V codes, into the warp's state. At 4 and 2 bits the
 // B operand is P' = p_j scale_j (u8 x u8 < 2^15), split into 128 hi + lo like Q' (lane (g, t) builds
-// column g: row 4 grp + g / 2's hi or lo part), and each row adds sum_j p_j zero_j (u8 x s8 dot
-// products). At 8 bits the B operand is P itself, both row groups in one product as in s8_scores.
+// column g: row 4 grp + g / 2's hi or lo part), and each row's sum_j p_j zero_j (u8 x s8 dot products)
+// goes to its WarpState::zero_term. At 8 bits the B operand is P itself, both row groups in one product as in s8_scores.
 template <int kHeadDim, int kBits, bool kSas, int kGroups>
 __device__ __forceinline__ void page_values(const uint8_t* v_half, const uint8_t* s_p, const TileSoftmax<kSas, kGroups>& sm,
                                             WarpState<kHeadDim, kGroups>& ws, int lane) {
@@ -476,6 +493,13 @@ __device__ __forceinline__ void page_values(const uint8_t* v_half, const uint8_t
     float& o = ws.o[grp][ot][i];
     o = __fmaf_rn(small_int_to_float(pv), svb[grp], rescale ? __fmul_rn(o, sm.alpha[grp]) : o);
   };
+  if constexpr (kBits < 8) {
+#pragma unroll
+    for (int grp = 0; grp < kGroups; ++grp) {
+      float& z = ws.zero_term[grp];
+      z = __fmaf_rn(small_int_to_float(zero_row[grp]), svb[grp], rescale ? __fmul_rn(z, sm.alpha[grp]) : z);
+    }
+  }
 #pragma unroll
   for (int ot = 0; ot < Tr::kOTiles; ++ot) {
     uint32_t top[2][2], bottom[2][2];  // channels 16 ot + g and 16 ot + g + 8
@@ -498,7 +522,7 @@ __device__ __forceinline__ void page_values(const uint8_t* v_half, const uint8_t
 #pragma unroll
           for (int og = 0; og < kGroups; ++og) accumulate(og, ot, i, acc[2 * i + og]);
         } else {
-          accumulate(grp, ot, i, 128 * acc[2 * i] + acc[2 * i + 1] + zero_row[grp]);
+          accumulate(grp, ot, i, 128 * acc[2 * i] + acc[2 * i + 1]);
         }
       }
     }
@@ -533,7 +557,8 @@ __device__ __forceinline__ void buffer_tile(const uint8_t* buffer, const uint8_t
   bool v_nan = false;
   for (int key = 0; key < most_visible; ++key) v_nan = v_nan || isnan(v_scale[key]);
   TileSoftmax<kSas, kGroups> sm;
-  sm.run(s, visible, v_nan, skip_x, ws.m, ws.l, g);
+  const float no_offset[kGroups] = {};
+  sm.run(s, no_offset, visible, v_nan, skip_x, ws.m, ws.l, g);
 #pragma unroll
   for (int grp = 0; grp < kGroups; ++grp)
 #pragma unroll
@@ -652,6 +677,7 @@ __device__ __forceinline__ void warp_tiles(const DecodeParams& p, const HalfCopi
     k_slot = free_slot;
   }
   cp_async_wait<0>();
+  if constexpr (kBits < 8) ws.fold_zero_term();
   if (blocks >= first && blocks < end && (blocks - first) % Tr::kWarps == 0 && len % Tr::kKeys != 0) {
     const int64_t first_pos = int64_t(blocks) * Tr::kKeys;
     int visible[kGroups];
