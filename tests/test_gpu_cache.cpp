@@ -123,6 +123,12 @@ struct Mirror {
       const std::vector<float> mean = gpu.download_k_mean(layer, seq);
       ASSERT_EQ(0, std::memcmp(mean.data(), cpu.k_mean(layer, seq), mean.size() * 4)) << "K mean";
     }
+    // Equal bytes read back as equal values (ta_cache_read's path for each device).
+    std::vector<float> kg(size_t(len) * cfg.kv_heads * D), vg(kg.size()), kc(kg.size()), vc(kg.size());
+    gpu.read_tokens(layer, seq, kg.data(), vg.data());
+    cpu.read_tokens(layer, seq, kc.data(), vc.data());
+    ASSERT_EQ(0, std::memcmp(kg.data(), kc.data(), kg.size() * 4)) << "read K";
+    ASSERT_EQ(0, std::memcmp(vg.data(), vc.data(), vg.size() * 4)) << "read V";
   }
 
   // GPU decode of q_len fresh query tokens per sequence: q (as the GPU saw it, in float) and the output,
@@ -513,12 +519,21 @@ TEST(GpuCacheCapi, CapacityErrorsWriteNothingAndBadTensorsAreRejected) {
   const ta_tensor tq = device_tensor(q.ptr, TA_DTYPE_F16, {1, 101, 4, 64}), to = device_tensor(out.ptr, TA_DTYPE_F16, {1, 101, 4, 64});
   EXPECT_EQ(ta_decode(cache, 0, &s, 1, &tq, nullptr, const_cast<ta_tensor*>(&to), nullptr), TA_ERROR_INVALID_ARGUMENT);
   EXPECT_NE(std::string(ta_last_error()).find("q_len 101 exceeds"), std::string::npos) << ta_last_error();
-  // Reading back is for CPU caches.
-  std::vector<float> back(size_t(100) * 2 * 64);
+  // Read back into host memory: every token was 0x3c3c (1.0586), K's mean itself, V one INT8 code.
+  std::vector<float> back_k(size_t(100) * 2 * 64, NAN), back_v(back_k.size(), NAN);
   const int64_t back_shape[3] = {100, 2, 64};
-  ta_tensor tb = ta_tensor_contiguous(back.data(), TA_DTYPE_F32, TA_DEVICE_CPU, 3, back_shape);
-  EXPECT_EQ(ta_cache_read(cache, 0, s, &tb, &tb), TA_ERROR_UNSUPPORTED);
-  EXPECT_NE(std::string(ta_last_error()).find("CPU only"), std::string::npos) << ta_last_error();
+  ta_tensor tbk = ta_tensor_contiguous(back_k.data(), TA_DTYPE_F32, TA_DEVICE_CPU, 3, back_shape);
+  ta_tensor tbv = ta_tensor_contiguous(back_v.data(), TA_DTYPE_F32, TA_DEVICE_CPU, 3, back_shape);
+  ASSERT_EQ(ta_cache_read(cache, 0, s, &tbk, &tbv), TA_SUCCESS) << ta_last_error();
+  const float one = ref::half_to_float(0x3c3c);
+  for (size_t i = 0; i < back_k.size(); ++i) {
+    ASSERT_NEAR(back_k[i], one, 1e-6f) << i;
+    ASSERT_NEAR(back_v[i], one, one / 254) << i;  // half an INT8 step
+  }
+  // Device memory for the result is refused by name.
+  ta_tensor tbd = device_tensor(out.ptr, TA_DTYPE_F16, {100, 2, 64});
+  EXPECT_EQ(ta_cache_read(cache, 0, s, &tbk, &tbd), TA_ERROR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(ta_last_error()).find("v: on cuda; ta_cache_read writes host memory"), std::string::npos) << ta_last_error();
   ta_cache_destroy(cache);
 }
 

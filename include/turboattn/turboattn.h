@@ -147,8 +147,9 @@ TA_API ta_status ta_cache_release_sequence(ta_cache* cache, int32_t seq);
 TA_API ta_status ta_cache_sequence_length(const ta_cache* cache, int32_t layer, int32_t seq, int64_t* length);
 TA_API ta_status ta_cache_free_pages(const ta_cache* cache, int32_t* pages);
 /* Every token a sequence holds in one layer, read back as decode sees it: K (its mean added back) and
- * V dequantized into k, v [length, Hkv, D] (f32, f16 or bf16, on the CPU). Caches on the CPU only
- * (TA_ERROR_UNSUPPORTED on CUDA): for tests and for calibration (turboattn.hf.calibrate). */
+ * V dequantized into k, v [length, Hkv, D] (f32, f16 or bf16, on the CPU, for caches on either device).
+ * For tests, inspection and calibration (turboattn.hf.calibrate), not for speed: on a CUDA cache it
+ * synchronizes the device, copies the sequence's pages to the host and dequantizes them there. */
 TA_API ta_status ta_cache_read(const ta_cache* cache, int32_t layer, int32_t seq, ta_tensor* k, ta_tensor* v);
 
 /* Writes k, v [T, Hkv, D] (f16 or bf16) of num_seqs sequences (token ranges cu_seqlens, i32

@@ -82,7 +82,7 @@ class KvCache {
               const ta_decode_options& options = ta_decode_default_options(), void* cuda_stream = nullptr) {
     check(ta_decode(cache_.get(), layer, seqs.data(), int32_t(seqs.size()), &q, &options, &out, cuda_stream));
   }
-  // What a sequence holds in one layer, dequantized (CPU caches): k, v [length, Hkv, D].
+  // What a sequence holds in one layer, dequantized: k, v [length, Hkv, D] on the CPU (ta_cache_read).
   void read(int32_t layer, int32_t seq, ta_tensor& k, ta_tensor& v) const {
     check(ta_cache_read(cache_.get(), layer, seq, &k, &v));
   }

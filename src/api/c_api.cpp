@@ -605,7 +605,6 @@ ta_status ta_cache_free_pages(const ta_cache* cache, int32_t* pages) {
 ta_status ta_cache_read(const ta_cache* cache, int32_t layer, int32_t seq, ta_tensor* k_, ta_tensor* v_) {
   return guard([&] {
     const ta_cache& c = cache_of(const_cast<ta_cache*>(cache));
-    require(c.device == TA_DEVICE_CPU, TA_ERROR_UNSUPPORTED, "ta_cache_read: reads caches on the CPU only; this one is on CUDA");
     check_layer(c, layer);
     check_seq(c, seq, "seq");
     check_tensor(k_, "k");
@@ -614,11 +613,18 @@ ta_status ta_cache_read(const ta_cache* cache, int32_t layer, int32_t seq, ta_te
     const int64_t n = c.book().length(layer, seq), H = c.config().kv_heads, D = c.config().head_dim;
     for (auto [t, name] : {std::pair{&k, "k"}, {&v, "v"}}) {
       expect_dtype(*t, name, {TA_DTYPE_F32, TA_DTYPE_F16, TA_DTYPE_BF16});
-      expect_device(*t, name, TA_DEVICE_CPU);
+      require(t->device == TA_DEVICE_CPU, TA_ERROR_INVALID_ARGUMENT, name, ": on ", device_name(t->device),
+              "; ta_cache_read writes host memory, for a cache on either device");
       expect_shape(*t, name, {n, H, D});
     }
     std::vector<float> kf(size_t(n * H * D)), vf(kf.size());
-    c.host->read_tokens(layer, seq, kf.data(), vf.data());
+#ifdef TURBOATTN_WITH_CUDA
+    if (c.gpu) {
+      c.gpu->expect_current_device();
+      c.gpu->read_tokens(layer, seq, kf.data(), vf.data());
+    } else
+#endif
+      c.host->read_tokens(layer, seq, kf.data(), vf.data());
     from_float(kf, k);
     from_float(vf, v);
   });

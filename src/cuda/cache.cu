@@ -16,6 +16,7 @@
 #include "cuda/common/check.cuh"
 #include "cuda/common/head_dim.cuh"
 #include "reference/attention.hpp"
+#include "reference/kv_cache.hpp"
 
 namespace turboattn::cuda {
 
@@ -311,6 +312,22 @@ void DeviceCache::decode(int layer, const int32_t* seqs, int num_seqs, const ta_
       }
     }
   }
+}
+
+void DeviceCache::read_tokens(int layer, int seq, float* k, float* v) const {
+  TA_CUDA_CHECK(cudaDeviceSynchronize());
+  const int64_t length = book_.length(layer, seq);
+  std::vector<std::vector<uint8_t>> pages, buffers;
+  for (int64_t b = 0; b < length / TA_BLOCK_TOKENS; ++b) pages.push_back(download_page(layer, book_.table(seq)[size_t(b)]));
+  for (int h = 0; h < cfg_.kv_heads; ++h) buffers.push_back(download_buffer(layer, seq, h));
+  const std::vector<float> mean = download_k_mean(layer, seq);
+  ref::SequenceBytes bytes;
+  bytes.layout = &layouts_[size_t(layer)];
+  bytes.length = length;
+  for (const auto& p : pages) bytes.pages.push_back(p.data());
+  for (const auto& b : buffers) bytes.buffers.push_back(b.data());
+  bytes.k_mean = mean.data();
+  ref::read_tokens(bytes, k, v);
 }
 
 std::vector<uint8_t> DeviceCache::download_page(int layer, int page_id) const {

@@ -127,12 +127,10 @@ void KvCache::flush(int layer, int seq) {
   }
 }
 
-void KvCache::block_tile(int layer, int page_id, int head, int8_t* k, int8_t* v, float* k_scale, float* v_scale) const {
-  const int d = cfg_.head_dim;
-  const PageLayout& lay = layouts_[size_t(layer)];
-  const uint8_t* pg = page(layer, page_id);
+void block_tile(const uint8_t* pg, const PageLayout& lay, int head, int8_t* k, int8_t* v, float* k_scale, float* v_scale) {
+  const int d = lay.head_dim;
   *k_scale = load_f32(pg + page_k_scale_offset(head));
-  *v_scale = load_f32(pg + page_v_scale_offset(cfg_.kv_heads, head));
+  *v_scale = load_f32(pg + page_v_scale_offset(lay.kv_heads, head));
   const int bits = lay.bits[head];
   std::vector<uint8_t> codes(size_t(kBlock) * d);
   for (int which = 0; which < 2; ++which) {
@@ -163,7 +161,7 @@ std::vector<Int8Tile> KvCache::tiles(int layer, int seq, int head, std::vector<s
     int8_t* kc = codes[size_t(b)].data();
     float* sc = scales[size_t(b)].data();
     float ks, vs;
-    block_tile(layer, book_.table(seq)[size_t(b)], head, kc, kc + kBlock * d, &ks, &vs);
+    block_tile(page(layer, book_.table(seq)[size_t(b)]), layout(layer), head, kc, kc + kBlock * d, &ks, &vs);
     std::fill(sc, sc + kBlock, ks);
     sc[kBlock] = vs;
     Int8Tile t;
@@ -225,21 +223,41 @@ void KvCache::decode(int layer, int seq, const HeadsView& q, float softmax_scale
   }
 }
 
-void KvCache::read_tokens(int layer, int seq, float* k, float* v) const {
-  const int d = cfg_.head_dim, hkv = cfg_.kv_heads;
-  const float* mean = k_mean(layer, seq);
+SequenceBytes KvCache::sequence_bytes(int layer, int seq) const {
+  SequenceBytes s;
+  s.layout = &layout(layer);
+  s.length = length(layer, seq);
+  for (int64_t b = 0; b < s.length / kBlock; ++b) s.pages.push_back(page(layer, book_.table(seq)[size_t(b)]));
+  for (int h = 0; h < cfg_.kv_heads; ++h) s.buffers.push_back(buffer(layer, seq, h));
+  s.k_mean = k_mean(layer, seq);
+  return s;
+}
+
+void KvCache::read_tokens(int layer, int seq, float* k, float* v) const { ref::read_tokens(sequence_bytes(layer, seq), k, v); }
+
+void read_tokens(const SequenceBytes& s, float* k, float* v) {
+  const int d = s.layout->head_dim, hkv = s.layout->kv_heads;
+  // Token pos of head h from INT8 rows with K scale ks and V scale vs.
+  auto put = [&](int64_t pos, int h, const int8_t* kr, const int8_t* vr, float ks, float vs) {
+    const size_t row = (size_t(pos) * hkv + h) * d;
+    for (int c = 0; c < d; ++c) {
+      k[row + c] = float(kr[c]) * ks + s.k_mean[size_t(h) * d + c];
+      v[row + c] = float(vr[c]) * vs;
+    }
+  };
+  std::vector<int8_t> kc(size_t(kBlock) * d), vc(kc.size());
   for (int h = 0; h < hkv; ++h) {
-    std::vector<std::vector<int8_t>> codes;
-    std::vector<std::vector<float>> scales;
-    for (const Int8Tile& t : tiles(layer, seq, h, codes, scales))
-      for (int j = 0; j < t.tokens; ++j) {
-        const size_t row = (size_t(t.first_pos + j) * hkv + h) * d;
-        const float vs = t.shared_v_scale ? t.v_scale[0] : t.v_scale[j];
-        for (int c = 0; c < d; ++c) {
-          k[row + c] = float(t.k[size_t(j) * d + c]) * t.k_scale[j] + mean[size_t(h) * d + c];
-          v[row + c] = float(t.v[size_t(j) * d + c]) * vs;
-        }
-      }
+    for (size_t b = 0; b < s.pages.size(); ++b) {
+      float ks, vs;
+      block_tile(s.pages[b], *s.layout, h, kc.data(), vc.data(), &ks, &vs);
+      for (int j = 0; j < kBlock; ++j) put(int64_t(b) * kBlock + j, h, &kc[size_t(j) * d], &vc[size_t(j) * d], ks, vs);
+    }
+    const uint8_t* buf = s.buffers[size_t(h)];
+    const auto* kb = reinterpret_cast<const int8_t*>(buf + buffer_k_offset(d));
+    const auto* vb = reinterpret_cast<const int8_t*>(buf + buffer_v_offset(d));
+    for (int j = 0; j < int(s.length % kBlock); ++j)
+      put(int64_t(s.pages.size()) * kBlock + j, h, kb + size_t(j) * d, vb + size_t(j) * d,
+          load_f32(buf + buffer_k_scale_offset(d) + 4 * j), load_f32(buf + buffer_v_scale_offset(d) + 4 * j));
   }
 }
 

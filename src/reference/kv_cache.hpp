@@ -13,6 +13,23 @@
 
 namespace turboattn::ref {
 
+// A page's block of one head in the compute format: INT8 K and V rows [64][dim] and their block scales.
+void block_tile(const uint8_t* page, const PageLayout& layout, int head, int8_t* k, int8_t* v, float* k_scale, float* v_scale);
+
+// One sequence's state in one layer as bytes in host memory: the CPU cache's own, or copies of the GPU
+// cache's (whose bytes are the same). pages: those of its length / 64 full blocks, in order; buffers:
+// each head's INT8 buffer (the partial block); k_mean: [kv_heads][dim].
+struct SequenceBytes {
+  const PageLayout* layout = nullptr;
+  int64_t length = 0;
+  std::vector<const uint8_t*> pages, buffers;
+  const float* k_mean = nullptr;
+};
+
+// Every token of the sequence dequantized to float as decode reads it (K's mean added back):
+// k, v [length][kv_heads][dim].
+void read_tokens(const SequenceBytes& sequence, float* k, float* v);
+
 struct CacheConfig {
   int layers = 1, kv_heads = 1, head_dim = 128;
   int num_pages = 0;         // pages in the pool; page p of a sequence is the same id in every layer
@@ -58,8 +75,7 @@ class KvCache {
   const uint8_t* buffer(int layer, int seq, int head) const;
   const float* k_mean(int layer, int seq) const;
 
-  // A page's block of one head in the compute format: INT8 K and V rows [64][dim] and their scales.
-  void block_tile(int layer, int page_id, int head, int8_t* k, int8_t* v, float* k_scale, float* v_scale) const;
+  SequenceBytes sequence_bytes(int layer, int seq) const;
   // Every cached token of a sequence dequantized to float (mean added back): [len][kv_heads][dim].
   void read_tokens(int layer, int seq, float* k, float* v) const;
 

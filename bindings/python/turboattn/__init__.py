@@ -216,7 +216,8 @@ class KVCache:
     def read(self, layer, seq):
         """(k, v): every token sequence `seq` holds in `layer`, dequantized as decode reads it (K with
         its mean added back), float32 [length, Hkv, D] on the CPU (torch tensors if torch imports, else
-        numpy). CPU caches only."""
+        numpy), for a cache on either device (on CUDA: the device is synchronized and the sequence's
+        pages copied to the host; for inspection and calibration, not for speed)."""
         n = self.length(layer, seq)
         shape = (n, self.num_kv_heads, self.head_dim)
         try:

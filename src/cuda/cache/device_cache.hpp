@@ -69,6 +69,11 @@ class DeviceCache {
   void decode(int layer, const int32_t* seqs, int num_seqs, const ta_tensor& q, const ta_decode_options& options,
               ta_tensor& out, void* stream);
 
+  // Every token a sequence holds in one layer, dequantized on the host as decode reads it (K's mean
+  // added back) into k, v [length][Hkv][D] in host memory. Synchronizes the device first, so that it
+  // follows the writes queued on any stream; then copies the sequence's pages, buffers and K mean.
+  void read_tokens(int layer, int seq, float* k, float* v) const;
+
   // Copies of device state, for tests (synchronous).
   std::vector<uint8_t> download_page(int layer, int page_id) const;
   std::vector<uint8_t> download_buffer(int layer, int seq, int head) const;
