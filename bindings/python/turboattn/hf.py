@@ -710,8 +710,23 @@ def _sensitivity(model, inputs, records, layers, kv_heads, progress):
     calibration inputs when that head alone is stored at 2 bits (the others exact), from the FP model's."""
     swap = {}
     AttentionInterface.register(_CALIBRATE_IMPLEMENTATION, _replacing_attention(swap))
-    logp = lambda ids: torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), -1)
-    base = [logp(ids) for ids in inputs]
+    logits = lambda ids: model(input_ids=ids, use_cache=False).logits[0]  # [N, vocab], the model's dtype
+    # The exact model's fp32 log-probabilities are kept (N x vocab floats per input: 1 GiB for 2,048
+    # tokens of a 128k vocabulary); the KL goes a block of positions at a time, so that its fp32
+    # temporaries stay a block's size.
+    block = 256
+
+    def log_probs(x):
+        return torch.cat([torch.log_softmax(x[s:s + block].float(), -1) for s in range(0, x.shape[0], block)])
+
+    def kl_sum(base, x):  # sum over positions of KL(base || softmax(x))
+        total = 0.0
+        for s in range(0, x.shape[0], block):
+            b = base[s:s + block]
+            total += (b.exp() * (b - torch.log_softmax(x[s:s + block].float(), -1))).sum().item()
+        return total
+
+    base = [log_probs(logits(ids)) for ids in inputs]
     dtype = torch.bfloat16 if next(model.parameters()).dtype == torch.bfloat16 else torch.float16
     out = []
     for l in range(layers):
@@ -721,8 +736,7 @@ def _sensitivity(model, inputs, records, layers, kv_heads, progress):
             for i, ids in enumerate(inputs):
                 k2, v2 = trips[i]
                 swap.update(layer=l, head=h, k=k2[:, h], v=v2[:, h])
-                lp = logp(ids)
-                kl += (base[i].exp() * (base[i] - lp)).sum(-1).sum().item()
+                kl += kl_sum(base[i], logits(ids))
                 tokens += ids.shape[1]
             out.append(kl / tokens)
             if progress:
