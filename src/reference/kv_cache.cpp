@@ -148,10 +148,13 @@ void block_tile(const uint8_t* pg, const PageLayout& lay, int head, int8_t* k, i
   }
 }
 
-std::vector<Int8Tile> KvCache::tiles(int layer, int seq, int head, std::vector<std::vector<int8_t>>& codes,
-                                     std::vector<std::vector<float>>& scales) const {
-  const int d = cfg_.head_dim;
-  const int64_t len = length(layer, seq);
+namespace {
+// One head's tiles of a sequence in the compute format, in order: its full blocks, then the buffer's
+// partial block (per-token scales). codes and scales hold what the tiles point to.
+std::vector<Int8Tile> tiles(const SequenceBytes& s, int head, std::vector<std::vector<int8_t>>& codes,
+                            std::vector<std::vector<float>>& scales) {
+  const int d = s.layout->head_dim;
+  const int64_t len = s.length;
   const int64_t blocks = len / kBlock;
   const int buffered = int(len % kBlock);
   std::vector<Int8Tile> out;
@@ -161,7 +164,7 @@ std::vector<Int8Tile> KvCache::tiles(int layer, int seq, int head, std::vector<s
     int8_t* kc = codes[size_t(b)].data();
     float* sc = scales[size_t(b)].data();
     float ks, vs;
-    block_tile(page(layer, book_.table(seq)[size_t(b)]), layout(layer), head, kc, kc + kBlock * d, &ks, &vs);
+    block_tile(s.pages[size_t(b)], *s.layout, head, kc, kc + kBlock * d, &ks, &vs);
     std::fill(sc, sc + kBlock, ks);
     sc[kBlock] = vs;
     Int8Tile t;
@@ -171,7 +174,7 @@ std::vector<Int8Tile> KvCache::tiles(int layer, int seq, int head, std::vector<s
     out.push_back(t);
   }
   if (buffered) {
-    const uint8_t* buf = buffer(layer, seq, head);
+    const uint8_t* buf = s.buffers[size_t(head)];
     float* sc = scales[size_t(blocks)].data();
     std::memcpy(sc, buf + buffer_k_scale_offset(d), 4 * kBlock);
     std::memcpy(sc + kBlock, buf + buffer_v_scale_offset(d), 4 * kBlock);
@@ -185,6 +188,7 @@ std::vector<Int8Tile> KvCache::tiles(int layer, int seq, int head, std::vector<s
   }
   return out;
 }
+}  // namespace
 
 void KvCache::decode(int layer, int seq, const HeadsView& q, float softmax_scale, bool sas, int split_tiles,
                      float* out, float* lse) const {
@@ -192,10 +196,11 @@ void KvCache::decode(int layer, int seq, const HeadsView& q, float softmax_scale
   const int64_t len = length(layer, seq);
   const float scale = resolve_softmax_scale(softmax_scale, d), sl2 = scale_log2(scale);
   const float skip_x = skip_threshold(len);
+  const SequenceBytes bytes = sequence_bytes(layer, seq);
   for (int hk = 0; hk < cfg_.kv_heads; ++hk) {
     std::vector<std::vector<int8_t>> codes;
     std::vector<std::vector<float>> scales;
-    const std::vector<Int8Tile> all = tiles(layer, seq, hk, codes, scales);
+    const std::vector<Int8Tile> all = tiles(bytes, hk, codes, scales);
     const int per_split = split_tiles > 0 ? split_tiles : int(std::max<size_t>(1, all.size()));
     for (int h = hk * group; h < (hk + 1) * group; ++h) {
       for (int t0 = 0; t0 < q_len; t0 += TA_DECODE_Q_TOKENS) {  // Q blocks of up to 8 query tokens
@@ -237,27 +242,18 @@ void KvCache::read_tokens(int layer, int seq, float* k, float* v) const { ref::r
 
 void read_tokens(const SequenceBytes& s, float* k, float* v) {
   const int d = s.layout->head_dim, hkv = s.layout->kv_heads;
-  // Token pos of head h from INT8 rows with K scale ks and V scale vs.
-  auto put = [&](int64_t pos, int h, const int8_t* kr, const int8_t* vr, float ks, float vs) {
-    const size_t row = (size_t(pos) * hkv + h) * d;
-    for (int c = 0; c < d; ++c) {
-      k[row + c] = float(kr[c]) * ks + s.k_mean[size_t(h) * d + c];
-      v[row + c] = float(vr[c]) * vs;
-    }
-  };
-  std::vector<int8_t> kc(size_t(kBlock) * d), vc(kc.size());
   for (int h = 0; h < hkv; ++h) {
-    for (size_t b = 0; b < s.pages.size(); ++b) {
-      float ks, vs;
-      block_tile(s.pages[b], *s.layout, h, kc.data(), vc.data(), &ks, &vs);
-      for (int j = 0; j < kBlock; ++j) put(int64_t(b) * kBlock + j, h, &kc[size_t(j) * d], &vc[size_t(j) * d], ks, vs);
-    }
-    const uint8_t* buf = s.buffers[size_t(h)];
-    const auto* kb = reinterpret_cast<const int8_t*>(buf + buffer_k_offset(d));
-    const auto* vb = reinterpret_cast<const int8_t*>(buf + buffer_v_offset(d));
-    for (int j = 0; j < int(s.length % kBlock); ++j)
-      put(int64_t(s.pages.size()) * kBlock + j, h, kb + size_t(j) * d, vb + size_t(j) * d,
-          load_f32(buf + buffer_k_scale_offset(d) + 4 * j), load_f32(buf + buffer_v_scale_offset(d) + 4 * j));
+    std::vector<std::vector<int8_t>> codes;
+    std::vector<std::vector<float>> scales;
+    for (const Int8Tile& t : tiles(s, h, codes, scales))
+      for (int j = 0; j < t.tokens; ++j) {
+        const size_t row = (size_t(t.first_pos + j) * hkv + h) * d;
+        const float vs = t.shared_v_scale ? t.v_scale[0] : t.v_scale[j];
+        for (int c = 0; c < d; ++c) {
+          k[row + c] = float(t.k[size_t(j) * d + c]) * t.k_scale[j] + s.k_mean[size_t(h) * d + c];
+          v[row + c] = float(t.v[size_t(j) * d + c]) * vs;
+        }
+      }
   }
 }
 

@@ -75,6 +75,7 @@ class KvCache {
   const uint8_t* buffer(int layer, int seq, int head) const;
   const float* k_mean(int layer, int seq) const;
 
+  // A sequence's pages, buffers and K mean in one layer (pointers into this cache).
   SequenceBytes sequence_bytes(int layer, int seq) const;
   // Every cached token of a sequence dequantized to float (mean added back): [len][kv_heads][dim].
   void read_tokens(int layer, int seq, float* k, float* v) const;
@@ -83,8 +84,6 @@ class KvCache {
   uint8_t* buffer_mut(int layer, int seq, int head);
   void append_token(int layer, int seq, const float* const* k_rows, const float* const* v_rows);
   void flush(int layer, int seq);
-  std::vector<Int8Tile> tiles(int layer, int seq, int head, std::vector<std::vector<int8_t>>& codes,
-                              std::vector<std::vector<float>>& scales) const;
 
   CacheConfig cfg_;
   std::vector<PageLayout> layouts_;

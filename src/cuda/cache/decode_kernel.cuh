@@ -439,7 +439,8 @@ __device__ __forceinline__ bool page_scores(const uint8_t* k_half, const float* 
 // A page's second half: O^T = V^T P'^T on the V codes, into the warp's state. At 4 and 2 bits the
 // B operand is P' = p_j scale_j (u8 x u8 < 2^15), split into 128 hi + lo like Q' (lane (g, t) builds
 // column g: row 4 grp + g / 2's hi or lo part), and each row's sum_j p_j zero_j (u8 x s8 dot products)
-// goes to its WarpState::zero_term. At 8 bits the B operand is P itself, both row groups in one product as in s8_scores.
+// goes to its WarpState::zero_term. At 8 bits the B operand is P itself, both row groups in one product
+// as in s8_scores.
 template <int kHeadDim, int kBits, bool kSas, int kGroups>
 __device__ __forceinline__ void page_values(const uint8_t* v_half, const uint8_t* s_p, const TileSoftmax<kSas, kGroups>& sm,
                                             WarpState<kHeadDim, kGroups>& ws, int lane) {
