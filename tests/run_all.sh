@@ -3,7 +3,7 @@
 # suites (pytest). GPU tests report SKIPPED where no GPU is visible.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cmake -S . -B build -G Ninja
+cmake -S . -B build -G Ninja ${TURBOATTN_CMAKE_ARGS:-}
 cmake --build build -j "$(nproc)"
 ctest --test-dir build --output-on-failure -j "$(nproc)"
 # The package's own build (scikit-build-core) of the same CMake project.
