@@ -127,6 +127,8 @@ void KvCache::flush(int layer, int seq) {
   }
 }
 
+namespace {
+// A page's block of one head in the compute format: INT8 K and V rows [64][dim] and their block scales.
 void block_tile(const uint8_t* pg, const PageLayout& lay, int head, int8_t* k, int8_t* v, float* k_scale, float* v_scale) {
   const int d = lay.head_dim;
   *k_scale = load_f32(pg + page_k_scale_offset(head));
@@ -148,7 +150,6 @@ void block_tile(const uint8_t* pg, const PageLayout& lay, int head, int8_t* k, i
   }
 }
 
-namespace {
 // One head's tiles of a sequence in the compute format, in order: its full blocks, then the buffer's
 // partial block (per-token scales). codes and scales hold what the tiles point to.
 std::vector<Int8Tile> tiles(const SequenceBytes& s, int head, std::vector<std::vector<int8_t>>& codes,

@@ -13,9 +13,6 @@
 
 namespace turboattn::ref {
 
-// A page's block of one head in the compute format: INT8 K and V rows [64][dim] and their block scales.
-void block_tile(const uint8_t* page, const PageLayout& layout, int head, int8_t* k, int8_t* v, float* k_scale, float* v_scale);
-
 // One sequence's state in one layer as bytes in host memory: the CPU cache's own, or copies of the GPU
 // cache's (whose bytes are the same). pages: those of its length / 64 full blocks, in order; buffers:
 // each head's INT8 buffer (the partial block); k_mean: [kv_heads][dim].
