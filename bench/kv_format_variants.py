@@ -8,7 +8,7 @@ of the current format ("k:chan v:tok", since a31dfde; "k:chan v:chan" before) mu
 numbers; that is its check.
 
     PYTHONPATH=bindings/python python3 bench/kv_format_variants.py [--device cuda] [--windows 16]
-        [--prefix 1024] [--steps 256] [--out eval/results/format_variants.json]
+        [--prefix 1024] [--steps 256] [--only VARIANT ...] [--out eval/results/format_variants.json]
 """
 import argparse
 import json
@@ -31,7 +31,8 @@ def _token_int8(x):
     x = x.float()
     amax = x.abs().amax(-1, keepdim=True)
     scale = torch.where(amax < ZERO_BLOCK_AMAX, 0.0, amax / 127)
-    inv = torch.where(scale > 0, 127 / amax, 0.0)
+    # a tensor divided by a tensor: torch computes `127 / amax` as 127 * (1 / amax), not the reference's quotient
+    inv = torch.where(scale > 0, torch.full_like(amax, 127.0) / amax, 0.0)
     return torch.round(x * inv).clamp(-127, 127), scale
 
 
@@ -46,27 +47,44 @@ def _block_int8(x):
     return torch.round(q * ratio).clamp(-127, 127), block
 
 
-def _stage2(q, bits, dim):
-    """FORMATS 3.3 along `dim` of INT8 codes: an integer grid centred on [min, max], kept in INT8."""
-    levels = (1 << bits) - 1
-    lo, hi = q.amin(dim, keepdim=True), q.amax(dim, keepdim=True)
-    step = torch.clamp(torch.ceil((hi - lo) / levels), min=1)
-    slack = levels * step - (hi - lo)
-    zero = torch.clamp(torch.minimum(lo - torch.floor(slack / 2), 127 - levels * step), min=-128)
+def _grid(q, step, zero, levels):
+    """INT8 values q on the grid zero + code * step, codes rounded half to even (torch.round)."""
     return zero + torch.clamp(torch.round((q - zero) / step), max=levels) * step
 
 
-def quantize_blocks(x, bits, grouping):
+def _stage2(q, bits, dim, centred=False):
+    """FORMATS 3.3 along `dim` of INT8 codes: the smallest integer step whose grid covers [min, max]
+    inside INT8, and of such grids the zero with the least squared error (ties: the centred zero, then
+    the higher one); centred=True: always the centred zero (the rule before this option existed)."""
+    levels = (1 << bits) - 1
+    lo, hi = q.amin(dim, keepdim=True), q.amax(dim, keepdim=True)
+    step = torch.clamp(torch.ceil((hi - lo) / levels), min=1)
+    highest, lowest = torch.minimum(lo, 127 - levels * step), torch.clamp(hi - levels * step, min=-128)
+    zero = torch.clamp(torch.minimum(lo - torch.floor((levels * step - (hi - lo)) / 2), highest), min=-128)
+    best = _grid(q, step, zero, levels)
+    if centred:
+        return best
+    best_err = ((best - q) ** 2).sum(dim, keepdim=True)
+    for d in range(levels):
+        z = highest - d
+        y = _grid(q, step, z, levels)
+        err = ((y - q) ** 2).sum(dim, keepdim=True)
+        better = (z >= lowest) & (err < best_err)
+        best, best_err = torch.where(better, y, best), torch.where(better, err, best_err)
+    return best
+
+
+def quantize_blocks(x, bits, grouping, centred=False):
     """x [..., T, D] -> its dequantized values (fp32). grouping: "chan" (per channel over 64 tokens), "chan32"
     (per channel over 32 tokens) or "tok" (per token over the channels); bits 8: stage 1 only."""
     q, block = _block_int8(x)
     if bits < 8:
         if grouping == "tok":
-            q = _stage2(q, bits, -1)
+            q = _stage2(q, bits, -1, centred)
         elif grouping == "chan32":
-            q = _stage2(q.unflatten(-2, (2, 32)), bits, -2).flatten(-3, -2)
+            q = _stage2(q.unflatten(-2, (2, 32)), bits, -2, centred).flatten(-3, -2)
         else:
-            q = _stage2(q, bits, -2)
+            q = _stage2(q, bits, -2, centred)
     *b, blocks, T, D = q.shape
     return (q * block).reshape(*b, blocks * T, D)
 
@@ -76,12 +94,15 @@ class VariantLayer(DynamicLayer):
     the INT8 buffer (per-token codes and scales). The prefill's own forward attends over its inputs, as
     the library's prefill does; every later step over what the cache holds, the token just appended
     included. k_scaled: K's channels divided by their range over the first write before quantization
-    and multiplied back after (scale migration: the query would take the factors, exactly)."""
+    and multiplied back after (scale migration: the query would take the factors, exactly). centred:
+    stage 2's zero always the centred one. first_block_8: the sequence's first 64 tokens (where the
+    attention sink is) kept at 8 bits."""
 
-    def __init__(self, k_bits, v_bits, k_grouping, v_grouping, k_scaled=False):
+    def __init__(self, k_bits, v_bits, k_grouping, v_grouping, k_scaled=False, centred=False, first_block_8=False):
         super().__init__()
         self.k_bits, self.v_bits, self.k_grouping, self.v_grouping = k_bits, v_bits, k_grouping, v_grouping
         self.k_scaled, self.mu, self.k_range = k_scaled, None, 1.0
+        self.centred, self.first_block_8 = centred, first_block_8
         self.blocks = self.pending = None  # quantized full blocks (K, V); raw newest tokens (K - mu, V)
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -97,8 +118,12 @@ class VariantLayer(DynamicLayer):
         v = torch.cat([self.pending[1], value_states.float()], -2)
         full = k.shape[-2] // 64 * 64
         if full:
-            self.blocks = (torch.cat([self.blocks[0], quantize_blocks(k[..., :full, :], self.k_bits, self.k_grouping)], -2),
-                           torch.cat([self.blocks[1], quantize_blocks(v[..., :full, :], self.v_bits, self.v_grouping)], -2))
+            kq = quantize_blocks(k[..., :full, :], self.k_bits, self.k_grouping, self.centred)
+            vq = quantize_blocks(v[..., :full, :], self.v_bits, self.v_grouping, self.centred)
+            if self.first_block_8 and self.blocks[0].shape[-2] == 0:
+                kq[..., :64, :] = quantize_blocks(k[..., :64, :], 8, self.k_grouping)
+                vq[..., :64, :] = quantize_blocks(v[..., :64, :], 8, self.v_grouping)
+            self.blocks = (torch.cat([self.blocks[0], kq], -2), torch.cat([self.blocks[1], vq], -2))
         self.pending = (k[..., full:, :], v[..., full:, :])
         buffered = [q * s for q, s in map(_token_int8, self.pending)]
         dtype = key_states.dtype
@@ -107,7 +132,7 @@ class VariantLayer(DynamicLayer):
         return (key_states, value_states) if first else (self.keys, self.values)
 
 
-VARIANTS = {  # name: (K bits, V bits, K grouping, V grouping)
+VARIANTS = {  # name: (K bits, V bits, K grouping, V grouping[, K scaled, centred zero, first block at 8 bits])
     "k:chan v:chan (4)": (4, 4, "chan", "chan"),
     "k:chan v:8 bits": (4, 8, "chan", "chan"),
     "k:8 bits v:chan": (8, 4, "chan", "chan"),
@@ -121,6 +146,10 @@ VARIANTS = {  # name: (K bits, V bits, K grouping, V grouping)
     "k:chan scaled v:8 bits": (4, 8, "chan", "chan", True),
     "k:8 bits v:tok (4)": (8, 4, "chan", "tok"),
     "k:chan32 scaled v:tok (4)": (4, 4, "chan32", "tok", True),
+    "k:chan v:tok centred zero (4)": (4, 4, "chan", "tok", False, True),
+    "k:chan v:tok centred zero (2)": (2, 2, "chan", "tok", False, True),
+    "k:chan v:tok first block 8 (4)": (4, 4, "chan", "tok", False, False, True),
+    "k:chan v:tok first block 8 (2)": (2, 2, "chan", "tok", False, False, True),
 }
 
 
@@ -131,6 +160,7 @@ def main():
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--prefix", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=256)
+    ap.add_argument("--only", nargs="+", metavar="NAME", choices=sorted(VARIANTS), help="only these variants")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     model, tokenizer = models.load(a.model, a.device)
@@ -142,7 +172,7 @@ def main():
     runs = [("fp16", library["fp16"])] + [(n, library[n]) for n in ("kv4", "kv2", "kivi4", "kivi2")]
     for c in (library["kv4"], library["kv2"]):
         c.prefill = "sdpa"  # the variants use FP16 prefill: compare caches alone
-    runs += [(name, evaluate.Config(name, prefill="sdpa", cache="fp16")) for name in VARIANTS]
+    runs += [(name, evaluate.Config(name, prefill="sdpa", cache="fp16")) for name in (a.only or VARIANTS)]
     new_cache = runner.new_cache
     runner.new_cache = lambda c, batch, length: (Cache(layers=[VariantLayer(*VARIANTS[c.name]) for _ in range(runner.layers)])
                                                  if c.name in VARIANTS else new_cache(c, batch, length))

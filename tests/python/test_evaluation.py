@@ -266,3 +266,44 @@ def test_prefill_only_leaves_the_cache_exact(tiny_model):
     assert type(cache_q).__name__ == "DynamicCache" and tiny_model.config._attn_implementation == "sdpa"
     assert not torch.equal(pre_q, pre_f)  # the prefill differs (INT8) ...
     assert (pre_q - pre_f).abs().max() < 0.2 * pre_f.abs().max()  # ... within quantization error
+
+
+def _format_variants():
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parents[2] / "bench" / "kv_format_variants.py"
+    spec = importlib.util.spec_from_file_location("kv_format_variants", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_format_simulation_is_the_library_cache(bits):
+    # bench/kv_format_variants.py re-implements the cache format in PyTorch (docs/ACCURACY.md); its
+    # variant of today's format must read back what the library's cache does, or its other variants
+    # mean nothing. Outlier channels in K, outlier tokens in V, quiet channels whose INT8 codes sit on
+    # few levels (where the stage-2 zero's choice matters).
+    sim = _format_variants()
+    n, heads, dim = 64 * 3 + 37, 2, 64
+    g = torch.Generator().manual_seed(random.randrange(1 << 30))
+    k = torch.randn(n, heads, dim, generator=g)
+    k[..., 5] *= 12
+    k[..., 40:48] *= 0.05
+    v = torch.randn(n, heads, dim, generator=g)
+    v[torch.randint(0, n, (6,), generator=g)] *= 9
+    k, v = k.half(), v.half()
+    cache = turboattn.KVCache(1, heads, dim, num_pages=8, max_seqs=1, max_seq_len=n, head_bits=[bits] * heads)
+    seq = cache.add_sequence()
+    cache.write(0, [seq], k, v, torch.tensor([0, n], dtype=torch.int32))
+    k_read, v_read = cache.read(0, seq)
+    def simulate(**options):  # [1, heads, n, dim] in, as attention holds them; what the layer holds out
+        layer = sim.VariantLayer(bits, bits, "chan", "tok", **options)
+        layer.update(k.float().transpose(0, 1)[None], v.float().transpose(0, 1)[None])
+        return layer.keys[0].transpose(0, 1), layer.values[0].transpose(0, 1)
+
+    k_sim, v_sim = simulate()
+    assert torch.allclose(k_read, k_sim, rtol=0, atol=1e-5) and torch.allclose(v_read, v_sim, rtol=0, atol=1e-5)
+    k_centred, v_centred = simulate(centred=True)  # the rule before: the test tells them apart
+    assert not torch.allclose(k_read, k_centred, rtol=0, atol=1e-5)
+    assert not torch.allclose(v_read, v_centred, rtol=0, atol=1e-5)

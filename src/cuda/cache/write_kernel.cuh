@@ -135,14 +135,17 @@ __global__ void __launch_bounds__(kWriteThreads) cache_write_kernel(const WriteP
         const int t = i / D, c = i % D;
         s_codes[which ? c * kBlock + t : i] = uint8_t(q[i]);
       }
-    } else if (which == 0) {  // K: a grid per channel over the block's tokens
-      for (int c = threadIdx.x; c < D; c += kWriteThreads)
-        stage2_encode(q + c, kBlock, D, bits, s_codes + c, D, region + code_bytes + c,
-                      reinterpret_cast<int8_t*>(region + code_bytes + D + c));
-    } else {  // V: a grid per token over its channels
-      for (int t = threadIdx.x; t < kBlock; t += kWriteThreads)
-        stage2_encode(q + t * D, D, 1, bits, s_codes + t, kBlock, region + code_bytes + t,
-                      reinterpret_cast<int8_t*>(region + code_bytes + kBlock + t));
+    } else {
+      // K: a grid per channel over the block's tokens; V: a grid per token over its channels. Groups of
+      // fewer than the CTA's threads (64 V tokens, 64 K channels at D = 64) take two lanes each.
+      const int groups = which ? kBlock : D, count = which ? D : kBlock;
+      const int lanes = groups * 2 <= kWriteThreads ? 2 : 1;
+      for (int g = threadIdx.x / lanes; g < groups; g += kWriteThreads / lanes) {
+        const int8_t* src = which ? q + g * D : q + g;
+        uint8_t* meta = region + code_bytes + g;
+        stage2_encode(src, count, which ? 1 : D, bits, lanes, threadIdx.x % lanes, s_codes + g, which ? kBlock : D, meta,
+                      reinterpret_cast<int8_t*>(meta + groups));
+      }
     }
     __syncthreads();
     const int per_byte = 8 / bits;
