@@ -52,17 +52,18 @@ def _grid(q, step, zero, levels):
     return zero + torch.clamp(torch.round((q - zero) / step), max=levels) * step
 
 
-def _stage2(q, bits, dim, centred=False):
+def _stage2(q, bits, dim, least_squares=False):
     """FORMATS 3.3 along `dim` of INT8 codes: the smallest integer step whose grid covers [min, max]
-    inside INT8, and of such grids the zero with the least squared error (ties: the centred zero, then
-    the higher one); centred=True: always the centred zero (the rule before this option existed)."""
+    inside INT8, centred on it and kept in INT8. least_squares: of the covering grids of that step, the
+    zero with the least squared error instead (ties: the centred zero, then the higher one; measured,
+    not adopted: docs/ACCURACY.md)."""
     levels = (1 << bits) - 1
     lo, hi = q.amin(dim, keepdim=True), q.amax(dim, keepdim=True)
     step = torch.clamp(torch.ceil((hi - lo) / levels), min=1)
     highest, lowest = torch.minimum(lo, 127 - levels * step), torch.clamp(hi - levels * step, min=-128)
     zero = torch.clamp(torch.minimum(lo - torch.floor((levels * step - (hi - lo)) / 2), highest), min=-128)
     best = _grid(q, step, zero, levels)
-    if centred:
+    if not least_squares:
         return best
     best_err = ((best - q) ** 2).sum(dim, keepdim=True)
     for d in range(levels):
@@ -74,17 +75,17 @@ def _stage2(q, bits, dim, centred=False):
     return best
 
 
-def quantize_blocks(x, bits, grouping, centred=False):
+def quantize_blocks(x, bits, grouping, least_squares=False):
     """x [..., T, D] -> its dequantized values (fp32). grouping: "chan" (per channel over 64 tokens), "chan32"
     (per channel over 32 tokens) or "tok" (per token over the channels); bits 8: stage 1 only."""
     q, block = _block_int8(x)
     if bits < 8:
         if grouping == "tok":
-            q = _stage2(q, bits, -1, centred)
+            q = _stage2(q, bits, -1, least_squares)
         elif grouping == "chan32":
-            q = _stage2(q.unflatten(-2, (2, 32)), bits, -2, centred).flatten(-3, -2)
+            q = _stage2(q.unflatten(-2, (2, 32)), bits, -2, least_squares).flatten(-3, -2)
         else:
-            q = _stage2(q, bits, -2, centred)
+            q = _stage2(q, bits, -2, least_squares)
     *b, blocks, T, D = q.shape
     return (q * block).reshape(*b, blocks * T, D)
 
@@ -94,15 +95,15 @@ class VariantLayer(DynamicLayer):
     the INT8 buffer (per-token codes and scales). The prefill's own forward attends over its inputs, as
     the library's prefill does; every later step over what the cache holds, the token just appended
     included. k_scaled: K's channels divided by their range over the first write before quantization
-    and multiplied back after (scale migration: the query would take the factors, exactly). centred:
-    stage 2's zero always the centred one. first_block_8: the sequence's first 64 tokens (where the
+    and multiplied back after (scale migration: the query would take the factors, exactly). least_squares:
+    stage 2's zero searched (_stage2). first_block_8: the sequence's first 64 tokens (where the
     attention sink is) kept at 8 bits."""
 
-    def __init__(self, k_bits, v_bits, k_grouping, v_grouping, k_scaled=False, centred=False, first_block_8=False):
+    def __init__(self, k_bits, v_bits, k_grouping, v_grouping, k_scaled=False, least_squares=False, first_block_8=False):
         super().__init__()
         self.k_bits, self.v_bits, self.k_grouping, self.v_grouping = k_bits, v_bits, k_grouping, v_grouping
         self.k_scaled, self.mu, self.k_range = k_scaled, None, 1.0
-        self.centred, self.first_block_8 = centred, first_block_8
+        self.least_squares, self.first_block_8 = least_squares, first_block_8
         self.blocks = self.pending = None  # quantized full blocks (K, V); raw newest tokens (K - mu, V)
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -118,8 +119,8 @@ class VariantLayer(DynamicLayer):
         v = torch.cat([self.pending[1], value_states.float()], -2)
         full = k.shape[-2] // 64 * 64
         if full:
-            kq = quantize_blocks(k[..., :full, :], self.k_bits, self.k_grouping, self.centred)
-            vq = quantize_blocks(v[..., :full, :], self.v_bits, self.v_grouping, self.centred)
+            kq = quantize_blocks(k[..., :full, :], self.k_bits, self.k_grouping, self.least_squares)
+            vq = quantize_blocks(v[..., :full, :], self.v_bits, self.v_grouping, self.least_squares)
             if self.first_block_8 and self.blocks[0].shape[-2] == 0:
                 kq[..., :64, :] = quantize_blocks(k[..., :64, :], 8, self.k_grouping)
                 vq[..., :64, :] = quantize_blocks(v[..., :64, :], 8, self.v_grouping)
@@ -132,7 +133,7 @@ class VariantLayer(DynamicLayer):
         return (key_states, value_states) if first else (self.keys, self.values)
 
 
-VARIANTS = {  # name: (K bits, V bits, K grouping, V grouping[, K scaled, centred zero, first block at 8 bits])
+VARIANTS = {  # name: (K bits, V bits, K grouping, V grouping[, K scaled, least-squares zero, first block at 8 bits])
     "k:chan v:chan (4)": (4, 4, "chan", "chan"),
     "k:chan v:8 bits": (4, 8, "chan", "chan"),
     "k:8 bits v:chan": (8, 4, "chan", "chan"),
@@ -146,8 +147,8 @@ VARIANTS = {  # name: (K bits, V bits, K grouping, V grouping[, K scaled, centre
     "k:chan scaled v:8 bits": (4, 8, "chan", "chan", True),
     "k:8 bits v:tok (4)": (8, 4, "chan", "tok"),
     "k:chan32 scaled v:tok (4)": (4, 4, "chan32", "tok", True),
-    "k:chan v:tok centred zero (4)": (4, 4, "chan", "tok", False, True),
-    "k:chan v:tok centred zero (2)": (2, 2, "chan", "tok", False, True),
+    "k:chan v:tok lsq zero (4)": (4, 4, "chan", "tok", False, True),
+    "k:chan v:tok lsq zero (2)": (2, 2, "chan", "tok", False, True),
     "k:chan v:tok first block 8 (4)": (4, 4, "chan", "tok", False, False, True),
     "k:chan v:tok first block 8 (2)": (2, 2, "chan", "tok", False, False, True),
 }

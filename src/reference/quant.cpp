@@ -57,42 +57,19 @@ float requantize_tokens_to_block(int8_t* codes, const float* token_scale, int to
   return block;
 }
 
-namespace {
-
-// The code of INT8 value v on the grid (zero, scale): (v - zero) / scale rounded half to even
-// (unbiased), at most `levels`.
-int stage2_code(int v, int zero, int scale, int levels) {
-  const int d = v - zero, quot = d / scale, twice_rem = 2 * (d % scale);
-  return std::min(levels, quot + (twice_rem > scale || (twice_rem == scale && (quot & 1))));
-}
-
-int64_t stage2_squared_error(const int8_t* q, int count, int64_t stride, int zero, int scale, int levels) {
-  int64_t sum = 0;
-  for (int i = 0; i < count; ++i) {
-    const int v = q[i * stride], e = v - (zero + stage2_code(v, zero, scale, levels) * scale);
-    sum += int64_t(e) * e;
-  }
-  return sum;
-}
-
-}  // namespace
-
 Stage2Params stage2_encode(const int8_t* q, int count, int64_t stride, int bits, uint8_t* codes) {
   int lo = TA_INT8_MAX, hi = -TA_INT8_MAX;
   for (int i = 0; i < count; ++i) lo = std::min(lo, int(q[i * stride])), hi = std::max(hi, int(q[i * stride]));
   const int levels = (1 << bits) - 1;
   const int scale = std::max(1, (hi - lo + levels - 1) / levels);  // ceil(range / levels)
-  // Every zero in [lowest, highest] puts [lo, hi] on a grid inside [-128, 127]; of those, the one with
-  // the least squared error over the group (ties: the centred zero, then the higher one).
-  const int highest = std::min(lo, TA_INT8_MAX - levels * scale), lowest = std::max(-128, hi - levels * scale);
+  // Centre the grid [zero, zero + levels * scale] on [lo, hi], kept inside [-128, 127].
   const int slack = levels * scale - (hi - lo);
-  int zero = std::max(lowest, std::min(lo - slack / 2, highest));
-  int64_t best = stage2_squared_error(q, count, stride, zero, scale, levels);
-  for (int z = highest; z >= lowest; --z) {
-    const int64_t e = stage2_squared_error(q, count, stride, z, scale, levels);
-    if (e < best) best = e, zero = z;
+  const int zero = std::max(-128, std::min(lo - slack / 2, TA_INT8_MAX - levels * scale));
+  for (int i = 0; i < count; ++i) {  // code = (value - zero) / scale, rounded half to even (unbiased)
+    const int d = int(q[i * stride]) - zero, quot = d / scale, twice_rem = 2 * (d % scale);
+    const int code = quot + (twice_rem > scale || (twice_rem == scale && (quot & 1)));
+    codes[i] = uint8_t(std::min(levels, code));
   }
-  for (int i = 0; i < count; ++i) codes[i] = uint8_t(stage2_code(q[i * stride], zero, scale, levels));
   return {uint8_t(scale), int8_t(zero)};
 }
 

@@ -20,9 +20,8 @@ float quantize_block_int8(const float* x, int rows, int dim, int64_t x_stride, i
 float requantize_tokens_to_block(int8_t* codes, const float* token_scale, int tokens, int dim);
 
 // Stage 2: one channel's INT8 values q[i * stride], i < count, to `bits`-bit unsigned codes with an
-// integer scale and zero: value = zero + code * scale. The grid of 2^bits values covers the group's
-// [min, max] inside [-128, 127] (so every value is within scale / 2 of its input), with the least
-// squared error over the group among such grids of the smallest scale (docs/FORMATS.md 3.3).
+// integer scale and zero: value = zero + code * scale. The grid of 2^bits values is centred on the
+// channel's [min, max] and kept inside [-128, 127], so every value is within scale / 2 of its input.
 struct Stage2Params {
   uint8_t scale;
   int8_t zero;

@@ -283,7 +283,7 @@ def test_format_simulation_is_the_library_cache(bits):
     # bench/kv_format_variants.py re-implements the cache format in PyTorch (docs/ACCURACY.md); its
     # variant of today's format must read back what the library's cache does, or its other variants
     # mean nothing. Outlier channels in K, outlier tokens in V, quiet channels whose INT8 codes sit on
-    # few levels (where the stage-2 zero's choice matters).
+    # few levels (where the stage-2 zero's rule shows).
     sim = _format_variants()
     n, heads, dim = 64 * 3 + 37, 2, 64
     g = torch.Generator().manual_seed(random.randrange(1 << 30))
@@ -304,6 +304,6 @@ def test_format_simulation_is_the_library_cache(bits):
 
     k_sim, v_sim = simulate()
     assert torch.allclose(k_read, k_sim, rtol=0, atol=1e-5) and torch.allclose(v_read, v_sim, rtol=0, atol=1e-5)
-    k_centred, v_centred = simulate(centred=True)  # the rule before: the test tells them apart
-    assert not torch.allclose(k_read, k_centred, rtol=0, atol=1e-5)
-    assert not torch.allclose(v_read, v_centred, rtol=0, atol=1e-5)
+    k_other, v_other = simulate(least_squares=True)  # another rule for the zero: the test tells them apart
+    assert not torch.allclose(k_read, k_other, rtol=0, atol=1e-5)
+    assert not torch.allclose(v_read, v_other, rtol=0, atol=1e-5)

@@ -21,11 +21,7 @@ __device__ __forceinline__ QuotRem small_divmod(int d, int s, float inv) {
 
 // ref::stage2_encode of one group of `count` INT8 values q[i * stride] (a K channel's tokens or a V token's
 // channels), shared by `lanes` (1 or 2) adjacent lanes of a warp, lane `part` taking values part, part +
-// lanes, ...: codes (unpacked, codes[i * code_stride]) and params (written by part 0). The zero search
-// needs each value's error on each candidate grid, which depends on the residue of (value - zero) modulo
-// the scale only: residues are computed once (kept in `codes` until the codes replace them), and zeros a
-// scale apart give the same error, so at most `scale` candidates are evaluated (the reference's order of
-// preference kept: the centred zero if it is among the best, else the highest best one).
+// lanes, ...: codes (unpacked, codes[i * code_stride]) and params (written by part 0).
 __device__ __forceinline__ void stage2_encode(const int8_t* q, int count, int stride, int bits, int lanes, int part,
                                               uint8_t* codes, int code_stride, uint8_t* scale_out, int8_t* zero_out) {
   const unsigned pair = lanes == 2 ? 3u << ((threadIdx.x % 32) & ~1u) : 0u;
@@ -34,28 +30,9 @@ __device__ __forceinline__ void stage2_encode(const int8_t* q, int count, int st
   if (lanes == 2) lo = min(lo, __shfl_xor_sync(pair, lo, 1)), hi = max(hi, __shfl_xor_sync(pair, hi, 1));
   const int levels = (1 << bits) - 1;
   const int scale = max(1, (hi - lo + levels - 1) / levels);
-  const int highest = min(lo, TA_INT8_MAX - levels * scale), lowest = max(-128, hi - levels * scale);
   const int slack = levels * scale - (hi - lo);
-  const int centred = max(lowest, min(lo - slack / 2, highest));
+  const int zero = max(-128, min(lo - slack / 2, TA_INT8_MAX - levels * scale));
   const float inv = __frcp_rn(float(scale));
-  for (int i = part; i < count; i += lanes) codes[i * code_stride] = uint8_t(small_divmod(int(q[i * stride]) - highest, scale, inv).rem);
-  // Candidate j: zero highest - j, under which a value of residue r sits at residue (r + j) mod scale, at
-  // distance min(r, scale - r) from its nearest level.
-  const int candidates = min(scale, highest - lowest + 1), centred_class = (highest - centred) % scale;
-  int best = 0x7fffffff, best_j = 0, centred_error = 0;
-  for (int j = 0; j < candidates; ++j) {
-    int e = 0;  // at most 256 values of (85 / 2)^2
-    for (int i = part; i < count; i += lanes) {
-      int r = int(codes[i * code_stride]) + j;
-      r -= r >= scale ? scale : 0;
-      const int d = min(r, scale - r);
-      e += d * d;
-    }
-    if (lanes == 2) e += __shfl_xor_sync(pair, e, 1);
-    if (j == centred_class) centred_error = e;
-    if (e < best) best = e, best_j = j;
-  }
-  const int zero = centred_error == best ? centred : highest - best_j;
   for (int i = part; i < count; i += lanes) {  // (value - zero) / scale rounded half to even (unbiased)
     const QuotRem d = small_divmod(int(q[i * stride]) - zero, scale, inv);
     const int code = d.quot + (2 * d.rem > scale || (2 * d.rem == scale && (d.quot & 1)));
