@@ -3,9 +3,12 @@
 loss comes from"): the stage-1/stage-2 quantization of docs/FORMATS.md 3.1-3.3, re-implemented here as
 quantize-then-dequantize in PyTorch, with its grouping varied (stage 2 per channel over a 64-token
 block, per channel over 32 tokens, or per token over the channels; K or V alone at 4 bits), run through
-the evaluation's protocol (also K's channels scaled by their range first, "scaled") beside the library's own cache ("kv4", "kv2") and KIVI-style. The simulation
+the evaluation's protocol (also: K's channels scaled by their range first, "scaled"; stage 2's zero of
+least squared error, "lsq zero"; a sequence's first block at 8 bits, "first block 8") beside the
+library's own cache ("kv4", "kv2") and KIVI-style. The simulation
 of the current format ("k:chan v:tok", since a31dfde; "k:chan v:chan" before) must land on the library's
-numbers; that is its check.
+numbers; that is its check (and tests/python/test_evaluation.py holds its blocks to the library cache's,
+value for value).
 
     PYTHONPATH=bindings/python python3 bench/kv_format_variants.py [--device cuda] [--windows 16]
         [--prefix 1024] [--steps 256] [--only VARIANT ...] [--out eval/results/format_variants.json]
