@@ -7,14 +7,15 @@
 #include <cstring>
 
 #include "reference/kv_cache.hpp"
+#include "reference/quant.hpp"
 #include "test_util.hpp"
 #include "turboattn/turboattn.hpp"
 
 namespace test = turboattn::test;
 using namespace turboattn::ref;
 using turboattn::tensor;
-using turboattn::buffer_k_offset, turboattn::buffer_v_offset, turboattn::buffer_k_scale_offset,
-    turboattn::buffer_v_scale_offset;
+using turboattn::buffer_head_bytes, turboattn::buffer_k_offset, turboattn::buffer_v_offset, turboattn::buffer_k_scale_offset,
+    turboattn::buffer_v_scale_offset, turboattn::PageBook;
 using test::InputKind;
 
 namespace {
@@ -37,18 +38,29 @@ CacheConfig config(const std::string& bits, int heads, int dim, int pages = 64, 
   return c;
 }
 
-// Equal lengths, page tables, page bytes of every block, and the valid rows of every buffer.
+// Equal bytes of a sequence's full blocks: its first block's (every head's) and its pages'.
+void expect_same_blocks(const KvCache& a, int seq_a, const KvCache& b, int seq_b, int layer, int64_t blocks) {
+  const int64_t page_bytes = a.layout(layer).page_bytes;
+  if (blocks > 0)
+    for (int h = 0; h < a.config().kv_heads; ++h)
+      ASSERT_EQ(0, std::memcmp(a.first_block(layer, seq_a, h), b.first_block(layer, seq_b, h),
+                               size_t(buffer_head_bytes(a.config().head_dim))))
+          << "first block, head " << h;
+  for (int64_t blk = 1; blk < blocks; ++blk) {
+    const size_t i = size_t(PageBook::table_index(blk));
+    ASSERT_EQ(0, std::memcmp(a.page(layer, a.page_table(seq_a)[i]), b.page(layer, b.page_table(seq_b)[i]), size_t(page_bytes)))
+        << "block " << blk;
+  }
+}
+
+// Equal lengths, page tables, bytes of every full block, and the valid rows of every buffer.
 void expect_same_contents(const KvCache& a, const KvCache& b, int layer, int seq) {
   ASSERT_EQ(a.length(layer, seq), b.length(layer, seq));
   const auto& cfg = a.config();
   const int64_t len = a.length(layer, seq), blocks = len / TA_BLOCK_TOKENS;
   const int buffered = int(len % TA_BLOCK_TOKENS), d = cfg.head_dim;
   ASSERT_EQ(a.page_table(seq).size(), b.page_table(seq).size());
-  const int64_t page_bytes = a.layout(layer).page_bytes;
-  for (int64_t blk = 0; blk < blocks; ++blk)
-    ASSERT_EQ(0, std::memcmp(a.page(layer, a.page_table(seq)[size_t(blk)]), b.page(layer, b.page_table(seq)[size_t(blk)]),
-                             size_t(page_bytes)))
-        << "block " << blk;
+  ASSERT_NO_FATAL_FAILURE(expect_same_blocks(a, seq, b, seq, layer, blocks));
   for (int h = 0; h < cfg.kv_heads; ++h) {
     const uint8_t *ba = a.buffer(layer, seq, h), *bb = b.buffer(layer, seq, h);
     for (int64_t off : {buffer_k_offset(d), buffer_v_offset(d)})
@@ -202,30 +214,28 @@ TEST(CacheCapacity, FullPoolIsAnErrorAndNothingChanges) {
     std::vector<float> x = test::make_input(rng, n, 2, 64, InputKind::Normal, 'k');
     return test::to_half(x);
   };
-  std::vector<uint16_t> k = tokens(130), v = tokens(130);
+  std::vector<uint16_t> k = tokens(100), v = tokens(100);
   int32_t cu[2] = {0, 100};
   ta_tensor kt = tensor(k.data(), TA_DTYPE_F16, {100, 2, 64}), vt = tensor(v.data(), TA_DTYPE_F16, {100, 2, 64});
   ta_tensor cut = tensor(cu, TA_DTYPE_I32, {2});
   cache.write(0, {s}, kt, vt, cut);
-  EXPECT_EQ(cache.free_pages(), 1);
-  cu[1] = 30;  // 100 + 30 tokens: a second page (fits)
-  kt.shape[0] = vt.shape[0] = 30;
-  cache.write(0, {s}, kt, vt, cut);
+  EXPECT_EQ(cache.free_pages(), 2);  // the first block is in the sequence's slot, not in a page
+  cache.write(0, {s}, kt, vt, cut);  // 200 tokens: blocks 1 and 2 take both pages
   EXPECT_EQ(cache.free_pages(), 0);
-  EXPECT_EQ(cache.length(0, s), 130);
-  // A third page is needed by 62 more tokens: refused before anything is written.
-  std::vector<uint16_t> more_k = tokens(62), more_v = tokens(62);
-  ta_tensor mk = tensor(more_k.data(), TA_DTYPE_F16, {62, 2, 64}), mv = tensor(more_v.data(), TA_DTYPE_F16, {62, 2, 64});
-  cu[1] = 62;
+  EXPECT_EQ(cache.length(0, s), 200);
+  // A third page is needed by 56 more tokens: refused before anything is written.
+  std::vector<uint16_t> more_k = tokens(56), more_v = tokens(56);
+  ta_tensor mk = tensor(more_k.data(), TA_DTYPE_F16, {56, 2, 64}), mv = tensor(more_v.data(), TA_DTYPE_F16, {56, 2, 64});
+  cu[1] = 56;
   const ta_status st = ta_cache_write(cache.get(), 0, &s, 1, &mk, &mv, &cut, nullptr);
   EXPECT_EQ(st, TA_ERROR_OUT_OF_CAPACITY);
   EXPECT_NE(std::string(ta_last_error()).find("pages"), std::string::npos) << ta_last_error();
-  EXPECT_EQ(cache.length(0, s), 130);
-  // 61 more tokens fit in the buffer.
-  cu[1] = 61;
-  mk.shape[0] = mv.shape[0] = 61;
+  EXPECT_EQ(cache.length(0, s), 200);
+  // 55 more tokens fit in the buffer.
+  cu[1] = 55;
+  mk.shape[0] = mv.shape[0] = 55;
   EXPECT_EQ(ta_cache_write(cache.get(), 0, &s, 1, &mk, &mv, &cut, nullptr), TA_SUCCESS) << ta_last_error();
-  EXPECT_EQ(cache.length(0, s), 191);
+  EXPECT_EQ(cache.length(0, s), 255);
   // Releasing the sequence returns its pages.
   cache.release_sequence(s);
   EXPECT_EQ(cache.free_pages(), 2);
@@ -268,6 +278,51 @@ TEST(CacheReadBack, ReconstructionErrorShrinksWithBits) {
     EXPECT_GT(ek + ev, prev) << bits;
     EXPECT_LT(ek, std::string(bits) == "2" ? 0.2 : 0.05) << bits;
     prev = ek + ev;
+  }
+}
+
+TEST(CacheFirstBlock, KeptAsTheBufferHoldsItAndInNoPage) {
+  // A sequence's first 64 tokens read back exactly as per-token INT8 (K minus its mean), at every
+  // width; the blocks after it are compressed (at 2 bits they lose far more) and only they take pages.
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE(testing::Message() << "seed " << seed);
+  std::mt19937_64 rng(seed);
+  const int n = 200, h = 2, d = 64, block = TA_BLOCK_TOKENS;
+  std::vector<float> k = test::make_input(rng, n, h, d, InputKind::Outliers, 'k');
+  std::vector<float> v = test::make_input(rng, n, h, d, InputKind::Outliers, 'v');
+  test::to_half(k), test::to_half(v);
+  for (const char* bits : {"8", "4", "2"}) {
+    SCOPED_TRACE(bits);
+    KvCache cache(config(bits, h, d));
+    const int s = cache.add_sequence();
+    EXPECT_EQ(cache.pages_needed(0, s, n), n / block - 1);
+    cache.write(0, s, test::view_of(k, n, h, d), test::view_of(v, n, h, d));
+    EXPECT_EQ(cache.page_table(s).size(), size_t(n / block - 1));
+    std::vector<float> kb(k.size()), vb(v.size());
+    cache.read_tokens(0, s, kb.data(), vb.data());
+    std::vector<float> row(static_cast<size_t>(d)), want_k(size_t(block) * h * d), want_v(want_k.size());
+    std::vector<int8_t> q(static_cast<size_t>(d));
+    for (int t = 0; t < block; ++t)
+      for (int hh = 0; hh < h; ++hh) {
+        const size_t at = (size_t(t) * h + hh) * d;
+        const float* mean = cache.k_mean(0, s) + size_t(hh) * d;
+        for (int c = 0; c < d; ++c) row[size_t(c)] = k[at + c] - mean[c];
+        float scale = quantize_block_int8(row.data(), 1, d, d, q.data(), d);
+        for (int c = 0; c < d; ++c) want_k[at + c] = float(q[size_t(c)]) * scale + mean[c];
+        scale = quantize_block_int8(v.data() + at, 1, d, d, q.data(), d);
+        for (int c = 0; c < d; ++c) want_v[at + c] = float(q[size_t(c)]) * scale;
+      }
+    ASSERT_EQ(0, std::memcmp(kb.data(), want_k.data(), want_k.size() * 4)) << "first block K";
+    ASSERT_EQ(0, std::memcmp(vb.data(), want_v.data(), want_v.size() * 4)) << "first block V";
+    if (std::string(bits) == "2") {
+      const size_t first = size_t(block) * h * d, second = 2 * first;
+      auto err = [&](const std::vector<float>& got, const std::vector<float>& want, size_t from, size_t to) {
+        return test::compare(std::vector<float>(got.begin() + long(from), got.begin() + long(to)),
+                             std::vector<float>(want.begin() + long(from), want.begin() + long(to)))
+            .rel_l2;
+      };
+      EXPECT_GT(err(kb, k, first, second), 5 * err(kb, k, 0, first)) << "the second block is compressed";
+    }
   }
 }
 
@@ -329,7 +384,7 @@ TEST(CacheServing, RandomizedStartAppendFinishKeepsEverySequenceExact) {
     for (int q = 0; q < slots; ++q) {
       if (!active[size_t(q)]) continue;
       ASSERT_EQ(cache.length(0, q), int64_t(live[size_t(q)].k.size()) / (heads * d));
-      ASSERT_EQ(int64_t(cache.page_table(q).size()), cache.length(0, q) / TA_BLOCK_TOKENS);
+      ASSERT_EQ(int64_t(cache.page_table(q).size()), std::max<int64_t>(0, PageBook::table_index(cache.length(0, q) / TA_BLOCK_TOKENS)));
       for (int p : cache.page_table(q)) {
         ASSERT_EQ(owner[size_t(p)], -1) << "page " << p << " held twice";
         owner[size_t(p)] = q, ++held;
@@ -345,11 +400,8 @@ TEST(CacheServing, RandomizedStartAppendFinishKeepsEverySequenceExact) {
       KvCache fresh(cfg);
       const int f = fresh.add_sequence();
       fresh.write(0, f, test::view_of(l.k, n, heads, d), test::view_of(l.v, n, heads, d), l.mean.data());
-      const int64_t page_bytes = cache.layout(0).page_bytes;
-      for (int64_t blk = 0; blk < n / TA_BLOCK_TOKENS; ++blk)
-        ASSERT_EQ(0, std::memcmp(cache.page(0, cache.page_table(q)[size_t(blk)]), fresh.page(0, fresh.page_table(f)[size_t(blk)]),
-                                 size_t(page_bytes)))
-            << "sequence " << q << " block " << blk << " at step " << step;
+      SCOPED_TRACE(testing::Message() << "sequence " << q << " at step " << step);
+      ASSERT_NO_FATAL_FAILURE(expect_same_blocks(cache, q, fresh, f, 0, n / TA_BLOCK_TOKENS));
       compared_blocks += n / TA_BLOCK_TOKENS;
     }
   }
@@ -377,9 +429,9 @@ TEST(CacheLongContext, DecodeOver128kTokens) {
   CacheConfig cfg = config("4", hkv, d, n / TA_BLOCK_TOKENS + 1);
   KvCache cache(cfg);
   const int s = cache.add_sequence();
-  ASSERT_EQ(cache.pages_needed(0, s, n), n / TA_BLOCK_TOKENS);
+  ASSERT_EQ(cache.pages_needed(0, s, n), n / TA_BLOCK_TOKENS - 1);  // the first block needs no page
   cache.write(0, s, test::view_of(k, n, hkv, d), test::view_of(v, n, hkv, d));
-  EXPECT_EQ(cache.free_pages(), 1);
+  EXPECT_EQ(cache.free_pages(), 2);
   std::vector<float> out(q.size(), std::nanf(""));
   cache.decode(0, s, test::view_of(q, 1, hq, d), 0.0f, true, 0, out.data());
   std::vector<double> want(q.size());

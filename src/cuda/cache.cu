@@ -53,7 +53,7 @@ class StreamArray {
 
 template <typename T>
 void launch_write(const ta_tensor& k, const ta_tensor& v, const std::vector<WriteRun>& runs, const std::vector<MeanRun>& means,
-                  uint8_t* pool, uint8_t* buffers, float* mean_base, const PageLayout* layout, int32_t* tables, int table_width,
+                  uint8_t* pool, uint8_t* buffers, uint8_t* first_blocks, float* mean_base, const PageLayout* layout, int32_t* tables, int table_width,
                   int64_t* lengths, int kv_heads, int dim, bool smooth, cudaStream_t stream) {
   const T* kp = static_cast<const T*>(k.data);
   const T* vp = static_cast<const T*>(v.data);
@@ -66,7 +66,7 @@ void launch_write(const ta_tensor& k, const ta_tensor& v, const std::vector<Writ
   // Runs that complete a block read the tokens buffered before them, so they go first; runs that
   // leave tokens in the buffer (a sequence's last) go second.
   std::vector<WriteRun> ordered[2];
-  for (const WriteRun& r : runs) ordered[r.page >= 0 ? 0 : 1].push_back(r);
+  for (const WriteRun& r : runs) ordered[r.completes_block() ? 0 : 1].push_back(r);
   const int smem = write_smem_bytes(dim);
   static std::atomic<uint64_t> configured{0};
   allow_dynamic_smem(configured, reinterpret_cast<const void*>(cache_write_kernel<T>), write_smem_bytes(256));
@@ -75,7 +75,7 @@ void launch_write(const ta_tensor& k, const ta_tensor& v, const std::vector<Writ
     StreamArray<WriteRun> d_runs(part, stream);
     WriteParams<T> p{};
     p.k = kp, p.v = vp, p.k_n = k.strides[0], p.k_h = k.strides[1], p.v_n = v.strides[0], p.v_h = v.strides[1];
-    p.runs = d_runs.get(), p.pool = pool, p.buffers = buffers, p.means = mean_base, p.layout = layout;
+    p.runs = d_runs.get(), p.pool = pool, p.buffers = buffers, p.first_blocks = first_blocks, p.means = mean_base, p.layout = layout;
     p.tables = tables, p.table_width = table_width, p.lengths = lengths, p.kv_heads = kv_heads, p.dim = dim;
     cache_write_kernel<T><<<dim3{unsigned(part.size()), unsigned(kv_heads)}, kWriteThreads, smem, stream>>>(p);
     TA_CUDA_CHECK_LAUNCH("cache_write_kernel");
@@ -160,14 +160,16 @@ void launch_merge(const DecodeParams& p, int dim, unsigned rows, bool dependent,
 
 DeviceCache::DeviceCache(const ref::CacheConfig& config)
     : cfg_(config), book_(config.layers, config.max_seqs, config.num_pages) {
-  const int64_t max_blocks = (cfg_.max_seq_len + TA_BLOCK_TOKENS - 1) / TA_BLOCK_TOKENS;
-  table_width_ = int(std::max<int64_t>(1, std::min<int64_t>(max_blocks, cfg_.num_pages)));
+  const int64_t max_pages = PageBook::table_index(cfg_.max_seq_len / TA_BLOCK_TOKENS);
+  table_width_ = int(std::max<int64_t>(1, std::min<int64_t>(max_pages, cfg_.num_pages)));
   for (int l = 0; l < cfg_.layers; ++l)
     layouts_.push_back(make_page_layout(cfg_.bits.data() + size_t(l) * cfg_.kv_heads, cfg_.kv_heads, cfg_.head_dim));
   try {
     for (int l = 0; l < cfg_.layers; ++l) {
       pools_.push_back(device_alloc<uint8_t>(int64_t(cfg_.num_pages) * layouts_[size_t(l)].page_bytes, "pages"));
       buffers_.push_back(device_alloc<uint8_t>(int64_t(cfg_.max_seqs) * cfg_.kv_heads * buffer_head_bytes(cfg_.head_dim), "buffers"));
+      first_blocks_.push_back(
+          device_alloc<uint8_t>(int64_t(cfg_.max_seqs) * cfg_.kv_heads * buffer_head_bytes(cfg_.head_dim), "first blocks"));
       means_.push_back(device_alloc<float>(int64_t(cfg_.max_seqs) * cfg_.kv_heads * cfg_.head_dim, "K means"));
     }
     d_layouts_ = device_alloc<PageLayout>(cfg_.layers, "page layouts");
@@ -190,9 +192,10 @@ DeviceCache::DeviceCache(const ref::CacheConfig& config)
 DeviceCache::~DeviceCache() {
   for (auto* p : pools_) cudaFree(p);
   for (auto* p : buffers_) cudaFree(p);
+  for (auto* p : first_blocks_) cudaFree(p);
   for (auto* p : means_) cudaFree(p);
   cudaFree(d_layouts_), cudaFree(d_tables_), cudaFree(d_lengths_), cudaFree(workspace_);
-  pools_.clear(), buffers_.clear(), means_.clear();
+  pools_.clear(), buffers_.clear(), first_blocks_.clear(), means_.clear();
   d_layouts_ = nullptr, d_tables_ = nullptr, d_lengths_ = nullptr, workspace_ = nullptr;
 }
 
@@ -216,8 +219,9 @@ void DeviceCache::write(int layer, const int32_t* seqs, int num_seqs, const ta_t
     int32_t src = cu[size_t(i)];
     for (int64_t left = tokens; left > 0;) {
       const int count = int(std::min<int64_t>(left, TA_BLOCK_TOKENS - pos % TA_BLOCK_TOKENS));
-      const bool complete = (pos % TA_BLOCK_TOKENS) + count == TA_BLOCK_TOKENS;
-      const int page = complete ? book_.page_for_block(seq, pos / TA_BLOCK_TOKENS) : -1;
+      const int64_t block = pos / TA_BLOCK_TOKENS;
+      const bool to_page = block > 0 && (pos % TA_BLOCK_TOKENS) + count == TA_BLOCK_TOKENS;
+      const int page = to_page ? book_.page_for_block(seq, block) : -1;
       runs.push_back({seq, src, count, page, pos, -1});
       pos += count, src += count, left -= count;
     }
@@ -229,11 +233,13 @@ void DeviceCache::write(int layer, const int32_t* seqs, int num_seqs, const ta_t
   const auto* lay = d_layouts_ + layer;
   int64_t* lengths = d_lengths_ + int64_t(layer) * cfg_.max_seqs;
   if (k.dtype == TA_DTYPE_F16)
-    launch_write<__half>(k, v, runs, means, pools_[size_t(layer)], buffers_[size_t(layer)], means_[size_t(layer)], lay, d_tables_,
-                         table_width_, lengths, cfg_.kv_heads, cfg_.head_dim, cfg_.smooth_k, stream);
+    launch_write<__half>(k, v, runs, means, pools_[size_t(layer)], buffers_[size_t(layer)], first_blocks_[size_t(layer)],
+                         means_[size_t(layer)], lay, d_tables_, table_width_, lengths, cfg_.kv_heads, cfg_.head_dim, cfg_.smooth_k,
+                         stream);
   else
-    launch_write<__nv_bfloat16>(k, v, runs, means, pools_[size_t(layer)], buffers_[size_t(layer)], means_[size_t(layer)], lay,
-                                d_tables_, table_width_, lengths, cfg_.kv_heads, cfg_.head_dim, cfg_.smooth_k, stream);
+    launch_write<__nv_bfloat16>(k, v, runs, means, pools_[size_t(layer)], buffers_[size_t(layer)], first_blocks_[size_t(layer)],
+                                means_[size_t(layer)], lay, d_tables_, table_width_, lengths, cfg_.kv_heads, cfg_.head_dim,
+                                cfg_.smooth_k, stream);
 }
 
 int DeviceCache::ctas_per_sm(ta_dtype dtype, bool sas, int rows, int max_bits) {
@@ -291,7 +297,8 @@ void DeviceCache::decode(int layer, const int32_t* seqs, int num_seqs, const ta_
     for (int s0 = 0; s0 < num_seqs; s0 += kDecodeMaxSeqs) {
       const int n = std::min(kDecodeMaxSeqs, num_seqs - s0);
       DecodeParams p{};
-      p.pool = pools_[size_t(layer)], p.buffers = buffers_[size_t(layer)], p.layout = layouts_[size_t(layer)];
+      p.pool = pools_[size_t(layer)], p.buffers = buffers_[size_t(layer)], p.first_blocks = first_blocks_[size_t(layer)];
+      p.layout = layouts_[size_t(layer)];
       p.tables = d_tables_, p.table_width = table_width_, p.lengths = d_lengths_ + int64_t(layer) * cfg_.max_seqs;
       p.q = static_cast<const uint8_t*>(q.data) + (int64_t(s0) * q.strides[0] + int64_t(q0) * q.strides[1]) * int64_t(elem);
       p.q_b = q.strides[0], p.q_n = q.strides[1], p.q_h = q.strides[2];
@@ -317,15 +324,20 @@ void DeviceCache::decode(int layer, const int32_t* seqs, int num_seqs, const ta_
 void DeviceCache::read_tokens(int layer, int seq, float* k, float* v) const {
   TA_CUDA_CHECK(cudaDeviceSynchronize());
   const int64_t length = book_.length(layer, seq);
-  std::vector<std::vector<uint8_t>> pages, buffers;
-  for (int64_t b = 0; b < length / TA_BLOCK_TOKENS; ++b) pages.push_back(download_page(layer, book_.table(seq)[size_t(b)]));
-  for (int h = 0; h < cfg_.kv_heads; ++h) buffers.push_back(download_buffer(layer, seq, h));
+  std::vector<std::vector<uint8_t>> pages, buffers, first_blocks;
+  for (int64_t b = 1; b < length / TA_BLOCK_TOKENS; ++b)
+    pages.push_back(download_page(layer, book_.table(seq)[size_t(PageBook::table_index(b))]));
+  for (int h = 0; h < cfg_.kv_heads; ++h) {
+    buffers.push_back(download_buffer(layer, seq, h));
+    first_blocks.push_back(download_first_block(layer, seq, h));
+  }
   const std::vector<float> mean = download_k_mean(layer, seq);
   ref::SequenceBytes bytes;
   bytes.layout = &layouts_[size_t(layer)];
   bytes.length = length;
   for (const auto& p : pages) bytes.pages.push_back(p.data());
   for (const auto& b : buffers) bytes.buffers.push_back(b.data());
+  for (const auto& b : first_blocks) bytes.first_blocks.push_back(b.data());
   bytes.k_mean = mean.data();
   ref::read_tokens(bytes, k, v);
 }
@@ -336,11 +348,19 @@ std::vector<uint8_t> DeviceCache::download_page(int layer, int page_id) const {
                            cudaMemcpyDeviceToHost));
   return host;
 }
-std::vector<uint8_t> DeviceCache::download_buffer(int layer, int seq, int head) const {
-  std::vector<uint8_t> host(size_t(buffer_head_bytes(cfg_.head_dim)));
-  TA_CUDA_CHECK(cudaMemcpy(host.data(), buffers_[size_t(layer)] + (int64_t(seq) * cfg_.kv_heads + head) * int64_t(host.size()),
-                           host.size(), cudaMemcpyDeviceToHost));
+namespace {
+std::vector<uint8_t> download_head_region(const uint8_t* base, int kv_heads, int head_dim, int seq, int head) {
+  std::vector<uint8_t> host(size_t(buffer_head_bytes(head_dim)));
+  TA_CUDA_CHECK(cudaMemcpy(host.data(), base + (int64_t(seq) * kv_heads + head) * int64_t(host.size()), host.size(),
+                           cudaMemcpyDeviceToHost));
   return host;
+}
+}  // namespace
+std::vector<uint8_t> DeviceCache::download_buffer(int layer, int seq, int head) const {
+  return download_head_region(buffers_[size_t(layer)], cfg_.kv_heads, cfg_.head_dim, seq, head);
+}
+std::vector<uint8_t> DeviceCache::download_first_block(int layer, int seq, int head) const {
+  return download_head_region(first_blocks_[size_t(layer)], cfg_.kv_heads, cfg_.head_dim, seq, head);
 }
 std::vector<float> DeviceCache::download_k_mean(int layer, int seq) const {
   std::vector<float> host(size_t(cfg_.kv_heads) * cfg_.head_dim);

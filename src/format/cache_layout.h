@@ -1,5 +1,6 @@
-// Byte layout of a compressed cache page and of the INT8 buffer: the single definition used by the
-// CPU reference and the CUDA kernels. docs/FORMATS.md ("KV cache format") describes it in words.
+// Byte layout of a compressed cache page and of the INT8 buffer (and of a sequence's first block): the
+// single definition used by the CPU reference and the CUDA kernels. docs/FORMATS.md ("KV cache format")
+// describes it in words.
 #pragma once
 
 #include <stdint.h>
@@ -63,7 +64,8 @@ TA_HOST_DEVICE int64_t page_k_scale_offset(int head) { return 4 * int64_t(head);
 TA_HOST_DEVICE int64_t page_v_scale_offset(int kv_heads, int head) { return 4 * (int64_t(kv_heads) + head); }
 
 // The INT8 buffer of one (sequence, layer, KV head): K codes [64][D], V codes [64][D] (token-major),
-// fp32 K scales [64], fp32 V scales [64].
+// fp32 K scales [64], fp32 V scales [64]. The sequence's first block keeps this layout too (its own
+// region per (sequence, layer, KV head), the buffer's 64 tokens copied there when they first fill it).
 TA_HOST_DEVICE int64_t buffer_head_bytes(int head_dim) {
   return 2 * int64_t(TA_BLOCK_TOKENS) * head_dim + 2 * 4 * int64_t(TA_BLOCK_TOKENS);
 }

@@ -40,28 +40,32 @@ class PageBook {
   int free_pages() const { return int(free_.size()); }
   const std::vector<int>& table(int seq) const { return tables_[size_t(seq)]; }
 
+  // A sequence's first block is kept per token in its slot, not in a page (docs/FORMATS.md 3.2): block
+  // b >= 1 is in the page of table entry b - 1.
+  static int64_t table_index(int64_t block) { return block - 1; }
   // Pages a sequence must newly take for `tokens` more tokens in `layer` (a page is taken when a
   // layer first fills its block; the other layers then share it).
   int pages_needed(int layer, int seq, int64_t tokens) const {
     const int64_t blocks = (length(layer, seq) + tokens) / TA_BLOCK_TOKENS;
-    return int(std::max<int64_t>(0, blocks - int64_t(tables_[size_t(seq)].size())));
+    return int(std::max<int64_t>(0, table_index(blocks) - int64_t(tables_[size_t(seq)].size())));
   }
-  // The page of block `block` of a sequence, taking a free one when no layer has filled it yet.
-  // Blocks fill in order, so `block` is at most the table's size; the caller checked capacity.
+  // The page of block `block` (>= 1) of a sequence, taking a free one when no layer has filled it yet.
+  // Blocks fill in order, so its table index is at most the table's size; the caller checked capacity.
   int page_for_block(int seq, int64_t block) {
     std::vector<int>& table = tables_[size_t(seq)];
-    if (int64_t(table.size()) <= block) {
+    const int64_t i = table_index(block);
+    if (int64_t(table.size()) <= i) {
       table.push_back(free_.back());
       free_.pop_back();
     }
-    return table[size_t(block)];
+    return table[size_t(i)];
   }
 
  private:
   size_t index(int layer, int seq) const { return size_t(layer) * max_seqs_ + seq; }
   int layers_, max_seqs_;
   std::vector<int64_t> length_;          // per (layer, seq)
-  std::vector<std::vector<int>> tables_;  // per seq: page ids of its blocks
+  std::vector<std::vector<int>> tables_;  // per seq: page ids of its blocks after the first
   std::vector<bool> active_;
   std::vector<int> free_;  // free page ids (a stack)
 };

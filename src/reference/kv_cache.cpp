@@ -26,6 +26,7 @@ KvCache::KvCache(const CacheConfig& config) : cfg_(config), book_(config.layers,
     layouts_.push_back(make_page_layout(cfg_.bits.data() + size_t(l) * cfg_.kv_heads, cfg_.kv_heads, cfg_.head_dim));
     pools_.emplace_back(size_t(cfg_.num_pages) * layouts_.back().page_bytes, uint8_t(0));
     buffers_.emplace_back(size_t(cfg_.max_seqs) * cfg_.kv_heads * buffer_head_bytes(cfg_.head_dim), uint8_t(0));
+    first_blocks_.emplace_back(buffers_.back().size(), uint8_t(0));
     means_.emplace_back(size_t(cfg_.max_seqs) * cfg_.kv_heads * cfg_.head_dim, 0.0f);
   }
 }
@@ -40,6 +41,12 @@ uint8_t* KvCache::buffer_mut(int layer, int seq, int head) {
 }
 const uint8_t* KvCache::buffer(int layer, int seq, int head) const {
   return const_cast<KvCache*>(this)->buffer_mut(layer, seq, head);
+}
+uint8_t* KvCache::first_block_mut(int layer, int seq, int head) {
+  return first_blocks_[size_t(layer)].data() + (size_t(seq) * cfg_.kv_heads + head) * buffer_head_bytes(cfg_.head_dim);
+}
+const uint8_t* KvCache::first_block(int layer, int seq, int head) const {
+  return const_cast<KvCache*>(this)->first_block_mut(layer, seq, head);
 }
 const float* KvCache::k_mean(int layer, int seq) const {
   return means_[size_t(layer)].data() + size_t(seq) * cfg_.kv_heads * cfg_.head_dim;
@@ -81,8 +88,14 @@ void KvCache::append_token(int layer, int seq, const float* const* k_rows, const
 
 void KvCache::flush(int layer, int seq) {
   const int d = cfg_.head_dim;
+  const int64_t block = length(layer, seq) / kBlock - 1;
+  if (block == 0) {  // the first block stays as the buffer holds it
+    for (int h = 0; h < cfg_.kv_heads; ++h)
+      std::memcpy(first_block_mut(layer, seq, h), buffer(layer, seq, h), size_t(buffer_head_bytes(d)));
+    return;
+  }
   const PageLayout& lay = layouts_[size_t(layer)];
-  const int page_id = book_.page_for_block(seq, length(layer, seq) / kBlock - 1);
+  const int page_id = book_.page_for_block(seq, block);
   uint8_t* page = pools_[size_t(layer)].data() + size_t(page_id) * lay.page_bytes;
   std::vector<int8_t> q(size_t(kBlock) * d);
   std::vector<uint8_t> codes(size_t(kBlock) * d), packed(size_t(kBlock) * d);
@@ -150,8 +163,23 @@ void block_tile(const uint8_t* pg, const PageLayout& lay, int head, int8_t* k, i
   }
 }
 
-// One head's tiles of a sequence in the compute format, in order: its full blocks, then the buffer's
-// partial block (per-token scales). codes and scales hold what the tiles point to.
+// A tile of per-token INT8 rows in the buffer's layout (the first block, or the buffer's partial block);
+// scales receives its K and V token scales.
+Int8Tile token_tile(const uint8_t* region, int d, int tokens, int64_t first_pos, float* scales) {
+  std::memcpy(scales, region + buffer_k_scale_offset(d), 4 * kBlock);
+  std::memcpy(scales + kBlock, region + buffer_v_scale_offset(d), 4 * kBlock);
+  Int8Tile t;
+  t.tokens = tokens;
+  t.first_pos = first_pos;
+  t.k = reinterpret_cast<const int8_t*>(region + buffer_k_offset(d));
+  t.v = reinterpret_cast<const int8_t*>(region + buffer_v_offset(d));
+  t.k_scale = scales, t.v_scale = scales + kBlock, t.shared_v_scale = false;
+  return t;
+}
+
+// One head's tiles of a sequence in the compute format, in order: its first block (per-token scales),
+// its full blocks in pages, then the buffer's partial block (per-token scales). codes and scales hold
+// what the tiles point to.
 std::vector<Int8Tile> tiles(const SequenceBytes& s, int head, std::vector<std::vector<int8_t>>& codes,
                             std::vector<std::vector<float>>& scales) {
   const int d = s.layout->head_dim;
@@ -161,11 +189,12 @@ std::vector<Int8Tile> tiles(const SequenceBytes& s, int head, std::vector<std::v
   std::vector<Int8Tile> out;
   codes.assign(size_t(blocks), std::vector<int8_t>(size_t(2) * kBlock * d));
   scales.assign(size_t(blocks) + 1, std::vector<float>(size_t(2) * kBlock));
-  for (int64_t b = 0; b < blocks; ++b) {
+  if (blocks > 0) out.push_back(token_tile(s.first_blocks[size_t(head)], d, kBlock, 0, scales[0].data()));
+  for (int64_t b = 1; b < blocks; ++b) {
     int8_t* kc = codes[size_t(b)].data();
     float* sc = scales[size_t(b)].data();
     float ks, vs;
-    block_tile(s.pages[size_t(b)], *s.layout, head, kc, kc + kBlock * d, &ks, &vs);
+    block_tile(s.pages[size_t(PageBook::table_index(b))], *s.layout, head, kc, kc + kBlock * d, &ks, &vs);
     std::fill(sc, sc + kBlock, ks);
     sc[kBlock] = vs;
     Int8Tile t;
@@ -174,19 +203,7 @@ std::vector<Int8Tile> tiles(const SequenceBytes& s, int head, std::vector<std::v
     t.k = kc, t.v = kc + kBlock * d, t.k_scale = sc, t.v_scale = sc + kBlock, t.shared_v_scale = true;
     out.push_back(t);
   }
-  if (buffered) {
-    const uint8_t* buf = s.buffers[size_t(head)];
-    float* sc = scales[size_t(blocks)].data();
-    std::memcpy(sc, buf + buffer_k_scale_offset(d), 4 * kBlock);
-    std::memcpy(sc + kBlock, buf + buffer_v_scale_offset(d), 4 * kBlock);
-    Int8Tile t;
-    t.tokens = buffered;
-    t.first_pos = blocks * kBlock;
-    t.k = reinterpret_cast<const int8_t*>(buf + buffer_k_offset(d));
-    t.v = reinterpret_cast<const int8_t*>(buf + buffer_v_offset(d));
-    t.k_scale = sc, t.v_scale = sc + kBlock, t.shared_v_scale = false;
-    out.push_back(t);
-  }
+  if (buffered) out.push_back(token_tile(s.buffers[size_t(head)], d, buffered, blocks * kBlock, scales[size_t(blocks)].data()));
   return out;
 }
 }  // namespace
@@ -233,8 +250,11 @@ SequenceBytes KvCache::sequence_bytes(int layer, int seq) const {
   SequenceBytes s;
   s.layout = &layout(layer);
   s.length = length(layer, seq);
-  for (int64_t b = 0; b < s.length / kBlock; ++b) s.pages.push_back(page(layer, book_.table(seq)[size_t(b)]));
-  for (int h = 0; h < cfg_.kv_heads; ++h) s.buffers.push_back(buffer(layer, seq, h));
+  for (int64_t b = 1; b < s.length / kBlock; ++b) s.pages.push_back(page(layer, book_.table(seq)[size_t(PageBook::table_index(b))]));
+  for (int h = 0; h < cfg_.kv_heads; ++h) {
+    s.first_blocks.push_back(first_block(layer, seq, h));
+    s.buffers.push_back(buffer(layer, seq, h));
+  }
   s.k_mean = k_mean(layer, seq);
   return s;
 }

@@ -14,12 +14,13 @@
 namespace turboattn::ref {
 
 // One sequence's state in one layer as bytes in host memory: the CPU cache's own, or copies of the GPU
-// cache's (whose bytes are the same). pages: those of its length / 64 full blocks, in order; buffers:
-// each head's INT8 buffer (the partial block); k_mean: [kv_heads][dim].
+// cache's (whose bytes are the same). first_blocks: each head's first block (per-token INT8, the
+// buffer's layout; read when length >= 64); pages: those of its full blocks after the first, in order;
+// buffers: each head's INT8 buffer (the partial block); k_mean: [kv_heads][dim].
 struct SequenceBytes {
   const PageLayout* layout = nullptr;
   int64_t length = 0;
-  std::vector<const uint8_t*> pages, buffers;
+  std::vector<const uint8_t*> first_blocks, pages, buffers;
   const float* k_mean = nullptr;
 };
 
@@ -70,15 +71,17 @@ class KvCache {
   const uint8_t* page(int layer, int page_id) const;
   const std::vector<int>& page_table(int seq) const { return book_.table(seq); }
   const uint8_t* buffer(int layer, int seq, int head) const;
+  const uint8_t* first_block(int layer, int seq, int head) const;
   const float* k_mean(int layer, int seq) const;
 
-  // A sequence's pages, buffers and K mean in one layer (pointers into this cache).
+  // A sequence's first blocks, pages, buffers and K mean in one layer (pointers into this cache).
   SequenceBytes sequence_bytes(int layer, int seq) const;
   // Every cached token of a sequence dequantized to float (mean added back): [len][kv_heads][dim].
   void read_tokens(int layer, int seq, float* k, float* v) const;
 
  private:
   uint8_t* buffer_mut(int layer, int seq, int head);
+  uint8_t* first_block_mut(int layer, int seq, int head);
   void append_token(int layer, int seq, const float* const* k_rows, const float* const* v_rows);
   void flush(int layer, int seq);
 
@@ -86,6 +89,7 @@ class KvCache {
   std::vector<PageLayout> layouts_;
   std::vector<std::vector<uint8_t>> pools_;    // per layer: num_pages * page_bytes
   std::vector<std::vector<uint8_t>> buffers_;  // per layer: max_seqs * kv_heads * buffer_head_bytes
+  std::vector<std::vector<uint8_t>> first_blocks_;  // per layer: the same
   std::vector<std::vector<float>> means_;      // per layer: max_seqs * kv_heads * dim
   PageBook book_;
 };

@@ -178,7 +178,7 @@ def test_read_gives_what_decode_reads(device, bits):
     # Bulk writes, then appends across a block's flush. Decode over the cache is attention over what read
     # returns, up to decode's own INT8 Q and P codes (far closer than to the written tokens at 2 bits);
     # a CUDA cache reads back the CPU cache's values bit for bit (their bytes are equal).
-    lengths = [3, 64, 131]
+    lengths = [3, 64, 200]
     ks, vs = [randn(n, HKV, D) for n in lengths], [randn(n, HKV, D) for n in lengths]
     cache, seqs = make(lengths, bits, device)
     fill(cache, seqs, ks, vs, 4)
@@ -191,13 +191,14 @@ def test_read_gives_what_decode_reads(device, bits):
         assert k.shape == v.shape == (n, HKV, D) and k.dtype == torch.float32 and k.device.type == "cpu"
         kc, vc = cpu.read(0, cpu_seqs[i])
         assert torch.equal(k, kc) and torch.equal(v, vc)
-        # Measured over 20 draws: K within 0.009 of the tokens while in the INT8 buffer, 0.071 (8/4 bits) and
-        # 0.334 (4/2) once in pages; decode within 0.011 of attention over what read returns, 10-67x closer
-        # than to attention over the written tokens once pages hold them.
-        assert rel_l2(k, ks[i]) < (0.02 if n < 64 else 0.1 if bits == [8, 4] else 0.45)
+        # K within 0.009 of the tokens while per token (the INT8 buffer, the first block), 0.071 (8/4 bits)
+        # and 0.334 (4/2) in pages (measured over 20 draws before the first block stayed per token);
+        # decode within 0.011 of attention over what read returns, far closer than to attention over the
+        # written tokens once pages hold most of them.
+        assert rel_l2(k, ks[i]) < (0.02 if n <= 64 else 0.1 if bits == [8, 4] else 0.45)
         to_read = rel_l2(out[i], attention_f64(q[i], k, v))
         assert to_read < 0.03
-        if n >= 64:
+        if n > 2 * 64:
             assert rel_l2(out[i], attention_f64(q[i], ks[i], vs[i])) > 4 * to_read
 
 

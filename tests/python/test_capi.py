@@ -84,9 +84,9 @@ def test_cache_decode_and_memory(rng):
 def test_cache_out_of_pages(rng):
     cache = turboattn.KVCache(1, 1, 64, num_pages=1, max_seqs=1, max_seq_len=1000)
     s = cache.add_sequence()
-    kv = rng.standard_normal((128, 1, 64)).astype(np.float16)
+    kv = rng.standard_normal((192, 1, 64)).astype(np.float16)  # blocks 1 and 2 need pages (the first needs none)
     with pytest.raises(turboattn.OutOfCapacity, match="new pages"):
-        cache.write(0, [s], kv, kv, np.array([0, 128], np.int32))
+        cache.write(0, [s], kv, kv, np.array([0, 192], np.int32))
     assert cache.length(0, s) == 0  # nothing was written
 
 

@@ -302,8 +302,10 @@ def test_format_simulation_is_the_library_cache(bits):
         layer.update(k.float().transpose(0, 1)[None], v.float().transpose(0, 1)[None])
         return layer.keys[0].transpose(0, 1), layer.values[0].transpose(0, 1)
 
-    k_sim, v_sim = simulate()
+    k_sim, v_sim = simulate(first_block=True)
     assert torch.allclose(k_read, k_sim, rtol=0, atol=1e-5) and torch.allclose(v_read, v_sim, rtol=0, atol=1e-5)
-    k_other, v_other = simulate(least_squares=True)  # another rule for the zero: the test tells them apart
-    assert not torch.allclose(k_read, k_other, rtol=0, atol=1e-5)
-    assert not torch.allclose(v_read, v_other, rtol=0, atol=1e-5)
+    # Other formats: the first block compressed, another rule for the zero; the test tells them apart.
+    for other in ({}, {"first_block": True, "least_squares": True}):
+        k_other, v_other = simulate(**other)
+        assert not torch.allclose(k_read, k_other, rtol=0, atol=1e-5), other
+        assert not torch.allclose(v_read, v_other, rtol=0, atol=1e-5), other

@@ -53,7 +53,7 @@ class CacheConfig(ctypes.Structure):
 
 class CacheMemory(ctypes.Structure):
     _fields_ = [("page_bytes_total", ctypes.c_int64), ("pool_bytes", ctypes.c_int64), ("buffer_bytes", ctypes.c_int64),
-                ("bytes_per_token", ctypes.c_double), ("fp16_bytes_per_token", ctypes.c_double)]
+                ("first_block_bytes", ctypes.c_int64), ("bytes_per_token", ctypes.c_double), ("fp16_bytes_per_token", ctypes.c_double)]
 
 
 class DecodeOptions(ctypes.Structure):

@@ -13,8 +13,8 @@
 // the codes unpacked straight into the A fragments by a shift and a mask. The tensor-core K dimension
 // walks each row in the order of code_order.cuh (each lane loads its own run of words), and Q' and P
 // are laid out to match; N holds the query rows' hi and lo parts side by side (WarpState). 8-bit pages
-// take s8 codes as they are. The buffer's partial tile, whose scales are per token, takes the
-// reference's token-by-token P V. Partial states go to a workspace that cache_merge_kernel combines (1.7).
+// take s8 codes as they are. The tiles whose scales are per token (the sequence's first block and the
+// buffer's partial block) take the reference's token-by-token P V. Partial states go to a workspace that cache_merge_kernel combines (1.7).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -105,6 +105,7 @@ struct DecodeTraits {
 struct DecodeParams {
   const uint8_t* pool;       // the layer's pages
   const uint8_t* buffers;    // the layer's INT8 buffers [slot][head]
+  const uint8_t* first_blocks;  // the layer's first blocks [slot][head]
   PageLayout layout;         // the layer's (by value: read from the constant bank, not through a load
                              // that the first copies would wait for)
   const int32_t* tables;     // [slot][table_width]
@@ -530,9 +531,10 @@ __device__ __forceinline__ void page_values(const uint8_t* v_half, const uint8_t
   }
 }
 
-// The buffer's tile: per-token scales; K rows read from global memory, P V token by token.
+// A tile in the buffer's layout (the first block, or the buffer's partial block): per-token scales; K
+// rows read from global memory, P V token by token.
 template <int kHeadDim, bool kSas, int kGroups>
-__device__ __forceinline__ void buffer_tile(const uint8_t* buffer, const uint8_t* s_q8, uint8_t* s_p, const float (&q_scale)[kGroups],
+__device__ __forceinline__ void token_tile(const uint8_t* buffer, const uint8_t* s_q8, uint8_t* s_p, const float (&q_scale)[kGroups],
                                             const int (&visible)[kGroups], float skip_x, WarpState<kHeadDim, kGroups>& ws,
                                             int lane) {
   using Tr = DecodeTraits<kHeadDim>;
@@ -617,10 +619,10 @@ struct HalfCopies {
   // The slot after `ring_slot` (tracked by the loop rather than computed as h % 3 per copy).
   static __device__ __forceinline__ int next_slot(int ring_slot) { return ring_slot + 1 == Tr::kRingHalves ? 0 : ring_slot + 1; }
 
-  // Tile j's page id (read only for tiles in the split's pages: page_end is the split's end capped at
-  // the sequence's full pages), and the page's address, formed where the copies need it (formed at the
-  // read, it waited for the read there).
-  __device__ __forceinline__ int32_t page_id(int j) const { return j < page_end ? table[j] : 0; }
+  // Tile j's page id (j >= 1, the first block being in no page; read only for tiles in the split's
+  // pages: page_end is the split's end capped at the sequence's full blocks), and the page's address,
+  // formed where the copies need it (formed at the read, it waited for the read there).
+  __device__ __forceinline__ int32_t page_id(int j) const { return j < page_end ? table[j - 1] : 0; }  // PageBook::table_index
   __device__ __forceinline__ const uint8_t* page(int32_t id) const { return pool + int64_t(id) * page_bytes; }
 
   // Issues the copies of tile j's K half (v false) or V half into ring slot `ring_slot` (nothing past the
@@ -639,14 +641,14 @@ struct HalfCopies {
   }
 };
 
-// A warp's tiles of the split after its first two halves were issued: the pages, then (last in the
-// sequence's order, so after the loop, where the loop's registers are free for it) the buffer's tile if
-// it is this warp's.
+// A warp's tiles of the split after its first two halves were issued: the pages, then (after the loop,
+// where the loop's registers are free for them) the per-token tiles that are this warp's: the first
+// block (tile 0, so the first warp of the first split's) and the buffer's partial block.
 template <int kHeadDim, int kBits, bool kSas, int kGroups>
 __device__ __forceinline__ void warp_tiles(const DecodeParams& p, const HalfCopies<kHeadDim, kBits>& copies, const uint8_t* s_q8,
                                            const uint8_t* s_qk, uint8_t* s_b, uint8_t* s_p, const float (&q_scale)[kGroups],
-                                           const int64_t (&max_pos)[kGroups], int rows, int slot, int hk, int64_t len, int end,
-                                           WarpState<kHeadDim, kGroups>& ws, int lane) {
+                                           const int64_t (&max_pos)[kGroups], int rows, int slot, int hk, int64_t len, int own,
+                                           int end, WarpState<kHeadDim, kGroups>& ws, int lane) {
   using Tr = DecodeTraits<kHeadDim>;
   constexpr int D = kHeadDim;
   const int blocks = int(len / Tr::kKeys);
@@ -679,14 +681,18 @@ __device__ __forceinline__ void warp_tiles(const DecodeParams& p, const HalfCopi
   }
   cp_async_wait<0>();
   if constexpr (kBits < 8) ws.fold_zero_term();
-  if (blocks >= first && blocks < end && (blocks - first) % Tr::kWarps == 0 && len % Tr::kKeys != 0) {
-    const int64_t first_pos = int64_t(blocks) * Tr::kKeys;
+  const int64_t head_region = (int64_t(slot) * p.hkv + hk) * buffer_head_bytes(D);
+  const bool partial_is_mine = blocks >= own && blocks < end && (blocks - own) % Tr::kWarps == 0 && len % Tr::kKeys != 0;
+#pragma unroll 1
+  for (int partial = 0; partial < 2; ++partial) {  // one call site: token_tile is inlined once
+    if (partial ? !partial_is_mine : own != 0 || blocks == 0) continue;
+    const int64_t first_pos = partial ? int64_t(blocks) * Tr::kKeys : 0;
+    const int tokens = partial ? int(len % Tr::kKeys) : Tr::kKeys;
     int visible[kGroups];
 #pragma unroll
-    for (int grp = 0; grp < kGroups; ++grp)
-      visible[grp] = int(min(int64_t(len % Tr::kKeys), max(int64_t(0), max_pos[grp] - first_pos + 1)));
-    buffer_tile<kHeadDim, kSas, kGroups>(p.buffers + (int64_t(slot) * p.hkv + hk) * buffer_head_bytes(D), s_q8, s_p, q_scale, visible,
-                                         skip_x, ws, lane);
+    for (int grp = 0; grp < kGroups; ++grp) visible[grp] = int(min(int64_t(tokens), max(int64_t(0), max_pos[grp] - first_pos + 1)));
+    token_tile<kHeadDim, kSas, kGroups>((partial ? p.buffers : p.first_blocks) + head_region, s_q8, s_p, q_scale, visible, skip_x, ws,
+                                        lane);
   }
 }
 
@@ -838,12 +844,14 @@ __device__ __forceinline__ void decode_split(const DecodeParams& p, uint8_t* sme
   uint8_t* s_b = Tr::b_rows_in_ring(kGroups, p.max_bits) ? ring + Tr::half_bytes(TA_BITS_2) : wbase;
   uint8_t* s_p = wbase + Tr::b_rows_bytes(kGroups, p.max_bits);
   float* scales = reinterpret_cast<float*>(smem + Tr::scales_offset(kGroups, p.max_bits) + warp * Tr::kScaleBytes);
-  const HalfCopies<kHeadDim, kBits> copies(p, ring, scales, Tr::half_bytes(p.max_bits), slot, hk, begin + warp,
+  // The warp's tiles are own, own + kWarps, ...; tile 0 (the first block) is in no page.
+  const int own = begin + warp, first_paged = own == 0 ? Tr::kWarps : own;
+  const HalfCopies<kHeadDim, kBits> copies(p, ring, scales, Tr::half_bytes(p.max_bits), slot, hk, first_paged,
                                            min(end, int(len / Tr::kKeys)), lane);
   const FirstQueryTokens<kHeadDim, T> first_tokens(p, seq, h0, heads, warp, lane);
-  const uint8_t* first_page = copies.page(copies.page_id(begin + warp));
-  copies.stage(false, 0, begin + warp, first_page), cp_async_commit();
-  copies.stage(true, 1, begin + warp, first_page), cp_async_commit();
+  const uint8_t* first_page = copies.page(copies.page_id(first_paged));
+  copies.stage(false, 0, first_paged, first_page), cp_async_commit();
+  copies.stage(true, 1, first_paged, first_page), cp_async_commit();
 
   quantize_q_rows<kHeadDim, T, kBits>(p, first_tokens, seq, h0, heads, rows, s_q8, s_qk, s_q_scale, warp, lane);
   auto zero = [&](uint8_t* area, int bytes) {
@@ -861,7 +869,7 @@ __device__ __forceinline__ void decode_split(const DecodeParams& p, uint8_t* sme
     max_pos[grp] = row < rows ? len - p.q_behind - p.q_len + row % p.q_len : -1;
     q_scale[grp] = s_q_scale[row];
   }
-  warp_tiles<kHeadDim, kBits, kSas, kGroups>(p, copies, s_q8, s_qk, s_b, s_p, q_scale, max_pos, rows, slot, hk, len, end, ws, lane);
+  warp_tiles<kHeadDim, kBits, kSas, kGroups>(p, copies, s_q8, s_qk, s_b, s_p, q_scale, max_pos, rows, slot, hk, len, own, end, ws, lane);
 }
 
 // kGroups: groups of 4 query rows (1 when the CTA's rows are at most 4, else 2); kMinBlocks: the

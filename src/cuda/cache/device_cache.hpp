@@ -1,5 +1,5 @@
-// The compressed paged KV cache in GPU memory (docs/FORMATS.md, section 3): pages, INT8 buffers, K
-// means, page tables and lengths on the device; the same bookkeeping as the CPU cache (PageBook) on the
+// The compressed paged KV cache in GPU memory (docs/FORMATS.md, section 3): pages, INT8 buffers, first
+// blocks, K means, page tables and lengths on the device; the same bookkeeping as the CPU cache (PageBook) on the
 // host, so capacity is checked before any work is queued. Host-compiler friendly: no CUDA types here.
 #pragma once
 
@@ -71,12 +71,13 @@ class DeviceCache {
 
   // Every token a sequence holds in one layer, dequantized on the host as decode reads it (K's mean
   // added back) into k, v [length][Hkv][D] in host memory. Synchronizes the device first, so that it
-  // follows the writes queued on any stream; then copies the sequence's pages, buffers and K mean.
+  // follows the writes queued on any stream; then copies the sequence's blocks, buffers and K mean.
   void read_tokens(int layer, int seq, float* k, float* v) const;
 
   // Copies of device state, for tests (synchronous).
   std::vector<uint8_t> download_page(int layer, int page_id) const;
   std::vector<uint8_t> download_buffer(int layer, int seq, int head) const;
+  std::vector<uint8_t> download_first_block(int layer, int seq, int head) const;
   std::vector<float> download_k_mean(int layer, int seq) const;
   std::vector<int32_t> download_table(int seq) const;  // the device page table row (all entries)
   int64_t download_length(int layer, int seq) const;
@@ -85,9 +86,10 @@ class DeviceCache {
   ref::CacheConfig cfg_;
   std::vector<PageLayout> layouts_;
   PageBook book_;
-  int table_width_ = 0;                 // page-table entries per sequence on the device
+  int table_width_ = 0;                 // page-table entries per sequence on the device (blocks after the first)
   std::vector<uint8_t*> pools_;         // per layer: num_pages * page_bytes
   std::vector<uint8_t*> buffers_;       // per layer: max_seqs * kv_heads * buffer_head_bytes
+  std::vector<uint8_t*> first_blocks_;  // per layer: the same
   std::vector<float*> means_;           // per layer: max_seqs * kv_heads * head_dim
   PageLayout* d_layouts_ = nullptr;     // per layer, for the kernels
   int32_t* d_tables_ = nullptr;         // [max_seqs][table_width_]

@@ -1,6 +1,7 @@
 // Cache writes on the GPU: one CTA per (run of tokens inside one 64-token block, KV head). Tokens are
 // quantized per token into the INT8 buffer (3.1); a run that completes its block is flushed straight
-// into its page (3.2-3.4) with the tokens already buffered. Bulk writes and appends are the same kernel,
+// into its page (3.2-3.4) with the tokens already buffered, except the sequence's first block, which
+// stays per token in its own region (3.2). Bulk writes and appends are the same kernel,
 // so they produce the same bytes, and both match the CPU cache (src/reference/kv_cache.cpp) bit for bit.
 #pragma once
 
@@ -19,9 +20,10 @@ struct WriteRun {
   int32_t slot;        // sequence slot
   int32_t src;         // first token's row in k and v
   int32_t count;       // tokens in the run
-  int32_t page;        // the block's page when the run completes it, else -1
+  int32_t page;        // the block's page when the run completes a block after the first, else -1
   int64_t pos0;        // sequence position of the run's first token
   int64_t new_length;  // the sequence's length after the write (on its last run), else -1
+  __host__ __device__ bool completes_block() const { return pos0 % TA_BLOCK_TOKENS + count == TA_BLOCK_TOKENS; }
 };
 
 template <typename T>
@@ -32,6 +34,7 @@ struct WriteParams {
   const WriteRun* runs;
   uint8_t* pool;       // the layer's pages
   uint8_t* buffers;    // the layer's INT8 buffers [slot][head]
+  uint8_t* first_blocks;  // the layer's first blocks [slot][head]
   const float* means;  // the layer's K means [slot][head][D]
   const PageLayout* layout;
   int32_t* tables;     // [slot][table_width]
@@ -56,18 +59,30 @@ __global__ void __launch_bounds__(kWriteThreads) cache_write_kernel(const WriteP
   uint8_t* s_codes = smem + 2 * kBlock * D;
   float* s_scale[2] = {reinterpret_cast<float*>(smem + 3 * kBlock * D), reinterpret_cast<float*>(smem + 3 * kBlock * D) + kBlock};
 
-  uint8_t* buf = p.buffers + (int64_t(run.slot) * p.kv_heads + h) * buffer_head_bytes(D);
-  int8_t* buf_q[2] = {reinterpret_cast<int8_t*>(buf + buffer_k_offset(D)), reinterpret_cast<int8_t*>(buf + buffer_v_offset(D))};
-  float* buf_scale[2] = {reinterpret_cast<float*>(buf + buffer_k_scale_offset(D)),
-                         reinterpret_cast<float*>(buf + buffer_v_scale_offset(D))};
+  const int64_t head_region = (int64_t(run.slot) * p.kv_heads + h) * buffer_head_bytes(D);
+  const bool to_page = run.page >= 0, to_first_block = !to_page && run.completes_block();
+  // Per-token rows (K and V codes, their scales) of a region in the buffer's layout.
+  struct Rows {
+    int8_t* q[2];
+    float* scale[2];
+  };
+  auto rows_of = [&](uint8_t* region) {
+    return Rows{{reinterpret_cast<int8_t*>(region + buffer_k_offset(D)), reinterpret_cast<int8_t*>(region + buffer_v_offset(D))},
+                {reinterpret_cast<float*>(region + buffer_k_scale_offset(D)), reinterpret_cast<float*>(region + buffer_v_scale_offset(D))}};
+  };
+  const Rows buffered = rows_of(p.buffers + head_region);
+  // Where the block's rows gather: shared memory for a flush into a page, the first block's region, or
+  // (the run leaves its block partial) the buffer itself.
+  const Rows dst = to_page ? Rows{{s_q[0], s_q[1]}, {s_scale[0], s_scale[1]}}
+                           : rows_of((to_first_block ? p.first_blocks : p.buffers) + head_region);
   const int slot0 = int(run.pos0 % kBlock);
-  const bool complete = run.page >= 0;
   const float* mean = p.means + (int64_t(run.slot) * p.kv_heads + h) * D;
 
   // Tokens already in the buffer join the block when it completes.
-  if (complete) {
-    for (int i = threadIdx.x; i < slot0 * D; i += kWriteThreads) s_q[0][i] = buf_q[0][i], s_q[1][i] = buf_q[1][i];
-    for (int i = threadIdx.x; i < slot0; i += kWriteThreads) s_scale[0][i] = buf_scale[0][i], s_scale[1][i] = buf_scale[1][i];
+  if (to_page || to_first_block) {
+    for (int i = threadIdx.x; i < slot0 * D; i += kWriteThreads) dst.q[0][i] = buffered.q[0][i], dst.q[1][i] = buffered.q[1][i];
+    for (int i = threadIdx.x; i < slot0; i += kWriteThreads)
+      dst.scale[0][i] = buffered.scale[0][i], dst.scale[1][i] = buffered.scale[1][i];
   }
 
   // Per-token INT8 (ref::quantize_block_int8 of one row; K minus the sequence's mean), one warp a token.
@@ -87,15 +102,15 @@ __global__ void __launch_bounds__(kWriteThreads) cache_write_kernel(const WriteP
       for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
       finite = __all_sync(0xffffffffu, finite);
       const Int8Scale s = int8_block_scale(amax, finite);
-      int8_t* dst = complete ? s_q[which] + t * D : buf_q[which] + t * D;
+      int8_t* row = dst.q[which] + t * D;
       for (int c = lane; c < D; c += 32) {
         const float x = which ? to_float(src[c]) : __fsub_rn(to_float(src[c]), mean[c]);
-        dst[c] = int8_code(x, s.inv);
+        row[c] = int8_code(x, s.inv);
       }
-      if (lane == 0) (complete ? s_scale[which] : buf_scale[which])[t] = s.scale;
+      if (lane == 0) dst.scale[which][t] = s.scale;
     }
   }
-  if (!complete) {
+  if (!to_page) {
     if (h == 0 && threadIdx.x == 0 && run.new_length >= 0) p.lengths[run.slot] = run.new_length;
     return;
   }
@@ -158,7 +173,7 @@ __global__ void __launch_bounds__(kWriteThreads) cache_write_kernel(const WriteP
     __syncthreads();
   }
   if (h == 0 && threadIdx.x == 0) {
-    p.tables[int64_t(run.slot) * p.table_width + run.pos0 / kBlock] = run.page;
+    p.tables[int64_t(run.slot) * p.table_width + run.pos0 / kBlock - 1] = run.page;  // PageBook::table_index
     if (run.new_length >= 0) p.lengths[run.slot] = run.new_length;
   }
 }
