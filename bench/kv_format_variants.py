@@ -4,9 +4,9 @@ loss comes from"): the stage-1/stage-2 quantization of docs/FORMATS.md 3.1-3.3, 
 quantize-then-dequantize in PyTorch, with its grouping varied (stage 2 per channel over a 64-token
 block, per channel over 32 tokens, or per token over the channels; K or V alone at 4 bits), run through
 the evaluation's protocol (also: K's channels scaled by their range first, "scaled"; stage 2's zero of
-least squared error, "lsq zero"; a sequence's first block kept as per-token INT8, "first block")
+least squared error, "lsq zero"; a sequence's first block kept at 8 bits, "first block")
 beside the library's own cache ("kv4", "kv2") and KIVI-style. The simulation of the current format
-("k:chan v:tok first block", since the first block stayed per token; "k:chan v:tok" from a31dfde;
+("k:chan v:tok first block", since the first block stayed at 8 bits; "k:chan v:tok" from a31dfde;
 "k:chan v:chan" before) must land on the library's numbers; that is its check (and
 tests/python/test_evaluation.py holds its blocks to the library cache's, value for value).
 
@@ -100,7 +100,7 @@ class VariantLayer(DynamicLayer):
     included. k_scaled: K's channels divided by their range over the first write before quantization
     and multiplied back after (scale migration: the query would take the factors, exactly). least_squares:
     stage 2's zero searched (_stage2). first_block: the sequence's first 64 tokens (where the
-    attention sink is) kept as per-token INT8, as the buffer holds them (FORMATS 3.2)."""
+    attention sink is) kept at 8 bits (stage 1 alone, FORMATS 3.2)."""
 
     def __init__(self, k_bits, v_bits, k_grouping, v_grouping, k_scaled=False, least_squares=False, first_block=False):
         super().__init__()
@@ -125,9 +125,8 @@ class VariantLayer(DynamicLayer):
             kq = quantize_blocks(k[..., :full, :], self.k_bits, self.k_grouping, self.least_squares)
             vq = quantize_blocks(v[..., :full, :], self.v_bits, self.v_grouping, self.least_squares)
             if self.first_block and self.blocks[0].shape[-2] == 0:
-                for xq, x in ((kq, k), (vq, v)):
-                    q, s = _token_int8(x[..., :64, :])
-                    xq[..., :64, :] = q * s
+                kq[..., :64, :] = quantize_blocks(k[..., :64, :], 8, self.k_grouping)
+                vq[..., :64, :] = quantize_blocks(v[..., :64, :], 8, self.v_grouping)
             self.blocks = (torch.cat([self.blocks[0], kq], -2), torch.cat([self.blocks[1], vq], -2))
         self.pending = (k[..., full:, :], v[..., full:, :])
         buffered = [q * s for q, s in map(_token_int8, self.pending)]
@@ -137,7 +136,7 @@ class VariantLayer(DynamicLayer):
         return (key_states, value_states) if first else (self.keys, self.values)
 
 
-VARIANTS = {  # name: (K bits, V bits, K grouping, V grouping[, K scaled, least-squares zero, first block per token])
+VARIANTS = {  # name: (K bits, V bits, K grouping, V grouping[, K scaled, least-squares zero, first block at 8 bits])
     "k:chan v:chan (4)": (4, 4, "chan", "chan"),
     "k:chan v:8 bits": (4, 8, "chan", "chan"),
     "k:8 bits v:chan": (8, 4, "chan", "chan"),

@@ -14,7 +14,7 @@
 namespace test = turboattn::test;
 using namespace turboattn::ref;
 using turboattn::tensor;
-using turboattn::buffer_head_bytes, turboattn::buffer_k_offset, turboattn::buffer_v_offset, turboattn::buffer_k_scale_offset,
+using turboattn::first_block_bytes, turboattn::buffer_k_offset, turboattn::buffer_v_offset, turboattn::buffer_k_scale_offset,
     turboattn::buffer_v_scale_offset, turboattn::PageBook;
 using test::InputKind;
 
@@ -44,7 +44,7 @@ void expect_same_blocks(const KvCache& a, int seq_a, const KvCache& b, int seq_b
   if (blocks > 0)
     for (int h = 0; h < a.config().kv_heads; ++h)
       ASSERT_EQ(0, std::memcmp(a.first_block(layer, seq_a, h), b.first_block(layer, seq_b, h),
-                               size_t(buffer_head_bytes(a.config().head_dim))))
+                               size_t(first_block_bytes(a.config().head_dim))))
           << "first block, head " << h;
   for (int64_t blk = 1; blk < blocks; ++blk) {
     const size_t i = size_t(PageBook::table_index(blk));
@@ -281,9 +281,10 @@ TEST(CacheReadBack, ReconstructionErrorShrinksWithBits) {
   }
 }
 
-TEST(CacheFirstBlock, KeptAsTheBufferHoldsItAndInNoPage) {
-  // A sequence's first 64 tokens read back exactly as per-token INT8 (K minus its mean), at every
-  // width; the blocks after it are compressed (at 2 bits they lose far more) and only they take pages.
+TEST(CacheFirstBlock, KeptAt8BitsAndInNoPage) {
+  // A sequence's first 64 tokens read back exactly as an 8-bit block (per-token INT8 of K minus its
+  // mean, then requantized to the block's scale: stage 1 alone), at every width; the blocks after it
+  // are compressed (at 2 bits they lose far more) and only they take pages.
   const uint64_t seed = std::random_device{}();
   SCOPED_TRACE(testing::Message() << "seed " << seed);
   std::mt19937_64 rng(seed);
@@ -301,17 +302,24 @@ TEST(CacheFirstBlock, KeptAsTheBufferHoldsItAndInNoPage) {
     std::vector<float> kb(k.size()), vb(v.size());
     cache.read_tokens(0, s, kb.data(), vb.data());
     std::vector<float> row(static_cast<size_t>(d)), want_k(size_t(block) * h * d), want_v(want_k.size());
-    std::vector<int8_t> q(static_cast<size_t>(d));
-    for (int t = 0; t < block; ++t)
-      for (int hh = 0; hh < h; ++hh) {
-        const size_t at = (size_t(t) * h + hh) * d;
-        const float* mean = cache.k_mean(0, s) + size_t(hh) * d;
-        for (int c = 0; c < d; ++c) row[size_t(c)] = k[at + c] - mean[c];
-        float scale = quantize_block_int8(row.data(), 1, d, d, q.data(), d);
-        for (int c = 0; c < d; ++c) want_k[at + c] = float(q[size_t(c)]) * scale + mean[c];
-        scale = quantize_block_int8(v.data() + at, 1, d, d, q.data(), d);
-        for (int c = 0; c < d; ++c) want_v[at + c] = float(q[size_t(c)]) * scale;
+    for (int hh = 0; hh < h; ++hh) {
+      const float* mean = cache.k_mean(0, s) + size_t(hh) * d;
+      for (int which = 0; which < 2; ++which) {
+        std::vector<int8_t> q(size_t(block) * d);
+        std::vector<float> token_scale(static_cast<size_t>(block));
+        for (int t = 0; t < block; ++t) {
+          const float* x = (which ? v : k).data() + (size_t(t) * h + hh) * d;
+          for (int c = 0; c < d; ++c) row[size_t(c)] = which ? x[c] : x[c] - mean[c];
+          token_scale[size_t(t)] = quantize_block_int8(row.data(), 1, d, d, q.data() + size_t(t) * d, d);
+        }
+        const float scale = requantize_tokens_to_block(q.data(), token_scale.data(), block, d);
+        for (int t = 0; t < block; ++t)
+          for (int c = 0; c < d; ++c) {
+            const float value = float(q[size_t(t) * d + c]) * scale;
+            (which ? want_v : want_k)[(size_t(t) * h + hh) * d + c] = which ? value : value + mean[c];
+          }
       }
+    }
     ASSERT_EQ(0, std::memcmp(kb.data(), want_k.data(), want_k.size() * 4)) << "first block K";
     ASSERT_EQ(0, std::memcmp(vb.data(), want_v.data(), want_v.size() * 4)) << "first block V";
     if (std::string(bits) == "2") {

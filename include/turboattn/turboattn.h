@@ -134,7 +134,7 @@ typedef struct ta_cache_memory {
   int64_t page_bytes_total; /* one page over all layers */
   int64_t pool_bytes;       /* num_pages * page_bytes_total */
   int64_t buffer_bytes;     /* INT8 buffers of all slots and layers */
-  int64_t first_block_bytes; /* the sequences' first blocks (per-token INT8), all slots and layers */
+  int64_t first_block_bytes; /* the sequences' first blocks (8 bits, not in pages), all slots and layers */
   double bytes_per_token;   /* compressed pages only, all layers and heads, K and V */
   double fp16_bytes_per_token;
 } ta_cache_memory;

@@ -561,7 +561,7 @@ ta_status ta_cache_memory_info(const ta_cache* cache, ta_cache_memory* info) {
     info->page_bytes_total = page;
     info->pool_bytes = page * cfg.num_pages;
     info->buffer_bytes = int64_t(cfg.layers) * cfg.max_seqs * cfg.kv_heads * buffer_head_bytes(cfg.head_dim);
-    info->first_block_bytes = info->buffer_bytes;  // the same layout, one per slot, layer and head
+    info->first_block_bytes = int64_t(cfg.layers) * cfg.max_seqs * cfg.kv_heads * first_block_bytes(cfg.head_dim);
     info->bytes_per_token = double(page) / TA_BLOCK_TOKENS;
     info->fp16_bytes_per_token = double(cfg.layers) * cfg.kv_heads * cfg.head_dim * 2 * 2;
   });

@@ -169,7 +169,7 @@ DeviceCache::DeviceCache(const ref::CacheConfig& config)
       pools_.push_back(device_alloc<uint8_t>(int64_t(cfg_.num_pages) * layouts_[size_t(l)].page_bytes, "pages"));
       buffers_.push_back(device_alloc<uint8_t>(int64_t(cfg_.max_seqs) * cfg_.kv_heads * buffer_head_bytes(cfg_.head_dim), "buffers"));
       first_blocks_.push_back(
-          device_alloc<uint8_t>(int64_t(cfg_.max_seqs) * cfg_.kv_heads * buffer_head_bytes(cfg_.head_dim), "first blocks"));
+          device_alloc<uint8_t>(int64_t(cfg_.max_seqs) * cfg_.kv_heads * first_block_bytes(cfg_.head_dim), "first blocks"));
       means_.push_back(device_alloc<float>(int64_t(cfg_.max_seqs) * cfg_.kv_heads * cfg_.head_dim, "K means"));
     }
     d_layouts_ = device_alloc<PageLayout>(cfg_.layers, "page layouts");
@@ -349,18 +349,18 @@ std::vector<uint8_t> DeviceCache::download_page(int layer, int page_id) const {
   return host;
 }
 namespace {
-std::vector<uint8_t> download_head_region(const uint8_t* base, int kv_heads, int head_dim, int seq, int head) {
-  std::vector<uint8_t> host(size_t(buffer_head_bytes(head_dim)));
+std::vector<uint8_t> download_head_region(const uint8_t* base, int kv_heads, int64_t bytes, int seq, int head) {
+  std::vector<uint8_t> host(static_cast<size_t>(bytes));
   TA_CUDA_CHECK(cudaMemcpy(host.data(), base + (int64_t(seq) * kv_heads + head) * int64_t(host.size()), host.size(),
                            cudaMemcpyDeviceToHost));
   return host;
 }
 }  // namespace
 std::vector<uint8_t> DeviceCache::download_buffer(int layer, int seq, int head) const {
-  return download_head_region(buffers_[size_t(layer)], cfg_.kv_heads, cfg_.head_dim, seq, head);
+  return download_head_region(buffers_[size_t(layer)], cfg_.kv_heads, buffer_head_bytes(cfg_.head_dim), seq, head);
 }
 std::vector<uint8_t> DeviceCache::download_first_block(int layer, int seq, int head) const {
-  return download_head_region(first_blocks_[size_t(layer)], cfg_.kv_heads, cfg_.head_dim, seq, head);
+  return download_head_region(first_blocks_[size_t(layer)], cfg_.kv_heads, first_block_bytes(cfg_.head_dim), seq, head);
 }
 std::vector<float> DeviceCache::download_k_mean(int layer, int seq) const {
   std::vector<float> host(size_t(cfg_.kv_heads) * cfg_.head_dim);

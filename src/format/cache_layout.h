@@ -1,4 +1,4 @@
-// Byte layout of a compressed cache page and of the INT8 buffer (and of a sequence's first block): the
+// Byte layout of a compressed cache page, of the INT8 buffer and of a sequence's first block: the
 // single definition used by the CPU reference and the CUDA kernels. docs/FORMATS.md ("KV cache format")
 // describes it in words.
 #pragma once
@@ -64,8 +64,7 @@ TA_HOST_DEVICE int64_t page_k_scale_offset(int head) { return 4 * int64_t(head);
 TA_HOST_DEVICE int64_t page_v_scale_offset(int kv_heads, int head) { return 4 * (int64_t(kv_heads) + head); }
 
 // The INT8 buffer of one (sequence, layer, KV head): K codes [64][D], V codes [64][D] (token-major),
-// fp32 K scales [64], fp32 V scales [64]. The sequence's first block keeps this layout too (its own
-// region per (sequence, layer, KV head), the buffer's 64 tokens copied there when they first fill it).
+// fp32 K scales [64], fp32 V scales [64].
 TA_HOST_DEVICE int64_t buffer_head_bytes(int head_dim) {
   return 2 * int64_t(TA_BLOCK_TOKENS) * head_dim + 2 * 4 * int64_t(TA_BLOCK_TOKENS);
 }
@@ -75,5 +74,13 @@ TA_HOST_DEVICE int64_t buffer_k_scale_offset(int head_dim) { return 2 * int64_t(
 TA_HOST_DEVICE int64_t buffer_v_scale_offset(int head_dim) {
   return 2 * int64_t(TA_BLOCK_TOKENS) * head_dim + 4 * int64_t(TA_BLOCK_TOKENS);
 }
+
+// A sequence's first block of one (layer, KV head), kept at 8 bits in its own region, not in a page
+// (docs/FORMATS.md 3.2): an 8-bit block as an 8-bit head's page regions hold it, K codes [64][D]
+// (token-major), V codes [D][64] (channel-major), then its fp32 K and V block scales; whole lines.
+TA_HOST_DEVICE int64_t first_block_k_offset(int) { return 0; }
+TA_HOST_DEVICE int64_t first_block_v_offset(int head_dim) { return block_code_bytes(TA_BITS_8, head_dim); }
+TA_HOST_DEVICE int64_t first_block_scale_offset(int head_dim) { return 2 * block_code_bytes(TA_BITS_8, head_dim); }
+TA_HOST_DEVICE int64_t first_block_bytes(int head_dim) { return page_aligned(first_block_scale_offset(head_dim) + 8); }
 
 }  // namespace turboattn

@@ -26,7 +26,7 @@ KvCache::KvCache(const CacheConfig& config) : cfg_(config), book_(config.layers,
     layouts_.push_back(make_page_layout(cfg_.bits.data() + size_t(l) * cfg_.kv_heads, cfg_.kv_heads, cfg_.head_dim));
     pools_.emplace_back(size_t(cfg_.num_pages) * layouts_.back().page_bytes, uint8_t(0));
     buffers_.emplace_back(size_t(cfg_.max_seqs) * cfg_.kv_heads * buffer_head_bytes(cfg_.head_dim), uint8_t(0));
-    first_blocks_.emplace_back(buffers_.back().size(), uint8_t(0));
+    first_blocks_.emplace_back(size_t(cfg_.max_seqs) * cfg_.kv_heads * first_block_bytes(cfg_.head_dim), uint8_t(0));
     means_.emplace_back(size_t(cfg_.max_seqs) * cfg_.kv_heads * cfg_.head_dim, 0.0f);
   }
 }
@@ -43,7 +43,7 @@ const uint8_t* KvCache::buffer(int layer, int seq, int head) const {
   return const_cast<KvCache*>(this)->buffer_mut(layer, seq, head);
 }
 uint8_t* KvCache::first_block_mut(int layer, int seq, int head) {
-  return first_blocks_[size_t(layer)].data() + (size_t(seq) * cfg_.kv_heads + head) * buffer_head_bytes(cfg_.head_dim);
+  return first_blocks_[size_t(layer)].data() + (size_t(seq) * cfg_.kv_heads + head) * first_block_bytes(cfg_.head_dim);
 }
 const uint8_t* KvCache::first_block(int layer, int seq, int head) const {
   return const_cast<KvCache*>(this)->first_block_mut(layer, seq, head);
@@ -88,27 +88,26 @@ void KvCache::append_token(int layer, int seq, const float* const* k_rows, const
 
 void KvCache::flush(int layer, int seq) {
   const int d = cfg_.head_dim;
-  const int64_t block = length(layer, seq) / kBlock - 1;
-  if (block == 0) {  // the first block stays as the buffer holds it
-    for (int h = 0; h < cfg_.kv_heads; ++h)
-      std::memcpy(first_block_mut(layer, seq, h), buffer(layer, seq, h), size_t(buffer_head_bytes(d)));
-    return;
-  }
   const PageLayout& lay = layouts_[size_t(layer)];
-  const int page_id = book_.page_for_block(seq, block);
-  uint8_t* page = pools_[size_t(layer)].data() + size_t(page_id) * lay.page_bytes;
+  const int64_t block = length(layer, seq) / kBlock - 1;
+  // The first block goes to its own region at 8 bits, every later one to its page at the head's width.
+  uint8_t* page = block == 0 ? nullptr : pools_[size_t(layer)].data() + size_t(book_.page_for_block(seq, block)) * lay.page_bytes;
   std::vector<int8_t> q(size_t(kBlock) * d);
-  std::vector<uint8_t> codes(size_t(kBlock) * d), packed(size_t(kBlock) * d);
+  std::vector<uint8_t> codes(size_t(kBlock) * d);
   for (int h = 0; h < cfg_.kv_heads; ++h) {
     const uint8_t* buf = buffer(layer, seq, h);
+    uint8_t* first = first_block_mut(layer, seq, h);
     for (int which = 0; which < 2; ++which) {  // 0: K (token-major codes), 1: V (channel-major codes)
-      const int bits = lay.bits[h];
+      const int bits = page ? lay.bits[h] : TA_BITS_8;
       std::memcpy(q.data(), buf + (which ? buffer_v_offset(d) : buffer_k_offset(d)), q.size());
       std::vector<float> token_scale(static_cast<size_t>(kBlock));
       std::memcpy(token_scale.data(), buf + (which ? buffer_v_scale_offset(d) : buffer_k_scale_offset(d)), 4 * kBlock);
       const float scale = requantize_tokens_to_block(q.data(), token_scale.data(), kBlock, d);
-      store_f32(page + (which ? page_v_scale_offset(cfg_.kv_heads, h) : page_k_scale_offset(h)), scale);
-      uint8_t* region = page + (which ? lay.v_offset[h] : lay.k_offset[h]);
+      store_f32(page ? page + (which ? page_v_scale_offset(cfg_.kv_heads, h) : page_k_scale_offset(h))
+                     : first + first_block_scale_offset(d) + 4 * which,
+                scale);
+      uint8_t* region = page ? page + (which ? lay.v_offset[h] : lay.k_offset[h])
+                             : first + (which ? first_block_v_offset(d) : first_block_k_offset(d));
       // codes[i] in storage order: K row t is token t's channels, V row c is channel c's tokens.
       if (bits == 8) {
         for (int t = 0; t < kBlock; ++t)
@@ -141,15 +140,12 @@ void KvCache::flush(int layer, int seq) {
 }
 
 namespace {
-// A page's block of one head in the compute format: INT8 K and V rows [64][dim] and their block scales.
-void block_tile(const uint8_t* pg, const PageLayout& lay, int head, int8_t* k, int8_t* v, float* k_scale, float* v_scale) {
-  const int d = lay.head_dim;
-  *k_scale = load_f32(pg + page_k_scale_offset(head));
-  *v_scale = load_f32(pg + page_v_scale_offset(lay.kv_heads, head));
-  const int bits = lay.bits[head];
+// A block of one head in the compute format: INT8 K and V rows [64][dim] from its K and V regions (codes,
+// then stage-2 metadata below 8 bits) at `bits`.
+void block_rows(const uint8_t* k_region, const uint8_t* v_region, int bits, int d, int8_t* k, int8_t* v) {
   std::vector<uint8_t> codes(size_t(kBlock) * d);
   for (int which = 0; which < 2; ++which) {
-    const uint8_t* region = pg + (which ? lay.v_offset[head] : lay.k_offset[head]);
+    const uint8_t* region = which ? v_region : k_region;
     int8_t* out = which ? v : k;
     unpack_codes(region, kBlock * d, bits, codes.data());
     const uint8_t* s2_scale = region + block_code_bytes(bits, d);  // K: per channel; V: per token
@@ -163,38 +159,32 @@ void block_tile(const uint8_t* pg, const PageLayout& lay, int head, int8_t* k, i
   }
 }
 
-// A tile of per-token INT8 rows in the buffer's layout (the first block, or the buffer's partial block);
-// scales receives its K and V token scales.
-Int8Tile token_tile(const uint8_t* region, int d, int tokens, int64_t first_pos, float* scales) {
-  std::memcpy(scales, region + buffer_k_scale_offset(d), 4 * kBlock);
-  std::memcpy(scales + kBlock, region + buffer_v_scale_offset(d), 4 * kBlock);
-  Int8Tile t;
-  t.tokens = tokens;
-  t.first_pos = first_pos;
-  t.k = reinterpret_cast<const int8_t*>(region + buffer_k_offset(d));
-  t.v = reinterpret_cast<const int8_t*>(region + buffer_v_offset(d));
-  t.k_scale = scales, t.v_scale = scales + kBlock, t.shared_v_scale = false;
-  return t;
-}
-
-// One head's tiles of a sequence in the compute format, in order: its first block (per-token scales),
-// its full blocks in pages, then the buffer's partial block (per-token scales). codes and scales hold
-// what the tiles point to.
+// One head's tiles of a sequence in the compute format, in order: its first block, its blocks in pages
+// (block scales), then the buffer's partial block (per-token scales). codes and scales hold what the
+// tiles point to.
 std::vector<Int8Tile> tiles(const SequenceBytes& s, int head, std::vector<std::vector<int8_t>>& codes,
                             std::vector<std::vector<float>>& scales) {
-  const int d = s.layout->head_dim;
+  const PageLayout& lay = *s.layout;
+  const int d = lay.head_dim;
   const int64_t len = s.length;
   const int64_t blocks = len / kBlock;
   const int buffered = int(len % kBlock);
   std::vector<Int8Tile> out;
   codes.assign(size_t(blocks), std::vector<int8_t>(size_t(2) * kBlock * d));
   scales.assign(size_t(blocks) + 1, std::vector<float>(size_t(2) * kBlock));
-  if (blocks > 0) out.push_back(token_tile(s.first_blocks[size_t(head)], d, kBlock, 0, scales[0].data()));
-  for (int64_t b = 1; b < blocks; ++b) {
+  for (int64_t b = 0; b < blocks; ++b) {
     int8_t* kc = codes[size_t(b)].data();
     float* sc = scales[size_t(b)].data();
     float ks, vs;
-    block_tile(s.pages[size_t(PageBook::table_index(b))], *s.layout, head, kc, kc + kBlock * d, &ks, &vs);
+    if (b == 0) {
+      const uint8_t* first = s.first_blocks[size_t(head)];
+      block_rows(first + first_block_k_offset(d), first + first_block_v_offset(d), TA_BITS_8, d, kc, kc + kBlock * d);
+      ks = load_f32(first + first_block_scale_offset(d)), vs = load_f32(first + first_block_scale_offset(d) + 4);
+    } else {
+      const uint8_t* pg = s.pages[size_t(PageBook::table_index(b))];
+      block_rows(pg + lay.k_offset[head], pg + lay.v_offset[head], lay.bits[head], d, kc, kc + kBlock * d);
+      ks = load_f32(pg + page_k_scale_offset(head)), vs = load_f32(pg + page_v_scale_offset(lay.kv_heads, head));
+    }
     std::fill(sc, sc + kBlock, ks);
     sc[kBlock] = vs;
     Int8Tile t;
@@ -203,7 +193,19 @@ std::vector<Int8Tile> tiles(const SequenceBytes& s, int head, std::vector<std::v
     t.k = kc, t.v = kc + kBlock * d, t.k_scale = sc, t.v_scale = sc + kBlock, t.shared_v_scale = true;
     out.push_back(t);
   }
-  if (buffered) out.push_back(token_tile(s.buffers[size_t(head)], d, buffered, blocks * kBlock, scales[size_t(blocks)].data()));
+  if (buffered) {
+    const uint8_t* buf = s.buffers[size_t(head)];
+    float* sc = scales[size_t(blocks)].data();
+    std::memcpy(sc, buf + buffer_k_scale_offset(d), 4 * kBlock);
+    std::memcpy(sc + kBlock, buf + buffer_v_scale_offset(d), 4 * kBlock);
+    Int8Tile t;
+    t.tokens = buffered;
+    t.first_pos = blocks * kBlock;
+    t.k = reinterpret_cast<const int8_t*>(buf + buffer_k_offset(d));
+    t.v = reinterpret_cast<const int8_t*>(buf + buffer_v_offset(d));
+    t.k_scale = sc, t.v_scale = sc + kBlock, t.shared_v_scale = false;
+    out.push_back(t);
+  }
   return out;
 }
 }  // namespace

@@ -14,8 +14,8 @@
 namespace turboattn::ref {
 
 // One sequence's state in one layer as bytes in host memory: the CPU cache's own, or copies of the GPU
-// cache's (whose bytes are the same). first_blocks: each head's first block (per-token INT8, the
-// buffer's layout; read when length >= 64); pages: those of its full blocks after the first, in order;
+// cache's (whose bytes are the same). first_blocks: each head's first block (at 8 bits, read when
+// length >= 64); pages: those of its full blocks after the first, in order;
 // buffers: each head's INT8 buffer (the partial block); k_mean: [kv_heads][dim].
 struct SequenceBytes {
   const PageLayout* layout = nullptr;
@@ -89,7 +89,7 @@ class KvCache {
   std::vector<PageLayout> layouts_;
   std::vector<std::vector<uint8_t>> pools_;    // per layer: num_pages * page_bytes
   std::vector<std::vector<uint8_t>> buffers_;  // per layer: max_seqs * kv_heads * buffer_head_bytes
-  std::vector<std::vector<uint8_t>> first_blocks_;  // per layer: the same
+  std::vector<std::vector<uint8_t>> first_blocks_;  // per layer: max_seqs * kv_heads * first_block_bytes
   std::vector<std::vector<float>> means_;      // per layer: max_seqs * kv_heads * dim
   PageBook book_;
 };

@@ -191,10 +191,10 @@ def test_read_gives_what_decode_reads(device, bits):
         assert k.shape == v.shape == (n, HKV, D) and k.dtype == torch.float32 and k.device.type == "cpu"
         kc, vc = cpu.read(0, cpu_seqs[i])
         assert torch.equal(k, kc) and torch.equal(v, vc)
-        # K within 0.009 of the tokens while per token (the INT8 buffer, the first block), 0.071 (8/4 bits)
-        # and 0.334 (4/2) in pages (measured over 20 draws before the first block stayed per token);
-        # decode within 0.011 of attention over what read returns, far closer than to attention over the
-        # written tokens once pages hold most of them.
+        # K within 0.009 of the tokens while in the INT8 buffer, about 0.01 in the first block (8 bits),
+        # 0.071 (8/4 bits) and 0.334 (4/2) in pages (measured over 20 draws before the first block stayed at
+        # 8 bits); decode within 0.011 of attention over what read returns, far closer than to attention
+        # over the written tokens once pages hold most of them.
         assert rel_l2(k, ks[i]) < (0.02 if n <= 64 else 0.1 if bits == [8, 4] else 0.45)
         to_read = rel_l2(out[i], attention_f64(q[i], k, v))
         assert to_read < 0.03

@@ -13,8 +13,9 @@
 // the codes unpacked straight into the A fragments by a shift and a mask. The tensor-core K dimension
 // walks each row in the order of code_order.cuh (each lane loads its own run of words), and Q' and P
 // are laid out to match; N holds the query rows' hi and lo parts side by side (WarpState). 8-bit pages
-// take s8 codes as they are. The tiles whose scales are per token (the sequence's first block and the
-// buffer's partial block) take the reference's token-by-token P V. Partial states go to a workspace that cache_merge_kernel combines (1.7).
+// take s8 codes as they are, and so does the sequence's first block (8 bits in its own region, read
+// straight from global memory). The buffer's partial tile, whose scales are per token, takes the
+// reference's token-by-token P V. Partial states go to a workspace that cache_merge_kernel combines (1.7).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -531,10 +532,9 @@ __device__ __forceinline__ void page_values(const uint8_t* v_half, const uint8_t
   }
 }
 
-// A tile in the buffer's layout (the first block, or the buffer's partial block): per-token scales; K
-// rows read from global memory, P V token by token.
+// The buffer's tile: per-token scales; K rows read from global memory, P V token by token.
 template <int kHeadDim, bool kSas, int kGroups>
-__device__ __forceinline__ void token_tile(const uint8_t* buffer, const uint8_t* s_q8, uint8_t* s_p, const float (&q_scale)[kGroups],
+__device__ __forceinline__ void buffer_tile(const uint8_t* buffer, const uint8_t* s_q8, uint8_t* s_p, const float (&q_scale)[kGroups],
                                             const int (&visible)[kGroups], float skip_x, WarpState<kHeadDim, kGroups>& ws,
                                             int lane) {
   using Tr = DecodeTraits<kHeadDim>;
@@ -641,9 +641,10 @@ struct HalfCopies {
   }
 };
 
-// A warp's tiles of the split after its first two halves were issued: the pages, then (after the loop,
-// where the loop's registers are free for them) the per-token tiles that are this warp's: the first
-// block (tile 0, so the first warp of the first split's) and the buffer's partial block.
+// A warp's tiles of the split after its first two halves were issued: the sequence's first block if it
+// is this warp's (tile 0: the first warp of the first split; an 8-bit tile read from global memory while
+// the ring's first copies are in flight), the pages, then (last in the sequence's order, so after the
+// loop, where the loop's registers are free for it) the buffer's tile if it is this warp's.
 template <int kHeadDim, int kBits, bool kSas, int kGroups>
 __device__ __forceinline__ void warp_tiles(const DecodeParams& p, const HalfCopies<kHeadDim, kBits>& copies, const uint8_t* s_q8,
                                            const uint8_t* s_qk, uint8_t* s_b, uint8_t* s_p, const float (&q_scale)[kGroups],
@@ -654,6 +655,18 @@ __device__ __forceinline__ void warp_tiles(const DecodeParams& p, const HalfCopi
   const int blocks = int(len / Tr::kKeys);
   const float skip_x = skip_threshold(len);
   const int first = copies.first;
+  if (own == 0 && blocks > 0) {
+    const uint8_t* block = p.first_blocks + (int64_t(slot) * p.hkv + hk) * first_block_bytes(D);
+    int visible[kGroups];
+#pragma unroll
+    for (int grp = 0; grp < kGroups; ++grp) visible[grp] = int(min(int64_t(Tr::kKeys), max(int64_t(0), max_pos[grp] + 1)));
+    TileSoftmax<kSas, kGroups> sm;
+    const bool values = page_scores<kHeadDim, 8, kSas, kGroups>(block + first_block_k_offset(D),
+                                                                reinterpret_cast<const float*>(block + first_block_scale_offset(D)), s_q8,
+                                                                s_qk, s_b, s_p, q_scale, visible, rows, skip_x, ws, sm, lane);
+    if (values) page_values<kHeadDim, 8, kSas, kGroups>(block + first_block_v_offset(D), s_p, sm, ws, lane);
+    __syncwarp();  // s_p is rewritten next
+  }
   int32_t next_id = copies.page_id(first + Tr::kWarps);  // of the tile staged in the first iteration
   int k_slot = 0;  // the ring slot of this tile's K; its V is in the next one, the next tile's K goes to the one
                    // after that (the previous V's) and its V to this K's
@@ -681,18 +694,14 @@ __device__ __forceinline__ void warp_tiles(const DecodeParams& p, const HalfCopi
   }
   cp_async_wait<0>();
   if constexpr (kBits < 8) ws.fold_zero_term();
-  const int64_t head_region = (int64_t(slot) * p.hkv + hk) * buffer_head_bytes(D);
-  const bool partial_is_mine = blocks >= own && blocks < end && (blocks - own) % Tr::kWarps == 0 && len % Tr::kKeys != 0;
-#pragma unroll 1
-  for (int partial = 0; partial < 2; ++partial) {  // one call site: token_tile is inlined once
-    if (partial ? !partial_is_mine : own != 0 || blocks == 0) continue;
-    const int64_t first_pos = partial ? int64_t(blocks) * Tr::kKeys : 0;
-    const int tokens = partial ? int(len % Tr::kKeys) : Tr::kKeys;
+  if (blocks >= own && blocks < end && (blocks - own) % Tr::kWarps == 0 && len % Tr::kKeys != 0) {
+    const int64_t first_pos = int64_t(blocks) * Tr::kKeys;
     int visible[kGroups];
 #pragma unroll
-    for (int grp = 0; grp < kGroups; ++grp) visible[grp] = int(min(int64_t(tokens), max(int64_t(0), max_pos[grp] - first_pos + 1)));
-    token_tile<kHeadDim, kSas, kGroups>((partial ? p.buffers : p.first_blocks) + head_region, s_q8, s_p, q_scale, visible, skip_x, ws,
-                                        lane);
+    for (int grp = 0; grp < kGroups; ++grp)
+      visible[grp] = int(min(int64_t(len % Tr::kKeys), max(int64_t(0), max_pos[grp] - first_pos + 1)));
+    buffer_tile<kHeadDim, kSas, kGroups>(p.buffers + (int64_t(slot) * p.hkv + hk) * buffer_head_bytes(D), s_q8, s_p, q_scale, visible,
+                                         skip_x, ws, lane);
   }
 }
 

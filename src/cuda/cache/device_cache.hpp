@@ -89,7 +89,7 @@ class DeviceCache {
   int table_width_ = 0;                 // page-table entries per sequence on the device (blocks after the first)
   std::vector<uint8_t*> pools_;         // per layer: num_pages * page_bytes
   std::vector<uint8_t*> buffers_;       // per layer: max_seqs * kv_heads * buffer_head_bytes
-  std::vector<uint8_t*> first_blocks_;  // per layer: the same
+  std::vector<uint8_t*> first_blocks_;  // per layer: max_seqs * kv_heads * first_block_bytes
   std::vector<float*> means_;           // per layer: max_seqs * kv_heads * head_dim
   PageLayout* d_layouts_ = nullptr;     // per layer, for the kernels
   int32_t* d_tables_ = nullptr;         // [max_seqs][table_width_]

@@ -1,8 +1,8 @@
 // Cache writes on the GPU: one CTA per (run of tokens inside one 64-token block, KV head). Tokens are
 // quantized per token into the INT8 buffer (3.1); a run that completes its block is flushed straight
-// into its page (3.2-3.4) with the tokens already buffered, except the sequence's first block, which
-// stays per token in its own region (3.2). Bulk writes and appends are the same kernel,
-// so they produce the same bytes, and both match the CPU cache (src/reference/kv_cache.cpp) bit for bit.
+// into its page (3.2-3.4) with the tokens already buffered (the sequence's first block into its own
+// region, at 8 bits). Bulk writes and appends are the same kernel, so they produce the same bytes, and
+// both match the CPU cache (src/reference/kv_cache.cpp) bit for bit.
 #pragma once
 
 #include <stdint.h>
@@ -59,30 +59,18 @@ __global__ void __launch_bounds__(kWriteThreads) cache_write_kernel(const WriteP
   uint8_t* s_codes = smem + 2 * kBlock * D;
   float* s_scale[2] = {reinterpret_cast<float*>(smem + 3 * kBlock * D), reinterpret_cast<float*>(smem + 3 * kBlock * D) + kBlock};
 
-  const int64_t head_region = (int64_t(run.slot) * p.kv_heads + h) * buffer_head_bytes(D);
-  const bool to_page = run.page >= 0, to_first_block = !to_page && run.completes_block();
-  // Per-token rows (K and V codes, their scales) of a region in the buffer's layout.
-  struct Rows {
-    int8_t* q[2];
-    float* scale[2];
-  };
-  auto rows_of = [&](uint8_t* region) {
-    return Rows{{reinterpret_cast<int8_t*>(region + buffer_k_offset(D)), reinterpret_cast<int8_t*>(region + buffer_v_offset(D))},
-                {reinterpret_cast<float*>(region + buffer_k_scale_offset(D)), reinterpret_cast<float*>(region + buffer_v_scale_offset(D))}};
-  };
-  const Rows buffered = rows_of(p.buffers + head_region);
-  // Where the block's rows gather: shared memory for a flush into a page, the first block's region, or
-  // (the run leaves its block partial) the buffer itself.
-  const Rows dst = to_page ? Rows{{s_q[0], s_q[1]}, {s_scale[0], s_scale[1]}}
-                           : rows_of((to_first_block ? p.first_blocks : p.buffers) + head_region);
+  uint8_t* buf = p.buffers + (int64_t(run.slot) * p.kv_heads + h) * buffer_head_bytes(D);
+  int8_t* buf_q[2] = {reinterpret_cast<int8_t*>(buf + buffer_k_offset(D)), reinterpret_cast<int8_t*>(buf + buffer_v_offset(D))};
+  float* buf_scale[2] = {reinterpret_cast<float*>(buf + buffer_k_scale_offset(D)),
+                         reinterpret_cast<float*>(buf + buffer_v_scale_offset(D))};
   const int slot0 = int(run.pos0 % kBlock);
+  const bool complete = run.completes_block();
   const float* mean = p.means + (int64_t(run.slot) * p.kv_heads + h) * D;
 
   // Tokens already in the buffer join the block when it completes.
-  if (to_page || to_first_block) {
-    for (int i = threadIdx.x; i < slot0 * D; i += kWriteThreads) dst.q[0][i] = buffered.q[0][i], dst.q[1][i] = buffered.q[1][i];
-    for (int i = threadIdx.x; i < slot0; i += kWriteThreads)
-      dst.scale[0][i] = buffered.scale[0][i], dst.scale[1][i] = buffered.scale[1][i];
+  if (complete) {
+    for (int i = threadIdx.x; i < slot0 * D; i += kWriteThreads) s_q[0][i] = buf_q[0][i], s_q[1][i] = buf_q[1][i];
+    for (int i = threadIdx.x; i < slot0; i += kWriteThreads) s_scale[0][i] = buf_scale[0][i], s_scale[1][i] = buf_scale[1][i];
   }
 
   // Per-token INT8 (ref::quantize_block_int8 of one row; K minus the sequence's mean), one warp a token.
@@ -102,24 +90,27 @@ __global__ void __launch_bounds__(kWriteThreads) cache_write_kernel(const WriteP
       for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
       finite = __all_sync(0xffffffffu, finite);
       const Int8Scale s = int8_block_scale(amax, finite);
-      int8_t* row = dst.q[which] + t * D;
+      int8_t* dst = complete ? s_q[which] + t * D : buf_q[which] + t * D;
       for (int c = lane; c < D; c += 32) {
         const float x = which ? to_float(src[c]) : __fsub_rn(to_float(src[c]), mean[c]);
-        row[c] = int8_code(x, s.inv);
+        dst[c] = int8_code(x, s.inv);
       }
-      if (lane == 0) dst.scale[which][t] = s.scale;
+      if (lane == 0) (complete ? s_scale[which] : buf_scale[which])[t] = s.scale;
     }
   }
-  if (!to_page) {
+  if (!complete) {
     if (h == 0 && threadIdx.x == 0 && run.new_length >= 0) p.lengths[run.slot] = run.new_length;
     return;
   }
   __syncthreads();
 
-  // Flush: block scale, requantization, stage 2, packing; K token-major, V channel-major.
+  // Flush: block scale, requantization, stage 2, packing; K token-major, V channel-major. The
+  // sequence's first block goes to its own region at 8 bits, every later one to its page.
   const PageLayout& lay = *p.layout;
-  const int bits = lay.bits[h];
+  const bool to_page = run.page >= 0;
+  const int bits = to_page ? lay.bits[h] : TA_BITS_8;
   uint8_t* page = p.pool + int64_t(run.page) * lay.page_bytes;
+  uint8_t* first = p.first_blocks + (int64_t(run.slot) * p.kv_heads + h) * first_block_bytes(D);
   __shared__ float s_block_scale;
 #pragma unroll 1
   for (int which = 0; which < 2; ++which) {
@@ -132,7 +123,8 @@ __global__ void __launch_bounds__(kWriteThreads) cache_write_kernel(const WriteP
         if (!isnan(block)) block = fmaxf(block, ts[t]);
       }
       s_block_scale = block;
-      *reinterpret_cast<float*>(page + (which ? page_v_scale_offset(p.kv_heads, h) : page_k_scale_offset(h))) = block;
+      *reinterpret_cast<float*>(to_page ? page + (which ? page_v_scale_offset(p.kv_heads, h) : page_k_scale_offset(h))
+                                        : first + first_block_scale_offset(D) + 4 * which) = block;
     }
     __syncthreads();
     const float block = s_block_scale;
@@ -142,7 +134,8 @@ __global__ void __launch_bounds__(kWriteThreads) cache_write_kernel(const WriteP
       q[i] = zero_codes ? int8_t(0) : round_int8(__fmul_rn(float(q[i]), ratio));
     }
     __syncthreads();
-    uint8_t* region = page + (which ? lay.v_offset[h] : lay.k_offset[h]);
+    uint8_t* region = to_page ? page + (which ? lay.v_offset[h] : lay.k_offset[h])
+                              : first + (which ? first_block_v_offset(D) : first_block_k_offset(D));
     const int code_bytes = int(block_code_bytes(bits, D));
     // s_codes[i] in storage order: K row t is token t's channels, V row c is channel c's tokens.
     if (bits == 8) {
@@ -173,7 +166,7 @@ __global__ void __launch_bounds__(kWriteThreads) cache_write_kernel(const WriteP
     __syncthreads();
   }
   if (h == 0 && threadIdx.x == 0) {
-    p.tables[int64_t(run.slot) * p.table_width + run.pos0 / kBlock - 1] = run.page;  // PageBook::table_index
+    if (to_page) p.tables[int64_t(run.slot) * p.table_width + run.pos0 / kBlock - 1] = run.page;  // PageBook::table_index
     if (run.new_length >= 0) p.lengths[run.slot] = run.new_length;
   }
 }
