@@ -396,7 +396,18 @@ def test_calibration_file_sizes_the_cache_through_make_cache(tmp_path):
     hf.calibrate(model, tokens(128), 0.5, path)
     cache = hf.make_cache(hf.patch(model), hf.TurboConfig(head_bits=path), batch_size=2, max_seq_len=200)
     assert cache.head_bits == hf.load_head_bits(path)["head_bits"]
-    assert (cache.max_seqs, cache.max_seq_len, cache.num_pages) == (2, 200, 2 * math.ceil(200 / 64))
+    assert (cache.max_seqs, cache.max_seq_len, cache.num_pages) == (2, 200, 2 * (200 // 64 - 1))
+
+
+def test_default_pages_hold_every_sequence_at_max_seq_len():
+    # A sequence's first block has a region of its own, so max_seq_len // 64 - 1 pages per sequence is
+    # exactly enough: two rows generated to 200 tokens take every page.
+    model = hf.patch(llama(), hf.TurboConfig(bits=4))
+    cache = hf.make_cache(model, batch_size=2, max_seq_len=200)
+    assert cache.num_pages == 2 * (200 // 64 - 1)
+    out = generate(model, tokens(150, rows=2), 51, past_key_values=cache)
+    assert cache_of(out) is cache and cache.lengths[0] == [200, 200]
+    assert cache.kv.free_pages() == 0
 
 
 def test_a_dropped_cache_frees_its_kvcache_at_once():

@@ -19,7 +19,6 @@ over the k, v it is given. docs/INTEGRATION.md has the details and the limitatio
 import dataclasses
 import inspect
 import json
-import math
 import os
 import threading
 import warnings
@@ -261,7 +260,8 @@ class TurboCache(Cache):
         default_len = min(int(getattr(text, "max_position_embeddings", 4096) or 4096), 4096)
         self.max_seq_len = int(config.max_seq_len or max_seq_len or default_len)
         pages = config.num_pages if config.num_pages is not None else num_pages
-        self.num_pages = int(pages if pages is not None else self.max_seqs * math.ceil(self.max_seq_len / _BLOCK))
+        # Enough for every sequence at max_seq_len: its full blocks after the first (which has its own region).
+        self.num_pages = int(pages if pages is not None else self.max_seqs * max(0, self.max_seq_len // _BLOCK - 1))
         self._text_config = text
         device = getattr(model, "device", torch.device("cpu"))
         self.kv, self.cache_device = self._create(device)
