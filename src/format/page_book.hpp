@@ -40,8 +40,8 @@ class PageBook {
   int free_pages() const { return int(free_.size()); }
   const std::vector<int>& table(int seq) const { return tables_[size_t(seq)]; }
 
-  // A sequence's first block is kept per token in its slot, not in a page (docs/FORMATS.md 3.2): block
-  // b >= 1 is in the page of table entry b - 1.
+  // A sequence's first block is kept at 8 bits in a region of its slot, not in a page (docs/FORMATS.md
+  // 3.2): block b >= 1 is in the page of table entry b - 1.
   static int64_t table_index(int64_t block) { return block - 1; }
   // Pages a sequence must newly take for `tokens` more tokens in `layer` (a page is taken when a
   // layer first fills its block; the other layers then share it).
