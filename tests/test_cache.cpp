@@ -254,8 +254,8 @@ TEST(CacheMemory, BytesPerValueAtHeadDim128) {
   };
   EXPECT_DOUBLE_EQ(bytes_per_value(std::vector<int32_t>(8, 8)), 131200.0 / 131072);
   EXPECT_DOUBLE_EQ(bytes_per_value(std::vector<int32_t>(8, 4)), 68736.0 / 131072);
-  EXPECT_DOUBLE_EQ(bytes_per_value(std::vector<int32_t>(8, 2)), 35968.0 / 131072);
-  EXPECT_DOUBLE_EQ(bytes_per_value({4, 2, 4, 2, 4, 2, 4, 2}), 52352.0 / 131072);
+  EXPECT_DOUBLE_EQ(bytes_per_value(std::vector<int32_t>(8, 2)), 38016.0 / 131072);
+  EXPECT_DOUBLE_EQ(bytes_per_value({4, 2, 4, 2, 4, 2, 4, 2}), 53376.0 / 131072);
   EXPECT_GT(2.0 / bytes_per_value({4, 2, 4, 2, 4, 2, 4, 2}), 4.9);  // vs FP16: over the paper's 4.4x
 }
 
@@ -330,6 +330,52 @@ TEST(CacheFirstBlock, KeptAt8BitsAndInNoPage) {
             .rel_l2;
       };
       EXPECT_GT(err(kb, k, first, second), 5 * err(kb, k, 0, first)) << "the second block is compressed";
+    }
+  }
+}
+
+TEST(CacheStage2, KeyGridsPerChannelOver64TokensAt4BitsAnd32At2) {
+  // docs/FORMATS.md 3.3, derived here independently: a paged block's K reads back as stage 1 (per-token
+  // INT8, requantized to the block's scale) and then, per channel, one grid over the block's 64 tokens
+  // at 4 bits and one over each half's 32 tokens at 2 bits. Each channel's halves are made to sit far
+  // apart, so a grid over the wrong tokens cannot give the same values.
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE(testing::Message() << "seed " << seed);
+  std::mt19937_64 rng(seed);
+  const int n = 2 * TA_BLOCK_TOKENS + 5, h = 2, d = 64, block = TA_BLOCK_TOKENS;
+  std::vector<float> k = test::make_input(rng, n, h, d, InputKind::Outliers, 'k');
+  std::vector<float> v = test::make_input(rng, n, h, d, InputKind::Normal, 'v');
+  for (int t = block + block / 2; t < 2 * block; ++t)
+    for (int c = 0; c < h * d; ++c) k[size_t(t) * h * d + size_t(c)] += c % 2 ? 6.0f : -6.0f;
+  test::to_half(k), test::to_half(v);
+  for (int bits : {4, 2}) {
+    SCOPED_TRACE(bits);
+    const int group = bits == 2 ? 32 : 64;
+    KvCache cache(config(std::to_string(bits), h, d));
+    const int s = cache.add_sequence();
+    cache.write(0, s, test::view_of(k, n, h, d), test::view_of(v, n, h, d));
+    std::vector<float> kb(k.size()), vb(v.size());
+    cache.read_tokens(0, s, kb.data(), vb.data());
+    for (int hh = 0; hh < h; ++hh) {
+      const float* mean = cache.k_mean(0, s) + size_t(hh) * d;
+      std::vector<float> row(static_cast<size_t>(d));
+      std::vector<int8_t> q(size_t(block) * d);
+      std::vector<float> token_scale(static_cast<size_t>(block));
+      for (int t = 0; t < block; ++t) {
+        const float* x = k.data() + (size_t(block + t) * h + hh) * d;
+        for (int c = 0; c < d; ++c) row[size_t(c)] = x[c] - mean[c];
+        token_scale[size_t(t)] = quantize_block_int8(row.data(), 1, d, d, q.data() + size_t(t) * d, d);
+      }
+      const float scale = requantize_tokens_to_block(q.data(), token_scale.data(), block, d);
+      std::vector<uint8_t> codes(static_cast<size_t>(group));
+      for (int c = 0; c < d; ++c)
+        for (int t0 = 0; t0 < block; t0 += group) {
+          const Stage2Params p = stage2_encode(q.data() + size_t(t0) * d + c, group, d, bits, codes.data());
+          for (int t = 0; t < group; ++t) {
+            const float want = float(stage2_decode(codes[size_t(t)], p)) * scale + mean[c];
+            ASSERT_EQ(kb[(size_t(block + t0 + t) * h + hh) * d + c], want) << "head " << hh << " channel " << c << " token " << t0 + t;
+          }
+        }
     }
   }
 }

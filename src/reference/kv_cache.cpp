@@ -113,16 +113,19 @@ void KvCache::flush(int layer, int seq) {
         for (int t = 0; t < kBlock; ++t)
           for (int c = 0; c < d; ++c)
             codes[which ? size_t(c) * kBlock + t : size_t(t) * d + c] = uint8_t(q[size_t(t) * d + c]);
-      } else if (which == 0) {  // K: a grid per channel over the block's tokens
+      } else if (which == 0) {  // K: a grid per channel over each group of the block's tokens
+        const int group_tokens = k_group_tokens(bits), groups = k_groups(bits);
         uint8_t* s2_scale = region + block_code_bytes(bits, d);
-        auto* s2_zero = reinterpret_cast<int8_t*>(s2_scale + d);
-        std::vector<uint8_t> channel(static_cast<size_t>(kBlock));
-        for (int c = 0; c < d; ++c) {
-          const Stage2Params p = stage2_encode(q.data() + c, kBlock, d, bits, channel.data());
-          s2_scale[c] = p.scale;
-          s2_zero[c] = p.zero;
-          for (int t = 0; t < kBlock; ++t) codes[size_t(t) * d + c] = channel[size_t(t)];
-        }
+        auto* s2_zero = reinterpret_cast<int8_t*>(s2_scale + groups * d);
+        std::vector<uint8_t> channel(static_cast<size_t>(group_tokens));
+        for (int grp = 0; grp < groups; ++grp)
+          for (int c = 0; c < d; ++c) {
+            const int t0 = grp * group_tokens;
+            const Stage2Params p = stage2_encode(q.data() + size_t(t0) * d + c, group_tokens, d, bits, channel.data());
+            s2_scale[grp * d + c] = p.scale;
+            s2_zero[grp * d + c] = p.zero;
+            for (int t = 0; t < group_tokens; ++t) codes[size_t(t0 + t) * d + c] = channel[size_t(t)];
+          }
       } else {  // V: a grid per token over its channels
         uint8_t* s2_scale = region + block_code_bytes(bits, d);
         auto* s2_zero = reinterpret_cast<int8_t*>(s2_scale + kBlock);
@@ -148,12 +151,13 @@ void block_rows(const uint8_t* k_region, const uint8_t* v_region, int bits, int 
     const uint8_t* region = which ? v_region : k_region;
     int8_t* out = which ? v : k;
     unpack_codes(region, kBlock * d, bits, codes.data());
-    const uint8_t* s2_scale = region + block_code_bytes(bits, d);  // K: per channel; V: per token
-    const auto* s2_zero = reinterpret_cast<const int8_t*>(s2_scale + (which ? kBlock : d));
+    // K: per channel and token group; V: per token.
+    const uint8_t* s2_scale = region + block_code_bytes(bits, d);
+    const auto* s2_zero = reinterpret_cast<const int8_t*>(s2_scale + (which ? kBlock : k_groups(bits) * d));
     for (int t = 0; t < kBlock; ++t)
       for (int c = 0; c < d; ++c) {
         const uint8_t code = codes[which ? size_t(c) * kBlock + t : size_t(t) * d + c];
-        const int g = which ? t : c;
+        const int g = which ? t : t / k_group_tokens(bits) * d + c;
         out[size_t(t) * d + c] = bits == 8 ? int8_t(code) : stage2_decode(code, {s2_scale[g], s2_zero[g]});
       }
   }

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstdlib>
 
+#include "format/page_book.hpp"
 #include "fuzz_util.hpp"
 
 using namespace turboattn::fuzz;
@@ -96,7 +97,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         check_status(ta_cache_sequence_length(cache, l, s, &len));
         longest = std::max(longest, len);
       }
-      held += longest / TA_BLOCK_TOKENS;
+      held += std::max<int64_t>(0, turboattn::PageBook::table_index(longest / TA_BLOCK_TOKENS));  // pages: blocks after the first
     }
     if (free_pages + held != cfg.num_pages) std::abort();
   }

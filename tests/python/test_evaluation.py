@@ -297,14 +297,20 @@ def test_format_simulation_is_the_library_cache(bits):
     seq = cache.add_sequence()
     cache.write(0, [seq], k, v, torch.tensor([0, n], dtype=torch.int32))
     k_read, v_read = cache.read(0, seq)
-    def simulate(**options):  # [1, heads, n, dim] in, as attention holds them; what the layer holds out
-        layer = sim.VariantLayer(bits, bits, "chan", "tok", **options)
+    k_grouping = "chan32" if bits == 2 else "chan"  # K's grids: 32 tokens at 2 bits, 64 at 4 (FORMATS 3.3)
+
+    def simulate(k_grouping=k_grouping, **options):
+        # [1, heads, n, dim] in, as attention holds them; what the layer holds out
+        layer = sim.VariantLayer(bits, bits, k_grouping, "tok", **options)
         layer.update(k.float().transpose(0, 1)[None], v.float().transpose(0, 1)[None])
         return layer.keys[0].transpose(0, 1), layer.values[0].transpose(0, 1)
 
     k_sim, v_sim = simulate(first_block=True)
     assert torch.allclose(k_read, k_sim, rtol=0, atol=1e-5) and torch.allclose(v_read, v_sim, rtol=0, atol=1e-5)
-    # Other formats: the first block compressed, another rule for the zero; the test tells them apart.
+    # Other formats: the other K grouping, the first block compressed, another rule for the zero; the test
+    # tells them apart.
+    k_other, _ = simulate("chan" if bits == 2 else "chan32", first_block=True)
+    assert not torch.allclose(k_read, k_other, rtol=0, atol=1e-5)
     for other in ({}, {"first_block": True, "least_squares": True}):
         k_other, v_other = simulate(**other)
         assert not torch.allclose(k_read, k_other, rtol=0, atol=1e-5), other

@@ -177,20 +177,17 @@ __device__ __forceinline__ uint32_t pack_bytes(const int32_t (&x)[4], int shift)
   return __byte_perm(x01 >> shift, x23 >> shift, 0x6420);
 }
 
-// Scores of a tile: s[grp][mt][i] + offset[grp] is key 16 mt + g + 8 i of row 4 grp + t, where offset is
-// a term common to the row's keys (4- and 2-bit pages: q . zero of the K zeros, which the differences to
-// the tile maximum do not need; else 0). Masks keys past each row's last visible one, finds each row's
-// tile maximum, applies the skip rule, and updates m and l (with the P codes' row sums). codes[grp][mt]
-// holds keys 16 mt + g and 16 mt + g + 8 in its bytes 0 and 2.
+// Scores of a tile: s[grp][mt][i] is key 16 mt + g + 8 i of row 4 grp + t. Masks keys past each row's
+// last visible one, finds each row's tile maximum, applies the skip rule, and updates m and l (with the P
+// codes' row sums). codes[grp][mt] holds keys 16 mt + g and 16 mt + g + 8 in its bytes 0 and 2.
 template <bool kSas, int kGroups>
 struct TileSoftmax {
   float alpha[kGroups], beta[kGroups], sv = 0.0f;
   bool skip[kGroups];
   uint32_t codes[kGroups][TA_BLOCK_TOKENS / 16];
 
-  __device__ __forceinline__ void run(float (&s)[kGroups][TA_BLOCK_TOKENS / 16][2], const float (&offset)[kGroups],
-                                      const int (&visible)[kGroups], bool v_nan, float skip_x, float (&m)[kGroups], float (&l)[kGroups],
-                                      int g) {
+  __device__ __forceinline__ void run(float (&s)[kGroups][TA_BLOCK_TOKENS / 16][2], const int (&visible)[kGroups], bool v_nan,
+                                      float skip_x, float (&m)[kGroups], float (&l)[kGroups], int g) {
     constexpr int kMTiles = TA_BLOCK_TOKENS / 16;
 #pragma unroll
     for (int grp = 0; grp < kGroups; ++grp) {
@@ -204,11 +201,10 @@ struct TileSoftmax {
         }
 #pragma unroll
       for (int x = 4; x < 32; x <<= 1) tile_max = nan_max(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, x));
-      const float row_max = tile_max == -INFINITY ? -INFINITY : tile_max + offset[grp];
-      const float m_new = nan_max(m[grp], row_max);
-      skip[grp] = row_max == -INFINITY || (row_max - m_new < skip_x && !v_nan);
+      const float m_new = nan_max(m[grp], tile_max);
+      skip[grp] = tile_max == -INFINITY || (tile_max - m_new < skip_x && !v_nan);
       alpha[grp] = skip[grp] ? 1.0f : ex2_approx(m[grp] - m_new);
-      beta[grp] = skip[grp] ? 0.0f : ex2_approx(row_max - m_new);
+      beta[grp] = skip[grp] ? 0.0f : ex2_approx(tile_max - m_new);
       if (!skip[grp]) m[grp] = m_new;
       int32_t sum = 0;
 #pragma unroll
@@ -319,37 +315,10 @@ __device__ __forceinline__ bool page_scores(const uint8_t* k_half, const float* 
   const uint8_t* k_meta = k_half + Tr::half_meta(kBits);
   constexpr int kKStride = Tr::k_row_bytes(kBits);
 
-  // Q' = q * scale split into hi (s8) and lo (0..127) in K's K order (in B rows, or in registers below),
-  // and zq = q . zero of row 4 grp + t.
-  constexpr bool kQPrimeInRegisters = Tr::q_prime_in_registers(kGroups, kBits);
-  int32_t zq[kGroups] = {};
-  if constexpr (kBits < 8) {
-    if constexpr (!kQPrimeInRegisters) build_q_prime<kHeadDim, kBits>(s_qk, k_meta, s_b, rows, lane);
-    // zq of each live row over kLanes lanes (lanes kLanes r.. take row r: 4 per row for two groups' 8
-    // rows, 8 per row for one group's 4), each lane every kLanes-th word, rotated by row against bank
-    // conflicts (none at D = 128, 256).
-    constexpr int kLanes = 8 / kGroups, kWords = D / 4;
-    const int row = lane / kLanes, sub = lane % kLanes;
-    const int32_t* q_words = reinterpret_cast<const int32_t*>(s_q8 + row * D);
-    const int32_t* zero_words = reinterpret_cast<const int32_t*>(k_meta + D);
-    int32_t dot = 0;
-    const int base = (sub + kLanes * row) % kWords;
-#pragma unroll
-    for (int j = 0; j < kWords / kLanes; ++j) {
-      const int w = base + kLanes * j < kWords ? base + kLanes * j : base + kLanes * j - kWords;
-      dot = __dp4a(q_words[w], zero_words[w], dot);
-    }
-#pragma unroll
-    for (int x = 1; x < kLanes; x <<= 1) dot += __shfl_xor_sync(0xffffffffu, dot, x);
-#pragma unroll
-    for (int grp = 0; grp < kGroups; ++grp) zq[grp] = __shfl_sync(0xffffffffu, dot, kLanes * (4 * grp + t));
-    if constexpr (!kQPrimeInRegisters) __syncwarp();  // Q' rows written
-  }
-
   // S^T = K Q'^T: keys in M, (row, part) columns in N, the tensor-core K dimension in KOrder.
   using KOrder = CodeOrder<kBits, D>;
   constexpr int kSteps = KOrder::kSteps;
-  float s[kGroups][kMTiles][2], offset[kGroups] = {};
+  float s[kGroups][kMTiles][2];
   if constexpr (kBits == 8) {
     int32_t acc[kMTiles][4] = {};
     s8_scores<D>(acc, k_codes, s_q8, lane);
@@ -362,50 +331,89 @@ __device__ __forceinline__ bool page_scores(const uint8_t* k_half, const float* 
         for (int i = 0; i < 2; ++i) s[grp][mt][i] = __fmul_rn(small_int_to_float(acc[mt][2 * i + grp]), st);
     }
   } else {
-    int32_t acc[kGroups][kMTiles][4] = {};
+    // K's token groups (k_groups: 1 at 4 bits, 2 at 2 bits) take the tile's M tiles in turn, each with
+    // its own scales and zeros: Q' = q * scale split into hi (s8) and lo (0..127) in K's K order (in B
+    // rows, or in registers below), and zq = q . zero of row 4 grp + t, which starts the accumulators of
+    // the row's lo columns (128 hi + lo is then the whole integer score).
+    constexpr int kKGroups = k_groups(kBits), kGroupMTiles = kMTiles / kKGroups;
+    constexpr bool kQPrimeInRegisters = Tr::q_prime_in_registers(kGroups, kBits);
+    int32_t acc[kGroups][kMTiles][4];
     auto b_word = [&](int grp, int ks, int h) {
       return *reinterpret_cast<const uint32_t*>(s_b + (8 * grp + g) * Tr::kBRowBytes + 32 * ks + 16 * h + 4 * t);
     };
-    if constexpr (kGroups == 1) {  // B held for the tile, each code row loaded whole
-      uint32_t bq[kSteps][2];
-      if constexpr (kQPrimeInRegisters) {
-        q_prime_fragments<kHeadDim, kBits>(bq, s_qk, k_meta, lane);
-      } else {
 #pragma unroll
-        for (int ks = 0; ks < kSteps; ++ks) bq[ks][0] = b_word(0, ks, 0), bq[ks][1] = b_word(0, ks, 1);
+    for (int kg = 0; kg < kKGroups; ++kg) {
+      const uint8_t* scales = k_meta + kg * D;
+      const uint8_t* zeros = k_meta + (kKGroups + kg) * D;
+      if constexpr (!kQPrimeInRegisters) {
+        if (kg > 0) __syncwarp();  // the previous group's Q' rows read
+        build_q_prime<kHeadDim, kBits>(s_qk, scales, s_b, rows, lane);
+      }
+      // zq of each live row over kLanes lanes (lanes kLanes r.. take row r: 4 per row for two groups' 8
+      // rows, 8 per row for one group's 4), each lane every kLanes-th word, rotated by row against bank
+      // conflicts (none at D = 128, 256).
+      constexpr int kLanes = 8 / kGroups, kWords = D / 4;
+      const int row = lane / kLanes, sub = lane % kLanes;
+      const int32_t* q_words = reinterpret_cast<const int32_t*>(s_q8 + row * D);
+      const int32_t* zero_words = reinterpret_cast<const int32_t*>(zeros);
+      int32_t dot = 0;
+      const int base = (sub + kLanes * row) % kWords;
+#pragma unroll
+      for (int j = 0; j < kWords / kLanes; ++j) {
+        const int w = base + kLanes * j < kWords ? base + kLanes * j : base + kLanes * j - kWords;
+        dot = __dp4a(q_words[w], zero_words[w], dot);
       }
 #pragma unroll
-      for (int mt = 0; mt < kMTiles; ++mt) {
-        uint32_t top[kSteps][2], bottom[kSteps][2];  // keys 16 mt + g and 16 mt + g + 8
-        KOrder::load(top, k_codes + (16 * mt + g) * kKStride, t);
-        KOrder::load(bottom, k_codes + (16 * mt + g + 8) * kKStride, t);
+      for (int x = 1; x < kLanes; x <<= 1) dot += __shfl_xor_sync(0xffffffffu, dot, x);
+#pragma unroll
+      for (int grp = 0; grp < kGroups; ++grp) {
+        const int32_t zq = __shfl_sync(0xffffffffu, dot, kLanes * (4 * grp + t));
+#pragma unroll
+        for (int mt = kg * kGroupMTiles; mt < (kg + 1) * kGroupMTiles; ++mt)
+          acc[grp][mt][0] = 0, acc[grp][mt][1] = zq, acc[grp][mt][2] = 0, acc[grp][mt][3] = zq;
+      }
+      if constexpr (!kQPrimeInRegisters) __syncwarp();  // Q' rows written
+
+      if constexpr (kGroups == 1) {  // B held for the group, each code row loaded whole
+        uint32_t bq[kSteps][2];
+        if constexpr (kQPrimeInRegisters) {
+          q_prime_fragments<kHeadDim, kBits>(bq, s_qk, scales, lane);
+        } else {
+#pragma unroll
+          for (int ks = 0; ks < kSteps; ++ks) bq[ks][0] = b_word(0, ks, 0), bq[ks][1] = b_word(0, ks, 1);
+        }
+#pragma unroll
+        for (int mt = kg * kGroupMTiles; mt < (kg + 1) * kGroupMTiles; ++mt) {
+          uint32_t top[kSteps][2], bottom[kSteps][2];  // keys 16 mt + g and 16 mt + g + 8
+          KOrder::load(top, k_codes + (16 * mt + g) * kKStride, t);
+          KOrder::load(bottom, k_codes + (16 * mt + g + 8) * kKStride, t);
+#pragma unroll
+          for (int ks = 0; ks < kSteps; ++ks) {
+            const uint32_t a[4] = {top[ks][0], bottom[ks][0], top[ks][1], bottom[ks][1]};
+            mma_m16n8k32_u8s8(acc[0][mt], a, bq[ks]);
+          }
+        }
+      } else {  // two row groups' B and accumulators: a k-step at a time, so that registers hold
 #pragma unroll
         for (int ks = 0; ks < kSteps; ++ks) {
-          const uint32_t a[4] = {top[ks][0], bottom[ks][0], top[ks][1], bottom[ks][1]};
-          mma_m16n8k32_u8s8(acc[0][mt], a, bq[ks]);
-        }
-      }
-    } else {  // two groups' B and accumulators: a k-step at a time, so that registers hold
+          uint32_t bq[kGroups][2];
 #pragma unroll
-      for (int ks = 0; ks < kSteps; ++ks) {
-        uint32_t bq[kGroups][2];
+          for (int grp = 0; grp < kGroups; ++grp) bq[grp][0] = b_word(grp, ks, 0), bq[grp][1] = b_word(grp, ks, 1);
 #pragma unroll
-        for (int grp = 0; grp < kGroups; ++grp) bq[grp][0] = b_word(grp, ks, 0), bq[grp][1] = b_word(grp, ks, 1);
+          for (int mt = kg * kGroupMTiles; mt < (kg + 1) * kGroupMTiles; ++mt) {
+            uint32_t top[2], bottom[2];
+            KOrder::load_step(top, k_codes + (16 * mt + g) * kKStride, t, ks);
+            KOrder::load_step(bottom, k_codes + (16 * mt + g + 8) * kKStride, t, ks);
+            const uint32_t a[4] = {top[0], bottom[0], top[1], bottom[1]};
 #pragma unroll
-        for (int mt = 0; mt < kMTiles; ++mt) {
-          uint32_t top[2], bottom[2];
-          KOrder::load_step(top, k_codes + (16 * mt + g) * kKStride, t, ks);
-          KOrder::load_step(bottom, k_codes + (16 * mt + g + 8) * kKStride, t, ks);
-          const uint32_t a[4] = {top[0], bottom[0], top[1], bottom[1]};
-#pragma unroll
-          for (int grp = 0; grp < kGroups; ++grp) mma_m16n8k32_u8s8(acc[grp][mt], a, bq[grp]);
+            for (int grp = 0; grp < kGroups; ++grp) mma_m16n8k32_u8s8(acc[grp][mt], a, bq[grp]);
+          }
         }
       }
     }
 #pragma unroll
     for (int grp = 0; grp < kGroups; ++grp) {
       const float st = __fmul_rn(q_scale[grp], block_scale[0]);
-      offset[grp] = __fmul_rn(small_int_to_float(zq[grp]), st);
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
@@ -416,7 +424,7 @@ __device__ __forceinline__ bool page_scores(const uint8_t* k_half, const float* 
     }
   }
   sm.sv = block_scale[1];
-  sm.run(s, offset, visible, isnan(sm.sv), skip_x, ws.m, ws.l, g);
+  sm.run(s, visible, isnan(sm.sv), skip_x, ws.m, ws.l, g);
   bool all_skip = true;
 #pragma unroll
   for (int grp = 0; grp < kGroups; ++grp) all_skip = all_skip && sm.skip[grp];
@@ -560,8 +568,7 @@ __device__ __forceinline__ void buffer_tile(const uint8_t* buffer, const uint8_t
   bool v_nan = false;
   for (int key = 0; key < most_visible; ++key) v_nan = v_nan || isnan(v_scale[key]);
   TileSoftmax<kSas, kGroups> sm;
-  const float no_offset[kGroups] = {};
-  sm.run(s, no_offset, visible, v_nan, skip_x, ws.m, ws.l, g);
+  sm.run(s, visible, v_nan, skip_x, ws.m, ws.l, g);
 #pragma unroll
   for (int grp = 0; grp < kGroups; ++grp)
 #pragma unroll

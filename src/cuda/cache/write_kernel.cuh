@@ -144,15 +144,16 @@ __global__ void __launch_bounds__(kWriteThreads) cache_write_kernel(const WriteP
         s_codes[which ? c * kBlock + t : i] = uint8_t(q[i]);
       }
     } else {
-      // K: a grid per channel over the block's tokens; V: a grid per token over its channels. Groups of
-      // fewer than the CTA's threads (64 V tokens, 64 K channels at D = 64) take two lanes each.
-      const int groups = which ? kBlock : D, count = which ? D : kBlock;
+      // K: a grid per channel over each token group (group g: channel g % D of token group g / D); V: a
+      // grid per token over its channels. Groups of fewer than the CTA's threads (64 V tokens, 64 K
+      // channels at D = 64 and 4 bits) take two lanes each.
+      const int groups = which ? kBlock : k_groups(bits) * D, count = which ? D : k_group_tokens(bits);
       const int lanes = groups * 2 <= kWriteThreads ? 2 : 1;
       for (int g = threadIdx.x / lanes; g < groups; g += kWriteThreads / lanes) {
-        const int8_t* src = which ? q + g * D : q + g;
+        const int first = which ? g * D : g / D * count * D + g % D;  // the group's first value in q and in s_codes
         uint8_t* meta = region + code_bytes + g;
-        stage2_encode(src, count, which ? 1 : D, bits, lanes, threadIdx.x % lanes, s_codes + g, which ? kBlock : D, meta,
-                      reinterpret_cast<int8_t*>(meta + groups));
+        stage2_encode(q + first, count, which ? 1 : D, bits, lanes, threadIdx.x % lanes, s_codes + (which ? g : first),
+                      which ? kBlock : D, meta, reinterpret_cast<int8_t*>(meta + groups));
       }
     }
     __syncthreads();
