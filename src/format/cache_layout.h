@@ -81,6 +81,10 @@ TA_HOST_DEVICE int64_t buffer_v_scale_offset(int head_dim) {
   return 2 * int64_t(TA_BLOCK_TOKENS) * head_dim + 4 * int64_t(TA_BLOCK_TOKENS);
 }
 
+// A sequence's page table lists the pages of its blocks after the first, which is in no page (below):
+// block b >= 1 is in the page of table entry b - 1.
+TA_HOST_DEVICE constexpr int64_t page_table_index(int64_t block) { return block - 1; }
+
 // A sequence's first block of one (layer, KV head), kept at 8 bits in its own region, not in a page
 // (docs/FORMATS.md 3.2): an 8-bit block as an 8-bit head's page regions hold it, K codes [64][D]
 // (token-major), V codes [D][64] (channel-major), then its fp32 K and V block scales; whole lines.

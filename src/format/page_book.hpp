@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "format/cache_layout.h"
 #include "turboattn/format.h"
 
 namespace turboattn {
@@ -41,8 +42,8 @@ class PageBook {
   const std::vector<int>& table(int seq) const { return tables_[size_t(seq)]; }
 
   // A sequence's first block is kept at 8 bits in a region of its slot, not in a page (docs/FORMATS.md
-  // 3.2): block b >= 1 is in the page of table entry b - 1.
-  static int64_t table_index(int64_t block) { return block - 1; }
+  // 3.2): block b >= 1 is in the page of table entry b - 1 (cache_layout.h, shared with the kernels).
+  static int64_t table_index(int64_t block) { return page_table_index(block); }
   // Pages a sequence must newly take for `tokens` more tokens in `layer` (a page is taken when a
   // layer first fills its block; the other layers then share it).
   int pages_needed(int layer, int seq, int64_t tokens) const {

@@ -629,7 +629,7 @@ struct HalfCopies {
   // Tile j's page id (j >= 1, the first block being in no page; read only for tiles in the split's
   // pages: page_end is the split's end capped at the sequence's full blocks), and the page's address,
   // formed where the copies need it (formed at the read, it waited for the read there).
-  __device__ __forceinline__ int32_t page_id(int j) const { return j < page_end ? table[j - 1] : 0; }  // PageBook::table_index
+  __device__ __forceinline__ int32_t page_id(int j) const { return j < page_end ? table[page_table_index(j)] : 0; }
   __device__ __forceinline__ const uint8_t* page(int32_t id) const { return pool + int64_t(id) * page_bytes; }
 
   // Issues the copies of tile j's K half (v false) or V half into ring slot `ring_slot` (nothing past the
@@ -648,6 +648,11 @@ struct HalfCopies {
   }
 };
 
+// The first block (docs/FORMATS.md 3.2) of a sequence slot's KV head.
+__device__ __forceinline__ const uint8_t* first_block_of(const DecodeParams& p, int slot, int hk, int head_dim) {
+  return p.first_blocks + (int64_t(slot) * p.hkv + hk) * first_block_bytes(head_dim);
+}
+
 // A warp's tiles of the split after its first two halves were issued: the sequence's first block if it
 // is this warp's (tile 0: the first warp of the first split; an 8-bit tile read from global memory while
 // the ring's first copies are in flight), the pages, then (last in the sequence's order, so after the
@@ -663,7 +668,7 @@ __device__ __forceinline__ void warp_tiles(const DecodeParams& p, const HalfCopi
   const float skip_x = skip_threshold(len);
   const int first = copies.first;
   if (own == 0 && blocks > 0) {
-    const uint8_t* block = p.first_blocks + (int64_t(slot) * p.hkv + hk) * first_block_bytes(D);
+    const uint8_t* block = first_block_of(p, slot, hk, D);
     int visible[kGroups];
 #pragma unroll
     for (int grp = 0; grp < kGroups; ++grp) visible[grp] = int(min(int64_t(Tr::kKeys), max(int64_t(0), max_pos[grp] + 1)));
@@ -868,6 +873,12 @@ __device__ __forceinline__ void decode_split(const DecodeParams& p, uint8_t* sme
   const uint8_t* first_page = copies.page(copies.page_id(first_paged));
   copies.stage(false, 0, first_paged, first_page), cp_async_commit();
   copies.stage(true, 1, first_paged, first_page), cp_async_commit();
+  // The first block's tile is read from global memory, not through the ring (warp_tiles): its lines are
+  // asked into L2 now, so that its loads after Q's quantization wait for L2 rather than DRAM.
+  if (own == 0 && len >= Tr::kKeys) {
+    const uint8_t* block = first_block_of(p, slot, hk, D);
+    for (int at = kPageAlign * lane; at < first_block_bytes(D); at += 32 * kPageAlign) prefetch_global_l2(block + at);
+  }
 
   quantize_q_rows<kHeadDim, T, kBits>(p, first_tokens, seq, h0, heads, rows, s_q8, s_qk, s_q_scale, warp, lane);
   auto zero = [&](uint8_t* area, int bytes) {

@@ -167,7 +167,7 @@ __global__ void __launch_bounds__(kWriteThreads) cache_write_kernel(const WriteP
     __syncthreads();
   }
   if (h == 0 && threadIdx.x == 0) {
-    if (to_page) p.tables[int64_t(run.slot) * p.table_width + run.pos0 / kBlock - 1] = run.page;  // PageBook::table_index
+    if (to_page) p.tables[int64_t(run.slot) * p.table_width + page_table_index(run.pos0 / kBlock)] = run.page;
     if (run.new_length >= 0) p.lengths[run.slot] = run.new_length;
   }
 }

@@ -70,6 +70,9 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+// prefetch.global.L2: the line holding gmem into L2, nothing waits for it.
+__device__ __forceinline__ void prefetch_global_l2(const void* gmem) { asm volatile("prefetch.global.L2 [%0];\n" ::"l"(gmem)); }
+
 // ex2.approx.ftz.f32 (MUFU): 2^x.
 __device__ __forceinline__ float ex2_approx(float x) {
   float y;
