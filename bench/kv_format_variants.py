@@ -80,13 +80,17 @@ def _stage2(q, bits, dim, least_squares=False):
 
 def quantize_blocks(x, bits, grouping, least_squares=False):
     """x [..., T, D] -> its dequantized values (fp32). grouping: "chan" (per channel over 64 tokens), "chan32"
-    (per channel over 32 tokens) or "tok" (per token over the channels); bits 8: stage 1 only."""
+    (per channel over 32 tokens), "chan16" (over 16), "tok" (per token over the channels) or "tok32" (per token over 32
+    channels); bits 8: stage 1 only."""
     q, block = _block_int8(x)
     if bits < 8:
         if grouping == "tok":
             q = _stage2(q, bits, -1, least_squares)
-        elif grouping == "chan32":
-            q = _stage2(q.unflatten(-2, (2, 32)), bits, -2, least_squares).flatten(-3, -2)
+        elif grouping == "tok32":
+            q = _stage2(q.unflatten(-1, (-1, 32)), bits, -1, least_squares).flatten(-2, -1)
+        elif grouping in ("chan32", "chan16"):
+            n = 64 // int(grouping[4:])
+            q = _stage2(q.unflatten(-2, (n, 64 // n)), bits, -2, least_squares).flatten(-3, -2)
         else:
             q = _stage2(q, bits, -2, least_squares)
     *b, blocks, T, D = q.shape
@@ -156,6 +160,8 @@ VARIANTS = {  # name: (K bits, V bits, K grouping, V grouping[, K scaled, least-
     "k:chan v:tok first block (2)": (2, 2, "chan", "tok", False, False, True),
     "k:chan32 v:tok first block (4)": (4, 4, "chan32", "tok", False, False, True),
     "k:chan32 v:tok first block (2)": (2, 2, "chan32", "tok", False, False, True),
+    "k:chan32 v:tok32 first block (2)": (2, 2, "chan32", "tok32", False, False, True),
+    "k:chan16 v:tok first block (2)": (2, 2, "chan16", "tok", False, False, True),
 }
 
 

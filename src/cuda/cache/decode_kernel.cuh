@@ -676,6 +676,7 @@ __device__ __forceinline__ void warp_tiles(const DecodeParams& p, const HalfCopi
     const bool values = page_scores<kHeadDim, 8, kSas, kGroups>(block + first_block_k_offset(D),
                                                                 reinterpret_cast<const float*>(block + first_block_scale_offset(D)), s_q8,
                                                                 s_qk, s_b, s_p, q_scale, visible, rows, skip_x, ws, sm, lane);
+    __syncwarp();  // P rows written
     if (values) page_values<kHeadDim, 8, kSas, kGroups>(block + first_block_v_offset(D), s_p, sm, ws, lane);
     __syncwarp();  // s_p is rewritten next
   }
