@@ -254,9 +254,9 @@ TEST(CacheMemory, BytesPerValueAtHeadDim128) {
   };
   EXPECT_DOUBLE_EQ(bytes_per_value(std::vector<int32_t>(8, 8)), 131200.0 / 131072);
   EXPECT_DOUBLE_EQ(bytes_per_value(std::vector<int32_t>(8, 4)), 68736.0 / 131072);
-  EXPECT_DOUBLE_EQ(bytes_per_value(std::vector<int32_t>(8, 2)), 38016.0 / 131072);
-  EXPECT_DOUBLE_EQ(bytes_per_value({4, 2, 4, 2, 4, 2, 4, 2}), 53376.0 / 131072);
-  EXPECT_GT(2.0 / bytes_per_value({4, 2, 4, 2, 4, 2, 4, 2}), 4.9);  // vs FP16: over the paper's 4.4x
+  EXPECT_DOUBLE_EQ(bytes_per_value(std::vector<int32_t>(8, 2)), 42112.0 / 131072);
+  EXPECT_DOUBLE_EQ(bytes_per_value({4, 2, 4, 2, 4, 2, 4, 2}), 55424.0 / 131072);
+  EXPECT_GT(2.0 / bytes_per_value({4, 2, 4, 2, 4, 2, 4, 2}), 4.4);  // vs FP16: over the paper's 4.4x
 }
 
 TEST(CacheReadBack, ReconstructionErrorShrinksWithBits) {
@@ -334,23 +334,23 @@ TEST(CacheFirstBlock, KeptAt8BitsAndInNoPage) {
   }
 }
 
-TEST(CacheStage2, KeyGridsPerChannelOver64TokensAt4BitsAnd32At2) {
+TEST(CacheStage2, KeyGridsPerChannelOver64TokensAt4BitsAnd16At2) {
   // docs/FORMATS.md 3.3, derived here independently: a paged block's K reads back as stage 1 (per-token
   // INT8, requantized to the block's scale) and then, per channel, one grid over the block's 64 tokens
-  // at 4 bits and one over each half's 32 tokens at 2 bits. Each channel's halves are made to sit far
-  // apart, so a grid over the wrong tokens cannot give the same values.
+  // at 4 bits and one over each quarter's 16 tokens at 2 bits. Each channel's quarters are made to sit
+  // far apart, so a grid over the wrong tokens cannot give the same values.
   const uint64_t seed = std::random_device{}();
   SCOPED_TRACE(testing::Message() << "seed " << seed);
   std::mt19937_64 rng(seed);
   const int n = 2 * TA_BLOCK_TOKENS + 5, h = 2, d = 64, block = TA_BLOCK_TOKENS;
   std::vector<float> k = test::make_input(rng, n, h, d, InputKind::Outliers, 'k');
   std::vector<float> v = test::make_input(rng, n, h, d, InputKind::Normal, 'v');
-  for (int t = block + block / 2; t < 2 * block; ++t)
-    for (int c = 0; c < h * d; ++c) k[size_t(t) * h * d + size_t(c)] += c % 2 ? 6.0f : -6.0f;
+  for (int t = block; t < 2 * block; ++t)
+    for (int c = 0; c < h * d; ++c) k[size_t(t) * h * d + size_t(c)] += (c % 2 ? 6.0f : -6.0f) * (t / 16 % 2 ? 1.0f : -1.0f);
   test::to_half(k), test::to_half(v);
   for (int bits : {4, 2}) {
     SCOPED_TRACE(bits);
-    const int group = bits == 2 ? 32 : 64;
+    const int group = bits == 2 ? 16 : 64;
     KvCache cache(config(std::to_string(bits), h, d));
     const int s = cache.add_sequence();
     cache.write(0, s, test::view_of(k, n, h, d), test::view_of(v, n, h, d));

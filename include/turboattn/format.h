@@ -39,9 +39,9 @@
 #define TA_BITS_8 8
 #define TA_BITS_4 4
 #define TA_BITS_2 2
-/* Tokens per K stage-2 group (one channel's grid) at 2 bits: two per block. At 4 bits a K group is
+/* Tokens per K stage-2 group (one channel's grid) at 2 bits: four per block. At 4 bits a K group is
  * the whole block (TA_BLOCK_TOKENS tokens). */
-#define TA_K_GROUP_TOKENS_2BIT 32
+#define TA_K_GROUP_TOKENS_2BIT 16
 
 /* Decode quantizes each query head's q_len tokens in INT8 blocks of up to this many consecutive tokens
    (the N of the decode kernel's m16n8k32 tile). */

@@ -19,8 +19,8 @@ namespace turboattn {
 TA_HOST_DEVICE int64_t block_code_bytes(int bits, int head_dim) {
   return int64_t(TA_BLOCK_TOKENS) * head_dim * bits / 8;
 }
-// K's stage-2 grids are per channel and per group of consecutive tokens: the whole block at 4 bits, two
-// groups of 32 at 2 bits (docs/FORMATS.md 3.3).
+// K's stage-2 grids are per channel and per group of consecutive tokens: the whole block at 4 bits, four
+// groups of 16 at 2 bits (docs/FORMATS.md 3.3).
 TA_HOST_DEVICE constexpr int k_group_tokens(int bits) { return bits == TA_BITS_2 ? TA_K_GROUP_TOKENS_2BIT : TA_BLOCK_TOKENS; }
 TA_HOST_DEVICE constexpr int k_groups(int bits) { return TA_BLOCK_TOKENS / k_group_tokens(bits); }
 // Stage-2 metadata of one head's block, none at 8 bits: K's u8 scale[groups][D] then s8 zero[groups][D],

@@ -297,7 +297,7 @@ def test_format_simulation_is_the_library_cache(bits):
     seq = cache.add_sequence()
     cache.write(0, [seq], k, v, torch.tensor([0, n], dtype=torch.int32))
     k_read, v_read = cache.read(0, seq)
-    k_grouping = "chan32" if bits == 2 else "chan"  # K's grids: 32 tokens at 2 bits, 64 at 4 (FORMATS 3.3)
+    k_grouping = "chan16" if bits == 2 else "chan"  # K's grids: 16 tokens at 2 bits, 64 at 4 (FORMATS 3.3)
 
     def simulate(k_grouping=k_grouping, **options):
         # [1, heads, n, dim] in, as attention holds them; what the layer holds out
@@ -309,7 +309,7 @@ def test_format_simulation_is_the_library_cache(bits):
     assert torch.allclose(k_read, k_sim, rtol=0, atol=1e-5) and torch.allclose(v_read, v_sim, rtol=0, atol=1e-5)
     # Other formats: the other K grouping, the first block compressed, another rule for the zero; the test
     # tells them apart.
-    k_other, _ = simulate("chan" if bits == 2 else "chan32", first_block=True)
+    k_other, _ = simulate("chan32" if bits == 2 else "chan16", first_block=True)
     assert not torch.allclose(k_read, k_other, rtol=0, atol=1e-5)
     for other in ({}, {"first_block": True, "least_squares": True}):
         k_other, v_other = simulate(**other)

@@ -205,11 +205,11 @@ def test_second_turn_decodes_several_new_tokens_over_the_cache():
 def page_bytes(bits_per_head, d):
     """One layer's page (docs/FORMATS.md 3.5): header of 2 * H fp32 scales, then per head K and V
     regions of 64 * D * b / 8 code bytes plus, below 8 bits, stage-2 metadata: 2 * D bytes for K per
-    token group (per channel; one group at 4 bits, two at 2) and 2 * 64 for V (per token); the header and
+    token group (per channel; one group at 4 bits, four at 2) and 2 * 64 for V (per token); the header and
     each region padded to 128 bytes."""
     line = lambda n: -(-n // 128) * 128
     header = line(2 * len(bits_per_head) * 4)
-    k_meta = {8: 0, 4: 2 * d, 2: 4 * d}
+    k_meta = {8: 0, 4: 2 * d, 2: 8 * d}
     return header + sum(line(64 * d * b // 8 + k_meta[b]) + line(64 * d * b // 8 + (0 if b == 8 else 2 * 64))
                         for b in bits_per_head)
 

@@ -331,11 +331,12 @@ __device__ __forceinline__ bool page_scores(const uint8_t* k_half, const float* 
         for (int i = 0; i < 2; ++i) s[grp][mt][i] = __fmul_rn(small_int_to_float(acc[mt][2 * i + grp]), st);
     }
   } else {
-    // K's token groups (k_groups: 1 at 4 bits, 2 at 2 bits) take the tile's M tiles in turn, each with
+    // K's token groups (k_groups: 1 at 4 bits, 4 at 2 bits) take the tile's M tiles in turn, each with
     // its own scales and zeros: Q' = q * scale split into hi (s8) and lo (0..127) in K's K order (in B
     // rows, or in registers below), and zq = q . zero of row 4 grp + t, which starts the accumulators of
     // the row's lo columns (128 hi + lo is then the whole integer score).
     constexpr int kKGroups = k_groups(kBits), kGroupMTiles = kMTiles / kKGroups;
+    static_assert(kGroupMTiles * kKGroups == kMTiles, "K groups are whole M tiles");
     constexpr bool kQPrimeInRegisters = Tr::q_prime_in_registers(kGroups, kBits);
     int32_t acc[kGroups][kMTiles][4];
     auto b_word = [&](int grp, int ks, int h) {
