@@ -58,8 +58,8 @@ def test_eval_quick(fetched, tmp_path, capsys):
     assert rows["fp16"]["decode"]["kl"] == pytest.approx(0, abs=1e-6)
     assert rows["kv8"]["decode"]["kl"] < rows["kv2"]["decode"]["kl"]
     assert rows["flashq_prefill"]["prefill"]["kl"] < 0.01  # FlashQ + SAS prefill is close to FP16 ...
-    assert rows["kv2"]["decode"]["kl"] > 0.05  # ... and 2 bits per value is not
-    assert rows["fp16"]["kv_bytes_per_token"] / rows["kv2"]["kv_bytes_per_token"] == pytest.approx(6.98, abs=0.02)
+    assert rows["kv2"]["decode"]["kl"] > 0.02  # ... and 2 bits per value is not
+    assert rows["fp16"]["kv_bytes_per_token"] / rows["kv2"]["kv_bytes_per_token"] == pytest.approx(6.00, abs=0.02)
     assert "passkey" in rows["kv2"] and "passkey" not in rows["kv8"]
     # Half the heads at 2 bits, chosen by measured sensitivity over the model: between 8 and 2 bits.
     mix = rows["mix50_sensitivity"]
