@@ -80,8 +80,8 @@ def _stage2(q, bits, dim, least_squares=False):
 
 def quantize_blocks(x, bits, grouping, least_squares=False):
     """x [..., T, D] -> its dequantized values (fp32). grouping: "chan" (per channel over 64 tokens), "chan32"
-    (per channel over 32 tokens), "chan16" (over 16), "tok" (per token over the channels) or "tok32" (per token over 32
-    channels); bits 8: stage 1 only."""
+    and "chan16" (per channel over 32 or 16 tokens), "tok" (per token over the channels) or "tok32" (per
+    token over 32 channels); bits 8: stage 1 only."""
     q, block = _block_int8(x)
     if bits < 8:
         if grouping == "tok":
@@ -89,8 +89,7 @@ def quantize_blocks(x, bits, grouping, least_squares=False):
         elif grouping == "tok32":
             q = _stage2(q.unflatten(-1, (-1, 32)), bits, -1, least_squares).flatten(-2, -1)
         elif grouping in ("chan32", "chan16"):
-            n = 64 // int(grouping[4:])
-            q = _stage2(q.unflatten(-2, (n, 64 // n)), bits, -2, least_squares).flatten(-3, -2)
+            q = _stage2(q.unflatten(-2, (-1, int(grouping[4:]))), bits, -2, least_squares).flatten(-3, -2)
         else:
             q = _stage2(q, bits, -2, least_squares)
     *b, blocks, T, D = q.shape

@@ -110,9 +110,9 @@ class Timer:
 def bytes_read(batch, context, bits):
     """Bytes turboattn's decode reads (docs/FORMATS.md 3.5): per page and KV head, the K and V regions
     (codes, and for 2 and 4 bits the stage-2 u8 scale and s8 zero of each K channel per token group,
-    one group at 4 bits and four at 2, and of each V token) and 8 bytes of fp32 block scales; the first block's (8-bit codes and block scales); the partial
-    block's INT8 buffer rows (K and V codes, an fp32 scale each per token); q and out. Page tables and
-    lengths (4 and 8 bytes) are left out."""
+    one group at 4 bits and four at 2, and of each V token) and 8 bytes of fp32 block scales; the first
+    block's (8-bit codes and block scales); the partial block's INT8 buffer rows (K and V codes, an fp32
+    scale each per token); q and out. Page tables and lengths (4 and 8 bytes) are left out."""
     full, part = divmod(context, BLOCK)
     page = sum(2 * BLOCK * D * b // 8 + ({4: 2 * D, 2: 8 * D}[b] + 2 * BLOCK if b < 8 else 0) + 8 for b in bits)
     first = len(bits) * (2 * BLOCK * D + 8) if full else 0
