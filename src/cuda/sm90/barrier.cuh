@@ -47,6 +47,11 @@ __device__ __forceinline__ void bar_sync(int id, int threads) {
   TA_SM90A_ASM("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
+// bar.arrive id, threads: counts the calling warps toward barrier `id` without waiting for it.
+__device__ __forceinline__ void bar_arrive(int id, int threads) {
+  TA_SM90A_ASM("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
 // setmaxnreg.{inc,dec}.sync.aligned.u32: the executing warpgroup's registers per thread become N.
 template <int N>
 __device__ __forceinline__ void setmaxnreg_inc() {

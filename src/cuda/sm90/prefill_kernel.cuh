@@ -2,8 +2,8 @@
 // tiles into a ring of shared-memory stages (cp.async, completion tracked by mbarriers), up to four
 // tiles ahead, and consumer warpgroups (four at head dim 64, three at 128), each with its own 64-row Q
 // block of the same head, run both matmuls on wgmma (Q, K and V^T from shared memory, P from
-// registers). Consumers never wait for one another (only for the producer), and the CTA's Q blocks
-// read each K/V tile once. The softmax, SAS, masking and skip rule are tile_softmax.cuh's, so the
+// registers). Consumers wait for the producer and, at head dim 128, take turns issuing Q K^T; the
+// CTA's Q blocks read each K/V tile once. The softmax, SAS, masking and skip rule are tile_softmax.cuh's, so the
 // bytes equal the mma.sync kernel's.
 //
 // Measured on an H200 (docs/HOPPER_PLAN.md, docs/BENCHMARKS.md): 1.09-1.21x the mma.sync kernel at
@@ -35,6 +35,9 @@ struct PrefillTraits {
   static constexpr int kConsumers = kHeadDim == 64 ? 4 : 3;
   static constexpr int kThreads = 128 * (1 + kConsumers);
   static constexpr int kStages = 4;                // K / V^T tiles in the ring
+  // Consumers issue their tiles' Q K^T in turn (consumer c after c - 1, through named barriers): on an
+  // H200 +1-3% at head dim 128 and 2-4% slower at 64 (docs/BENCHMARKS.md).
+  static constexpr bool kTakeTurns = kHeadDim == 128;
   // Registers per thread after setmaxnreg (the producer needs few; the consumers take the rest).
   static constexpr int kProducerRegs = 24, kConsumerRegs = kConsumers == 4 ? 112 : 160;
   // setmaxnreg.inc waits until the CTA's pool has the registers, so asking for more than the launch
@@ -119,6 +122,15 @@ __global__ void __launch_bounds__(PrefillTraits<kHeadDim>::kThreads, 1) flashq_p
   const int warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int m0 = q_block * Tr::kBlockM, warp_row = m0 + 16 * warp, row0 = warp_row + g;
   const int tiles = q_block < TA_BLOCK_COUNT(p.nq) ? visible_tiles(p, q_block) : 0;
+  // Turns (kTakeTurns): tile j's Q K^T waits until the previous consumer issued its own (the first
+  // consumer's waits for the last one's tile j - 1). Every consumer takes a turn for each of the CTA's
+  // tiles, read or not, so no chain breaks; named barriers 1 + kConsumers.. (1..kConsumers load Q).
+  const auto take_turn = [&](int j) {
+    if (Tr::kTakeTurns && !(wg == 1 && j == 0)) bar_sync(Tr::kConsumers + wg, 256);
+  };
+  const auto pass_turn = [&](int j) {
+    if (Tr::kTakeTurns && !(wg == Tr::kConsumers && j == cta_tiles - 1)) bar_arrive(1 + Tr::kConsumers + wg % Tr::kConsumers, 256);
+  };
 
   RowState rs;
   float o[Tr::kOTiles][4];
@@ -185,7 +197,9 @@ __global__ void __launch_bounds__(PrefillTraits<kHeadDim>::kThreads, 1) flashq_p
     for (int j = 0; j < tiles; ++j) {
       const float k_scale = k_scale_next, v_scale = v_scale_next;
       if (j + 1 < tiles) k_scale_next = k_scales[j + 1], v_scale_next = v_scales[j + 1];
+      take_turn(j);
       issue_scores(j);
+      pass_turn(j);
       wgmma_wait_group<0>();
       const TileP tp = softmax(j, k_scale, v_scale);
       // P V in 64-channel chunks, the second (D = 128) into the scores' registers, free after the
@@ -210,6 +224,8 @@ __global__ void __launch_bounds__(PrefillTraits<kHeadDim>::kThreads, 1) flashq_p
   }
   // Tiles the CTA's other Q blocks see and this one does not: released unread.
   for (int j = tiles; j < cta_tiles; ++j) {
+    take_turn(j);
+    pass_turn(j);
     mbarrier_wait_parity(full + j % Tr::kStages, (j / Tr::kStages) & 1);
     if (lane == 0) mbarrier_arrive(empty + j % Tr::kStages);
   }
