@@ -195,8 +195,13 @@ def test_configurations():
     # 3 KV heads per layer: 25% rounds to one head, 50% and 75% to two; each mix once per selection.
     assert [n for n in names if n.startswith("mix")] == [f"mix{p}_{s}" for p in (33, 67)
                                                          for s in ("priority", "random", "index")]
-    for needed in ("flashq_prefill", "kv8", "kv4", "kv2", "kv4_no_sas", "kv4_no_smooth_k", "kivi4", "kivi2"):
+    for needed in ("flashq_prefill", "kv8", "kv4", "kv2", "kv4_no_sas", "kv4_no_smooth_k", "kivi4", "kivi4_g64", "kivi2"):
         assert needed in names
+    # KIVI-style 4-bit near our 4-bit cache's memory: groups of 64 (SmolLM2-135M's shape: 30 layers, 3 KV
+    # heads, D = 64), 6480 B per token against 7200 with groups of 32.
+    by_kivi = {c.name: c for c in cfgs if c.cache == "kivi"}
+    assert [kivi.kivi_bytes_per_token(c.bits, c.kivi_group, c.kivi_residual, 4096, 30, 3, 64)[0]
+            for c in (by_kivi["kivi4_g64"], by_kivi["kivi4"])] == [6480.0, 7200.0]
     assert {c.name for c in cfgs if c.cache == "fp16"} == {"fp16", "flashq_prefill"}
     # With measured sensitivities: model-wide mixes at the fractions (of 6 heads: 2, 3 and 5, halves
     # rounded away from zero), the least sensitive heads at 2 bits, and a model-wide random one at 50%.
