@@ -654,6 +654,9 @@ __device__ __forceinline__ const uint8_t* first_block_of(const DecodeParams& p, 
   return p.first_blocks + (int64_t(slot) * p.hkv + hk) * first_block_bytes(head_dim);
 }
 
+// Whether the warp with tile `own` reads the sequence's first block (tile 0, when the sequence has one).
+__device__ __forceinline__ bool reads_first_block(int own, int64_t len) { return own == 0 && len >= TA_BLOCK_TOKENS; }
+
 // A warp's tiles of the split after its first two halves were issued: the sequence's first block if it
 // is this warp's (tile 0: the first warp of the first split; an 8-bit tile read from global memory while
 // the ring's first copies are in flight), the pages, then (last in the sequence's order, so after the
@@ -668,7 +671,7 @@ __device__ __forceinline__ void warp_tiles(const DecodeParams& p, const HalfCopi
   const int blocks = int(len / Tr::kKeys);
   const float skip_x = skip_threshold(len);
   const int first = copies.first;
-  if (own == 0 && blocks > 0) {
+  if (reads_first_block(own, len)) {
     const uint8_t* block = first_block_of(p, slot, hk, D);
     int visible[kGroups];
 #pragma unroll
@@ -877,7 +880,7 @@ __device__ __forceinline__ void decode_split(const DecodeParams& p, uint8_t* sme
   copies.stage(true, 1, first_paged, first_page), cp_async_commit();
   // The first block's tile is read from global memory, not through the ring (warp_tiles): its lines are
   // asked into L2 now, so that its loads after Q's quantization wait for L2 rather than DRAM.
-  if (own == 0 && len >= Tr::kKeys) {
+  if (reads_first_block(own, len)) {
     const uint8_t* block = first_block_of(p, slot, hk, D);
     for (int at = kPageAlign * lane; at < first_block_bytes(D); at += 32 * kPageAlign) prefetch_global_l2(block + at);
   }
