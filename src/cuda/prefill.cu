@@ -66,7 +66,7 @@ TokenStrides strides_of(const ta_tensor& t) { return {t.strides[0], t.strides[1]
 
 // The prefill kernel for a head dim on the current device: the warp-specialized Hopper kernel
 // (sm90::flashq_prefill_ws_kernel) at head dims 64 and 128 on a compute capability 9.0 device when
-// the build has sm_90a (on an H200 1.06-1.21x the mma.sync kernel at N >= 4k, 0.95-1.00x at 1k:
+// the build has sm_90a (on an H200 1.06-1.25x the mma.sync kernel at N >= 4k, 0.95-1.04x at 1k:
 // docs/BENCHMARKS.md), else the mma.sync kernel (flashq_prefill_kernel over sm80::PrefillMma).
 // TURBOATTN_PREFILL_MMA=sm80 or =sm90 forces one (sm90 where the Hopper kernel cannot run is an error,
 // never a fallback). Both give the same bytes; tests and benchmarks compare them.

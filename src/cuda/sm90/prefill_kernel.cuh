@@ -6,10 +6,11 @@
 // CTA's Q blocks read each K/V tile once. The softmax, SAS, masking and skip rule are tile_softmax.cuh's, so the
 // bytes equal the mma.sync kernel's.
 //
-// Measured on an H200 (docs/HOPPER_PLAN.md, docs/BENCHMARKS.md): 1.09-1.21x the mma.sync kernel at
-// head dim 128 and 1.06-1.13x at 64 for N >= 4k, 0.95-1.00x at 1k. The consumers are bound by
-// instruction issue across the SM (stall sampling), and more of them helped (three instead of two at
-// 128, four instead of three at 64); overlapping one tile's P V with the next tile's softmax in a
+// Measured on an H200 (docs/HOPPER_PLAN.md, docs/BENCHMARKS.md): 1.11-1.25x the mma.sync kernel at
+// head dim 128 and 1.06-1.13x at 64 for N >= 4k, 0.95-1.04x at 1k. The consumers are close to
+// issue-bound at 64 (76% of issue slots) and leave a quarter of them idle at 128 with no pipe
+// saturated (each tile one dependency chain); more consumers helped (three instead of two at 128,
+// four instead of three at 64); overlapping one tile's P V with the next tile's softmax in a
 // warpgroup, which costs registers or warps, did not.
 #pragma once
 
