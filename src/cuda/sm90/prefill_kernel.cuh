@@ -37,7 +37,7 @@ struct PrefillTraits {
   static constexpr int kThreads = 128 * (1 + kConsumers);
   static constexpr int kStages = 4;                // K / V^T tiles in the ring
   // Consumers issue their tiles' Q K^T in turn (consumer c after c - 1, through named barriers): on an
-  // H200 +1-3% at head dim 128 and 2-4% slower at 64 (docs/BENCHMARKS.md).
+  // H200 +1-3% at head dim 128 and up to 4.5% slower at 64 (docs/BENCHMARKS.md).
   static constexpr bool kTakeTurns = kHeadDim == 128;
   // Registers per thread after setmaxnreg (the producer needs few; the consumers take the rest).
   static constexpr int kProducerRegs = 24, kConsumerRegs = kConsumers == 4 ? 112 : 160;
