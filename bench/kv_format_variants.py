@@ -161,6 +161,8 @@ VARIANTS = {  # name: (K bits, V bits, K grouping, V grouping[, K scaled, least-
     "k:chan32 v:tok first block (2)": (2, 2, "chan32", "tok", False, False, True),
     "k:chan32 v:tok32 first block (2)": (2, 2, "chan32", "tok32", False, False, True),
     "k:chan16 v:tok first block (2)": (2, 2, "chan16", "tok", False, False, True),
+    "k:chan scaled v:tok first block (4)": (4, 4, "chan", "tok", True, False, True),
+    "k:chan32 scaled v:tok first block (4)": (4, 4, "chan32", "tok", True, False, True),
 }
 
 
@@ -180,7 +182,7 @@ def main():
     windows = torch.tensor(corpus.token_windows(held, a.prefix + a.steps + 1, a.windows, skip=2000), device=model.device)
     library = {c.name: c for c in evaluate.configurations([1.0] * runner.layers * runner.kv_heads, runner.layers,
                                                           runner.kv_heads)}
-    runs = [("fp16", library["fp16"])] + [(n, library[n]) for n in ("kv4", "kv2", "kivi4", "kivi2")]
+    runs = [("fp16", library["fp16"])] + [(n, library[n]) for n in ("kv4", "kv2", "kivi4", "kivi4_g64", "kivi2")]
     for c in (library["kv4"], library["kv2"]):
         c.prefill = "sdpa"  # the variants use FP16 prefill: compare caches alone
     runs += [(name, evaluate.Config(name, prefill="sdpa", cache="fp16")) for name in (a.only or VARIANTS)]
