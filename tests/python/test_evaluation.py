@@ -7,6 +7,8 @@ import struct
 
 import pytest
 
+import bench_script
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
@@ -274,13 +276,7 @@ def test_prefill_only_leaves_the_cache_exact(tiny_model):
 
 
 def _format_variants():
-    import importlib.util
-    import pathlib
-    path = pathlib.Path(__file__).resolve().parents[2] / "bench" / "kv_format_variants.py"
-    spec = importlib.util.spec_from_file_location("kv_format_variants", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_script.load("kv_format_variants")
 
 
 @pytest.mark.parametrize("bits", [4, 2])

@@ -1,20 +1,15 @@
 """bench/p_code_scale.py, whose P-code errors docs/HOPPER_PLAN.md quotes: with P's rounding taken away
 (codes of 2^40 levels) every variant must be exact attention over the V it uses, so what it reports is
 P's rounding alone, the V-scale folding of 128-key tiles included."""
-import importlib.util
-import os
 import random
 
 import numpy as np
 
-PATH = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "p_code_scale.py")
+import bench_script
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("p_code_scale", PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return bench_script.load("p_code_scale")
 
 
 def test_variants_are_exact_without_p_rounding():
