@@ -276,6 +276,10 @@ void DeviceCache::decode(int layer, const int32_t* seqs, int num_seqs, const ta_
     const int64_t fill_slots = max_bits == TA_BITS_2 ? slots : int64_t(kDecodeFillCtasPerSm) * num_sms_;
     splits = automatic_decode_splits(ctas, slots, fill_slots, max_tiles);
   }
+  // Every sequence's splits are split_tiles long (its last ones short or empty), so that a CTA's tiles do
+  // not depend on its sequence's length: its first page table read goes out beside the length's.
+  const int split_tiles = options.split_tiles > 0 ? options.split_tiles : int((max_tiles + splits - 1) / splits);
+  splits = int((max_tiles + split_tiles - 1) / split_tiles);
   // With several splits, the splits' parts (docs/FORMATS.md 1.7) for cache_merge_kernel.
   const int64_t part_floats = splits > 1 ? int64_t(num_seqs) * hq * max_q * splits * (D + 2) : 0;
   if (part_floats > workspace_floats_) {
@@ -306,6 +310,7 @@ void DeviceCache::decode(int layer, const int32_t* seqs, int num_seqs, const ta_
       p.o_b = out.strides[0], p.o_n = out.strides[1], p.o_h = out.strides[2];
       p.partial = splits > 1 ? workspace_ + int64_t(s0) * hq * q_len * splits * (D + 2) : nullptr;
       p.hq = hq, p.hkv = hkv, p.q_len = q_len, p.heads_per_cta = heads_per_cta, p.num_splits = splits, p.max_bits = max_bits;
+      p.split_tiles = split_tiles;
       p.q_behind = call_q - q0 - q_len;
       p.scale_log2 = ref::scale_log2(scale);
       for (int i = 0; i < n; ++i) p.slots[i] = seqs[s0 + i];

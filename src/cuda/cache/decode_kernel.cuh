@@ -118,6 +118,7 @@ struct DecodeParams {
   int64_t o_b, o_n, o_h;
   float* partial;  // with several splits: [seq][hq][q_len][split] x (m, l, o[D])
   int hq, hkv, q_len, heads_per_cta, num_splits, max_bits;
+  int split_tiles;  // tiles per split, the same for every sequence (a short one's last splits are empty)
   int q_behind;  // the call's query tokens after this launch's q_len (a long q_len runs in chunks)
   float scale_log2;
   int32_t slots[kDecodeMaxSeqs];
@@ -613,13 +614,14 @@ struct HalfCopies {
   int64_t k_scale_offset, v_scale_offset;
   uint8_t* ring;
   float* scales;  // the warp's scale words: K and V block scales of each slot
-  int half_stride, first, page_end, lane;
+  int table_width, half_stride, first, page_end, lane;
 
   __device__ HalfCopies(const DecodeParams& p, uint8_t* ring_, float* scales_, int half_stride_, int slot, int hk, int first_, int page_end_,
                         int lane_)
       : pool(p.pool), table(p.tables + int64_t(slot) * p.table_width), page_bytes(p.layout.page_bytes),
         region_offset{p.layout.k_offset[hk], p.layout.v_offset[hk]}, k_scale_offset(page_k_scale_offset(hk)),
-        v_scale_offset(page_v_scale_offset(p.hkv, hk)), ring(ring_), scales(scales_), half_stride(half_stride_), first(first_),
+        v_scale_offset(page_v_scale_offset(p.hkv, hk)), ring(ring_), scales(scales_), table_width(p.table_width),
+        half_stride(half_stride_), first(first_),
         page_end(page_end_), lane(lane_) {}
 
   __device__ uint8_t* slot_of(int ring_slot) const { return ring + ring_slot * half_stride; }
@@ -631,6 +633,11 @@ struct HalfCopies {
   // pages: page_end is the split's end capped at the sequence's full blocks), and the page's address,
   // formed where the copies need it (formed at the read, it waited for the read there).
   __device__ __forceinline__ int32_t page_id(int j) const { return j < page_end ? table[page_table_index(j)] : 0; }
+  // The same for the warp's first tile, read whether or not it is in the split's pages (the index kept in
+  // the table's row; stage() copies nothing for tiles past page_end), so that the read does not wait for
+  // the sequence's length: it and the page table would otherwise be two DRAM latencies in a row before
+  // the first copies.
+  __device__ __forceinline__ int32_t first_page_id(int j) const { return table[min(page_table_index(j), int64_t(table_width - 1))]; }
   __device__ __forceinline__ const uint8_t* page(int32_t id) const { return pool + int64_t(id) * page_bytes; }
 
   // Issues the copies of tile j's K half (v false) or V half into ring slot `ring_slot` (nothing past the
@@ -875,7 +882,7 @@ __device__ __forceinline__ void decode_split(const DecodeParams& p, uint8_t* sme
   const HalfCopies<kHeadDim, kBits> copies(p, ring, scales, Tr::half_bytes(p.max_bits), slot, hk, first_paged,
                                            min(end, int(len / Tr::kKeys)), lane);
   const FirstQueryTokens<kHeadDim, T> first_tokens(p, seq, h0, heads, warp, lane);
-  const uint8_t* first_page = copies.page(copies.page_id(first_paged));
+  const uint8_t* first_page = copies.page(copies.first_page_id(first_paged));
   copies.stage(false, 0, first_paged, first_page), cp_async_commit();
   copies.stage(true, 1, first_paged, first_page), cp_async_commit();
   // The first block's tile is read from global memory, not through the ring (warp_tiles): its lines are
@@ -922,8 +929,8 @@ __global__ void __launch_bounds__(DecodeTraits<kHeadDim>::kThreads, kMinBlocks)
   const int slot = p.slots[seq];
   const int64_t len = p.lengths[slot];
   const int tiles = TA_BLOCK_COUNT(len);
-  const int per_split = (tiles + p.num_splits - 1) / p.num_splits;
-  const int begin = min(tiles, split * per_split), end = min(tiles, begin + per_split);
+  // begin does not depend on len (see HalfCopies::first_page_id); begin >= end: the split has no tiles.
+  const int begin = split * p.split_tiles, end = min(tiles, begin + p.split_tiles);
   const int bits = p.layout.bits[hk];
 
   WarpState<kHeadDim, kGroups> ws;
