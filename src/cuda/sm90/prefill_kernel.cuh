@@ -125,12 +125,14 @@ __global__ void __launch_bounds__(PrefillTraits<kHeadDim>::kThreads, 1) flashq_p
   const int tiles = q_block < TA_BLOCK_COUNT(p.nq) ? visible_tiles(p, q_block) : 0;
   // Turns (kTakeTurns): tile j's Q K^T waits until the previous consumer issued its own (the first
   // consumer's waits for the last one's tile j - 1). Every consumer takes a turn for each of the CTA's
-  // tiles, read or not, so no chain breaks; named barriers 1 + kConsumers.. (1..kConsumers load Q).
+  // tiles, read or not, so no chain breaks; consumer c's turn is named barrier kConsumers + c (1..kConsumers
+  // load Q).
+  const auto turn_barrier = [](int consumer) { return Tr::kConsumers + consumer; };
   const auto take_turn = [&](int j) {
-    if (Tr::kTakeTurns && !(wg == 1 && j == 0)) bar_sync(Tr::kConsumers + wg, 256);
+    if (Tr::kTakeTurns && !(wg == 1 && j == 0)) bar_sync(turn_barrier(wg), 256);
   };
   const auto pass_turn = [&](int j) {
-    if (Tr::kTakeTurns && !(wg == Tr::kConsumers && j == cta_tiles - 1)) bar_arrive(1 + Tr::kConsumers + wg % Tr::kConsumers, 256);
+    if (Tr::kTakeTurns && !(wg == Tr::kConsumers && j == cta_tiles - 1)) bar_arrive(turn_barrier(wg % Tr::kConsumers + 1), 256);
   };
 
   RowState rs;
