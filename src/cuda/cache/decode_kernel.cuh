@@ -621,8 +621,7 @@ struct HalfCopies {
       : pool(p.pool), table(p.tables + int64_t(slot) * p.table_width), page_bytes(p.layout.page_bytes),
         region_offset{p.layout.k_offset[hk], p.layout.v_offset[hk]}, k_scale_offset(page_k_scale_offset(hk)),
         v_scale_offset(page_v_scale_offset(p.hkv, hk)), ring(ring_), scales(scales_), table_width(p.table_width),
-        half_stride(half_stride_), first(first_),
-        page_end(page_end_), lane(lane_) {}
+        half_stride(half_stride_), first(first_), page_end(page_end_), lane(lane_) {}
 
   __device__ uint8_t* slot_of(int ring_slot) const { return ring + ring_slot * half_stride; }
   __device__ const float* scales_of(int ring_slot) const { return scales + 2 * ring_slot; }
