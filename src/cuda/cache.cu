@@ -266,20 +266,18 @@ void DeviceCache::decode(int layer, const int32_t* seqs, int num_seqs, const ta_
   };
   int max_bits = TA_BITS_2;
   for (int h = 0; h < hkv; ++h) max_bits = std::max(max_bits, layouts_[size_t(layer)].bits[h]);
-  int splits;
-  if (options.split_tiles > 0) {
-    splits = int((max_tiles + options.split_tiles - 1) / options.split_tiles);
-  } else {
+  // Every sequence's splits are split_tiles long (its last ones short or empty), so that a CTA's tiles do
+  // not depend on its sequence's length: its first page table read goes out beside the length's.
+  int split_tiles = options.split_tiles;
+  if (split_tiles <= 0) {
     const auto [heads_per_cta, chunks] = row_groups(max_q);
     const int64_t ctas = int64_t(std::min(num_seqs, kDecodeMaxSeqs)) * hkv * chunks;
     const int64_t slots = int64_t(ctas_per_sm(q.dtype, options.use_sas != 0, heads_per_cta * max_q, max_bits)) * num_sms_;
     const int64_t fill_slots = max_bits == TA_BITS_2 ? slots : int64_t(kDecodeFillCtasPerSm) * num_sms_;
-    splits = automatic_decode_splits(ctas, slots, fill_slots, max_tiles);
+    const int64_t automatic = automatic_decode_splits(ctas, slots, fill_slots, max_tiles);
+    split_tiles = int((max_tiles + automatic - 1) / automatic);
   }
-  // Every sequence's splits are split_tiles long (its last ones short or empty), so that a CTA's tiles do
-  // not depend on its sequence's length: its first page table read goes out beside the length's.
-  const int split_tiles = options.split_tiles > 0 ? options.split_tiles : int((max_tiles + splits - 1) / splits);
-  splits = int((max_tiles + split_tiles - 1) / split_tiles);
+  const int splits = int((max_tiles + split_tiles - 1) / split_tiles);
   // With several splits, the splits' parts (docs/FORMATS.md 1.7) for cache_merge_kernel.
   const int64_t part_floats = splits > 1 ? int64_t(num_seqs) * hq * max_q * splits * (D + 2) : 0;
   if (part_floats > workspace_floats_) {
