@@ -1,5 +1,5 @@
 // Host side of the GPU KV cache: device memory, the runs of a write, decode launches, the automatic
-// split, and the one place that maps (head dim, SAS, row groups, widest head) to a decode kernel instance.
+// split, and the one place that maps (head dim, SAS, row groups, head widths) to a decode kernel instance.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -82,23 +82,34 @@ void launch_write(const ta_tensor& k, const ta_tensor& v, const std::vector<Writ
   }
 }
 
-// The one place that maps (head dim, SAS, row groups, the layer's widest head) to a decode kernel
-// instance: calls fn(D, SAS, GROUPS, MIN_BLOCKS), each a std::integral_constant. A CTA's query rows
+// The one place that maps (head dim, SAS, row groups, the layer's widths) to a decode kernel instance:
+// calls fn(D, SAS, GROUPS, MIN_BLOCKS, LAYER_BITS), each a std::integral_constant. A CTA's query rows
 // (heads x q_len) come in groups of 4: one group when they fit. Layers without 8-bit heads, with one
-// group, take the instance budgeted for more CTAs per SM (DecodeTraits::kMinBlocksPerSmPacked).
+// group, take the instance budgeted for more CTAs per SM (DecodeTraits::kMinBlocksPerSmPacked). Layers
+// whose heads are all 4-bit take, where DecodeTraits::kFourBitInstance, an instance with the 4-bit path
+// alone (LAYER_BITS 4; else 0, every width's path).
 template <typename Fn>
-void with_decode_instance(int dim, bool sas, int rows, int max_bits, Fn&& fn) {
+void with_decode_instance(int dim, bool sas, int rows, LayerWidths widths, Fn&& fn) {
   const auto by_rest = [&](auto d) {
     using Tr = DecodeTraits<decltype(d)::value>;
     using One = std::integral_constant<int, 1>;
     using Two = std::integral_constant<int, 2>;
     using Budget = std::integral_constant<int, Tr::kMinBlocksPerSm>;
     using Packed = std::integral_constant<int, Tr::kMinBlocksPerSmPacked>;
+    using AnyWidth = std::integral_constant<int, 0>;
+    using Only4 = std::integral_constant<int, TA_BITS_4>;
     const auto by_groups = [&](auto s) {
-      if (rows > 4) return fn(d, s, Two{}, Budget{});
+      const auto by_width = [&](auto g, auto b) {
+        if constexpr (Tr::kFourBitInstance)
+          if (widths.all_4bit) return fn(d, s, g, b, Only4{});
+        return fn(d, s, g, b, AnyWidth{});
+      };
+      if (rows > 4) return by_width(Two{}, Budget{});
       if constexpr (Packed::value != Budget::value)
-        if (max_bits <= TA_BITS_4) return fn(d, s, One{}, Packed{});
-      return fn(d, s, One{}, Budget{});
+        if (widths.max_bits <= TA_BITS_4) return by_width(One{}, Packed{});
+      // An 8-bit head (or no packed budget): never all 4-bit where the 4-bit instance exists.
+      static_assert(!Tr::kFourBitInstance || Packed::value != Budget::value, "4-bit layers with one group take Packed");
+      return fn(d, s, One{}, Budget{}, AnyWidth{});
     };
     return sas ? by_groups(std::true_type{}) : by_groups(std::false_type{});
   };
@@ -106,33 +117,33 @@ void with_decode_instance(int dim, bool sas, int rows, int max_bits, Fn&& fn) {
 }
 
 // A decode kernel instance, its shared-memory limit raised (once per device) to what any layer needs.
-template <int kHeadDim, typename T, bool kSas, int kGroups, int kMinBlocks>
+template <int kHeadDim, typename T, bool kSas, int kGroups, int kMinBlocks, int kLayerBits>
 auto decode_kernel() {
-  const auto kernel = cache_decode_kernel<kHeadDim, T, kSas, kGroups, kMinBlocks>;
+  const auto kernel = cache_decode_kernel<kHeadDim, T, kSas, kGroups, kMinBlocks, kLayerBits>;
   static std::atomic<uint64_t> configured{0};
   allow_dynamic_smem(configured, reinterpret_cast<const void*>(kernel), DecodeTraits<kHeadDim>::smem_bytes(kGroups, TA_BITS_8));
   return kernel;
 }
 
 template <typename T>
-void launch_decode(int dim, bool sas, const DecodeParams& p, int num_seqs, int chunks, cudaStream_t stream) {
-  with_decode_instance(dim, sas, p.heads_per_cta * p.q_len, p.max_bits, [&](auto d, auto s, auto g, auto b) {
+void launch_decode(int dim, bool sas, LayerWidths widths, const DecodeParams& p, int num_seqs, int chunks, cudaStream_t stream) {
+  with_decode_instance(dim, sas, p.heads_per_cta * p.q_len, widths, [&](auto d, auto s, auto g, auto b, auto w) {
     using Tr = DecodeTraits<decltype(d)::value>;
     const dim3 grid{unsigned(p.num_splits), unsigned(p.hkv * chunks), unsigned(num_seqs)};
-    decode_kernel<decltype(d)::value, T, decltype(s)::value, decltype(g)::value, decltype(b)::value>()<<<
-        grid, Tr::kThreads, Tr::smem_bytes(decltype(g)::value, p.max_bits), stream>>>(p);
+    decode_kernel<decltype(d)::value, T, decltype(s)::value, decltype(g)::value, decltype(b)::value, decltype(w)::value>()<<<
+        grid, Tr::kThreads, Tr::smem_bytes(decltype(g)::value, widths.max_bits), stream>>>(p);
     TA_CUDA_CHECK_LAUNCH("cache_decode_kernel");
   });
 }
 
-// CTAs of that instance one SM holds at once, for a layer whose widest head has max_bits.
+// CTAs of that instance one SM holds at once, for a layer of those widths.
 template <typename T>
-int decode_ctas_per_sm(int dim, bool sas, int rows, int max_bits) {
+int decode_ctas_per_sm(int dim, bool sas, int rows, LayerWidths widths) {
   int n = 0;
-  with_decode_instance(dim, sas, rows, max_bits, [&](auto d, auto s, auto g, auto b) {
+  with_decode_instance(dim, sas, rows, widths, [&](auto d, auto s, auto g, auto b, auto w) {
     using Tr = DecodeTraits<decltype(d)::value>;
-    const auto kernel = decode_kernel<decltype(d)::value, T, decltype(s)::value, decltype(g)::value, decltype(b)::value>();
-    TA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, Tr::kThreads, Tr::smem_bytes(decltype(g)::value, max_bits)));
+    const auto kernel = decode_kernel<decltype(d)::value, T, decltype(s)::value, decltype(g)::value, decltype(b)::value, decltype(w)::value>();
+    TA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, Tr::kThreads, Tr::smem_bytes(decltype(g)::value, widths.max_bits)));
   });
   return std::max(1, n);
 }
@@ -242,12 +253,13 @@ void DeviceCache::write(int layer, const int32_t* seqs, int num_seqs, const ta_t
                                 cfg_.smooth_k, stream);
 }
 
-int DeviceCache::ctas_per_sm(ta_dtype dtype, bool sas, int rows, int max_bits) {
-  const int key = ((int(dtype == TA_DTYPE_F16) * 2 + int(sas)) * 2 + int(rows > 4)) * 3 + (max_bits == TA_BITS_8 ? 2 : max_bits == TA_BITS_4);
+int DeviceCache::ctas_per_sm(ta_dtype dtype, bool sas, int rows, LayerWidths widths) {
+  const int width_class = widths.max_bits == TA_BITS_8 ? 2 : widths.all_4bit ? 3 : widths.max_bits == TA_BITS_4;
+  const int key = ((int(dtype == TA_DTYPE_F16) * 2 + int(sas)) * 2 + int(rows > 4)) * 4 + width_class;
   int& n = ctas_per_sm_[size_t(key)];
   if (n == 0)
-    n = dtype == TA_DTYPE_F16 ? decode_ctas_per_sm<__half>(cfg_.head_dim, sas, rows, max_bits)
-                              : decode_ctas_per_sm<__nv_bfloat16>(cfg_.head_dim, sas, rows, max_bits);
+    n = dtype == TA_DTYPE_F16 ? decode_ctas_per_sm<__half>(cfg_.head_dim, sas, rows, widths)
+                              : decode_ctas_per_sm<__nv_bfloat16>(cfg_.head_dim, sas, rows, widths);
   return n;
 }
 
@@ -264,16 +276,19 @@ void DeviceCache::decode(int layer, const int32_t* seqs, int num_seqs, const ta_
     const int heads_per_cta = std::max(1, std::min(group, DecodeTraits<64>::kRows / q_len));
     return std::pair{heads_per_cta, (group + heads_per_cta - 1) / heads_per_cta};
   };
-  int max_bits = TA_BITS_2;
-  for (int h = 0; h < hkv; ++h) max_bits = std::max(max_bits, layouts_[size_t(layer)].bits[h]);
+  LayerWidths widths;
+  for (int h = 0; h < hkv; ++h) {
+    const int bits = layouts_[size_t(layer)].bits[h];
+    widths.max_bits = std::max(widths.max_bits, bits), widths.all_4bit = widths.all_4bit && bits == TA_BITS_4;
+  }
   // Every sequence's splits are split_tiles long (its last ones short or empty), so that a CTA's tiles do
   // not depend on its sequence's length: its first page table read goes out beside the length's.
   int split_tiles = options.split_tiles;
   if (split_tiles <= 0) {
     const auto [heads_per_cta, chunks] = row_groups(max_q);
     const int64_t ctas = int64_t(std::min(num_seqs, kDecodeMaxSeqs)) * hkv * chunks;
-    const int64_t slots = int64_t(ctas_per_sm(q.dtype, options.use_sas != 0, heads_per_cta * max_q, max_bits)) * num_sms_;
-    const int64_t fill_slots = max_bits == TA_BITS_2 ? slots : int64_t(kDecodeFillCtasPerSm) * num_sms_;
+    const int64_t slots = int64_t(ctas_per_sm(q.dtype, options.use_sas != 0, heads_per_cta * max_q, widths)) * num_sms_;
+    const int64_t fill_slots = widths.max_bits == TA_BITS_2 ? slots : int64_t(kDecodeFillCtasPerSm) * num_sms_;
     const int64_t automatic = automatic_decode_splits(ctas, slots, fill_slots, max_tiles);
     split_tiles = int((max_tiles + automatic - 1) / automatic);
   }
@@ -307,17 +322,17 @@ void DeviceCache::decode(int layer, const int32_t* seqs, int num_seqs, const ta_
       p.out = static_cast<uint8_t*>(out.data) + (int64_t(s0) * out.strides[0] + int64_t(q0) * out.strides[1]) * int64_t(elem);
       p.o_b = out.strides[0], p.o_n = out.strides[1], p.o_h = out.strides[2];
       p.partial = splits > 1 ? workspace_ + int64_t(s0) * hq * q_len * splits * (D + 2) : nullptr;
-      p.hq = hq, p.hkv = hkv, p.q_len = q_len, p.heads_per_cta = heads_per_cta, p.num_splits = splits, p.max_bits = max_bits;
+      p.hq = hq, p.hkv = hkv, p.q_len = q_len, p.heads_per_cta = heads_per_cta, p.num_splits = splits, p.max_bits = widths.max_bits;
       p.split_tiles = split_tiles;
       p.q_behind = call_q - q0 - q_len;
       p.scale_log2 = ref::scale_log2(scale);
       for (int i = 0; i < n; ++i) p.slots[i] = seqs[s0 + i];
       const unsigned rows = unsigned(n * hq * q_len);
       if (q.dtype == TA_DTYPE_F16) {
-        launch_decode<__half>(D, options.use_sas != 0, p, n, chunks, stream);
+        launch_decode<__half>(D, options.use_sas != 0, widths, p, n, chunks, stream);
         if (splits > 1) launch_merge<__half>(p, D, rows, dependent_launch_, stream);
       } else {
-        launch_decode<__nv_bfloat16>(D, options.use_sas != 0, p, n, chunks, stream);
+        launch_decode<__nv_bfloat16>(D, options.use_sas != 0, widths, p, n, chunks, stream);
         if (splits > 1) launch_merge<__nv_bfloat16>(p, D, rows, dependent_launch_, stream);
       }
     }

@@ -52,6 +52,12 @@ struct DecodeTraits {
   // at D = 128.
   static constexpr int kMinBlocksPerSm = kHeadDim <= 128 ? 3 : 1;
   static constexpr int kMinBlocksPerSmPacked = kHeadDim == 96 || kHeadDim == 128 ? 4 : kMinBlocksPerSm;
+  // Layers whose heads are all 4-bit get an instance with the 4-bit path alone (cache_decode_kernel's
+  // kLayerBits) at D = 128, where it was measured: 7.7% faster at batch 1 x 32k (16 tiles per CTA leave
+  // the instruction fetches of a kernel holding every width's path exposed), 6-9% with two row groups
+  // (which spill with all three paths), the same elsewhere (docs/BENCHMARKS.md). A 2-bit one measured
+  // 0-1.6%, so none.
+  static constexpr bool kFourBitInstance = kHeadDim == 128;
   static constexpr int kRows = 8;                 // query rows per CTA: two groups of 4 (WarpState)
   static constexpr int kKeys = TA_BLOCK_TOKENS;   // keys per tile: one page
   static constexpr int kOTiles = kHeadDim / 16;   // m16 tiles of O^T (channels)
@@ -911,8 +917,9 @@ __device__ __forceinline__ void decode_split(const DecodeParams& p, uint8_t* sme
 }
 
 // kGroups: groups of 4 query rows (1 when the CTA's rows are at most 4, else 2); kMinBlocks: the
-// register budget (DecodeTraits).
-template <int kHeadDim, typename T, bool kSas, int kGroups, int kMinBlocks>
+// register budget (DecodeTraits); kLayerBits: 0 (the head's width read from the layout), or the width
+// of every head of the layers it serves, whose path alone it then holds (DecodeTraits::kFourBitInstance).
+template <int kHeadDim, typename T, bool kSas, int kGroups, int kMinBlocks, int kLayerBits>
 __global__ void __launch_bounds__(DecodeTraits<kHeadDim>::kThreads, kMinBlocks)
     cache_decode_kernel(const __grid_constant__ DecodeParams p) {
   using Tr = DecodeTraits<kHeadDim>;
@@ -930,15 +937,19 @@ __global__ void __launch_bounds__(DecodeTraits<kHeadDim>::kThreads, kMinBlocks)
   const int tiles = TA_BLOCK_COUNT(len);
   // begin does not depend on len (see HalfCopies::first_page_id); begin >= end: the split has no tiles.
   const int begin = split * p.split_tiles, end = min(tiles, begin + p.split_tiles);
-  const int bits = p.layout.bits[hk];
 
   WarpState<kHeadDim, kGroups> ws;
-  if (bits == 8)
-    decode_split<kHeadDim, T, 8, kSas, kGroups>(p, smem, s_q_scale, seq, h0, heads, rows, slot, hk, len, begin, end, ws);
-  else if (bits == 4)
-    decode_split<kHeadDim, T, 4, kSas, kGroups>(p, smem, s_q_scale, seq, h0, heads, rows, slot, hk, len, begin, end, ws);
-  else
-    decode_split<kHeadDim, T, 2, kSas, kGroups>(p, smem, s_q_scale, seq, h0, heads, rows, slot, hk, len, begin, end, ws);
+  if constexpr (kLayerBits != 0) {
+    decode_split<kHeadDim, T, kLayerBits, kSas, kGroups>(p, smem, s_q_scale, seq, h0, heads, rows, slot, hk, len, begin, end, ws);
+  } else {
+    const int bits = p.layout.bits[hk];
+    if (bits == 8)
+      decode_split<kHeadDim, T, 8, kSas, kGroups>(p, smem, s_q_scale, seq, h0, heads, rows, slot, hk, len, begin, end, ws);
+    else if (bits == 4)
+      decode_split<kHeadDim, T, 4, kSas, kGroups>(p, smem, s_q_scale, seq, h0, heads, rows, slot, hk, len, begin, end, ws);
+    else
+      decode_split<kHeadDim, T, 2, kSas, kGroups>(p, smem, s_q_scale, seq, h0, heads, rows, slot, hk, len, begin, end, ws);
+  }
 
   // The merge kernel (several splits) may start launching now: it waits for this grid's end.
   griddepcontrol_launch_dependents();

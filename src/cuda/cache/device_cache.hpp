@@ -27,6 +27,13 @@ constexpr int64_t kDecodeCtaTiles = 8;
 // cost. 2-bit pages, with half the bytes per instruction, gain from every resident CTA.
 constexpr int kDecodeFillCtasPerSm = 3;
 
+// What of a layer's head widths picks its decode kernel instance: the widest (register budget and shared
+// memory) and whether every head is 4-bit (an instance with that width's path alone, cache.cu).
+struct LayerWidths {
+  int max_bits = TA_BITS_2;
+  bool all_4bit = true;
+};
+
 inline int automatic_decode_splits(int64_t ctas, int64_t slots, int64_t fill_slots, int64_t max_tiles) {
   const int64_t most = std::max<int64_t>(1, max_tiles / 16);
   if (ctas <= slots) return int(std::clamp<int64_t>(std::min(slots, fill_slots) / ctas, 1, most));
@@ -99,10 +106,10 @@ class DeviceCache {
   int device_ = 0;
   int num_sms_ = 0;
   bool dependent_launch_ = false;  // the merge kernel launched as a programmatic dependent (sm_90 on)
-  // CTAs per SM of a decode kernel instance (by dtype, SAS, row groups and the layer's widest head),
-  // asked of the driver once each: what the automatic split fills.
-  int ctas_per_sm(ta_dtype dtype, bool sas, int rows, int max_bits);
-  std::array<int, 24> ctas_per_sm_{};
+  // CTAs per SM of a decode kernel instance (by dtype, SAS, row groups and the layer's widths), asked of
+  // the driver once each: what the automatic split fills.
+  int ctas_per_sm(ta_dtype dtype, bool sas, int rows, LayerWidths widths);
+  std::array<int, 32> ctas_per_sm_{};
 };
 
 }  // namespace turboattn::cuda
