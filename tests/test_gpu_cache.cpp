@@ -269,27 +269,43 @@ TEST(DecodeCodeOrder, PositionsAndFragmentsAgreeWithThePacking) {
 
 // The automatic split on the benchmark's shapes (8 KV heads, an H200's 132 SMs): the best of the fixed
 // splits docs/BENCHMARKS.md measured, within 2%. Resident CTAs per SM: 4 for one row group without 8-bit
-// heads, 3 with two groups, 2 with 8-bit heads; one round is filled to 3 per SM, or all of them at 2 bits.
+// heads, 3 with two groups, 2 with 8-bit heads; one round is filled to 2 per SM with the 4-bit path alone
+// (uniform 4-bit layers at D = 128), to 3 in other layers with 4-bit heads, to all of them at 2 bits.
 TEST(DecodeSplit, PicksTheBestMeasuredSplit) {
-  const int64_t sms = 132, fill = cuda::kDecodeFillCtasPerSm * sms;
-  auto four_bit = [&](int64_t ctas, int64_t tiles) { return cuda::automatic_decode_splits(ctas, 4 * sms, fill, tiles); };
-  auto two_bit = [&](int64_t ctas, int64_t tiles) { return cuda::automatic_decode_splits(ctas, 4 * sms, 4 * sms, tiles); };
-  auto two_groups = [&](int64_t ctas, int64_t tiles) { return cuda::automatic_decode_splits(ctas, 3 * sms, fill, tiles); };
-  auto eight_bit = [&](int64_t ctas, int64_t tiles) { return cuda::automatic_decode_splits(ctas, 2 * sms, fill, tiles); };
+  const int64_t sms = 132;
+  auto split = [&](int resident, int layer_bits, cuda::LayerWidths widths) {
+    const int fill = cuda::decode_fill_ctas_per_sm(widths, layer_bits, resident);
+    return [=](int64_t ctas, int64_t tiles) { return cuda::automatic_decode_splits(ctas, sms, resident, fill, tiles); };
+  };
+  const auto four_bit = split(4, TA_BITS_4, {TA_BITS_4, true});       // the 4-bit path alone
+  const auto four_bit_d64 = split(4, 0, {TA_BITS_4, true});           // every width's path
+  const auto mixed = split(4, 0, {TA_BITS_4, false});                 // 4- and 2-bit heads
+  const auto two_bit = split(4, 0, {TA_BITS_2, false});
+  const auto two_groups = split(3, 0, {TA_BITS_4, false});
+  const auto two_groups_4bit = split(3, TA_BITS_4, {TA_BITS_4, true});
+  const auto eight_bit = split(2, 0, {TA_BITS_8, false});
   EXPECT_EQ(four_bit(1 * 8, 32768 / 64), 32);   // batch 1: 16-tile splits
-  EXPECT_EQ(four_bit(8 * 8, 32768 / 64), 6);    // 8 x 32k: 384 CTAs
+  EXPECT_EQ(four_bit(8 * 8, 32768 / 64), 4);    // 8 x 32k: 256 CTAs (86.6 us against 88.0 with 6 splits)
+  EXPECT_EQ(four_bit(1 * 8, 65536 / 64), 33);   // 1 x 64k: 32 tiles each (35.6 against 38.3 us with 21)
   EXPECT_EQ(four_bit(32 * 8, 8192 / 64), 1);    // 32 x 8k: 256 CTAs are enough
   EXPECT_EQ(four_bit(64 * 8, 4096 / 64), 1);    // 64 x 4k: 512 of 528 slots
   EXPECT_EQ(four_bit(128 * 8, 2048 / 64), 1);   // 128 x 2k: 1.94 rounds; 2 splits would make 3.9
-  EXPECT_EQ(four_bit(1 * 8, 2), 1);             // short: never under 16 tiles
+  EXPECT_EQ(four_bit(1 * 8, 2), 1);             // short: never under 8 tiles
+  EXPECT_EQ(four_bit(1 * 8, 8192 / 64), 16);    // 1 x 8k: 8-tile splits, 128 CTAs (16-tile ones leave half the SMs idle)
+  EXPECT_EQ(four_bit(1 * 8, 4096 / 64), 8);
+  EXPECT_EQ(four_bit(1 * 8, 16384 / 64), 16);   // 1 x 16k: 16 tiles, 128 CTAs
+  EXPECT_EQ(four_bit_d64(8 * 8, 32768 / 64), 6);  // D = 64: 3 per SM (53.6 us against 55.2 with 4 splits)
+  EXPECT_EQ(mixed(8 * 8, 32768 / 64), 6);
   EXPECT_EQ(two_bit(8 * 8, 32768 / 64), 8);
   EXPECT_EQ(two_bit(32 * 8, 8192 / 64), 2);
   EXPECT_EQ(two_bit(64 * 8, 4096 / 64), 1);
   EXPECT_EQ(two_bit(128 * 8, 2048 / 64), 1);
+  EXPECT_EQ(two_bit(1 * 8, 8192 / 64), 16);
   EXPECT_EQ(two_groups(32 * 8, 8192 / 64), 1);
   EXPECT_EQ(two_groups(8 * 8, 32768 / 64), 6);
   EXPECT_EQ(two_groups(64 * 8, 4096 / 64), 2);  // 1.3 rounds -> 2.6
   EXPECT_EQ(two_groups(128 * 8, 2048 / 64), 1); // 2.6 rounds
+  EXPECT_EQ(two_groups_4bit(8 * 8, 32768 / 64), 4);
   EXPECT_EQ(eight_bit(8 * 8, 32768 / 64), 4);
   EXPECT_EQ(eight_bit(32 * 8, 8192 / 64), 1);
   EXPECT_EQ(eight_bit(64 * 8, 4096 / 64), 1);   // 1.94 rounds

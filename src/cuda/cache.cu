@@ -136,16 +136,19 @@ void launch_decode(int dim, bool sas, LayerWidths widths, const DecodeParams& p,
   });
 }
 
-// CTAs of that instance one SM holds at once, for a layer of those widths.
+// CTAs of that instance one SM holds at once for a layer of those widths, and how many one round is
+// filled to.
 template <typename T>
-int decode_ctas_per_sm(int dim, bool sas, int rows, LayerWidths widths) {
-  int n = 0;
+DecodeOccupancy decode_occupancy(int dim, bool sas, int rows, LayerWidths widths) {
+  DecodeOccupancy o;
   with_decode_instance(dim, sas, rows, widths, [&](auto d, auto s, auto g, auto b, auto w) {
     using Tr = DecodeTraits<decltype(d)::value>;
     const auto kernel = decode_kernel<decltype(d)::value, T, decltype(s)::value, decltype(g)::value, decltype(b)::value, decltype(w)::value>();
-    TA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, Tr::kThreads, Tr::smem_bytes(decltype(g)::value, widths.max_bits)));
+    TA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&o.resident, kernel, Tr::kThreads, Tr::smem_bytes(decltype(g)::value, widths.max_bits)));
+    o.resident = std::max(1, o.resident);
+    o.fill = decode_fill_ctas_per_sm(widths, decltype(w)::value, o.resident);
   });
-  return std::max(1, n);
+  return o;
 }
 
 // The merge of the launch's splits' parts (p.num_splits > 1): a CTA per row, launched as a programmatic
@@ -253,14 +256,14 @@ void DeviceCache::write(int layer, const int32_t* seqs, int num_seqs, const ta_t
                                 cfg_.smooth_k, stream);
 }
 
-int DeviceCache::ctas_per_sm(ta_dtype dtype, bool sas, int rows, LayerWidths widths) {
+DecodeOccupancy DeviceCache::occupancy(ta_dtype dtype, bool sas, int rows, LayerWidths widths) {
   const int width_class = widths.max_bits == TA_BITS_8 ? 2 : widths.all_4bit ? 3 : widths.max_bits == TA_BITS_4;
   const int key = ((int(dtype == TA_DTYPE_F16) * 2 + int(sas)) * 2 + int(rows > 4)) * 4 + width_class;
-  int& n = ctas_per_sm_[size_t(key)];
-  if (n == 0)
-    n = dtype == TA_DTYPE_F16 ? decode_ctas_per_sm<__half>(cfg_.head_dim, sas, rows, widths)
-                              : decode_ctas_per_sm<__nv_bfloat16>(cfg_.head_dim, sas, rows, widths);
-  return n;
+  DecodeOccupancy& o = occupancy_[size_t(key)];
+  if (o.resident == 0)
+    o = dtype == TA_DTYPE_F16 ? decode_occupancy<__half>(cfg_.head_dim, sas, rows, widths)
+                              : decode_occupancy<__nv_bfloat16>(cfg_.head_dim, sas, rows, widths);
+  return o;
 }
 
 void DeviceCache::decode(int layer, const int32_t* seqs, int num_seqs, const ta_tensor& q, const ta_decode_options& options,
@@ -287,9 +290,8 @@ void DeviceCache::decode(int layer, const int32_t* seqs, int num_seqs, const ta_
   if (split_tiles <= 0) {
     const auto [heads_per_cta, chunks] = row_groups(max_q);
     const int64_t ctas = int64_t(std::min(num_seqs, kDecodeMaxSeqs)) * hkv * chunks;
-    const int64_t slots = int64_t(ctas_per_sm(q.dtype, options.use_sas != 0, heads_per_cta * max_q, widths)) * num_sms_;
-    const int64_t fill_slots = widths.max_bits == TA_BITS_2 ? slots : int64_t(kDecodeFillCtasPerSm) * num_sms_;
-    const int64_t automatic = automatic_decode_splits(ctas, slots, fill_slots, max_tiles);
+    const DecodeOccupancy o = occupancy(q.dtype, options.use_sas != 0, heads_per_cta * max_q, widths);
+    const int64_t automatic = automatic_decode_splits(ctas, num_sms_, o.resident, o.fill, max_tiles);
     split_tiles = int((max_tiles + automatic - 1) / automatic);
   }
   const int splits = int((max_tiles + split_tiles - 1) / split_tiles);

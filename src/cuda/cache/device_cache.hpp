@@ -15,18 +15,6 @@
 
 namespace turboattn::cuda {
 
-// The automatic decode split, fitted to sweeps of fixed splits (docs/BENCHMARKS.md), whose best it
-// matches within 2% on every benchmark shape. Where one split's `ctas` fit the SMs' resident CTAs
-// (`slots`) in one round, as many splits as fill `fill_slots` (at most `slots`; the caller's
-// kDecodeFillCtasPerSm). Beyond, the split count with the least estimated time: rounds of resident CTAs
-// (a partial last round costs a whole one) times each CTA's cost, its split's tiles plus
-// kDecodeCtaTiles for its own work (Q, the first copies' latency, the merges); ties go to fewer
-// splits. Never a split under 16 tiles (4 per warp).
-constexpr int64_t kDecodeCtaTiles = 8;
-// CTAs per SM that keep 8- and 4-bit pages streaming: more splits to fill the rest only add their own
-// cost. 2-bit pages, with half the bytes per instruction, gain from every resident CTA.
-constexpr int kDecodeFillCtasPerSm = 3;
-
 // What of a layer's head widths picks its decode kernel instance: the widest (register budget and shared
 // memory) and whether every head is 4-bit (an instance with that width's path alone, cache.cu).
 struct LayerWidths {
@@ -34,9 +22,34 @@ struct LayerWidths {
   bool all_4bit = true;
 };
 
-inline int automatic_decode_splits(int64_t ctas, int64_t slots, int64_t fill_slots, int64_t max_tiles) {
-  const int64_t most = std::max<int64_t>(1, max_tiles / 16);
-  if (ctas <= slots) return int(std::clamp<int64_t>(std::min(slots, fill_slots) / ctas, 1, most));
+// CTAs per SM of a decode kernel instance: those that fit at once, and those one round is filled to.
+struct DecodeOccupancy {
+  int resident = 0, fill = 0;
+};
+
+// CTAs per SM one round of a layer's CTAs is filled to, at most the `resident` ones, fitted to split sweeps
+// (docs/BENCHMARKS.md): 2-bit pages, with half the bytes per instruction, gain from every resident CTA;
+// the instance with the 4-bit path alone (`layer_bits` 4) streams fastest at 2 per SM, other 8- and 4-bit
+// pages at 3: more splits to fill the rest only add their own cost.
+inline int decode_fill_ctas_per_sm(LayerWidths widths, int layer_bits, int resident) {
+  if (widths.max_bits == TA_BITS_2) return resident;
+  return std::min(resident, layer_bits == TA_BITS_4 ? 2 : 3);
+}
+
+// The automatic decode split, fitted to sweeps of fixed splits (docs/BENCHMARKS.md), whose best it
+// matches within 2% on every benchmark shape. Where one split's `ctas` fit the SMs' resident CTAs
+// (`resident` per SM) in one round, as many splits as fill `fill` per SM. Beyond, the split count with
+// the least estimated time: rounds of resident CTAs (a partial last round costs a whole one) times each
+// CTA's cost, its split's tiles plus kDecodeCtaTiles for its own work (Q, the first copies' latency, the
+// merges); ties go to fewer splits. Never a split under 16 tiles (4 per warp), or 8 where 16-tile splits
+// would leave half the SMs or more without a CTA (short contexts at small batch: 1 x 4k and 1 x 8k ran
+// 6-27% faster).
+constexpr int64_t kDecodeCtaTiles = 8;
+
+inline int automatic_decode_splits(int64_t ctas, int64_t sms, int64_t resident, int64_t fill, int64_t max_tiles) {
+  const int64_t min_tiles = 2 * ctas * std::max<int64_t>(1, max_tiles / 16) <= sms ? 8 : 16;
+  const int64_t most = std::max<int64_t>(1, max_tiles / min_tiles), slots = resident * sms;
+  if (ctas <= slots) return int(std::clamp<int64_t>(std::min(resident, fill) * sms / ctas, 1, most));
   int64_t best = 1, best_cost = INT64_MAX;
   // Within r rounds the most splits that fit, floor(r slots / ctas), cost least. Any split count costs
   // at least the ideal (all tiles spread over every slot) plus kDecodeCtaTiles per round, so the
@@ -106,10 +119,10 @@ class DeviceCache {
   int device_ = 0;
   int num_sms_ = 0;
   bool dependent_launch_ = false;  // the merge kernel launched as a programmatic dependent (sm_90 on)
-  // CTAs per SM of a decode kernel instance (by dtype, SAS, row groups and the layer's widths), asked of
+  // The occupancy of a decode kernel instance (by dtype, SAS, row groups and the layer's widths), asked of
   // the driver once each: what the automatic split fills.
-  int ctas_per_sm(ta_dtype dtype, bool sas, int rows, LayerWidths widths);
-  std::array<int, 32> ctas_per_sm_{};
+  DecodeOccupancy occupancy(ta_dtype dtype, bool sas, int rows, LayerWidths widths);
+  std::array<DecodeOccupancy, 32> occupancy_{};
 };
 
 }  // namespace turboattn::cuda
