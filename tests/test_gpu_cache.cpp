@@ -353,8 +353,9 @@ INSTANTIATE_TEST_SUITE_P(
                     DecodeCase{128, "8", 1, 9, false, 0, TA_DTYPE_F16},
                     // rings sized for 8-bit heads: a 2-bit head's Q' rows in a slot's tail, a 4-bit head's Q' in registers
                     DecodeCase{128, "8/2", 4, 1, true, 0, TA_DTYPE_F16}, DecodeCase{128, "8/4", 4, 1, true, 0, TA_DTYPE_BF16},
-                    // the 4-bit path alone (DecodeTraits::kFourBitInstance) with SAS off, bf16 and a merge
-                    DecodeCase{128, "4", 2, 1, false, 2, TA_DTYPE_BF16}));
+                    // the 4-bit path alone (DecodeTraits::kFourBitInstance) with SAS off, bf16 and a merge; a 4/2
+                    // layer with two row groups (every width's path), SAS off and a merge
+                    DecodeCase{128, "4", 2, 1, false, 2, TA_DTYPE_BF16}, DecodeCase{128, "mix", 8, 1, false, 3, TA_DTYPE_F16}));
 
 TEST(GpuCacheServing, RandomLivesStayIdenticalToTheCpuCache) {
   // Sequences start, append, finish and reuse slots and pages at random; after every step each live

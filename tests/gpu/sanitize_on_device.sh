@@ -17,10 +17,11 @@ filter+='Shapes/GpuQuantize.BitExactWithReference/1*:All/GpuPrefillVarlen.*:GpuP
 filter+='All/GpuCacheBytes.*/0:All/GpuCacheBytes.*/6:All/GpuCacheBytes.*/9:All/GpuCacheBytes.*/15:'
 # GpuDecode: 4 bits (Q' in registers), 2 bits (B rows of their own), the 4/2 mix (2-bit B rows in the
 # ring), D 96, D 256 2 bits, two row groups, D 64 mix, q_len 8, SAS off and bf16, q_len over 8, rings
-# sized for 8-bit heads holding 2- and 4-bit heads, and the 4-bit path alone with a merge.
+# sized for 8-bit heads holding 2- and 4-bit heads, the 4-bit path alone with a merge, and a 4/2 layer
+# with two row groups and a merge.
 filter+='Shapes/GpuDecode.*/2:Shapes/GpuDecode.*/3:Shapes/GpuDecode.*/4:Shapes/GpuDecode.*/5:Shapes/GpuDecode.*/7:'
 filter+='Shapes/GpuDecode.*/9:Shapes/GpuDecode.*/10:Shapes/GpuDecode.*/13:Shapes/GpuDecode.*/15:Shapes/GpuDecode.*/17:'
-filter+='Shapes/GpuDecode.*/19:Shapes/GpuDecode.*/20:Shapes/GpuDecode.*/21:'
+filter+='Shapes/GpuDecode.*/19:Shapes/GpuDecode.*/20:Shapes/GpuDecode.*/21:Shapes/GpuDecode.*/22:'
 filter+='GpuCacheCapi.*:GpuCacheGraph.*:GpuCacheNumerics.InputsNear*:GpuCacheNumerics.NonFinite*:'
 filter+='GpuCacheNumerics.EqualScores*:GpuCacheNumerics.Sequences*'
 rc=0
