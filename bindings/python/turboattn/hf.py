@@ -266,7 +266,11 @@ class TurboCache(Cache):
         device = getattr(model, "device", torch.device("cpu"))
         self.kv, self.cache_device = self._create(device)
         self.seqs = None  # KVCache sequence ids, one per batch row, from the first prefill
-        self.lengths = [None] * layers  # cached (non-padded) tokens per row, per layer
+        self._seq_array = None  # the same, converted once for the library (KVCache.sequence_array)
+        # Cached (non-padded) tokens per row, per layer: int64 [B] CPU tensors, updated without a
+        # Python loop over the rows (at a serving batch of a thousand rows such loops were milliseconds
+        # of host time per step).
+        self._lengths = [None] * layers
         self._pending = None
         self._step_memo = None  # this forward's mask, read once (_step_mask)
         super().__init__(layers=[_TurboLayer(self, i) for i in range(layers)])
@@ -310,11 +314,16 @@ class TurboCache(Cache):
         if self.seqs is not None:
             for s in self.seqs:
                 self.kv.release_sequence(s)
-        self.seqs = None
-        self.lengths = [None] * self.num_layers
+        self.seqs = self._seq_array = None
+        self._lengths = [None] * self.num_layers
         self._pending = None
         self._step_memo = None
         super().reset()
+
+    @property
+    def lengths(self):
+        """Cached (non-padded) tokens per batch row, per layer: lists of ints, None before a layer's first write."""
+        return [None if n is None else n.tolist() for n in self._lengths]
 
     def memory(self):
         """KVCache.memory(): bytes per token of the compressed pages vs FP16, pool and buffer bytes."""
@@ -325,10 +334,11 @@ class TurboCache(Cache):
             if batch > self.max_seqs:
                 raise InvalidArgument(1, f"batch of {batch} sequences but the cache has max_seqs={self.max_seqs}")
             self.seqs = [self.kv.add_sequence() for _ in range(batch)]
+            self._seq_array = self.kv.sequence_array(self.seqs)
         elif len(self.seqs) != batch:
             raise InvalidArgument(1, f"batch of {batch} sequences but this cache holds {len(self.seqs)}; use a new "
                                      "cache (or cache.reset()) for another batch")
-        return self.seqs
+        return self.seqs, self._seq_array
 
 
 def make_cache(model, config=None, *, batch_size=1, max_seq_len=None):
@@ -400,7 +410,9 @@ def _compute_dtype(x):
 
 
 def _cu(counts):
-    return torch.tensor([0] + list(counts), dtype=torch.int64).cumsum(0).to(torch.int32)
+    """Cumulative offsets (int32, on the CPU) of per-sequence token counts (a list or an int64 tensor)."""
+    counts = torch.as_tensor(counts, dtype=torch.int64)
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
 
 
 # scaled_dot_product_attention takes enable_gqa from PyTorch 2.5; before, K and V heads are repeated.
@@ -450,13 +462,14 @@ def _plain_attention(q, k, v, valid, scale, cfg):
 
 def _mask_facts(valid, B, nq):
     """What the cached path needs of the mask on the host: (valid_new [B, nq] bool on the CPU, or None
-    when every new token is real; real new tokens per row; real earlier tokens per row, or None)."""
+    when every new token is real; real new tokens per row; real earlier tokens per row, or None), the
+    counts as int64 [B] CPU tensors."""
     if valid is None:
-        return None, [nq] * B, None
+        return None, torch.full((B,), nq, dtype=torch.int64), None
     valid_new = valid[:, -nq:].cpu()
-    counts = valid_new.sum(1).tolist()
-    seen_real = valid[:, :-nq].sum(1).tolist() if valid.shape[1] > nq else [0] * B
-    return (None if all(c == nq for c in counts) else valid_new), counts, seen_real
+    counts = valid_new.sum(1)
+    seen_real = valid[:, :-nq].sum(1).cpu() if valid.shape[1] > nq else torch.zeros(B, dtype=torch.int64)
+    return (None if bool((counts == nq).all()) else valid_new), counts, seen_real
 
 
 def _step_mask(cache, layer, attention_mask, B, nq, kv_len):
@@ -472,47 +485,51 @@ def _step_mask(cache, layer, attention_mask, B, nq, kv_len):
 
 def _cached_attention(cache, layer, q, k, v, valid, facts, scale):
     """q [B, Nq, Hq, D], k, v [B, Nq, Hkv, D]: the new tokens; valid [B, past + Nq] or None, and its
-    _mask_facts."""
+    _mask_facts. Host work per call does not loop over the rows unless some are padding."""
     cfg, kv = cache.config, cache.kv
     B, nq = q.shape[0], q.shape[1]
-    seqs = cache._sequences(B)
-    past = cache.lengths[layer] or [0] * B
+    seqs, seq_array = cache._sequences(B)
+    past = cache._lengths[layer]
+    if past is None:
+        past = torch.zeros(B, dtype=torch.int64)
     valid_new, counts, seen_real = facts
-    if seen_real is not None and seen_real != past:
-        raise InvalidArgument(1, f"layer {layer}: the attention mask shows {seen_real} earlier real tokens per "
-                                 f"sequence but the cache holds {past}")
+    if seen_real is not None and not torch.equal(seen_real, past):
+        raise InvalidArgument(1, f"layer {layer}: the attention mask shows {seen_real.tolist()} earlier real tokens "
+                                 f"per sequence but the cache holds {past.tolist()}")
     dev = cache.cache_device
     kc, vc = k.to(dev), v.to(dev)
-    rows = [b for b in range(B) if counts[b]]  # a sequence's first write sets its K mean: never empty
+    # The rows with new real tokens (a sequence's first write sets its K mean: never empty); None: all.
+    rows = None if bool((counts > 0).all()) else [b for b in range(B) if counts[b]]
+    row_seqs = seq_array if rows is None else [seqs[b] for b in rows]
+    row_counts = counts if rows is None else counts[rows]
     if valid_new is None:  # every new token is real: no packing, no boolean indexing (no host syncs)
         packed_k, packed_v = kc.reshape(B * nq, *kc.shape[2:]), vc.reshape(B * nq, *vc.shape[2:])
     else:
         vn = valid_new.to(dev)
         packed_k, packed_v = kc[vn], vc[vn]
-    if not any(past):
+    if not bool(past.any()):
         # Prefill: attention on the uncompressed new tokens, then one bulk write of the real ones.
         out = _plain_attention(q, k, v, None if valid is None else valid[:, -nq:], scale, cfg)
-        if rows:
-            kv.write(layer, [seqs[b] for b in rows], packed_k.contiguous(), packed_v.contiguous(),
-                     _cu([counts[b] for b in rows]))
+        if rows is None or rows:
+            kv.write(layer, row_seqs, packed_k.contiguous(), packed_v.contiguous(), _cu(row_counts))
     else:
-        if nq == 1 and rows:
-            if len(rows) == B:
-                kv.append(layer, seqs, kc[:, 0].contiguous(), vc[:, 0].contiguous())
+        if nq == 1 and (rows is None or rows):
+            if rows is None:
+                kv.append(layer, seq_array, kc[:, 0].contiguous(), vc[:, 0].contiguous())
             else:
-                kv.append(layer, [seqs[b] for b in rows], kc[rows, 0].contiguous(), vc[rows, 0].contiguous())
-        elif rows:
-            kv.write(layer, [seqs[b] for b in rows], packed_k.contiguous(), packed_v.contiguous(),
-                     _cu([counts[b] for b in rows]))
+                kv.append(layer, row_seqs, kc[rows, 0].contiguous(), vc[rows, 0].contiguous())
+        elif rows is None or rows:
+            kv.write(layer, row_seqs, packed_k.contiguous(), packed_v.contiguous(), _cu(row_counts))
         qc = q.to(dev)
         if valid_new is None:
-            out = kv.decode(layer, seqs, qc.contiguous(), softmax_scale=scale, use_sas=cfg.use_sas,
+            out = kv.decode(layer, seq_array, qc.contiguous(), softmax_scale=scale, use_sas=cfg.use_sas,
                             split_tiles=cfg.split_tiles).to(q.device)
         else:
             out = torch.zeros_like(q)
             # Decode takes one q_len for all its sequences: one call per distinct count of new real tokens.
-            for c in sorted(set(counts) - {0}):
-                group = [b for b in range(B) if counts[b] == c]
+            count_list = counts.tolist()
+            for c in sorted(set(count_list) - {0}):
+                group = [b for b in range(B) if count_list[b] == c]
                 qg = qc[group][vn[group]].view(len(group), c, q.shape[2], q.shape[3])
                 og = kv.decode(layer, [seqs[b] for b in group], qg.contiguous(), softmax_scale=scale,
                                use_sas=cfg.use_sas, split_tiles=cfg.split_tiles)
@@ -521,7 +538,7 @@ def _cached_attention(cache, layer, q, k, v, valid, facts, scale):
                 block = out[group]
                 block[sel] = og.reshape(-1, q.shape[2], q.shape[3])
                 out[group] = block
-    cache.lengths[layer] = [p + c for p, c in zip(past, counts)]
+    cache._lengths[layer] = past + counts
     return out
 
 

@@ -1,0 +1,564 @@
+"""Serving benchmark (issue 7): batched generation of a real model with a fixed GPU memory budget for the KV
+cache, FP16 against turboattn's compressed cache, one run on one card.
+
+Each configuration runs the same transformers model (SmolLM2-135M-Instruct by default, FP16 weights):
+- fp16: transformers' DynamicCache with SDPA (what generate() uses by default; each step concatenates
+  the new token onto every layer's cache, which copies the cache);
+- fp16_prealloc: FP16 K and V in buffers allocated once for the whole generation (a transformers Cache
+  written in place; SDPA reads views of it), the stronger FP16 baseline: a step reads the cache once;
+- kv4: turboattn.hf (FlashQ + SAS prefill, decode over the cache) with every head at 4 bits;
+- mix50: the same with half the model's KV heads at 2 bits, the least sensitive (hf.calibrate).
+
+For each prompt length the largest batch whose KV cache fits the budget is worked out (FP16: 2 x layers
+x KV heads x head dim x 2 bytes per token; turboattn: its pages and each sequence's fixed parts, as the
+library allocates them), and batches up to it run: one forward over the whole batch's prompts (the
+prefill: real text, a different window per row), then one-token steps, greedy, eager (the baseline
+runs no CUDA graphs, so neither does turboattn here), until gen_len tokens per row. Reported per run:
+tokens per second (batch x gen_len over prefill + decode), time to first token (the batch's prefill and
+its first token), per-token latency (mean decode step), peak memory, and at each largest batch the share
+of a decode step spent in attention (its kernels' time under the PyTorch profiler, cache writes
+included, over the step's time). A long-context row: 32k tokens at batch 1 and at the largest batch.
+
+    turboattn bench serve [--out serve.json] [--quick] [--budget-gib 12]
+    PYTHONPATH=bindings/python python bench/serve.py [--out bench/results/serve.json]
+(TURBOATTN_DATA holds the model and text when there is no network; --device cpu with --model tiny runs
+a random two-layer model as a smoke test of the script: its times mean nothing.)
+"""
+import argparse
+import contextlib
+import datetime
+import gc
+import json
+import math
+import os
+import time
+
+import torch
+
+import turboattn
+from turboattn import hf
+from turboattn.benchmarks import commit
+from turboattn._progress import Progress
+
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+CONFIGS = ("fp16", "fp16_prealloc", "kv4", "mix50")
+FP16_CONFIGS = ("fp16", "fp16_prealloc")
+PROMPTS = (1024, 2048, 4096, 8192)
+LONG_PROMPT = 32768
+GEN_LEN = 256
+PROFILE_STEPS = 3  # decode steps after the timed ones, under the profiler (attention's share)
+ATTENTION_RANGE = "turboattn_bench::attention"
+STEP_RANGE = "turboattn_bench::step"
+GIB = 1 << 30
+
+
+def error_string(e):
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
+
+
+# ---- the FP16 cache allocated once ----
+
+class _PreallocatedLayer(CacheLayerMixin):
+    """One layer's K and V [B, Hkv, max_len, D], written in place; update returns views of the filled part."""
+
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, batch, heads, max_len, dim, dtype, device):
+        super().__init__()
+        self.k = torch.empty(batch, heads, max_len, dim, dtype=dtype, device=device)
+        self.v = torch.empty_like(self.k)
+        self.keys = self.values = None
+        self.seen = 0
+
+    def lazy_initialization(self, key_states, value_states):
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        n = key_states.shape[-2]
+        if self.seen + n > self.k.shape[2]:
+            raise RuntimeError(f"preallocated cache: {self.seen} + {n} tokens exceed its {self.k.shape[2]}")
+        self.k[:, :, self.seen:self.seen + n].copy_(key_states)
+        self.v[:, :, self.seen:self.seen + n].copy_(value_states)
+        self.seen += n
+        return self.k[:, :, :self.seen], self.v[:, :, :self.seen]
+
+    def get_mask_sizes(self, query_length, *args, **kwargs):
+        if isinstance(query_length, torch.Tensor):
+            query_length = query_length.shape[0]
+        return self.seen + query_length, 0
+
+    def get_seq_length(self, *args, **kwargs):
+        return self.seen
+
+    def get_max_length(self):
+        return self.k.shape[2]
+
+    def get_max_cache_shape(self):
+        return self.k.shape[2]
+
+    def reset(self):
+        self.seen = 0
+
+
+class PreallocatedCache(Cache):
+    """FP16 (the model's dtype) K and V of a batch, every layer allocated for max_len tokens up front."""
+
+    def __init__(self, shape, batch, max_len, dtype, device):
+        layers, heads, dim = shape
+        super().__init__(layers=[_PreallocatedLayer(batch, heads, max_len, dim, dtype, device) for _ in range(layers)])
+
+    @property
+    def nbytes(self):
+        return sum(2 * layer.k.numel() * layer.k.element_size() for layer in self.layers)
+
+
+# ---- memory ----
+
+def model_shape(model):
+    return hf._shape(model)  # (layers, KV heads, head dim), checked against what turboattn supports
+
+
+def fp16_bytes_per_token(shape, dtype_bytes=2):
+    layers, heads, dim = shape
+    return 2 * layers * heads * dim * dtype_bytes
+
+
+def turbo_pages(batch, max_len):
+    # A sequence's first block has its own region and its last partial block sits in the INT8 buffer.
+    return batch * max(0, max_len // 64 - 1)
+
+
+def turbo_cache_bytes(shape, head_bits, batch, max_len):
+    """Bytes a turboattn KVCache for `batch` sequences of max_len tokens allocates: its page pool and per
+    sequence its INT8 buffers, first blocks and K means (per layer and KV head)."""
+    layers, heads, dim = shape
+    probe = turboattn.KVCache(layers, heads, dim, num_pages=1, max_seqs=1, max_seq_len=max_len, head_bits=head_bits)
+    m = probe.memory()
+    per_seq = m["buffer_bytes"] + m["first_block_bytes"] + layers * heads * dim * 4
+    return turbo_pages(batch, max_len) * m["page_bytes_total"] + batch * per_seq
+
+
+def largest_batch(config, shape, head_bits, max_len, budget):
+    """The largest batch whose KV cache of max_len tokens per sequence fits `budget` bytes (0: none)."""
+    if config in FP16_CONFIGS:
+        return int(budget // (fp16_bytes_per_token(shape) * max_len))
+    per_seq = turbo_cache_bytes(shape, head_bits, 1, max_len)
+    return int(budget // per_seq)
+
+
+def largest_context(config, shape, head_bits, budget, gen_len):
+    """The longest prompt (a multiple of 64 tokens) whose sequence of prompt + gen_len tokens fits the
+    budget at batch 1."""
+    lo, hi = 0, 1 << 24  # in blocks of 64 tokens
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if largest_batch(config, shape, head_bits, 64 * mid + gen_len + PROFILE_STEPS, budget) >= 1:
+            lo = mid
+        else:
+            hi = mid - 1
+    return 64 * lo
+
+
+def batches_up_to(largest, quick):
+    """The batch sizes run for a prompt length: 1/16, 1/4, 1/2 and all of the largest (--quick: the largest)."""
+    if largest < 1:
+        return []
+    if quick:
+        return [largest]
+    return sorted({max(1, largest // 16), max(1, largest // 4), max(1, largest // 2), largest})
+
+
+class DeviceMemory:
+    """Memory of a run: PyTorch's peak allocation plus what the turboattn library allocated itself
+    (cudaMalloc, outside PyTorch's allocator: the cache and its decode workspace), from the device's free
+    memory less PyTorch's reserved growth."""
+
+    def __init__(self, device):
+        self.cuda = str(device).startswith("cuda")
+        if self.cuda:
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.used0, self.reserved0 = self._used(), torch.cuda.memory_reserved()
+
+    @staticmethod
+    def _used():
+        free, total = torch.cuda.mem_get_info()
+        return total - free
+
+    def outside_torch(self):
+        if not self.cuda:
+            return 0
+        torch.cuda.synchronize()
+        return max(0, (self._used() - self.used0) - (torch.cuda.memory_reserved() - self.reserved0))
+
+    def peak(self):
+        return torch.cuda.max_memory_allocated() + self.outside_torch() if self.cuda else None
+
+
+# ---- one run ----
+
+class Configs:
+    """The model switched to each configuration's attention, and its caches."""
+
+    def __init__(self, model, mix_bits):
+        self.model, self.mix_bits = model, mix_bits
+        self.shape = model_shape(model)
+        self.cache_kwarg = hf._cache_kwarg(model)
+
+    def head_bits(self, config):
+        layers, heads, _ = self.shape
+        return {"kv4": [4] * (layers * heads), "mix50": self.mix_bits}.get(config)
+
+    def use(self, config):
+        if config in FP16_CONFIGS:
+            hf.unpatch(self.model)
+            self.model.set_attn_implementation("sdpa")
+        else:
+            hf.patch(self.model, hf.TurboConfig(head_bits=self.head_bits(config)))
+
+    def cache(self, config, batch, max_len, memory):
+        """(cache, its bytes as allocated: None for the DynamicCache, which grows)."""
+        if config == "fp16":
+            try:
+                return DynamicCache(config=self.model.config), None
+            except TypeError:  # transformers without the config argument
+                return DynamicCache(), None
+        if config == "fp16_prealloc":
+            c = PreallocatedCache(self.shape, batch, max_len, self.model.dtype, self.model.device)
+            return c, c.nbytes
+        bits = self.head_bits(config)
+        cache = hf.TurboCache(self.model, hf.TurboConfig(head_bits=bits), max_seqs=batch, max_seq_len=max_len,
+                              num_pages=turbo_pages(batch, max_len))
+        return cache, memory.outside_torch() if memory.cuda else turbo_cache_bytes(self.shape, bits, batch, max_len)
+
+
+class StepClock:
+    """Device-side times: a CUDA event per mark (read after the run, so no step waits for the host), or
+    perf_counter on the CPU."""
+
+    def __init__(self, device):
+        self.cuda = str(device).startswith("cuda")
+        self.marks = []
+
+    def mark(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            self.marks.append(e)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def ms(self, i, j):
+        if self.cuda:
+            return self.marks[i].elapsed_time(self.marks[j])
+        return (self.marks[j] - self.marks[i]) * 1e3
+
+
+@contextlib.contextmanager
+def attention_annotated(cache, attn_impl):
+    """Wraps the model's attention function and the cache's update (the FP16 caches' writes; turboattn's
+    happen in its attention function) in a profiler range, for the steps run inside."""
+    original = ALL_ATTENTION_FUNCTIONS[attn_impl]
+
+    def attention(*args, **kwargs):
+        with torch.profiler.record_function(ATTENTION_RANGE):
+            return original(*args, **kwargs)
+
+    update = cache.update
+
+    def annotated_update(*args, **kwargs):
+        with torch.profiler.record_function(ATTENTION_RANGE):
+            return update(*args, **kwargs)
+
+    AttentionInterface.register(attn_impl, attention)
+    cache.update = annotated_update
+    try:
+        yield
+    finally:
+        AttentionInterface.register(attn_impl, original)
+        del cache.update
+
+
+def range_device_ms(prof, name):
+    """Summed device time (ms) of the kernels under every profiler range called `name`: the ranges' host
+    events (the profiler also lists each range as a GPU-side annotation, which would count it twice)."""
+    events = [e for e in prof.events() if e.name == name and e.device_type == torch.autograd.DeviceType.CPU]
+    return sum(getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0) for e in events) / 1e3
+
+
+@torch.no_grad()
+def generate(configs, config, ids, gen_len, *, profile=False):
+    """One batched generation: the prompts' prefill, then gen_len - 1 one-token steps, greedy. Returns
+    (tokens [B, gen_len], measurements)."""
+    model = configs.model
+    device = ids.device
+    batch, prompt = ids.shape
+    max_len = prompt + gen_len + PROFILE_STEPS
+    memory = DeviceMemory(device)
+    cache, cache_bytes = configs.cache(config, batch, max_len, memory)
+    kw = {configs.cache_kwarg: cache, "use_cache": True, "logits_to_keep": 1}
+
+    def step(x):
+        return model(input_ids=x, **kw).logits[:, -1].argmax(-1, keepdim=True)
+
+    clock = StepClock(device)
+    clock.mark()
+    tokens = [step(ids)]
+    clock.mark()
+    for _ in range(gen_len - 1):
+        tokens.append(step(tokens[-1]))
+        clock.mark()
+    if clock.cuda:
+        torch.cuda.synchronize()
+    prefill_ms = clock.ms(0, 1)
+    total_ms = clock.ms(0, len(clock.marks) - 1)
+    decode_ms = clock.ms(1, len(clock.marks) - 1)
+    steps = gen_len - 1
+    result = {
+        "ttft_ms": prefill_ms,
+        "per_token_ms": decode_ms / steps if steps else None,
+        "tokens_per_s": batch * gen_len / (total_ms / 1e3),
+        "decode_tokens_per_s": batch * steps / (decode_ms / 1e3) if steps else None,
+        "kv_cache_gib": (cache_bytes if cache_bytes is not None else batch * (prompt + gen_len) *
+                         fp16_bytes_per_token(configs.shape)) / GIB,
+    }
+    if profile:
+        result.update(attention_share(configs, config, cache, step, tokens[-1], result["per_token_ms"]))
+    peak = memory.peak()
+    result["peak_mem_gib"] = peak / GIB if peak is not None else None
+    out = torch.cat(tokens, dim=1)
+    del cache, kw
+    return out, result
+
+
+def attention_share(configs, config, cache, step, last, per_token_ms):
+    """Attention's device time per decode step (PROFILE_STEPS more steps under the profiler) and its share
+    of the timed steps' mean time. Profiling failures are reported, not raised."""
+    impl = "sdpa" if config in FP16_CONFIGS else hf.ATTN_IMPLEMENTATION
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available() and last.is_cuda:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    try:
+        with attention_annotated(cache, impl), torch.profiler.profile(activities=activities) as prof:
+            for _ in range(PROFILE_STEPS):
+                with torch.profiler.record_function(STEP_RANGE):
+                    last = step(last)
+            if last.is_cuda:
+                torch.cuda.synchronize()
+        attn = range_device_ms(prof, ATTENTION_RANGE) / PROFILE_STEPS
+        kernels = range_device_ms(prof, STEP_RANGE) / PROFILE_STEPS
+    except Exception as e:  # noqa: BLE001 - the run's other numbers stand without it
+        return {"attention_ms_per_step": None, "attention_share": None, "profile_error": error_string(e)}
+    if not kernels:  # no device kernels (CPU)
+        return {"attention_ms_per_step": None, "attention_share": None, "profile_error": None}
+    return {"attention_ms_per_step": attn, "attention_share": attn / per_token_ms if per_token_ms else None,
+            "attention_share_of_kernels": attn / kernels, "profile_error": None}
+
+
+# ---- inputs ----
+
+def text_tokens(tokenizer, needed):
+    """Token ids of real text (the Jane Austen corpus of the accuracy evaluation), at least `needed`
+    long (repeated when the text is shorter)."""
+    from turboattn.evaluation import corpus
+    novels = corpus.austen_novels()
+    ids = tokenizer(corpus.text_of(tuple(novels), novels))["input_ids"]
+    reps = -(-needed // len(ids))
+    return torch.tensor(ids * reps, dtype=torch.long)
+
+
+def prompts(tokens, batch, length, device):
+    """[batch, length]: row r is a window of the text starting r * length / 7 tokens further than row r - 1."""
+    stride = max(1, length // 7)
+    n = tokens.numel() - length
+    starts = [(r * stride) % max(1, n) for r in range(batch)]
+    return torch.stack([tokens[s:s + length] for s in starts]).to(device)
+
+
+def tiny_model(device):
+    """A random two-layer Llama (9 query heads over 3 KV heads, head dim 64, 512 tokens) for smoke tests."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=576, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=1 << 16,
+                      tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg).to(device).eval()
+
+
+def load(name, device):
+    """(model, tokens of text to cut prompts from, calibration ids, model description)."""
+    if name == "tiny":
+        model = tiny_model(device)
+        g = torch.Generator().manual_seed(1)
+        tokens = torch.randint(0, model.config.vocab_size, (1 << 16,), generator=g)
+        return model, tokens, tokens[:256][None], "random 2-layer Llama (smoke test)"
+    from turboattn.evaluation import corpus, models
+    model, tokenizer = models.load(name, device, dtype=torch.float16 if str(device).startswith("cuda") else None)
+    calib = tokenizer(corpus.text_of(corpus.CALIBRATION))["input_ids"][:2048]
+    tokens = text_tokens(tokenizer, 1 << 16)
+    return model, tokens, torch.tensor([calib]), models.MODELS.get(name, (None, None, name))[2]
+
+
+def mixed_bits(model, calib_ids, fraction=0.5):
+    """Half the model's KV heads at 2 bits: the least sensitive (hf.calibrate's measured KL)."""
+    data = hf.calibrate(model, calib_ids.to(model.device), fraction, None, metric="sensitivity")
+    return data["head_bits"]
+
+
+# ---- the benchmark ----
+
+def run_rows(configs, tokens, budget, plan, gen_len, device, progress):
+    """plan: [(prompt_len, config, batch, largest, profile)]. Returns the result rows."""
+    rows = []
+    failed = set()
+    for prompt, config, batch, largest, profile in plan:
+        row = {"config": config, "batch": batch, "prompt_len": prompt, "gen_len": gen_len, "largest_batch": largest,
+               "tokens_per_s": None, "peak_mem_gib": None, "error": None}
+        if (config, prompt) in failed:
+            row["error"] = "skipped: a smaller batch failed"
+        else:
+            try:
+                configs.use(config)
+                ids = prompts(tokens, batch, prompt, device)
+                _, measured = generate(configs, config, ids, gen_len, profile=profile)
+                row.update(measured)
+            except (torch.cuda.OutOfMemoryError, RuntimeError, MemoryError) as e:  # turboattn's errors too
+                row["error"] = error_string(e)
+                failed.add((config, prompt))
+        rows.append(row)
+        progress(row)
+    return rows
+
+
+def build_plan(configs, names, prompt_lens, gen_len, budget, quick, long_prompt):
+    plan = []
+    for prompt in list(prompt_lens) + ([long_prompt] if long_prompt else []):
+        max_len = prompt + gen_len + PROFILE_STEPS
+        for config in names:
+            largest = largest_batch(config, configs.shape, configs.head_bits(config), max_len, budget)
+            sizes = sorted({1, largest}) if prompt == long_prompt else batches_up_to(largest, quick)
+            plan += [(prompt, config, b, largest, b == largest) for b in sizes if b >= 1]
+    return plan
+
+
+def summarize(rows, names):
+    """Per prompt length: each configuration's best tokens per second and its ratio to the best FP16 one."""
+    out = {}
+    for prompt in sorted({r["prompt_len"] for r in rows}):
+        best = {}
+        for name in names:
+            ok = [r for r in rows if r["config"] == name and r["prompt_len"] == prompt and r["tokens_per_s"]]
+            if ok:
+                top = max(ok, key=lambda r: r["tokens_per_s"])
+                best[name] = {"tokens_per_s": top["tokens_per_s"], "batch": top["batch"]}
+        fp16 = max((best[n]["tokens_per_s"] for n in FP16_CONFIGS if n in best), default=None)
+        for name, b in best.items():
+            b["vs_fp16_best"] = b["tokens_per_s"] / fp16 if fp16 else None
+        out[str(prompt)] = best
+    return out
+
+
+def main(argv=None, *, prog=None, default_out="serve.json"):
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=default_out)
+    ap.add_argument("--model", default="smollm2-135m", help="a turboattn.evaluation model key, directory, .gguf "
+                    "file, or 'tiny' (random, for smoke tests)")
+    ap.add_argument("--budget-gib", type=float, default=12.0, help="GPU memory for the KV cache (GiB)")
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
+    ap.add_argument("--prompts", nargs="+", type=int, default=list(PROMPTS))
+    ap.add_argument("--gen-len", type=int, default=GEN_LEN)
+    ap.add_argument("--long-prompt", type=int, default=LONG_PROMPT, help="the long-context row's prompt (0: none)")
+    ap.add_argument("--quick", action="store_true", help="only each largest batch")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+    if args.gen_len < 2:
+        ap.error("--gen-len: at least 2 (the prefill's token and one decode step)")
+    t0 = time.time()
+    model, tokens, calib, description = load(args.model, args.device)
+    configs = Configs(model, None)
+    if "mix50" in args.configs:
+        configs.mix_bits = mixed_bits(model, calib)
+    budget = args.budget_gib * GIB
+    needed = max(args.prompts + [args.long_prompt]) + 1
+    if tokens.numel() < needed:
+        tokens = tokens.repeat(-(-needed // tokens.numel()))
+    plan = build_plan(configs, args.configs, args.prompts, args.gen_len, budget, args.quick, args.long_prompt)
+    # Warm-up (kernel selection, library loading) for each configuration, not measured.
+    for config in args.configs:
+        configs.use(config)
+        generate(configs, config, prompts(tokens, 2, 256, args.device), 4)
+    bar = Progress(len(plan), "serve")
+
+    def report(row):
+        bar.update()
+        tps = row["tokens_per_s"]
+        bar.write(f"{row['config']:>14} prompt {row['prompt_len']:>6} batch {row['batch']:>5}/{row['largest_batch']:<5} "
+              + (f"{tps:10.0f} tok/s  ttft {row['ttft_ms']:8.1f} ms  step {row['per_token_ms']:7.2f} ms  "
+                 f"peak {row['peak_mem_gib'] or 0:6.2f} GiB" if tps else f"error: {row['error']}")
+              + (f"  attention {row['attention_share']:.0%}" if row.get("attention_share") else ""))
+
+    rows = run_rows(configs, tokens, budget, plan, args.gen_len, args.device, report)
+    bar.close()
+    layers, heads, dim = configs.shape
+    result = {
+        "card": torch.cuda.get_device_name() if str(args.device).startswith("cuda") else "CPU",
+        "commit": commit(), "date": datetime.date.today().isoformat(),
+        "model": {"name": args.model, "description": description, "layers": layers, "kv_heads": heads,
+                  "q_heads": model.config.num_attention_heads, "head_dim": dim},
+        "budget_gib": args.budget_gib, "gen_len": args.gen_len,
+        "mix50_head_bits": configs.mix_bits,
+        "fp16_bytes_per_token": fp16_bytes_per_token(configs.shape),
+        "turbo_bytes_per_token": {c: turbo_cache_bytes(configs.shape, configs.head_bits(c), 1, 1 << 16) / (1 << 16)
+                                  for c in args.configs if c not in FP16_CONFIGS},
+        "largest_context": {c: largest_context(c, configs.shape, configs.head_bits(c), budget, args.gen_len)
+                            for c in args.configs},
+        "rows": rows, "max_throughput": summarize(rows, args.configs),
+        "seconds": round(time.time() - t0, 1),
+        "torch": torch.__version__,
+    }
+    try:
+        import transformers
+        result["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    print("max throughput:", json.dumps(result["max_throughput"]), flush=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    try:
+        plot(result, os.path.splitext(args.out)[0] + ".png")
+    except ImportError as e:
+        print(f"no plot ({e})")
+    return result
+
+
+def plot(result, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    lens = sorted({r["prompt_len"] for r in result["rows"]})
+    fig, axes = plt.subplots(1, len(lens), figsize=(3.2 * len(lens), 3.6), squeeze=False)
+    for ax, n in zip(axes[0], lens):
+        for config in dict.fromkeys(r["config"] for r in result["rows"]):
+            pts = sorted((r["batch"], r["tokens_per_s"]) for r in result["rows"]
+                         if r["config"] == config and r["prompt_len"] == n and r["tokens_per_s"])
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=config)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"prompt {n // 1024}k + {result['gen_len']}")
+        ax.set_xlabel("batch")
+    axes[0][0].set_ylabel("tokens / s")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"serving, KV budget {result['budget_gib']:g} GiB, {result['model']['name']} "
+                 f"({result['card']}, {result['commit']}, {result['date']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()

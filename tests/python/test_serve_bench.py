@@ -1,0 +1,100 @@
+"""`turboattn bench serve` (issue 7) on the CPU with a random model: its generation loop against
+transformers' generate(), the KV memory budget arithmetic against what the caches hold, and the results
+file. The numbers themselves come from a GPU run (docs/BENCHMARKS.md)."""
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+from turboattn import cli  # noqa: E402
+from turboattn.benchmarks import serve  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
+MIX = [4, 2, 2, 2, 4, 4]  # 2 layers x 3 KV heads, half at 2 bits
+
+
+@pytest.fixture(scope="module")
+def configs():
+    return serve.Configs(serve.tiny_model("cpu"), MIX)
+
+
+def prompt_ids(batch, n, seed):
+    return torch.randint(1, 512, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("config", serve.CONFIGS)
+def test_the_loop_generates_what_generate_does(configs, config):
+    ids = prompt_ids(3, 70, seed=len(config))
+    configs.use(config)
+    got, measured = serve.generate(configs, config, ids, 6)
+    want = configs.model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=None)[:, ids.shape[1]:]
+    assert torch.equal(got, want)
+    assert measured["tokens_per_s"] > 0 and measured["per_token_ms"] > 0 and measured["ttft_ms"] > 0
+    assert measured["kv_cache_gib"] > 0
+
+
+@pytest.mark.parametrize("config", serve.CONFIGS)
+def test_the_largest_batch_fits_the_budget_and_one_more_does_not(configs, config):
+    bits = configs.head_bits(config)
+    max_len = 70 + 6 + serve.PROFILE_STEPS
+
+    def size(batch):
+        if config in serve.FP16_CONFIGS:
+            return serve.fp16_bytes_per_token(configs.shape) * max_len * batch
+        return serve.turbo_cache_bytes(configs.shape, bits, batch, max_len)
+
+    budget = 3 << 20
+    largest = serve.largest_batch(config, configs.shape, bits, max_len, budget)
+    assert largest >= 2 and size(largest) <= budget < size(largest + 1)
+
+
+@pytest.mark.parametrize("prompt", [125, 130])  # the last tokens just before, and just past, a block
+@pytest.mark.parametrize("config", ["kv4", "mix50"])
+def test_a_turboattn_cache_sized_by_the_budget_holds_the_whole_run(configs, config, prompt):
+    # generate() sizes the cache's pages as largest_batch counts them; running out raises OutOfCapacity.
+    configs.use(config)
+    got, measured = serve.generate(configs, config, prompt_ids(2, prompt, seed=prompt), 4, profile=True)
+    assert got.shape == (2, 4) and measured["profile_error"] is None
+
+
+def test_prealloc_cache_refuses_tokens_past_its_length():
+    cache = serve.PreallocatedCache((1, 2, 64), 1, 4, torch.float32, "cpu")
+    cache.update(torch.randn(1, 2, 3, 64), torch.randn(1, 2, 3, 64), 0)
+    with pytest.raises(RuntimeError, match="3 \\+ 2 tokens exceed its 4"):
+        cache.update(torch.randn(1, 2, 2, 64), torch.randn(1, 2, 2, 64), 0)
+
+
+def test_batches_run_up_to_the_largest():
+    assert serve.batches_up_to(100, quick=False) == [6, 25, 50, 100]
+    assert serve.batches_up_to(3, quick=False) == [1, 3]
+    assert serve.batches_up_to(100, quick=True) == [100] and serve.batches_up_to(0, quick=False) == []
+
+
+def test_main_writes_the_results_file(tmp_path, capsys):
+    out = tmp_path / "serve.json"
+    assert cli.main(["bench", "serve", "--model", "tiny", "--device", "cpu", "--budget-gib", "0.002", "--prompts",
+                     "64", "--gen-len", "3", "--long-prompt", "130", "--quick", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert {"card", "commit", "date", "rows", "budget_gib", "model", "max_throughput"} <= set(data)
+    assert data["card"] == "CPU" and data["model"]["head_dim"] == 64
+    rows = data["rows"]
+    # --quick: each configuration's largest batch; the long row also at batch 1.
+    assert [(r["config"], r["prompt_len"]) for r in rows if r["prompt_len"] == 64] == [(c, 64) for c in serve.CONFIGS]
+    assert sorted(r["batch"] for r in rows if r["prompt_len"] == 130 and r["config"] == "kv4")[0] == 1
+    for r in rows:
+        assert r["error"] is None, r
+        assert {"config", "batch", "prompt_len", "gen_len", "tokens_per_s", "peak_mem_gib"} <= set(r)
+        assert r["gen_len"] == 3 and r["tokens_per_s"] > 0 and r["batch"] <= r["largest_batch"]
+    fp16 = {r["prompt_len"]: r["largest_batch"] for r in rows if r["config"] == "fp16"}
+    kv4 = {r["prompt_len"]: r["largest_batch"] for r in rows if r["config"] == "kv4"}
+    assert all(kv4[n] > fp16[n] for n in fp16)  # the point of the compressed cache
+    assert data["mix50_head_bits"].count(2) == 3 and set(data["mix50_head_bits"]) == {2, 4}
+    assert set(data["max_throughput"]["64"]) == set(serve.CONFIGS)
+    assert "max throughput:" in capsys.readouterr().out
+
+
+def test_bad_arguments_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "serve", "--configs", "fp32"])
+    assert e.value.code == 2 and "invalid choice: 'fp32'" in capsys.readouterr().err
