@@ -65,10 +65,18 @@ def test_prealloc_cache_refuses_tokens_past_its_length():
         cache.update(torch.randn(1, 2, 2, 64), torch.randn(1, 2, 2, 64), 0)
 
 
-def test_batches_run_up_to_the_largest():
-    assert serve.batches_up_to(100, quick=False) == [6, 25, 50, 100]
-    assert serve.batches_up_to(3, quick=False) == [1, 3]
-    assert serve.batches_up_to(100, quick=True) == [100] and serve.batches_up_to(0, quick=False) == []
+def test_the_plan_runs_the_largest_batches_first_then_the_long_rows_then_the_sweep(configs):
+    assert serve.sweep_batches(100) == [50, 25, 6] and serve.sweep_batches(3) == [1] and serve.sweep_batches(1) == []
+    budget = 1 << 20
+    plan = serve.build_plan(configs, ["fp16", "kv4"], [64, 128], 4, budget, False, 256)
+    largest = {(n, c): serve.largest_batch(c, configs.shape, configs.head_bits(c), n + 4 + serve.PROFILE_STEPS, budget)
+               for n in (64, 128, 256) for c in ("fp16", "kv4")}
+    head = [(n, c, largest[n, c], largest[n, c], True) for n in (64, 128) for c in ("fp16", "kv4")]
+    long = [(256, c, b, largest[256, c], b == largest[256, c]) for c in ("fp16", "kv4") for b in sorted({1, largest[256, c]})]
+    assert plan[:len(head)] == head and plan[len(head):len(head) + len(long)] == long
+    sweep = plan[len(head) + len(long):]
+    assert sweep and all(not profile and b < largest[n, c] for n, c, b, _, profile in sweep)
+    assert serve.build_plan(configs, ["fp16", "kv4"], [64, 128], 4, budget, True, 256) == head + long
 
 
 def test_main_writes_the_results_file(tmp_path, capsys):
@@ -80,7 +88,8 @@ def test_main_writes_the_results_file(tmp_path, capsys):
     assert data["card"] == "CPU" and data["model"]["head_dim"] == 64
     rows = data["rows"]
     # --quick: each configuration's largest batch; the long row also at batch 1.
-    assert [(r["config"], r["prompt_len"]) for r in rows if r["prompt_len"] == 64] == [(c, 64) for c in serve.CONFIGS]
+    assert [(r["config"], r["prompt_len"]) for r in rows if r["prompt_len"] == 64] == [
+        (c, 64) for c in serve.DEFAULT_CONFIGS]
     assert sorted(r["batch"] for r in rows if r["prompt_len"] == 130 and r["config"] == "kv4")[0] == 1
     for r in rows:
         assert r["error"] is None, r
@@ -90,8 +99,19 @@ def test_main_writes_the_results_file(tmp_path, capsys):
     kv4 = {r["prompt_len"]: r["largest_batch"] for r in rows if r["config"] == "kv4"}
     assert all(kv4[n] > fp16[n] for n in fp16)  # the point of the compressed cache
     assert data["mix50_head_bits"].count(2) == 3 and set(data["mix50_head_bits"]) == {2, 4}
-    assert set(data["max_throughput"]["64"]) == set(serve.CONFIGS)
+    assert set(data["max_throughput"]["64"]) == set(serve.DEFAULT_CONFIGS)
+    assert data["planned_rows"] == len(rows)
     assert "max throughput:" in capsys.readouterr().out
+
+
+def test_a_time_limit_stops_starting_rows_and_keeps_the_file(tmp_path, capsys):
+    out = tmp_path / "serve.json"
+    assert cli.main(["bench", "serve", "--model", "tiny", "--device", "cpu", "--configs", "fp16", "kv4", "--budget-gib",
+                     "0.002", "--prompts", "64", "--gen-len", "3", "--long-prompt", "0", "--time-limit", "1e-6",
+                     "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["rows"] == [] and data["planned_rows"] > 0
+    assert "rows not run" in capsys.readouterr().out
 
 
 def test_bad_arguments_exit_2(capsys):

@@ -7,7 +7,11 @@ Each configuration runs the same transformers model (SmolLM2-135M-Instruct by de
 - fp16_prealloc: FP16 K and V in buffers allocated once for the whole generation (a transformers Cache
   written in place; SDPA reads views of it), the stronger FP16 baseline: a step reads the cache once;
 - kv4: turboattn.hf (FlashQ + SAS prefill, decode over the cache) with every head at 4 bits;
-- mix50: the same with half the model's KV heads at 2 bits, the least sensitive (hf.calibrate).
+- mix50: the same with half the model's KV heads at 2 bits, the least sensitive (hf.calibrate);
+- fp16_sdpa_auto (not run by default): fp16 with SDPA's own backend choice in decode steps as well.
+The FP16 configurations' decode steps run SDPA's FlashAttention-2 backend: left to choose, PyTorch picks
+cuDNN on Hopper, whose execution plan is built anew for every new KV length, host work in every layer of
+every step (fp16_sdpa_auto measures it). Their prefill keeps SDPA's choice.
 
 For each prompt length the largest batch whose KV cache fits the budget is worked out (FP16: 2 x layers
 x KV heads x head dim x 2 bytes per token; turboattn: its pages and each sequence's fixed parts, as the
@@ -40,17 +44,18 @@ from turboattn import hf
 from turboattn.benchmarks import commit
 from turboattn._progress import Progress
 
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-CONFIGS = ("fp16", "fp16_prealloc", "kv4", "mix50")
-FP16_CONFIGS = ("fp16", "fp16_prealloc")
+CONFIGS = ("fp16", "fp16_prealloc", "kv4", "mix50", "fp16_sdpa_auto")
+DEFAULT_CONFIGS = ("fp16", "fp16_prealloc", "kv4", "mix50")
+FP16_CONFIGS = ("fp16", "fp16_prealloc", "fp16_sdpa_auto")
 PROMPTS = (1024, 2048, 4096, 8192)
 LONG_PROMPT = 32768
 GEN_LEN = 256
 PROFILE_STEPS = 3  # decode steps after the timed ones, under the profiler (attention's share)
 ATTENTION_RANGE = "turboattn_bench::attention"
-STEP_RANGE = "turboattn_bench::step"
 GIB = 1 << 30
 
 
@@ -162,13 +167,9 @@ def largest_context(config, shape, head_bits, budget, gen_len):
     return 64 * lo
 
 
-def batches_up_to(largest, quick):
-    """The batch sizes run for a prompt length: 1/16, 1/4, 1/2 and all of the largest (--quick: the largest)."""
-    if largest < 1:
-        return []
-    if quick:
-        return [largest]
-    return sorted({max(1, largest // 16), max(1, largest // 4), max(1, largest // 2), largest})
+def sweep_batches(largest):
+    """The smaller batches of a prompt length's sweep, beside its largest: a half, a quarter, a sixteenth."""
+    return sorted({max(1, largest // d) for d in (2, 4, 16)} - {largest}, reverse=True) if largest > 1 else []
 
 
 class DeviceMemory:
@@ -214,6 +215,13 @@ class Configs:
         layers, heads, _ = self.shape
         return {"kv4": [4] * (layers * heads), "mix50": self.mix_bits}.get(config)
 
+    @staticmethod
+    def decode_context(config):
+        """What the decode steps run under: FlashAttention-2 for the FP16 configurations (module docstring)."""
+        if config in FP16_CONFIGS and config != "fp16_sdpa_auto":
+            return sdpa_kernel([SDPBackend.FLASH_ATTENTION])
+        return contextlib.nullcontext()
+
     def use(self, config):
         if config in FP16_CONFIGS:
             hf.unpatch(self.model)
@@ -223,7 +231,7 @@ class Configs:
 
     def cache(self, config, batch, max_len, memory):
         """(cache, its bytes as allocated: None for the DynamicCache, which grows)."""
-        if config == "fp16":
+        if config in ("fp16", "fp16_sdpa_auto"):
             try:
                 return DynamicCache(config=self.model.config), None
             except TypeError:  # transformers without the config argument
@@ -284,11 +292,24 @@ def attention_annotated(cache, attn_impl):
         del cache.update
 
 
-def range_device_ms(prof, name):
-    """Summed device time (ms) of the kernels under every profiler range called `name`: the ranges' host
-    events (the profiler also lists each range as a GPU-side annotation, which would count it twice)."""
-    events = [e for e in prof.events() if e.name == name and e.device_type == torch.autograd.DeviceType.CPU]
-    return sum(getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0) for e in events) / 1e3
+def _subtree_kernels(event):
+    kernels = list(event.kernels)
+    for child in event.cpu_children:
+        kernels += _subtree_kernels(child)
+    return kernels
+
+
+def attention_and_busy_ms(prof):
+    """(attention's kernel time, all kernels' time) in ms over the profiled steps. Attention: the kernels
+    PyTorch ops launched inside the ATTENTION_RANGE ranges, and every turboattn kernel (the library
+    launches them itself, so the profiler ties them to no range; only the attention function runs them)."""
+    cpu = torch.autograd.DeviceType.CPU
+    events = prof.events()
+    ranged = [k for e in events if e.name == ATTENTION_RANGE and e.device_type == cpu for k in _subtree_kernels(e)]
+    kernels = [e for e in events if e.device_type != cpu]
+    ours = sum(e.device_time_total for e in kernels if "turboattn" in e.name)
+    attention = sum(k.duration for k in ranged if "turboattn" not in k.name) + ours
+    return attention / 1e3, sum(e.device_time_total for e in kernels) / 1e3
 
 
 @torch.no_grad()
@@ -310,9 +331,10 @@ def generate(configs, config, ids, gen_len, *, profile=False):
     clock.mark()
     tokens = [step(ids)]
     clock.mark()
-    for _ in range(gen_len - 1):
-        tokens.append(step(tokens[-1]))
-        clock.mark()
+    with configs.decode_context(config):
+        for _ in range(gen_len - 1):
+            tokens.append(step(tokens[-1]))
+            clock.mark()
     if clock.cuda:
         torch.cuda.synchronize()
     prefill_ms = clock.ms(0, 1)
@@ -328,7 +350,8 @@ def generate(configs, config, ids, gen_len, *, profile=False):
                          fp16_bytes_per_token(configs.shape)) / GIB,
     }
     if profile:
-        result.update(attention_share(configs, config, cache, step, tokens[-1], result["per_token_ms"]))
+        with configs.decode_context(config):
+            result.update(attention_share(configs, config, cache, step, tokens[-1], result["per_token_ms"]))
     peak = memory.peak()
     result["peak_mem_gib"] = peak / GIB if peak is not None else None
     out = torch.cat(tokens, dim=1)
@@ -346,18 +369,17 @@ def attention_share(configs, config, cache, step, last, per_token_ms):
     try:
         with attention_annotated(cache, impl), torch.profiler.profile(activities=activities) as prof:
             for _ in range(PROFILE_STEPS):
-                with torch.profiler.record_function(STEP_RANGE):
-                    last = step(last)
+                last = step(last)
             if last.is_cuda:
                 torch.cuda.synchronize()
-        attn = range_device_ms(prof, ATTENTION_RANGE) / PROFILE_STEPS
-        kernels = range_device_ms(prof, STEP_RANGE) / PROFILE_STEPS
+        attn, busy = (x / PROFILE_STEPS for x in attention_and_busy_ms(prof))
     except Exception as e:  # noqa: BLE001 - the run's other numbers stand without it
         return {"attention_ms_per_step": None, "attention_share": None, "profile_error": error_string(e)}
-    if not kernels:  # no device kernels (CPU)
+    if not busy:  # no device kernels (CPU)
         return {"attention_ms_per_step": None, "attention_share": None, "profile_error": None}
-    return {"attention_ms_per_step": attn, "attention_share": attn / per_token_ms if per_token_ms else None,
-            "attention_share_of_kernels": attn / kernels, "profile_error": None}
+    # Shares of the timed steps' mean time: what is left beyond the kernels is the host (Python, launches).
+    return {"attention_ms_per_step": attn, "gpu_busy_ms_per_step": busy,
+            "attention_share": attn / per_token_ms if per_token_ms else None, "profile_error": None}
 
 
 # ---- inputs ----
@@ -412,37 +434,33 @@ def mixed_bits(model, calib_ids, fraction=0.5):
 
 # ---- the benchmark ----
 
-def run_rows(configs, tokens, budget, plan, gen_len, device, progress):
-    """plan: [(prompt_len, config, batch, largest, profile)]. Returns the result rows."""
-    rows = []
-    failed = set()
-    for prompt, config, batch, largest, profile in plan:
-        row = {"config": config, "batch": batch, "prompt_len": prompt, "gen_len": gen_len, "largest_batch": largest,
-               "tokens_per_s": None, "peak_mem_gib": None, "error": None}
-        if (config, prompt) in failed:
-            row["error"] = "skipped: a smaller batch failed"
-        else:
-            try:
-                configs.use(config)
-                ids = prompts(tokens, batch, prompt, device)
-                _, measured = generate(configs, config, ids, gen_len, profile=profile)
-                row.update(measured)
-            except (torch.cuda.OutOfMemoryError, RuntimeError, MemoryError) as e:  # turboattn's errors too
-                row["error"] = error_string(e)
-                failed.add((config, prompt))
-        rows.append(row)
-        progress(row)
-    return rows
+def run_row(configs, tokens, prompt, config, batch, largest, profile, gen_len, device):
+    row = {"config": config, "batch": batch, "prompt_len": prompt, "gen_len": gen_len, "largest_batch": largest,
+           "tokens_per_s": None, "peak_mem_gib": None, "error": None}
+    try:
+        configs.use(config)
+        _, measured = generate(configs, config, prompts(tokens, batch, prompt, device), gen_len, profile=profile)
+        row.update(measured)
+    except (torch.cuda.OutOfMemoryError, RuntimeError, MemoryError) as e:  # turboattn's errors too
+        row["error"] = error_string(e)
+    return row
 
 
 def build_plan(configs, names, prompt_lens, gen_len, budget, quick, long_prompt):
-    plan = []
+    """[(prompt_len, config, batch, largest, profile)] in the order they run, most telling first (a run cut
+    short by --time-limit keeps those): each prompt length's largest batch, the long-context rows, then
+    the smaller batches of the sweep (--quick: none)."""
+    largest = {}
     for prompt in list(prompt_lens) + ([long_prompt] if long_prompt else []):
-        max_len = prompt + gen_len + PROFILE_STEPS
         for config in names:
-            largest = largest_batch(config, configs.shape, configs.head_bits(config), max_len, budget)
-            sizes = sorted({1, largest}) if prompt == long_prompt else batches_up_to(largest, quick)
-            plan += [(prompt, config, b, largest, b == largest) for b in sizes if b >= 1]
+            largest[prompt, config] = largest_batch(config, configs.shape, configs.head_bits(config),
+                                                    prompt + gen_len + PROFILE_STEPS, budget)
+    plan = [(n, c, largest[n, c], largest[n, c], True) for n in prompt_lens for c in names if largest[n, c] >= 1]
+    if long_prompt:
+        plan += [(long_prompt, c, b, largest[long_prompt, c], b == largest[long_prompt, c])
+                 for c in names for b in sorted({1, largest[long_prompt, c]}) if 1 <= b <= largest[long_prompt, c]]
+    if not quick:
+        plan += [(n, c, b, largest[n, c], False) for n in prompt_lens for c in names for b in sweep_batches(largest[n, c])]
     return plan
 
 
@@ -469,11 +487,13 @@ def main(argv=None, *, prog=None, default_out="serve.json"):
     ap.add_argument("--model", default="smollm2-135m", help="a turboattn.evaluation model key, directory, .gguf "
                     "file, or 'tiny' (random, for smoke tests)")
     ap.add_argument("--budget-gib", type=float, default=12.0, help="GPU memory for the KV cache (GiB)")
-    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
+    ap.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS), choices=CONFIGS)
     ap.add_argument("--prompts", nargs="+", type=int, default=list(PROMPTS))
     ap.add_argument("--gen-len", type=int, default=GEN_LEN)
     ap.add_argument("--long-prompt", type=int, default=LONG_PROMPT, help="the long-context row's prompt (0: none)")
-    ap.add_argument("--quick", action="store_true", help="only each largest batch")
+    ap.add_argument("--quick", action="store_true", help="only the largest batches (and batch 1 of the long row)")
+    ap.add_argument("--time-limit", type=float, default=0, help="start no row after this many seconds (0: none); "
+                    "the results file is rewritten after every row")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
     if args.gen_len < 2:
@@ -492,48 +512,57 @@ def main(argv=None, *, prog=None, default_out="serve.json"):
     for config in args.configs:
         configs.use(config)
         generate(configs, config, prompts(tokens, 2, 256, args.device), 4)
-    bar = Progress(len(plan), "serve")
-
-    def report(row):
-        bar.update()
-        tps = row["tokens_per_s"]
-        bar.write(f"{row['config']:>14} prompt {row['prompt_len']:>6} batch {row['batch']:>5}/{row['largest_batch']:<5} "
-              + (f"{tps:10.0f} tok/s  ttft {row['ttft_ms']:8.1f} ms  step {row['per_token_ms']:7.2f} ms  "
-                 f"peak {row['peak_mem_gib'] or 0:6.2f} GiB" if tps else f"error: {row['error']}")
-              + (f"  attention {row['attention_share']:.0%}" if row.get("attention_share") else ""))
-
-    rows = run_rows(configs, tokens, budget, plan, args.gen_len, args.device, report)
-    bar.close()
     layers, heads, dim = configs.shape
     result = {
         "card": torch.cuda.get_device_name() if str(args.device).startswith("cuda") else "CPU",
         "commit": commit(), "date": datetime.date.today().isoformat(),
         "model": {"name": args.model, "description": description, "layers": layers, "kv_heads": heads,
                   "q_heads": model.config.num_attention_heads, "head_dim": dim},
-        "budget_gib": args.budget_gib, "gen_len": args.gen_len,
+        "budget_gib": args.budget_gib, "gen_len": args.gen_len, "fp16_decode_sdpa": "flash (fp16_sdpa_auto: SDPA's choice)",
         "mix50_head_bits": configs.mix_bits,
         "fp16_bytes_per_token": fp16_bytes_per_token(configs.shape),
         "turbo_bytes_per_token": {c: turbo_cache_bytes(configs.shape, configs.head_bits(c), 1, 1 << 16) / (1 << 16)
                                   for c in args.configs if c not in FP16_CONFIGS},
         "largest_context": {c: largest_context(c, configs.shape, configs.head_bits(c), budget, args.gen_len)
                             for c in args.configs},
-        "rows": rows, "max_throughput": summarize(rows, args.configs),
-        "seconds": round(time.time() - t0, 1),
-        "torch": torch.__version__,
+        "planned_rows": len(plan), "rows": [], "torch": torch.__version__,
     }
     try:
         import transformers
         result["transformers"] = transformers.__version__
     except ImportError:
         pass
-    print("max throughput:", json.dumps(result["max_throughput"]), flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    try:
-        plot(result, os.path.splitext(args.out)[0] + ".png")
-    except ImportError as e:
-        print(f"no plot ({e})")
+
+    def save():
+        result["max_throughput"] = summarize(result["rows"], args.configs)
+        result["seconds"] = round(time.time() - t0, 1)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+    bar = Progress(len(plan), "serve")
+    for prompt, config, batch, largest, profile in plan:
+        if args.time_limit and time.time() - t0 > args.time_limit:
+            bar.write(f"time limit: {len(plan) - len(result['rows'])} of {len(plan)} rows not run")
+            break
+        row = run_row(configs, tokens, prompt, config, batch, largest, profile, args.gen_len, args.device)
+        result["rows"].append(row)
+        save()
+        bar.update()
+        tps = row["tokens_per_s"]
+        bar.write(f"{config:>14} prompt {prompt:>6} batch {batch:>5}/{largest:<5} "
+                  + (f"{tps:10.0f} tok/s  ttft {row['ttft_ms']:8.1f} ms  step {row['per_token_ms']:7.2f} ms  "
+                     f"peak {row['peak_mem_gib'] or 0:6.2f} GiB" if tps else f"error: {row['error']}")
+                  + (f"  attention {row['attention_ms_per_step']:.2f} ms ({row['attention_share']:.0%}), kernels "
+                     f"{row['gpu_busy_ms_per_step']:.2f} ms" if row.get("attention_share") else ""))
+    bar.close()
+    save()
+    print("max throughput:", json.dumps(result["max_throughput"]), flush=True)
+    if result["rows"]:
+        try:
+            plot(result, os.path.splitext(args.out)[0] + ".png")
+        except ImportError as e:
+            print(f"no plot ({e})")
     return result
 
 
