@@ -250,6 +250,8 @@ def test_protocol_on_a_tiny_model(tiny_model, device):
         results[name] = evaluate._metrics(dec, ref[1], windows[:, prefix + 1:])
         results[name]["bytes"] = runner.bytes_per_token(cfgs[name], cache, prefix + steps + 1)
     assert results["fp16"]["kl"] == pytest.approx(0, abs=1e-6) and results["fp16"]["agree"] == 10
+    for r in results.values():  # each window's mean KL, over its `steps` positions
+        assert len(r["kl_windows"]) == 2 and sum(r["kl_windows"]) * steps == pytest.approx(r["kl"], rel=1e-5, abs=1e-9)
     assert results["kv8"]["kl"] < results["kv4"]["kl"] < results["kv2"]["kl"]
     assert results["kivi4"]["kl"] < results["kivi2"]["kl"]
     assert 0 < results["flashq_prefill"]["kl"] < results["kv2"]["kl"]
@@ -316,3 +318,16 @@ def test_format_simulation_is_the_library_cache(bits):
         k_other, v_other = simulate(**other)
         assert not torch.allclose(k_read, k_other, rtol=0, atol=1e-5), other
         assert not torch.allclose(v_read, v_other, rtol=0, atol=1e-5), other
+
+
+def test_paired_kl_resamples_windows_and_names_the_lower():
+    from turboattn.evaluation import report
+    result = {"rows": [{"config": "a", "decode": {"kl_by_window": [1.0, 2.0, 3.0, 4.0]}},
+                       {"config": "b", "decode": {"kl_by_window": [1.5, 2.0, 3.5, 4.2]}},
+                       {"config": "old", "decode": {"kl": 1.0}}]}
+    r = report.paired_kl(result, "a", "b", resamples=2000)
+    assert r["diff"] == pytest.approx(-0.3) and r["diff_rel"] == pytest.approx(-0.3 / 2.8)
+    lo, hi = r["ci95_rel"]
+    assert lo <= r["diff_rel"] <= hi and hi <= 0 and r["a_lower_in"] == 3  # never higher in any window
+    with pytest.raises(KeyError, match="old: not in the results, or written without per-window KL"):
+        report.paired_kl(result, "a", "old")

@@ -170,17 +170,19 @@ class Runner:
 
 
 def _metrics(logits, ref_logp, targets):
-    """Sums over positions: nll, KL(ref || this), top-1 agreement; and the count."""
+    """Sums over positions: nll, KL(ref || this), top-1 agreement; and the count. Also each window's
+    (batch row's) mean KL, for paired comparisons between configurations (report.paired_kl)."""
     logp = torch.log_softmax(logits, -1)
     nll = -logp.gather(-1, targets[..., None]).sum().item()
-    kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1).clamp_min(0).sum().item()
+    kl_rows = (ref_logp.exp() * (ref_logp - logp)).sum(-1).clamp_min(0).sum(-1)
     agree = (logp.argmax(-1) == ref_logp.argmax(-1)).sum().item()
-    return {"nll": nll, "kl": kl, "agree": agree, "n": targets.numel()}
+    return {"nll": nll, "kl": kl_rows.sum().item(), "agree": agree, "n": targets.numel(),
+            "kl_windows": (kl_rows / targets.shape[-1]).tolist()}
 
 
 def _add(acc, m):
     for k, v in m.items():
-        acc[k] = acc.get(k, 0) + v
+        acc[k] = acc.get(k, [] if isinstance(v, list) else 0) + v
 
 
 @torch.no_grad()
@@ -268,7 +270,7 @@ def evaluate(model, tokenizer, *, windows=16, batch=8, prefix=1024, steps=256, s
         for part in ("prefill", "decode"):
             a = acc[c.name][part]
             row[part] = {"ppl": math.exp(a["nll"] / a["n"]), "kl": a["kl"] / a["n"], "top1_agree": a["agree"] / a["n"],
-                         "tokens": a["n"]}
+                         "tokens": a["n"], "kl_by_window": a["kl_windows"]}
         asym, at = memory[c.name]
         row["kv_bytes_per_token"] = asym
         row[f"kv_bytes_per_token_at_{length - 1}"] = at

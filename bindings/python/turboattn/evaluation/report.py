@@ -1,8 +1,11 @@
-"""The tables of docs/ACCURACY.md from an eval/results/*.json file:
+"""The tables of docs/ACCURACY.md from an eval/results/*.json file, and paired comparisons of two
+configurations' decode KL over the same windows:
 
     python3 -m turboattn.evaluation.report eval/results/smollm2-135m.json
+    python3 -m turboattn.evaluation.report eval/results/FILE.json --paired kv4 kivi4_g64
 """
 import json
+import random
 import sys
 
 
@@ -35,7 +38,38 @@ def markdown(result):
     return "\n".join(lines)
 
 
+def paired_kl(result, a, b, *, resamples=10000, seed=0):
+    """Decode KL of configuration a against b over the same held-out windows: the mean of the windows'
+    differences a - b, relative to b's mean, with a 95% interval from resampling the windows (paired
+    bootstrap: the windows, not the positions, are the independent samples). Needs the per-window KL of
+    results written since 'kl_by_window' was added."""
+    rows = {r["config"]: r for r in result["rows"]}
+    for name in (a, b):
+        if name not in rows or "kl_by_window" not in rows[name]["decode"]:
+            raise KeyError(f"{name}: not in the results, or written without per-window KL")
+    xa, xb = rows[a]["decode"]["kl_by_window"], rows[b]["decode"]["kl_by_window"]
+    n = len(xa)
+    mean_b = sum(xb) / n
+    diffs = [p - q for p, q in zip(xa, xb)]
+    rng = random.Random(seed)
+    boot = sorted(sum(diffs[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
+    lo, hi = boot[int(0.025 * resamples)], boot[int(0.975 * resamples) - 1]
+    return {"a": a, "b": b, "windows": n, "kl_a": sum(xa) / n, "kl_b": mean_b, "diff": sum(diffs) / n,
+            "diff_rel": sum(diffs) / n / mean_b, "ci95_rel": (lo / mean_b, hi / mean_b),
+            "a_lower_in": sum(d < 0 for d in diffs)}
+
+
 if __name__ == "__main__":
-    for path in sys.argv[1:]:
+    args = sys.argv[1:]
+    if "--paired" in args:
+        i = args.index("--paired")
+        path, a, b = args[0], args[i + 1], args[i + 2]
         with open(path) as f:
-            print(markdown(json.load(f)))
+            r = paired_kl(json.load(f), a, b)
+        print(f"decode KL {a} {r['kl_a']:.5f} vs {b} {r['kl_b']:.5f}: difference {100 * r['diff_rel']:+.2f}% "
+              f"(95% interval {100 * r['ci95_rel'][0]:+.2f}% to {100 * r['ci95_rel'][1]:+.2f}%, paired over "
+              f"{r['windows']} windows; {a} lower in {r['a_lower_in']})")
+    else:
+        for path in args:
+            with open(path) as f:
+                print(markdown(json.load(f)))
