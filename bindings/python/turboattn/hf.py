@@ -35,7 +35,7 @@ try:
 except ImportError as e:  # transformers before the AttentionInterface / cache-layer API (4.56)
     raise ImportError(f"turboattn.hf needs transformers >= 4.56 with AttentionInterface and cache layers: {e}") from e
 
-__all__ = ["TurboConfig", "TurboCache", "patch", "unpatch", "make_cache", "calibrate", "load_head_bits",
+__all__ = ["TurboConfig", "TurboCache", "patch", "unpatch", "make_cache", "cache_pages", "calibrate", "load_head_bits",
            "ATTN_IMPLEMENTATION"]
 
 ATTN_IMPLEMENTATION = "turboattn"
@@ -168,6 +168,12 @@ def _resolve_head_bits(config, model_or_config):
 
 # ---- the cache ----
 
+def cache_pages(max_seqs, max_seq_len):
+    """Pages a KVCache needs for max_seqs sequences of max_seq_len tokens: each sequence's full blocks
+    after the first (which has its own region; a last partial block sits in the INT8 buffer)."""
+    return max_seqs * max(0, max_seq_len // _BLOCK - 1)
+
+
 class _TurboLayer(CacheLayerMixin):
     """One layer's view of the shared KVCache: transformers' bookkeeping only (tokens seen, padding
     included). The compressed data lives in the KVCache; the attention function writes it."""
@@ -261,7 +267,7 @@ class TurboCache(Cache):
         self.max_seq_len = int(config.max_seq_len or max_seq_len or default_len)
         pages = config.num_pages if config.num_pages is not None else num_pages
         # Enough for every sequence at max_seq_len: its full blocks after the first (which has its own region).
-        self.num_pages = int(pages if pages is not None else self.max_seqs * max(0, self.max_seq_len // _BLOCK - 1))
+        self.num_pages = int(pages if pages is not None else cache_pages(self.max_seqs, self.max_seq_len))
         self._text_config = text
         device = getattr(model, "device", torch.device("cpu"))
         self.kv, self.cache_device = self._create(device)

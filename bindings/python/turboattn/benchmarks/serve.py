@@ -33,20 +33,18 @@ import contextlib
 import datetime
 import gc
 import json
-import math
 import os
 import time
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 import turboattn
 from turboattn import hf
 from turboattn.benchmarks import commit
 from turboattn._progress import Progress
-
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 CONFIGS = ("fp16", "fp16_prealloc", "kv4", "mix50", "fp16_sdpa_auto")
 DEFAULT_CONFIGS = ("fp16", "fp16_prealloc", "kv4", "mix50")
@@ -131,11 +129,6 @@ def fp16_bytes_per_token(shape, dtype_bytes=2):
     return 2 * layers * heads * dim * dtype_bytes
 
 
-def turbo_pages(batch, max_len):
-    # A sequence's first block has its own region and its last partial block sits in the INT8 buffer.
-    return batch * max(0, max_len // 64 - 1)
-
-
 def turbo_cache_bytes(shape, head_bits, batch, max_len):
     """Bytes a turboattn KVCache for `batch` sequences of max_len tokens allocates: its page pool and per
     sequence its INT8 buffers, first blocks and K means (per layer and KV head)."""
@@ -143,7 +136,7 @@ def turbo_cache_bytes(shape, head_bits, batch, max_len):
     probe = turboattn.KVCache(layers, heads, dim, num_pages=1, max_seqs=1, max_seq_len=max_len, head_bits=head_bits)
     m = probe.memory()
     per_seq = m["buffer_bytes"] + m["first_block_bytes"] + layers * heads * dim * 4
-    return turbo_pages(batch, max_len) * m["page_bytes_total"] + batch * per_seq
+    return hf.cache_pages(batch, max_len) * m["page_bytes_total"] + batch * per_seq
 
 
 def largest_batch(config, shape, head_bits, max_len, budget):
@@ -154,17 +147,17 @@ def largest_batch(config, shape, head_bits, max_len, budget):
     return int(budget // per_seq)
 
 
-def largest_context(config, shape, head_bits, budget, gen_len):
-    """The longest prompt (a multiple of 64 tokens) whose sequence of prompt + gen_len tokens fits the
-    budget at batch 1."""
-    lo, hi = 0, 1 << 24  # in blocks of 64 tokens
+def largest_context(config, shape, head_bits, budget, gen_len, step=64):
+    """The longest prompt (a multiple of `step` tokens) whose sequence of prompt + gen_len tokens fits
+    the budget at batch 1."""
+    lo, hi = 0, 1 << 24  # in steps
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if largest_batch(config, shape, head_bits, 64 * mid + gen_len + PROFILE_STEPS, budget) >= 1:
+        if largest_batch(config, shape, head_bits, step * mid + gen_len + PROFILE_STEPS, budget) >= 1:
             lo = mid
         else:
             hi = mid - 1
-    return 64 * lo
+    return step * lo
 
 
 def sweep_batches(largest):
@@ -241,7 +234,7 @@ class Configs:
             return c, c.nbytes
         bits = self.head_bits(config)
         cache = hf.TurboCache(self.model, hf.TurboConfig(head_bits=bits), max_seqs=batch, max_seq_len=max_len,
-                              num_pages=turbo_pages(batch, max_len))
+                              num_pages=hf.cache_pages(batch, max_len))
         return cache, memory.outside_torch() if memory.cuda else turbo_cache_bytes(self.shape, bits, batch, max_len)
 
 
@@ -354,9 +347,7 @@ def generate(configs, config, ids, gen_len, *, profile=False):
             result.update(attention_share(configs, config, cache, step, tokens[-1], result["per_token_ms"]))
     peak = memory.peak()
     result["peak_mem_gib"] = peak / GIB if peak is not None else None
-    out = torch.cat(tokens, dim=1)
-    del cache, kw
-    return out, result
+    return torch.cat(tokens, dim=1), result
 
 
 def attention_share(configs, config, cache, step, last, per_token_ms):

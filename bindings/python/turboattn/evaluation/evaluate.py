@@ -9,7 +9,6 @@ The passkey test prefills a haystack with a 5-digit key hidden at a depth, feeds
 cache and decodes the answer greedily.
 """
 import dataclasses
-import json
 import math
 import random
 import time
