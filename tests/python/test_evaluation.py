@@ -324,10 +324,16 @@ def test_paired_kl_resamples_windows_and_names_the_lower():
     from turboattn.evaluation import report
     result = {"rows": [{"config": "a", "decode": {"kl_by_window": [1.0, 2.0, 3.0, 4.0]}},
                        {"config": "b", "decode": {"kl_by_window": [1.5, 2.0, 3.5, 4.2]}},
+                       {"config": "ref", "decode": {"kl_by_window": [0.0] * 4}},
+                       {"config": "short", "decode": {"kl_by_window": [1.0]}},
                        {"config": "old", "decode": {"kl": 1.0}}]}
     r = report.paired_kl(result, "a", "b", resamples=2000)
-    assert r["diff"] == pytest.approx(-0.3) and r["diff_rel"] == pytest.approx(-0.3 / 2.8)
+    assert r["diff_rel"] == pytest.approx(10.0 / 11.2 - 1) and r["kl_a"] == pytest.approx(2.5)
     lo, hi = r["ci95_rel"]
     assert lo <= r["diff_rel"] <= hi and hi <= 0 and r["a_lower_in"] == 3  # never higher in any window
     with pytest.raises(KeyError, match="old: not in the results, or written without per-window KL"):
         report.paired_kl(result, "a", "old")
+    with pytest.raises(ValueError, match="KL is zero"):
+        report.paired_kl(result, "a", "ref")
+    with pytest.raises(ValueError, match="not the same run"):
+        report.paired_kl(result, "a", "short")

@@ -118,3 +118,19 @@ def test_bad_arguments_exit_2(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["bench", "serve", "--configs", "fp32"])
     assert e.value.code == 2 and "invalid choice: 'fp32'" in capsys.readouterr().err
+
+
+def test_attention_time_counts_kernels_once():
+    # What torch.profiler lists for one step: the attention range on the host with the kernels its ops
+    # launched, the same range again as a GPU-side annotation spanning them (not a kernel), turboattn's
+    # own kernels (tied to no range) and the rest of the step's kernels.
+    from types import SimpleNamespace as NS
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    kernel = lambda name, us: NS(name=name, device_type=cuda, device_time_total=us, is_user_annotation=False)
+    copy = NS(name="aten::copy_", device_type=cpu, kernels=[NS(name="copy_kernel", duration=10.0)], cpu_children=[])
+    host_range = NS(name=serve.ATTENTION_RANGE, device_type=cpu, kernels=[], cpu_children=[copy])
+    annotation = NS(name=serve.ATTENTION_RANGE, device_type=cuda, device_time_total=500.0, is_user_annotation=True)
+    events = [host_range, copy, annotation, kernel("copy_kernel", 10.0),
+              kernel("void turboattn::cuda::cache_decode_kernel<64>(...)", 300.0), kernel("gemm", 1000.0)]
+    attention, busy = serve.attention_and_busy_ms(NS(events=lambda: events))
+    assert attention == pytest.approx(0.31) and busy == pytest.approx(1.31)

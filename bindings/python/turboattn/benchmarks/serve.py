@@ -53,7 +53,8 @@ PROMPTS = (1024, 2048, 4096, 8192)
 LONG_PROMPT = 32768
 GEN_LEN = 256
 PROFILE_STEPS = 3  # decode steps after the timed ones, under the profiler (attention's share)
-ATTENTION_RANGE = "turboattn_bench::attention"
+ATTENTION_RANGE = "bench_serve::attention"  # a profiler range; not named like the library's kernels
+LIBRARY_KERNELS = "turboattn::cuda::"  # the namespace in every turboattn kernel's name
 GIB = 1 << 30
 
 
@@ -295,13 +296,16 @@ def _subtree_kernels(event):
 def attention_and_busy_ms(prof):
     """(attention's kernel time, all kernels' time) in ms over the profiled steps. Attention: the kernels
     PyTorch ops launched inside the ATTENTION_RANGE ranges, and every turboattn kernel (the library
-    launches them itself, so the profiler ties them to no range; only the attention function runs them)."""
+    launches them itself, so the profiler ties them to no range; only the attention function runs them).
+    The profiler also lists each range as a GPU-side annotation spanning its kernels (and the gaps between
+    them): those are not kernels and are left out of both sums."""
     cpu = torch.autograd.DeviceType.CPU
     events = prof.events()
     ranged = [k for e in events if e.name == ATTENTION_RANGE and e.device_type == cpu for k in _subtree_kernels(e)]
-    kernels = [e for e in events if e.device_type != cpu]
-    ours = sum(e.device_time_total for e in kernels if "turboattn" in e.name)
-    attention = sum(k.duration for k in ranged if "turboattn" not in k.name) + ours
+    kernels = [e for e in events if e.device_type != cpu and not getattr(e, "is_user_annotation", False)
+               and e.name != ATTENTION_RANGE]
+    ours = sum(e.device_time_total for e in kernels if LIBRARY_KERNELS in e.name)
+    attention = sum(k.duration for k in ranged if LIBRARY_KERNELS not in k.name) + ours
     return attention / 1e3, sum(e.device_time_total for e in kernels) / 1e3
 
 

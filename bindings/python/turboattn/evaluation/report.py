@@ -39,31 +39,37 @@ def markdown(result):
 
 
 def paired_kl(result, a, b, *, resamples=10000, seed=0):
-    """Decode KL of configuration a against b over the same held-out windows: the mean of the windows'
-    differences a - b, relative to b's mean, with a 95% interval from resampling the windows (paired
-    bootstrap: the windows, not the positions, are the independent samples). Needs the per-window KL of
-    results written since 'kl_by_window' was added."""
+    """Decode KL of configuration a against b over the same held-out windows: the ratio of their mean KL
+    less 1, with a 95% interval from resampling the windows in pairs (the windows, not the positions,
+    are the independent samples), and in how many windows a is lower. Needs the per-window KL of results
+    written since 'kl_by_window' was added."""
     rows = {r["config"]: r for r in result["rows"]}
     for name in (a, b):
         if name not in rows or "kl_by_window" not in rows[name]["decode"]:
             raise KeyError(f"{name}: not in the results, or written without per-window KL")
     xa, xb = rows[a]["decode"]["kl_by_window"], rows[b]["decode"]["kl_by_window"]
+    if len(xa) != len(xb):
+        raise ValueError(f"{a} has {len(xa)} windows and {b} {len(xb)}: not the same run")
+    if sum(xb) <= 0:
+        raise ValueError(f"{b}'s KL is zero (the reference itself?): no ratio to take")
     n = len(xa)
-    mean_b = sum(xb) / n
-    diffs = [p - q for p, q in zip(xa, xb)]
     rng = random.Random(seed)
-    boot = sorted(sum(diffs[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
+    boot = []
+    for _ in range(resamples):
+        idx = [rng.randrange(n) for _ in range(n)]
+        boot.append(sum(xa[i] for i in idx) / max(sum(xb[i] for i in idx), 1e-30) - 1)
+    boot.sort()
     lo, hi = boot[int(0.025 * resamples)], boot[int(0.975 * resamples) - 1]
-    return {"a": a, "b": b, "windows": n, "kl_a": sum(xa) / n, "kl_b": mean_b, "diff": sum(diffs) / n,
-            "diff_rel": sum(diffs) / n / mean_b, "ci95_rel": (lo / mean_b, hi / mean_b),
-            "a_lower_in": sum(d < 0 for d in diffs)}
+    return {"a": a, "b": b, "windows": n, "kl_a": sum(xa) / n, "kl_b": sum(xb) / n, "diff_rel": sum(xa) / sum(xb) - 1,
+            "ci95_rel": (lo, hi), "a_lower_in": sum(p < q for p, q in zip(xa, xb))}
 
 
 if __name__ == "__main__":
     args = sys.argv[1:]
     if "--paired" in args:
         i = args.index("--paired")
-        path, a, b = args[0], args[i + 1], args[i + 2]
+        a, b = args[i + 1], args[i + 2]
+        path = next(x for j, x in enumerate(args) if j not in (i, i + 1, i + 2))
         with open(path) as f:
             r = paired_kl(json.load(f), a, b)
         print(f"decode KL {a} {r['kl_a']:.5f} vs {b} {r['kl_b']:.5f}: difference {100 * r['diff_rel']:+.2f}% "
