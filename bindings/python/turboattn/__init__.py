@@ -145,7 +145,7 @@ class KVCache:
     def __init__(self, num_layers, num_kv_heads, head_dim, num_pages, max_seqs, max_seq_len, head_bits=None, smooth_k=True,
                  device="cpu"):
         self.device = _cache_device(device)
-        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.num_layers, self.num_kv_heads, self.head_dim, self.max_seqs = num_layers, num_kv_heads, head_dim, max_seqs
         bits = None
         if head_bits is not None:
             if len(head_bits) != num_layers * num_kv_heads:
@@ -207,6 +207,12 @@ class KVCache:
         m = CacheMemory()
         check(lib.ta_cache_memory_info(self._handle, ctypes.byref(m)))
         return {name: getattr(m, name) for name, _ in CacheMemory._fields_}
+
+    def sequence_fixed_bytes(self):
+        """Bytes each sequence slot holds outside the pages, all layers and KV heads: its INT8 buffers, its
+        first blocks (8 bits) and its K means (fp32)."""
+        m = self.memory()
+        return (m["buffer_bytes"] + m["first_block_bytes"]) // self.max_seqs + 4 * self.num_layers * self.num_kv_heads * self.head_dim
 
     @property
     def bytes_per_token(self):

@@ -135,9 +135,7 @@ def turbo_cache_bytes(shape, head_bits, batch, max_len):
     sequence its INT8 buffers, first blocks and K means (per layer and KV head)."""
     layers, heads, dim = shape
     probe = turboattn.KVCache(layers, heads, dim, num_pages=1, max_seqs=1, max_seq_len=max_len, head_bits=head_bits)
-    m = probe.memory()
-    per_seq = m["buffer_bytes"] + m["first_block_bytes"] + layers * heads * dim * 4
-    return hf.cache_pages(batch, max_len) * m["page_bytes_total"] + batch * per_seq
+    return hf.cache_pages(batch, max_len) * probe.memory()["page_bytes_total"] + batch * probe.sequence_fixed_bytes()
 
 
 def largest_batch(config, shape, head_bits, max_len, budget):

@@ -162,10 +162,9 @@ class Runner:
             return kivi_bytes_per_token(c.bits, c.kivi_group, c.kivi_residual, tokens, self.layers, self.kv_heads,
                                         self.head_dim)
         m = cache.memory()
-        # Per sequence: the INT8 buffer, the first block (8 bits) and mu; the blocks after the first in pages.
-        per_seq_fixed = (m["buffer_bytes"] + m["first_block_bytes"]) / cache.max_seqs + 4.0 * self.layers * self.kv_heads * self.head_dim
-        pages = max(tokens // 64 - 1, 0) * 64
-        return m["bytes_per_token"], (pages * m["bytes_per_token"] + per_seq_fixed) / tokens
+        # One sequence: its fixed parts, and the blocks after the first in pages.
+        held = hf.cache_pages(1, tokens) * m["page_bytes_total"] + cache.kv.sequence_fixed_bytes()
+        return m["bytes_per_token"], held / tokens
 
 
 def _metrics(logits, ref_logp, targets):
