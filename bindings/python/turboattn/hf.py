@@ -513,18 +513,17 @@ def _cached_attention(cache, layer, q, k, v, valid, facts, scale):
     else:
         vn = valid_new.to(dev)
         packed_k, packed_v = kc[vn], vc[vn]
+    any_new = rows is None or bool(rows)
     if not bool(past.any()):
         # Prefill: attention on the uncompressed new tokens, then one bulk write of the real ones.
         out = _plain_attention(q, k, v, None if valid is None else valid[:, -nq:], scale, cfg)
-        if rows is None or rows:
+        if any_new:
             kv.write(layer, row_seqs, packed_k.contiguous(), packed_v.contiguous(), _cu(row_counts))
     else:
-        if nq == 1 and (rows is None or rows):
-            if rows is None:
-                kv.append(layer, seq_array, kc[:, 0].contiguous(), vc[:, 0].contiguous())
-            else:
-                kv.append(layer, row_seqs, kc[rows, 0].contiguous(), vc[rows, 0].contiguous())
-        elif rows is None or rows:
+        if nq == 1 and any_new:
+            picked = slice(None) if rows is None else rows
+            kv.append(layer, row_seqs, kc[picked, 0].contiguous(), vc[picked, 0].contiguous())
+        elif any_new:
             kv.write(layer, row_seqs, packed_k.contiguous(), packed_v.contiguous(), _cu(row_counts))
         qc = q.to(dev)
         if valid_new is None:
