@@ -221,7 +221,7 @@ def test_calibrate_reports_a_directory_that_is_no_model(tmp_path, capsys):
     (["reference", "--seqlen", "0"], "--seqlen: 0: expected an integer >= 1"),
     (["reference", "--seqlen", "many"], "'many' is not an integer"),
     (["reference", "--head-dim", "80"], "--head-dim: invalid choice: 80"),
-    (["bench"], "name a benchmark: prefill, decode or serve"),
+    (["bench"], "name a benchmark: prefill, decode, serve or tp"),
     (["bench", "train"], "invalid choice: 'train'"),
     (["calibrate", "{dir}", "--text", "{file}", "--fraction", "1.5", "--out", "x.json"], "1.5: expected a fraction"),
     (["calibrate", "{dir}", "--text", "{file}", "--fraction", "nan", "--out", "x.json"], "expected a fraction"),
@@ -273,7 +273,7 @@ def test_cpp_program_hands_bench_and_calibrate_to_python(tmp_path):
     exe = cpp_cli()
     env = env_with_package(PATH=python3_dir(tmp_path) + os.pathsep + os.environ.get("PATH", ""))
     run = subprocess.run([exe, "bench"], capture_output=True, text=True, env=env)
-    assert run.returncode == 2 and "name a benchmark: prefill, decode or serve" in run.stderr  # Python's parser said it
+    assert run.returncode == 2 and "name a benchmark: prefill, decode, serve or tp" in run.stderr  # Python's parser said it
     run = subprocess.run([exe, "calibrate", "--help"], capture_output=True, text=True, env=env)
     assert run.returncode == 0 and run.stdout.startswith("usage: turboattn calibrate")
     run = subprocess.run([exe, "version"], capture_output=True, text=True, env=env)  # still the C++ one

@@ -36,7 +36,7 @@ def test_the_loop_generates_what_generate_does(configs, config):
 
 @pytest.mark.parametrize("config", serve.CONFIGS)
 def test_the_largest_batch_fits_the_budget_and_one_more_does_not(configs, config):
-    bits = configs.head_bits(config)
+    bits = configs.cache_bits(config)
     max_len = 70 + 6 + serve.PROFILE_STEPS
 
     def size(batch):
@@ -69,7 +69,7 @@ def test_the_plan_runs_the_largest_batches_first_then_the_long_rows_then_the_swe
     assert serve.sweep_batches(100) == [50, 25, 6] and serve.sweep_batches(3) == [1] and serve.sweep_batches(1) == []
     budget = 1 << 20
     plan = serve.build_plan(configs, ["fp16", "kv4"], [64, 128], 4, budget, False, 256)
-    largest = {(n, c): serve.largest_batch(c, configs.shape, configs.head_bits(c), n + 4 + serve.PROFILE_STEPS, budget)
+    largest = {(n, c): serve.largest_batch(c, configs.shape, configs.cache_bits(c), n + 4 + serve.PROFILE_STEPS, budget)
                for n in (64, 128, 256) for c in ("fp16", "kv4")}
     head = [(n, c, largest[n, c], largest[n, c], True) for n in (64, 128) for c in ("fp16", "kv4")]
     long = [(256, c, b, largest[256, c], b == largest[256, c]) for c in ("fp16", "kv4") for b in sorted({1, largest[256, c]})]

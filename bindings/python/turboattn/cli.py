@@ -3,7 +3,7 @@ on the PATH.
 
     turboattn version
     turboattn reference [--seqlen N] [--head-dim D] [--seed S]
-    turboattn bench prefill|decode|serve [benchmark options]  (--help after the name lists them)
+    turboattn bench prefill|decode|serve|tp [benchmark options]  (--help after the name lists them)
     turboattn calibrate MODEL_DIR --text FILE [--tokens N] --fraction F --out PATH [--metric M]
     turboattn demo [--model M] [--device D] [--prompt TEXT] [--tokens N] [--bits B]
     turboattn eval [--model M] [--device D] [--quick] [--only NAME ...] [--no-passkey] [--out FILE]
@@ -180,18 +180,20 @@ def cmd_reference(args):
 
 def cmd_bench(args):
     if args.which is None:
-        args.parser.error("name a benchmark: prefill, decode or serve")
+        args.parser.error("name a benchmark: prefill, decode, serve or tp")
     prog = f"{PROG} bench {args.which}"
     try:
         if args.which == "decode":
             from .benchmarks import decode as bench
         elif args.which == "serve":
             from .benchmarks import serve as bench
+        elif args.which == "tp":
+            from .benchmarks import tensor_parallel as bench
         else:
             from .benchmarks import prefill as bench
     except ImportError as e:  # torch, Triton for prefill, transformers for serve
         return _fail(f"bench {args.which} needs {e.name or e}: pip install torch (Triton comes with PyTorch's CUDA "
-                     f"wheels on Linux){'; serve: pip install .[demo]' if args.which == 'serve' else ''}")
+                     f"wheels on Linux){'; serve, tp: pip install .[demo]' if args.which in ('serve', 'tp') else ''}")
     bench.main(args.args, prog=prog)
     return 0
 
@@ -366,14 +368,14 @@ def build_parser():
     p.set_defaults(func=cmd_reference)
 
     p = sub.add_parser("bench", help="a GPU benchmark (docs/BENCHMARKS.md): JSON results and a PNG plot",
-                       usage=f"{PROG} bench {{prefill,decode,serve}} [options]",
+                       usage=f"{PROG} bench {{prefill,decode,serve,tp}} [options]",
                        description="Runs a benchmark of docs/BENCHMARKS.md; the arguments after its name go to it "
                        "(`turboattn bench decode --help` lists them).")
     # Optional only so that its absence gets a plain message (cmd_bench); a required positional before
     # the pass-through arguments would be reported as "required: which, args".
-    p.add_argument("which", nargs="?", choices=("prefill", "decode", "serve"), help="prefill (FlashQ + SAS against "
-                   "SDPA), decode (the compressed cache against SDPA over FP16) or serve (batched generation of a real "
-                   "model at a fixed KV memory budget)")
+    p.add_argument("which", nargs="?", choices=("prefill", "decode", "serve", "tp"), help="prefill (FlashQ + SAS "
+                   "against SDPA), decode (the compressed cache against SDPA over FP16), serve (batched generation of "
+                   "a real model at a fixed KV memory budget) or tp (the same on one GPU and split over several)")
     p.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options, e.g. --out, --quick")
     p.set_defaults(func=cmd_bench, parser=p)
 

@@ -122,6 +122,42 @@ def _shape(model_or_config):
     return layers, kv_heads, head_dim
 
 
+# ---- tensor parallelism ----
+
+def _tensor_parallel(model_or_config):
+    """(rank, size, process group) of this process in the model's tensor-parallel group (transformers'
+    tp_plan), or (0, 1, None) for a model on one device (or a config). Each rank's attention modules then
+    hold a contiguous slice of the heads: transformers shards q_proj, k_proj and v_proj by output rows, so
+    rank r computes KV heads [r * H / size, (r + 1) * H / size) and their query heads."""
+    size = int(getattr(model_or_config, "_tp_size", None) or 1)
+    if size == 1:
+        return 0, 1, None
+    mesh = getattr(model_or_config, "_device_mesh", None)
+    names = getattr(mesh, "mesh_dim_names", None) or ()
+    tp = mesh["tp"] if mesh is not None and mesh.ndim > 1 and "tp" in names else mesh
+    if tp is None or tp.ndim != 1 or tp.size() != size:
+        raise Unsupported(2, f"the model is split {size} ways (tp_size) but its device mesh ({mesh}) has no "
+                             "one-dimensional tensor-parallel part of that size")
+    return tp.get_local_rank(), size, tp.get_group()
+
+
+def _rank_shape(model):
+    """(num_layers, KV heads on this rank, head_dim, rank, size): _shape for this rank's slice of the heads."""
+    layers, kv_heads, head_dim = _shape(model)
+    rank, size, _ = _tensor_parallel(model)
+    heads = _text_config(model).num_attention_heads
+    if kv_heads % size or heads % size:
+        raise Unsupported(2, f"tensor parallelism over {size} ranks needs the query heads ({heads}) and the KV heads "
+                             f"({kv_heads}) to be multiples of {size}; each rank's cache holds whole KV heads")
+    return layers, kv_heads // size, head_dim, rank, size
+
+
+def _rank_head_bits(bits, layers, kv_heads, rank, size):
+    """This rank's slice (per layer, its KV heads) of a model's per-(layer, KV head) bits."""
+    per = kv_heads // size
+    return [b for l in range(layers) for b in bits[l * kv_heads + rank * per:l * kv_heads + (rank + 1) * per]]
+
+
 # ---- head bits ----
 
 def load_head_bits(path, model_or_config=None):
@@ -257,11 +293,15 @@ class TurboCache(Cache):
 
     def __init__(self, model, config=None, *, max_seqs=None, max_seq_len=None, num_pages=None):
         config = (config or getattr(model, "_turboattn_config", None) or TurboConfig()).validate()
-        layers, kv_heads, head_dim = _shape(model)
+        layers, kv_heads, head_dim, rank, size = _rank_shape(model)
         text = _text_config(model)
         self.config = config
+        # Under tensor parallelism this rank's cache holds its own KV heads (num_kv_heads of them) at the
+        # bits the model-wide allocation gives them (model_head_bits, over all heads).
+        self.tp_rank, self.tp_size = rank, size
         self.num_layers, self.num_kv_heads, self.head_dim = layers, kv_heads, head_dim
-        self.head_bits = _resolve_head_bits(config, model)
+        self.model_head_bits = _resolve_head_bits(config, model)
+        self.head_bits = _rank_head_bits(self.model_head_bits, layers, kv_heads * size, rank, size)
         self.max_seqs = int(config.max_seqs or max_seqs or 1)
         default_len = min(int(getattr(text, "max_position_embeddings", 4096) or 4096), 4096)
         self.max_seq_len = int(config.max_seq_len or max_seq_len or default_len)
@@ -304,6 +344,9 @@ class TurboCache(Cache):
         if self._pending is not None:
             raise RuntimeError(f"TurboCache: layer {self._pending[0]} updated the cache but its attention did not run "
                                "through turboattn")
+        if key_states.shape[1] != self.num_kv_heads:
+            raise InvalidArgument(1, f"TurboCache: layer {layer_idx} gives {key_states.shape[1]} KV heads, the cache "
+                                     f"holds {self.num_kv_heads} (tensor-parallel rank {self.tp_rank} of {self.tp_size})")
         self._pending = (layer_idx, key_states)
         _current.cache = self
 
@@ -599,7 +642,7 @@ def patch(model, config=None):
     TurboCache created per call (unless one is passed). Returns the model. Raises Unsupported for a
     model turboattn cannot run (head dim, softcapping, shared KV layers) and ValueError for a bad config."""
     config = (config or TurboConfig()).validate()
-    _shape(model)
+    _rank_shape(model)
     _resolve_head_bits(config, model)  # a bad head_bits file fails here, not at the first generate()
     _register()
     previous = getattr(model.config, "_attn_implementation", None)
@@ -729,7 +772,11 @@ def _two_bit_round_trip(k, v, dtype):
 @torch.no_grad()
 def _sensitivity(model, inputs, records, layers, kv_heads, progress):
     """Per (layer, KV head): the mean KL divergence of the model's next-token distributions on the
-    calibration inputs when that head alone is stored at 2 bits (the others exact), from the FP model's."""
+    calibration inputs when that head alone is stored at 2 bits (the others exact), from the FP model's.
+    Under tensor parallelism every rank runs every forward pass (they are collective) and the rank that
+    holds the head swaps it; the logits are gathered, so every rank measures the same KL."""
+    rank, size, _ = _tensor_parallel(model)
+    per_rank = kv_heads // size
     swap = {}
     AttentionInterface.register(_CALIBRATE_IMPLEMENTATION, _replacing_attention(swap))
     logits = lambda ids: model(input_ids=ids, use_cache=False).logits[0]  # [N, vocab], the model's dtype
@@ -752,9 +799,12 @@ def _sensitivity(model, inputs, records, layers, kv_heads, progress):
         trips = [_two_bit_round_trip(*records[l][i], dtype) for i in range(len(inputs))]
         for h in range(kv_heads):
             kl = tokens = 0.0
+            owner, local = divmod(h, per_rank)
             for i, ids in enumerate(inputs):
                 k2, v2 = trips[i]
-                swap.update(layer=l, head=h, k=k2[:, h], v=v2[:, h])
+                swap.clear()
+                if owner == rank:
+                    swap.update(layer=l, head=local, k=k2[:, local], v=v2[:, local])
                 kl += kl_sum(base[i], logits(ids))
                 tokens += ids.shape[1]
             out.append(kl / tokens)
@@ -774,12 +824,16 @@ def calibrate(model, tokenizer_or_input_ids, fraction_2bit, path, *, text=None, 
     round(fraction_2bit * layers * kv_heads) least sensitive heads of the whole model get 2 bits.
     metric "gap_std": the paper's statistic (turboattn.head_priority, no extra forward pass), normalized
     within each layer, so each layer gets round(fraction_2bit * kv_heads) 2-bit heads.
-    progress(done, total) is called after each head's sensitivity."""
+    progress(done, total) is called after each head's sensitivity.
+
+    Under tensor parallelism (a model loaded with tp_plan) every rank calls it: the ranking covers all the
+    model's heads, every rank returns the same bits, and the first rank alone writes `path`."""
     if not (isinstance(fraction_2bit, (int, float)) and 0.0 <= fraction_2bit <= 1.0):
         raise ValueError(f"calibrate: fraction_2bit {fraction_2bit!r}, expected a number in [0, 1]")
     if metric not in ("sensitivity", "gap_std"):
         raise ValueError(f"calibrate: metric {metric!r}, expected 'sensitivity' or 'gap_std'")
-    layers, kv_heads, _ = _shape(model)
+    layers, rank_heads, _, _, size = _rank_shape(model)
+    kv_heads = rank_heads * size
     inputs = _calibration_inputs(model, tokenizer_or_input_ids, text)
     records = {}
     AttentionInterface.register(_CALIBRATE_IMPLEMENTATION, _recording_attention(records))
@@ -801,17 +855,37 @@ def calibrate(model, tokenizer_or_input_ids, fraction_2bit, path, *, text=None, 
         model.config._attn_implementation, text_config._attn_implementation = previous
     if metric == "gap_std":
         priority = []
-        for i in range(layers):
+        for i in range(layers):  # this rank's heads of each layer
             k = torch.cat([r[0] for r in records[i]]).contiguous()
             v = torch.cat([r[1] for r in records[i]]).contiguous()
             priority += head_priority(k, v)
+    priority = _model_priority(model, priority, layers, per_rank=metric == "gap_std")
     bits = assign_head_bits(priority, layers, kv_heads, fraction_2bit, across_layers=metric == "sensitivity")
     data = {"model": getattr(model.config, "_name_or_path", "") or model.config.model_type,
             "num_layers": layers, "num_kv_heads": kv_heads, "fraction_2bit": float(fraction_2bit), "metric": metric,
             "tokens": int(sum(ids.shape[1] for ids in inputs)), "head_bits": bits,
             "priority": [float(f"{p:.6g}") for p in priority]}
-    if path is not None:
+    rank, size, group = _tensor_parallel(model)
+    if path is not None and rank == 0:
         with open(path, "w") as f:
             json.dump(data, f)
             f.write("\n")
+    if size > 1:
+        torch.distributed.barrier(group=group)  # the file is there before any rank goes on to read it
     return data
+
+
+def _model_priority(model, priority, layers, per_rank):
+    """The priorities of all the model's heads, the same on every rank. per_rank: `priority` holds this
+    rank's heads of each layer (gap_std), put together with the other ranks' in head order; else it is
+    already model-wide (the measured sensitivity) and the first rank's is taken, so that floating-point
+    differences between ranks cannot make their bits differ."""
+    _, size, group = _tensor_parallel(model)
+    if size == 1:
+        return priority
+    parts = [None] * size
+    torch.distributed.all_gather_object(parts, priority, group=group)
+    if not per_rank:
+        return parts[0]
+    per = len(priority) // layers
+    return [p for l in range(layers) for part in parts for p in part[l * per:(l + 1) * per]]

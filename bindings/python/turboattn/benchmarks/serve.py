@@ -122,7 +122,9 @@ class PreallocatedCache(Cache):
 # ---- memory ----
 
 def model_shape(model):
-    return hf._shape(model)  # (layers, KV heads, head dim), checked against what turboattn supports
+    """(layers, KV heads, head dim) of this process's cache: the model's, or under tensor parallelism its
+    rank's heads; checked against what turboattn supports."""
+    return hf._rank_shape(model)[:3]
 
 
 def fp16_bytes_per_token(shape, dtype_bytes=2):
@@ -201,11 +203,18 @@ class Configs:
     def __init__(self, model, mix_bits):
         self.model, self.mix_bits = model, mix_bits
         self.shape = model_shape(model)
+        self.model_kv_heads = hf._shape(model)[1]
+        self.rank, self.ranks, _ = hf._tensor_parallel(model)
         self.cache_kwarg = hf._cache_kwarg(model)
 
     def head_bits(self, config):
-        layers, heads, _ = self.shape
-        return {"kv4": [4] * (layers * heads), "mix50": self.mix_bits}.get(config)
+        """Bits of all the model's KV heads in a turboattn configuration (None: FP16)."""
+        return {"kv4": [4] * (self.shape[0] * self.model_kv_heads), "mix50": self.mix_bits}.get(config)
+
+    def cache_bits(self, config):
+        """Bits of this process's cache (under tensor parallelism its rank's heads): what its size follows."""
+        bits = self.head_bits(config)
+        return bits and hf._rank_head_bits(bits, self.shape[0], self.model_kv_heads, self.rank, self.ranks)
 
     @staticmethod
     def decode_context(config):
@@ -234,7 +243,8 @@ class Configs:
         bits = self.head_bits(config)
         cache = hf.TurboCache(self.model, hf.TurboConfig(head_bits=bits), max_seqs=batch, max_seq_len=max_len,
                               num_pages=hf.cache_pages(batch, max_len))
-        return cache, memory.outside_torch() if memory.cuda else turbo_cache_bytes(self.shape, bits, batch, max_len)
+        return cache, (memory.outside_torch() if memory.cuda
+                       else turbo_cache_bytes(self.shape, self.cache_bits(config), batch, max_len))
 
 
 class StepClock:
@@ -446,7 +456,7 @@ def build_plan(configs, names, prompt_lens, gen_len, budget, quick, long_prompt)
     largest = {}
     for prompt in list(prompt_lens) + ([long_prompt] if long_prompt else []):
         for config in names:
-            largest[prompt, config] = largest_batch(config, configs.shape, configs.head_bits(config),
+            largest[prompt, config] = largest_batch(config, configs.shape, configs.cache_bits(config),
                                                     prompt + gen_len + PROFILE_STEPS, budget)
     plan = [(n, c, largest[n, c], largest[n, c], True) for n in prompt_lens for c in names if largest[n, c] >= 1]
     if long_prompt:
@@ -514,9 +524,9 @@ def main(argv=None, *, prog=None, default_out="serve.json"):
         "budget_gib": args.budget_gib, "gen_len": args.gen_len, "fp16_decode_sdpa": "flash (fp16_sdpa_auto: SDPA's choice)",
         "mix50_head_bits": configs.mix_bits,
         "fp16_bytes_per_token": fp16_bytes_per_token(configs.shape),
-        "turbo_bytes_per_token": {c: turbo_cache_bytes(configs.shape, configs.head_bits(c), 1, 1 << 16) / (1 << 16)
+        "turbo_bytes_per_token": {c: turbo_cache_bytes(configs.shape, configs.cache_bits(c), 1, 1 << 16) / (1 << 16)
                                   for c in args.configs if c not in FP16_CONFIGS},
-        "largest_context": {c: largest_context(c, configs.shape, configs.head_bits(c), budget, args.gen_len)
+        "largest_context": {c: largest_context(c, configs.shape, configs.cache_bits(c), budget, args.gen_len)
                             for c in args.configs},
         "planned_rows": len(plan), "rows": [], "torch": torch.__version__,
     }

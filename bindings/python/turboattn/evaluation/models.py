@@ -90,3 +90,36 @@ def load(name, device="cpu", dtype=None):
     except ImportError as e:
         raise ImportError(f"loading {name}: {e} (GGUF models need: pip install gguf accelerate)") from e
     return model.to(device).eval(), tokenizer
+
+
+def repeat_heads(model, factor):
+    """A copy of a Llama-style model (q/k/v/o_proj in each layer's self_attn) with every KV head and every
+    query head repeated `factor` times and o_proj divided by `factor`: the same function with `factor` times
+    the heads. Tensor parallelism splits whole heads, so a model whose head counts the number of GPUs does
+    not divide (SmolLM2-135M's 3 KV heads over 2) is split as this copy (6 KV heads)."""
+    import copy
+    import torch
+    config = copy.deepcopy(model.config)
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    group = heads // kv_heads
+    config.num_attention_heads, config.num_key_value_heads, config.head_dim = heads * factor, kv_heads * factor, dim
+    # New KV head j is old head j // factor; its query heads are the old group's, in the same order.
+    kv_source = torch.arange(kv_heads * factor) // factor
+    q_source = torch.tensor([(n // group) // factor * group + n % group for n in range(heads * factor)])
+
+    def rows(w, source, count):  # weight or bias, heads along the first dim
+        return w.reshape(count, dim, *w.shape[1:])[source].reshape(-1, *w.shape[1:])
+
+    state = {}
+    for name, w in model.state_dict().items():
+        if ".self_attn.q_proj." in name:
+            w = rows(w, q_source, heads)
+        elif ".self_attn.k_proj." in name or ".self_attn.v_proj." in name:
+            w = rows(w, kv_source, kv_heads)
+        elif name.endswith(".self_attn.o_proj.weight"):
+            w = w.reshape(w.shape[0], heads, dim)[:, q_source].reshape(w.shape[0], -1) / factor
+        state[name] = w
+    copy_model = type(model)(config).to(model.dtype)
+    copy_model.load_state_dict(state)
+    return copy_model.to(model.device).eval()
