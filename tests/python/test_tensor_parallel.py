@@ -27,13 +27,20 @@ NEW_TOKENS = 12
 
 def tiny_llama(directory):
     """A random two-layer Llama, 8 query heads over 4 KV heads, head dim 64 (weights scaled up, so that
-    greedy choices are not near-ties), saved to `directory`."""
+    greedy choices are not near-ties; each KV head's K and V at its own scale, so that heads differ in
+    priority and a mix-up of heads shows), saved to `directory`."""
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=512, hidden_size=512, intermediate_size=512, num_hidden_layers=2,
                       num_attention_heads=8, num_key_value_heads=4, head_dim=64, initializer_range=0.1,
                       max_position_embeddings=4096)
-    LlamaForCausalLM(cfg).save_pretrained(directory)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            for proj in (layer.self_attn.k_proj, layer.self_attn.v_proj):
+                heads = proj.weight.view(4, 64, -1)
+                heads.mul_(torch.tensor([0.5, 1.0, 2.0, 3.0]).roll(i).view(4, 1, 1))
+    model.save_pretrained(directory)
     return directory
 
 
@@ -141,13 +148,20 @@ def check(single, split, measured, fp16_kl, priority_rtol, bits_control):
         m = measured["mix_first_cached_step_kl"]
         assert m["same_bits"] < 0.1 * m["swapped_bits"], m
 
-    # calibrate(): the same ranking of all the model's heads on one device and split (up to the rounding
-    # differences above, which move the smallest measured sensitivities most).
-    a, b = single["calibration"], split["calibration"]
-    assert (a["num_layers"], a["num_kv_heads"]) == (b["num_layers"], b["num_kv_heads"])
-    torch.testing.assert_close(torch.tensor(b["priority"]), torch.tensor(a["priority"]), rtol=priority_rtol, atol=0)
-    moved = sum(x != y for x, y in zip(a["head_bits"], b["head_bits"]))
-    assert moved <= 0.1 * len(a["head_bits"]), f"{moved} of {len(a['head_bits'])} heads got other bits"
+    # calibrate(), both metrics: the same priorities for all the model's heads on one device and split (up
+    # to the rounding differences above, which move the smallest measured sensitivities most), and bits that
+    # follow them. Heads of about equal priority (a repeated head and its copy are equal) may trade places,
+    # so the split's 2-bit heads are judged by their one-device priorities: a selection that is the best
+    # one for priorities pb costs at most 2 * sum|pa - pb| more than the best one for pa.
+    for metric in ("sensitivity", "gap_std"):
+        a, b = single[f"calibration_{metric}"], split[f"calibration_{metric}"]
+        assert (a["num_layers"], a["num_kv_heads"]) == (b["num_layers"], b["num_kv_heads"])
+        pa, pb = torch.tensor(a["priority"]), torch.tensor(b["priority"])
+        torch.testing.assert_close(pb, pa, rtol=priority_rtol, atol=priority_rtol * pa.abs().max().item())
+        assert sum(x == 2 for x in b["head_bits"]) == sum(x == 2 for x in a["head_bits"])
+        cost = lambda bits: sum(p for p, x in zip(a["priority"], bits) if x == 2)
+        bound = cost(a["head_bits"]) + 2 * (pa - pb).abs().sum().item() + 1e-9 * pa.abs().sum().item()
+        assert cost(b["head_bits"]) <= bound, (metric, cost(b["head_bits"]), bound)
 
 
 class StubMesh:

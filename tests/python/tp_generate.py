@@ -1,6 +1,6 @@
 """Worker of test_tensor_parallel.py. Run under torchrun with N processes it loads the model split N ways
 (transformers' tp_plan="auto"); run alone (or with one process) it loads it on one device. Then, for each
-configuration, greedy generation of a padded batch with its logits, and hf.calibrate. The first rank saves
+configuration, greedy generation of a padded batch with its logits, and hf.calibrate with both metrics. The first rank saves
 what the test compares (torch.save): per configuration the tokens, every step's logits and each rank's
 cache shape and bits, and the calibration; every rank's tokens are checked to be the first rank's.
 
@@ -112,15 +112,17 @@ def main():
         results["configs"][config] = r
 
     hf.unpatch(model)
-    calib_path = os.path.splitext(args.out)[0] + ".calibration.json"
-    calib = hf.calibrate(model, ids[2:, -32:], 0.5, calib_path)
-    results["calibration"] = calib
-    # The file the first rank wrote is there for every rank, with the same bits.
-    assert hf.load_head_bits(calib_path, model)["head_bits"] == calib["head_bits"]
-    if world > 1:
-        bits = [None] * world
-        dist.all_gather_object(bits, calib["head_bits"], group=group)
-        assert all(b == bits[0] for b in bits), "the ranks' calibrations differ"
+    calib_ids = ids[2][mask[2].bool()][None]  # the last prompt without its padding
+    for metric in ("sensitivity", "gap_std"):
+        path = os.path.splitext(args.out)[0] + f".{metric}.json"
+        calib = hf.calibrate(model, calib_ids, 0.5, path, metric=metric)
+        results[f"calibration_{metric}"] = calib
+        # The file the first rank wrote is there for every rank, with the same bits.
+        assert hf.load_head_bits(path, model)["head_bits"] == calib["head_bits"]
+        if world > 1:
+            bits = [None] * world
+            dist.all_gather_object(bits, calib["head_bits"], group=group)
+            assert all(b == bits[0] for b in bits), f"the ranks' calibrations ({metric}) differ"
     if rank == 0:
         torch.save(results, args.out)
     if world > 1:

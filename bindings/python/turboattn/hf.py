@@ -855,11 +855,11 @@ def calibrate(model, tokenizer_or_input_ids, fraction_2bit, path, *, text=None, 
         model.config._attn_implementation, text_config._attn_implementation = previous
     if metric == "gap_std":
         priority = []
-        for i in range(layers):  # this rank's heads of each layer
-            k = torch.cat([r[0] for r in records[i]]).contiguous()
-            v = torch.cat([r[1] for r in records[i]]).contiguous()
+        for i in range(layers):  # the statistic is normalized over the layer's heads: all of them, on every rank
+            k = _all_heads(model, torch.cat([r[0] for r in records[i]]))
+            v = _all_heads(model, torch.cat([r[1] for r in records[i]]))
             priority += head_priority(k, v)
-    priority = _model_priority(model, priority, layers, per_rank=metric == "gap_std")
+    priority = _same_on_every_rank(model, priority)
     bits = assign_head_bits(priority, layers, kv_heads, fraction_2bit, across_layers=metric == "sensitivity")
     data = {"model": getattr(model.config, "_name_or_path", "") or model.config.model_type,
             "num_layers": layers, "num_kv_heads": kv_heads, "fraction_2bit": float(fraction_2bit), "metric": metric,
@@ -875,17 +875,23 @@ def calibrate(model, tokenizer_or_input_ids, fraction_2bit, path, *, text=None, 
     return data
 
 
-def _model_priority(model, priority, layers, per_rank):
-    """The priorities of all the model's heads, the same on every rank. per_rank: `priority` holds this
-    rank's heads of each layer (gap_std), put together with the other ranks' in head order; else it is
-    already model-wide (the measured sensitivity) and the first rank's is taken, so that floating-point
-    differences between ranks cannot make their bits differ."""
+def _all_heads(model, x):
+    """x [T, this rank's KV heads, D] as [T, all the model's KV heads, D] (the ranks' slices gathered in head
+    order, on every rank); x itself without tensor parallelism."""
+    _, size, group = _tensor_parallel(model)
+    if size == 1:
+        return x.contiguous()
+    parts = [None] * size
+    torch.distributed.all_gather_object(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=1).contiguous()
+
+
+def _same_on_every_rank(model, priority):
+    """The first rank's priorities of all the model's heads, on every rank: every rank computed them, and
+    floating-point differences between ranks must not make their bits differ."""
     _, size, group = _tensor_parallel(model)
     if size == 1:
         return priority
     parts = [None] * size
     torch.distributed.all_gather_object(parts, priority, group=group)
-    if not per_rank:
-        return parts[0]
-    per = len(priority) // layers
-    return [p for l in range(layers) for part in parts for p in part[l * per:(l + 1) * per]]
+    return parts[0]
