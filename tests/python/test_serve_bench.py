@@ -7,6 +7,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
+import turboattn  # noqa: E402
 from turboattn import cli  # noqa: E402
 from turboattn.benchmarks import serve  # noqa: E402
 
@@ -41,7 +42,7 @@ def test_the_largest_batch_fits_the_budget_and_one_more_does_not(configs, config
 
     def size(batch):
         if config in serve.FP16_CONFIGS:
-            return serve.fp16_bytes_per_token(configs.shape) * max_len * batch
+            return turboattn.dense_kv_bytes_per_token(*configs.shape) * max_len * batch
         return serve.turbo_cache_bytes(configs.shape, bits, batch, max_len)
 
     budget = 3 << 20

@@ -17,7 +17,7 @@ from ._capi import (AttentionOptions, CacheConfig, CacheMemory, DecodeOptions, I
                     stream_source)
 
 __all__ = ["attention", "attention_exact", "quantize_int8", "KVCache", "DecodePlan", "head_priority", "assign_head_bits",
-           "version", "cuda_available", "TurboattnError", "InvalidArgument", "Unsupported", "OutOfCapacity"]
+           "dense_kv_bytes_per_token", "version", "cuda_available", "TurboattnError", "InvalidArgument", "Unsupported", "OutOfCapacity"]
 
 
 def version():
@@ -87,6 +87,12 @@ def quantize_int8(x, shift=None):
         check(lib.ta_quantize_int8(ref(describe(x)), ref(describe(shift)), ref(describe(codes)), ref(describe(scales)),
                                    stream_of(x)))
     return codes, scales
+
+
+def dense_kv_bytes_per_token(num_layers, num_kv_heads, head_dim, dtype_bytes=2):
+    """Bytes per token of an uncompressed K and V cache (FP16 by default), all layers and heads: the size the
+    compressed cache is measured against (KVCache.memory()["fp16_bytes_per_token"] for a cache's own shape)."""
+    return 2 * num_layers * num_kv_heads * head_dim * dtype_bytes
 
 
 def head_priority(k, v):

@@ -120,10 +120,6 @@ def bytes_read(batch, context, bits):
     return batch * (max(full - 1, 0) * page + first + buffer + 2 * 2 * HQ * D)
 
 
-def fp16_bytes(batch, context):
-    return 2 * 2 * context * HKV * D * batch
-
-
 def rel_l2(x, ref):
     return ((x.float() - ref).norm() / ref.norm()).item()
 
@@ -188,7 +184,8 @@ def sdpa_baselines(timer, q, k, v):
 def decode_row(timer, batch, context, label, bits, kp, vp, q, ref, fp16):
     row = {"batch": batch, "context": context, "q_heads": HQ, "kv_heads": HKV, "head_dim": D, "bits": label,
            "ms": {"turboattn": None, "fp16_best": fp16["best_ms"]}, "bytes_read": bytes_read(batch, context, bits),
-           "fp16_bytes": fp16_bytes(batch, context), "fp16_backend": fp16["best"], **fp16["detail"]}
+           "fp16_bytes": turboattn.dense_kv_bytes_per_token(1, HKV, D) * context * batch, "fp16_backend": fp16["best"],
+           **fp16["detail"]}
     try:
         cache, seqs = make_cache(batch, context, bits)
         row["write_ms"] = write_all(cache, seqs, kp, vp, context, timer)

@@ -127,11 +127,6 @@ def model_shape(model):
     return hf._rank_shape(model)[:3]
 
 
-def fp16_bytes_per_token(shape, dtype_bytes=2):
-    layers, heads, dim = shape
-    return 2 * layers * heads * dim * dtype_bytes
-
-
 def turbo_cache_bytes(shape, head_bits, batch, max_len):
     """Bytes a turboattn KVCache for `batch` sequences of max_len tokens allocates: its page pool and per
     sequence its INT8 buffers, first blocks and K means (per layer and KV head)."""
@@ -143,7 +138,7 @@ def turbo_cache_bytes(shape, head_bits, batch, max_len):
 def largest_batch(config, shape, head_bits, max_len, budget):
     """The largest batch whose KV cache of max_len tokens per sequence fits `budget` bytes (0: none)."""
     if config in FP16_CONFIGS:
-        return int(budget // (fp16_bytes_per_token(shape) * max_len))
+        return int(budget // (turboattn.dense_kv_bytes_per_token(*shape) * max_len))
     per_seq = turbo_cache_bytes(shape, head_bits, 1, max_len)
     return int(budget // per_seq)
 
@@ -352,7 +347,7 @@ def generate(configs, config, ids, gen_len, *, profile=False):
         "tokens_per_s": batch * gen_len / (total_ms / 1e3),
         "decode_tokens_per_s": batch * steps / (decode_ms / 1e3) if steps else None,
         "kv_cache_gib": (cache_bytes if cache_bytes is not None else batch * (prompt + gen_len) *
-                         fp16_bytes_per_token(configs.shape)) / GIB,
+                         turboattn.dense_kv_bytes_per_token(*configs.shape)) / GIB,
     }
     if profile:
         with configs.decode_context(config):
@@ -523,7 +518,7 @@ def main(argv=None, *, prog=None, default_out="serve.json"):
                   "q_heads": model.config.num_attention_heads, "head_dim": dim},
         "budget_gib": args.budget_gib, "gen_len": args.gen_len, "fp16_decode_sdpa": "flash (fp16_sdpa_auto: SDPA's choice)",
         "mix50_head_bits": configs.mix_bits,
-        "fp16_bytes_per_token": fp16_bytes_per_token(configs.shape),
+        "fp16_bytes_per_token": turboattn.dense_kv_bytes_per_token(*configs.shape),
         "turbo_bytes_per_token": {c: turbo_cache_bytes(configs.shape, configs.cache_bits(c), 1, 1 << 16) / (1 << 16)
                                   for c in args.configs if c not in FP16_CONFIGS},
         "largest_context": {c: largest_context(c, configs.shape, configs.cache_bits(c), budget, args.gen_len)

@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from .. import hf
+from .. import dense_kv_bytes_per_token, hf
 from . import corpus, evaluate
 from .models import device_name
 
@@ -59,7 +59,7 @@ def run(model, tokenizer, *, prompt=DEFAULT_PROMPT, new_tokens=64, config=None, 
     config = config or hf.TurboConfig(bits=4)
     ids = _chat_ids(tokenizer, prompt, device)
     layers, kv_heads, head_dim = hf._shape(model)
-    plain_bytes = torch.finfo(model.dtype).bits // 8 * 2 * layers * kv_heads * head_dim  # K and V in the model's dtype
+    plain_bytes = dense_kv_bytes_per_token(layers, kv_heads, head_dim, torch.finfo(model.dtype).bits // 8)  # the model's dtype
     novels = corpus.austen_novels()
     held = tokenizer(corpus.text_of(corpus.HELD_OUT[:1], novels), add_special_tokens=False)["input_ids"]
     window = torch.tensor([held[2000:2000 + ppl_prefix + ppl_tokens + 1]], device=device)

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from .. import assign_head_bits, hf
+from .. import assign_head_bits, dense_kv_bytes_per_token, hf
 from . import corpus
 from .kivi import KiviCache, kivi_bytes_per_token
 
@@ -155,9 +155,9 @@ class Runner:
 
     def bytes_per_token(self, c, cache, tokens):
         """(asymptotic, at `tokens`) KV bytes per token, all layers, heads, K and V, metadata included."""
-        values = 2 * self.layers * self.kv_heads * self.head_dim
         if c.cache == "fp16":
-            return 2.0 * values, 2.0 * values
+            dense = float(dense_kv_bytes_per_token(self.layers, self.kv_heads, self.head_dim))
+            return dense, dense
         if c.cache in ("kivi", "hf_quantized"):  # hf_quantized: its codes and groups counted alike
             return kivi_bytes_per_token(c.bits, c.kivi_group, c.kivi_residual, tokens, self.layers, self.kv_heads,
                                         self.head_dim)
