@@ -8,7 +8,6 @@ build. Tolerances: the split changes the order of floating-point sums (q/k/v_pro
 o_proj and the MLP), so logits differ a little, and quantized values near a code boundary land on the
 other code: the split run is held to the one-device run's accuracy (its KL from FP16), not to its bits."""
 import os
-import socket
 import subprocess
 import sys
 import types
@@ -18,6 +17,7 @@ import torch
 
 import turboattn
 from turboattn import hf
+from turboattn.benchmarks import tensor_parallel
 from turboattn.evaluation import models
 
 WORKER = os.path.join(os.path.dirname(__file__), "tp_generate.py")
@@ -56,21 +56,13 @@ def smollm2_doubled(directory):
     return directory
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_worker(model_dir, out, device, processes):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # transformers picks the distributed backend from the accelerator
     args = [WORKER, "--model", model_dir, "--out", out, "--device", device, "--new-tokens", str(NEW_TOKENS)]
-    if processes > 1:
-        args = ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
-                str(free_port())] + args
-    r = subprocess.run([sys.executable] + args, env=env, capture_output=True, text=True, timeout=900)
+    cmd = tensor_parallel.torchrun(processes, *args) if processes > 1 else [sys.executable, *args]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, f"worker ({processes} processes) failed:\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
     return torch.load(out, weights_only=False)
 

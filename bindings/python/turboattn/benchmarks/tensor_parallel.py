@@ -25,7 +25,6 @@ import time
 
 import torch
 
-from turboattn import hf
 from turboattn.benchmarks import commit, serve
 
 CONFIGS = ("fp16_prealloc", "kv4")
@@ -83,10 +82,14 @@ def worker(args):
         torch.distributed.destroy_process_group()
 
 
-def free_port():
+def torchrun(processes, *args):
+    """The command that runs `args` (a script or -m module and its arguments) as `processes` torchrun
+    processes on this machine, on a free port."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
+            str(port), *args]
 
 
 def main(argv=None, *, prog=None, default_out="tensor_parallel.json"):
@@ -123,10 +126,9 @@ def main(argv=None, *, prog=None, default_out="tensor_parallel.json"):
         result["model"] = {"name": args.model, "description": prepare_model(args.model, args.repeat_heads, model_dir)}
         for gpus in args.gpus:
             part = os.path.join(tmp, f"{gpus}.json")
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(gpus), "--master_port",
-                   str(free_port()), "-m", "turboattn.benchmarks.tensor_parallel", "--worker", "--model-dir",
-                   model_dir, "--worker-out", part, "--prompt", str(args.prompt), "--gen-len", str(args.gen_len),
-                   "--budget-gib", str(args.budget_gib), "--configs", *args.configs]
+            cmd = torchrun(gpus, "-m", "turboattn.benchmarks.tensor_parallel", "--worker", "--model-dir", model_dir,
+                           "--worker-out", part, "--prompt", str(args.prompt), "--gen-len", str(args.gen_len),
+                           "--budget-gib", str(args.budget_gib), "--configs", *args.configs)
             r = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="4"))
             if r.returncode != 0 or not os.path.exists(part):
                 result.setdefault("errors", []).append(f"{gpus} GPUs: worker exit {r.returncode}")
