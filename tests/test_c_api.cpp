@@ -262,6 +262,75 @@ TEST(CApi, DecodePlanEqualsDecodeAndRechecksEachRun) {
   ta_decode_plan_destroy(raw);
 }
 
+// append_decode is append then decode: the same cache bytes and outputs, over a step that flushes a
+// buffer; what either would refuse is refused before anything is written.
+TEST(CApi, AppendDecodeEqualsAppendThenDecode) {
+  std::mt19937_64 rng(std::random_device{}());
+  ta_cache_config cfg = ta_cache_default_config();
+  cfg.num_layers = 1, cfg.num_kv_heads = 2, cfg.head_dim = 64, cfg.max_seqs = 4, cfg.max_seq_len = 200, cfg.num_pages = 12;
+  const int hq = 4, lens[2] = {127, 61};
+  KvCache fused(cfg), split(cfg);
+  std::vector<int32_t> seqs;
+  for (int i = 0; i < 2; ++i) {
+    seqs.push_back(fused.add_sequence());
+    ASSERT_EQ(split.add_sequence(), seqs.back());
+    std::vector<float> kf = test::make_input(rng, lens[i], 2, 64, InputKind::Outliers, 'k');
+    std::vector<float> vf = test::make_input(rng, lens[i], 2, 64, InputKind::Normal, 'v');
+    std::vector<uint16_t> k = test::to_half(kf), v = test::to_half(vf);
+    int32_t cu[2] = {0, lens[i]};
+    for (KvCache* c : {&fused, &split})
+      c->write(0, {seqs.back()}, tensor(k.data(), TA_DTYPE_F16, {lens[i], 2, 64}), tensor(v.data(), TA_DTYPE_F16, {lens[i], 2, 64}),
+               tensor(cu, TA_DTYPE_I32, {2}));
+  }
+  for (int step = 0; step < 4; ++step) {  // the first sequence's buffer fills at step 0 (token 128)
+    std::vector<float> kf = test::make_input(rng, 2, 2, 64, InputKind::Outliers, 'k');
+    std::vector<float> vf = test::make_input(rng, 2, 2, 64, InputKind::Normal, 'v');
+    std::vector<float> qf = test::make_input(rng, 2, hq, 64, InputKind::Normal, 'q');
+    std::vector<uint16_t> k = test::to_half(kf), v = test::to_half(vf), q = test::to_half(qf);
+    std::vector<uint16_t> out_fused(q.size(), 0x7E00), out_split(q.size(), 0x7E00);  // NaN poison
+    const ta_tensor tk = tensor(k.data(), TA_DTYPE_F16, {2, 2, 64}), tv = tensor(v.data(), TA_DTYPE_F16, {2, 2, 64});
+    const ta_tensor tq = tensor(q.data(), TA_DTYPE_F16, {2, 1, hq, 64});
+    ta_tensor of = tensor(out_fused.data(), TA_DTYPE_F16, {2, 1, hq, 64}), os = tensor(out_split.data(), TA_DTYPE_F16, {2, 1, hq, 64});
+    fused.append_decode(0, seqs, tk, tv, tq, of);
+    split.append(0, seqs, tk, tv);
+    split.decode(0, seqs, tq, os);
+    for (uint16_t h : out_fused) ASSERT_TRUE(std::isfinite(ref::half_to_float(h))) << "step " << step;
+    EXPECT_EQ(out_fused, out_split) << "step " << step;
+  }
+  for (int32_t s : seqs) {
+    std::vector<float> kf(size_t(lens[0] + 4) * 2 * 64), vf(kf.size()), ks(kf.size()), vs(kf.size());
+    const int64_t n = fused.length(0, s);
+    ASSERT_EQ(n, split.length(0, s));
+    ta_tensor a = tensor(kf.data(), TA_DTYPE_F32, {n, 2, 64}), b = tensor(vf.data(), TA_DTYPE_F32, {n, 2, 64});
+    ta_tensor c = tensor(ks.data(), TA_DTYPE_F32, {n, 2, 64}), d = tensor(vs.data(), TA_DTYPE_F32, {n, 2, 64});
+    fused.read(0, s, a, b);
+    split.read(0, s, c, d);
+    EXPECT_EQ(kf, ks) << "sequence " << s;
+    EXPECT_EQ(vf, vs) << "sequence " << s;
+  }
+  // Refusals write nothing: q_len over the length the append would give, a bad q, a bad k.
+  std::vector<uint16_t> one(2 * 2 * 64, 0x3C00), q3(2 * 3 * hq * 64, 0x3C00), out3(q3.size());
+  const ta_tensor tk = tensor(one.data(), TA_DTYPE_F16, {2, 2, 64});
+  const int64_t before = fused.length(0, seqs[1]);
+  const int32_t fresh[1] = {fused.add_sequence()};
+  ta_tensor q_long = tensor(q3.data(), TA_DTYPE_F16, {1, 2, hq, 64}), o_long = tensor(out3.data(), TA_DTYPE_F16, {1, 2, hq, 64});
+  ta_tensor k_one = tensor(one.data(), TA_DTYPE_F16, {1, 2, 64});
+  EXPECT_EQ(ta_cache_append_decode(fused.get(), 0, fresh, 1, &k_one, &k_one, &q_long, nullptr, &o_long, nullptr),
+            TA_ERROR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(ta_last_error()).find("q_len 2 exceeds"), std::string::npos) << ta_last_error();
+  EXPECT_EQ(fused.length(0, fresh[0]), 0);
+  ta_tensor q_heads = tensor(q3.data(), TA_DTYPE_F16, {2, 1, 3, 64}), o_heads = tensor(out3.data(), TA_DTYPE_F16, {2, 1, 3, 64});
+  EXPECT_EQ(ta_cache_append_decode(fused.get(), 0, seqs.data(), 2, &tk, &tk, &q_heads, nullptr, &o_heads, nullptr),
+            TA_ERROR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(ta_last_error()).find("3 query heads"), std::string::npos) << ta_last_error();
+  ta_tensor q_ok = tensor(q3.data(), TA_DTYPE_F16, {2, 1, hq, 64}), o_ok = tensor(out3.data(), TA_DTYPE_F16, {2, 1, hq, 64});
+  ta_tensor k_bad = tensor(one.data(), TA_DTYPE_F16, {2, 1, 128});
+  EXPECT_EQ(ta_cache_append_decode(fused.get(), 0, seqs.data(), 2, &k_bad, &k_bad, &q_ok, nullptr, &o_ok, nullptr),
+            TA_ERROR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(ta_last_error()).find("k: shape [2, 1, 128], expected [2, 2, 64]"), std::string::npos) << ta_last_error();
+  EXPECT_EQ(fused.length(0, seqs[1]), before);
+}
+
 TEST(CApi, QuantizeInt8MatchesReferenceBlocks) {
   std::mt19937_64 rng(std::random_device{}());
   const int B = 2, N = 130, H = 3, D = 96;

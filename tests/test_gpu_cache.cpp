@@ -602,6 +602,77 @@ TEST(GpuCacheCapi, AnotherCurrentDeviceIsRejected) {
   ta_cache_destroy(cache);
 }
 
+// ta_cache_append_decode on the GPU: the outputs of ta_cache_append then ta_decode, bit for bit, and
+// the CPU cache's contents, over steps where some sequences fill a block (their runs go first) and
+// others do not, and steps where none does (the runs go uncopied).
+TEST(GpuCacheCapi, AppendDecodeEqualsAppendThenDecodeAndTheCpuCache) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE(testing::Message() << "seed " << seed);
+  std::mt19937_64 rng(seed);
+  const int H = 2, D = 64, hq = 6, n = 4, lens[n] = {126, 62, 190, 100};
+  ta_cache_config cfg = ta_cache_default_config();
+  cfg.num_layers = 1, cfg.num_kv_heads = H, cfg.head_dim = D, cfg.max_seqs = n, cfg.max_seq_len = 400, cfg.num_pages = 24;
+  ta_cache *fused = nullptr, *split = nullptr, *host = nullptr;
+  ASSERT_EQ(ta_cache_create(&cfg, TA_DEVICE_CUDA, &fused), TA_SUCCESS) << ta_last_error();
+  ASSERT_EQ(ta_cache_create(&cfg, TA_DEVICE_CUDA, &split), TA_SUCCESS) << ta_last_error();
+  ASSERT_EQ(ta_cache_create(&cfg, TA_DEVICE_CPU, &host), TA_SUCCESS) << ta_last_error();
+  std::vector<int32_t> seqs(n);
+  for (int i = 0; i < n; ++i)
+    for (ta_cache* c : {fused, split, host}) ASSERT_EQ(ta_cache_add_sequence(c, &seqs[size_t(i)]), TA_SUCCESS);
+  auto feed = [&](int tokens, std::vector<float> k, std::vector<float> v, const std::vector<int32_t>& cu) {
+    const std::vector<uint16_t> kb = test::to_half(k), vb = test::to_half(v);
+    test::DeviceBuffer<uint16_t> dk(kb.size()), dv(vb.size());
+    dk.upload(kb), dv.upload(vb);
+    const ta_tensor tk = device_tensor(dk.ptr, TA_DTYPE_F16, {tokens, H, D}), tv = device_tensor(dv.ptr, TA_DTYPE_F16, {tokens, H, D});
+    const ta_tensor hk = ta_tensor_contiguous(const_cast<uint16_t*>(kb.data()), TA_DTYPE_F16, TA_DEVICE_CPU, 3, tk.shape);
+    const ta_tensor hv = ta_tensor_contiguous(const_cast<uint16_t*>(vb.data()), TA_DTYPE_F16, TA_DEVICE_CPU, 3, tv.shape);
+    const int64_t cu_shape[1] = {int64_t(cu.size())};
+    const ta_tensor tcu = ta_tensor_contiguous(const_cast<int32_t*>(cu.data()), TA_DTYPE_I32, TA_DEVICE_CPU, 1, cu_shape);
+    for (ta_cache* c : {fused, split}) ASSERT_EQ(ta_cache_write(c, 0, seqs.data(), n, &tk, &tv, &tcu, nullptr), TA_SUCCESS);
+    ASSERT_EQ(ta_cache_write(host, 0, seqs.data(), n, &hk, &hv, &tcu, nullptr), TA_SUCCESS) << ta_last_error();
+  };
+  std::vector<int32_t> cu{0};
+  for (int l : lens) cu.push_back(cu.back() + l);
+  feed(cu.back(), test::make_input(rng, cu.back(), H, D, InputKind::Outliers, 'k'),
+       test::make_input(rng, cu.back(), H, D, InputKind::Normal, 'v'), cu);
+  // Blocks fill at step 1 (three of the four sequences), 27 (the fourth) and 65 (three); no other step
+  // fills one.
+  for (int step = 0; step < 68; ++step) {
+    std::vector<float> k = test::make_input(rng, n, H, D, InputKind::Outliers, 'k');
+    std::vector<float> v = test::make_input(rng, n, H, D, InputKind::Normal, 'v');
+    std::vector<float> q = test::make_input(rng, n, hq, D, InputKind::Normal, 'q');
+    const std::vector<uint16_t> kb = test::to_half(k), vb = test::to_half(v), qb = test::to_half(q);
+    test::DeviceBuffer<uint16_t> dk(kb.size()), dv(vb.size()), dq(qb.size()), out_fused(qb.size()), out_split(qb.size());
+    dk.upload(kb), dv.upload(vb), dq.upload(qb), out_fused.poison(), out_split.poison();
+    const ta_tensor tk = device_tensor(dk.ptr, TA_DTYPE_F16, {n, H, D}), tv = device_tensor(dv.ptr, TA_DTYPE_F16, {n, H, D});
+    const ta_tensor tq = device_tensor(dq.ptr, TA_DTYPE_F16, {n, 1, hq, D});
+    ta_tensor of = device_tensor(out_fused.ptr, TA_DTYPE_F16, {n, 1, hq, D}), os = device_tensor(out_split.ptr, TA_DTYPE_F16, {n, 1, hq, D});
+    ASSERT_EQ(ta_cache_append_decode(fused, 0, seqs.data(), n, &tk, &tv, &tq, nullptr, &of, nullptr), TA_SUCCESS) << ta_last_error();
+    ASSERT_EQ(ta_cache_append(split, 0, seqs.data(), n, &tk, &tv, nullptr), TA_SUCCESS) << ta_last_error();
+    ASSERT_EQ(ta_decode(split, 0, seqs.data(), n, &tq, nullptr, &os, nullptr), TA_SUCCESS) << ta_last_error();
+    const ta_tensor hk = ta_tensor_contiguous(const_cast<uint16_t*>(kb.data()), TA_DTYPE_F16, TA_DEVICE_CPU, 3, tk.shape);
+    const ta_tensor hv = ta_tensor_contiguous(const_cast<uint16_t*>(vb.data()), TA_DTYPE_F16, TA_DEVICE_CPU, 3, tv.shape);
+    ASSERT_EQ(ta_cache_append(host, 0, seqs.data(), n, &hk, &hv, nullptr), TA_SUCCESS) << ta_last_error();
+    const std::vector<uint16_t> got = out_fused.download();
+    for (uint16_t h : got) ASSERT_TRUE(std::isfinite(ref::half_to_float(h))) << "step " << step;
+    ASSERT_EQ(got, out_split.download()) << "step " << step;
+  }
+  for (int32_t s : seqs) {
+    int64_t len = 0;
+    ASSERT_EQ(ta_cache_sequence_length(fused, 0, s, &len), TA_SUCCESS);
+    std::vector<float> kf(size_t(len) * H * D), vf(kf.size()), kh(kf.size()), vh(kf.size());
+    const int64_t shape[3] = {len, H, D};
+    ta_tensor a = ta_tensor_contiguous(kf.data(), TA_DTYPE_F32, TA_DEVICE_CPU, 3, shape), b = ta_tensor_contiguous(vf.data(), TA_DTYPE_F32, TA_DEVICE_CPU, 3, shape);
+    ta_tensor c = ta_tensor_contiguous(kh.data(), TA_DTYPE_F32, TA_DEVICE_CPU, 3, shape), d = ta_tensor_contiguous(vh.data(), TA_DTYPE_F32, TA_DEVICE_CPU, 3, shape);
+    ASSERT_EQ(ta_cache_read(fused, 0, s, &a, &b), TA_SUCCESS) << ta_last_error();
+    ASSERT_EQ(ta_cache_read(host, 0, s, &c, &d), TA_SUCCESS) << ta_last_error();
+    EXPECT_EQ(0, std::memcmp(kf.data(), kh.data(), kf.size() * 4)) << "sequence " << s << " K";
+    EXPECT_EQ(0, std::memcmp(vf.data(), vh.data(), vf.size() * 4)) << "sequence " << s << " V";
+  }
+  for (ta_cache* c : {fused, split, host}) ta_cache_destroy(c);
+}
+
 TEST(GpuCacheGraph, CapturedDecodeSeesTokensAppendedLater) {
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
   const uint64_t seed = std::random_device{}();

@@ -176,6 +176,14 @@ TA_API ta_status ta_decode(ta_cache* cache, int32_t layer, const int32_t* seqs, 
                            const ta_tensor* q, const ta_decode_options* options, ta_tensor* out,
                            void* cuda_stream);
 
+/* One decode step of one layer in one call: ta_cache_append of k, v [num_seqs, Hkv, D], then ta_decode
+ * of q [num_seqs, q_len, Hq, D] over the cache, the new tokens included. Everything both check is
+ * checked before anything is written; the host work the two share (the sequence list, the current
+ * device) is done once. For model loops that write and attend layer by layer (turboattn.hf). */
+TA_API ta_status ta_cache_append_decode(ta_cache* cache, int32_t layer, const int32_t* seqs, int32_t num_seqs,
+                                        const ta_tensor* k, const ta_tensor* v, const ta_tensor* q,
+                                        const ta_decode_options* options, ta_tensor* out, void* cuda_stream);
+
 /* A decode prepared once and run per layer: for model loops that keep q and out in fixed buffers and
  * decode the same sequences in every layer of a step. ta_decode_plan_create checks what ta_decode
  * checks that does not depend on the layer (sequences, q, out, options, device pointers) and keeps

@@ -82,6 +82,11 @@ class KvCache {
               const ta_decode_options& options = ta_decode_default_options(), void* cuda_stream = nullptr) {
     check(ta_decode(cache_.get(), layer, seqs.data(), int32_t(seqs.size()), &q, &options, &out, cuda_stream));
   }
+  // append then decode, one call (ta_cache_append_decode).
+  void append_decode(int32_t layer, const std::vector<int32_t>& seqs, const ta_tensor& k, const ta_tensor& v, const ta_tensor& q,
+                     ta_tensor& out, const ta_decode_options& options = ta_decode_default_options(), void* cuda_stream = nullptr) {
+    check(ta_cache_append_decode(cache_.get(), layer, seqs.data(), int32_t(seqs.size()), &k, &v, &q, &options, &out, cuda_stream));
+  }
   // What a sequence holds in one layer, dequantized: k, v [length, Hkv, D] on the CPU (ta_cache_read).
   void read(int32_t layer, int32_t seq, ta_tensor& k, ta_tensor& v) const {
     check(ta_cache_read(cache_.get(), layer, seq, &k, &v));

@@ -636,8 +636,8 @@ namespace {
 // for the whole call, then dispatches to the cache's device. Appends are writes of one token each.
 void write_tokens(ta_cache& c, int32_t layer, const int32_t* seqs, int32_t num_seqs, const ta_tensor& k, const ta_tensor& v,
                   const std::vector<int32_t>& cu, void* cuda_stream) {
-  std::vector<int64_t> tokens;
-  for (int32_t i = 0; i < num_seqs; ++i) tokens.push_back(cu[size_t(i) + 1] - cu[size_t(i)]);
+  std::vector<int64_t> tokens(static_cast<size_t>(num_seqs));
+  for (int32_t i = 0; i < num_seqs; ++i) tokens[size_t(i)] = cu[size_t(i) + 1] - cu[size_t(i)];
   check_capacity(c, layer, seqs, tokens);
 #ifdef TURBOATTN_WITH_CUDA
   if (c.gpu) {
@@ -671,6 +671,16 @@ ta_status ta_cache_write(ta_cache* cache, int32_t layer, const int32_t* seqs, in
   });
 }
 
+namespace {
+// One token per sequence, the sequence list already checked.
+void append_tokens(ta_cache& c, int32_t layer, const int32_t* seqs, int32_t num_seqs, const ta_tensor& k, const ta_tensor& v,
+                   void* cuda_stream) {
+  std::vector<int32_t> cu(size_t(num_seqs) + 1);
+  for (int32_t i = 0; i <= num_seqs; ++i) cu[size_t(i)] = i;
+  write_tokens(c, layer, seqs, num_seqs, k, v, cu, cuda_stream);
+}
+}  // namespace
+
 ta_status ta_cache_append(ta_cache* cache, int32_t layer, const int32_t* seqs, int32_t num_seqs, const ta_tensor* k,
                           const ta_tensor* v, void* cuda_stream) {
   return guard([&] {
@@ -678,9 +688,7 @@ ta_status ta_cache_append(ta_cache* cache, int32_t layer, const int32_t* seqs, i
     check_layer(c, layer);
     check_seqs(c, seqs, num_seqs);
     check_kv_tokens(c, k, v, num_seqs);
-    std::vector<int32_t> cu(size_t(num_seqs) + 1);
-    for (int32_t i = 0; i <= num_seqs; ++i) cu[size_t(i)] = i;
-    write_tokens(c, layer, seqs, num_seqs, *k, *v, cu, cuda_stream);
+    append_tokens(c, layer, seqs, num_seqs, *k, *v, cuda_stream);
   });
 }
 
@@ -721,14 +729,20 @@ void check_decode_args(ta_cache& c, const int32_t* seqs, int32_t num_seqs, const
 // One layer's decode of arguments check_decode_args accepted: what can change between layers and
 // steps (the layer, the sequences still being active, their lengths, the current device) is checked
 // here; the sequence list itself unless the caller has just checked it.
+// Every sequence holds at least q_len tokens in the layer, counting `adding` more about to be appended.
+void check_decode_lengths(const ta_cache& c, int32_t layer, const int32_t* seqs, int32_t num_seqs, int64_t q_len, int64_t adding) {
+  for (int32_t i = 0; i < num_seqs; ++i)
+    require(c.book().length(layer, seqs[i]) + adding >= q_len, TA_ERROR_INVALID_ARGUMENT, "q: q_len ", q_len,
+            " exceeds sequence ", seqs[i], "'s ", c.book().length(layer, seqs[i]) + adding, " cached tokens in layer ", layer,
+            " (append the new tokens first)");
+}
+
 void run_decode(ta_cache& c, int32_t layer, const int32_t* seqs, int32_t num_seqs, const ta_tensor& q,
-                const ta_decode_options& o, ta_tensor& out, void* cuda_stream, bool seqs_checked) {
+                const ta_decode_options& o, ta_tensor& out, void* cuda_stream, bool seqs_checked, bool lengths_checked = false) {
   check_layer(c, layer);
   if (!seqs_checked) check_seqs(c, seqs, num_seqs);
   const int64_t q_len = q.shape[1], hq = q.shape[2], D = c.config().head_dim;
-  for (int32_t i = 0; i < num_seqs; ++i)
-    require(c.book().length(layer, seqs[i]) >= q_len, TA_ERROR_INVALID_ARGUMENT, "q: q_len ", q_len, " exceeds sequence ",
-            seqs[i], "'s ", c.book().length(layer, seqs[i]), " cached tokens in layer ", layer, " (append the new tokens first)");
+  if (!lengths_checked) check_decode_lengths(c, layer, seqs, num_seqs, q_len, 0);
 #ifdef TURBOATTN_WITH_CUDA
   if (c.gpu) {
     c.gpu->expect_current_device();
@@ -753,6 +767,22 @@ ta_status ta_decode(ta_cache* cache, int32_t layer, const int32_t* seqs, int32_t
     const ta_decode_options o = options ? *options : ta_decode_default_options();
     check_decode_args(c, seqs, num_seqs, q, out, o);
     run_decode(c, layer, seqs, num_seqs, *q, o, *out, cuda_stream, /*seqs_checked=*/true);
+  });
+}
+
+ta_status ta_cache_append_decode(ta_cache* cache, int32_t layer, const int32_t* seqs, int32_t num_seqs, const ta_tensor* k,
+                                 const ta_tensor* v, const ta_tensor* q, const ta_decode_options* options, ta_tensor* out,
+                                 void* cuda_stream) {
+  return guard([&] {
+    ta_cache& c = cache_of(cache);
+    const ta_decode_options o = options ? *options : ta_decode_default_options();
+    check_layer(c, layer);
+    check_decode_args(c, seqs, num_seqs, q, out, o);
+    check_kv_tokens(c, k, v, num_seqs);
+    // Everything the decode checks is checked before the append writes (capacity: append_tokens, first).
+    check_decode_lengths(c, layer, seqs, num_seqs, q->shape[1], 1);
+    append_tokens(c, layer, seqs, num_seqs, *k, *v, cuda_stream);
+    run_decode(c, layer, seqs, num_seqs, *q, o, *out, cuda_stream, /*seqs_checked=*/true, /*lengths_checked=*/true);
   });
 }
 

@@ -64,13 +64,20 @@ void launch_write(const ta_tensor& k, const ta_tensor& v, const std::vector<Writ
     TA_CUDA_CHECK_LAUNCH("cache_mean_kernel");
   }
   // Runs that complete a block read the tokens buffered before them, so they go first; runs that
-  // leave tokens in the buffer (a sequence's last) go second.
+  // leave tokens in the buffer (a sequence's last) go second. Runs all of one kind (most decode steps'
+  // appends) go as they are, uncopied.
+  const auto completes = [](const WriteRun& r) { return r.completes_block(); };
   std::vector<WriteRun> ordered[2];
-  for (const WriteRun& r : runs) ordered[r.completes_block() ? 0 : 1].push_back(r);
+  const std::vector<WriteRun>* parts[2] = {&runs, &ordered[1]};
+  if (std::any_of(runs.begin(), runs.end(), completes) && !std::all_of(runs.begin(), runs.end(), completes)) {
+    for (const WriteRun& r : runs) ordered[completes(r) ? 0 : 1].push_back(r);
+    parts[0] = &ordered[0];
+  }
   const int smem = write_smem_bytes(dim);
   static std::atomic<uint64_t> configured{0};
   allow_dynamic_smem(configured, reinterpret_cast<const void*>(cache_write_kernel<T>), write_smem_bytes(256));
-  for (const auto& part : ordered) {
+  for (const std::vector<WriteRun>* part_of : parts) {
+    const std::vector<WriteRun>& part = *part_of;
     if (part.empty()) continue;
     StreamArray<WriteRun> d_runs(part, stream);
     WriteParams<T> p{};
@@ -224,6 +231,7 @@ void DeviceCache::write(int layer, const int32_t* seqs, int num_seqs, const ta_t
                         const std::vector<int32_t>& cu, void* stream_) {
   const auto stream = static_cast<cudaStream_t>(stream_);
   std::vector<WriteRun> runs;
+  runs.reserve(size_t(num_seqs));  // an append's: one run per sequence
   std::vector<MeanRun> means;
   for (int i = 0; i < num_seqs; ++i) {
     const int seq = seqs[i];

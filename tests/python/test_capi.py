@@ -81,6 +81,29 @@ def test_cache_decode_and_memory(rng):
     assert mem["bytes_per_token"] == pytest.approx((128 + 2 * hkv * 64 * d) / 64)  # 8-bit pages: a 128-byte header
 
 
+def test_append_decode_is_append_then_decode(rng):
+    hkv, hq, d = 2, 4, 64
+    caches = [turboattn.KVCache(1, hkv, d, num_pages=8, max_seqs=2, max_seq_len=400) for _ in range(2)]
+    lens = [127, 40]  # the first sequence's block fills at the first step
+    for c in caches:
+        seqs = [c.add_sequence() for _ in lens]
+    k = rng.standard_normal((sum(lens), hkv, d)).astype(np.float16)
+    for c in caches:
+        c.write(0, seqs, k, k[::-1].copy(), np.array([0, lens[0], sum(lens)], np.int32))
+    for _ in range(3):
+        kn, vn = (rng.standard_normal((2, hkv, d)).astype(np.float16) for _ in range(2))
+        q = rng.standard_normal((2, 1, hq, d)).astype(np.float16)
+        fused = caches[0].append_decode(0, seqs, kn, vn, q)
+        caches[1].append(0, seqs, kn, vn)
+        np.testing.assert_array_equal(fused, caches[1].decode(0, seqs, q))
+    for s in seqs:
+        for a, b in zip(caches[0].read(0, s), caches[1].read(0, s)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(turboattn.InvalidArgument, match="3 query heads"):  # refused before the append
+        caches[0].append_decode(0, seqs, kn, vn, np.zeros((2, 1, 3, d), np.float16))
+    assert [caches[0].length(0, s) for s in seqs] == [lens[0] + 3, lens[1] + 3]
+
+
 def test_cache_out_of_pages(rng):
     cache = turboattn.KVCache(1, 1, 64, num_pages=1, max_seqs=1, max_seq_len=1000)
     s = cache.add_sequence()

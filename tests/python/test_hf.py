@@ -67,7 +67,7 @@ def test_greedy_generate_produces_the_requested_tokens_through_the_cache():
 
 
 def test_prefill_writes_once_and_each_step_appends_and_decodes(monkeypatch):
-    calls = {"write": 0, "append": 0, "decode": 0}
+    calls = {"write": 0, "append": 0, "decode": 0, "append_decode": 0}
     for name in calls:
         original = getattr(turboattn.KVCache, name)
 
@@ -77,8 +77,8 @@ def test_prefill_writes_once_and_each_step_appends_and_decodes(monkeypatch):
         monkeypatch.setattr(turboattn.KVCache, name, spy)
     model = hf.patch(llama())
     generate(model, tokens(30), 6)
-    # One bulk write per layer at prefill, then per step and layer one append and one decode.
-    assert calls == {"write": L, "append": 5 * L, "decode": 5 * L}
+    # One bulk write per layer at prefill, then per step and layer one call that appends and decodes.
+    assert calls == {"write": L, "append": 0, "decode": 0, "append_decode": 5 * L}
 
 
 # Minimum cosine between each decode step's logits and the FP32 model's (measured on this model:

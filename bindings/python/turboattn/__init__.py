@@ -291,6 +291,21 @@ class KVCache:
                                 stream_of(q)))
         return out
 
+    def append_decode(self, layer, seqs, k, v, q, *, softmax_scale=0.0, use_sas=True, split_tiles=0, out=None):
+        """append(layer, seqs, k, v) then decode(layer, seqs, q, ...) in one call (one decode step of one
+        layer): everything both check is checked before anything is written. Returns out."""
+        self._expect_here("k", k)
+        self._expect_here("v", v)
+        self._expect_here("q", q)
+        out = _empty_like(q) if out is None else out
+        self._expect_here("out", out)
+        arr, n = self._seqs(seqs)
+        opt = DecodeOptions(float(softmax_scale), int(use_sas), int(split_tiles))
+        with on_device_of(q):
+            check(lib.ta_cache_append_decode(self._handle, layer, arr, n, ref(describe(k)), ref(describe(v)), ref(describe(q)),
+                                             ctypes.byref(opt), ref(describe(out)), stream_of(q)))
+        return out
+
     def decode_plan(self, seqs, q, out, *, softmax_scale=0.0, use_sas=True, split_tiles=0):
         """A decode of q [len(seqs), q_len, Hq, D] into out prepared once, for model loops that keep q and
         out in fixed buffers: plan(layer) runs it for one layer with the buffers' current contents on

@@ -311,6 +311,7 @@ class TurboCache(Cache):
         self._text_config = text
         device = getattr(model, "device", torch.device("cpu"))
         self.kv, self.cache_device = self._create(device)
+        self.torch_device = torch.device(self.cache_device)
         self.seqs = None  # KVCache sequence ids, one per batch row, from the first prefill
         self._seq_array = None  # the same, converted once for the library (KVCache.sequence_array)
         # Cached (non-padded) tokens per row, per layer: int64 [B] CPU tensors, updated without a
@@ -532,6 +533,11 @@ def _step_mask(cache, layer, attention_mask, B, nq, kv_len):
     return memo[2], memo[3]
 
 
+def _to_cache(x, cache):
+    """x on the cache's device (a decode-step no-op: `.to` costs microseconds even then)."""
+    return x if x.device == cache.torch_device else x.to(cache.torch_device)
+
+
 def _cached_attention(cache, layer, q, k, v, valid, facts, scale):
     """q [B, Nq, Hq, D], k, v [B, Nq, Hkv, D]: the new tokens; valid [B, past + Nq] or None, and its
     _mask_facts. Host work per call does not loop over the rows unless some are padding."""
@@ -546,7 +552,7 @@ def _cached_attention(cache, layer, q, k, v, valid, facts, scale):
         raise InvalidArgument(1, f"layer {layer}: the attention mask shows {seen_real.tolist()} earlier real tokens "
                                  f"per sequence but the cache holds {past.tolist()}")
     dev = cache.cache_device
-    kc, vc = k.to(dev), v.to(dev)
+    kc, vc = _to_cache(k, cache), _to_cache(v, cache)
     # The rows with new real tokens (a sequence's first write sets its K mean: never empty); None: all.
     rows = None if bool((counts > 0).all()) else [b for b in range(B) if counts[b]]
     row_seqs = seq_array if rows is None else [seqs[b] for b in rows]
@@ -562,13 +568,17 @@ def _cached_attention(cache, layer, q, k, v, valid, facts, scale):
         out = _plain_attention(q, k, v, None if valid is None else valid[:, -nq:], scale, cfg)
         if any_new:
             kv.write(layer, row_seqs, packed_k.contiguous(), packed_v.contiguous(), _cu(row_counts))
+    elif nq == 1 and rows is None:
+        # A decode step's token for every row: one library call appends it and attends.
+        out = kv.append_decode(layer, seq_array, kc[:, 0].contiguous(), vc[:, 0].contiguous(), _to_cache(q, cache).contiguous(),
+                               softmax_scale=scale, use_sas=cfg.use_sas, split_tiles=cfg.split_tiles)
+        out = out if out.device == q.device else out.to(q.device)
     else:
         if nq == 1 and any_new:
-            picked = slice(None) if rows is None else rows
-            kv.append(layer, row_seqs, kc[picked, 0].contiguous(), vc[picked, 0].contiguous())
+            kv.append(layer, row_seqs, kc[rows, 0].contiguous(), vc[rows, 0].contiguous())
         elif any_new:
             kv.write(layer, row_seqs, packed_k.contiguous(), packed_v.contiguous(), _cu(row_counts))
-        qc = q.to(dev)
+        qc = _to_cache(q, cache)
         if valid_new is None:
             out = kv.decode(layer, seq_array, qc.contiguous(), softmax_scale=scale, use_sas=cfg.use_sas,
                             split_tiles=cfg.split_tiles).to(q.device)
@@ -616,14 +626,14 @@ def turboattn_attention_forward(module, query, key, value, attention_mask, scali
         valid = _valid_keys(attention_mask, nq, kv_len)
     dtype = _compute_dtype(query)
     # [B, H, N, D] -> [B, N, H, D] views: turboattn takes any strides with the last dim contiguous.
-    q, k, v = (t.to(dtype).transpose(1, 2) for t in (query, key, value))
+    q, k, v = ((t if t.dtype == dtype else t.to(dtype)).transpose(1, 2) for t in (query, key, value))
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     scale = float(scaling) if scaling else 0.0
     if cached:
         out = _cached_attention(cache, layer, q, k, v, valid, facts, scale)
     else:
         out = _plain_attention(q, k, v, valid, scale, cfg)
-    return out.to(query.dtype), None
+    return (out if out.dtype == query.dtype else out.to(query.dtype)), None
 
 
 def _register():
