@@ -35,6 +35,18 @@ def test_the_loop_generates_what_generate_does(configs, config):
     assert measured["kv_cache_gib"] > 0
 
 
+@pytest.mark.parametrize("config", ["kv4", "kv4_sdpa_prefill", "mix50_sdpa_prefill"])
+def test_sdpa_prefill_configs_route_the_prompt_through_sdpa(configs, config, monkeypatch):
+    calls = []
+    original = serve.hf._sdpa_attention
+    monkeypatch.setattr(serve.hf, "_sdpa_attention", lambda *a: calls.append(1) or original(*a))
+    configs.use(config)
+    serve.generate(configs, config, prompt_ids(2, 70, seed=1), 3)
+    layers = configs.shape[0]
+    assert len(calls) == (layers if config.endswith(serve.SDPA_PREFILL) else 0)
+    assert configs.cache_bits(config) == configs.cache_bits(config.removesuffix(serve.SDPA_PREFILL))
+
+
 @pytest.mark.parametrize("config", serve.CONFIGS)
 def test_the_largest_batch_fits_the_budget_and_one_more_does_not(configs, config):
     bits = configs.cache_bits(config)

@@ -8,6 +8,9 @@ Each configuration runs the same transformers model (SmolLM2-135M-Instruct by de
   written in place; SDPA reads views of it), the stronger FP16 baseline: a step reads the cache once;
 - kv4: turboattn.hf (FlashQ + SAS prefill, decode over the cache) with every head at 4 bits;
 - mix50: the same with half the model's KV heads at 2 bits, the least sensitive (hf.calibrate);
+- kv4_sdpa_prefill, mix50_sdpa_prefill (not run by default): the same caches with the prompt's attention
+  through PyTorch's SDPA (TurboConfig(prefill="sdpa")): the compressed cache's gain without FlashQ's
+  prefill kernel;
 - fp16_sdpa_auto (not run by default): fp16 with SDPA's own backend choice in decode steps as well.
 The FP16 configurations' decode steps run SDPA's FlashAttention-2 backend: left to choose, PyTorch picks
 cuDNN on Hopper, whose execution plan is built anew for every new KV length, host work in every layer of
@@ -46,9 +49,10 @@ from turboattn import hf
 from turboattn.benchmarks import commit
 from turboattn._progress import Progress
 
-CONFIGS = ("fp16", "fp16_prealloc", "kv4", "mix50", "fp16_sdpa_auto")
+CONFIGS = ("fp16", "fp16_prealloc", "kv4", "mix50", "fp16_sdpa_auto", "kv4_sdpa_prefill", "mix50_sdpa_prefill")
 DEFAULT_CONFIGS = ("fp16", "fp16_prealloc", "kv4", "mix50")
 FP16_CONFIGS = ("fp16", "fp16_prealloc", "fp16_sdpa_auto")
+SDPA_PREFILL = "_sdpa_prefill"  # a turboattn configuration's suffix: its prefill through SDPA
 PROMPTS = (1024, 2048, 4096, 8192)
 LONG_PROMPT = 32768
 GEN_LEN = 256
@@ -204,7 +208,12 @@ class Configs:
 
     def head_bits(self, config):
         """Bits of all the model's KV heads in a turboattn configuration (None: FP16)."""
-        return {"kv4": [4] * (self.shape[0] * self.model_kv_heads), "mix50": self.mix_bits}.get(config)
+        base = config.removesuffix(SDPA_PREFILL)
+        return {"kv4": [4] * (self.shape[0] * self.model_kv_heads), "mix50": self.mix_bits}.get(base)
+
+    def turbo_config(self, config):
+        prefill = "sdpa" if config.endswith(SDPA_PREFILL) else "flashq"
+        return hf.TurboConfig(head_bits=self.head_bits(config), prefill=prefill)
 
     def cache_bits(self, config):
         """Bits of this process's cache (under tensor parallelism its rank's heads): what its size follows."""
@@ -223,7 +232,7 @@ class Configs:
             hf.unpatch(self.model)
             self.model.set_attn_implementation("sdpa")
         else:
-            hf.patch(self.model, hf.TurboConfig(head_bits=self.head_bits(config)))
+            hf.patch(self.model, self.turbo_config(config))
 
     def cache(self, config, batch, max_len, memory):
         """(cache, its bytes as allocated: None for the DynamicCache, which grows)."""
@@ -235,8 +244,7 @@ class Configs:
         if config == "fp16_prealloc":
             c = PreallocatedCache(self.shape, batch, max_len, self.model.dtype, self.model.device)
             return c, c.nbytes
-        bits = self.head_bits(config)
-        cache = hf.TurboCache(self.model, hf.TurboConfig(head_bits=bits), max_seqs=batch, max_seq_len=max_len,
+        cache = hf.TurboCache(self.model, self.turbo_config(config), max_seqs=batch, max_seq_len=max_len,
                               num_pages=hf.cache_pages(batch, max_len))
         return cache, (memory.outside_torch() if memory.cuda
                        else turbo_cache_bytes(self.shape, self.cache_bits(config), batch, max_len))
@@ -499,7 +507,7 @@ def main(argv=None, *, prog=None, default_out="serve.json"):
     t0 = time.time()
     model, tokens, calib, description = load(args.model, args.device)
     configs = Configs(model, None)
-    if "mix50" in args.configs:
+    if any(c.startswith("mix50") for c in args.configs):
         configs.mix_bits = mixed_bits(model, calib)
     budget = args.budget_gib * GIB
     needed = max(args.prompts + [args.long_prompt]) + 1
