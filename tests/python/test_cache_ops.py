@@ -90,22 +90,28 @@ def test_ops_under_compile_keep_order():
     ks, vs = [randn(n + 4, HKV, D) for n in lengths], [randn(n + 4, HKV, D) for n in lengths]
     a, sa = make([n + 4 for n in lengths], [4, 2])
     b, sb = make([n + 4 for n in lengths], [4, 2])
+    c, sc = make([n + 4 for n in lengths], [4, 2])
     cu = torch.tensor([0, lengths[0], sum(lengths)], dtype=torch.int32)
-    for c, s in ((a, sa), (b, sb)):
-        c.write(0, s, torch.cat([k[:n] for k, n in zip(ks, lengths)]), torch.cat([v[:n] for v, n in zip(vs, lengths)]), cu)
+    for cache, s in ((a, sa), (b, sb), (c, sc)):
+        cache.write(0, s, torch.cat([k[:n] for k, n in zip(ks, lengths)]), torch.cat([v[:n] for v, n in zip(vs, lengths)]), cu)
 
     def step(handle, k, v, q):
         torch.ops.turboattn.cache_append(handle, 0, sb, k, v)
         return torch.ops.turboattn.decode(handle, 0, sb, q) * 2
 
-    compiled = torch.compile(step, fullgraph=True)
+    def fused_step(handle, k, v, q):
+        return torch.ops.turboattn.cache_append_decode(handle, 0, sc, k, v, q) * 2
+
+    compiled, compiled_fused = torch.compile(step, fullgraph=True), torch.compile(fused_step, fullgraph=True)
     for j in range(4):  # crosses the 64-token boundary of the first sequence
         k = torch.stack([x[n + j] for x, n in zip(ks, lengths)])
         v = torch.stack([x[n + j] for x, n in zip(vs, lengths)])
         q = randn(2, 1, HQ, D)
         a.append(0, sa, k, v)
-        assert torch.equal(compiled(b.handle, k, v, q), a.decode(0, sa, q) * 2)
-    assert [b.length(0, s) for s in sb] == [n + 4 for n in lengths]
+        want = a.decode(0, sa, q) * 2
+        assert torch.equal(compiled(b.handle, k, v, q), want)
+        assert torch.equal(compiled_fused(c.handle, k, v, q), want)
+    assert [b.length(0, s) for s in sb] == [c.length(0, s) for s in sc] == [n + 4 for n in lengths]
 
 
 def test_bytes_per_token_matches_formats_table():

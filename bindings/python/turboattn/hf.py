@@ -11,7 +11,8 @@ then the attention function; update only counts the tokens and hands the new k, 
 attention function does the work, because only it sees the padding mask:
 - prefill (the layer holds nothing yet): turboattn.attention on the new q, k, v (causal), then a
   bulk write of the non-padded k, v into the compressed cache;
-- later steps: append (or write) the new tokens, then KVCache.decode of the new queries.
+- later steps: append (or write) the new tokens, then KVCache.decode of the new queries (one
+  KVCache.append_decode call per layer for a decode step in which every row has a new token).
 The cache is never dequantized as a whole; decode reads it block by block (docs/FORMATS.md 4).
 Without a TurboCache (use_cache=False, or another Cache) the function is plain turboattn.attention
 over the k, v it is given. docs/INTEGRATION.md has the details and the limitations.

@@ -4,6 +4,8 @@
     torch.ops.turboattn.cache_write(cache, layer, seqs, k, v, cu_seqlens)            (KVCache.write)
     torch.ops.turboattn.cache_append(cache, layer, seqs, k, v)                       (KVCache.append)
     torch.ops.turboattn.decode(cache, layer, seqs, q, softmax_scale, use_sas, split_tiles) -> out
+    torch.ops.turboattn.cache_append_decode(cache, layer, seqs, k, v, q, softmax_scale, use_sas, split_tiles) -> out
+                                                                                     (KVCache.append_decode)
 
 `cache` is KVCache.handle (an int) and `seqs` a list of sequence ids.
 
@@ -49,6 +51,16 @@ def _decode_kernel(cache, layer, seqs, q, softmax_scale=0.0, use_sas=True, split
                                              split_tiles=split_tiles, out=torch.empty_like(q))
 
 
+def _append_decode_kernel(cache, layer, seqs, k, v, q, softmax_scale=0.0, use_sas=True, split_tiles=0):
+    """KVCache.append_decode: k, v [len(seqs), Hkv, D] appended, then q [len(seqs), q_len, Hq, D] decoded."""
+    return KVCache.from_handle(cache).append_decode(layer, seqs, k, v, q, softmax_scale=softmax_scale, use_sas=use_sas,
+                                                    split_tiles=split_tiles, out=torch.empty_like(q))
+
+
+def _append_decode_fake(cache, layer, seqs, k, v, q, *args):
+    return torch.empty_like(q)
+
+
 def _attention_fake(q, *args):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
@@ -69,12 +81,15 @@ cache_append = _define("cache_append(int cache, int layer, int[] seqs, Tensor k,
                        _cache_append_kernel, _nothing)
 decode = _define("decode(int cache, int layer, int[] seqs, Tensor q, float softmax_scale=0., bool use_sas=True, "
                  "int split_tiles=0) -> Tensor", _decode_kernel, _decode_fake)
+cache_append_decode = _define("cache_append_decode(int cache, int layer, int[] seqs, Tensor k, Tensor v, Tensor q, "
+                              "float softmax_scale=0., bool use_sas=True, int split_tiles=0) -> Tensor",
+                              _append_decode_kernel, _append_decode_fake)
 
-# The cache ops change (write, append) or read (decode) state that torch cannot see: the cache is not a
+# The cache ops change (write, append, append_decode) or read (decode) state that torch cannot see: the cache is not a
 # tensor argument. Without more, torch.compile drops write and append (no outputs, no mutated inputs)
 # and may move them past a decode. An ordered effect keeps every one of them, in program order.
 try:  # a private torch API (present in 2.11 to 2.15); eager calls work without it
-    for _op in (cache_write, cache_append, decode):
+    for _op in (cache_write, cache_append, decode, cache_append_decode):
         torch.library._register_effectful_op(_op.default, torch.library.EffectType.ORDERED)
 except AttributeError:
     import warnings
