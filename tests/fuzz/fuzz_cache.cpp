@@ -1,7 +1,8 @@
 // libFuzzer target: the KV cache through the C API (configuration, sequence slots, page allocation
-// and page tables, bulk writes, appends with flushes, decode) with operations and arguments drawn
-// from the input; after every operation, no page is lost: free pages plus the pages the live
-// sequences hold (one per full block of their longest layer) is the pool.
+// and page tables, bulk writes, appends with flushes, decode, append-and-decode) with operations and
+// arguments drawn from the input; a refused append-and-decode changes no length, an accepted one
+// leaves every sequence at least q_len long; after every operation, no page is lost: free pages plus
+// the pages the live sequences hold (one per full block of their longest layer) is the pool.
 #include <algorithm>
 #include <cstdlib>
 
@@ -41,7 +42,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     const int n = in.ConsumeIntegralInRange<int>(0, 3);
     for (int i = 0; i < n; ++i) seqs[i] = in.ConsumeIntegralInRange<int>(-1, cfg.max_seqs);
     const int32_t layer = in.ConsumeIntegralInRange<int>(-1, cfg.num_layers);
-    switch (in.ConsumeIntegralInRange<int>(0, 4)) {
+    switch (in.ConsumeIntegralInRange<int>(0, 5)) {
       case 0: {
         int32_t s = -1;
         const ta_status st = ta_cache_add_sequence(cache, in.ConsumeIntegralInRange<int>(0, 20) ? &s : nullptr);
@@ -76,6 +77,33 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       case 3: {
         FuzzTensor k = make_tensor(in, {n, H, D}, dt), v = make_tensor(in, {n, H, D}, dt);
         check_status(ta_cache_append(cache, layer, n ? seqs : nullptr, n, k.ptr(), v.ptr(), nullptr));
+        break;
+      }
+      case 4: {  // append then decode in one call; refused, it writes nothing
+        const int64_t q_len = in.ConsumeIntegralInRange<int64_t>(1, 3), hq = H * in.ConsumeIntegralInRange<int64_t>(1, 2);
+        FuzzTensor k = make_tensor(in, {n, H, D}, dt), v = make_tensor(in, {n, H, D}, dt);
+        FuzzTensor q = make_tensor(in, {n, q_len, hq, D}, dt), o = make_tensor(in, {n, q_len, hq, D}, dt);
+        std::vector<int64_t> before;
+        for (int32_t s = 0; s < cfg.max_seqs; ++s)
+          for (int32_t l = 0; l < cfg.num_layers; ++l) {
+            int64_t len = 0;
+            check_status(ta_cache_sequence_length(cache, l, s, &len));
+            before.push_back(len);
+          }
+        const ta_status st = ta_cache_append_decode(cache, layer, n ? seqs : nullptr, n, k.ptr(), v.ptr(), q.ptr(), nullptr, o.ptr(), nullptr);
+        check_status(st);
+        size_t i = 0;
+        for (int32_t s = 0; s < cfg.max_seqs; ++s)
+          for (int32_t l = 0; l < cfg.num_layers; ++l, ++i) {
+            int64_t len = 0;
+            check_status(ta_cache_sequence_length(cache, l, s, &len));
+            if (st != TA_SUCCESS && len != before[i]) std::abort();
+          }
+        for (int i = 0; i < n && st == TA_SUCCESS; ++i) {  // a decode ran: every sequence holds its queries
+          int64_t len = 0;
+          check_status(ta_cache_sequence_length(cache, layer, seqs[i], &len));
+          if (len < q_len) std::abort();
+        }
         break;
       }
       default: {
