@@ -278,14 +278,18 @@ class KVCache:
         with on_device_of(k):
             check(lib.ta_cache_append(self._handle, layer, arr, n, ref(describe(k)), ref(describe(v)), stream_of(k)))
 
-    def decode(self, layer, seqs, q, *, softmax_scale=0.0, use_sas=True, split_tiles=0, out=None):
-        """Attention of q [len(seqs), q_len, Hq, D] (the sequences' last q_len tokens) over the cache;
-        returns out (like q; allocated unless given)."""
+    def _decode_args(self, seqs, q, out, softmax_scale, use_sas, split_tiles):
+        """(out, the sequence array, its length, options) of a decode of q, out allocated unless given."""
         self._expect_here("q", q)
         out = _empty_like(q) if out is None else out
         self._expect_here("out", out)
         arr, n = self._seqs(seqs)
-        opt = DecodeOptions(float(softmax_scale), int(use_sas), int(split_tiles))
+        return out, arr, n, DecodeOptions(float(softmax_scale), int(use_sas), int(split_tiles))
+
+    def decode(self, layer, seqs, q, *, softmax_scale=0.0, use_sas=True, split_tiles=0, out=None):
+        """Attention of q [len(seqs), q_len, Hq, D] (the sequences' last q_len tokens) over the cache;
+        returns out (like q; allocated unless given)."""
+        out, arr, n, opt = self._decode_args(seqs, q, out, softmax_scale, use_sas, split_tiles)
         with on_device_of(q):
             check(lib.ta_decode(self._handle, layer, arr, n, ref(describe(q)), ctypes.byref(opt), ref(describe(out)),
                                 stream_of(q)))
@@ -296,11 +300,7 @@ class KVCache:
         layer): everything both check is checked before anything is written. Returns out."""
         self._expect_here("k", k)
         self._expect_here("v", v)
-        self._expect_here("q", q)
-        out = _empty_like(q) if out is None else out
-        self._expect_here("out", out)
-        arr, n = self._seqs(seqs)
-        opt = DecodeOptions(float(softmax_scale), int(use_sas), int(split_tiles))
+        out, arr, n, opt = self._decode_args(seqs, q, out, softmax_scale, use_sas, split_tiles)
         with on_device_of(q):
             check(lib.ta_cache_append_decode(self._handle, layer, arr, n, ref(describe(k)), ref(describe(v)), ref(describe(q)),
                                              ctypes.byref(opt), ref(describe(out)), stream_of(q)))
