@@ -726,9 +726,6 @@ void check_decode_args(ta_cache& c, const int32_t* seqs, int32_t num_seqs, const
 #endif
 }
 
-// One layer's decode of arguments check_decode_args accepted: what can change between layers and
-// steps (the layer, the sequences still being active, their lengths, the current device) is checked
-// here; the sequence list itself unless the caller has just checked it.
 // Every sequence holds at least q_len tokens in the layer, counting `adding` more about to be appended.
 void check_decode_lengths(const ta_cache& c, int32_t layer, const int32_t* seqs, int32_t num_seqs, int64_t q_len, int64_t adding) {
   for (int32_t i = 0; i < num_seqs; ++i)
@@ -737,6 +734,9 @@ void check_decode_lengths(const ta_cache& c, int32_t layer, const int32_t* seqs,
             " (append the new tokens first)");
 }
 
+// One layer's decode of arguments check_decode_args accepted: what can change between layers and
+// steps (the layer, the sequences still being active, their lengths, the current device) is checked
+// here; the sequence list and the lengths unless the caller has just checked them.
 void run_decode(ta_cache& c, int32_t layer, const int32_t* seqs, int32_t num_seqs, const ta_tensor& q,
                 const ta_decode_options& o, ta_tensor& out, void* cuda_stream, bool seqs_checked, bool lengths_checked = false) {
   check_layer(c, layer);
