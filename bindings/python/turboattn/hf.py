@@ -552,7 +552,6 @@ def _cached_attention(cache, layer, q, k, v, valid, facts, scale):
     if seen_real is not None and not torch.equal(seen_real, past):
         raise InvalidArgument(1, f"layer {layer}: the attention mask shows {seen_real.tolist()} earlier real tokens "
                                  f"per sequence but the cache holds {past.tolist()}")
-    dev = cache.cache_device
     kc, vc = _to_cache(k, cache), _to_cache(v, cache)
     # The rows with new real tokens (a sequence's first write sets its K mean: never empty); None: all.
     rows = None if bool((counts > 0).all()) else [b for b in range(B) if counts[b]]
@@ -561,7 +560,7 @@ def _cached_attention(cache, layer, q, k, v, valid, facts, scale):
     if valid_new is None:  # every new token is real: no packing, no boolean indexing (no host syncs)
         packed_k, packed_v = kc.reshape(B * nq, *kc.shape[2:]), vc.reshape(B * nq, *vc.shape[2:])
     else:
-        vn = valid_new.to(dev)
+        vn = _to_cache(valid_new, cache)
         packed_k, packed_v = kc[vn], vc[vn]
     any_new = rows is None or bool(rows)
     if not bool(past.any()):
