@@ -6,13 +6,16 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <functional>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
+#include "api/errors.hpp"
 #include "cuda/cache/code_order.cuh"
 #include "cuda/cache/device_cache.hpp"
 #include "gpu_test_util.hpp"
@@ -671,6 +674,95 @@ TEST(GpuCacheCapi, AppendDecodeEqualsAppendThenDecodeAndTheCpuCache) {
     EXPECT_EQ(0, std::memcmp(vf.data(), vh.data(), vf.size() * 4)) << "sequence " << s << " V";
   }
   for (ta_cache* c : {fused, split, host}) ta_cache_destroy(c);
+}
+
+// Holds a stream for `*ms` milliseconds (a host function queued on it): work queued after it waits.
+void CUDART_CB hold_stream(void* ms) { std::this_thread::sleep_for(std::chrono::milliseconds(*static_cast<int*>(ms))); }
+
+// Appends queued behind a busy stream, one token for each of `n` sequences per call over 70 calls: the
+// CPU cache's bytes after them all. With 4 sequences the calls fit the upload ring and must return
+// while the stream is still held (no call waits for it: their runs go up from pinned memory, not by a
+// pageable copy, which may synchronize with the stream); with 400 the ring wraps many times and the
+// calls must wait for its oldest regions, never overwriting one a queued copy still reads.
+class GpuCacheUploads : public testing::TestWithParam<int> {};
+
+TEST_P(GpuCacheUploads, AppendsBehindABusyStreamStayExact) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  const int n = GetParam(), steps = 70, H = 2, D = 64;
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE(testing::Message() << "seed " << seed);
+  std::mt19937_64 rng(seed);
+  Mirror m(make_config("mix", 1, H, D, 4 * n, n), rng);
+  std::vector<int> seqs;
+  for (int i = 0; i < n; ++i) seqs.push_back(m.add());
+  std::vector<int> prompt;
+  for (int i = 0; i < n; ++i) prompt.push_back(1 + (i * 37) % 130);  // blocks fill at different steps
+  m.write(0, seqs, prompt);
+  // Every step's tokens, uploaded before the stream is held.
+  std::vector<float> k = test::make_input(rng, steps * n, H, D, InputKind::Outliers, 'k');
+  std::vector<float> v = test::make_input(rng, steps * n, H, D, InputKind::Normal, 'v');
+  const std::vector<uint16_t> kb = test::to_half(k), vb = test::to_half(v);
+  for (size_t i = 0; i < k.size(); ++i) k[i] = ref::half_to_float(kb[i]), v[i] = ref::half_to_float(vb[i]);
+  test::DeviceBuffer<uint16_t> dk(kb.size()), dv(vb.size());
+  dk.upload(kb), dv.upload(vb);
+  std::vector<int32_t> cu(size_t(n) + 1);
+  for (int i = 0; i <= n; ++i) cu[size_t(i)] = i;
+  cudaStream_t stream;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+  int hold_ms = 400;
+  ASSERT_EQ(cudaLaunchHostFunc(stream, hold_stream, &hold_ms), cudaSuccess);
+  const auto start = std::chrono::steady_clock::now();
+  for (int step = 0; step < steps; ++step) {
+    const size_t at = size_t(step) * n * H * D;
+    const ta_tensor tk = device_tensor(dk.ptr + at, TA_DTYPE_F16, {n, H, D}), tv = device_tensor(dv.ptr + at, TA_DTYPE_F16, {n, H, D});
+    m.gpu.write(0, seqs.data(), n, tk, tv, cu, stream);
+  }
+  const double queued_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+  if (n <= 4) EXPECT_LT(queued_ms, 200.0) << "the appends waited for the held stream";
+  for (int step = 0; step < steps; ++step)
+    for (int i = 0; i < n; ++i) {
+      ref::HeadsView kv = test::view_of(k, steps * n, H, D), vv = test::view_of(v, steps * n, H, D);
+      kv.data += (size_t(step) * n + i) * H * D, vv.data += (size_t(step) * n + i) * H * D;
+      kv.tokens = vv.tokens = 1;
+      m.cpu.write(0, seqs[size_t(i)], kv, vv);
+    }
+  ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+  for (int s : seqs) m.expect_same(0, s);
+  cudaStreamDestroy(stream);
+}
+
+INSTANTIATE_TEST_SUITE_P(Sequences, GpuCacheUploads, testing::Values(4, 400));
+
+// A write queued inside CUDA graph capture is refused before anything changes: its pages are taken on
+// the host, so a replay could not take the next ones.
+TEST(GpuCacheGraph, CapturedAppendIsRefusedAndWritesNothing) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE(testing::Message() << "seed " << seed);
+  std::mt19937_64 rng(seed);
+  Mirror m(make_config("4", 1, 2, 64, 16, 2), rng);
+  const int s = m.add();
+  m.write(0, {s}, {63});
+  test::DeviceBuffer<uint16_t> dk(2 * 64), dv(2 * 64);
+  std::vector<float> k = test::make_input(rng, 1, 2, 64, InputKind::Normal, 'k'), v = test::make_input(rng, 1, 2, 64, InputKind::Normal, 'v');
+  dk.upload(test::to_half(k)), dv.upload(test::to_half(v));
+  const ta_tensor tk = device_tensor(dk.ptr, TA_DTYPE_F16, {1, 2, 64}), tv = device_tensor(dv.ptr, TA_DTYPE_F16, {1, 2, 64});
+  cudaStream_t stream;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+  ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+  std::string message;
+  try {
+    m.gpu.write(0, &s, 1, tk, tv, {0, 1}, stream);
+  } catch (const Error& e) {
+    message = e.what();
+  }
+  cudaGraph_t graph = nullptr;
+  EXPECT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
+  EXPECT_NE(message.find("CUDA graph"), std::string::npos) << "message: " << message;
+  EXPECT_EQ(m.gpu.book().length(0, s), 63);
+  m.expect_same(0, s);
+  if (graph) cudaGraphDestroy(graph);
+  cudaStreamDestroy(stream);
 }
 
 TEST(GpuCacheGraph, CapturedDecodeSeesTokensAppendedLater) {

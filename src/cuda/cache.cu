@@ -15,6 +15,7 @@
 #include "cuda/cache/write_kernel.cuh"
 #include "cuda/common/check.cuh"
 #include "cuda/common/head_dim.cuh"
+#include "cuda/common/upload_ring.cuh"
 #include "reference/attention.hpp"
 #include "reference/kv_cache.hpp"
 
@@ -35,34 +36,12 @@ X* device_alloc(int64_t count, const char* what) {
   return static_cast<X*>(p);
 }
 
-// A host array copied to the device on `stream`, freed in stream order.
-template <typename X>
-class StreamArray {
- public:
-  StreamArray(const std::vector<X>& host, cudaStream_t stream) : stream_(stream) {
-    TA_CUDA_CHECK(cudaMallocAsync(&ptr_, std::max<size_t>(1, host.size()) * sizeof(X), stream));
-    if (!host.empty()) TA_CUDA_CHECK(cudaMemcpyAsync(ptr_, host.data(), host.size() * sizeof(X), cudaMemcpyHostToDevice, stream));
-  }
-  ~StreamArray() { cudaFreeAsync(ptr_, stream_); }
-  const X* get() const { return static_cast<const X*>(ptr_); }
-
- private:
-  void* ptr_ = nullptr;
-  cudaStream_t stream_;
-};
-
 template <typename T>
 void launch_write(const ta_tensor& k, const ta_tensor& v, const std::vector<WriteRun>& runs, const std::vector<MeanRun>& means,
                   uint8_t* pool, uint8_t* buffers, uint8_t* first_blocks, float* mean_base, const PageLayout* layout, int32_t* tables, int table_width,
-                  int64_t* lengths, int kv_heads, int dim, bool smooth, cudaStream_t stream) {
+                  int64_t* lengths, int kv_heads, int dim, bool smooth, UploadRing& uploads, cudaStream_t stream) {
   const T* kp = static_cast<const T*>(k.data);
   const T* vp = static_cast<const T*>(v.data);
-  if (!means.empty()) {
-    StreamArray<MeanRun> d_means(means, stream);
-    cache_mean_kernel<T><<<dim3{unsigned(means.size()), unsigned(kv_heads)}, 128, 0, stream>>>(
-        kp, k.strides[0], k.strides[1], d_means.get(), mean_base, kv_heads, dim, smooth);
-    TA_CUDA_CHECK_LAUNCH("cache_mean_kernel");
-  }
   // Runs that complete a block read the tokens buffered before them, so they go first; runs that
   // leave tokens in the buffer (a sequence's last) go second. Runs all of one kind (most decode steps'
   // appends) go as they are, uncopied.
@@ -73,20 +52,32 @@ void launch_write(const ta_tensor& k, const ta_tensor& v, const std::vector<Writ
     for (const WriteRun& r : runs) ordered[completes(r) ? 0 : 1].push_back(r);
     parts[0] = &ordered[0];
   }
+  // The means' and the runs' arrays go to the device in one upload.
+  UploadRing::Batch upload(uploads, UploadRing::aligned(means.size() * sizeof(MeanRun)) +
+                                        UploadRing::aligned(parts[0]->size() * sizeof(WriteRun)) +
+                                        UploadRing::aligned(parts[1]->size() * sizeof(WriteRun)));
+  const size_t means_at = upload.add(means.data(), means.size());
+  const size_t parts_at[2] = {upload.add(parts[0]->data(), parts[0]->size()), upload.add(parts[1]->data(), parts[1]->size())};
+  upload.upload(stream);
+  if (!means.empty()) {
+    cache_mean_kernel<T><<<dim3{unsigned(means.size()), unsigned(kv_heads)}, 128, 0, stream>>>(
+        kp, k.strides[0], k.strides[1], upload.device<MeanRun>(means_at), mean_base, kv_heads, dim, smooth);
+    TA_CUDA_CHECK_LAUNCH("cache_mean_kernel");
+  }
   const int smem = write_smem_bytes(dim);
   static std::atomic<uint64_t> configured{0};
   allow_dynamic_smem(configured, reinterpret_cast<const void*>(cache_write_kernel<T>), write_smem_bytes(256));
-  for (const std::vector<WriteRun>* part_of : parts) {
-    const std::vector<WriteRun>& part = *part_of;
+  for (int i = 0; i < 2; ++i) {
+    const std::vector<WriteRun>& part = *parts[i];
     if (part.empty()) continue;
-    StreamArray<WriteRun> d_runs(part, stream);
     WriteParams<T> p{};
     p.k = kp, p.v = vp, p.k_n = k.strides[0], p.k_h = k.strides[1], p.v_n = v.strides[0], p.v_h = v.strides[1];
-    p.runs = d_runs.get(), p.pool = pool, p.buffers = buffers, p.first_blocks = first_blocks, p.means = mean_base, p.layout = layout;
+    p.runs = upload.device<WriteRun>(parts_at[i]), p.pool = pool, p.buffers = buffers, p.first_blocks = first_blocks, p.means = mean_base, p.layout = layout;
     p.tables = tables, p.table_width = table_width, p.lengths = lengths, p.kv_heads = kv_heads, p.dim = dim;
     cache_write_kernel<T><<<dim3{unsigned(part.size()), unsigned(kv_heads)}, kWriteThreads, smem, stream>>>(p);
     TA_CUDA_CHECK_LAUNCH("cache_write_kernel");
   }
+  upload.release(stream);
 }
 
 // The one place that maps (head dim, SAS, row groups, the layer's widths) to a decode kernel instance:
@@ -180,7 +171,7 @@ void launch_merge(const DecodeParams& p, int dim, unsigned rows, bool dependent,
 }  // namespace
 
 DeviceCache::DeviceCache(const ref::CacheConfig& config)
-    : cfg_(config), book_(config.layers, config.max_seqs, config.num_pages) {
+    : cfg_(config), book_(config.layers, config.max_seqs, config.num_pages), uploads_(std::make_unique<UploadRing>()) {
   const int64_t max_pages = PageBook::table_index(cfg_.max_seq_len / TA_BLOCK_TOKENS);
   table_width_ = int(std::max<int64_t>(1, std::min<int64_t>(max_pages, cfg_.num_pages)));
   for (int l = 0; l < cfg_.layers; ++l)
@@ -205,17 +196,20 @@ DeviceCache::DeviceCache(const ref::CacheConfig& config)
     // no PTX), so on sm_90 and later the merge kernel always has its griddepcontrol.wait.
     dependent_launch_ = major >= 9;
   } catch (...) {
-    this->~DeviceCache();
+    free_memory();  // the members themselves are destroyed as the exception leaves the constructor
     throw;
   }
 }
 
-DeviceCache::~DeviceCache() {
+DeviceCache::~DeviceCache() { free_memory(); }
+
+void DeviceCache::free_memory() {
   for (auto* p : pools_) cudaFree(p);
   for (auto* p : buffers_) cudaFree(p);
   for (auto* p : first_blocks_) cudaFree(p);
   for (auto* p : means_) cudaFree(p);
   cudaFree(d_layouts_), cudaFree(d_tables_), cudaFree(d_lengths_), cudaFree(workspace_);
+  uploads_.reset();
   pools_.clear(), buffers_.clear(), first_blocks_.clear(), means_.clear();
   d_layouts_ = nullptr, d_tables_ = nullptr, d_lengths_ = nullptr, workspace_ = nullptr;
 }
@@ -230,6 +224,10 @@ void DeviceCache::expect_current_device() const {
 void DeviceCache::write(int layer, const int32_t* seqs, int num_seqs, const ta_tensor& k, const ta_tensor& v,
                         const std::vector<int32_t>& cu, void* stream_) {
   const auto stream = static_cast<cudaStream_t>(stream_);
+  cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+  TA_CUDA_CHECK(cudaStreamIsCapturing(stream, &capturing));
+  require(capturing == cudaStreamCaptureStatusNone, TA_ERROR_INVALID_ARGUMENT,
+          "cache writes and appends cannot be captured in a CUDA graph: their pages are taken on the host at each call");
   std::vector<WriteRun> runs;
   runs.reserve(size_t(num_seqs));  // an append's: one run per sequence
   std::vector<MeanRun> means;
@@ -257,11 +255,11 @@ void DeviceCache::write(int layer, const int32_t* seqs, int num_seqs, const ta_t
   if (k.dtype == TA_DTYPE_F16)
     launch_write<__half>(k, v, runs, means, pools_[size_t(layer)], buffers_[size_t(layer)], first_blocks_[size_t(layer)],
                          means_[size_t(layer)], lay, d_tables_, table_width_, lengths, cfg_.kv_heads, cfg_.head_dim, cfg_.smooth_k,
-                         stream);
+                         *uploads_, stream);
   else
     launch_write<__nv_bfloat16>(k, v, runs, means, pools_[size_t(layer)], buffers_[size_t(layer)], first_blocks_[size_t(layer)],
                                 means_[size_t(layer)], lay, d_tables_, table_width_, lengths, cfg_.kv_heads, cfg_.head_dim,
-                                cfg_.smooth_k, stream);
+                                cfg_.smooth_k, *uploads_, stream);
 }
 
 DecodeOccupancy DeviceCache::occupancy(ta_dtype dtype, bool sas, int rows, LayerWidths widths) {

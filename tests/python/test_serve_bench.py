@@ -2,6 +2,7 @@
 transformers' generate(), the KV memory budget arithmetic against what the caches hold, and the results
 file. The numbers themselves come from a GPU run (docs/BENCHMARKS.md)."""
 import json
+import time
 
 import pytest
 
@@ -32,7 +33,28 @@ def test_the_loop_generates_what_generate_does(configs, config):
     want = configs.model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=None)[:, ids.shape[1]:]
     assert torch.equal(got, want)
     assert measured["tokens_per_s"] > 0 and measured["per_token_ms"] > 0 and measured["ttft_ms"] > 0
+    assert 0 < measured["attention_host_ms_per_step"] < measured["per_token_ms"]
     assert measured["kv_cache_gib"] > 0
+
+
+def test_host_clock_counts_the_time_inside_the_attention_function_and_restores_it(configs, monkeypatch):
+    config = "fp16"
+    impl = serve.attention_implementation(config)
+    original = serve.ALL_ATTENTION_FUNCTIONS[impl]
+
+    def slow(*args, **kwargs):
+        time.sleep(0.005)
+        return original(*args, **kwargs)
+
+    serve.AttentionInterface.register(impl, slow)
+    try:
+        configs.use(config)
+        _, measured = serve.generate(configs, config, prompt_ids(2, 20, seed=2), 4)
+    finally:
+        serve.AttentionInterface.register(impl, original)
+    layers = configs.shape[0]
+    assert measured["attention_host_ms_per_step"] >= 5.0 * layers
+    assert serve.ALL_ATTENTION_FUNCTIONS[impl] is original
 
 
 @pytest.mark.parametrize("config", ["kv4", "kv4_sdpa_prefill", "mix50_sdpa_prefill"])

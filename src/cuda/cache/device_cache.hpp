@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "format/cache_layout.h"
@@ -14,6 +15,8 @@
 #include "turboattn/turboattn.h"
 
 namespace turboattn::cuda {
+
+class UploadRing;  // cuda/common/upload_ring.cuh
 
 // What of a layer's head widths picks its decode kernel instance: the widest (register budget and shared
 // memory) and whether every head is 4-bit (an instance with that width's path alone, cache.cu).
@@ -78,8 +81,9 @@ class DeviceCache {
 
   // Writes k, v [T, Hkv, D] (CUDA, f16 or bf16) of num_seqs sequences (token ranges cu, on the host)
   // to the end of those sequences in one layer; appends are writes of one token per sequence. The
-  // caller has checked capacity. Pages are taken on the host exactly as the CPU cache takes them. The
-  // device lengths are set (not incremented) by the writes, so a reused slot needs no reset.
+  // caller has checked capacity. Pages are taken on the host exactly as the CPU cache takes them, so a
+  // write cannot be captured in a CUDA graph (refused before anything changes). The device lengths are
+  // set (not incremented) by the writes, so a reused slot needs no reset.
   // The cache's memory is on one device: that device must be current for writes and decodes.
   void expect_current_device() const;
   void write(int layer, const int32_t* seqs, int num_seqs, const ta_tensor& k, const ta_tensor& v,
@@ -115,6 +119,7 @@ class DeviceCache {
   int32_t* d_tables_ = nullptr;         // [max_seqs][table_width_]
   int64_t* d_lengths_ = nullptr;        // [layers][max_seqs]
   float* workspace_ = nullptr;          // decode: the splits' parts, grown on demand
+  std::unique_ptr<UploadRing> uploads_;  // writes: their runs, through pinned memory
   int64_t workspace_floats_ = 0;
   int device_ = 0;
   int num_sms_ = 0;
@@ -123,6 +128,7 @@ class DeviceCache {
   // the driver once each: what the automatic split fills.
   DecodeOccupancy occupancy(ta_dtype dtype, bool sas, int rows, LayerWidths widths);
   std::array<DecodeOccupancy, 32> occupancy_{};
+  void free_memory();  // every allocation above (the destructor's work, also for a failed constructor)
 };
 
 }  // namespace turboattn::cuda

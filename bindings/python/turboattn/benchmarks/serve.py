@@ -273,28 +273,47 @@ class StepClock:
 
 
 @contextlib.contextmanager
-def attention_annotated(cache, attn_impl):
-    """Wraps the model's attention function and the cache's update (the FP16 caches' writes; turboattn's
-    happen in its attention function) in a profiler range, for the steps run inside."""
+def attention_wrapped(cache, attn_impl, wrap):
+    """Replaces the model's attention function and the cache's update (the FP16 caches' writes; turboattn's
+    happen in its attention function) by wrap(function), for the steps run inside."""
     original = ALL_ATTENTION_FUNCTIONS[attn_impl]
-
-    def attention(*args, **kwargs):
-        with torch.profiler.record_function(ATTENTION_RANGE):
-            return original(*args, **kwargs)
-
-    update = cache.update
-
-    def annotated_update(*args, **kwargs):
-        with torch.profiler.record_function(ATTENTION_RANGE):
-            return update(*args, **kwargs)
-
-    AttentionInterface.register(attn_impl, attention)
-    cache.update = annotated_update
+    AttentionInterface.register(attn_impl, wrap(original))
+    cache.update = wrap(cache.update)
     try:
         yield
     finally:
         AttentionInterface.register(attn_impl, original)
         del cache.update
+
+
+def annotated(fn):
+    """fn inside a profiler range (ATTENTION_RANGE)."""
+    def call(*args, **kwargs):
+        with torch.profiler.record_function(ATTENTION_RANGE):
+            return fn(*args, **kwargs)
+    return call
+
+
+class HostClock:
+    """Host time spent inside the functions it wraps (wrap), summed: where a step's host time goes. It
+    costs each call two perf_counter reads, on every configuration alike."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def wrap(self, fn):
+        def call(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - t0
+        return call
+
+
+def attention_implementation(config):
+    """The transformers attention function a configuration's model runs."""
+    return "sdpa" if config in FP16_CONFIGS else hf.ATTN_IMPLEMENTATION
 
 
 def _subtree_kernels(event):
@@ -335,11 +354,11 @@ def generate(configs, config, ids, gen_len, *, profile=False):
     def step(x):
         return model(input_ids=x, **kw).logits[:, -1].argmax(-1, keepdim=True)
 
-    clock = StepClock(device)
+    clock, host = StepClock(device), HostClock()
     clock.mark()
     tokens = [step(ids)]
     clock.mark()
-    with configs.decode_context(config):
+    with configs.decode_context(config), attention_wrapped(cache, attention_implementation(config), host.wrap):
         for _ in range(gen_len - 1):
             tokens.append(step(tokens[-1]))
             clock.mark()
@@ -354,6 +373,9 @@ def generate(configs, config, ids, gen_len, *, profile=False):
         "per_token_ms": decode_ms / steps if steps else None,
         "tokens_per_s": batch * gen_len / (total_ms / 1e3),
         "decode_tokens_per_s": batch * steps / (decode_ms / 1e3) if steps else None,
+        # Host time inside the attention function and the cache's update per decode step (turboattn: its
+        # library calls, their checks and launches), of the step's per_token_ms.
+        "attention_host_ms_per_step": host.seconds * 1e3 / steps if steps else None,
         "kv_cache_gib": (cache_bytes if cache_bytes is not None else batch * (prompt + gen_len) *
                          turboattn.dense_kv_bytes_per_token(*configs.shape)) / GIB,
     }
@@ -368,12 +390,12 @@ def generate(configs, config, ids, gen_len, *, profile=False):
 def attention_share(configs, config, cache, step, last, per_token_ms):
     """Attention's device time per decode step (PROFILE_STEPS more steps under the profiler) and its share
     of the timed steps' mean time. Profiling failures are reported, not raised."""
-    impl = "sdpa" if config in FP16_CONFIGS else hf.ATTN_IMPLEMENTATION
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available() and last.is_cuda:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     try:
-        with attention_annotated(cache, impl), torch.profiler.profile(activities=activities) as prof:
+        with attention_wrapped(cache, attention_implementation(config), annotated), \
+                torch.profiler.profile(activities=activities) as prof:
             for _ in range(PROFILE_STEPS):
                 last = step(last)
             if last.is_cuda:
@@ -558,7 +580,8 @@ def main(argv=None, *, prog=None, default_out="serve.json"):
         tps = row["tokens_per_s"]
         bar.write(f"{config:>14} prompt {prompt:>6} batch {batch:>5}/{largest:<5} "
                   + (f"{tps:10.0f} tok/s  ttft {row['ttft_ms']:8.1f} ms  step {row['per_token_ms']:7.2f} ms  "
-                     f"peak {row['peak_mem_gib'] or 0:6.2f} GiB" if tps else f"error: {row['error']}")
+                     f"host in attention {row['attention_host_ms_per_step']:6.2f} ms  peak {row['peak_mem_gib'] or 0:6.2f} GiB"
+                     if tps else f"error: {row['error']}")
                   + (f"  attention {row['attention_ms_per_step']:.2f} ms ({row['attention_share']:.0%}), kernels "
                      f"{row['gpu_busy_ms_per_step']:.2f} ms" if row.get("attention_share") else ""))
     bar.close()

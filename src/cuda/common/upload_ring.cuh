@@ -1,0 +1,155 @@
+// Small host arrays that kernels read (a cache write's runs), uploaded through pinned memory. A
+// cudaMemcpyAsync from pageable memory may synchronize with its stream before staging the copy, which
+// made every decode step's appends wait for the GPU to finish the layers queued before them; from
+// pinned memory the copy is queued and the call returns. The pinned area and its device mirror form a
+// ring: a region is taken per call and comes back once an event recorded after the call's last kernel
+// has completed, so the host waits only when the GPU is a whole ring behind.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <deque>
+#include <vector>
+
+#include "cuda/common/check.cuh"
+
+namespace turboattn::cuda {
+
+class UploadRing {
+ public:
+  static constexpr size_t kInitialBytes = size_t(1) << 16;
+  static constexpr size_t kAlign = 64;
+
+  UploadRing() = default;
+  ~UploadRing() { reset(); }
+  UploadRing(const UploadRing&) = delete;
+  UploadRing& operator=(const UploadRing&) = delete;
+
+  // One call's arrays: add() each, then upload() copies them to the device in one cudaMemcpyAsync,
+  // device() gives each copy, and release() frees the region once the stream reaches that point.
+  class Batch {
+   public:
+    Batch(UploadRing& ring, size_t bytes) : ring_(ring), bytes_(bytes) {}
+    // Stages `count` items at the next aligned offset; returns that offset (for device()).
+    template <typename X>
+    size_t add(const X* items, size_t count) {
+      const size_t offset = used_;
+      if (count == 0) return offset;
+      require(offset + aligned(count * sizeof(X)) <= bytes_, TA_ERROR_INTERNAL, "upload batch of ", bytes_, " bytes overfilled");
+      if (host_ == nullptr) host_ = ring_.take(bytes_, region_);
+      std::memcpy(host_ + offset, items, count * sizeof(X));
+      used_ = offset + aligned(count * sizeof(X));
+      return offset;
+    }
+    void upload(cudaStream_t stream) {
+      if (used_) TA_CUDA_CHECK(cudaMemcpyAsync(ring_.device_ + region_, host_, used_, cudaMemcpyHostToDevice, stream));
+    }
+    template <typename X>
+    const X* device(size_t offset) const { return reinterpret_cast<const X*>(ring_.device_ + region_ + offset); }
+    void release(cudaStream_t stream) {
+      if (host_ != nullptr) ring_.give_back(region_, bytes_, stream);
+      host_ = nullptr;
+    }
+
+   private:
+    UploadRing& ring_;
+    size_t bytes_, region_ = 0, used_ = 0;
+    uint8_t* host_ = nullptr;
+  };
+
+  static size_t aligned(size_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
+
+ private:
+  struct Pending {
+    size_t begin, end;
+    cudaEvent_t done;
+  };
+
+  // A region of `bytes` (aligned); waits for the oldest pending regions while there is no room.
+  uint8_t* take(size_t bytes, size_t& region) {
+    if (bytes > capacity_ / 2) grow(bytes);
+    for (;;) {
+      while (!pending_.empty() && cudaEventQuery(pending_.front().done) == cudaSuccess) retire_front();
+      if (pending_.empty()) head_ = 0;
+      const size_t tail = pending_.empty() ? capacity_ : pending_.front().begin;
+      // Free space is [head, capacity) and [0, tail) when the ring has wrapped behind the head, else
+      // [head, tail); a region never ends on the tail, so head == tail means empty.
+      if (head_ >= tail || pending_.empty()) {
+        if (capacity_ - head_ >= bytes) break;
+        if (!pending_.empty() && tail > bytes) {
+          head_ = 0;
+          break;
+        }
+      } else if (tail - head_ > bytes) {
+        break;
+      }
+      TA_CUDA_CHECK(cudaEventSynchronize(pending_.front().done));
+      retire_front();
+    }
+    region = head_;
+    head_ += bytes;
+    return host_ + region;
+  }
+
+  void give_back(size_t region, size_t bytes, cudaStream_t stream) {
+    cudaEvent_t done;
+    if (idle_events_.empty()) {
+      TA_CUDA_CHECK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
+    } else {
+      done = idle_events_.back();
+      idle_events_.pop_back();
+    }
+    pending_.push_back({region, region + bytes, done});
+    TA_CUDA_CHECK(cudaEventRecord(done, stream));
+  }
+
+  void retire_front() {
+    idle_events_.push_back(pending_.front().done);
+    pending_.pop_front();
+  }
+
+  // Room for `bytes` at least twice over: waits for every pending region, then reallocates.
+  void grow(size_t bytes) {
+    size_t capacity = capacity_ ? capacity_ : kInitialBytes;
+    while (capacity / 2 < bytes) capacity *= 2;
+    if (capacity == capacity_) return;
+    for (const Pending& p : pending_) TA_CUDA_CHECK(cudaEventSynchronize(p.done));
+    while (!pending_.empty()) retire_front();
+    free_memory();
+    TA_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&host_), capacity, cudaHostAllocDefault));
+    const cudaError_t err = cudaMalloc(reinterpret_cast<void**>(&device_), capacity);
+    if (err != cudaSuccess) {
+      cudaGetLastError();
+      cudaFreeHost(host_);
+      host_ = nullptr;
+      throw Error(TA_ERROR_OUT_OF_MEMORY, concat("cache: cannot allocate ", capacity, " bytes of GPU memory for its uploads: ",
+                                                 cudaGetErrorString(err)));
+    }
+    capacity_ = capacity, head_ = 0;
+  }
+
+  void free_memory() {
+    if (host_) cudaFreeHost(host_);
+    if (device_) cudaFree(device_);
+    host_ = device_ = nullptr, capacity_ = 0;
+  }
+
+  void reset() {
+    for (const Pending& p : pending_) cudaEventSynchronize(p.done);
+    while (!pending_.empty()) retire_front();
+    for (cudaEvent_t e : idle_events_) cudaEventDestroy(e);
+    idle_events_.clear();
+    free_memory();
+  }
+
+  uint8_t* host_ = nullptr;    // pinned
+  uint8_t* device_ = nullptr;  // the same offsets on the device
+  size_t capacity_ = 0, head_ = 0;
+  std::deque<Pending> pending_;  // oldest first
+  std::vector<cudaEvent_t> idle_events_;
+};
+
+}  // namespace turboattn::cuda
