@@ -679,16 +679,17 @@ TEST(GpuCacheCapi, AppendDecodeEqualsAppendThenDecodeAndTheCpuCache) {
 // Holds a stream for `*ms` milliseconds (a host function queued on it): work queued after it waits.
 void CUDART_CB hold_stream(void* ms) { std::this_thread::sleep_for(std::chrono::milliseconds(*static_cast<int*>(ms))); }
 
-// Appends queued behind a busy stream, one token for each of `n` sequences per call over 70 calls: the
-// CPU cache's bytes after them all. With 4 sequences the calls fit the upload ring and must return
-// while the stream is still held (no call waits for it: their runs go up from pinned memory, not by a
-// pageable copy, which may synchronize with the stream); with 400 the ring wraps many times and the
-// calls must wait for its oldest regions, never overwriting one a queued copy still reads.
+// Appends queued behind a busy stream, one token for each of `n` sequences per call: the CPU cache's
+// bytes after them all. With 4 sequences 70 calls fit the upload ring and must return while the stream
+// is still held (no call waits for it: their runs go up from pinned memory, not by a pageable copy,
+// which may synchronize with the stream); with 400, 200 calls hold three times the ring
+// (UploadRing::kCallsAhead calls), so it wraps and the calls must wait for its oldest regions, never
+// overwriting one a queued copy still reads.
 class GpuCacheUploads : public testing::TestWithParam<int> {};
 
 TEST_P(GpuCacheUploads, AppendsBehindABusyStreamStayExact) {
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
-  const int n = GetParam(), steps = 70, H = 2, D = 64;
+  const int n = GetParam(), steps = n <= 4 ? 70 : 200, H = 2, D = 64;
   const uint64_t seed = std::random_device{}();
   SCOPED_TRACE(testing::Message() << "seed " << seed);
   std::mt19937_64 rng(seed);

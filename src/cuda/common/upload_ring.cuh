@@ -3,11 +3,14 @@
 // made every decode step's appends wait for the GPU to finish the layers queued before them; from
 // pinned memory the copy is queued and the call returns. The pinned area and its device mirror form a
 // ring: a region is taken per call and comes back once an event recorded after the call's last kernel
-// has completed, so the host waits only when the GPU is a whole ring behind.
+// has completed, so the host waits only when the GPU is a whole ring behind. The ring holds
+// kCallsAhead calls of the largest size seen (a model step's appends, one per layer, with room to
+// spare), up to kMaxBytes; a larger call still fits twice.
 #pragma once
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -21,6 +24,8 @@ namespace turboattn::cuda {
 class UploadRing {
  public:
   static constexpr size_t kInitialBytes = size_t(1) << 16;
+  static constexpr size_t kMaxBytes = size_t(16) << 20;
+  static constexpr size_t kCallsAhead = 64;
   static constexpr size_t kAlign = 64;
 
   UploadRing() = default;
@@ -70,7 +75,7 @@ class UploadRing {
 
   // A region of `bytes` (aligned); waits for the oldest pending regions while there is no room.
   uint8_t* take(size_t bytes, size_t& region) {
-    if (bytes > capacity_ / 2) grow(bytes);
+    grow(bytes);
     for (;;) {
       while (!pending_.empty() && cudaEventQuery(pending_.front().done) == cudaSuccess) retire_front();
       if (pending_.empty()) head_ = 0;
@@ -111,11 +116,13 @@ class UploadRing {
     pending_.pop_front();
   }
 
-  // Room for `bytes` at least twice over: waits for every pending region, then reallocates.
+  // Room for kCallsAhead calls of `bytes` (up to kMaxBytes) and for two at least: when the ring is
+  // smaller, waits for every pending region, then reallocates.
   void grow(size_t bytes) {
-    size_t capacity = capacity_ ? capacity_ : kInitialBytes;
-    while (capacity / 2 < bytes) capacity *= 2;
-    if (capacity == capacity_) return;
+    const size_t wanted = std::max(2 * bytes, std::min(kCallsAhead * bytes, kMaxBytes));
+    if (capacity_ >= wanted) return;
+    size_t capacity = std::max(capacity_, kInitialBytes);
+    while (capacity < wanted) capacity *= 2;
     for (const Pending& p : pending_) TA_CUDA_CHECK(cudaEventSynchronize(p.done));
     while (!pending_.empty()) retire_front();
     free_memory();
