@@ -601,17 +601,19 @@ def plot(result, path):
     import matplotlib.pyplot as plt
     lens = sorted({r["prompt_len"] for r in result["rows"]})
     fig, axes = plt.subplots(1, len(lens), figsize=(3.2 * len(lens), 3.6), squeeze=False)
+    configs = list(dict.fromkeys(r["config"] for r in result["rows"]))
+    handles = {}
     for ax, n in zip(axes[0], lens):
-        for config in dict.fromkeys(r["config"] for r in result["rows"]):
+        for i, config in enumerate(configs):  # one colour per configuration in every panel
             pts = sorted((r["batch"], r["tokens_per_s"]) for r in result["rows"]
                          if r["config"] == config and r["prompt_len"] == n and r["tokens_per_s"])
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=config)
+                handles[config] = ax.plot(*zip(*pts), marker="o", color=f"C{i % 10}", label=config)[0]
         ax.set_xscale("log", base=2)
         ax.set_title(f"prompt {n // 1024}k + {result['gen_len']}")
         ax.set_xlabel("batch")
     axes[0][0].set_ylabel("tokens / s")
-    axes[0][0].legend(fontsize=7)
+    axes[0][0].legend([handles[c] for c in configs if c in handles], [c for c in configs if c in handles], fontsize=7)
     fig.suptitle(f"serving, KV budget {result['budget_gib']:g} GiB, {result['model']['name']} "
                  f"({result['card']}, {result['commit']}, {result['date']})", fontsize=9)
     fig.tight_layout()
