@@ -118,8 +118,8 @@ TA_API ta_status ta_quantize_int8(const ta_tensor* x, const ta_tensor* shift, ta
  * larger batch x q heads x q_len allocates): it can then be captured in a CUDA graph, and it reads the
  * sequence lengths from GPU memory, so a replay sees the tokens appended since. Writes and appends take
  * their pages on the host and cannot be captured: one queued on a capturing stream is refused
- * (TA_ERROR_INVALID_ARGUMENT) before anything changes. They never wait for the stream: the positions
- * they send to the GPU go through pinned memory. */
+ * (TA_ERROR_INVALID_ARGUMENT) before anything changes. They do not wait for the stream (the positions
+ * they send to the GPU go through a ring of pinned memory) unless the GPU falls 64 calls behind. */
 typedef struct ta_cache ta_cache;
 
 typedef struct ta_cache_config {
