@@ -24,7 +24,8 @@ runs no CUDA graphs, so neither does turboattn here), until gen_len tokens per r
 tokens per second (batch x gen_len over prefill + decode), time to first token (the batch's prefill and
 its first token), per-token latency (mean decode step), peak memory, and at each largest batch the share
 of a decode step spent in attention (its kernels' time under the PyTorch profiler, cache writes
-included, over the step's time). A long-context row: 32k tokens at batch 1 and at the largest batch.
+included, over the step's time); every run also gives the host time spent inside the attention function
+and the cache's update per step (the steps here are bound by the host). A long-context row: 32k tokens at batch 1 and at the largest batch.
 
     turboattn bench serve [--out serve.json] [--quick] [--budget-gib 12]
     PYTHONPATH=bindings/python python bench/serve.py [--out bench/results/serve.json]
