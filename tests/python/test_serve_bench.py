@@ -34,6 +34,11 @@ def test_the_loop_generates_what_generate_does(configs, config):
     assert torch.equal(got, want)
     assert measured["tokens_per_s"] > 0 and measured["per_token_ms"] > 0 and measured["ttft_ms"] > 0
     assert 0 < measured["attention_host_ms_per_step"] < measured["per_token_ms"]
+    if config in serve.FP16_CONFIGS:
+        assert measured["library_host_ms_per_step"] == 0
+    else:  # the library calls happen inside the attention function
+        assert 0 < measured["library_host_ms_per_step"] < measured["attention_host_ms_per_step"]
+    assert not isinstance(turboattn.lib, serve._TimedLibrary)
     assert measured["kv_cache_gib"] > 0
 
 

@@ -25,7 +25,8 @@ tokens per second (batch x gen_len over prefill + decode), time to first token (
 its first token), per-token latency (mean decode step), peak memory, and at each largest batch the share
 of a decode step spent in attention (its kernels' time under the PyTorch profiler, cache writes
 included, over the step's time); every run also gives the host time spent inside the attention function
-and the cache's update per step (the steps here are bound by the host). A long-context row: 32k tokens at batch 1 and at the largest batch.
+and the cache's update per step, and the part of it inside turboattn's library calls (the steps here
+are bound by the host). A long-context row: 32k tokens at batch 1 and at the largest batch.
 
     turboattn bench serve [--out serve.json] [--quick] [--budget-gib 12]
     PYTHONPATH=bindings/python python bench/serve.py [--out bench/results/serve.json]
@@ -312,6 +313,31 @@ class HostClock:
         return call
 
 
+class _TimedLibrary:
+    """turboattn's library (turboattn.lib) with every function it hands out wrapped by `wrap`."""
+
+    def __init__(self, library, wrap):
+        self._library, self._wrap, self._wrapped = library, wrap, {}
+
+    def __getattr__(self, name):
+        fn = self._wrapped.get(name)
+        if fn is None:
+            fn = self._wrapped[name] = self._wrap(getattr(self._library, name))
+        return fn
+
+
+@contextlib.contextmanager
+def library_timed(clock):
+    """Routes turboattn's library calls through clock.wrap for the steps run inside: the host time of the
+    library itself (its checks, bookkeeping and launches), apart from the Python around it."""
+    real = turboattn.lib
+    turboattn.lib = _TimedLibrary(real, clock.wrap)
+    try:
+        yield
+    finally:
+        turboattn.lib = real
+
+
 def attention_implementation(config):
     """The transformers attention function a configuration's model runs."""
     return "sdpa" if config in FP16_CONFIGS else hf.ATTN_IMPLEMENTATION
@@ -355,11 +381,12 @@ def generate(configs, config, ids, gen_len, *, profile=False):
     def step(x):
         return model(input_ids=x, **kw).logits[:, -1].argmax(-1, keepdim=True)
 
-    clock, host = StepClock(device), HostClock()
+    clock, host, library = StepClock(device), HostClock(), HostClock()
     clock.mark()
     tokens = [step(ids)]
     clock.mark()
-    with configs.decode_context(config), attention_wrapped(cache, attention_implementation(config), host.wrap):
+    with configs.decode_context(config), attention_wrapped(cache, attention_implementation(config), host.wrap), \
+            library_timed(library):
         for _ in range(gen_len - 1):
             tokens.append(step(tokens[-1]))
             clock.mark()
@@ -377,6 +404,8 @@ def generate(configs, config, ids, gen_len, *, profile=False):
         # Host time inside the attention function and the cache's update per decode step (turboattn: its
         # library calls, their checks and launches), of the step's per_token_ms.
         "attention_host_ms_per_step": host.seconds * 1e3 / steps if steps else None,
+        # The part of it inside turboattn's library calls (0 for the FP16 configurations).
+        "library_host_ms_per_step": library.seconds * 1e3 / steps if steps else None,
         "kv_cache_gib": (cache_bytes if cache_bytes is not None else batch * (prompt + gen_len) *
                          turboattn.dense_kv_bytes_per_token(*configs.shape)) / GIB,
     }
@@ -581,7 +610,8 @@ def main(argv=None, *, prog=None, default_out="serve.json"):
         tps = row["tokens_per_s"]
         bar.write(f"{config:>14} prompt {prompt:>6} batch {batch:>5}/{largest:<5} "
                   + (f"{tps:10.0f} tok/s  ttft {row['ttft_ms']:8.1f} ms  step {row['per_token_ms']:7.2f} ms  "
-                     f"host in attention {row['attention_host_ms_per_step']:6.2f} ms  peak {row['peak_mem_gib'] or 0:6.2f} GiB"
+                     f"host in attention {row['attention_host_ms_per_step']:6.2f} ms (library "
+                     f"{row['library_host_ms_per_step']:5.2f})  peak {row['peak_mem_gib'] or 0:6.2f} GiB"
                      if tps else f"error: {row['error']}")
                   + (f"  attention {row['attention_ms_per_step']:.2f} ms ({row['attention_share']:.0%}), kernels "
                      f"{row['gpu_busy_ms_per_step']:.2f} ms" if row.get("attention_share") else ""))
