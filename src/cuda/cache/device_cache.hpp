@@ -119,8 +119,8 @@ class DeviceCache {
   int32_t* d_tables_ = nullptr;         // [max_seqs][table_width_]
   int64_t* d_lengths_ = nullptr;        // [layers][max_seqs]
   float* workspace_ = nullptr;          // decode: the splits' parts, grown on demand
-  std::unique_ptr<UploadRing> uploads_;  // writes: their runs, through pinned memory
   int64_t workspace_floats_ = 0;
+  std::unique_ptr<UploadRing> uploads_;  // writes: their runs, through pinned memory
   int device_ = 0;
   int num_sms_ = 0;
   bool dependent_launch_ = false;  // the merge kernel launched as a programmatic dependent (sm_90 on)

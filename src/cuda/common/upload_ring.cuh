@@ -1,7 +1,7 @@
 // Small host arrays that kernels read (a cache write's runs), uploaded through pinned memory. A
-// cudaMemcpyAsync from pageable memory may synchronize with its stream before staging the copy, which
-// made every decode step's appends wait for the GPU to finish the layers queued before them; from
-// pinned memory the copy is queued and the call returns. The pinned area and its device mirror form a
+// cudaMemcpyAsync from pageable memory may synchronize with its stream before staging the copy (the
+// CUDA documentation allows it), so an append could wait for the GPU to finish the layers queued before
+// it; from pinned memory the copy is queued and the call returns. The pinned area and its device mirror form a
 // ring: a region is taken per call and comes back once an event recorded after the call's last kernel
 // has completed, so the host waits only when the GPU is a whole ring behind. The ring holds
 // kCallsAhead calls of the largest size seen (a model step's appends, one per layer, with room to
