@@ -10,6 +10,7 @@ import turboattn  # noqa: E402
 HAS_CUDA = torch.cuda.is_available() and turboattn.cuda_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and a CUDA build of libturboattn")
 HQ, HKV, D = 8, 2, 128
+DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 
 
 def rel_l2(a, b):
@@ -84,13 +85,14 @@ def test_ops_equal_methods_and_track_float64(bits, q_len):
         assert rel_l2(out[i], attention_f64(q[i], ks[i], vs[i])) < bound
 
 
-def test_ops_under_compile_keep_order():
+@pytest.mark.parametrize("device", DEVICES)
+def test_ops_under_compile_keep_order(device):
     # decode must see the token appended just before it: the ops must be neither dropped nor reordered.
     lengths = [62, 100]
-    ks, vs = [randn(n + 4, HKV, D) for n in lengths], [randn(n + 4, HKV, D) for n in lengths]
-    a, sa = make([n + 4 for n in lengths], [4, 2])
-    b, sb = make([n + 4 for n in lengths], [4, 2])
-    c, sc = make([n + 4 for n in lengths], [4, 2])
+    ks, vs = [randn(n + 4, HKV, D).to(device) for n in lengths], [randn(n + 4, HKV, D).to(device) for n in lengths]
+    a, sa = make([n + 4 for n in lengths], [4, 2], device)
+    b, sb = make([n + 4 for n in lengths], [4, 2], device)
+    c, sc = make([n + 4 for n in lengths], [4, 2], device)
     cu = torch.tensor([0, lengths[0], sum(lengths)], dtype=torch.int32)
     for cache, s in ((a, sa), (b, sb), (c, sc)):
         cache.write(0, s, torch.cat([k[:n] for k, n in zip(ks, lengths)]), torch.cat([v[:n] for v, n in zip(vs, lengths)]), cu)
@@ -106,7 +108,7 @@ def test_ops_under_compile_keep_order():
     for j in range(4):  # crosses the 64-token boundary of the first sequence
         k = torch.stack([x[n + j] for x, n in zip(ks, lengths)])
         v = torch.stack([x[n + j] for x, n in zip(vs, lengths)])
-        q = randn(2, 1, HQ, D)
+        q = randn(2, 1, HQ, D).to(device)
         a.append(0, sa, k, v)
         want = a.decode(0, sa, q) * 2
         assert torch.equal(compiled(b.handle, k, v, q), want)
@@ -151,9 +153,6 @@ def test_bad_input_names_the_argument():
     with pytest.raises(turboattn.OutOfCapacity):
         torch.ops.turboattn.cache_append(cache.handle, 0, seqs, k[:1], k[:1])  # max_seq_len 64
     assert cache.length(0, seqs[0]) == 64
-
-
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and turboattn.cuda_available() else [])
 
 
 @pytest.mark.parametrize("device", DEVICES)
