@@ -557,17 +557,21 @@ def _cached_attention(cache, layer, q, k, v, valid, facts, scale):
     rows = None if bool((counts > 0).all()) else [b for b in range(B) if counts[b]]
     row_seqs = seq_array if rows is None else [seqs[b] for b in rows]
     row_counts = counts if rows is None else counts[rows]
-    if valid_new is None:  # every new token is real: no packing, no boolean indexing (no host syncs)
-        packed_k, packed_v = kc.reshape(B * nq, *kc.shape[2:]), vc.reshape(B * nq, *vc.shape[2:])
-    else:
-        vn = _to_cache(valid_new, cache)
-        packed_k, packed_v = kc[vn], vc[vn]
+    vn = None if valid_new is None else _to_cache(valid_new, cache)
+
+    def write_new():  # the new real tokens, packed [T, Hkv, D], in one bulk write
+        if vn is None:  # every new token is real: no packing, no boolean indexing (no host syncs)
+            pk, pv = kc.reshape(B * nq, *kc.shape[2:]), vc.reshape(B * nq, *vc.shape[2:])
+        else:
+            pk, pv = kc[vn], vc[vn]
+        kv.write(layer, row_seqs, pk.contiguous(), pv.contiguous(), _cu(row_counts))
+
     any_new = rows is None or bool(rows)
     if not bool(past.any()):
         # Prefill: attention on the uncompressed new tokens, then one bulk write of the real ones.
         out = _plain_attention(q, k, v, None if valid is None else valid[:, -nq:], scale, cfg)
         if any_new:
-            kv.write(layer, row_seqs, packed_k.contiguous(), packed_v.contiguous(), _cu(row_counts))
+            write_new()
     elif nq == 1 and rows is None:
         # A decode step's token for every row: one library call appends it and attends.
         out = kv.append_decode(layer, seq_array, kc[:, 0].contiguous(), vc[:, 0].contiguous(), _to_cache(q, cache).contiguous(),
@@ -577,7 +581,7 @@ def _cached_attention(cache, layer, q, k, v, valid, facts, scale):
         if nq == 1 and any_new:
             kv.append(layer, row_seqs, kc[rows, 0].contiguous(), vc[rows, 0].contiguous())
         elif any_new:
-            kv.write(layer, row_seqs, packed_k.contiguous(), packed_v.contiguous(), _cu(row_counts))
+            write_new()
         qc = _to_cache(q, cache)
         if valid_new is None:
             out = kv.decode(layer, seq_array, qc.contiguous(), softmax_scale=scale, use_sas=cfg.use_sas,
