@@ -605,6 +605,23 @@ TEST(GpuCacheCapi, AnotherCurrentDeviceIsRejected) {
   ta_cache_destroy(cache);
 }
 
+// More sequences than one decode launch holds (cuda::kDecodeMaxSeqs): the call runs in launches of
+// that many, each with its own slots, q and output rows and merge workspace (split_tiles 1: every
+// sequence of over 64 tokens is split and merged).
+TEST(GpuDecodeLaunches, MoreSequencesThanOneLaunchHolds) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE(testing::Message() << "seed " << seed);
+  std::mt19937_64 rng(seed);
+  const int n = cuda::kDecodeMaxSeqs + 37, hkv = 2, D = 64;
+  Mirror m(make_config("mix", 1, hkv, D, 3 * n, n), rng);
+  std::vector<int> seqs, lengths;
+  for (int i = 0; i < n; ++i) seqs.push_back(m.add()), lengths.push_back(1 + (i * 53) % 200);
+  m.write(0, seqs, lengths);
+  m.write(0, seqs, std::vector<int>(size_t(n), 1));
+  m.expect_decode(0, seqs, hkv * 3, 1, TA_DTYPE_F16, true, /*split_tiles=*/1, 0.03);
+}
+
 // ta_cache_append_decode on the GPU: the outputs of ta_cache_append then ta_decode, bit for bit, and
 // the CPU cache's contents, over steps where some sequences fill a block (their runs go first) and
 // others do not, and steps where none does (the runs go uncopied).

@@ -536,14 +536,15 @@ void check_kv_tokens(const ta_cache& c, const ta_tensor* k_, const ta_tensor* v_
   expect_last_dim_contiguous(k, "k");
   expect_last_dim_contiguous(v, "v");
 }
-// Rejects, before anything is written, a write that would overflow a sequence or the page pool.
-void check_capacity(const ta_cache& c, int32_t layer, const int32_t* seqs, const std::vector<int64_t>& tokens) {
+// Rejects, before anything is written, a write of tokens [cu[i], cu[i + 1]) to seqs[i] that would
+// overflow a sequence or the page pool.
+void check_capacity(const ta_cache& c, int32_t layer, const int32_t* seqs, int32_t num_seqs, const std::vector<int32_t>& cu) {
   int64_t pages = 0;
-  for (size_t i = 0; i < tokens.size(); ++i) {
-    const int64_t len = c.book().length(layer, seqs[i]) + tokens[i];
+  for (int32_t i = 0; i < num_seqs; ++i) {
+    const int64_t tokens = cu[size_t(i) + 1] - cu[size_t(i)], len = c.book().length(layer, seqs[i]) + tokens;
     require(len <= c.config().max_seq_len, TA_ERROR_OUT_OF_CAPACITY, "sequence ", seqs[i], " would reach ", len,
             " tokens in layer ", layer, ", over max_seq_len ", c.config().max_seq_len);
-    pages += c.book().pages_needed(layer, seqs[i], tokens[i]);
+    pages += c.book().pages_needed(layer, seqs[i], tokens);
   }
   require(pages <= c.book().free_pages(), TA_ERROR_OUT_OF_CAPACITY, "the write needs ", pages, " new pages but only ",
           c.book().free_pages(),
@@ -636,9 +637,7 @@ namespace {
 // for the whole call, then dispatches to the cache's device. Appends are writes of one token each.
 void write_tokens(ta_cache& c, int32_t layer, const int32_t* seqs, int32_t num_seqs, const ta_tensor& k, const ta_tensor& v,
                   const std::vector<int32_t>& cu, void* cuda_stream) {
-  std::vector<int64_t> tokens(static_cast<size_t>(num_seqs));
-  for (int32_t i = 0; i < num_seqs; ++i) tokens[size_t(i)] = cu[size_t(i) + 1] - cu[size_t(i)];
-  check_capacity(c, layer, seqs, tokens);
+  check_capacity(c, layer, seqs, num_seqs, cu);
 #ifdef TURBOATTN_WITH_CUDA
   if (c.gpu) {
     c.gpu->expect_current_device();
@@ -652,8 +651,8 @@ void write_tokens(ta_cache& c, int32_t layer, const int32_t* seqs, int32_t num_s
   const std::vector<float> kf = to_float(k), vf = to_float(v);
   const int64_t H = c.config().kv_heads, D = c.config().head_dim;
   for (int32_t i = 0; i < num_seqs; ++i)
-    c.host->write(layer, seqs[i], view(kf, cu[size_t(i)], tokens[size_t(i)], H, D),
-                  view(vf, cu[size_t(i)], tokens[size_t(i)], H, D));
+    c.host->write(layer, seqs[i], view(kf, cu[size_t(i)], cu[size_t(i) + 1] - cu[size_t(i)], H, D),
+                  view(vf, cu[size_t(i)], cu[size_t(i) + 1] - cu[size_t(i)], H, D));
 }
 }  // namespace
 
@@ -779,8 +778,9 @@ ta_status ta_cache_append_decode(ta_cache* cache, int32_t layer, const int32_t* 
     check_layer(c, layer);
     check_decode_args(c, seqs, num_seqs, q, out, o);
     check_kv_tokens(c, k, v, num_seqs);
-    // Everything the decode checks is checked before the append writes (capacity: append_tokens, first).
-    check_decode_lengths(c, layer, seqs, num_seqs, q->shape[1], 1);
+    // Everything the decode checks is checked before the append writes (capacity: append_tokens, first);
+    // a q_len of 1 always fits a sequence holding the token about to be appended.
+    if (q->shape[1] > 1) check_decode_lengths(c, layer, seqs, num_seqs, q->shape[1], 1);
     append_tokens(c, layer, seqs, num_seqs, *k, *v, cuda_stream);
     run_decode(c, layer, seqs, num_seqs, *q, o, *out, cuda_stream, /*seqs_checked=*/true, /*lengths_checked=*/true);
   });

@@ -48,7 +48,8 @@ void launch_write(const ta_tensor& k, const ta_tensor& v, const std::vector<Writ
   const auto completes = [](const WriteRun& r) { return r.completes_block(); };
   std::vector<WriteRun> ordered[2];
   const std::vector<WriteRun>* parts[2] = {&runs, &ordered[1]};
-  if (std::any_of(runs.begin(), runs.end(), completes) && !std::all_of(runs.begin(), runs.end(), completes)) {
+  const auto completing = std::count_if(runs.begin(), runs.end(), completes);
+  if (completing != 0 && size_t(completing) != runs.size()) {
     for (const WriteRun& r : runs) ordered[completes(r) ? 0 : 1].push_back(r);
     parts[0] = &ordered[0];
   }

@@ -151,6 +151,8 @@ class KVCache:
     def __init__(self, num_layers, num_kv_heads, head_dim, num_pages, max_seqs, max_seq_len, head_bits=None, smooth_k=True,
                  device="cpu"):
         self.device = _cache_device(device)
+        self._cuda_index = None if self.device == "cpu" else int(self.device[5:])
+        self._decode_options = (None, None)  # the last decode's (softmax_scale, use_sas, split_tiles) and DecodeOptions
         self.num_layers, self.num_kv_heads, self.head_dim, self.max_seqs = num_layers, num_kv_heads, head_dim, max_seqs
         bits = None
         if head_bits is not None:
@@ -242,6 +244,8 @@ class KVCache:
         return k, v
 
     def _expect_here(self, name, x, cpu_ok=False):
+        if self._cuda_index is not None and getattr(x, "is_cuda", False) and x.get_device() == self._cuda_index:
+            return  # the per-token path's case, decided without building the device's name
         where = _where(x, name)
         if where != self.device and not (cpu_ok and where == "cpu"):
             raise InvalidArgument(1, f"{name}: on {where}, expected {self.device} (the cache's device)")
@@ -284,7 +288,10 @@ class KVCache:
         out = _empty_like(q) if out is None else out
         self._expect_here("out", out)
         arr, n = self._seqs(seqs)
-        return out, arr, n, DecodeOptions(float(softmax_scale), int(use_sas), int(split_tiles))
+        key = (softmax_scale, use_sas, split_tiles)
+        if self._decode_options[0] != key:  # a model's layers pass the same options: built once
+            self._decode_options = (key, DecodeOptions(float(softmax_scale), int(use_sas), int(split_tiles)))
+        return out, arr, n, self._decode_options[1]
 
     def decode(self, layer, seqs, q, *, softmax_scale=0.0, use_sas=True, split_tiles=0, out=None):
         """Attention of q [len(seqs), q_len, Hq, D] (the sequences' last q_len tokens) over the cache;

@@ -175,7 +175,7 @@ def stream_of(x):
     if hasattr(x, "is_cuda") and x.is_cuda:
         if _raw_stream is None:
             _raw_stream = _raw_stream_getter()
-        return ctypes.c_void_p(_raw_stream(x.device.index))
+        return ctypes.c_void_p(_raw_stream(x.get_device()))
     return None
 
 
@@ -184,6 +184,6 @@ def on_device_of(x):
     when it already is."""
     if hasattr(x, "is_cuda") and x.is_cuda:
         import torch
-        if x.device.index != torch.cuda.current_device():
+        if x.get_device() != torch.cuda.current_device():
             return torch.cuda.device(x.device)
     return contextlib.nullcontext()

@@ -321,6 +321,7 @@ class TurboCache(Cache):
         self._lengths = [None] * layers
         self._pending = None
         self._step_memo = None  # this forward's mask, read once (_step_mask)
+        self._bookkeeping_memo = None  # this forward's bookkeeping, computed once (_bookkeeping)
         super().__init__(layers=[_TurboLayer(self, i) for i in range(layers)])
 
     def _create(self, device):
@@ -368,7 +369,7 @@ class TurboCache(Cache):
         self.seqs = self._seq_array = None
         self._lengths = [None] * self.num_layers
         self._pending = None
-        self._step_memo = None
+        self._step_memo = self._bookkeeping_memo = None
         super().reset()
 
     @property
@@ -539,22 +540,38 @@ def _to_cache(x, cache):
     return x if x.device == cache.torch_device else x.to(cache.torch_device)
 
 
+def _bookkeeping(cache, layer, facts):
+    """(past, rows, whether any row has cached tokens, the lengths after this call) of a layer's call:
+    past, the rows' cached tokens (int64 [B] on the CPU); rows, those with new real tokens, or None for
+    all. A pure function of the step's facts and the layer's lengths, which are one object for every
+    layer of a forward (each layer stores the object this returns), so it runs once per forward: its
+    few small tensor ops cost microseconds each, per layer and token."""
+    past = cache._lengths[layer]
+    memo = cache._bookkeeping_memo
+    if memo is not None and memo[0] is facts and memo[1] is past:
+        return memo[2]
+    _, counts, seen_real = facts
+    B = counts.shape[0]
+    held = torch.zeros(B, dtype=torch.int64) if past is None else past
+    if seen_real is not None and not torch.equal(seen_real, held):
+        raise InvalidArgument(1, f"layer {layer}: the attention mask shows {seen_real.tolist()} earlier real tokens "
+                                 f"per sequence but the cache holds {held.tolist()}")
+    # A sequence's first write sets its K mean, so it must not be empty: rows without new tokens are left out.
+    rows = None if bool((counts > 0).all()) else [b for b in range(B) if counts[b]]
+    result = (held, rows, bool(held.any()), held + counts)
+    cache._bookkeeping_memo = (facts, past, result)  # holds both, so their identities stay unique
+    return result
+
+
 def _cached_attention(cache, layer, q, k, v, valid, facts, scale):
-    """q [B, Nq, Hq, D], k, v [B, Nq, Hkv, D]: the new tokens; valid [B, past + Nq] or None, and its
-    _mask_facts. Host work per call does not loop over the rows unless some are padding."""
+    """q [B, Nq, Hq, D], k, v [B, Nq, Hkv, D]: the new tokens, last dim contiguous; valid [B, past + Nq]
+    or None, and its _mask_facts. Host work per call does not loop over the rows unless some are padding."""
     cfg, kv = cache.config, cache.kv
     B, nq = q.shape[0], q.shape[1]
     seqs, seq_array = cache._sequences(B)
-    past = cache._lengths[layer]
-    if past is None:
-        past = torch.zeros(B, dtype=torch.int64)
-    valid_new, counts, seen_real = facts
-    if seen_real is not None and not torch.equal(seen_real, past):
-        raise InvalidArgument(1, f"layer {layer}: the attention mask shows {seen_real.tolist()} earlier real tokens "
-                                 f"per sequence but the cache holds {past.tolist()}")
+    valid_new, counts, _ = facts
+    _, rows, any_past, lengths_after = _bookkeeping(cache, layer, facts)
     kc, vc = _to_cache(k, cache), _to_cache(v, cache)
-    # The rows with new real tokens (a sequence's first write sets its K mean: never empty); None: all.
-    rows = None if bool((counts > 0).all()) else [b for b in range(B) if counts[b]]
     row_seqs = seq_array if rows is None else [seqs[b] for b in rows]
     row_counts = counts if rows is None else counts[rows]
     vn = None if valid_new is None else _to_cache(valid_new, cache)
@@ -567,14 +584,15 @@ def _cached_attention(cache, layer, q, k, v, valid, facts, scale):
         kv.write(layer, row_seqs, pk.contiguous(), pv.contiguous(), _cu(row_counts))
 
     any_new = rows is None or bool(rows)
-    if not bool(past.any()):
+    if not any_past:
         # Prefill: attention on the uncompressed new tokens, then one bulk write of the real ones.
         out = _plain_attention(q, k, v, None if valid is None else valid[:, -nq:], scale, cfg)
         if any_new:
             write_new()
     elif nq == 1 and rows is None:
-        # A decode step's token for every row: one library call appends it and attends.
-        out = kv.append_decode(layer, seq_array, kc[:, 0].contiguous(), vc[:, 0].contiguous(), _to_cache(q, cache).contiguous(),
+        # A decode step's token for every row: one library call appends it and attends (the library takes
+        # any strides with the last dim contiguous).
+        out = kv.append_decode(layer, seq_array, kc.select(1, 0), vc.select(1, 0), _to_cache(q, cache),
                                softmax_scale=scale, use_sas=cfg.use_sas, split_tiles=cfg.split_tiles)
         out = out if out.device == q.device else out.to(q.device)
     else:
@@ -600,7 +618,7 @@ def _cached_attention(cache, layer, q, k, v, valid, facts, scale):
                 block = out[group]
                 block[sel] = og.reshape(-1, q.shape[2], q.shape[3])
                 out[group] = block
-    cache._lengths[layer] = past + counts
+    cache._lengths[layer] = lengths_after
     return out
 
 

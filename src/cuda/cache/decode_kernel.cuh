@@ -24,6 +24,7 @@
 
 #include "cuda/cache/code_order.cuh"
 #include "cuda/cache/codes.cuh"
+#include "cuda/cache/device_cache.hpp"  // kDecodeMaxSeqs
 #include "cuda/common/griddepcontrol.cuh"
 #include "cuda/common/int8.cuh"
 #include "cuda/common/mma.cuh"
@@ -35,7 +36,6 @@
 
 namespace turboattn::cuda {
 
-constexpr int kDecodeMaxSeqs = 256;  // sequences per launch (their slots travel in the parameters)
 static_assert(TA_DECODE_Q_TOKENS == 8, "a launch's query tokens per head fill at most the 8 rows of a CTA");
 
 // Warps per CTA: 4, but 2 at head dim 256, where four warps' rings of 8-bit pages would not fit.
@@ -129,7 +129,7 @@ struct DecodeParams {
   float scale_log2;
   int32_t slots[kDecodeMaxSeqs];
 };
-static_assert(sizeof(DecodeParams) <= 4096, "kernel parameters are limited to 4 KB");
+static_assert(sizeof(DecodeParams) <= 32764, "kernel parameters are limited to 32764 bytes (CUDA 12.1 and later)");
 
 // Copies kBytes (a multiple of 16) with one warp; dst and src are the lane's first chunk (16 lane bytes
 // in), and every further copy is one instruction at an immediate offset from them.
