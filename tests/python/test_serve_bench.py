@@ -144,6 +144,20 @@ def test_main_writes_the_results_file(tmp_path, capsys):
     assert "max throughput:" in capsys.readouterr().out
 
 
+def test_repeats_run_rounds_and_keep_each_configurations_best(tmp_path):
+    out = tmp_path / "serve.json"
+    assert cli.main(["bench", "serve", "--model", "tiny", "--device", "cpu", "--configs", "fp16", "kv4", "--budget-gib",
+                     "0.002", "--prompts", "64", "--gen-len", "3", "--long-prompt", "0", "--quick", "--repeats", "2",
+                     "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    # Round after round: every configuration once in each, in the plan's order.
+    assert [(r["repeat"], r["config"]) for r in data["rows"]] == [(0, "fp16"), (0, "kv4"), (1, "fp16"), (1, "kv4")]
+    assert data["repeats"] == 2 and data["planned_rows"] == 4
+    for config in ("fp16", "kv4"):
+        best = max(r["tokens_per_s"] for r in data["rows"] if r["config"] == config)
+        assert data["max_throughput"]["64"][config]["tokens_per_s"] == best
+
+
 def test_a_time_limit_stops_starting_rows_and_keeps_the_file(tmp_path, capsys):
     out = tmp_path / "serve.json"
     assert cli.main(["bench", "serve", "--model", "tiny", "--device", "cpu", "--configs", "fp16", "kv4", "--budget-gib",

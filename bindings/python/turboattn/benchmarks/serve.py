@@ -550,12 +550,16 @@ def main(argv=None, *, prog=None, default_out="serve.json"):
     ap.add_argument("--gen-len", type=int, default=GEN_LEN)
     ap.add_argument("--long-prompt", type=int, default=LONG_PROMPT, help="the long-context row's prompt (0: none)")
     ap.add_argument("--quick", action="store_true", help="only the largest batches (and batch 1 of the long row)")
+    ap.add_argument("--repeats", type=int, default=1, help="run the plan this many times, round after round (each "
+                    "configuration's best counts): the device host's speed drifts by tens of percent within minutes")
     ap.add_argument("--time-limit", type=float, default=0, help="start no row after this many seconds (0: none); "
                     "the results file is rewritten after every row")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
     if args.gen_len < 2:
         ap.error("--gen-len: at least 2 (the prefill's token and one decode step)")
+    if args.repeats < 1:
+        ap.error("--repeats: at least 1")
     t0 = time.time()
     model, tokens, calib, description = load(args.model, args.device)
     configs = Configs(model, None)
@@ -566,6 +570,7 @@ def main(argv=None, *, prog=None, default_out="serve.json"):
     if tokens.numel() < needed:
         tokens = tokens.repeat(-(-needed // tokens.numel()))
     plan = build_plan(configs, args.configs, args.prompts, args.gen_len, budget, args.quick, args.long_prompt)
+    plan = [(r,) + row for r in range(args.repeats) for row in plan]  # rounds: every configuration once in each
     # Warm-up (kernel selection, library loading) for each configuration, not measured.
     for config in args.configs:
         configs.use(config)
@@ -576,7 +581,7 @@ def main(argv=None, *, prog=None, default_out="serve.json"):
         "commit": commit(), "date": datetime.date.today().isoformat(),
         "model": {"name": args.model, "description": description, "layers": layers, "kv_heads": heads,
                   "q_heads": model.config.num_attention_heads, "head_dim": dim},
-        "budget_gib": args.budget_gib, "gen_len": args.gen_len, "fp16_decode_sdpa": "flash (fp16_sdpa_auto: SDPA's choice)",
+        "budget_gib": args.budget_gib, "gen_len": args.gen_len, "repeats": args.repeats, "fp16_decode_sdpa": "flash (fp16_sdpa_auto: SDPA's choice)",
         "mix50_head_bits": configs.mix_bits,
         "fp16_bytes_per_token": turboattn.dense_kv_bytes_per_token(*configs.shape),
         "turbo_bytes_per_token": {c: turbo_cache_bytes(configs.shape, configs.cache_bits(c), 1, 1 << 16) / (1 << 16)
@@ -599,11 +604,12 @@ def main(argv=None, *, prog=None, default_out="serve.json"):
             json.dump(result, f, indent=1)
 
     bar = Progress(len(plan), "serve")
-    for prompt, config, batch, largest, profile in plan:
+    for repeat, prompt, config, batch, largest, profile in plan:
         if args.time_limit and time.time() - t0 > args.time_limit:
             bar.write(f"time limit: {len(plan) - len(result['rows'])} of {len(plan)} rows not run")
             break
         row = run_row(configs, tokens, prompt, config, batch, largest, profile, args.gen_len, args.device)
+        row["repeat"] = repeat
         result["rows"].append(row)
         save()
         bar.update()
@@ -636,8 +642,11 @@ def plot(result, path):
     handles = {}
     for ax, n in zip(axes[0], lens):
         for i, config in enumerate(configs):  # one colour per configuration in every panel
-            pts = sorted((r["batch"], r["tokens_per_s"]) for r in result["rows"]
-                         if r["config"] == config and r["prompt_len"] == n and r["tokens_per_s"])
+            best = {}  # per batch, the best of the repeats
+            for r in result["rows"]:
+                if r["config"] == config and r["prompt_len"] == n and r["tokens_per_s"]:
+                    best[r["batch"]] = max(best.get(r["batch"], 0.0), r["tokens_per_s"])
+            pts = sorted(best.items())
             if pts:
                 handles[config] = ax.plot(*zip(*pts), marker="o", color=f"C{i % 10}", label=config)[0]
         ax.set_xscale("log", base=2)
