@@ -924,6 +924,6 @@ def _same_on_every_rank(model, priority):
     _, size, group = _tensor_parallel(model)
     if size == 1:
         return priority
-    parts = [None] * size
-    torch.distributed.all_gather_object(parts, priority, group=group)
-    return parts[0]
+    first = [priority]
+    torch.distributed.broadcast_object_list(first, src=torch.distributed.get_global_rank(group, 0), group=group)
+    return first[0]
