@@ -606,8 +606,8 @@ TEST(GpuCacheCapi, AnotherCurrentDeviceIsRejected) {
 }
 
 // More sequences than one decode launch holds (cuda::kDecodeMaxSeqs): the call runs in launches of
-// that many, each with its own slots, q and output rows and merge workspace (split_tiles 1: every
-// sequence of over 64 tokens is split and merged).
+// that many, each with its own slots and q and output rows, every output compared (split_tiles 1:
+// every sequence of over 64 tokens is split and merged).
 TEST(GpuDecodeLaunches, MoreSequencesThanOneLaunchHolds) {
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
   const uint64_t seed = std::random_device{}();

@@ -288,10 +288,10 @@ class KVCache:
         out = _empty_like(q) if out is None else out
         self._expect_here("out", out)
         arr, n = self._seqs(seqs)
-        key = (softmax_scale, use_sas, split_tiles)
-        if self._decode_options[0] != key:  # a model's layers pass the same options: built once
-            self._decode_options = (key, DecodeOptions(float(softmax_scale), int(use_sas), int(split_tiles)))
-        return out, arr, n, self._decode_options[1]
+        key, memo = (softmax_scale, use_sas, split_tiles), self._decode_options  # read once: threads may share the cache
+        if memo[0] != key:  # a model's layers pass the same options: built once
+            memo = self._decode_options = (key, DecodeOptions(float(softmax_scale), int(use_sas), int(split_tiles)))
+        return out, arr, n, memo[1]
 
     def decode(self, layer, seqs, q, *, softmax_scale=0.0, use_sas=True, split_tiles=0, out=None):
         """Attention of q [len(seqs), q_len, Hq, D] (the sequences' last q_len tokens) over the cache;
