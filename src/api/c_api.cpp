@@ -650,9 +650,10 @@ void write_tokens(ta_cache& c, int32_t layer, const int32_t* seqs, int32_t num_s
 #endif
   const std::vector<float> kf = to_float(k), vf = to_float(v);
   const int64_t H = c.config().kv_heads, D = c.config().head_dim;
-  for (int32_t i = 0; i < num_seqs; ++i)
-    c.host->write(layer, seqs[i], view(kf, cu[size_t(i)], cu[size_t(i) + 1] - cu[size_t(i)], H, D),
-                  view(vf, cu[size_t(i)], cu[size_t(i) + 1] - cu[size_t(i)], H, D));
+  for (int32_t i = 0; i < num_seqs; ++i) {
+    const int64_t from = cu[size_t(i)], tokens = cu[size_t(i) + 1] - from;
+    c.host->write(layer, seqs[i], view(kf, from, tokens, H, D), view(vf, from, tokens, H, D));
+  }
 }
 }  // namespace
 

@@ -541,11 +541,11 @@ def _to_cache(x, cache):
 
 
 def _bookkeeping(cache, layer, facts):
-    """(past, rows, whether any row has cached tokens, the lengths after this call) of a layer's call:
-    past, the rows' cached tokens (int64 [B] on the CPU); rows, those with new real tokens, or None for
-    all. A pure function of the step's facts and the layer's lengths, which are one object for every
-    layer of a forward (each layer stores the object this returns), so it runs once per forward: its
-    few small tensor ops cost microseconds each, per layer and token."""
+    """(rows, whether any row has cached tokens, the lengths after this call) of a layer's call: rows,
+    those with new real tokens, or None for all; the lengths, int64 [B] on the CPU. A pure function of
+    the step's facts and the layer's lengths, which are one object for every layer of a forward (each
+    layer stores the object this returns), so it runs once per forward: its few small tensor ops cost
+    microseconds each, per layer and token."""
     past = cache._lengths[layer]
     memo = cache._bookkeeping_memo
     if memo is not None and memo[0] is facts and memo[1] is past:
@@ -558,7 +558,7 @@ def _bookkeeping(cache, layer, facts):
                                  f"per sequence but the cache holds {held.tolist()}")
     # A sequence's first write sets its K mean, so it must not be empty: rows without new tokens are left out.
     rows = None if bool((counts > 0).all()) else [b for b in range(B) if counts[b]]
-    result = (held, rows, bool(held.any()), held + counts)
+    result = (rows, bool(held.any()), held + counts)
     cache._bookkeeping_memo = (facts, past, result)  # holds both, so their identities stay unique
     return result
 
@@ -570,7 +570,7 @@ def _cached_attention(cache, layer, q, k, v, valid, facts, scale):
     B, nq = q.shape[0], q.shape[1]
     seqs, seq_array = cache._sequences(B)
     valid_new, counts, _ = facts
-    _, rows, any_past, lengths_after = _bookkeeping(cache, layer, facts)
+    rows, any_past, lengths_after = _bookkeeping(cache, layer, facts)
     kc, vc = _to_cache(k, cache), _to_cache(v, cache)
     row_seqs = seq_array if rows is None else [seqs[b] for b in rows]
     row_counts = counts if rows is None else counts[rows]
