@@ -158,6 +158,31 @@ def test_repeats_run_rounds_and_keep_each_configurations_best(tmp_path):
         assert data["max_throughput"]["64"][config]["tokens_per_s"] == best
 
 
+def test_append_adds_a_second_calls_rows_to_the_same_file(tmp_path):
+    out = tmp_path / "serve.json"
+    base = ["bench", "serve", "--model", "tiny", "--device", "cpu", "--budget-gib", "0.002", "--gen-len", "3",
+            "--quick", "--out", str(out)]
+    assert cli.main(base + ["--configs", "fp16", "kv4", "--prompts", "64", "--long-prompt", "0"]) == 0
+    first = json.loads(out.read_text())
+    assert cli.main(base + ["--append", "--configs", "fp16", "mix50", "--prompts", "--long-prompt", "130"]) == 0
+    data = json.loads(out.read_text())
+    assert data["rows"][:len(first["rows"])] == first["rows"]
+    later = data["rows"][len(first["rows"]):]
+    assert {r["call"] for r in first["rows"]} == {0} and later and {r["call"] for r in later} == {1}
+    assert {r["prompt_len"] for r in later} == {130} and {r["config"] for r in later} == {"fp16", "mix50"}
+    assert set(data["max_throughput"]) == {"64", "130"} and set(data["max_throughput"]["130"]) == {"fp16", "mix50"}
+    assert set(data["max_throughput"]["64"]) == {"fp16", "kv4"}
+    assert data["planned_rows"] == first["planned_rows"] + data["calls"][1]["planned_rows"]
+    assert len(data["calls"]) == 2 and data["seconds"] >= first["seconds"]
+    assert set(data["largest_context"]) == {"fp16", "kv4", "mix50"}
+
+    data["commit"] = "0000000"  # rows from another commit are not mixed in
+    out.write_text(json.dumps(data))
+    with pytest.raises(SystemExit, match="another commit"):
+        cli.main(base + ["--append", "--configs", "fp16", "--prompts", "64", "--long-prompt", "0"])
+    assert json.loads(out.read_text()) == data
+
+
 def test_a_time_limit_stops_starting_rows_and_keeps_the_file(tmp_path, capsys):
     out = tmp_path / "serve.json"
     assert cli.main(["bench", "serve", "--model", "tiny", "--device", "cpu", "--configs", "fp16", "kv4", "--budget-gib",

@@ -546,7 +546,8 @@ def main(argv=None, *, prog=None, default_out="serve.json"):
                     "file, or 'tiny' (random, for smoke tests)")
     ap.add_argument("--budget-gib", type=float, default=12.0, help="GPU memory for the KV cache (GiB)")
     ap.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS), choices=CONFIGS)
-    ap.add_argument("--prompts", nargs="+", type=int, default=list(PROMPTS))
+    ap.add_argument("--prompts", nargs="*", type=int, default=list(PROMPTS), help="prompt lengths of the largest-batch "
+                    "rows and the sweep (none: the long row alone)")
     ap.add_argument("--gen-len", type=int, default=GEN_LEN)
     ap.add_argument("--long-prompt", type=int, default=LONG_PROMPT, help="the long-context row's prompt (0: none)")
     ap.add_argument("--quick", action="store_true", help="only the largest batches (and batch 1 of the long row)")
@@ -554,12 +555,21 @@ def main(argv=None, *, prog=None, default_out="serve.json"):
                     "configuration's best counts): the device host's speed drifts by tens of percent within minutes")
     ap.add_argument("--time-limit", type=float, default=0, help="start no row after this many seconds (0: none); "
                     "the results file is rewritten after every row")
+    ap.add_argument("--append", action="store_true", help="add this call's rows to those of --out (same card, commit, "
+                    "model, budget and gen-len): one results file from several calls of a machine whose calls are "
+                    "time-limited; each row records its call")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
     if args.gen_len < 2:
         ap.error("--gen-len: at least 2 (the prefill's token and one decode step)")
     if args.repeats < 1:
         ap.error("--repeats: at least 1")
+    if not args.prompts and not args.long_prompt:
+        ap.error("nothing to run: no --prompts and --long-prompt 0")
+    earlier = None
+    if args.append and os.path.exists(args.out):
+        with open(args.out) as f:
+            earlier = json.load(f)
     t0 = time.time()
     model, tokens, calib, description = load(args.model, args.device)
     configs = Configs(model, None)
@@ -595,22 +605,49 @@ def main(argv=None, *, prog=None, default_out="serve.json"):
         result["transformers"] = transformers.__version__
     except ImportError:
         pass
+    this_call = {"configs": args.configs, "prompts": args.prompts, "long_prompt": args.long_prompt,
+                 "quick": args.quick, "repeats": args.repeats, "planned_rows": len(plan)}
+    result["calls"] = [this_call]
+    names = list(args.configs)
+    if earlier is not None:
+        mismatch = [k for k in ("card", "commit", "model", "budget_gib", "gen_len", "torch", "transformers")
+                    if earlier.get(k) != result.get(k)]
+        if earlier.get("mix50_head_bits") and result["mix50_head_bits"] and \
+                earlier["mix50_head_bits"] != result["mix50_head_bits"]:
+            mismatch.append("mix50_head_bits")
+        if mismatch:
+            raise SystemExit(f"--append: {args.out} was written with another {', '.join(mismatch)}; "
+                             "write a new file instead")
+        calls = earlier.get("calls") or [{"planned_rows": earlier["planned_rows"]}]
+        result["calls"] = calls + [this_call]
+        result["planned_rows"] += earlier["planned_rows"]
+        result["repeats"] = max(earlier["repeats"], args.repeats)
+        result["mix50_head_bits"] = result["mix50_head_bits"] or earlier.get("mix50_head_bits")
+        for key in ("turbo_bytes_per_token", "largest_context"):
+            result[key] = {**earlier[key], **result[key]}
+        result["rows"] = earlier["rows"]
+        names = list(dict.fromkeys([r["config"] for r in earlier["rows"]] + names))
+    call = len(result["calls"]) - 1
+    seconds_before = earlier["seconds"] if earlier else 0.0
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
 
     def save():
-        result["max_throughput"] = summarize(result["rows"], args.configs)
-        result["seconds"] = round(time.time() - t0, 1)
+        result["max_throughput"] = summarize(result["rows"], names)
+        this_call["seconds"] = round(time.time() - t0, 1)
+        result["seconds"] = round(seconds_before + this_call["seconds"], 1)
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
 
     bar = Progress(len(plan), "serve")
+    done = 0
     for repeat, prompt, config, batch, largest, profile in plan:
         if args.time_limit and time.time() - t0 > args.time_limit:
-            bar.write(f"time limit: {len(plan) - len(result['rows'])} of {len(plan)} rows not run")
+            bar.write(f"time limit: {len(plan) - done} of {len(plan)} rows not run")
             break
         row = run_row(configs, tokens, prompt, config, batch, largest, profile, args.gen_len, args.device)
-        row["repeat"] = repeat
+        row["repeat"], row["call"] = repeat, call
         result["rows"].append(row)
+        done += 1
         save()
         bar.update()
         tps = row["tokens_per_s"]
