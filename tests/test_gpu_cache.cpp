@@ -607,7 +607,8 @@ TEST(GpuCacheCapi, AnotherCurrentDeviceIsRejected) {
 
 // More sequences than one decode launch holds (cuda::kDecodeMaxSeqs): the call runs in launches of
 // that many, each with its own slots and q and output rows, every output compared (split_tiles 1:
-// every sequence of over 64 tokens is split and merged).
+// every sequence of over 64 tokens is split and merged). With q_len 12 the launches nest in two query
+// chunks (8 and 4 tokens), each with its own q, output and workspace offsets.
 TEST(GpuDecodeLaunches, MoreSequencesThanOneLaunchHolds) {
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
   const uint64_t seed = std::random_device{}();
@@ -616,10 +617,13 @@ TEST(GpuDecodeLaunches, MoreSequencesThanOneLaunchHolds) {
   const int n = cuda::kDecodeMaxSeqs + 37, hkv = 2, D = 64;
   Mirror m(make_config("mix", 1, hkv, D, 3 * n, n), rng);
   std::vector<int> seqs, lengths;
-  for (int i = 0; i < n; ++i) seqs.push_back(m.add()), lengths.push_back(1 + (i * 53) % 200);
+  for (int i = 0; i < n; ++i) seqs.push_back(m.add()), lengths.push_back(11 + (i * 53) % 200);
   m.write(0, seqs, lengths);
   m.write(0, seqs, std::vector<int>(size_t(n), 1));
-  m.expect_decode(0, seqs, hkv * 3, 1, TA_DTYPE_F16, true, /*split_tiles=*/1, 0.03);
+  for (const int q_len : {1, 12}) {
+    SCOPED_TRACE(testing::Message() << "q_len " << q_len);
+    m.expect_decode(0, seqs, hkv * 3, q_len, TA_DTYPE_F16, true, /*split_tiles=*/1, 0.03);
+  }
 }
 
 // ta_cache_append_decode on the GPU: the outputs of ta_cache_append then ta_decode, bit for bit, and

@@ -1,6 +1,9 @@
 """The KV cache from PyTorch: KVCache with torch tensors, the torch.ops.turboattn cache ops (eager and under
 torch.compile), their errors, and (where a GPU is present) the CUDA cache against the CPU cache."""
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -205,6 +208,25 @@ def test_read_gives_what_decode_reads(device, bits):
         assert to_read < 0.03
         if n > 2 * 64:
             assert rel_l2(out[i], attention_f64(q[i], ks[i], vs[i])) > 4 * to_read
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_cache_alive_at_exit_is_freed_quietly(device, tmp_path):
+    # Still referenced when Python exits (hf's last-used cache, say), a cache is freed in the interpreter's
+    # teardown: here by a module imported after torch, which goes after torch has left sys.modules and
+    # imports fail (a CUDA cache's device context imported torch there: "sys.meta_path is None").
+    (tmp_path / "holder.py").write_text("\n".join([
+        "import torch, turboattn",
+        f"cache = turboattn.KVCache(2, {HKV}, {D}, 4, 2, 256, device={device!r})",
+        f"k = torch.randn(70, {HKV}, {D}, dtype=torch.float16, device={device!r})",
+        "cache.write(0, [cache.add_sequence()], k, k, torch.tensor([0, 70], dtype=torch.int32))", ""]))
+    script = "import torch, turboattn\nimport holder\ndel holder\n"
+    package_parent = os.path.dirname(os.path.dirname(turboattn.__file__))
+    path = [package_parent, str(tmp_path), os.environ.get("PYTHONPATH")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, path)))
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "Exception ignored" not in run.stderr and "Error" not in run.stderr, run.stderr
 
 
 def test_decode_plan_checks_its_buffers_once():

@@ -10,6 +10,7 @@ docs/FORMATS.md in the repository defines every number computed.
 """
 import contextlib
 import ctypes
+import sys
 import weakref
 
 from ._capi import (AttentionOptions, CacheConfig, CacheMemory, DecodeOptions, InvalidArgument, OutOfCapacity,
@@ -177,7 +178,8 @@ class KVCache:
 
     def __del__(self):
         if getattr(self, "_handle", None):
-            with self._on_device():
+            # At interpreter exit a cache still referenced goes last, when imports fail: freed as it is.
+            with contextlib.nullcontext() if sys.is_finalizing() else self._on_device():
                 lib.ta_cache_destroy(self._handle)
             self._handle = None
 
