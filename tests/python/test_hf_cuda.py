@@ -88,3 +88,29 @@ def test_second_turn_on_cuda_decodes_the_new_tokens_over_the_cache(new, bits, mi
     assert cache.lengths[0] == [more.shape[1] + 4]
     ref = reference_logits(model, out.sequences, more.shape[1])
     assert step_cosines(out, ref).min().item() > min_cos
+
+
+def test_decode_steps_do_not_wait_for_the_gpu():
+    """A decode step queues its work and returns, so the host can prepare the next while the GPU runs this
+    one: no PyTorch operation in it synchronizes (the sync debug mode raises on any), over steps where
+    each sequence completes a block (the flush) and where none does."""
+    model = hf.patch(cuda_llama(), hf.TurboConfig(bits=4))
+    cache = hf.make_cache(model, batch_size=2, max_seq_len=128)
+    with torch.no_grad():
+        tok = model(tokens(60, rows=2).cuda(), past_key_values=cache).logits[:, -1].argmax(-1, keepdim=True)
+        tok = model(tok, past_key_values=cache).logits[:, -1].argmax(-1, keepdim=True)  # sizes the decode workspace
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(8):  # tokens 62-69: the 64th completes each sequence's first block
+                tok = model(tok, past_key_values=cache).logits[:, -1].argmax(-1, keepdim=True)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    assert cache.lengths == [[69, 69]] * L
+    with pytest.raises(RuntimeError, match="synchroniz"):  # teeth: the mode does catch a waiting op
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            tok.sum().item()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
