@@ -385,6 +385,11 @@ def generate(configs, config, ids, gen_len, *, profile=False):
     clock.mark()
     tokens = [step(ids)]
     clock.mark()
+    if clock.cuda:
+        # The first token is read here, as a server returns it. Without this wait the host queues past the
+        # prefill and its first decode step blocks until the prefill's GPU work drains (seconds at 32k),
+        # inside whichever call finds the launch queue full: the host clocks below would count that wait.
+        torch.cuda.synchronize()
     with configs.decode_context(config), attention_wrapped(cache, attention_implementation(config), host.wrap), \
             library_timed(library):
         for _ in range(gen_len - 1):
