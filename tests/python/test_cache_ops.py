@@ -214,7 +214,8 @@ def test_read_gives_what_decode_reads(device, bits):
 def test_a_cache_alive_at_exit_is_freed_quietly(device, tmp_path):
     # Still referenced when Python exits (hf's last-used cache, say), a cache is freed in the interpreter's
     # teardown: here by a module imported after torch, which goes after torch has left sys.modules and
-    # imports fail (a CUDA cache's device context imported torch there: "sys.meta_path is None").
+    # imports fail (a CUDA cache's device context imported torch there: "sys.meta_path is None"). On the CPU
+    # there is no device context, so only the CUDA case failed before KVCache.__del__ handled it.
     (tmp_path / "holder.py").write_text("\n".join([
         "import torch, turboattn",
         f"cache = turboattn.KVCache(2, {HKV}, {D}, 4, 2, 256, device={device!r})",
@@ -226,7 +227,7 @@ def test_a_cache_alive_at_exit_is_freed_quietly(device, tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, path)))
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr
-    assert "Exception ignored" not in run.stderr and "Error" not in run.stderr, run.stderr
+    assert "Exception ignored" not in run.stderr and "Traceback" not in run.stderr, run.stderr
 
 
 def test_decode_plan_checks_its_buffers_once():

@@ -158,7 +158,8 @@ def test_repeats_run_rounds_and_keep_each_configurations_best(tmp_path):
         assert data["max_throughput"]["64"][config]["tokens_per_s"] == best
 
 
-def test_append_adds_a_second_calls_rows_to_the_same_file(tmp_path):
+def test_append_adds_a_second_calls_rows_to_the_same_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("TURBOATTN_COMMIT", "abc1234")  # a known commit, as the device runs set it
     out = tmp_path / "serve.json"
     base = ["bench", "serve", "--model", "tiny", "--device", "cpu", "--budget-gib", "0.002", "--gen-len", "3",
             "--quick", "--out", str(out)]
@@ -173,7 +174,8 @@ def test_append_adds_a_second_calls_rows_to_the_same_file(tmp_path):
     assert set(data["max_throughput"]) == {"64", "130"} and set(data["max_throughput"]["130"]) == {"fp16", "mix50"}
     assert set(data["max_throughput"]["64"]) == {"fp16", "kv4"}
     assert data["planned_rows"] == first["planned_rows"] + data["calls"][1]["planned_rows"]
-    assert len(data["calls"]) == 2 and data["seconds"] >= first["seconds"]
+    assert len(data["calls"]) == 2 and data["calls"][0]["seconds"] == first["seconds"]
+    assert data["seconds"] == pytest.approx(sum(c["seconds"] for c in data["calls"]), abs=0.11)
     assert set(data["largest_context"]) == {"fp16", "kv4", "mix50"}
 
     data["commit"] = "0000000"  # rows from another commit are not mixed in
@@ -181,6 +183,9 @@ def test_append_adds_a_second_calls_rows_to_the_same_file(tmp_path):
     with pytest.raises(SystemExit, match="another commit"):
         cli.main(base + ["--append", "--configs", "fp16", "--prompts", "64", "--long-prompt", "0"])
     assert json.loads(out.read_text()) == data
+    out.write_text(json.dumps(data)[:100])  # cut short, as by a killed call
+    with pytest.raises(SystemExit, match="cannot read"):
+        cli.main(base + ["--append", "--configs", "fp16", "--prompts", "64", "--long-prompt", "0"])
 
 
 def test_a_time_limit_stops_starting_rows_and_keeps_the_file(tmp_path, capsys):

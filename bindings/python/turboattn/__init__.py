@@ -176,11 +176,13 @@ class KVCache:
             return contextlib.nullcontext()
         return torch.cuda.device(int(self.device[5:]))
 
-    def __del__(self):
+    # The module's names bound here: a cache still referenced at interpreter exit is destroyed in the
+    # teardown, when module globals may be gone and imports fail ("sys.meta_path is None").
+    def __del__(self, _finalizing=sys.is_finalizing, _plain=contextlib.nullcontext, _destroy=lib.ta_cache_destroy):
         if getattr(self, "_handle", None):
-            # At interpreter exit a cache still referenced goes last, when imports fail: freed as it is.
-            with contextlib.nullcontext() if sys.is_finalizing() else self._on_device():
-                lib.ta_cache_destroy(self._handle)
+            # At exit, no switch to the cache's device (it imports torch): freeing needs no current device.
+            with _plain() if _finalizing() else self._on_device():
+                _destroy(self._handle)
             self._handle = None
 
     @property

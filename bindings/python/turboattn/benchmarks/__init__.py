@@ -5,7 +5,8 @@ import subprocess
 
 
 def commit():
-    """The measured commit: $TURBOATTN_COMMIT, else the checkout's short hash (+dirty)."""
+    """The measured commit: $TURBOATTN_COMMIT, else the checkout's short hash (+dirty when tracked files
+    outside bench/results differ from it)."""
     if os.environ.get("TURBOATTN_COMMIT"):
         return os.environ["TURBOATTN_COMMIT"]
     # The package's own checkout (PYTHONPATH=bindings/python); a pip-installed package is in none, so then
@@ -14,8 +15,9 @@ def commit():
         try:
             sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
                                  text=True).stdout.strip()
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                                   capture_output=True, text=True).stdout.strip()
+            # Results a benchmark rewrote (bench/results) do not make the code dirty.
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)",
+                                    ":(top,exclude)bench/results"], cwd=here, capture_output=True, text=True).stdout.strip()
         except OSError:
             return "unknown"
         if sha:

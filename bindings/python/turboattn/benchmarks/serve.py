@@ -386,9 +386,10 @@ def generate(configs, config, ids, gen_len, *, profile=False):
     tokens = [step(ids)]
     clock.mark()
     if clock.cuda:
-        # The first token is read here, as a server returns it. Without this wait the host queues past the
-        # prefill and its first decode step blocks until the prefill's GPU work drains (seconds at 32k),
-        # inside whichever call finds the launch queue full: the host clocks below would count that wait.
+        # Wait for the prefill and its first token, as a server returning that token does. Without it the
+        # host queues past the prefill, and its first decode step may block until the prefill's GPU work
+        # drains (seconds at 32k) inside whichever call finds the launch queue full: the host clocks below
+        # would count that wait.
         torch.cuda.synchronize()
     with configs.decode_context(config), attention_wrapped(cache, attention_implementation(config), host.wrap), \
             library_timed(library):
@@ -544,6 +545,28 @@ def summarize(rows, names):
     return out
 
 
+def _earlier_results(args, card):
+    """The results file --append continues, refused (before the model loads) where its rows were measured
+    otherwise than this call's will be."""
+    try:
+        with open(args.out) as f:
+            earlier = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"--append: cannot read {args.out} ({e}); write a new file instead")
+    here = {"card": card, "commit": commit(), "budget_gib": args.budget_gib, "gen_len": args.gen_len,
+            "torch": torch.__version__}
+    mismatch = [k for k, v in here.items() if earlier.get(k) != v]
+    if (earlier.get("model") or {}).get("name") != args.model:
+        mismatch.append("model")
+    if mismatch:
+        raise SystemExit(f"--append: {args.out} was written with another {', '.join(mismatch)}; write a new file "
+                         "instead")
+    if here["commit"] == "unknown":
+        raise SystemExit(f"--append: the commit is unknown (set TURBOATTN_COMMIT), so {args.out}'s rows may be of "
+                         "other code; write a new file instead")
+    return earlier
+
+
 def main(argv=None, *, prog=None, default_out="serve.json"):
     ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=default_out)
@@ -560,9 +583,10 @@ def main(argv=None, *, prog=None, default_out="serve.json"):
                     "configuration's best counts): the device host's speed drifts by tens of percent within minutes")
     ap.add_argument("--time-limit", type=float, default=0, help="start no row after this many seconds (0: none); "
                     "the results file is rewritten after every row")
-    ap.add_argument("--append", action="store_true", help="add this call's rows to those of --out (same card, commit, "
-                    "model, budget and gen-len): one results file from several calls of a machine whose calls are "
-                    "time-limited; each row records its call")
+    ap.add_argument("--append", action="store_true", help="add this call's rows to those of --out, written by an "
+                    "earlier call with the same card, commit, model, budget, gen-len, torch, transformers and 50/50 "
+                    "head bits: one results file from several calls of a machine whose calls are time-limited; each "
+                    "row records its call")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
     if args.gen_len < 2:
@@ -571,10 +595,8 @@ def main(argv=None, *, prog=None, default_out="serve.json"):
         ap.error("--repeats: at least 1")
     if not args.prompts and not args.long_prompt:
         ap.error("nothing to run: no --prompts and --long-prompt 0")
-    earlier = None
-    if args.append and os.path.exists(args.out):
-        with open(args.out) as f:
-            earlier = json.load(f)
+    card = torch.cuda.get_device_name() if str(args.device).startswith("cuda") else "CPU"
+    earlier = _earlier_results(args, card) if args.append and os.path.exists(args.out) else None
     t0 = time.time()
     model, tokens, calib, description = load(args.model, args.device)
     configs = Configs(model, None)
@@ -592,8 +614,7 @@ def main(argv=None, *, prog=None, default_out="serve.json"):
         generate(configs, config, prompts(tokens, 2, 256, args.device), 4)
     layers, heads, dim = configs.shape
     result = {
-        "card": torch.cuda.get_device_name() if str(args.device).startswith("cuda") else "CPU",
-        "commit": commit(), "date": datetime.date.today().isoformat(),
+        "card": card, "commit": commit(), "date": datetime.date.today().isoformat(),
         "model": {"name": args.model, "description": description, "layers": layers, "kv_heads": heads,
                   "q_heads": model.config.num_attention_heads, "head_dim": dim},
         "budget_gib": args.budget_gib, "gen_len": args.gen_len, "repeats": args.repeats, "fp16_decode_sdpa": "flash (fp16_sdpa_auto: SDPA's choice)",
@@ -615,8 +636,7 @@ def main(argv=None, *, prog=None, default_out="serve.json"):
     result["calls"] = [this_call]
     names = list(args.configs)
     if earlier is not None:
-        mismatch = [k for k in ("card", "commit", "model", "budget_gib", "gen_len", "torch", "transformers")
-                    if earlier.get(k) != result.get(k)]
+        mismatch = [k for k in ("model", "transformers") if earlier.get(k) != result.get(k)]
         if earlier.get("mix50_head_bits") and result["mix50_head_bits"] and \
                 earlier["mix50_head_bits"] != result["mix50_head_bits"]:
             mismatch.append("mix50_head_bits")
@@ -640,8 +660,9 @@ def main(argv=None, *, prog=None, default_out="serve.json"):
         result["max_throughput"] = summarize(result["rows"], names)
         this_call["seconds"] = round(time.time() - t0, 1)
         result["seconds"] = round(seconds_before + this_call["seconds"], 1)
-        with open(args.out, "w") as f:
+        with open(args.out + ".part", "w") as f:  # whole or not at all: a call may be killed at its time limit
             json.dump(result, f, indent=1)
+        os.replace(args.out + ".part", args.out)
 
     bar = Progress(len(plan), "serve")
     done = 0
