@@ -35,22 +35,6 @@ def stepper(model, cache):
     return lambda x: model(input_ids=x, **kw).logits[:, -1].argmax(-1, keepdim=True)
 
 
-class _CallTimes:
-    """serve.library_timed's clock, keeping each call's time."""
-
-    def __init__(self):
-        self.calls = []
-
-    def wrap(self, fn):
-        def call(*args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.calls.append(time.perf_counter() - t0)
-        return call
-
-
 def library_calls(batch, context, steps=64, repeats=2):
     model = hf.patch(model_of_smollm2_shape(), hf.TurboConfig())
     ids = torch.randint(0, 49152, (batch, context), device="cuda")
@@ -60,7 +44,7 @@ def library_calls(batch, context, steps=64, repeats=2):
         with torch.no_grad():
             tok = step(ids)
             torch.cuda.synchronize()
-            clock = _CallTimes()
+            clock = serve.HostClock()
             t0 = time.perf_counter()
             with serve.library_timed(clock):
                 for _ in range(steps):
