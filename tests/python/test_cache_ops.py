@@ -9,6 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 import turboattn  # noqa: E402
+from test_cli import env_with_package  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available() and turboattn.cuda_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and a CUDA build of libturboattn")
@@ -222,9 +223,8 @@ def test_a_cache_alive_at_exit_is_freed_quietly(device, tmp_path):
         f"k = torch.randn(70, {HKV}, {D}, dtype=torch.float16, device={device!r})",
         "cache.write(0, [cache.add_sequence()], k, k, torch.tensor([0, 70], dtype=torch.int32))", ""]))
     script = "import torch, turboattn\nimport holder\ndel holder\n"
-    package_parent = os.path.dirname(os.path.dirname(turboattn.__file__))
-    path = [package_parent, str(tmp_path), os.environ.get("PYTHONPATH")]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, path)))
+    env = env_with_package()
+    env["PYTHONPATH"] = str(tmp_path) + os.pathsep + env["PYTHONPATH"]
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "Exception ignored" not in run.stderr and "Traceback" not in run.stderr, run.stderr

@@ -174,7 +174,7 @@ class KVCache:
         import torch
         if not torch.cuda.is_available():  # ta_cache_create then says why there is no CUDA cache
             return contextlib.nullcontext()
-        return torch.cuda.device(int(self.device[5:]))
+        return torch.cuda.device(self._cuda_index)
 
     # The module's names bound here: a cache still referenced at interpreter exit is destroyed in the
     # teardown, when module globals may be gone and imports fail ("sys.meta_path is None").

@@ -42,6 +42,7 @@ import os
 import time
 
 import torch
+import transformers
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
@@ -557,7 +558,7 @@ def _earlier_results(args, card):
     except (OSError, json.JSONDecodeError) as e:
         raise SystemExit(f"--append: cannot read {args.out} ({e}); write a new file instead")
     here = {"card": card, "commit": commit(), "budget_gib": args.budget_gib, "gen_len": args.gen_len,
-            "torch": torch.__version__}
+            "torch": torch.__version__, "transformers": transformers.__version__}
     mismatch = [k for k, v in here.items() if earlier.get(k) != v]
     if (earlier.get("model") or {}).get("name") != args.model:
         mismatch.append("model")
@@ -627,19 +628,14 @@ def main(argv=None, *, prog=None, default_out="serve.json"):
                                   for c in args.configs if c not in FP16_CONFIGS},
         "largest_context": {c: largest_context(c, configs.shape, configs.cache_bits(c), budget, args.gen_len)
                             for c in args.configs},
-        "planned_rows": len(plan), "rows": [], "torch": torch.__version__,
+        "planned_rows": len(plan), "rows": [], "torch": torch.__version__, "transformers": transformers.__version__,
     }
-    try:
-        import transformers
-        result["transformers"] = transformers.__version__
-    except ImportError:
-        pass
     this_call = {"configs": args.configs, "prompts": args.prompts, "long_prompt": args.long_prompt,
                  "quick": args.quick, "repeats": args.repeats, "planned_rows": len(plan)}
     result["calls"] = [this_call]
     names = list(args.configs)
     if earlier is not None:
-        mismatch = [k for k in ("model", "transformers") if earlier.get(k) != result.get(k)]
+        mismatch = ["model"] if earlier.get("model") != result["model"] else []
         if earlier.get("mix50_head_bits") and result["mix50_head_bits"] and \
                 earlier["mix50_head_bits"] != result["mix50_head_bits"]:
             mismatch.append("mix50_head_bits")
