@@ -54,15 +54,11 @@ void launch_write(const ta_tensor& k, const ta_tensor& v, const std::vector<Writ
     parts[0] = &ordered[0];
   }
   // The means' and the runs' arrays go to the device in one upload.
-  UploadRing::Batch upload(uploads, UploadRing::aligned(means.size() * sizeof(MeanRun)) +
-                                        UploadRing::aligned(parts[0]->size() * sizeof(WriteRun)) +
-                                        UploadRing::aligned(parts[1]->size() * sizeof(WriteRun)));
-  const size_t means_at = upload.add(means.data(), means.size());
-  const size_t parts_at[2] = {upload.add(parts[0]->data(), parts[0]->size()), upload.add(parts[1]->data(), parts[1]->size())};
+  UploadRing::Batch upload(uploads, means, *parts[0], *parts[1]);  // arrays 0, 1 and 2
   upload.upload(stream);
   if (!means.empty()) {
     cache_mean_kernel<T><<<dim3{unsigned(means.size()), unsigned(kv_heads)}, 128, 0, stream>>>(
-        kp, k.strides[0], k.strides[1], upload.device<MeanRun>(means_at), mean_base, kv_heads, dim, smooth);
+        kp, k.strides[0], k.strides[1], upload.device<MeanRun>(0), mean_base, kv_heads, dim, smooth);
     TA_CUDA_CHECK_LAUNCH("cache_mean_kernel");
   }
   const int smem = write_smem_bytes(dim);
@@ -73,7 +69,7 @@ void launch_write(const ta_tensor& k, const ta_tensor& v, const std::vector<Writ
     if (part.empty()) continue;
     WriteParams<T> p{};
     p.k = kp, p.v = vp, p.k_n = k.strides[0], p.k_h = k.strides[1], p.v_n = v.strides[0], p.v_h = v.strides[1];
-    p.runs = upload.device<WriteRun>(parts_at[i]), p.pool = pool, p.buffers = buffers, p.first_blocks = first_blocks, p.means = mean_base, p.layout = layout;
+    p.runs = upload.device<WriteRun>(1 + size_t(i)), p.pool = pool, p.buffers = buffers, p.first_blocks = first_blocks, p.means = mean_base, p.layout = layout;
     p.tables = tables, p.table_width = table_width, p.lengths = lengths, p.kv_heads = kv_heads, p.dim = dim;
     cache_write_kernel<T><<<dim3{unsigned(part.size()), unsigned(kv_heads)}, kWriteThreads, smem, stream>>>(p);
     TA_CUDA_CHECK_LAUNCH("cache_write_kernel");

@@ -33,35 +33,42 @@ class UploadRing {
   UploadRing(const UploadRing&) = delete;
   UploadRing& operator=(const UploadRing&) = delete;
 
-  // One call's arrays: add() each, then upload() copies them to the device in one cudaMemcpyAsync,
-  // device() gives each copy, and release() frees the region once the stream reaches that point.
+  // One call's arrays (std::vectors) in one region: the constructor stages them, upload() copies them to
+  // the device in one cudaMemcpyAsync, device<X>(i) gives the i-th array's copy, and release() frees the
+  // region once the stream reaches that point.
   class Batch {
    public:
-    Batch(UploadRing& ring, size_t bytes) : ring_(ring), bytes_(bytes) {}
-    // Stages `count` items at the next aligned offset; returns that offset (for device()).
-    template <typename X>
-    size_t add(const X* items, size_t count) {
-      const size_t offset = used_;
-      if (count == 0) return offset;
-      require(offset + aligned(count * sizeof(X)) <= bytes_, TA_ERROR_INTERNAL, "upload batch of ", bytes_, " bytes overfilled");
-      if (host_ == nullptr) host_ = ring_.take(bytes_, region_);
-      std::memcpy(host_ + offset, items, count * sizeof(X));
-      used_ = offset + aligned(count * sizeof(X));
-      return offset;
+    template <typename... Arrays>
+    explicit Batch(UploadRing& ring, const Arrays&... arrays) : ring_(ring) {
+      static_assert(sizeof...(Arrays) <= kMaxArrays, "UploadRing::Batch: raise kMaxArrays");
+      bytes_ = (size_t(0) + ... + aligned(arrays.size() * sizeof(typename Arrays::value_type)));
+      if (bytes_ != 0) host_ = ring_.take(bytes_, region_);
+      size_t offset = 0, i = 0;
+      const auto stage = [&](const auto& array) {
+        const size_t size = array.size() * sizeof(array[0]);
+        if (size != 0) std::memcpy(host_ + offset, array.data(), size);
+        offsets_[i++] = offset;
+        offset += aligned(size);
+      };
+      (stage(arrays), ...);
     }
+    Batch(const Batch&) = delete;
+    Batch& operator=(const Batch&) = delete;
+
     void upload(cudaStream_t stream) {
-      if (used_) TA_CUDA_CHECK(cudaMemcpyAsync(ring_.device_ + region_, host_, used_, cudaMemcpyHostToDevice, stream));
+      if (bytes_) TA_CUDA_CHECK(cudaMemcpyAsync(ring_.device_ + region_, host_, bytes_, cudaMemcpyHostToDevice, stream));
     }
     template <typename X>
-    const X* device(size_t offset) const { return reinterpret_cast<const X*>(ring_.device_ + region_ + offset); }
+    const X* device(size_t array) const { return reinterpret_cast<const X*>(ring_.device_ + region_ + offsets_[array]); }
     void release(cudaStream_t stream) {
       if (host_ != nullptr) ring_.give_back(region_, bytes_, stream);
       host_ = nullptr;
     }
 
    private:
+    static constexpr size_t kMaxArrays = 4;
     UploadRing& ring_;
-    size_t bytes_, region_ = 0, used_ = 0;
+    size_t bytes_ = 0, region_ = 0, offsets_[kMaxArrays] = {};
     uint8_t* host_ = nullptr;
   };
 
