@@ -202,6 +202,54 @@ TEST(CApi, RejectsBadCacheArguments) {
   ta_cache_destroy(c);
 }
 
+// Reservations take the pages of a sequence's next tokens now (checking capacity first), the later
+// writes use them, and release returns them; on a CPU cache sync does nothing.
+TEST(CApi, ReserveTakesPagesAheadAndReleaseReturnsThem) {
+  ta_cache_config cfg = ta_cache_default_config();
+  cfg.num_layers = 2, cfg.num_kv_heads = 2, cfg.head_dim = 64, cfg.max_seqs = 2, cfg.max_seq_len = 1000, cfg.num_pages = 8;
+  ta_cache* c = nullptr;
+  ASSERT_EQ(ta_cache_create(&cfg, TA_DEVICE_CPU, &c), TA_SUCCESS);
+  int32_t a = -1, b = -1;
+  ASSERT_EQ(ta_cache_add_sequence(c, &a), TA_SUCCESS);
+  ASSERT_EQ(ta_cache_add_sequence(c, &b), TA_SUCCESS);
+  std::mt19937_64 rng(7);
+  std::vector<float> kf = test::make_input(rng, 100, 2, 64, InputKind::Normal, 'k');
+  std::vector<uint16_t> kv = test::to_half(kf);
+  ta_tensor k = tensor(kv.data(), TA_DTYPE_F16, {100, 2, 64});
+  int32_t cu[2] = {0, 100};
+  ta_tensor tcu = tensor(cu, TA_DTYPE_I32, {2});
+  ASSERT_EQ(ta_cache_write(c, 1, &a, 1, &k, &k, &tcu, nullptr), TA_SUCCESS);  // a: 100 tokens in layer 1, none in 0
+  int32_t free_pages = -1;
+  // From a's longest layer: 100 + 300 = 400 tokens complete blocks 0..5, pages for blocks 1..5.
+  ASSERT_EQ(ta_cache_reserve(c, &a, 1, 300, nullptr), TA_SUCCESS) << ta_last_error();
+  ASSERT_EQ(ta_cache_free_pages(c, &free_pages), TA_SUCCESS);
+  EXPECT_EQ(free_pages, 3);
+  // Over capacity: nothing taken.
+  EXPECT_EQ(ta_cache_reserve(c, &b, 1, 5 * 64, nullptr), TA_ERROR_OUT_OF_CAPACITY);
+  EXPECT_NE(std::string(ta_last_error()).find("needs 4 new pages but only 3 are free"), std::string::npos) << ta_last_error();
+  EXPECT_EQ(ta_cache_reserve(c, &b, 1, 1001, nullptr), TA_ERROR_OUT_OF_CAPACITY);
+  EXPECT_NE(std::string(ta_last_error()).find("over max_seq_len 1000"), std::string::npos) << ta_last_error();
+  EXPECT_EQ(ta_cache_reserve(c, &b, 1, -1, nullptr), TA_ERROR_INVALID_ARGUMENT);
+  const int32_t twice[2] = {b, b};
+  EXPECT_EQ(ta_cache_reserve(c, twice, 2, 1, nullptr), TA_ERROR_INVALID_ARGUMENT);
+  ASSERT_EQ(ta_cache_free_pages(c, &free_pages), TA_SUCCESS);
+  EXPECT_EQ(free_pages, 3);
+  // Writes within the reservation take no more pages, in either layer.
+  ASSERT_EQ(ta_cache_write(c, 0, &a, 1, &k, &k, &tcu, nullptr), TA_SUCCESS);
+  ASSERT_EQ(ta_cache_write(c, 1, &a, 1, &k, &k, &tcu, nullptr), TA_SUCCESS);
+  ASSERT_EQ(ta_cache_free_pages(c, &free_pages), TA_SUCCESS);
+  EXPECT_EQ(free_pages, 3);
+  EXPECT_EQ(ta_cache_sync(c), TA_SUCCESS);
+  int64_t length = -1;
+  ASSERT_EQ(ta_cache_sequence_length(c, 1, a, &length), TA_SUCCESS);
+  EXPECT_EQ(length, 200);
+  ASSERT_EQ(ta_cache_release_sequence(c, a), TA_SUCCESS);
+  ASSERT_EQ(ta_cache_free_pages(c, &free_pages), TA_SUCCESS);
+  EXPECT_EQ(free_pages, 8);
+  EXPECT_EQ(ta_cache_sync(nullptr), TA_ERROR_INVALID_ARGUMENT);
+  ta_cache_destroy(c);
+}
+
 // A decode plan gives ta_decode's bytes in every layer; what can change after its creation (the
 // sequences, their lengths, the layer) is checked at each run.
 TEST(CApi, DecodePlanEqualsDecodeAndRechecksEachRun) {

@@ -819,7 +819,156 @@ TEST(GpuCacheGraph, CapturedDecodeSeesTokensAppendedLater) {
   m.gpu.decode(0, &s, 1, tq, o, tp, stream);
   ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
   EXPECT_EQ(graph_out.download(), plain_out.download());
+  // 1403 tokens, past the 12 tiles the captured splits were sized for: the last split takes the rest.
+  m.write(0, {s}, {700});
+  graph_out.poison();
+  ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
+  ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+  std::vector<float> got, want(q.size());
+  for (uint16_t b : graph_out.download()) got.push_back(ref::half_to_float(b));
+  m.cpu.decode(0, s, test::view_of(q, 1, hq, D), 0.0f, true, 0, want.data());
+  EXPECT_LE(test::compare(got, want).rel_l2, 0.01) << "replay over 1403 tokens vs the CPU decode";
   cudaGraphExecDestroy(exec), cudaGraphDestroy(graph), cudaStreamDestroy(stream);
+}
+
+// Decode steps (append, then decode, in two layers) captured once and replayed across block
+// boundaries: the cache afterwards holds exactly the CPU cache's bytes for the same tokens, each
+// replay's outputs match the CPU decode, the host's lengths follow at sync, and replays past the
+// reservation write nothing and are reported.
+TEST(GpuCacheGraph, CapturedAppendsReplayAsEagerAppends) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE(testing::Message() << "seed " << seed);
+  std::mt19937_64 rng(seed);
+  const int layers = 2, H = 2, D = 64, hq = 6, steps = 140;
+  Mirror m(make_config("mix", layers, H, D, 64, 4), rng);
+  const std::vector<int> seqs = {m.add(), m.add(), m.add()};
+  const int n = int(seqs.size());
+  for (int l = 0; l < layers; ++l) m.write(l, seqs, {1, 62, 129});
+  cudaStream_t stream;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+  m.gpu.reserve(seqs.data(), n, steps, stream);
+  for (int s : seqs) m.cpu.book().reserve(s, m.cpu.book().max_length(s) + steps);  // the same page ids
+  ASSERT_EQ(m.gpu.book().table(seqs[2]), m.cpu.page_table(seqs[2]));
+
+  test::DeviceBuffer<uint16_t> dk(size_t(layers) * n * H * D), dv(dk.n), dq(size_t(n) * hq * D), dout(size_t(layers) * n * hq * D);
+  const auto layer_tensor = [&](uint16_t* base, int l, std::initializer_list<int64_t> shape, int64_t per_layer) {
+    return device_tensor(base + l * per_layer, TA_DTYPE_F16, shape);
+  };
+  ta_decode_options o = ta_decode_default_options();
+  const auto step = [&](cudaStream_t st) {
+    for (int l = 0; l < layers; ++l) {
+      const ta_tensor tk = layer_tensor(dk.ptr, l, {n, H, D}, int64_t(n) * H * D), tv = layer_tensor(dv.ptr, l, {n, H, D}, int64_t(n) * H * D);
+      ta_tensor to = layer_tensor(dout.ptr, l, {n, 1, hq, D}, int64_t(n) * hq * D);
+      m.gpu.write(l, seqs.data(), n, tk, tv, {0, 1, 2, 3}, st);
+      m.gpu.decode(l, seqs.data(), n, device_tensor(dq.ptr, TA_DTYPE_F16, {n, 1, hq, D}), o, to, st);
+    }
+  };
+  // Sizes the decode workspace outside capture (for the reserved lengths) without appending.
+  for (int l = 0; l < layers; ++l) {
+    ta_tensor to = layer_tensor(dout.ptr, l, {n, 1, hq, D}, int64_t(n) * hq * D);
+    m.gpu.decode(l, seqs.data(), n, device_tensor(dq.ptr, TA_DTYPE_F16, {n, 1, hq, D}), o, to, stream);
+  }
+  ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+  cudaGraph_t graph;
+  ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+  step(stream);
+  ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
+  cudaGraphExec_t exec;
+  ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+  // The host's lengths are behind from now on: host-planned writes are refused until sync.
+  EXPECT_THROW(m.gpu.write(0, seqs.data(), 1, layer_tensor(dk.ptr, 0, {1, H, D}, 0), layer_tensor(dv.ptr, 0, {1, H, D}, 0), {0, 1}, stream),
+               Error);
+
+  std::vector<float> q;
+  for (int t = 0; t < steps; ++t) {
+    std::vector<float> k = test::make_input(rng, layers * n, H, D, InputKind::Normal, 'k');
+    std::vector<float> v = test::make_input(rng, layers * n, H, D, InputKind::Normal, 'v');
+    q = test::make_input(rng, n, hq, D, InputKind::Normal, 'q');
+    const std::vector<uint16_t> kb = test::to_half(k), vb = test::to_half(v), qb = test::to_half(q);
+    ASSERT_EQ(cudaMemcpyAsync(dk.ptr, kb.data(), kb.size() * 2, cudaMemcpyHostToDevice, stream), cudaSuccess);
+    ASSERT_EQ(cudaMemcpyAsync(dv.ptr, vb.data(), vb.size() * 2, cudaMemcpyHostToDevice, stream), cudaSuccess);
+    ASSERT_EQ(cudaMemcpyAsync(dq.ptr, qb.data(), qb.size() * 2, cudaMemcpyHostToDevice, stream), cudaSuccess);
+    dout.poison();
+    ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
+    for (int l = 0; l < layers; ++l)
+      for (int i = 0; i < n; ++i) {
+        ref::HeadsView kv = test::view_of(k, layers * n, H, D), vv = test::view_of(v, layers * n, H, D);
+        kv.data += size_t(l * n + i) * H * D, vv.data += size_t(l * n + i) * H * D, kv.tokens = vv.tokens = 1;
+        m.cpu.write(l, seqs[size_t(i)], kv, vv);
+      }
+    ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);  // the pageable copies' sources stay valid until here
+    if (t % 23 != 0 && t != steps - 1) continue;
+    const std::vector<uint16_t> ob = dout.download();
+    for (int l = 0; l < layers; ++l)
+      for (int i = 0; i < n; ++i) {
+        std::vector<float> got(size_t(hq) * D), want(got.size());
+        for (size_t e = 0; e < got.size(); ++e) got[e] = ref::half_to_float(ob[(size_t(l) * n + i) * hq * D + e]);
+        ref::HeadsView qv = test::view_of(q, n, hq, D);
+        qv.data += size_t(i) * hq * D, qv.tokens = 1;
+        m.cpu.decode(l, seqs[size_t(i)], qv, 0.0f, true, 0, want.data());
+        const test::ErrorStats e = test::compare(got, want);
+        EXPECT_TRUE(e.finite) << "step " << t << " layer " << l << " sequence " << i;
+        EXPECT_LE(e.rel_l2, 0.01) << "step " << t << " layer " << l << " sequence " << i << " of " << m.cpu.length(l, seqs[size_t(i)]);
+      }
+  }
+  m.gpu.sync();
+  for (int l = 0; l < layers; ++l)
+    for (int s : seqs) m.expect_same(l, s);
+  m.write(1, {seqs[1]}, {1});  // host-planned writes work again
+  m.expect_same(1, seqs[1]);
+
+  // Every sequence is at (or, seqs[1] in layer 1, past) its reservation's end: a replay writes nothing,
+  // and sync says so.
+  ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
+  try {
+    m.gpu.sync();
+    ADD_FAILURE() << "sync after a replay past the reservation did not throw";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.status(), TA_ERROR_OUT_OF_CAPACITY) << e.what();
+    EXPECT_NE(std::string(e.what()).find("reservation"), std::string::npos) << e.what();
+  }
+  for (int l = 0; l < layers; ++l)
+    for (int s : seqs) m.expect_same(l, s);
+  cudaGraphExecDestroy(exec), cudaGraphDestroy(graph), cudaStreamDestroy(stream);
+}
+
+// What a capture refuses, before anything changes: several tokens per sequence, and appends to
+// sequences without room reserved.
+TEST(GpuCacheGraph, CaptureRefusesWritesWithoutReservedRoom) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE(testing::Message() << "seed " << seed);
+  std::mt19937_64 rng(seed);
+  Mirror m(make_config("4", 1, 2, 64, 16, 2), rng);
+  const int a = m.add(), b = m.add();
+  m.write(0, {a, b}, {63, 10});
+  cudaStream_t stream;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+  m.gpu.reserve(&a, 1, 1, stream);  // room for one token of a; none for b
+  ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+  test::DeviceBuffer<uint16_t> dk(2 * 2 * 64), dv(2 * 2 * 64);
+  const ta_tensor tk = device_tensor(dk.ptr, TA_DTYPE_F16, {2, 2, 64}), tv = device_tensor(dv.ptr, TA_DTYPE_F16, {2, 2, 64});
+  const int both[2] = {a, b};
+  const auto captured_message = [&](auto&& call) {
+    std::string message;
+    EXPECT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+    try {
+      call();
+    } catch (const Error& e) {
+      message = e.what();
+    }
+    cudaGraph_t graph = nullptr;
+    EXPECT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
+    if (graph) cudaGraphDestroy(graph);
+    return message;
+  };
+  EXPECT_NE(captured_message([&] { m.gpu.write(0, &a, 1, tk, tv, {0, 2}, stream); }).find("several tokens"), std::string::npos);
+  EXPECT_NE(captured_message([&] { m.gpu.write(0, both, 2, tk, tv, {0, 1, 2}, stream); }).find("no room reserved"),
+            std::string::npos);
+  m.gpu.sync();  // nothing was captured: no-op
+  for (int s : {a, b}) m.expect_same(0, s);
+  cudaStreamDestroy(stream);
 }
 
 }  // namespace

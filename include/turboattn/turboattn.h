@@ -117,9 +117,10 @@ TA_API ta_status ta_quantize_int8(const ta_tensor* x, const ta_tensor* shift, ta
  * and no host synchronization once its workspace has grown to the call's shape (its first call with a
  * larger batch x q heads x q_len allocates): it can then be captured in a CUDA graph, and it reads the
  * sequence lengths from GPU memory, so a replay sees the tokens appended since. Writes and appends take
- * their pages on the host and cannot be captured: one queued on a capturing stream is refused
- * (TA_ERROR_INVALID_ARGUMENT) before anything changes. They do not wait for the stream (the positions
- * they send to the GPU go through a ring of pinned memory) unless the GPU falls 64 calls behind. */
+ * their pages on the host, so they can be captured only as ta_cache_reserve describes; any other one
+ * queued on a capturing stream is refused (TA_ERROR_INVALID_ARGUMENT) before anything changes. They do
+ * not wait for the stream (the positions they send to the GPU go through a ring of pinned memory)
+ * unless the GPU falls 64 calls behind. */
 typedef struct ta_cache ta_cache;
 
 typedef struct ta_cache_config {
@@ -165,6 +166,22 @@ TA_API ta_status ta_cache_write(ta_cache* cache, int32_t layer, const int32_t* s
 /* Appends one token per sequence: k, v [num_seqs, Hkv, D]. Flushes a buffer that reaches 64 tokens. */
 TA_API ta_status ta_cache_append(ta_cache* cache, int32_t layer, const int32_t* seqs, int32_t num_seqs,
                                  const ta_tensor* k, const ta_tensor* v, void* cuda_stream);
+
+/* Capturable appends (CUDA caches). ta_cache_reserve takes now, for each listed sequence, the pages of
+ * its next `tokens` tokens in every layer (counted from its longest layer), and checks capacity first
+ * (TA_ERROR_OUT_OF_CAPACITY, nothing taken). Then ta_cache_append and ta_cache_append_decode of those
+ * sequences (written ones, one token each) can be captured in a CUDA graph: a captured append reads
+ * the sequence's length on the GPU at each replay and appends there, flushing into the reserved pages.
+ * A replay that finds a sequence at its reservation's end writes nothing for it (the cache stays as it
+ * was) and the next ta_cache_sync reports it (TA_ERROR_OUT_OF_CAPACITY). Decodes of reserved sequences
+ * size their splits for the reserved length, so a captured decode covers every token replays can add.
+ * The host does not see replays: once an append has been captured, writes, appends, reservations,
+ * ta_cache_sequence_length and ta_cache_read of the cache are refused until ta_cache_sync, which waits
+ * for the device and reads the lengths back. Reserved pages return to the pool when their sequence is
+ * released. On a CPU cache ta_cache_reserve takes the pages alike and ta_cache_sync does nothing. */
+TA_API ta_status ta_cache_reserve(ta_cache* cache, const int32_t* seqs, int32_t num_seqs, int64_t tokens,
+                                  void* cuda_stream);
+TA_API ta_status ta_cache_sync(ta_cache* cache);
 
 /* Decode attention of q [num_seqs, q_len, Hq, D] (the sequences' last q_len tokens, already in the
  * cache, causal among themselves) over the cache. out: q's shape and dtype. */

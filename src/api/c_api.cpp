@@ -536,6 +536,14 @@ void check_kv_tokens(const ta_cache& c, const ta_tensor* k_, const ta_tensor* v_
   expect_last_dim_contiguous(k, "k");
   expect_last_dim_contiguous(v, "v");
 }
+// Refuses a call that needs the host's lengths while captured appends may have moved the device's.
+void expect_synced(const ta_cache& c, const char* what) {
+#ifdef TURBOATTN_WITH_CUDA
+  if (c.gpu) c.gpu->expect_synced(what);
+#else
+  (void)c, (void)what;
+#endif
+}
 // Rejects, before anything is written, a write of tokens [cu[i], cu[i + 1]) to seqs[i] that would
 // overflow a sequence or the page pool.
 void check_capacity(const ta_cache& c, int32_t layer, const int32_t* seqs, int32_t num_seqs, const std::vector<int32_t>& cu) {
@@ -582,6 +590,9 @@ ta_status ta_cache_release_sequence(ta_cache* cache, int32_t seq) {
   return guard([&] {
     ta_cache& c = cache_of(cache);
     check_seq(c, seq, "seq");
+#ifdef TURBOATTN_WITH_CUDA
+    if (c.gpu) return c.gpu->release_sequence(seq);
+#endif
     c.book().release_sequence(seq);
   });
 }
@@ -592,6 +603,7 @@ ta_status ta_cache_sequence_length(const ta_cache* cache, int32_t layer, int32_t
     check_layer(c, layer);
     check_seq(c, seq, "seq");
     require(length != nullptr, TA_ERROR_INVALID_ARGUMENT, "length: output pointer is NULL");
+    expect_synced(c, "ta_cache_sequence_length");
     *length = c.book().length(layer, seq);
   });
 }
@@ -611,6 +623,7 @@ ta_status ta_cache_read(const ta_cache* cache, int32_t layer, int32_t seq, ta_te
     check_seq(c, seq, "seq");
     check_tensor(k_, "k");
     check_tensor(v_, "v");
+    expect_synced(c, "ta_cache_read");
     ta_tensor &k = *k_, &v = *v_;
     const int64_t n = c.book().length(layer, seq), H = c.config().kv_heads, D = c.config().head_dim;
     for (auto [t, name] : {std::pair{&k, "k"}, {&v, "v"}}) {
@@ -689,6 +702,47 @@ ta_status ta_cache_append(ta_cache* cache, int32_t layer, const int32_t* seqs, i
     check_seqs(c, seqs, num_seqs);
     check_kv_tokens(c, k, v, num_seqs);
     append_tokens(c, layer, seqs, num_seqs, *k, *v, cuda_stream);
+  });
+}
+
+ta_status ta_cache_reserve(ta_cache* cache, const int32_t* seqs, int32_t num_seqs, int64_t tokens, void* cuda_stream) {
+  return guard([&] {
+    ta_cache& c = cache_of(cache);
+    check_seqs(c, seqs, num_seqs);
+    require(tokens >= 0, TA_ERROR_INVALID_ARGUMENT, "tokens: ", tokens, ", expected >= 0");
+    expect_synced(c, "ta_cache_reserve");
+    int64_t pages = 0;
+    for (int32_t i = 0; i < num_seqs; ++i) {
+      const int64_t end = c.book().max_length(seqs[i]) + tokens;
+      require(end <= c.config().max_seq_len, TA_ERROR_OUT_OF_CAPACITY, "sequence ", seqs[i], " would reach ", end,
+              " tokens, over max_seq_len ", c.config().max_seq_len, "; nothing was reserved");
+      pages += c.book().pages_to_reserve(seqs[i], end);
+    }
+    require(pages <= c.book().free_pages(), TA_ERROR_OUT_OF_CAPACITY, "the reservation needs ", pages, " new pages but only ",
+            c.book().free_pages(), " are free; nothing was reserved");
+#ifdef TURBOATTN_WITH_CUDA
+    if (c.gpu) {
+      c.gpu->expect_current_device();
+      return c.gpu->reserve(seqs, num_seqs, tokens, cuda_stream);
+    }
+#else
+    (void)cuda_stream;
+#endif
+    for (int32_t i = 0; i < num_seqs; ++i) c.book().reserve(seqs[i], c.book().max_length(seqs[i]) + tokens);
+  });
+}
+
+ta_status ta_cache_sync(ta_cache* cache) {
+  return guard([&] {
+    ta_cache& c = cache_of(cache);
+#ifdef TURBOATTN_WITH_CUDA
+    if (c.gpu) {
+      c.gpu->expect_current_device();
+      c.gpu->sync();
+    }
+#else
+    (void)c;
+#endif
   });
 }
 

@@ -36,6 +36,13 @@ X* device_alloc(int64_t count, const char* what) {
   return static_cast<X*>(p);
 }
 
+// The write kernel's shared-memory limit raised (once per device) to what the largest head dim needs.
+template <typename T>
+void configure_write_kernel() {
+  static std::atomic<uint64_t> configured{0};
+  allow_dynamic_smem(configured, reinterpret_cast<const void*>(cache_write_kernel<T>), write_smem_bytes(256));
+}
+
 template <typename T>
 void launch_write(const ta_tensor& k, const ta_tensor& v, const std::vector<WriteRun>& runs, const std::vector<MeanRun>& means,
                   uint8_t* pool, uint8_t* buffers, uint8_t* first_blocks, float* mean_base, const PageLayout* layout, int32_t* tables, int table_width,
@@ -62,8 +69,7 @@ void launch_write(const ta_tensor& k, const ta_tensor& v, const std::vector<Writ
     TA_CUDA_CHECK_LAUNCH("cache_mean_kernel");
   }
   const int smem = write_smem_bytes(dim);
-  static std::atomic<uint64_t> configured{0};
-  allow_dynamic_smem(configured, reinterpret_cast<const void*>(cache_write_kernel<T>), write_smem_bytes(256));
+  configure_write_kernel<T>();
   for (int i = 0; i < 2; ++i) {
     const std::vector<WriteRun>& part = *parts[i];
     if (part.empty()) continue;
@@ -75,6 +81,25 @@ void launch_write(const ta_tensor& k, const ta_tensor& v, const std::vector<Writ
     TA_CUDA_CHECK_LAUNCH("cache_write_kernel");
   }
   upload.release(stream);
+}
+
+// A captured append: its runs planned on the device (cache_append_plan_kernel), then written as any.
+template <typename T>
+void launch_planned_append(const ta_tensor& k, const ta_tensor& v, const int32_t* seqs, int num_seqs, WriteParams<T> p,
+                           AppendPlanParams plan, cudaStream_t stream) {
+  for (int s0 = 0; s0 < num_seqs; s0 += kAppendPlanMaxSeqs) {
+    plan.count = std::min(kAppendPlanMaxSeqs, num_seqs - s0);
+    plan.first_src = s0;
+    std::copy(seqs + s0, seqs + s0 + plan.count, plan.slots);
+    cache_append_plan_kernel<<<unsigned((plan.count + 127) / 128), 128, 0, stream>>>(plan);
+    TA_CUDA_CHECK_LAUNCH("cache_append_plan_kernel");
+    plan.runs += plan.count;
+  }
+  p.k = static_cast<const T*>(k.data), p.v = static_cast<const T*>(v.data);
+  p.k_n = k.strides[0], p.k_h = k.strides[1], p.v_n = v.strides[0], p.v_h = v.strides[1];
+  configure_write_kernel<T>();
+  cache_write_kernel<T><<<dim3{unsigned(num_seqs), unsigned(p.kv_heads)}, kWriteThreads, write_smem_bytes(p.dim), stream>>>(p);
+  TA_CUDA_CHECK_LAUNCH("cache_write_kernel");
 }
 
 // The one place that maps (head dim, SAS, row groups, the layer's widths) to a decode kernel instance:
@@ -185,6 +210,9 @@ DeviceCache::DeviceCache(const ref::CacheConfig& config)
     TA_CUDA_CHECK(cudaMemcpy(d_layouts_, layouts_.data(), layouts_.size() * sizeof(PageLayout), cudaMemcpyHostToDevice));
     d_tables_ = device_alloc<int32_t>(int64_t(cfg_.max_seqs) * table_width_, "page tables");
     d_lengths_ = device_alloc<int64_t>(int64_t(cfg_.layers) * cfg_.max_seqs, "lengths");
+    d_reserved_end_ = device_alloc<int64_t>(cfg_.max_seqs, "reservations");
+    d_append_runs_ = device_alloc<WriteRun>(cfg_.max_seqs, "captured appends' runs");
+    d_overflow_ = device_alloc<int>(1, "the reservation overflow flag");
     TA_CUDA_CHECK(cudaGetDevice(&device_));  // the cache's device
     TA_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms_, cudaDevAttrMultiProcessorCount, device_));
     int major = 0;
@@ -206,9 +234,11 @@ void DeviceCache::free_memory() {
   for (auto* p : first_blocks_) cudaFree(p);
   for (auto* p : means_) cudaFree(p);
   cudaFree(d_layouts_), cudaFree(d_tables_), cudaFree(d_lengths_), cudaFree(workspace_);
+  cudaFree(d_reserved_end_), cudaFree(d_append_runs_), cudaFree(d_overflow_);
   uploads_.reset();
   pools_.clear(), buffers_.clear(), first_blocks_.clear(), means_.clear();
   d_layouts_ = nullptr, d_tables_ = nullptr, d_lengths_ = nullptr, workspace_ = nullptr;
+  d_reserved_end_ = nullptr, d_append_runs_ = nullptr, d_overflow_ = nullptr;
 }
 
 void DeviceCache::expect_current_device() const {
@@ -218,13 +248,102 @@ void DeviceCache::expect_current_device() const {
           " but the current device is ", current, " (make the cache's device current)");
 }
 
+void DeviceCache::expect_synced(const char* what) const {
+  require(!device_ahead_, TA_ERROR_INVALID_ARGUMENT, what,
+          ": appends captured in a CUDA graph may have run since the last ta_cache_sync, so the host's lengths may be "
+          "behind the device's; call ta_cache_sync first");
+}
+
+void DeviceCache::reserve(const int32_t* seqs, int num_seqs, int64_t tokens, void* stream_) {
+  expect_synced("ta_cache_reserve");
+  const auto stream = static_cast<cudaStream_t>(stream_);
+  int lo = cfg_.max_seqs, hi = -1;
+  for (int i = 0; i < num_seqs; ++i) {
+    book_.reserve(seqs[i], book_.max_length(seqs[i]) + tokens);
+    lo = std::min(lo, seqs[i]), hi = std::max(hi, seqs[i]);
+  }
+  if (hi < lo) return;
+  // Rows lo..hi of the page table, as the host has them, in one copy: the other sequences' rows get the
+  // entries they hold or are about to be written (the same page ids), so the copy changes nothing of theirs.
+  std::vector<int32_t> rows(size_t(hi - lo + 1) * table_width_, 0);
+  for (int s = lo; s <= hi; ++s) {
+    const std::vector<int>& table = book_.table(s);
+    std::copy(table.begin(), table.begin() + std::min<size_t>(table.size(), size_t(table_width_)),
+              rows.begin() + size_t(s - lo) * table_width_);
+  }
+  // Pageable copies: queued in stream order, the host vectors free to go once they return.
+  TA_CUDA_CHECK(cudaMemcpyAsync(d_tables_ + int64_t(lo) * table_width_, rows.data(), rows.size() * sizeof(int32_t),
+                                cudaMemcpyHostToDevice, stream));
+  TA_CUDA_CHECK(cudaMemcpyAsync(d_reserved_end_ + lo, book_.reserved_ends().data() + lo, size_t(hi - lo + 1) * sizeof(int64_t),
+                                cudaMemcpyHostToDevice, stream));
+}
+
+void DeviceCache::sync() {
+  TA_CUDA_CHECK(cudaDeviceSynchronize());
+  std::vector<int64_t> lengths(size_t(cfg_.layers) * cfg_.max_seqs);
+  TA_CUDA_CHECK(cudaMemcpy(lengths.data(), d_lengths_, lengths.size() * sizeof(int64_t), cudaMemcpyDeviceToHost));
+  int overflow = 0;
+  TA_CUDA_CHECK(cudaMemcpy(&overflow, d_overflow_, sizeof(int), cudaMemcpyDeviceToHost));
+  TA_CUDA_CHECK(cudaMemset(d_overflow_, 0, sizeof(int)));
+  // Only captured appends move a device length past the host's (host-planned writes set both alike).
+  for (int s = 0; s < cfg_.max_seqs; ++s)
+    if (book_.active(s) && book_.reserved_end(s) > 0)
+      for (int l = 0; l < cfg_.layers; ++l)
+        book_.set_length(l, s, std::max(book_.length(l, s), lengths[size_t(l) * cfg_.max_seqs + s]));
+  device_ahead_ = false;
+  require(!overflow, TA_ERROR_OUT_OF_CAPACITY,
+          "a captured append found its sequence at the end of its reservation, so that replay's token was not written "
+          "(reserve room for every replay before replaying); the cache holds the tokens before it");
+}
+
+void DeviceCache::release_sequence(int seq) {
+  const bool reserved = book_.reserved_end(seq) > 0;
+  book_.release_sequence(seq);
+  if (reserved) {  // a graph still replaying appends to the slot then writes nothing
+    const int64_t none = 0;
+    TA_CUDA_CHECK(cudaMemcpy(d_reserved_end_ + seq, &none, sizeof(none), cudaMemcpyHostToDevice));
+  }
+}
+
+void DeviceCache::append_captured(int layer, const int32_t* seqs, int num_seqs, const ta_tensor& k, const ta_tensor& v,
+                                  const std::vector<int32_t>& cu, void* stream_) {
+  const auto stream = static_cast<cudaStream_t>(stream_);
+  require(cu.back() == num_seqs, TA_ERROR_INVALID_ARGUMENT,
+          "a cache write of several tokens per sequence cannot be captured in a CUDA graph (its pages are taken on the "
+          "host); appends of one token per sequence can, after ta_cache_reserve");
+  for (int i = 0; i < num_seqs; ++i) {
+    const int64_t len = book_.length(layer, seqs[i]);
+    require(len > 0 && book_.reserved_end(seqs[i]) > len, TA_ERROR_INVALID_ARGUMENT, "seqs[", i, "]: sequence ", seqs[i],
+            len > 0 ? " has no room reserved" : " is empty",
+            " for a captured append (a captured append needs a written sequence with room reserved by ta_cache_reserve: "
+            "its pages are taken before capture)");
+  }
+  const auto params = [&](auto* type_tag) {
+    using T = std::remove_pointer_t<decltype(type_tag)>;
+    WriteParams<T> p{};
+    p.runs = static_cast<const WriteRun*>(d_append_runs_), p.pool = pools_[size_t(layer)], p.buffers = buffers_[size_t(layer)];
+    p.first_blocks = first_blocks_[size_t(layer)], p.means = means_[size_t(layer)], p.layout = d_layouts_ + layer;
+    p.tables = d_tables_, p.table_width = table_width_, p.lengths = d_lengths_ + int64_t(layer) * cfg_.max_seqs;
+    p.kv_heads = cfg_.kv_heads, p.dim = cfg_.head_dim;
+    return p;
+  };
+  AppendPlanParams plan{};
+  plan.lengths = d_lengths_ + int64_t(layer) * cfg_.max_seqs, plan.reserved_end = d_reserved_end_, plan.tables = d_tables_;
+  plan.table_width = table_width_, plan.runs = static_cast<WriteRun*>(d_append_runs_), plan.overflow = d_overflow_;
+  device_ahead_ = true;
+  if (k.dtype == TA_DTYPE_F16)
+    launch_planned_append<__half>(k, v, seqs, num_seqs, params(static_cast<__half*>(nullptr)), plan, stream);
+  else
+    launch_planned_append<__nv_bfloat16>(k, v, seqs, num_seqs, params(static_cast<__nv_bfloat16*>(nullptr)), plan, stream);
+}
+
 void DeviceCache::write(int layer, const int32_t* seqs, int num_seqs, const ta_tensor& k, const ta_tensor& v,
                         const std::vector<int32_t>& cu, void* stream_) {
   const auto stream = static_cast<cudaStream_t>(stream_);
   cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
   TA_CUDA_CHECK(cudaStreamIsCapturing(stream, &capturing));
-  require(capturing == cudaStreamCaptureStatusNone, TA_ERROR_INVALID_ARGUMENT,
-          "cache writes and appends cannot be captured in a CUDA graph: their pages are taken on the host at each call");
+  if (capturing != cudaStreamCaptureStatusNone) return append_captured(layer, seqs, num_seqs, k, v, cu, stream_);
+  expect_synced("a cache write or append");
   std::vector<WriteRun> runs;
   runs.reserve(size_t(num_seqs));  // an append's: one run per sequence
   std::vector<MeanRun> means;
@@ -277,7 +396,8 @@ void DeviceCache::decode(int layer, const int32_t* seqs, int num_seqs, const ta_
   // runs in chunks, each masked as the tokens it holds (q_behind: the call's tokens after the chunk).
   const int max_q = std::min(call_q, TA_DECODE_Q_TOKENS);
   int64_t max_tiles = 1;
-  for (int i = 0; i < num_seqs; ++i) max_tiles = std::max<int64_t>(max_tiles, TA_BLOCK_COUNT(book_.length(layer, seqs[i])));
+  for (int i = 0; i < num_seqs; ++i)
+    max_tiles = std::max<int64_t>(max_tiles, TA_BLOCK_COUNT(std::max(book_.length(layer, seqs[i]), book_.reserved_end(seqs[i]))));
   auto row_groups = [&](int q_len) {  // (heads per CTA, CTAs per KV head)
     const int heads_per_cta = std::max(1, std::min(group, DecodeTraits<64>::kRows / q_len));
     return std::pair{heads_per_cta, (group + heads_per_cta - 1) / heads_per_cta};

@@ -299,6 +299,59 @@ def test_cuda_ops_compile_and_graph_replay_see_appends():
         assert rel_l2(out, ref) <= 0.01
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_reserve_takes_pages_ahead(device):
+    cache, seqs = make([200, 200], [4, 4], device)  # 8 pages
+    fill(cache, seqs, [randn(100, HKV, D)] * 2, [randn(100, HKV, D)] * 2, 0, cu_device=device)
+    cache.reserve(seqs[:1], 100)  # 200 tokens: blocks 1 and 2 completed
+    assert cache.free_pages() == 6
+    with pytest.raises(turboattn.OutOfCapacity, match="over max_seq_len 200"):
+        cache.reserve(seqs[1:], 101)
+    cache.sync()  # nothing captured: nothing to take
+    assert [cache.length(0, s) for s in seqs] == [100, 100]
+    cache.release_sequence(seqs[0])
+    assert cache.free_pages() == 8
+
+
+@needs_cuda
+def test_cuda_graph_replays_append_decode_steps():
+    """Decode steps captured once (append and decode of one layer) and replayed across block boundaries
+    give the CPU cache's outputs and, after sync, its lengths and contents."""
+    lengths, steps = [63, 130], 70
+    cpu, s_cpu = make([n + steps for n in lengths], [4, 2])
+    gpu, s_gpu = make([n + steps for n in lengths], [4, 2], "cuda")
+    ks, vs = [randn(n, HKV, D) for n in lengths], [randn(n, HKV, D) for n in lengths]
+    fill(cpu, s_cpu, ks, vs, 0)
+    fill(gpu, s_gpu, ks, vs, 0)
+    gpu.reserve(s_gpu, steps)
+    k, v = torch.zeros(2, HKV, D, dtype=torch.float16, device="cuda"), torch.zeros(2, HKV, D, dtype=torch.float16, device="cuda")
+    q, out = torch.zeros(2, 1, HQ, D, dtype=torch.float16, device="cuda"), torch.empty(2, 1, HQ, D, dtype=torch.float16, device="cuda")
+    gpu.decode(0, s_gpu, q, out=out)  # grows the workspace (for the reserved lengths) outside capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        gpu.append_decode(0, s_gpu, k, v, q, out=out)
+    with pytest.raises(turboattn.InvalidArgument, match="ta_cache_sync"):
+        gpu.append(0, s_gpu, k, v)
+    for j in range(steps):
+        kj, vj, qj = randn(2, HKV, D), randn(2, HKV, D), randn(2, 1, HQ, D)
+        k.copy_(kj), v.copy_(vj), q.copy_(qj)
+        out.fill_(float("nan"))
+        graph.replay()
+        cpu.append(0, s_cpu, kj, vj)
+        if j % 17 == 0 or j == steps - 1:
+            assert rel_l2(out, cpu.decode(0, s_cpu, qj)) <= 0.01, f"step {j}"
+    gpu.sync()
+    assert [gpu.length(0, s) for s in s_gpu] == [n + steps for n in lengths] == [cpu.length(0, s) for s in s_cpu]
+    for a, b in zip(s_gpu, s_cpu):
+        for x, y in zip(gpu.read(0, a), cpu.read(0, b)):
+            assert torch.equal(x, y)
+    graph.replay()  # past the reservation: writes nothing
+    with pytest.raises(turboattn.OutOfCapacity, match="reservation"):
+        gpu.sync()
+    assert [gpu.length(0, s) for s in s_gpu] == [n + steps for n in lengths]
+
+
 @needs_cuda
 def test_cuda_cache_rejects_tensors_elsewhere():
     gpu, seqs = make([64], None, "cuda")

@@ -427,3 +427,12 @@ def test_a_dropped_cache_frees_its_kvcache_at_once():
         assert kv() is None
     finally:
         gc.enable()
+
+
+def test_cuda_graph_decoder_refuses_what_it_cannot_capture():
+    model = hf.patch(llama(), hf.TurboConfig(bits=4))
+    with pytest.raises(turboattn.InvalidArgument, match="takes a TurboCache"):
+        hf.CudaGraphDecoder(model, object(), 8)
+    cache = hf.make_cache(model, batch_size=1, max_seq_len=128)
+    with pytest.raises(turboattn.Unsupported, match="on a CUDA device"):
+        hf.CudaGraphDecoder(model, cache, 8)

@@ -115,3 +115,38 @@ def test_decode_steps_queue_no_waiting_torch_op():
             tok.sum().item()
         finally:
             torch.cuda.set_sync_debug_mode(0)
+
+
+def test_cuda_graph_decoder_replays_the_eager_steps():
+    """Decode steps replayed from a CUDA graph give the logits of the same steps run eagerly over a cache
+    with the same reservation (so the same decode splits), teacher-forced, across the steps where a
+    block completes (token 64) and where a page is taken (token 128); afterwards the cache holds what the
+    eager one holds and continues eagerly."""
+    model = hf.patch(cuda_llama(), hf.TurboConfig(bits=4))
+    prompt, steps = tokens(60, rows=2).cuda(), 80
+    eager, graphed = (hf.make_cache(model, batch_size=2, max_seq_len=256) for _ in range(2))
+    with torch.no_grad():
+        logits = model(prompt, past_key_values=eager).logits[:, -1]
+        eager.kv.reserve(eager._seq_array, steps)
+        fed, want = [], []
+        for _ in range(steps):
+            fed.append(logits.argmax(-1, keepdim=True))
+            logits = model(fed[-1], past_key_values=eager).logits[:, -1]
+            want.append(logits.float())
+        model(prompt, past_key_values=graphed)
+        decoder = hf.CudaGraphDecoder(model, graphed, steps)
+        for i, tok in enumerate(fed):
+            got = decoder.step(tok).float()
+            torch.testing.assert_close(got, want[i], rtol=2e-3, atol=2e-3, msg=lambda m: f"step {i}: {m}")
+        with pytest.raises(turboattn.OutOfCapacity, match="every step"):
+            decoder.step(fed[-1])
+        with pytest.raises(RuntimeError, match="close"):  # not closed: other uses of the cache are refused
+            model(fed[-1], past_key_values=graphed)
+        decoder.close()
+        assert graphed.lengths == eager.lengths == [[60 + steps] * 2] * L
+        for layer in (0, L - 1):
+            for a, b in zip(graphed.kv.read(layer, graphed.seqs[1]), eager.kv.read(layer, eager.seqs[1])):
+                assert torch.equal(a, b)
+        tok = want[-1].argmax(-1, keepdim=True)
+        torch.testing.assert_close(model(tok, past_key_values=graphed).logits.float(),
+                                   model(tok, past_key_values=eager).logits.float(), rtol=2e-3, atol=2e-3)

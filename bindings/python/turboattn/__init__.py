@@ -286,6 +286,26 @@ class KVCache:
         with on_device_of(k):
             check(lib.ta_cache_append(self._handle, layer, arr, n, ref(describe(k)), ref(describe(v)), stream_of(k)))
 
+    def reserve(self, seqs, tokens):
+        """Takes now the pages of each sequence's next `tokens` tokens (in every layer), so that appends
+        to them can be captured in a CUDA graph (docs/INTEGRATION.md, "Decode steps in a CUDA graph").
+        Raises OutOfCapacity, taking nothing, when they do not fit."""
+        arr, n = self._seqs(seqs)
+        stream = None
+        if self._cuda_index is not None:
+            import torch
+            stream = ctypes.c_void_p(torch.cuda.current_stream(self._cuda_index).cuda_stream)
+        with self._on_device():
+            check(lib.ta_cache_reserve(self._handle, arr, n, int(tokens), stream))
+
+    def sync(self):
+        """After replaying a graph with captured appends: waits for the device and takes the lengths the
+        appends reached into the host's bookkeeping (which writes, appends, length() and read() need).
+        Raises OutOfCapacity when a replay found a sequence at the end of its reservation (that replay's
+        token was not written)."""
+        with self._on_device():
+            check(lib.ta_cache_sync(self._handle))
+
     def _decode_args(self, seqs, q, out, softmax_scale, use_sas, split_tiles):
         """(out, the sequence array, its length, options) of a decode of q, out allocated unless given."""
         self._expect_here("q", q)

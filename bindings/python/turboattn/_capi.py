@@ -90,6 +90,8 @@ lib.ta_cache_read.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, _
 _SEQS = ctypes.POINTER(ctypes.c_int32)
 lib.ta_cache_write.argtypes = [ctypes.c_void_p, ctypes.c_int32, _SEQS, ctypes.c_int32, _T, _T, _T, ctypes.c_void_p]
 lib.ta_cache_append.argtypes = [ctypes.c_void_p, ctypes.c_int32, _SEQS, ctypes.c_int32, _T, _T, ctypes.c_void_p]
+lib.ta_cache_reserve.argtypes = [ctypes.c_void_p, _SEQS, ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p]
+lib.ta_cache_sync.argtypes = [ctypes.c_void_p]
 lib.ta_decode.argtypes = [ctypes.c_void_p, ctypes.c_int32, _SEQS, ctypes.c_int32, _T, ctypes.POINTER(DecodeOptions), _T,
                           ctypes.c_void_p]
 lib.ta_cache_append_decode.argtypes = [ctypes.c_void_p, ctypes.c_int32, _SEQS, ctypes.c_int32, _T, _T, _T,

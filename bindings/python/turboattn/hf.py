@@ -27,7 +27,7 @@ import weakref
 
 import torch
 
-from . import InvalidArgument, KVCache, Unsupported, assign_head_bits, attention, head_priority
+from . import InvalidArgument, KVCache, OutOfCapacity, Unsupported, assign_head_bits, attention, head_priority
 
 try:
     from transformers import AttentionInterface
@@ -36,7 +36,7 @@ try:
 except ImportError as e:  # transformers before the AttentionInterface / cache-layer API (4.56)
     raise ImportError(f"turboattn.hf needs transformers >= 4.56 with AttentionInterface and cache layers: {e}") from e
 
-__all__ = ["TurboConfig", "TurboCache", "patch", "unpatch", "make_cache", "cache_pages", "calibrate", "load_head_bits",
+__all__ = ["TurboConfig", "TurboCache", "CudaGraphDecoder", "patch", "unpatch", "make_cache", "cache_pages", "calibrate", "load_head_bits",
            "ATTN_IMPLEMENTATION"]
 
 ATTN_IMPLEMENTATION = "turboattn"
@@ -322,6 +322,7 @@ class TurboCache(Cache):
         self._pending = None
         self._step_memo = None  # this forward's mask, read once (_step_mask)
         self._bookkeeping_memo = None  # this forward's bookkeeping, computed once (_bookkeeping)
+        self._graph_decoder = None  # an open CudaGraphDecoder over this cache: its steps only, until closed
         super().__init__(layers=[_TurboLayer(self, i) for i in range(layers)])
 
     def _create(self, device):
@@ -347,6 +348,9 @@ class TurboCache(Cache):
         if self._pending is not None:
             raise RuntimeError(f"TurboCache: layer {self._pending[0]} updated the cache but its attention did not run "
                                "through turboattn")
+        if self._graph_decoder is not None and not self._graph_decoder._in_step:
+            raise RuntimeError("TurboCache: a CudaGraphDecoder replays steps over this cache; close() it before "
+                               "running the model on the cache otherwise")
         if key_states.shape[1] != self.num_kv_heads:
             raise InvalidArgument(1, f"TurboCache: layer {layer_idx} gives {key_states.shape[1]} KV heads, the cache "
                                      f"holds {self.num_kv_heads} (tensor-parallel rank {self.tp_rank} of {self.tp_size})")
@@ -393,10 +397,121 @@ class TurboCache(Cache):
         return self.seqs, self._seq_array
 
 
+    # The host bookkeeping a forward moves (CudaGraphDecoder: a capture runs the Python of a step that the
+    # GPU only runs at each replay).
+    def _host_state(self):
+        return [layer.seen for layer in self.layers], list(self._lengths)
+
+    def _restore_host_state(self, state):
+        seen, lengths = state
+        for layer, n in zip(self.layers, seen):
+            layer.seen = n
+        self._lengths = list(lengths)
+        self._pending = self._step_memo = self._bookkeeping_memo = None
+
+    def _advance(self, tokens):
+        """Counts `tokens` more tokens in every row and layer (steps the GPU ran from a graph)."""
+        for layer in self.layers:
+            layer.seen += tokens
+        self._lengths = [None if n is None else n + tokens for n in self._lengths]
+        self._step_memo = self._bookkeeping_memo = None
+
+
 def make_cache(model, config=None, *, batch_size=1, max_seq_len=None):
     """A TurboCache for generate():
     model.generate(**inputs, past_key_values=make_cache(model, batch_size=len(ids)))."""
     return TurboCache(model, config, max_seqs=batch_size, max_seq_len=max_seq_len)
+
+
+class CudaGraphDecoder:
+    """Decode steps of a patched model replayed from one CUDA graph: the whole forward (embeddings, each
+    layer's append and decode over the compressed cache, logits) is captured once and each later step is
+    one replay, so that a step costs its GPU time and not the host's Python (docs/INTEGRATION.md). For a
+    TurboCache on CUDA after its prefill, one new token per row and step, no padding mask:
+
+        with torch.no_grad():
+            logits = model(prompts, past_key_values=cache).logits[:, -1]  # the prefill, eager
+            decoder = turboattn.hf.CudaGraphDecoder(model, cache, steps=255)
+            for _ in range(255):
+                logits = decoder.step(logits.argmax(-1, keepdim=True))  # [B, vocab]
+            decoder.close()
+
+    steps: how many steps will run; their pages are taken up front (KVCache.reserve: OutOfCapacity if
+    they do not fit, and step() refuses more). The first step runs eagerly (it also sizes the library's
+    workspaces) and captures the graph; later ones copy the new tokens and their position into the
+    graph's inputs and replay it. step() returns the graph's output buffer, which the next step
+    overwrites. close() brings the cache's host bookkeeping up to the tokens the replays appended
+    (KVCache.sync); until then the cache refuses eager writes."""
+
+    def __init__(self, model, cache, steps):
+        if not isinstance(cache, TurboCache):
+            raise InvalidArgument(1, f"CudaGraphDecoder takes a TurboCache, not {type(cache).__name__}")
+        if not str(cache.cache_device).startswith("cuda"):
+            raise Unsupported(2, "CudaGraphDecoder needs a TurboCache on a CUDA device")
+        if cache.tp_size > 1:
+            raise Unsupported(2, "CudaGraphDecoder does not capture tensor-parallel models")
+        if cache.seqs is None or cache.layers[0].seen == 0:
+            raise InvalidArgument(1, "CudaGraphDecoder: run the prompts' prefill through the cache first")
+        if cache._graph_decoder is not None:
+            raise InvalidArgument(1, "CudaGraphDecoder: another one is open over this cache; close() it first")
+        self.model, self.cache = model, cache
+        cache.kv.reserve(cache._seq_array, steps)
+        cache._graph_decoder, self._in_step = self, False
+        device = cache.torch_device
+        self._ids = torch.zeros(len(cache.seqs), 1, dtype=torch.long, device=device)
+        self._position = torch.zeros(1, 1, dtype=torch.long, device=device)  # every row's (no padding)
+        self._kwargs = {_cache_kwarg(model): cache, "use_cache": True, "logits_to_keep": 1}
+        self._graph = self._logits = None
+        self._left, self._replays, self._closed = int(steps), 0, False
+
+    def _forward(self):
+        self._in_step = True
+        try:
+            with torch.no_grad():
+                return self.model(input_ids=self._ids, position_ids=self._position, **self._kwargs).logits[:, -1]
+        finally:
+            self._in_step = False
+
+    def step(self, input_ids):
+        """Runs one decode step on input_ids [B, 1] (the rows' new tokens); returns the logits [B, vocab]."""
+        if self._closed:
+            raise RuntimeError("CudaGraphDecoder: closed")
+        if self._left <= 0:
+            raise OutOfCapacity(3, "CudaGraphDecoder: every step it was made for has run (make it with more steps)")
+        self._ids.copy_(input_ids)
+        self._position.fill_(self.cache.layers[0].seen + self._replays)
+        self._left -= 1
+        if self._graph is not None:
+            self._graph.replay()
+            self._replays += 1
+            return self._logits
+        logits = self._forward()  # eager: appends its token as any step does
+        saved = self.cache._host_state()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self._logits = self._forward()
+        finally:
+            self.cache._restore_host_state(saved)  # the capture ran the step's Python, not its GPU work
+        self._graph = graph
+        return logits
+
+    def close(self):
+        """Takes the replays' tokens into the cache's bookkeeping and releases the graph."""
+        if self._closed:
+            return
+        self._closed = True
+        self._graph = self._logits = None
+        if self.cache._graph_decoder is self:
+            self.cache._graph_decoder = None
+        self.cache.kv.sync()  # also after a capture that failed part way: appends may have been captured
+        self.cache._advance(self._replays)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 # ---- masks ----

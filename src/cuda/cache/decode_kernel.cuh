@@ -936,7 +936,9 @@ __global__ void __launch_bounds__(DecodeTraits<kHeadDim>::kThreads, kMinBlocks)
   const int64_t len = p.lengths[slot];
   const int tiles = TA_BLOCK_COUNT(len);
   // begin does not depend on len (see HalfCopies::first_page_id); begin >= end: the split has no tiles.
-  const int begin = split * p.split_tiles, end = min(tiles, begin + p.split_tiles);
+  // The last split takes every tile left: a replayed graph's sequences may have outgrown the splits
+  // sized when it was captured (without a reservation, DeviceCache::decode).
+  const int begin = split * p.split_tiles, end = split == p.num_splits - 1 ? tiles : min(tiles, begin + p.split_tiles);
 
   WarpState<kHeadDim, kGroups> ws;
   if constexpr (kLayerBits != 0) {

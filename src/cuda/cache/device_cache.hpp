@@ -86,15 +86,32 @@ class DeviceCache {
 
   // Writes k, v [T, Hkv, D] (CUDA, f16 or bf16) of num_seqs sequences (token ranges cu, on the host)
   // to the end of those sequences in one layer; appends are writes of one token per sequence. The
-  // caller has checked capacity. Pages are taken on the host exactly as the CPU cache takes them, so a
-  // write cannot be captured in a CUDA graph (refused before anything changes). The device lengths are
-  // set (not incremented) by the writes, so a reused slot needs no reset.
+  // caller has checked capacity. Pages are taken on the host exactly as the CPU cache takes them. The
+  // device lengths are set (not incremented) by the writes, so a reused slot needs no reset.
+  // On a capturing stream only appends to sequences with reserved room (reserve) are taken, planned on
+  // the device from the lengths a replay finds there (cache_append_plan_kernel); the host's lengths do
+  // not follow replays, so from then on host-planned writes are refused until sync(). Anything else
+  // captured is refused before anything changes.
   // The cache's memory is on one device: that device must be current for writes and decodes.
   void expect_current_device() const;
   void write(int layer, const int32_t* seqs, int num_seqs, const ta_tensor& k, const ta_tensor& v,
              const std::vector<int32_t>& cu, void* stream);
 
+  // Takes, for each sequence, the pages of its next `tokens` tokens in every layer (the caller checked
+  // capacity) and writes their page-table entries and the reservation's end to the device.
+  void reserve(const int32_t* seqs, int num_seqs, int64_t tokens, void* stream);
+  // Waits for the device, then takes the lengths captured appends reached into the host's bookkeeping.
+  // Throws TA_ERROR_OUT_OF_CAPACITY (after taking them) when a replay found a sequence at its
+  // reservation's end: that replay's token was not written.
+  void sync();
+  // Throws unless the host's lengths are current (no captured append recorded since the last sync);
+  // `what` names the call refused.
+  void expect_synced(const char* what) const;
+  void release_sequence(int seq);
+
   // Decode attention of q [num_seqs, q_len, Hq, D] over the cache into out (both CUDA, f16 or bf16).
+  // Splits are sized for each sequence's reservation where it has one, so a captured decode covers
+  // every token a replay's appends can add.
   void decode(int layer, const int32_t* seqs, int num_seqs, const ta_tensor& q, const ta_decode_options& options,
               ta_tensor& out, void* stream);
 
@@ -123,6 +140,10 @@ class DeviceCache {
   PageLayout* d_layouts_ = nullptr;     // per layer, for the kernels
   int32_t* d_tables_ = nullptr;         // [max_seqs][table_width_]
   int64_t* d_lengths_ = nullptr;        // [layers][max_seqs]
+  int64_t* d_reserved_end_ = nullptr;   // [max_seqs], PageBook::reserved_end
+  void* d_append_runs_ = nullptr;       // captured appends' plans: WriteRun [max_seqs]
+  int* d_overflow_ = nullptr;           // set by a captured append at its reservation's end
+  bool device_ahead_ = false;           // a captured append was recorded since the last sync
   float* workspace_ = nullptr;          // decode: the splits' parts, grown on demand
   int64_t workspace_floats_ = 0;
   std::unique_ptr<UploadRing> uploads_;  // writes: their runs, through pinned memory
@@ -133,6 +154,9 @@ class DeviceCache {
   // the driver once each: what the automatic split fills.
   DecodeOccupancy occupancy(ta_dtype dtype, bool sas, int rows, LayerWidths widths);
   std::array<DecodeOccupancy, 32> occupancy_{};
+  // write() on a capturing stream (see write).
+  void append_captured(int layer, const int32_t* seqs, int num_seqs, const ta_tensor& k, const ta_tensor& v,
+                       const std::vector<int32_t>& cu, void* stream);
   void free_memory();  // every allocation above (the destructor's work, also for a failed constructor)
 };
 

@@ -172,6 +172,40 @@ __global__ void __launch_bounds__(kWriteThreads) cache_write_kernel(const WriteP
   }
 }
 
+// Captured appends (one token per sequence) plan their runs on the device, from the lengths a replay
+// finds there: a run per sequence, flushing into the page reserved for its block (PageBook::reserve).
+// A sequence at its reservation's end gets an empty run (nothing written) and sets *overflow, which the
+// host reads at its next sync. Slots travel in the parameters, as the decode's do, so a captured launch
+// reads no host memory at replay.
+constexpr int kAppendPlanMaxSeqs = 2048;
+struct AppendPlanParams {
+  const int64_t* lengths;       // the layer's [slot]
+  const int64_t* reserved_end;  // [slot]
+  const int32_t* tables;        // [slot][table_width]
+  int table_width;
+  WriteRun* runs;               // the plan's runs, first of this launch's sequences
+  int* overflow;
+  int first_src;                // row in k and v of this launch's first sequence
+  int count;
+  int32_t slots[kAppendPlanMaxSeqs];
+};
+static_assert(sizeof(AppendPlanParams) <= 32764, "kernel parameters are limited to 32764 bytes (CUDA 12.1 and later)");
+
+__global__ void cache_append_plan_kernel(const AppendPlanParams p) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= p.count) return;
+  const int slot = p.slots[i];
+  const int64_t pos = p.lengths[slot];
+  WriteRun run{slot, p.first_src + i, 1, -1, pos, pos + 1};
+  if (pos >= p.reserved_end[slot]) {
+    run.count = 0, run.new_length = -1;
+    atomicOr(p.overflow, 1);
+  } else if (run.completes_block() && pos >= TA_BLOCK_TOKENS) {
+    run.page = p.tables[int64_t(slot) * p.table_width + page_table_index(pos / TA_BLOCK_TOKENS)];
+  }
+  p.runs[i] = run;
+}
+
 // K means of sequences written for the first time (ref::head_mean: a float64 sum in token order, so
 // bit-exact), or zeros without smoothing. One CTA per (sequence, head).
 struct MeanRun {
