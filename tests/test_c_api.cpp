@@ -248,6 +248,13 @@ TEST(CApi, ReserveTakesPagesAheadAndReleaseReturnsThem) {
   EXPECT_EQ(free_pages, 8);
   EXPECT_EQ(ta_cache_sync(nullptr), TA_ERROR_INVALID_ARGUMENT);
   ta_cache_destroy(c);
+  // The same through the C++ wrapper.
+  KvCache cache(cfg);
+  const int32_t s = cache.add_sequence();
+  cache.reserve({s}, 200);  // 200 tokens complete blocks 0..2: pages for blocks 1 and 2
+  EXPECT_EQ(cache.free_pages(), 6);
+  EXPECT_THROW(cache.reserve({s}, 1001), Exception);
+  cache.sync();
 }
 
 // A decode plan gives ta_decode's bytes in every layer; what can change after its creation (the

@@ -78,6 +78,11 @@ class KvCache {
               void* cuda_stream = nullptr) {
     check(ta_cache_append(cache_.get(), layer, seqs.data(), int32_t(seqs.size()), &k, &v, cuda_stream));
   }
+  // Capturable appends (ta_cache_reserve, ta_cache_sync).
+  void reserve(const std::vector<int32_t>& seqs, int64_t tokens, void* cuda_stream = nullptr) {
+    check(ta_cache_reserve(cache_.get(), seqs.data(), int32_t(seqs.size()), tokens, cuda_stream));
+  }
+  void sync() { check(ta_cache_sync(cache_.get())); }
   void decode(int32_t layer, const std::vector<int32_t>& seqs, const ta_tensor& q, ta_tensor& out,
               const ta_decode_options& options = ta_decode_default_options(), void* cuda_stream = nullptr) {
     check(ta_decode(cache_.get(), layer, seqs.data(), int32_t(seqs.size()), &q, &options, &out, cuda_stream));

@@ -315,8 +315,8 @@ void DeviceCache::append_captured(int layer, const int32_t* seqs, int num_seqs, 
     const int64_t len = book_.length(layer, seqs[i]);
     require(len > 0 && book_.reserved_end(seqs[i]) > len, TA_ERROR_INVALID_ARGUMENT, "seqs[", i, "]: sequence ", seqs[i],
             len > 0 ? " has no room reserved" : " is empty",
-            " for a captured append (a captured append needs a written sequence with room reserved by ta_cache_reserve: "
-            "its pages are taken before capture)");
+            " for an append captured in a CUDA graph (such an append needs a written sequence with room reserved by "
+            "ta_cache_reserve: its pages are taken before capture)");
   }
   const auto params = [&](auto* type_tag) {
     using T = std::remove_pointer_t<decltype(type_tag)>;

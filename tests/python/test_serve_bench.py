@@ -25,7 +25,7 @@ def prompt_ids(batch, n, seed):
     return torch.randint(1, 512, (batch, n), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("config", serve.CONFIGS)
+@pytest.mark.parametrize("config", [c for c in serve.CONFIGS if not c.endswith(serve.GRAPHS)])
 def test_the_loop_generates_what_generate_does(configs, config):
     ids = prompt_ids(3, 70, seed=len(config))
     configs.use(config)
@@ -40,6 +40,21 @@ def test_the_loop_generates_what_generate_does(configs, config):
         assert 0 < measured["library_host_ms_per_step"] < measured["attention_host_ms_per_step"]
     assert not isinstance(turboattn.lib, serve._TimedLibrary)
     assert measured["kv_cache_gib"] > 0
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and turboattn.cuda_available()),
+                    reason="needs a CUDA device and a CUDA build of libturboattn")
+@pytest.mark.parametrize("config", [c for c in serve.CONFIGS if c.endswith(serve.GRAPHS)])
+def test_graph_configurations_generate_what_their_eager_ones_do(config):
+    configs = serve.Configs(serve.tiny_model("cuda"), MIX)
+    ids = prompt_ids(3, 70, seed=3).cuda()
+    configs.use(config)
+    got, measured = serve.generate(configs, config, ids, 12)
+    eager = config.removesuffix(serve.GRAPHS)
+    configs.use(eager)
+    want, _ = serve.generate(configs, eager, ids, 12)
+    assert torch.equal(got, want)
+    assert measured["tokens_per_s"] > 0 and measured["per_token_ms"] > 0
 
 
 def test_host_clock_counts_the_time_inside_the_attention_function_and_restores_it(configs, monkeypatch):

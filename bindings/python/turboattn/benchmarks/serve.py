@@ -11,6 +11,11 @@ Each configuration runs the same transformers model (SmolLM2-135M-Instruct by de
 - kv4_sdpa_prefill, mix50_sdpa_prefill (not run by default): the same caches with the prompt's attention
   through PyTorch's SDPA (TurboConfig(prefill="sdpa")): the compressed cache's gain without FlashQ's
   prefill kernel;
+- kv4_graphs, mix50_graphs (not run by default): kv4 and mix50 with the decode steps replayed from a CUDA
+  graph (hf.CudaGraphDecoder; the prefill and the first step eager): what a step costs without the
+  host's Python. The FP16 configurations have no graph counterpart here (transformers' dynamic cache
+  and SDPA over views of a growing cache are not capturable), so these rows compare graphs with eager
+  FP16;
 - fp16_sdpa_auto (not run by default): fp16 with SDPA's own backend choice in decode steps as well.
 The FP16 configurations' decode steps run SDPA's FlashAttention-2 backend: left to choose, PyTorch picks
 cuDNN on Hopper, whose execution plan is built anew for every new KV length, host work in every layer of
@@ -52,10 +57,12 @@ from turboattn import hf
 from turboattn.benchmarks import commit
 from turboattn._progress import Progress
 
-CONFIGS = ("fp16", "fp16_prealloc", "kv4", "mix50", "fp16_sdpa_auto", "kv4_sdpa_prefill", "mix50_sdpa_prefill")
+CONFIGS = ("fp16", "fp16_prealloc", "kv4", "mix50", "fp16_sdpa_auto", "kv4_sdpa_prefill", "mix50_sdpa_prefill",
+           "kv4_graphs", "mix50_graphs")
 DEFAULT_CONFIGS = ("fp16", "fp16_prealloc", "kv4", "mix50")
 FP16_CONFIGS = ("fp16", "fp16_prealloc", "fp16_sdpa_auto")
 SDPA_PREFILL = "_sdpa_prefill"  # a turboattn configuration's suffix: its prefill through SDPA
+GRAPHS = "_graphs"  # a turboattn configuration's suffix: its decode steps replayed from a CUDA graph
 PROMPTS = (1024, 2048, 4096, 8192)
 LONG_PROMPT = 32768
 GEN_LEN = 256
@@ -211,7 +218,7 @@ class Configs:
 
     def head_bits(self, config):
         """Bits of all the model's KV heads in a turboattn configuration (None: FP16)."""
-        base = config.removesuffix(SDPA_PREFILL)
+        base = config.removesuffix(SDPA_PREFILL).removesuffix(GRAPHS)
         return {"kv4": [4] * (self.shape[0] * self.model_kv_heads), "mix50": self.mix_bits}.get(base)
 
     def turbo_config(self, config):
@@ -395,10 +402,16 @@ def generate(configs, config, ids, gen_len, *, profile=False):
         # drains (seconds at 32k) inside whichever call finds the launch queue full: the host clocks below
         # would count that wait.
         torch.cuda.synchronize()
+    decoder, decode_step = None, step
+    if config.endswith(GRAPHS):  # the first decode step runs eagerly and captures; it is timed with the rest
+        decoder = hf.CudaGraphDecoder(model, cache, gen_len - 1 + PROFILE_STEPS)
+
+        def decode_step(x):
+            return decoder.step(x).argmax(-1, keepdim=True)
     with configs.decode_context(config), attention_wrapped(cache, attention_implementation(config), host.wrap), \
             library_timed(library):
         for _ in range(gen_len - 1):
-            tokens.append(step(tokens[-1]))
+            tokens.append(decode_step(tokens[-1]))
             clock.mark()
     if clock.cuda:
         torch.cuda.synchronize()
@@ -421,7 +434,9 @@ def generate(configs, config, ids, gen_len, *, profile=False):
     }
     if profile:
         with configs.decode_context(config):
-            result.update(attention_share(configs, config, cache, step, tokens[-1], result["per_token_ms"]))
+            result.update(attention_share(configs, config, cache, decode_step, tokens[-1], result["per_token_ms"]))
+    if decoder is not None:
+        decoder.close()
     peak = memory.peak()
     result["peak_mem_gib"] = peak / GIB if peak is not None else None
     return torch.cat(tokens, dim=1), result
