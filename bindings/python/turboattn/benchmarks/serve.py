@@ -13,9 +13,13 @@ Each configuration runs the same transformers model (SmolLM2-135M-Instruct by de
   prefill kernel;
 - kv4_graphs, mix50_graphs (not run by default): kv4 and mix50 with the decode steps replayed from a CUDA
   graph (hf.CudaGraphDecoder; the prefill and the first step eager): what a step costs without the
-  host's Python. The FP16 configurations have no graph counterpart here (transformers' dynamic cache
-  and SDPA over views of a growing cache are not capturable), so these rows compare graphs with eager
-  FP16;
+  host's Python;
+- fp16_graphs (not run by default): their FP16 counterpart, the baseline with CUDA graphs. Neither
+  transformers' dynamic cache nor SDPA over views of a growing cache can be captured, so this one
+  keeps K and V in buffers allocated once (as fp16_prealloc) written at a position held on the GPU,
+  and each decode step attends over the whole buffer with a mask of the written positions (SDPA's
+  memory-efficient backend, each KV head's query heads as its query rows: no copies for GQA), as a
+  static cache does; its prefill is SDPA's causal attention over the prompt, as fp16's;
 - fp16_sdpa_auto (not run by default): fp16 with SDPA's own backend choice in decode steps as well.
 The FP16 configurations' decode steps run SDPA's FlashAttention-2 backend: left to choose, PyTorch picks
 cuDNN on Hopper, whose execution plan is built anew for every new KV length, host work in every layer of
@@ -50,6 +54,7 @@ import torch
 import transformers
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
+from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 import turboattn
@@ -58,17 +63,21 @@ from turboattn.benchmarks import commit
 from turboattn._progress import Progress
 
 CONFIGS = ("fp16", "fp16_prealloc", "kv4", "mix50", "fp16_sdpa_auto", "kv4_sdpa_prefill", "mix50_sdpa_prefill",
-           "kv4_graphs", "mix50_graphs")
+           "kv4_graphs", "mix50_graphs", "fp16_graphs")
 DEFAULT_CONFIGS = ("fp16", "fp16_prealloc", "kv4", "mix50")
-FP16_CONFIGS = ("fp16", "fp16_prealloc", "fp16_sdpa_auto")
+FP16_CONFIGS = ("fp16", "fp16_prealloc", "fp16_sdpa_auto", "fp16_graphs")
 SDPA_PREFILL = "_sdpa_prefill"  # a turboattn configuration's suffix: its prefill through SDPA
-GRAPHS = "_graphs"  # a turboattn configuration's suffix: its decode steps replayed from a CUDA graph
+GRAPHS = "_graphs"  # a configuration's suffix: its decode steps replayed from a CUDA graph
+STATIC_ATTENTION = "bench_serve_static"  # fp16_graphs' attention function
 PROMPTS = (1024, 2048, 4096, 8192)
 LONG_PROMPT = 32768
 GEN_LEN = 256
 PROFILE_STEPS = 3  # decode steps after the timed ones, under the profiler (attention's share)
 ATTENTION_RANGE = "bench_serve::attention"  # a profiler range; not named like the library's kernels
 LIBRARY_KERNELS = "turboattn::cuda::"  # the namespace in every turboattn kernel's name
+# In graph replays no profiler range runs: fp16_graphs' attention is told by its kernels' names (SDPA's
+# memory-efficient kernels; its cache writes, index_copy, are not counted).
+SDPA_EFFICIENT_KERNELS = "fmha"
 GIB = 1 << 30
 
 
@@ -131,6 +140,98 @@ class PreallocatedCache(Cache):
     @property
     def nbytes(self):
         return sum(2 * layer.k.numel() * layer.k.element_size() for layer in self.layers)
+
+
+# ---- the FP16 cache of fixed shape, for decode steps in a CUDA graph ----
+
+class _StaticLayer(_PreallocatedLayer):
+    """A _PreallocatedLayer whose decode steps write at the owner's position on the GPU and hand attention
+    the whole buffers (fixed shapes and addresses, so a step can be captured); the prompt is written and
+    attended as fp16_prealloc's. Zeroed: the masked slots must hold finite values."""
+
+    def __init__(self, owner, *args):
+        super().__init__(*args)
+        self.k.zero_(), self.v.zero_()
+        self.owner = owner
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if key_states.shape[-2] > 1 or self.seen == 0:
+            super().update(key_states, value_states)
+            return key_states, value_states
+        self.owner.written(self)
+        self.k.index_copy_(2, self.owner.position, key_states)
+        self.v.index_copy_(2, self.owner.position, value_states)
+        return self.k, self.v
+
+
+class StaticCache(Cache):
+    """fp16_graphs' cache: _StaticLayers sharing the decode step's position (int64 [1] on the GPU, set by
+    StaticGraphDecoder before each step) and the mask of written slots [1, 1, 1, max_len] that layer 0's
+    update derives from it."""
+
+    def __init__(self, shape, batch, max_len, dtype, device):
+        layers, heads, dim = shape
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self.slots = torch.arange(max_len, device=device)
+        self.valid = torch.zeros(1, 1, 1, max_len, dtype=torch.bool, device=device)
+        super().__init__(layers=[_StaticLayer(self, batch, heads, max_len, dim, dtype, device) for _ in range(layers)])
+
+    def written(self, layer):
+        if layer is self.layers[0]:
+            torch.le(self.slots, self.position, out=self.valid[0, 0, 0])
+
+    @property
+    def nbytes(self):
+        return sum(2 * layer.k.numel() * layer.k.element_size() for layer in self.layers)
+
+
+def static_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """fp16_graphs' attention function. query [B, Hq, N, D]; key, value the prompt's [B, Hkv, N, D]
+    (causal SDPA) or a decode step's whole buffers [B, Hkv, max_len, D], attended with the cache's mask
+    and each KV head's query heads as its query rows."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    B, hq, n, D = query.shape
+    hkv = key.shape[1]
+    if n > 1:
+        return sdpa(query, key, value, is_causal=True, scale=scaling, enable_gqa=hq != hkv).transpose(1, 2), None
+    cache = StaticGraphDecoder.current.cache
+    out = sdpa(query.view(B, hkv, hq // hkv, D), key, value, attn_mask=cache.valid, scale=scaling)
+    return out.view(B, hq, 1, D).transpose(1, 2), None
+
+
+def _no_mask(*args, **kwargs):
+    return None  # static_attention makes its own
+
+
+class StaticGraphDecoder:
+    """fp16_graphs' decode steps: the first eager (it warms up and captures), then one replay each, with
+    the new tokens and their position copied into the graph's inputs."""
+
+    current = None  # the decoder whose cache static_attention reads
+
+    def __init__(self, model, cache, cache_kwarg, position):
+        self.model, self.cache, self.next_position = model, cache, position
+        self.ids = torch.zeros(cache.layers[0].k.shape[0], 1, dtype=torch.long, device=cache.position.device)
+        self.kw = {cache_kwarg: cache, "use_cache": True, "logits_to_keep": 1,
+                   "position_ids": cache.position.view(1, 1)}
+        self.graph = self.logits = None
+        StaticGraphDecoder.current = self
+
+    def _forward(self):
+        return self.model(input_ids=self.ids, **self.kw).logits[:, -1]
+
+    def step(self, x):
+        self.ids.copy_(x)
+        self.cache.position.fill_(self.next_position)
+        self.next_position += 1
+        if self.graph is not None:
+            self.graph.replay()
+            return self.logits
+        logits = self._forward()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._forward()
+        return logits
 
 
 # ---- memory ----
@@ -232,13 +333,21 @@ class Configs:
 
     @staticmethod
     def decode_context(config):
-        """What the decode steps run under: FlashAttention-2 for the FP16 configurations (module docstring)."""
+        """What the decode steps run under: FlashAttention-2 for the FP16 configurations (module docstring),
+        the memory-efficient backend for fp16_graphs' masked steps."""
+        if config == "fp16_graphs":
+            return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION])
         if config in FP16_CONFIGS and config != "fp16_sdpa_auto":
             return sdpa_kernel([SDPBackend.FLASH_ATTENTION])
         return contextlib.nullcontext()
 
     def use(self, config):
-        if config in FP16_CONFIGS:
+        if config == "fp16_graphs":
+            hf.unpatch(self.model)
+            AttentionInterface.register(STATIC_ATTENTION, static_attention)
+            AttentionMaskInterface.register(STATIC_ATTENTION, _no_mask)
+            self.model.set_attn_implementation(STATIC_ATTENTION)
+        elif config in FP16_CONFIGS:
             hf.unpatch(self.model)
             self.model.set_attn_implementation("sdpa")
         else:
@@ -251,8 +360,9 @@ class Configs:
                 return DynamicCache(config=self.model.config), None
             except TypeError:  # transformers without the config argument
                 return DynamicCache(), None
-        if config == "fp16_prealloc":
-            c = PreallocatedCache(self.shape, batch, max_len, self.model.dtype, self.model.device)
+        if config in ("fp16_prealloc", "fp16_graphs"):
+            kind = StaticCache if config == "fp16_graphs" else PreallocatedCache
+            c = kind(self.shape, batch, max_len, self.model.dtype, self.model.device)
             return c, c.nbytes
         cache = hf.TurboCache(self.model, self.turbo_config(config), max_seqs=batch, max_seq_len=max_len,
                               num_pages=hf.cache_pages(batch, max_len))
@@ -351,6 +461,8 @@ def library_timed(clock):
 
 def attention_implementation(config):
     """The transformers attention function a configuration's model runs."""
+    if config == "fp16_graphs":
+        return STATIC_ATTENTION
     return "sdpa" if config in FP16_CONFIGS else hf.ATTN_IMPLEMENTATION
 
 
@@ -361,10 +473,11 @@ def _subtree_kernels(event):
     return kernels
 
 
-def attention_and_busy_ms(prof):
+def attention_and_busy_ms(prof, named=None):
     """(attention's kernel time, all kernels' time) in ms over the profiled steps. Attention: the kernels
-    PyTorch ops launched inside the ATTENTION_RANGE ranges, and every turboattn kernel (the library
-    launches them itself, so the profiler ties them to no range; only the attention function runs them).
+    PyTorch ops launched inside the ATTENTION_RANGE ranges, every turboattn kernel (the library
+    launches them itself, so the profiler ties them to no range; only the attention function runs them),
+    and every kernel whose name contains `named` (graph replays, where no range runs).
     The profiler also lists each range as a GPU-side annotation spanning its kernels (and the gaps between
     them): those are not kernels and are left out of both sums."""
     cpu = torch.autograd.DeviceType.CPU
@@ -372,7 +485,7 @@ def attention_and_busy_ms(prof):
     ranged = [k for e in events if e.name == ATTENTION_RANGE and e.device_type == cpu for k in _subtree_kernels(e)]
     kernels = [e for e in events if e.device_type != cpu and not getattr(e, "is_user_annotation", False)
                and e.name != ATTENTION_RANGE]
-    ours = sum(e.device_time_total for e in kernels if LIBRARY_KERNELS in e.name)
+    ours = sum(e.device_time_total for e in kernels if LIBRARY_KERNELS in e.name or (named and named in e.name))
     attention = sum(k.duration for k in ranged if LIBRARY_KERNELS not in k.name) + ours
     return attention / 1e3, sum(e.device_time_total for e in kernels) / 1e3
 
@@ -404,7 +517,10 @@ def generate(configs, config, ids, gen_len, *, profile=False):
         torch.cuda.synchronize()
     decoder, decode_step = None, step
     if config.endswith(GRAPHS):  # the first decode step runs eagerly and captures; it is timed with the rest
-        decoder = hf.CudaGraphDecoder(model, cache, gen_len - 1 + PROFILE_STEPS)
+        if config == "fp16_graphs":
+            decoder = StaticGraphDecoder(model, cache, configs.cache_kwarg, prompt)
+        else:
+            decoder = hf.CudaGraphDecoder(model, cache, gen_len - 1 + PROFILE_STEPS)
 
         def decode_step(x):
             return decoder.step(x).argmax(-1, keepdim=True)
@@ -435,8 +551,9 @@ def generate(configs, config, ids, gen_len, *, profile=False):
     if profile:
         with configs.decode_context(config):
             result.update(attention_share(configs, config, cache, decode_step, tokens[-1], result["per_token_ms"]))
-    if decoder is not None:
+    if isinstance(decoder, hf.CudaGraphDecoder):
         decoder.close()
+    StaticGraphDecoder.current = None
     peak = memory.peak()
     result["peak_mem_gib"] = peak / GIB if peak is not None else None
     return torch.cat(tokens, dim=1), result
@@ -455,7 +572,8 @@ def attention_share(configs, config, cache, step, last, per_token_ms):
                 last = step(last)
             if last.is_cuda:
                 torch.cuda.synchronize()
-        attn, busy = (x / PROFILE_STEPS for x in attention_and_busy_ms(prof))
+        named = SDPA_EFFICIENT_KERNELS if config == "fp16_graphs" else None
+        attn, busy = (x / PROFILE_STEPS for x in attention_and_busy_ms(prof, named))
     except Exception as e:  # noqa: BLE001 - the run's other numbers stand without it
         return {"attention_ms_per_step": None, "attention_share": None, "profile_error": error_string(e)}
     if not busy:  # no device kernels (CPU)
