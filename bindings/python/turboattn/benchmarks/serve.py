@@ -195,8 +195,8 @@ def static_attention(module, query, key, value, attention_mask, scaling=None, dr
     if n > 1:
         return sdpa(query, key, value, is_causal=True, scale=scaling, enable_gqa=hq != hkv).transpose(1, 2), None
     cache = StaticGraphDecoder.current.cache
-    out = sdpa(query.view(B, hkv, hq // hkv, D), key, value, attn_mask=cache.valid, scale=scaling)
-    return out.view(B, hq, 1, D).transpose(1, 2), None
+    out = sdpa(query.reshape(B, hkv, hq // hkv, D), key, value, attn_mask=cache.valid, scale=scaling)
+    return out.reshape(B, hq, 1, D).transpose(1, 2), None
 
 
 def _no_mask(*args, **kwargs):
