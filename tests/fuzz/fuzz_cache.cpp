@@ -1,8 +1,9 @@
 // libFuzzer target: the KV cache through the C API (configuration, sequence slots, page allocation
-// and page tables, bulk writes, appends with flushes, decode, append-and-decode) with operations and
-// arguments drawn from the input; a refused append-and-decode changes no length, an accepted one
-// leaves every sequence at least q_len long; after every operation, no page is lost: free pages plus
-// the pages the live sequences hold (one per full block of their longest layer) is the pool.
+// and page tables, bulk writes, appends with flushes, decode, append-and-decode, reservations) with
+// operations and arguments drawn from the input; a refused append-and-decode changes no length, an
+// accepted one leaves every sequence at least q_len long; after every operation, no page is lost: free
+// pages plus the pages the live sequences hold (one per full block of their longest layer or of their
+// reservation, whichever is longer) is the pool.
 #include <algorithm>
 #include <cstdlib>
 
@@ -36,25 +37,44 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (created != TA_SUCCESS) return 0;
   const int64_t H = cfg.num_kv_heads, D = cfg.head_dim;
   std::vector<bool> live(static_cast<size_t>(cfg.max_seqs), false);
+  std::vector<int64_t> reserved(static_cast<size_t>(cfg.max_seqs), 0);  // tokens each sequence has pages for
+  const auto longest = [&](int32_t s) {
+    int64_t n = 0;
+    for (int32_t l = 0; l < cfg.num_layers; ++l) {
+      int64_t len = 0;
+      check_status(ta_cache_sequence_length(cache, l, s, &len));
+      n = std::max(n, len);
+    }
+    return n;
+  };
   const ta_dtype dt = in.ConsumeBool() ? TA_DTYPE_F16 : TA_DTYPE_BF16;
   while (in.remaining_bytes() > 0) {
     int32_t seqs[3];
     const int n = in.ConsumeIntegralInRange<int>(0, 3);
     for (int i = 0; i < n; ++i) seqs[i] = in.ConsumeIntegralInRange<int>(-1, cfg.max_seqs);
     const int32_t layer = in.ConsumeIntegralInRange<int>(-1, cfg.num_layers);
-    switch (in.ConsumeIntegralInRange<int>(0, 5)) {
+    switch (in.ConsumeIntegralInRange<int>(0, 6)) {
       case 0: {
         int32_t s = -1;
         const ta_status st = ta_cache_add_sequence(cache, in.ConsumeIntegralInRange<int>(0, 20) ? &s : nullptr);
         check_status(st);
-        if (st == TA_SUCCESS) live[size_t(s)] = true;
+        if (st == TA_SUCCESS) live[size_t(s)] = true, reserved[size_t(s)] = 0;
         break;
       }
       case 1: {
         const int32_t s = n ? seqs[0] : in.ConsumeIntegral<int32_t>();
         const ta_status st = ta_cache_release_sequence(cache, s);
         check_status(st);
-        if (st == TA_SUCCESS) live[size_t(s)] = false;
+        if (st == TA_SUCCESS) live[size_t(s)] = false, reserved[size_t(s)] = 0;
+        break;
+      }
+      case 5: {  // reservation (all or nothing), then a sync, which on the CPU changes nothing
+        const int64_t tokens = in.ConsumeIntegralInRange<int64_t>(-1, 300);
+        const ta_status st = ta_cache_reserve(cache, n ? seqs : nullptr, n, tokens, nullptr);
+        check_status(st);
+        for (int i = 0; i < n && st == TA_SUCCESS; ++i)
+          reserved[size_t(seqs[i])] = std::max(reserved[size_t(seqs[i])], longest(seqs[i]) + tokens);
+        check_status(ta_cache_sync(cache));
         break;
       }
       case 2: {  // bulk write of up to 130 tokens per sequence
@@ -119,13 +139,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     int64_t held = 0;
     for (int32_t s = 0; s < cfg.max_seqs; ++s) {
       if (!live[size_t(s)]) continue;
-      int64_t longest = 0;
-      for (int32_t l = 0; l < cfg.num_layers; ++l) {
-        int64_t len = 0;
-        check_status(ta_cache_sequence_length(cache, l, s, &len));
-        longest = std::max(longest, len);
-      }
-      held += std::max<int64_t>(0, turboattn::PageBook::table_index(longest / TA_BLOCK_TOKENS));  // pages: blocks after the first
+      const int64_t tokens = std::max(longest(s), reserved[size_t(s)]);
+      held += std::max<int64_t>(0, turboattn::PageBook::table_index(tokens / TA_BLOCK_TOKENS));  // pages: blocks after the first
     }
     if (free_pages + held != cfg.num_pages) std::abort();
   }

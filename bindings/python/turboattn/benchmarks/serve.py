@@ -28,8 +28,9 @@ every step (fp16_sdpa_auto measures it). Their prefill keeps SDPA's choice.
 For each prompt length the largest batch whose KV cache fits the budget is worked out (FP16: 2 x layers
 x KV heads x head dim x 2 bytes per token; turboattn: its pages and each sequence's fixed parts, as the
 library allocates them), and batches up to it run: one forward over the whole batch's prompts (the
-prefill: real text, a different window per row), then one-token steps, greedy, eager (the baseline
-runs no CUDA graphs, so neither does turboattn here), until gen_len tokens per row. Reported per run:
+prefill: real text, a different window per row), then one-token steps, greedy, until gen_len tokens
+per row: eager, or replayed from a CUDA graph in the *_graphs configurations (FP16 and turboattn
+alike). Reported per run:
 tokens per second (batch x gen_len over prefill + decode), time to first token (the batch's prefill and
 its first token), per-token latency (mean decode step), peak memory, and at each largest batch the share
 of a decode step spent in attention (its kernels' time under the PyTorch profiler, cache writes
