@@ -227,9 +227,11 @@ TEST(CApi, ReserveTakesPagesAheadAndReleaseReturnsThem) {
   // Over capacity: nothing taken.
   EXPECT_EQ(ta_cache_reserve(c, &b, 1, 5 * 64, nullptr), TA_ERROR_OUT_OF_CAPACITY);
   EXPECT_NE(std::string(ta_last_error()).find("needs 4 new pages but only 3 are free"), std::string::npos) << ta_last_error();
-  EXPECT_EQ(ta_cache_reserve(c, &b, 1, 1001, nullptr), TA_ERROR_OUT_OF_CAPACITY);
-  EXPECT_NE(std::string(ta_last_error()).find("over max_seq_len 1000"), std::string::npos) << ta_last_error();
+  EXPECT_EQ(ta_cache_reserve(c, &a, 1, 901, nullptr), TA_ERROR_OUT_OF_CAPACITY);  // 100 + 901 tokens
+  EXPECT_NE(std::string(ta_last_error()).find("would reach 1001 tokens, over max_seq_len 1000"), std::string::npos) << ta_last_error();
   EXPECT_EQ(ta_cache_reserve(c, &b, 1, -1, nullptr), TA_ERROR_INVALID_ARGUMENT);
+  EXPECT_EQ(ta_cache_reserve(c, &b, 1, INT64_MAX, nullptr), TA_ERROR_INVALID_ARGUMENT);  // no overflow past the check
+  EXPECT_NE(std::string(ta_last_error()).find("expected 0 to max_seq_len (1000)"), std::string::npos) << ta_last_error();
   const int32_t twice[2] = {b, b};
   EXPECT_EQ(ta_cache_reserve(c, twice, 2, 1, nullptr), TA_ERROR_INVALID_ARGUMENT);
   ASSERT_EQ(ta_cache_free_pages(c, &free_pages), TA_SUCCESS);
@@ -253,7 +255,7 @@ TEST(CApi, ReserveTakesPagesAheadAndReleaseReturnsThem) {
   const int32_t s = cache.add_sequence();
   cache.reserve({s}, 200);  // 200 tokens complete blocks 0..2: pages for blocks 1 and 2
   EXPECT_EQ(cache.free_pages(), 6);
-  EXPECT_THROW(cache.reserve({s}, 1001), Exception);
+  EXPECT_THROW(cache.reserve({s}, 1001), Exception);  // more tokens than max_seq_len
   cache.sync();
 }
 

@@ -933,6 +933,45 @@ TEST(GpuCacheGraph, CapturedAppendsReplayAsEagerAppends) {
   cudaGraphExecDestroy(exec), cudaGraphDestroy(graph), cudaStreamDestroy(stream);
 }
 
+// sync takes a device length only where the slot's own sequence captured appends: a slot reused after a
+// long sequence keeps that sequence's device lengths in the layers the new one has not written. And a
+// sequence with captured appends is not released before a sync.
+TEST(GpuCacheGraph, SyncTakesOnlyTheCapturedAppendsLengths) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE(testing::Message() << "seed " << seed);
+  std::mt19937_64 rng(seed);
+  Mirror m(make_config("4", 2, 2, 64, 16, 1), rng);
+  const int old_seq = m.add();
+  for (int l = 0; l < 2; ++l) m.write(l, {old_seq}, {300});
+  m.release(old_seq);
+  const int s = m.add();
+  ASSERT_EQ(s, old_seq);
+  m.write(0, {s}, {10});  // layer 1 left empty: its device length is still 300
+  cudaStream_t stream;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+  m.gpu.reserve(&s, 1, 5, stream);
+  m.cpu.book().reserve(s, 15);
+  std::vector<float> k = test::make_input(rng, 1, 2, 64, InputKind::Normal, 'k'), v = test::make_input(rng, 1, 2, 64, InputKind::Normal, 'v');
+  test::DeviceBuffer<uint16_t> dk(2 * 64), dv(2 * 64);
+  dk.upload(test::to_half(k)), dv.upload(test::to_half(v));
+  cudaGraph_t graph;
+  ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+  m.gpu.write(0, &s, 1, device_tensor(dk.ptr, TA_DTYPE_F16, {1, 2, 64}), device_tensor(dv.ptr, TA_DTYPE_F16, {1, 2, 64}), {0, 1}, stream);
+  ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
+  cudaGraphExec_t exec;
+  ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+  ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
+  m.cpu.write(0, s, test::view_of(k, 1, 2, 64), test::view_of(v, 1, 2, 64));
+  EXPECT_THROW(m.gpu.release_sequence(s), Error);
+  m.gpu.sync();
+  EXPECT_EQ(m.gpu.book().length(0, s), 11);
+  EXPECT_EQ(m.gpu.book().length(1, s), 0);
+  m.expect_same(0, s);
+  m.gpu.release_sequence(s);  // after the sync
+  cudaGraphExecDestroy(exec), cudaGraphDestroy(graph), cudaStreamDestroy(stream);
+}
+
 // What a capture refuses, before anything changes: several tokens per sequence, and appends to
 // sequences without room reserved.
 TEST(GpuCacheGraph, CaptureRefusesWritesWithoutReservedRoom) {
@@ -966,6 +1005,10 @@ TEST(GpuCacheGraph, CaptureRefusesWritesWithoutReservedRoom) {
   EXPECT_NE(captured_message([&] { m.gpu.write(0, &a, 1, tk, tv, {0, 2}, stream); }).find("several tokens"), std::string::npos);
   EXPECT_NE(captured_message([&] { m.gpu.write(0, both, 2, tk, tv, {0, 1, 2}, stream); }).find("no room reserved"),
             std::string::npos);
+  // Two tokens for one of two sequences: as many rows as sequences, still not an append.
+  EXPECT_NE(captured_message([&] { m.gpu.write(0, both, 2, tk, tv, {0, 0, 2}, stream); }).find("tokens to a sequence"),
+            std::string::npos);
+  EXPECT_NE(captured_message([&] { m.gpu.reserve(&a, 1, 1, stream); }).find("reserve before capturing"), std::string::npos);
   m.gpu.sync();  // nothing was captured: no-op
   for (int s : {a, b}) m.expect_same(0, s);
   cudaStreamDestroy(stream);

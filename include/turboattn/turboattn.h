@@ -169,16 +169,22 @@ TA_API ta_status ta_cache_append(ta_cache* cache, int32_t layer, const int32_t* 
 
 /* Capturable appends (CUDA caches). ta_cache_reserve takes now, for each listed sequence, the pages of
  * its next `tokens` tokens in every layer (counted from its longest layer), and checks capacity first
- * (TA_ERROR_OUT_OF_CAPACITY, nothing taken). Then ta_cache_append and ta_cache_append_decode of those
- * sequences (written ones, one token each) can be captured in a CUDA graph: a captured append reads
- * the sequence's length on the GPU at each replay and appends there, flushing into the reserved pages.
- * A replay that finds a sequence at its reservation's end writes nothing for it (the cache stays as it
- * was) and the next ta_cache_sync reports it (TA_ERROR_OUT_OF_CAPACITY). Decodes of reserved sequences
- * size their splits for the reserved length, so a captured decode covers every token replays can add.
- * The host does not see replays: once an append has been captured, writes, appends, reservations,
- * ta_cache_sequence_length and ta_cache_read of the cache are refused until ta_cache_sync, which waits
- * for the device and reads the lengths back. Reserved pages return to the pool when their sequence is
- * released. On a CPU cache ta_cache_reserve takes the pages alike and ta_cache_sync does nothing. */
+ * (TA_ERROR_OUT_OF_CAPACITY, nothing taken); it cannot itself be captured. Then ta_cache_append and
+ * ta_cache_append_decode of those sequences (written ones, one token each) can be captured in a CUDA
+ * graph: a captured append reads the sequence's length on the GPU at each replay and appends there,
+ * flushing into the reserved pages. A replay that finds a sequence at its reservation's end writes
+ * nothing for it (the cache stays as it was) and the next ta_cache_sync reports it
+ * (TA_ERROR_OUT_OF_CAPACITY). Decodes of reserved sequences size their splits for the reserved length,
+ * so a captured decode covers every token replays can add. The host does not see replays: once an
+ * append has been captured, host-planned writes and appends (not captured ones), reservations,
+ * ta_cache_sequence_length, ta_cache_read and the release of a sequence with captured appends are
+ * refused until ta_cache_sync, which waits for the device and reads back the lengths the captured
+ * appends reached. Replaying such a graph again after a sync needs another sync before those calls:
+ * the library cannot see replays, so that is the caller's to keep. Captured appends of one cache share
+ * one buffer of planned positions on the GPU: replay graphs holding them one at a time, in stream
+ * order. Reserved pages return to the pool when their sequence is released (after which a replay
+ * appends nothing to it). On a CPU cache ta_cache_reserve takes the pages alike and ta_cache_sync does
+ * nothing. */
 TA_API ta_status ta_cache_reserve(ta_cache* cache, const int32_t* seqs, int32_t num_seqs, int64_t tokens,
                                   void* cuda_stream);
 TA_API ta_status ta_cache_sync(ta_cache* cache);

@@ -709,7 +709,8 @@ ta_status ta_cache_reserve(ta_cache* cache, const int32_t* seqs, int32_t num_seq
   return guard([&] {
     ta_cache& c = cache_of(cache);
     check_seqs(c, seqs, num_seqs);
-    require(tokens >= 0, TA_ERROR_INVALID_ARGUMENT, "tokens: ", tokens, ", expected >= 0");
+    require(tokens >= 0 && tokens <= c.config().max_seq_len, TA_ERROR_INVALID_ARGUMENT, "tokens: ", tokens,
+            ", expected 0 to max_seq_len (", c.config().max_seq_len, ")");
     expect_synced(c, "ta_cache_reserve");
     int64_t pages = 0;
     for (int32_t i = 0; i < num_seqs; ++i) {

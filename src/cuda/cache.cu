@@ -193,7 +193,10 @@ void launch_merge(const DecodeParams& p, int dim, unsigned rows, bool dependent,
 }  // namespace
 
 DeviceCache::DeviceCache(const ref::CacheConfig& config)
-    : cfg_(config), book_(config.layers, config.max_seqs, config.num_pages), uploads_(std::make_unique<UploadRing>()) {
+    : cfg_(config),
+      book_(config.layers, config.max_seqs, config.num_pages),
+      captured_(size_t(config.layers) * config.max_seqs, 0),
+      uploads_(std::make_unique<UploadRing>()) {
   const int64_t max_pages = PageBook::table_index(cfg_.max_seq_len / TA_BLOCK_TOKENS);
   table_width_ = int(std::max<int64_t>(1, std::min<int64_t>(max_pages, cfg_.num_pages)));
   for (int l = 0; l < cfg_.layers; ++l)
@@ -257,6 +260,11 @@ void DeviceCache::expect_synced(const char* what) const {
 void DeviceCache::reserve(const int32_t* seqs, int num_seqs, int64_t tokens, void* stream_) {
   expect_synced("ta_cache_reserve");
   const auto stream = static_cast<cudaStream_t>(stream_);
+  cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+  TA_CUDA_CHECK(cudaStreamIsCapturing(stream, &capturing));
+  require(capturing == cudaStreamCaptureStatusNone, TA_ERROR_INVALID_ARGUMENT,
+          "ta_cache_reserve cannot be captured in a CUDA graph (it takes pages on the host and copies their table to "
+          "the GPU): reserve before capturing");
   int lo = cfg_.max_seqs, hi = -1;
   for (int i = 0; i < num_seqs; ++i) {
     book_.reserve(seqs[i], book_.max_length(seqs[i]) + tokens);
@@ -285,11 +293,14 @@ void DeviceCache::sync() {
   int overflow = 0;
   TA_CUDA_CHECK(cudaMemcpy(&overflow, d_overflow_, sizeof(int), cudaMemcpyDeviceToHost));
   TA_CUDA_CHECK(cudaMemset(d_overflow_, 0, sizeof(int)));
-  // Only captured appends move a device length past the host's (host-planned writes set both alike).
-  for (int s = 0; s < cfg_.max_seqs; ++s)
-    if (book_.active(s) && book_.reserved_end(s) > 0)
-      for (int l = 0; l < cfg_.layers; ++l)
-        book_.set_length(l, s, std::max(book_.length(l, s), lengths[size_t(l) * cfg_.max_seqs + s]));
+  // Only captured appends move a device length past the host's (host-planned writes set both alike), and
+  // only where this slot's sequence captured one: elsewhere the device may still hold a length of the
+  // slot's previous sequence (writes set lengths; nothing resets them).
+  for (size_t i = 0; i < captured_.size(); ++i)
+    if (captured_[i]) {
+      const int l = int(i / size_t(cfg_.max_seqs)), s = int(i % size_t(cfg_.max_seqs));
+      book_.set_length(l, s, std::max(book_.length(l, s), lengths[i]));
+    }
   device_ahead_ = false;
   require(!overflow, TA_ERROR_OUT_OF_CAPACITY,
           "a captured append found its sequence at the end of its reservation, so that replay's token was not written "
@@ -297,20 +308,26 @@ void DeviceCache::sync() {
 }
 
 void DeviceCache::release_sequence(int seq) {
-  const bool reserved = book_.reserved_end(seq) > 0;
-  book_.release_sequence(seq);
-  if (reserved) {  // a graph still replaying appends to the slot then writes nothing
-    const int64_t none = 0;
+  bool captured = false;
+  for (int l = 0; l < cfg_.layers; ++l) captured = captured || captured_[size_t(l) * cfg_.max_seqs + seq];
+  require(!(captured && device_ahead_), TA_ERROR_INVALID_ARGUMENT, "seq: sequence ", seq,
+          " has appends captured in a CUDA graph that may have run since the last ta_cache_sync; call it before "
+          "releasing the sequence");
+  if (book_.reserved_end(seq) > 0) {  // first, so that a failed copy leaves the sequence as it was
+    const int64_t none = 0;           // a graph replaying appends to the slot then writes nothing
     TA_CUDA_CHECK(cudaMemcpy(d_reserved_end_ + seq, &none, sizeof(none), cudaMemcpyHostToDevice));
   }
+  for (int l = 0; l < cfg_.layers; ++l) captured_[size_t(l) * cfg_.max_seqs + seq] = 0;
+  book_.release_sequence(seq);
 }
 
 void DeviceCache::append_captured(int layer, const int32_t* seqs, int num_seqs, const ta_tensor& k, const ta_tensor& v,
                                   const std::vector<int32_t>& cu, void* stream_) {
   const auto stream = static_cast<cudaStream_t>(stream_);
-  require(cu.back() == num_seqs, TA_ERROR_INVALID_ARGUMENT,
-          "a cache write of several tokens per sequence cannot be captured in a CUDA graph (its pages are taken on the "
-          "host); appends of one token per sequence can, after ta_cache_reserve");
+  for (int i = 0; i < num_seqs; ++i)
+    require(cu[size_t(i) + 1] - cu[size_t(i)] == 1, TA_ERROR_INVALID_ARGUMENT, "seqs[", i, "]: a cache write of ",
+            cu[size_t(i) + 1] - cu[size_t(i)], " tokens to a sequence cannot be captured in a CUDA graph (its pages are "
+            "taken on the host); appends of one token per sequence can, after ta_cache_reserve");
   for (int i = 0; i < num_seqs; ++i) {
     const int64_t len = book_.length(layer, seqs[i]);
     require(len > 0 && book_.reserved_end(seqs[i]) > len, TA_ERROR_INVALID_ARGUMENT, "seqs[", i, "]: sequence ", seqs[i],
@@ -331,6 +348,7 @@ void DeviceCache::append_captured(int layer, const int32_t* seqs, int num_seqs, 
   plan.lengths = d_lengths_ + int64_t(layer) * cfg_.max_seqs, plan.reserved_end = d_reserved_end_, plan.tables = d_tables_;
   plan.table_width = table_width_, plan.runs = static_cast<WriteRun*>(d_append_runs_), plan.overflow = d_overflow_;
   device_ahead_ = true;
+  for (int i = 0; i < num_seqs; ++i) captured_[size_t(layer) * cfg_.max_seqs + seqs[i]] = 1;
   if (k.dtype == TA_DTYPE_F16)
     launch_planned_append<__half>(k, v, seqs, num_seqs, params(static_cast<__half*>(nullptr)), plan, stream);
   else

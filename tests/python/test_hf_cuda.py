@@ -150,3 +150,26 @@ def test_cuda_graph_decoder_replays_the_eager_steps():
         tok = want[-1].argmax(-1, keepdim=True)
         torch.testing.assert_close(model(tok, past_key_values=graphed).logits.float(),
                                    model(tok, past_key_values=eager).logits.float(), rtol=2e-3, atol=2e-3)
+
+
+def test_cuda_graph_decoder_refuses_padded_rows_and_guards_its_cache():
+    model = hf.patch(cuda_llama(), hf.TurboConfig(bits=4))
+    ids, mask = tokens(40, rows=2), torch.ones(2, 40, dtype=torch.long)
+    mask[1, :5] = 0
+    padded = hf.make_cache(model, batch_size=2, max_seq_len=128)
+    with torch.no_grad():
+        model(ids.cuda(), attention_mask=mask.cuda(), past_key_values=padded)
+        with pytest.raises(turboattn.InvalidArgument, match="padded rows"):
+            hf.CudaGraphDecoder(model, padded, 8)
+        cache = hf.make_cache(model, batch_size=2, max_seq_len=128)
+        logits = model(ids.cuda(), past_key_values=cache).logits[:, -1]
+        decoder = hf.CudaGraphDecoder(model, cache, 8)
+        with pytest.raises(turboattn.InvalidArgument, match="another one is open"):
+            hf.CudaGraphDecoder(model, cache, 8)
+        decoder.step(logits.argmax(-1, keepdim=True))
+        with pytest.raises(RuntimeError, match="close"):
+            cache.reset()
+        decoder.close()
+        decoder.close()  # once is enough; again does nothing
+        assert cache.lengths == [[41, 41]] * L
+        cache.reset()

@@ -367,6 +367,8 @@ class TurboCache(Cache):
         return True
 
     def reset(self):
+        if self._graph_decoder is not None:
+            raise RuntimeError("TurboCache: a CudaGraphDecoder replays steps over this cache; close() it first")
         if self.seqs is not None:
             for s in self.seqs:
                 self.kv.release_sequence(s)
@@ -452,6 +454,10 @@ class CudaGraphDecoder:
             raise Unsupported(2, "CudaGraphDecoder does not capture tensor-parallel models")
         if cache.seqs is None or cache.layers[0].seen == 0:
             raise InvalidArgument(1, "CudaGraphDecoder: run the prompts' prefill through the cache first")
+        # Every row's position is the tokens seen, padding included: rows must have no padding.
+        if cache._lengths[0] is None or not bool((cache._lengths[0] == cache.layers[0].seen).all()):
+            raise InvalidArgument(1, "CudaGraphDecoder: the batch has padded rows (each step's position is shared by "
+                                     "every row); decode them eagerly")
         if cache._graph_decoder is not None:
             raise InvalidArgument(1, "CudaGraphDecoder: another one is open over this cache; close() it first")
         self.model, self.cache = model, cache
@@ -462,7 +468,7 @@ class CudaGraphDecoder:
         self._position = torch.zeros(1, 1, dtype=torch.long, device=device)  # every row's (no padding)
         self._kwargs = {_cache_kwarg(model): cache, "use_cache": True, "logits_to_keep": 1}
         self._graph = self._logits = None
-        self._left, self._replays, self._closed = int(steps), 0, False
+        self._left, self._replays, self._closed, self._broken = int(steps), 0, False, False
 
     def _forward(self):
         self._in_step = True
@@ -476,6 +482,8 @@ class CudaGraphDecoder:
         """Runs one decode step on input_ids [B, 1] (the rows' new tokens); returns the logits [B, vocab]."""
         if self._closed:
             raise RuntimeError("CudaGraphDecoder: closed")
+        if self._broken:
+            raise RuntimeError("CudaGraphDecoder: its capture failed; close() it (the cache then continues eagerly)")
         if self._left <= 0:
             raise OutOfCapacity(3, "CudaGraphDecoder: every step it was made for has run (make it with more steps)")
         self._ids.copy_(input_ids)
@@ -491,6 +499,9 @@ class CudaGraphDecoder:
         try:
             with torch.cuda.graph(graph):
                 self._logits = self._forward()
+        except BaseException:
+            self._broken = True  # appends may have been captured: only close() (a sync) is left
+            raise
         finally:
             self.cache._restore_host_state(saved)  # the capture ran the step's Python, not its GPU work
         self._graph = graph
@@ -504,8 +515,10 @@ class CudaGraphDecoder:
         self._graph = self._logits = None
         if self.cache._graph_decoder is self:
             self.cache._graph_decoder = None
-        self.cache.kv.sync()  # also after a capture that failed part way: appends may have been captured
-        self.cache._advance(self._replays)
+        try:
+            self.cache.kv.sync()  # also after a capture that failed part way: appends may have been captured
+        finally:  # sync takes the device's lengths even when it raises
+            self.cache._advance(self._replays)
 
     def __enter__(self):
         return self

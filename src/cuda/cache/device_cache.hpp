@@ -144,6 +144,7 @@ class DeviceCache {
   void* d_append_runs_ = nullptr;       // captured appends' plans: WriteRun [max_seqs]
   int* d_overflow_ = nullptr;           // set by a captured append at its reservation's end
   bool device_ahead_ = false;           // a captured append was recorded since the last sync
+  std::vector<uint8_t> captured_;       // [layers][max_seqs]: the slot's sequence has captured appends there
   float* workspace_ = nullptr;          // decode: the splits' parts, grown on demand
   int64_t workspace_floats_ = 0;
   std::unique_ptr<UploadRing> uploads_;  // writes: their runs, through pinned memory
