@@ -42,6 +42,26 @@ def test_the_loop_generates_what_generate_does(configs, config):
     assert measured["kv_cache_gib"] > 0
 
 
+def test_static_cache_steps_give_the_preallocated_caches_tokens(configs, monkeypatch):
+    """fp16_graphs' cache and attention (a write at the GPU-held position, attention over the whole buffer
+    with the mask of written slots), stepped eagerly on the CPU without a graph: fp16_prealloc's tokens."""
+    ids, new = prompt_ids(2, 70, seed=5), 6
+    configs.use("fp16_prealloc")
+    want, _ = serve.generate(configs, "fp16_prealloc", ids, new)
+    configs.use("fp16_graphs")
+    cache = serve.StaticCache(configs.shape, 2, 70 + new, configs.model.dtype, "cpu")
+    monkeypatch.setattr(serve.StaticGraphDecoder, "current", type("Current", (), {"cache": cache}))
+    kw = {configs.cache_kwarg: cache, "use_cache": True, "logits_to_keep": 1}
+    with torch.no_grad():
+        got = [configs.model(input_ids=ids, **kw).logits[:, -1].argmax(-1, keepdim=True)]
+        for i in range(new - 1):
+            cache.position.fill_(70 + i)
+            step = configs.model(input_ids=got[-1], position_ids=cache.position.view(1, 1), **kw)
+            got.append(step.logits[:, -1].argmax(-1, keepdim=True))
+    assert cache.valid[0, 0, 0].sum().item() == 70 + new - 1  # the prompt and the five steps' slots
+    assert torch.equal(torch.cat(got, dim=1), want)
+
+
 @pytest.mark.skipif(not (torch.cuda.is_available() and turboattn.cuda_available()),
                     reason="needs a CUDA device and a CUDA build of libturboattn")
 @pytest.mark.parametrize("config", [c for c in serve.CONFIGS if c.endswith(serve.GRAPHS)])
