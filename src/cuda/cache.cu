@@ -23,6 +23,14 @@ namespace turboattn::cuda {
 
 namespace {
 
+// Whether work queued on `stream` is being captured into a CUDA graph (also when the capture has been
+// invalidated): what the cache refuses, or plans on the GPU, there.
+bool capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  TA_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+  return status != cudaStreamCaptureStatusNone;
+}
+
 template <typename X>
 X* device_alloc(int64_t count, const char* what) {
   void* p = nullptr;
@@ -260,9 +268,7 @@ void DeviceCache::expect_synced(const char* what) const {
 void DeviceCache::reserve(const int32_t* seqs, int num_seqs, int64_t tokens, void* stream_) {
   expect_synced("ta_cache_reserve");
   const auto stream = static_cast<cudaStream_t>(stream_);
-  cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
-  TA_CUDA_CHECK(cudaStreamIsCapturing(stream, &capturing));
-  require(capturing == cudaStreamCaptureStatusNone, TA_ERROR_INVALID_ARGUMENT,
+  require(!capturing(stream), TA_ERROR_INVALID_ARGUMENT,
           "ta_cache_reserve cannot be captured in a CUDA graph (it takes pages on the host and copies their table to "
           "the GPU): reserve before capturing");
   int lo = cfg_.max_seqs, hi = -1;
@@ -358,9 +364,7 @@ void DeviceCache::append_captured(int layer, const int32_t* seqs, int num_seqs, 
 void DeviceCache::write(int layer, const int32_t* seqs, int num_seqs, const ta_tensor& k, const ta_tensor& v,
                         const std::vector<int32_t>& cu, void* stream_) {
   const auto stream = static_cast<cudaStream_t>(stream_);
-  cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
-  TA_CUDA_CHECK(cudaStreamIsCapturing(stream, &capturing));
-  if (capturing != cudaStreamCaptureStatusNone) return append_captured(layer, seqs, num_seqs, k, v, cu, stream_);
+  if (capturing(stream)) return append_captured(layer, seqs, num_seqs, k, v, cu, stream_);
   expect_synced("a cache write or append");
   std::vector<WriteRun> runs;
   runs.reserve(size_t(num_seqs));  // an append's: one run per sequence
@@ -439,9 +443,7 @@ void DeviceCache::decode(int layer, const int32_t* seqs, int num_seqs, const ta_
   // With several splits, the splits' parts (docs/FORMATS.md 1.7) for cache_merge_kernel.
   const int64_t part_floats = splits > 1 ? int64_t(num_seqs) * hq * max_q * splits * (D + 2) : 0;
   if (part_floats > workspace_floats_) {
-    cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
-    TA_CUDA_CHECK(cudaStreamIsCapturing(stream, &capturing));
-    require(capturing == cudaStreamCaptureStatusNone, TA_ERROR_INVALID_ARGUMENT, "decode: its workspace must grow to ",
+    require(!capturing(stream), TA_ERROR_INVALID_ARGUMENT, "decode: its workspace must grow to ",
             part_floats * 4, " bytes, which cannot happen inside CUDA graph capture; run one call of this shape before capturing");
     TA_CUDA_CHECK(cudaStreamSynchronize(stream));
     cudaFree(workspace_);
