@@ -429,7 +429,8 @@ class CudaGraphDecoder:
     """Decode steps of a patched model replayed from one CUDA graph: the whole forward (embeddings, each
     layer's append and decode over the compressed cache, logits) is captured once and each later step is
     one replay, so that a step costs its GPU time and not the host's Python (docs/INTEGRATION.md). For a
-    TurboCache on CUDA after its prefill, one new token per row and step, no padding mask:
+    TurboCache on CUDA after its prefill, one new token per row and step, rows without padding (a padded
+    batch is refused: every row's position is the same):
 
         with torch.no_grad():
             logits = model(prompts, past_key_values=cache).logits[:, -1]  # the prefill, eager
@@ -443,7 +444,7 @@ class CudaGraphDecoder:
     workspaces) and captures the graph; later ones copy the new tokens and their position into the
     graph's inputs and replay it. step() returns the graph's output buffer, which the next step
     overwrites. close() brings the cache's host bookkeeping up to the tokens the replays appended
-    (KVCache.sync); until then the cache refuses eager writes."""
+    (KVCache.sync); until then the cache refuses other forwards and reset()."""
 
     def __init__(self, model, cache, steps):
         if not isinstance(cache, TurboCache):
