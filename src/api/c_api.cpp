@@ -714,10 +714,10 @@ ta_status ta_cache_reserve(ta_cache* cache, const int32_t* seqs, int32_t num_seq
     expect_synced(c, "ta_cache_reserve");
     int64_t pages = 0;
     for (int32_t i = 0; i < num_seqs; ++i) {
-      const int64_t end = c.book().max_length(seqs[i]) + tokens;
+      const int64_t end = c.book().reservation_end(seqs[i], tokens);
       require(end <= c.config().max_seq_len, TA_ERROR_OUT_OF_CAPACITY, "sequence ", seqs[i], " would reach ", end,
               " tokens, over max_seq_len ", c.config().max_seq_len, "; nothing was reserved");
-      pages += c.book().pages_to_reserve(seqs[i], end);
+      pages += c.book().pages_to_reserve(seqs[i], tokens);
     }
     require(pages <= c.book().free_pages(), TA_ERROR_OUT_OF_CAPACITY, "the reservation needs ", pages, " new pages but only ",
             c.book().free_pages(), " are free; nothing was reserved");
@@ -729,7 +729,7 @@ ta_status ta_cache_reserve(ta_cache* cache, const int32_t* seqs, int32_t num_seq
 #else
     (void)cuda_stream;
 #endif
-    for (int32_t i = 0; i < num_seqs; ++i) c.book().reserve(seqs[i], c.book().max_length(seqs[i]) + tokens);
+    for (int32_t i = 0; i < num_seqs; ++i) c.book().reserve(seqs[i], tokens);
   });
 }
 

@@ -273,7 +273,7 @@ void DeviceCache::reserve(const int32_t* seqs, int num_seqs, int64_t tokens, voi
           "the GPU): reserve before capturing");
   int lo = cfg_.max_seqs, hi = -1;
   for (int i = 0; i < num_seqs; ++i) {
-    book_.reserve(seqs[i], book_.max_length(seqs[i]) + tokens);
+    book_.reserve(seqs[i], tokens);
     lo = std::min(lo, seqs[i]), hi = std::max(hi, seqs[i]);
   }
   if (hi < lo) return;

@@ -71,13 +71,17 @@ class PageBook {
     return table[size_t(i)];
   }
 
-  // Reservations: the pages of every block a sequence completes before it holds `end` tokens, taken
-  // now (in block order), so that appends up to `end` need no host work (captured appends,
-  // docs/INTEGRATION.md). The caller checked capacity (pages_to_reserve).
-  int pages_to_reserve(int seq, int64_t end) const {
+  // Reservations: the pages of every block a sequence completes in its next `tokens` tokens (counted
+  // from its longest layer: reservation_end), taken now (in block order), so that appends up to there
+  // need no host work (captured appends, docs/INTEGRATION.md). The caller checked capacity
+  // (pages_to_reserve, and the end against max_seq_len).
+  int64_t reservation_end(int seq, int64_t tokens) const { return max_length(seq) + tokens; }
+  int pages_to_reserve(int seq, int64_t tokens) const {
+    const int64_t end = reservation_end(seq, tokens);
     return int(std::max<int64_t>(0, table_index(end / TA_BLOCK_TOKENS) - int64_t(tables_[size_t(seq)].size())));
   }
-  void reserve(int seq, int64_t end) {
+  void reserve(int seq, int64_t tokens) {
+    const int64_t end = reservation_end(seq, tokens);
     std::vector<int>& table = tables_[size_t(seq)];
     while (int64_t(table.size()) < table_index(end / TA_BLOCK_TOKENS)) {
       table.push_back(free_.back());
