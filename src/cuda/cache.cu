@@ -51,12 +51,11 @@ void configure_write_kernel() {
   allow_dynamic_smem(configured, reinterpret_cast<const void*>(cache_write_kernel<T>), write_smem_bytes(256));
 }
 
+// A write's runs (host-planned, in `runs`) into the cache that `p` describes (DeviceCache::write_params),
+// after the K means of the sequences it starts (`means`).
 template <typename T>
-void launch_write(const ta_tensor& k, const ta_tensor& v, const std::vector<WriteRun>& runs, const std::vector<MeanRun>& means,
-                  uint8_t* pool, uint8_t* buffers, uint8_t* first_blocks, float* mean_base, const PageLayout* layout, int32_t* tables, int table_width,
-                  int64_t* lengths, int kv_heads, int dim, bool smooth, UploadRing& uploads, cudaStream_t stream) {
-  const T* kp = static_cast<const T*>(k.data);
-  const T* vp = static_cast<const T*>(v.data);
+void launch_write(WriteParams<T> p, const std::vector<WriteRun>& runs, const std::vector<MeanRun>& means, bool smooth,
+                  UploadRing& uploads, cudaStream_t stream) {
   // Runs that complete a block read the tokens buffered before them, so they go first; runs that
   // leave tokens in the buffer (a sequence's last) go second. Runs all of one kind (most decode steps'
   // appends) go as they are, uncopied.
@@ -72,20 +71,16 @@ void launch_write(const ta_tensor& k, const ta_tensor& v, const std::vector<Writ
   UploadRing::Batch upload(uploads, means, *parts[0], *parts[1]);  // arrays 0, 1 and 2
   upload.upload(stream);
   if (!means.empty()) {
-    cache_mean_kernel<T><<<dim3{unsigned(means.size()), unsigned(kv_heads)}, 128, 0, stream>>>(
-        kp, k.strides[0], k.strides[1], upload.device<MeanRun>(0), mean_base, kv_heads, dim, smooth);
+    cache_mean_kernel<T><<<dim3{unsigned(means.size()), unsigned(p.kv_heads)}, 128, 0, stream>>>(
+        p.k, p.k_n, p.k_h, upload.device<MeanRun>(0), p.means, p.kv_heads, p.dim, smooth);
     TA_CUDA_CHECK_LAUNCH("cache_mean_kernel");
   }
-  const int smem = write_smem_bytes(dim);
   configure_write_kernel<T>();
   for (int i = 0; i < 2; ++i) {
     const std::vector<WriteRun>& part = *parts[i];
     if (part.empty()) continue;
-    WriteParams<T> p{};
-    p.k = kp, p.v = vp, p.k_n = k.strides[0], p.k_h = k.strides[1], p.v_n = v.strides[0], p.v_h = v.strides[1];
-    p.runs = upload.device<WriteRun>(1 + size_t(i)), p.pool = pool, p.buffers = buffers, p.first_blocks = first_blocks, p.means = mean_base, p.layout = layout;
-    p.tables = tables, p.table_width = table_width, p.lengths = lengths, p.kv_heads = kv_heads, p.dim = dim;
-    cache_write_kernel<T><<<dim3{unsigned(part.size()), unsigned(kv_heads)}, kWriteThreads, smem, stream>>>(p);
+    p.runs = upload.device<WriteRun>(1 + size_t(i));
+    cache_write_kernel<T><<<dim3{unsigned(part.size()), unsigned(p.kv_heads)}, kWriteThreads, write_smem_bytes(p.dim), stream>>>(p);
     TA_CUDA_CHECK_LAUNCH("cache_write_kernel");
   }
   upload.release(stream);
@@ -93,8 +88,8 @@ void launch_write(const ta_tensor& k, const ta_tensor& v, const std::vector<Writ
 
 // A captured append: its runs planned on the device (cache_append_plan_kernel), then written as any.
 template <typename T>
-void launch_planned_append(const ta_tensor& k, const ta_tensor& v, const int32_t* seqs, int num_seqs, WriteParams<T> p,
-                           AppendPlanParams plan, cudaStream_t stream) {
+void launch_planned_append(WriteParams<T> p, const int32_t* seqs, int num_seqs, AppendPlanParams plan, cudaStream_t stream) {
+  p.runs = plan.runs;
   for (int s0 = 0; s0 < num_seqs; s0 += kAppendPlanMaxSeqs) {
     plan.count = std::min(kAppendPlanMaxSeqs, num_seqs - s0);
     plan.first_src = s0;
@@ -103,8 +98,6 @@ void launch_planned_append(const ta_tensor& k, const ta_tensor& v, const int32_t
     TA_CUDA_CHECK_LAUNCH("cache_append_plan_kernel");
     plan.runs += plan.count;
   }
-  p.k = static_cast<const T*>(k.data), p.v = static_cast<const T*>(v.data);
-  p.k_n = k.strides[0], p.k_h = k.strides[1], p.v_n = v.strides[0], p.v_h = v.strides[1];
   configure_write_kernel<T>();
   cache_write_kernel<T><<<dim3{unsigned(num_seqs), unsigned(p.kv_heads)}, kWriteThreads, write_smem_bytes(p.dim), stream>>>(p);
   TA_CUDA_CHECK_LAUNCH("cache_write_kernel");
@@ -327,6 +320,18 @@ void DeviceCache::release_sequence(int seq) {
   book_.release_sequence(seq);
 }
 
+template <typename T>
+WriteParams<T> DeviceCache::write_params(int layer, const ta_tensor& k, const ta_tensor& v) const {
+  WriteParams<T> p{};
+  p.k = static_cast<const T*>(k.data), p.v = static_cast<const T*>(v.data);
+  p.k_n = k.strides[0], p.k_h = k.strides[1], p.v_n = v.strides[0], p.v_h = v.strides[1];
+  p.pool = pools_[size_t(layer)], p.buffers = buffers_[size_t(layer)], p.first_blocks = first_blocks_[size_t(layer)];
+  p.means = means_[size_t(layer)], p.layout = d_layouts_ + layer;
+  p.tables = d_tables_, p.table_width = table_width_, p.lengths = d_lengths_ + int64_t(layer) * cfg_.max_seqs;
+  p.kv_heads = cfg_.kv_heads, p.dim = cfg_.head_dim;
+  return p;
+}
+
 void DeviceCache::append_captured(int layer, const int32_t* seqs, int num_seqs, const ta_tensor& k, const ta_tensor& v,
                                   const std::vector<int32_t>& cu, void* stream_) {
   const auto stream = static_cast<cudaStream_t>(stream_);
@@ -341,24 +346,15 @@ void DeviceCache::append_captured(int layer, const int32_t* seqs, int num_seqs, 
             " for an append captured in a CUDA graph (such an append needs a written sequence with room reserved by "
             "ta_cache_reserve: its pages are taken before capture)");
   }
-  const auto params = [&](auto* type_tag) {
-    using T = std::remove_pointer_t<decltype(type_tag)>;
-    WriteParams<T> p{};
-    p.runs = static_cast<const WriteRun*>(d_append_runs_), p.pool = pools_[size_t(layer)], p.buffers = buffers_[size_t(layer)];
-    p.first_blocks = first_blocks_[size_t(layer)], p.means = means_[size_t(layer)], p.layout = d_layouts_ + layer;
-    p.tables = d_tables_, p.table_width = table_width_, p.lengths = d_lengths_ + int64_t(layer) * cfg_.max_seqs;
-    p.kv_heads = cfg_.kv_heads, p.dim = cfg_.head_dim;
-    return p;
-  };
   AppendPlanParams plan{};
   plan.lengths = d_lengths_ + int64_t(layer) * cfg_.max_seqs, plan.reserved_end = d_reserved_end_, plan.tables = d_tables_;
   plan.table_width = table_width_, plan.runs = static_cast<WriteRun*>(d_append_runs_), plan.overflow = d_overflow_;
   device_ahead_ = true;
   for (int i = 0; i < num_seqs; ++i) captured_[size_t(layer) * cfg_.max_seqs + seqs[i]] = 1;
   if (k.dtype == TA_DTYPE_F16)
-    launch_planned_append<__half>(k, v, seqs, num_seqs, params(static_cast<__half*>(nullptr)), plan, stream);
+    launch_planned_append(write_params<__half>(layer, k, v), seqs, num_seqs, plan, stream);
   else
-    launch_planned_append<__nv_bfloat16>(k, v, seqs, num_seqs, params(static_cast<__nv_bfloat16*>(nullptr)), plan, stream);
+    launch_planned_append(write_params<__nv_bfloat16>(layer, k, v), seqs, num_seqs, plan, stream);
 }
 
 void DeviceCache::write(int layer, const int32_t* seqs, int num_seqs, const ta_tensor& k, const ta_tensor& v,
@@ -388,16 +384,10 @@ void DeviceCache::write(int layer, const int32_t* seqs, int num_seqs, const ta_t
       book_.add_tokens(layer, seq, tokens);
     }
   }
-  const auto* lay = d_layouts_ + layer;
-  int64_t* lengths = d_lengths_ + int64_t(layer) * cfg_.max_seqs;
   if (k.dtype == TA_DTYPE_F16)
-    launch_write<__half>(k, v, runs, means, pools_[size_t(layer)], buffers_[size_t(layer)], first_blocks_[size_t(layer)],
-                         means_[size_t(layer)], lay, d_tables_, table_width_, lengths, cfg_.kv_heads, cfg_.head_dim, cfg_.smooth_k,
-                         *uploads_, stream);
+    launch_write(write_params<__half>(layer, k, v), runs, means, cfg_.smooth_k, *uploads_, stream);
   else
-    launch_write<__nv_bfloat16>(k, v, runs, means, pools_[size_t(layer)], buffers_[size_t(layer)], first_blocks_[size_t(layer)],
-                                means_[size_t(layer)], lay, d_tables_, table_width_, lengths, cfg_.kv_heads, cfg_.head_dim,
-                                cfg_.smooth_k, *uploads_, stream);
+    launch_write(write_params<__nv_bfloat16>(layer, k, v), runs, means, cfg_.smooth_k, *uploads_, stream);
 }
 
 DecodeOccupancy DeviceCache::occupancy(ta_dtype dtype, bool sas, int rows, LayerWidths widths) {

@@ -17,6 +17,8 @@
 namespace turboattn::cuda {
 
 class UploadRing;  // cuda/common/upload_ring.cuh
+template <typename T>
+struct WriteParams;  // cuda/cache/write_kernel.cuh
 
 // What of a layer's head widths picks its decode kernel instance: the widest (register budget and shared
 // memory) and whether every head is 4-bit (an instance with that width's path alone, cache.cu).
@@ -155,6 +157,9 @@ class DeviceCache {
   // the driver once each: what the automatic split fills.
   DecodeOccupancy occupancy(ta_dtype dtype, bool sas, int rows, LayerWidths widths);
   std::array<DecodeOccupancy, 32> occupancy_{};
+  // The write kernel's parameters for `layer` and the tokens k, v (all but the runs).
+  template <typename T>
+  WriteParams<T> write_params(int layer, const ta_tensor& k, const ta_tensor& v) const;
   // write() on a capturing stream (see write).
   void append_captured(int layer, const int32_t* seqs, int num_seqs, const ta_tensor& k, const ta_tensor& v,
                        const std::vector<int32_t>& cu, void* stream);

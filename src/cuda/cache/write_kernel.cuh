@@ -35,7 +35,7 @@ struct WriteParams {
   uint8_t* pool;       // the layer's pages
   uint8_t* buffers;    // the layer's INT8 buffers [slot][head]
   uint8_t* first_blocks;  // the layer's first blocks [slot][head]
-  const float* means;  // the layer's K means [slot][head][D]
+  float* means;        // the layer's K means [slot][head][D] (cache_mean_kernel writes those of new sequences)
   const PageLayout* layout;
   int32_t* tables;     // [slot][table_width]
   int table_width;
