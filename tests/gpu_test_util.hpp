@@ -6,7 +6,11 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
+#include <exception>
+#include <optional>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -16,6 +20,66 @@
 namespace turboattn::test {
 
 inline bool have_gpu() { return ta_cuda_available() == 1; }
+
+// The GPU tests' fixture: skipped without a CUDA device; `rng` seeded afresh on every run, the seed in
+// the trace of every failure so that a failing run can be repeated.
+class GpuTest : public testing::Test {
+ protected:
+  void SetUp() override {
+    if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+    const uint64_t seed = std::random_device{}();
+    rng.seed(seed);
+    seed_trace_.emplace(__FILE__, __LINE__, "seed " + std::to_string(seed));
+  }
+  std::mt19937_64 rng;
+
+ private:
+  std::optional<testing::ScopedTrace> seed_trace_;
+};
+
+template <class Param>
+class GpuTestWithParam : public GpuTest, public testing::WithParamInterface<Param> {};
+
+// A stream of its own (non-blocking), destroyed with the object.
+struct Stream {
+  cudaStream_t s = nullptr;
+  Stream() { EXPECT_EQ(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), cudaSuccess); }
+  ~Stream() { cudaStreamDestroy(s); }
+  Stream(const Stream&) = delete;
+  Stream& operator=(const Stream&) = delete;
+  operator cudaStream_t() const { return s; }
+};
+
+// The work `record` queues on `stream`, captured into a CUDA graph (the capture ended even when `record`
+// throws, so that the stream stays usable) and instantiated unless it threw; destroyed with the object.
+class CapturedGraph {
+ public:
+  template <class Record>
+  CapturedGraph(cudaStream_t stream, Record&& record) {
+    EXPECT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+    try {
+      record();
+    } catch (const std::exception& e) {
+      error_ = e.what();
+    }
+    EXPECT_EQ(cudaStreamEndCapture(stream, &graph_), cudaSuccess);
+    if (graph_ && error_.empty()) EXPECT_EQ(cudaGraphInstantiate(&exec_, graph_, 0), cudaSuccess);
+  }
+  ~CapturedGraph() {
+    if (exec_) cudaGraphExecDestroy(exec_);
+    if (graph_) cudaGraphDestroy(graph_);
+  }
+  CapturedGraph(const CapturedGraph&) = delete;
+  CapturedGraph& operator=(const CapturedGraph&) = delete;
+  const std::string& error() const { return error_; }  // what `record` threw; empty if nothing
+  bool ready() const { return exec_ != nullptr; }
+  cudaError_t launch(cudaStream_t stream) const { return exec_ ? cudaGraphLaunch(exec_, stream) : cudaErrorInvalidValue; }
+
+ private:
+  cudaGraph_t graph_ = nullptr;
+  cudaGraphExec_t exec_ = nullptr;
+  std::string error_;
+};
 
 // count elements of T in device memory, freed on destruction.
 template <class T>

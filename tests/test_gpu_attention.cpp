@@ -239,11 +239,8 @@ TEST_P(GpuPrefillVarlen, MatchesReferenceWithCuSeqlensOnEitherDevice) {
 }
 INSTANTIATE_TEST_SUITE_P(All, GpuPrefillVarlen, testing::Combine(testing::Bool(), testing::Bool()));
 
-TEST(GpuPrefillInt8Kv, MatchesReferenceOverTheSameCodes) {
-  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
-  const uint64_t seed = std::random_device{}();
-  SCOPED_TRACE(testing::Message() << "seed " << seed);
-  std::mt19937_64 rng(seed);
+class GpuPrefillInt8Kv : public test::GpuTest {};
+TEST_F(GpuPrefillInt8Kv, MatchesReferenceOverTheSameCodes) {
   const int B = 2, nq = 190, nk = 333, hq = 8, hkv = 2, D = 128, blocks = TA_BLOCK_COUNT(nk);
   std::vector<float> q = test::make_input(rng, B * nq, hq, D, InputKind::Outliers, 'q');
   std::vector<float> k = test::make_input(rng, B * nk, hkv, D, InputKind::Outliers, 'k');
@@ -345,9 +342,8 @@ std::vector<float> gpu_attention(const std::vector<float>& q, const std::vector<
 }
 }  // namespace
 
-TEST(GpuPrefillNumerics, LargeMagnitudeInputsStayFinite) {
-  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
-  std::mt19937_64 rng(std::random_device{}());
+class GpuPrefillNumerics : public test::GpuTest {};
+TEST_F(GpuPrefillNumerics, LargeMagnitudeInputsStayFinite) {
   const int d = 128, n = 300;
   std::vector<float> q = test::make_input(rng, n, 1, d, InputKind::Normal, 'q');
   std::vector<float> k = test::make_input(rng, n, 1, d, InputKind::Normal, 'k');
@@ -357,9 +353,7 @@ TEST(GpuPrefillNumerics, LargeMagnitudeInputsStayFinite) {
   for (float x : gpu_attention(q, k, v, n, n, d)) ASSERT_TRUE(std::isfinite(x));
 }
 
-TEST(GpuPrefillNumerics, EqualScoresAverageTheValues) {
-  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
-  std::mt19937_64 rng(std::random_device{}());
+TEST_F(GpuPrefillNumerics, EqualScoresAverageTheValues) {
   const int d = 64, n = 200;
   std::vector<float> q = test::make_input(rng, n, 1, d, InputKind::Normal, 'q');
   std::vector<float> k(size_t(n) * d, 0.5f);  // every key equal: every score of a row equal
@@ -376,15 +370,13 @@ TEST(GpuPrefillNumerics, EqualScoresAverageTheValues) {
 }
 
 // Each kernel (sm90: the Hopper kernel, on compute capability 9.0 devices) at head dims 64 and 128.
-class GpuPrefillNan : public testing::TestWithParam<std::tuple<int, int, const char*>> {};
+class GpuPrefillNan : public test::GpuTestWithParam<std::tuple<int, int, const char*>> {};
 TEST_P(GpuPrefillNan, NanInValueReachesExactlyTheRowsThatSeeIt) {
-  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
   const auto [nq, d, kernel] = GetParam();
   int major = 0;
   ASSERT_EQ(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0), cudaSuccess);
   if (std::string(kernel) == "sm90" && major != 9) GTEST_SKIP() << "the Hopper kernel needs a compute capability 9.0 device";
   test::ScopedEnv env("TURBOATTN_PREFILL_MMA", kernel);
-  std::mt19937_64 rng(std::random_device{}());
   const int nk = 130;  // nq < nk: the causal diagonal is offset by nk - nq
   std::vector<float> q = test::make_input(rng, nq, 1, d, InputKind::Normal, 'q');
   std::vector<float> k = test::make_input(rng, nk, 1, d, InputKind::Normal, 'k');

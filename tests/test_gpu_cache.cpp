@@ -195,14 +195,10 @@ struct Mirror {
   }
 };
 
-class GpuCacheBytes : public testing::TestWithParam<std::tuple<int, std::string>> {};
+class GpuCacheBytes : public test::GpuTestWithParam<std::tuple<int, std::string>> {};
 
 TEST_P(GpuCacheBytes, WritesAppendsAndReleasesMatchTheCpuCache) {
-  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
   const auto [dim, bits] = GetParam();
-  const uint64_t seed = std::random_device{}();
-  SCOPED_TRACE(testing::Message() << "seed " << seed);
-  std::mt19937_64 rng(seed);
   Mirror m(make_config(bits, 2, 3, dim, 48), rng);
   const int a = m.add(), b = m.add();
   for (int layer = 0; layer < 2; ++layer) {
@@ -320,14 +316,10 @@ TEST(DecodeSplit, PicksTheBestMeasuredSplit) {
 
 // (head dim, bits, query heads per KV head, q_len, SAS, split_tiles, dtype of q)
 using DecodeCase = std::tuple<int, std::string, int, int, bool, int, ta_dtype>;
-class GpuDecode : public testing::TestWithParam<DecodeCase> {};
+class GpuDecode : public test::GpuTestWithParam<DecodeCase> {};
 
 TEST_P(GpuDecode, MatchesTheCpuCacheAndFloat64) {
-  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
   const auto [dim, bits, group, q_len, sas, split_tiles, dtype] = GetParam();
-  const uint64_t seed = std::random_device{}();
-  SCOPED_TRACE(testing::Message() << "seed " << seed);
-  std::mt19937_64 rng(seed);
   const int hkv = 2;
   Mirror m(make_config(bits, 1, hkv, dim, 160, 8), rng);
   std::vector<int> seqs, lengths;
@@ -360,14 +352,17 @@ INSTANTIATE_TEST_SUITE_P(
                     // layer with two row groups (every width's path), SAS off and a merge
                     DecodeCase{128, "4", 2, 1, false, 2, TA_DTYPE_BF16}, DecodeCase{128, "mix", 8, 1, false, 3, TA_DTYPE_F16}));
 
-TEST(GpuCacheServing, RandomLivesStayIdenticalToTheCpuCache) {
+// Suites of one or more GPU tests each (skipped without a device, seeded afresh: test::GpuTest).
+class GpuCacheServing : public test::GpuTest {};
+class GpuCacheNumerics : public test::GpuTest {};
+class GpuCacheCapi : public test::GpuTest {};
+class GpuDecodeLaunches : public test::GpuTest {};
+class GpuCacheGraph : public test::GpuTest {};
+
+TEST_F(GpuCacheServing, RandomLivesStayIdenticalToTheCpuCache) {
   // Sequences start, append, finish and reuse slots and pages at random; after every step each live
   // sequence's bytes equal the CPU cache's, one layer's decode matches it, and the free page counts agree
   // (no page leaked).
-  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
-  const uint64_t seed = std::random_device{}();
-  SCOPED_TRACE(testing::Message() << "seed " << seed);
-  std::mt19937_64 rng(seed);
   Mirror m(make_config("mix", 2, 2, 64, 96, 6), rng);
   std::vector<int> live;
   for (int step = 0; step < 150; ++step) {
@@ -398,11 +393,7 @@ TEST(GpuCacheServing, RandomLivesStayIdenticalToTheCpuCache) {
 
 // Extreme values, non-finite tokens, the shortest and the longest sequences: the policies of
 // docs/FORMATS.md 1.6 and docs/ROBUSTNESS.md on the GPU, as test_cache.cpp checks them on the CPU.
-TEST(GpuCacheNumerics, InputsNearTheFp16MaximumStayFiniteAndMatchTheCpu) {
-  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
-  const uint64_t seed = std::random_device{}();
-  SCOPED_TRACE(testing::Message() << "seed " << seed);
-  std::mt19937_64 rng(seed);
+TEST_F(GpuCacheNumerics, InputsNearTheFp16MaximumStayFiniteAndMatchTheCpu) {
   for (const char* bits : {"8", "4", "2", "mix"}) {
     SCOPED_TRACE(bits);
     Mirror m(make_config(bits, 1, 2, 64, 8, 2), rng);
@@ -425,14 +416,10 @@ TEST(GpuCacheNumerics, InputsNearTheFp16MaximumStayFiniteAndMatchTheCpu) {
   }
 }
 
-TEST(GpuCacheNumerics, NonFiniteTokenPoisonsItsSequenceOnly) {
+TEST_F(GpuCacheNumerics, NonFiniteTokenPoisonsItsSequenceOnly) {
   // Propagate, never hide: a NaN in one V value of a flushed block, or an Inf in one K value still in the
   // buffer (which also makes the sequence's K mean infinite), makes that sequence's decode NaN; the other
   // sequence, sharing the pool and the launch, stays finite.
-  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
-  const uint64_t seed = std::random_device{}();
-  SCOPED_TRACE(testing::Message() << "seed " << seed);
-  std::mt19937_64 rng(seed);
   const int n = 100, d = 64;  // block 0 flushed, 36 tokens in the buffer
   for (const char* bits : {"8", "4", "2"})
     for (const bool in_buffer : {false, true}) {
@@ -454,12 +441,8 @@ TEST(GpuCacheNumerics, NonFiniteTokenPoisonsItsSequenceOnly) {
     }
 }
 
-TEST(GpuCacheNumerics, EqualScoresAverageTheValues) {
+TEST_F(GpuCacheNumerics, EqualScoresAverageTheValues) {
   // q = 0: every score is equal, so the output is the mean of the cached V (as the CPU cache computes it).
-  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
-  const uint64_t seed = std::random_device{}();
-  SCOPED_TRACE(testing::Message() << "seed " << seed);
-  std::mt19937_64 rng(seed);
   Mirror m(make_config("4", 1, 2, 128, 8, 2), rng);
   const int s = m.add();
   m.write(0, {s}, {150});
@@ -469,11 +452,7 @@ TEST(GpuCacheNumerics, EqualScoresAverageTheValues) {
   m.expect_decode(0, {s}, 8, 1, TA_DTYPE_F16, true, 0, 0.03);
 }
 
-TEST(GpuCacheNumerics, SequencesOfOneAndTwoTokens) {
-  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
-  const uint64_t seed = std::random_device{}();
-  SCOPED_TRACE(testing::Message() << "seed " << seed);
-  std::mt19937_64 rng(seed);
+TEST_F(GpuCacheNumerics, SequencesOfOneAndTwoTokens) {
   for (const char* bits : {"8", "2"}) {
     Mirror m(make_config(bits, 1, 2, 64, 8, 4), rng);
     const int a = m.add(), b = m.add(), c = m.add();
@@ -485,13 +464,9 @@ TEST(GpuCacheNumerics, SequencesOfOneAndTwoTokens) {
   }
 }
 
-TEST(GpuCacheNumerics, DecodeOver128kTokens) {
+TEST_F(GpuCacheNumerics, DecodeOver128kTokens) {
   // 131,077 tokens (the first block, 2,047 pages and 5 buffered): the same bytes as the CPU cache, and one decode step of
   // 4 query heads within the usual bounds, with the automatic split and with many splits.
-  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
-  const uint64_t seed = std::random_device{}();
-  SCOPED_TRACE(testing::Message() << "seed " << seed);
-  std::mt19937_64 rng(seed);
   const int n = 131072 + 5;
   Mirror m(make_config("4", 1, 1, 64, n / TA_BLOCK_TOKENS + 1, 1), rng);
   const int s = m.add();
@@ -502,8 +477,7 @@ TEST(GpuCacheNumerics, DecodeOver128kTokens) {
   m.expect_decode(0, {s}, 4, 1, TA_DTYPE_F16, true, 16, 0.03);
 }
 
-TEST(GpuCacheCapi, CapacityErrorsWriteNothingAndBadTensorsAreRejected) {
-  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+TEST_F(GpuCacheCapi, CapacityErrorsWriteNothingAndBadTensorsAreRejected) {
   ta_cache_config cfg = ta_cache_default_config();
   cfg.num_kv_heads = 2, cfg.head_dim = 64, cfg.num_pages = 2, cfg.max_seqs = 2, cfg.max_seq_len = 1000;
   ta_cache* cache = nullptr;
@@ -564,7 +538,7 @@ TEST(GpuCacheCapi, CapacityErrorsWriteNothingAndBadTensorsAreRejected) {
   ta_cache_destroy(cache);
 }
 
-TEST(GpuCacheCapi, AnotherCurrentDeviceIsRejected) {
+TEST_F(GpuCacheCapi, AnotherCurrentDeviceIsRejected) {
   // The cache's memory is on the device current at creation; writes and decodes with another device
   // current are refused by name, even when the tensors are on that other device.
   int devices = 0;
@@ -609,11 +583,7 @@ TEST(GpuCacheCapi, AnotherCurrentDeviceIsRejected) {
 // that many, each with its own slots and q and output rows, every output compared (split_tiles 1:
 // every sequence of over 64 tokens is split and merged). With q_len 12 the launches nest in two query
 // chunks (8 and 4 tokens), each with its own q, output and workspace offsets.
-TEST(GpuDecodeLaunches, MoreSequencesThanOneLaunchHolds) {
-  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
-  const uint64_t seed = std::random_device{}();
-  SCOPED_TRACE(testing::Message() << "seed " << seed);
-  std::mt19937_64 rng(seed);
+TEST_F(GpuDecodeLaunches, MoreSequencesThanOneLaunchHolds) {
   const int n = cuda::kDecodeMaxSeqs + 37, hkv = 2, D = 64;
   Mirror m(make_config("mix", 1, hkv, D, 3 * n, n), rng);
   std::vector<int> seqs, lengths;
@@ -629,11 +599,7 @@ TEST(GpuDecodeLaunches, MoreSequencesThanOneLaunchHolds) {
 // ta_cache_append_decode on the GPU: the outputs of ta_cache_append then ta_decode, bit for bit, and
 // the CPU cache's contents, over steps where some sequences fill a block (their runs go first) and
 // others do not, and steps where none does (the runs go uncopied).
-TEST(GpuCacheCapi, AppendDecodeEqualsAppendThenDecodeAndTheCpuCache) {
-  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
-  const uint64_t seed = std::random_device{}();
-  SCOPED_TRACE(testing::Message() << "seed " << seed);
-  std::mt19937_64 rng(seed);
+TEST_F(GpuCacheCapi, AppendDecodeEqualsAppendThenDecodeAndTheCpuCache) {
   const int H = 2, D = 64, hq = 6, n = 4, lens[n] = {126, 62, 190, 100};
   ta_cache_config cfg = ta_cache_default_config();
   cfg.num_layers = 1, cfg.num_kv_heads = H, cfg.head_dim = D, cfg.max_seqs = n, cfg.max_seq_len = 400, cfg.num_pages = 24;
@@ -706,14 +672,10 @@ void CUDART_CB hold_stream(void* ms) { std::this_thread::sleep_for(std::chrono::
 // which may synchronize with the stream); with 400, 200 calls hold three times the ring
 // (UploadRing::kCallsAhead calls), so it wraps and the calls must wait for its oldest regions, never
 // overwriting one a queued copy still reads.
-class GpuCacheUploads : public testing::TestWithParam<int> {};
+class GpuCacheUploads : public test::GpuTestWithParam<int> {};
 
 TEST_P(GpuCacheUploads, AppendsBehindABusyStreamStayExact) {
-  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
   const int n = GetParam(), steps = n <= 4 ? 70 : 200, H = 2, D = 64;
-  const uint64_t seed = std::random_device{}();
-  SCOPED_TRACE(testing::Message() << "seed " << seed);
-  std::mt19937_64 rng(seed);
   Mirror m(make_config("mix", 1, H, D, 4 * n, n), rng);
   std::vector<int> seqs;
   for (int i = 0; i < n; ++i) seqs.push_back(m.add());
@@ -729,8 +691,7 @@ TEST_P(GpuCacheUploads, AppendsBehindABusyStreamStayExact) {
   dk.upload(kb), dv.upload(vb);
   std::vector<int32_t> cu(size_t(n) + 1);
   for (int i = 0; i <= n; ++i) cu[size_t(i)] = i;
-  cudaStream_t stream;
-  ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+  const test::Stream stream;
   int hold_ms = 400;
   ASSERT_EQ(cudaLaunchHostFunc(stream, hold_stream, &hold_ms), cudaSuccess);
   const auto start = std::chrono::steady_clock::now();
@@ -750,18 +711,13 @@ TEST_P(GpuCacheUploads, AppendsBehindABusyStreamStayExact) {
     }
   ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
   for (int s : seqs) m.expect_same(0, s);
-  cudaStreamDestroy(stream);
 }
 
 INSTANTIATE_TEST_SUITE_P(Sequences, GpuCacheUploads, testing::Values(4, 400));
 
 // A write queued inside CUDA graph capture is refused before anything changes: its pages are taken on
 // the host, so a replay could not take the next ones.
-TEST(GpuCacheGraph, CapturedAppendIsRefusedAndWritesNothing) {
-  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
-  const uint64_t seed = std::random_device{}();
-  SCOPED_TRACE(testing::Message() << "seed " << seed);
-  std::mt19937_64 rng(seed);
+TEST_F(GpuCacheGraph, CapturedAppendIsRefusedAndWritesNothing) {
   Mirror m(make_config("4", 1, 2, 64, 16, 2), rng);
   const int s = m.add();
   m.write(0, {s}, {63});
@@ -769,29 +725,14 @@ TEST(GpuCacheGraph, CapturedAppendIsRefusedAndWritesNothing) {
   std::vector<float> k = test::make_input(rng, 1, 2, 64, InputKind::Normal, 'k'), v = test::make_input(rng, 1, 2, 64, InputKind::Normal, 'v');
   dk.upload(test::to_half(k)), dv.upload(test::to_half(v));
   const ta_tensor tk = device_tensor(dk.ptr, TA_DTYPE_F16, {1, 2, 64}), tv = device_tensor(dv.ptr, TA_DTYPE_F16, {1, 2, 64});
-  cudaStream_t stream;
-  ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
-  ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), cudaSuccess);
-  std::string message;
-  try {
-    m.gpu.write(0, &s, 1, tk, tv, {0, 1}, stream);
-  } catch (const Error& e) {
-    message = e.what();
-  }
-  cudaGraph_t graph = nullptr;
-  EXPECT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
-  EXPECT_NE(message.find("CUDA graph"), std::string::npos) << "message: " << message;
+  const test::Stream stream;
+  const test::CapturedGraph graph(stream, [&] { m.gpu.write(0, &s, 1, tk, tv, {0, 1}, stream); });
+  EXPECT_NE(graph.error().find("CUDA graph"), std::string::npos) << "message: " << graph.error();
   EXPECT_EQ(m.gpu.book().length(0, s), 63);
   m.expect_same(0, s);
-  if (graph) cudaGraphDestroy(graph);
-  cudaStreamDestroy(stream);
 }
 
-TEST(GpuCacheGraph, CapturedDecodeSeesTokensAppendedLater) {
-  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
-  const uint64_t seed = std::random_device{}();
-  SCOPED_TRACE(testing::Message() << "seed " << seed);
-  std::mt19937_64 rng(seed);
+TEST_F(GpuCacheGraph, CapturedDecodeSeesTokensAppendedLater) {
   Mirror m(make_config("4", 1, 2, 128, 64, 2), rng);
   const int s = m.add();
   m.write(0, {s}, {700});
@@ -803,50 +744,39 @@ TEST(GpuCacheGraph, CapturedDecodeSeesTokensAppendedLater) {
   ta_tensor tg = device_tensor(graph_out.ptr, TA_DTYPE_F16, {1, 1, hq, D}), tp = device_tensor(plain_out.ptr, TA_DTYPE_F16, {1, 1, hq, D});
   ta_decode_options o = ta_decode_default_options();
   o.split_tiles = 2;  // fixed splits: the captured grid covers the longer sequence too
-  cudaStream_t stream;
-  ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+  const test::Stream stream;
   m.gpu.decode(0, &s, 1, tq, o, tg, stream);  // grows the workspace outside capture
   ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
-  cudaGraph_t graph;
-  ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), cudaSuccess);
-  m.gpu.decode(0, &s, 1, tq, o, tg, stream);
-  ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
-  cudaGraphExec_t exec;
-  ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+  const test::CapturedGraph graph(stream, [&] { m.gpu.decode(0, &s, 1, tq, o, tg, stream); });
+  ASSERT_TRUE(graph.ready()) << graph.error();
   for (int step = 0; step < 3; ++step) m.write(0, {s}, {1});  // 703 tokens, beyond the captured length
   graph_out.poison();
-  ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
+  ASSERT_EQ(graph.launch(stream), cudaSuccess);
   m.gpu.decode(0, &s, 1, tq, o, tp, stream);
   ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
   EXPECT_EQ(graph_out.download(), plain_out.download());
   // 1403 tokens, past the 12 tiles the captured splits were sized for: the last split takes the rest.
   m.write(0, {s}, {700});
   graph_out.poison();
-  ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
+  ASSERT_EQ(graph.launch(stream), cudaSuccess);
   ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
   std::vector<float> got, want(q.size());
   for (uint16_t b : graph_out.download()) got.push_back(ref::half_to_float(b));
   m.cpu.decode(0, s, test::view_of(q, 1, hq, D), 0.0f, true, 0, want.data());
   EXPECT_LE(test::compare(got, want).rel_l2, 0.01) << "replay over 1403 tokens vs the CPU decode";
-  cudaGraphExecDestroy(exec), cudaGraphDestroy(graph), cudaStreamDestroy(stream);
 }
 
 // Decode steps (append, then decode, in two layers) captured once and replayed across block
 // boundaries: the cache afterwards holds exactly the CPU cache's bytes for the same tokens, each
 // replay's outputs match the CPU decode, the host's lengths follow at sync, and replays past the
 // reservation write nothing and are reported.
-TEST(GpuCacheGraph, CapturedAppendsReplayAsEagerAppends) {
-  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
-  const uint64_t seed = std::random_device{}();
-  SCOPED_TRACE(testing::Message() << "seed " << seed);
-  std::mt19937_64 rng(seed);
+TEST_F(GpuCacheGraph, CapturedAppendsReplayAsEagerAppends) {
   const int layers = 2, H = 2, D = 64, hq = 6, steps = 140;
   Mirror m(make_config("mix", layers, H, D, 64, 4), rng);
   const std::vector<int> seqs = {m.add(), m.add(), m.add()};
   const int n = int(seqs.size());
   for (int l = 0; l < layers; ++l) m.write(l, seqs, {1, 62, 129});
-  cudaStream_t stream;
-  ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+  const test::Stream stream;
   m.gpu.reserve(seqs.data(), n, steps, stream);
   for (int s : seqs) m.cpu.book().reserve(s, steps);  // the same page ids
   ASSERT_EQ(m.gpu.book().table(seqs[2]), m.cpu.page_table(seqs[2]));
@@ -864,23 +794,20 @@ TEST(GpuCacheGraph, CapturedAppendsReplayAsEagerAppends) {
       m.gpu.decode(l, seqs.data(), n, device_tensor(dq.ptr, TA_DTYPE_F16, {n, 1, hq, D}), o, to, st);
     }
   };
+  std::vector<float> q = test::make_input(rng, n, hq, D, InputKind::Normal, 'q');
+  dq.upload(test::to_half(q));  // read by the decodes below
   // Sizes the decode workspace outside capture (for the reserved lengths) without appending.
   for (int l = 0; l < layers; ++l) {
     ta_tensor to = layer_tensor(dout.ptr, l, {n, 1, hq, D}, int64_t(n) * hq * D);
     m.gpu.decode(l, seqs.data(), n, device_tensor(dq.ptr, TA_DTYPE_F16, {n, 1, hq, D}), o, to, stream);
   }
   ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
-  cudaGraph_t graph;
-  ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), cudaSuccess);
-  step(stream);
-  ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
-  cudaGraphExec_t exec;
-  ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+  const test::CapturedGraph graph(stream, [&] { step(stream); });
+  ASSERT_TRUE(graph.ready()) << graph.error();
   // The host's lengths are behind from now on: host-planned writes are refused until sync.
   EXPECT_THROW(m.gpu.write(0, seqs.data(), 1, layer_tensor(dk.ptr, 0, {1, H, D}, 0), layer_tensor(dv.ptr, 0, {1, H, D}, 0), {0, 1}, stream),
                Error);
 
-  std::vector<float> q;
   for (int t = 0; t < steps; ++t) {
     std::vector<float> k = test::make_input(rng, layers * n, H, D, InputKind::Normal, 'k');
     std::vector<float> v = test::make_input(rng, layers * n, H, D, InputKind::Normal, 'v');
@@ -890,7 +817,7 @@ TEST(GpuCacheGraph, CapturedAppendsReplayAsEagerAppends) {
     ASSERT_EQ(cudaMemcpyAsync(dv.ptr, vb.data(), vb.size() * 2, cudaMemcpyHostToDevice, stream), cudaSuccess);
     ASSERT_EQ(cudaMemcpyAsync(dq.ptr, qb.data(), qb.size() * 2, cudaMemcpyHostToDevice, stream), cudaSuccess);
     dout.poison();
-    ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
+    ASSERT_EQ(graph.launch(stream), cudaSuccess);
     for (int l = 0; l < layers; ++l)
       for (int i = 0; i < n; ++i) {
         ref::HeadsView kv = test::view_of(k, layers * n, H, D), vv = test::view_of(v, layers * n, H, D);
@@ -920,7 +847,7 @@ TEST(GpuCacheGraph, CapturedAppendsReplayAsEagerAppends) {
 
   // Every sequence is at (or, seqs[1] in layer 1, past) its reservation's end: a replay writes nothing,
   // and sync says so.
-  ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
+  ASSERT_EQ(graph.launch(stream), cudaSuccess);
   try {
     m.gpu.sync();
     ADD_FAILURE() << "sync after a replay past the reservation did not throw";
@@ -930,17 +857,12 @@ TEST(GpuCacheGraph, CapturedAppendsReplayAsEagerAppends) {
   }
   for (int l = 0; l < layers; ++l)
     for (int s : seqs) m.expect_same(l, s);
-  cudaGraphExecDestroy(exec), cudaGraphDestroy(graph), cudaStreamDestroy(stream);
 }
 
 // sync takes a device length only where the slot's own sequence captured appends: a slot reused after a
 // long sequence keeps that sequence's device lengths in the layers the new one has not written. And a
 // sequence with captured appends is not released before a sync.
-TEST(GpuCacheGraph, SyncTakesOnlyTheCapturedAppendsLengths) {
-  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
-  const uint64_t seed = std::random_device{}();
-  SCOPED_TRACE(testing::Message() << "seed " << seed);
-  std::mt19937_64 rng(seed);
+TEST_F(GpuCacheGraph, SyncTakesOnlyTheCapturedAppendsLengths) {
   Mirror m(make_config("4", 2, 2, 64, 16, 1), rng);
   const int old_seq = m.add();
   for (int l = 0; l < 2; ++l) m.write(l, {old_seq}, {300});
@@ -948,20 +870,16 @@ TEST(GpuCacheGraph, SyncTakesOnlyTheCapturedAppendsLengths) {
   const int s = m.add();
   ASSERT_EQ(s, old_seq);
   m.write(0, {s}, {10});  // layer 1 left empty: its device length is still 300
-  cudaStream_t stream;
-  ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+  const test::Stream stream;
   m.gpu.reserve(&s, 1, 5, stream);
   m.cpu.book().reserve(s, 5);
   std::vector<float> k = test::make_input(rng, 1, 2, 64, InputKind::Normal, 'k'), v = test::make_input(rng, 1, 2, 64, InputKind::Normal, 'v');
   test::DeviceBuffer<uint16_t> dk(2 * 64), dv(2 * 64);
   dk.upload(test::to_half(k)), dv.upload(test::to_half(v));
-  cudaGraph_t graph;
-  ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), cudaSuccess);
-  m.gpu.write(0, &s, 1, device_tensor(dk.ptr, TA_DTYPE_F16, {1, 2, 64}), device_tensor(dv.ptr, TA_DTYPE_F16, {1, 2, 64}), {0, 1}, stream);
-  ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
-  cudaGraphExec_t exec;
-  ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
-  ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
+  const ta_tensor tk = device_tensor(dk.ptr, TA_DTYPE_F16, {1, 2, 64}), tv = device_tensor(dv.ptr, TA_DTYPE_F16, {1, 2, 64});
+  const test::CapturedGraph graph(stream, [&] { m.gpu.write(0, &s, 1, tk, tv, {0, 1}, stream); });
+  ASSERT_TRUE(graph.ready()) << graph.error();
+  ASSERT_EQ(graph.launch(stream), cudaSuccess);
   m.cpu.write(0, s, test::view_of(k, 1, 2, 64), test::view_of(v, 1, 2, 64));
   EXPECT_THROW(m.gpu.release_sequence(s), Error);
   m.gpu.sync();
@@ -969,49 +887,31 @@ TEST(GpuCacheGraph, SyncTakesOnlyTheCapturedAppendsLengths) {
   EXPECT_EQ(m.gpu.book().length(1, s), 0);
   m.expect_same(0, s);
   m.gpu.release_sequence(s);  // after the sync
-  cudaGraphExecDestroy(exec), cudaGraphDestroy(graph), cudaStreamDestroy(stream);
 }
 
 // What a capture refuses, before anything changes: several tokens per sequence, and appends to
 // sequences without room reserved.
-TEST(GpuCacheGraph, CaptureRefusesWritesWithoutReservedRoom) {
-  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
-  const uint64_t seed = std::random_device{}();
-  SCOPED_TRACE(testing::Message() << "seed " << seed);
-  std::mt19937_64 rng(seed);
+TEST_F(GpuCacheGraph, CaptureRefusesWritesWithoutReservedRoom) {
   Mirror m(make_config("4", 1, 2, 64, 16, 2), rng);
   const int a = m.add(), b = m.add();
   m.write(0, {a, b}, {63, 10});
-  cudaStream_t stream;
-  ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+  const test::Stream stream;
   m.gpu.reserve(&a, 1, 1, stream);  // room for one token of a; none for b
   ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
   test::DeviceBuffer<uint16_t> dk(2 * 2 * 64), dv(2 * 2 * 64);
   const ta_tensor tk = device_tensor(dk.ptr, TA_DTYPE_F16, {2, 2, 64}), tv = device_tensor(dv.ptr, TA_DTYPE_F16, {2, 2, 64});
   const int both[2] = {a, b};
-  const auto captured_message = [&](auto&& call) {
-    std::string message;
-    EXPECT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), cudaSuccess);
-    try {
-      call();
-    } catch (const Error& e) {
-      message = e.what();
-    }
-    cudaGraph_t graph = nullptr;
-    EXPECT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
-    if (graph) cudaGraphDestroy(graph);
-    return message;
-  };
-  EXPECT_NE(captured_message([&] { m.gpu.write(0, &a, 1, tk, tv, {0, 2}, stream); }).find("several tokens"), std::string::npos);
+  const auto captured_message = [&](auto&& call) { return test::CapturedGraph(stream, call).error(); };
+  EXPECT_NE(captured_message([&] { m.gpu.write(0, &a, 1, tk, tv, {0, 2}, stream); }).find("a cache write of 2 tokens"),
+            std::string::npos);
   EXPECT_NE(captured_message([&] { m.gpu.write(0, both, 2, tk, tv, {0, 1, 2}, stream); }).find("no room reserved"),
             std::string::npos);
   // Two tokens for one of two sequences: as many rows as sequences, still not an append.
-  EXPECT_NE(captured_message([&] { m.gpu.write(0, both, 2, tk, tv, {0, 0, 2}, stream); }).find("tokens to a sequence"),
+  EXPECT_NE(captured_message([&] { m.gpu.write(0, both, 2, tk, tv, {0, 0, 2}, stream); }).find("a cache write of 0 tokens"),
             std::string::npos);
   EXPECT_NE(captured_message([&] { m.gpu.reserve(&a, 1, 1, stream); }).find("reserve before capturing"), std::string::npos);
   m.gpu.sync();  // nothing was captured: no-op
   for (int s : {a, b}) m.expect_same(0, s);
-  cudaStreamDestroy(stream);
 }
 
 }  // namespace
