@@ -44,11 +44,17 @@ X* device_alloc(int64_t count, const char* what) {
   return static_cast<X*>(p);
 }
 
-// The write kernel's shared-memory limit raised (once per device) to what the largest head dim needs.
+// cache_write_kernel's instance for p's head dim on `runs` CTAs per head, its shared-memory limit raised
+// (once per device) to what it needs.
 template <typename T>
-void configure_write_kernel() {
-  static std::atomic<uint64_t> configured{0};
-  allow_dynamic_smem(configured, reinterpret_cast<const void*>(cache_write_kernel<T>), write_smem_bytes(256));
+void launch_write_kernel(const WriteParams<T>& p, unsigned runs, cudaStream_t stream) {
+  with_head_dim(p.dim, "cache write kernel", [&](auto d) {
+    constexpr int D = decltype(d)::value;
+    static std::atomic<uint64_t> configured{0};
+    allow_dynamic_smem(configured, reinterpret_cast<const void*>(cache_write_kernel<T, D>), write_smem_bytes(D));
+    cache_write_kernel<T, D><<<dim3{runs, unsigned(p.kv_heads)}, kWriteThreads, write_smem_bytes(D), stream>>>(p);
+  });
+  TA_CUDA_CHECK_LAUNCH("cache_write_kernel");
 }
 
 // A write's runs (host-planned, in `runs`) into the cache that `p` describes (DeviceCache::write_params),
@@ -75,13 +81,11 @@ void launch_write(WriteParams<T> p, const std::vector<WriteRun>& runs, const std
         p.k, p.k_n, p.k_h, upload.device<MeanRun>(0), p.means, p.kv_heads, p.dim, smooth);
     TA_CUDA_CHECK_LAUNCH("cache_mean_kernel");
   }
-  configure_write_kernel<T>();
   for (int i = 0; i < 2; ++i) {
     const std::vector<WriteRun>& part = *parts[i];
     if (part.empty()) continue;
     p.runs = upload.device<WriteRun>(1 + size_t(i));
-    cache_write_kernel<T><<<dim3{unsigned(part.size()), unsigned(p.kv_heads)}, kWriteThreads, write_smem_bytes(p.dim), stream>>>(p);
-    TA_CUDA_CHECK_LAUNCH("cache_write_kernel");
+    launch_write_kernel(p, unsigned(part.size()), stream);
   }
   upload.release(stream);
 }
@@ -98,9 +102,7 @@ void launch_planned_append(WriteParams<T> p, const int32_t* seqs, int num_seqs, 
     TA_CUDA_CHECK_LAUNCH("cache_append_plan_kernel");
     plan.runs += plan.count;
   }
-  configure_write_kernel<T>();
-  cache_write_kernel<T><<<dim3{unsigned(num_seqs), unsigned(p.kv_heads)}, kWriteThreads, write_smem_bytes(p.dim), stream>>>(p);
-  TA_CUDA_CHECK_LAUNCH("cache_write_kernel");
+  launch_write_kernel(p, unsigned(num_seqs), stream);
 }
 
 // The one place that maps (head dim, SAS, row groups, the layer's widths) to a decode kernel instance:

@@ -49,15 +49,20 @@ constexpr int kWriteThreads = 128;
 // stage-2 codes of one of them in storage order.
 __host__ __device__ constexpr int write_smem_bytes(int dim) { return 3 * TA_BLOCK_TOKENS * dim + 2 * 4 * TA_BLOCK_TOKENS; }
 
-template <typename T>
+// One instance per head dim: a flush's loops index its block by token and channel, which a runtime
+// head dim made integer divisions (a quarter of the kernel's instructions). Shared memory is addressed
+// from `smem` itself, so that the compiler keeps every access a shared-memory one (through pointers
+// picked at run time it had made the stage-2 loops' loads generic).
+template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(kWriteThreads) cache_write_kernel(const WriteParams<T> p) {
   extern __shared__ __align__(16) uint8_t smem[];
-  constexpr int kBlock = TA_BLOCK_TOKENS;
-  const int D = p.dim, h = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  constexpr int kBlock = TA_BLOCK_TOKENS, D = kHeadDim, kLaneValues = D / 32;
+  static_assert(D % 32 == 0, "a lane takes every 32nd channel");
+  const int h = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const WriteRun run = p.runs[blockIdx.x];
-  int8_t* s_q[2] = {reinterpret_cast<int8_t*>(smem), reinterpret_cast<int8_t*>(smem) + kBlock * D};  // K, V
+  const auto s_q = [&](int which) { return reinterpret_cast<int8_t*>(smem) + which * kBlock * D; };  // K, V
   uint8_t* s_codes = smem + 2 * kBlock * D;
-  float* s_scale[2] = {reinterpret_cast<float*>(smem + 3 * kBlock * D), reinterpret_cast<float*>(smem + 3 * kBlock * D) + kBlock};
+  const auto s_scale = [&](int which) { return reinterpret_cast<float*>(smem + 3 * kBlock * D) + which * kBlock; };
 
   uint8_t* buf = p.buffers + (int64_t(run.slot) * p.kv_heads + h) * buffer_head_bytes(D);
   int8_t* buf_q[2] = {reinterpret_cast<int8_t*>(buf + buffer_k_offset(D)), reinterpret_cast<int8_t*>(buf + buffer_v_offset(D))};
@@ -69,33 +74,37 @@ __global__ void __launch_bounds__(kWriteThreads) cache_write_kernel(const WriteP
 
   // Tokens already in the buffer join the block when it completes.
   if (complete) {
-    for (int i = threadIdx.x; i < slot0 * D; i += kWriteThreads) s_q[0][i] = buf_q[0][i], s_q[1][i] = buf_q[1][i];
-    for (int i = threadIdx.x; i < slot0; i += kWriteThreads) s_scale[0][i] = buf_scale[0][i], s_scale[1][i] = buf_scale[1][i];
+    for (int i = threadIdx.x; i < slot0 * D; i += kWriteThreads) s_q(0)[i] = buf_q[0][i], s_q(1)[i] = buf_q[1][i];
+    for (int i = threadIdx.x; i < slot0; i += kWriteThreads) s_scale(0)[i] = buf_scale[0][i], s_scale(1)[i] = buf_scale[1][i];
   }
 
-  // Per-token INT8 (ref::quantize_block_int8 of one row; K minus the sequence's mean), one warp a token.
+  // Per-token INT8 (ref::quantize_block_int8 of one row; K minus the sequence's mean), a warp per token:
+  // lane values c = lane + 32 m, read once into registers for the maximum and the codes.
+  float lane_mean[kLaneValues];
+#pragma unroll
+  for (int m = 0; m < kLaneValues; ++m) lane_mean[m] = mean[lane + 32 * m];
   for (int i = warp; i < run.count; i += kWriteThreads / 32) {
     const int t = slot0 + i;
 #pragma unroll
     for (int which = 0; which < 2; ++which) {
       const T* src = which ? p.v + int64_t(run.src + i) * p.v_n + int64_t(h) * p.v_h
                            : p.k + int64_t(run.src + i) * p.k_n + int64_t(h) * p.k_h;
+      float x[kLaneValues];
       float amax = 0.0f;
       bool finite = true;
-      for (int c = lane; c < D; c += 32) {
-        const float x = which ? to_float(src[c]) : __fsub_rn(to_float(src[c]), mean[c]);
-        finite = finite && isfinite(x);
-        amax = fmaxf(amax, fabsf(x));
+#pragma unroll
+      for (int m = 0; m < kLaneValues; ++m) {
+        x[m] = which ? to_float(src[lane + 32 * m]) : __fsub_rn(to_float(src[lane + 32 * m]), lane_mean[m]);
+        finite = finite && isfinite(x[m]);
+        amax = fmaxf(amax, fabsf(x[m]));
       }
       for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
       finite = __all_sync(0xffffffffu, finite);
       const Int8Scale s = int8_block_scale(amax, finite);
-      int8_t* dst = complete ? s_q[which] + t * D : buf_q[which] + t * D;
-      for (int c = lane; c < D; c += 32) {
-        const float x = which ? to_float(src[c]) : __fsub_rn(to_float(src[c]), mean[c]);
-        dst[c] = int8_code(x, s.inv);
-      }
-      if (lane == 0) (complete ? s_scale[which] : buf_scale[which])[t] = s.scale;
+      int8_t* dst = complete ? s_q(which) + t * D : buf_q[which] + t * D;
+#pragma unroll
+      for (int m = 0; m < kLaneValues; ++m) dst[lane + 32 * m] = int8_code(x[m], s.inv);
+      if (lane == 0) (complete ? s_scale(which) : buf_scale[which])[t] = s.scale;
     }
   }
   if (!complete) {
@@ -111,29 +120,37 @@ __global__ void __launch_bounds__(kWriteThreads) cache_write_kernel(const WriteP
   const int bits = to_page ? lay.bits[h] : TA_BITS_8;
   uint8_t* page = p.pool + int64_t(run.page) * lay.page_bytes;
   uint8_t* first = p.first_blocks + (int64_t(run.slot) * p.kv_heads + h) * first_block_bytes(D);
-  __shared__ float s_block_scale;
+  // The block scales of K (warp 0) and V (warp 1), ref::requantize_tokens_to_block's: the last NaN in
+  // token order if any, else the maximum; then each token's ratio to its block scale (0 where the block's
+  // codes must be 0) in place of its scale.
+  static_assert(kBlock == 64 && kWriteThreads >= 64, "a warp takes a block's 64 token scales, two a lane");
+  if (warp < 2) {
+    float* ts = s_scale(warp);
+    const float a = ts[lane], b = ts[lane + 32];
+    int last_nan = isnan(b) ? lane + 32 : isnan(a) ? lane : -1;
+    float amax = fmaxf(fmaxf(0.0f, isnan(a) ? 0.0f : a), isnan(b) ? 0.0f : b);
+    for (int o = 16; o > 0; o >>= 1) {
+      last_nan = max(last_nan, __shfl_xor_sync(0xffffffffu, last_nan, o));
+      amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    }
+    const float nan_scale = __shfl_sync(0xffffffffu, last_nan >= 32 ? b : a, max(last_nan, 0) % 32);
+    const float block = last_nan >= 0 ? nan_scale : amax;
+    if (lane == 0)
+      *reinterpret_cast<float*>(to_page ? page + (warp ? page_v_scale_offset(p.kv_heads, h) : page_k_scale_offset(h))
+                                        : first + first_block_scale_offset(D) + 4 * warp) = block;
+    const bool zero_codes = !(block > 0.0f);
+    ts[lane] = zero_codes ? 0.0f : __fdiv_rn(a, block);
+    ts[lane + 32] = zero_codes ? 0.0f : __fdiv_rn(b, block);
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < 2 * kBlock * D; i += kWriteThreads) {  // K then V, requantized to the block scale
+    int8_t* q = reinterpret_cast<int8_t*>(smem) + i;
+    *q = round_int8(__fmul_rn(float(*q), s_scale(0)[i / D]));  // V's ratios follow K's
+  }
+  __syncthreads();
 #pragma unroll 1
   for (int which = 0; which < 2; ++which) {
-    int8_t* q = s_q[which];
-    const float* ts = s_scale[which];
-    if (threadIdx.x == 0) {  // ref::requantize_tokens_to_block's order: a NaN wins, else the max
-      float block = 0.0f;
-      for (int t = 0; t < kBlock; ++t) {
-        if (isnan(ts[t])) block = ts[t];
-        if (!isnan(block)) block = fmaxf(block, ts[t]);
-      }
-      s_block_scale = block;
-      *reinterpret_cast<float*>(to_page ? page + (which ? page_v_scale_offset(p.kv_heads, h) : page_k_scale_offset(h))
-                                        : first + first_block_scale_offset(D) + 4 * which) = block;
-    }
-    __syncthreads();
-    const float block = s_block_scale;
-    const bool zero_codes = !(block > 0.0f);
-    for (int i = threadIdx.x; i < kBlock * D; i += kWriteThreads) {
-      const float ratio = zero_codes ? 0.0f : __fdiv_rn(ts[i / D], block);
-      q[i] = zero_codes ? int8_t(0) : round_int8(__fmul_rn(float(q[i]), ratio));
-    }
-    __syncthreads();
+    const int8_t* q = s_q(which);
     uint8_t* region = to_page ? page + (which ? lay.v_offset[h] : lay.k_offset[h])
                               : first + (which ? first_block_v_offset(D) : first_block_k_offset(D));
     const int code_bytes = int(block_code_bytes(bits, D));
