@@ -11,6 +11,7 @@
 #include <exception>
 #include <optional>
 #include <random>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -40,10 +41,14 @@ class GpuTest : public testing::Test {
 template <class Param>
 class GpuTestWithParam : public GpuTest, public testing::WithParamInterface<Param> {};
 
-// A stream of its own (non-blocking), destroyed with the object.
+// A stream of its own (non-blocking), destroyed with the object. Failing to create one ends the test (an
+// exception), rather than letting it run on the legacy default stream.
 struct Stream {
   cudaStream_t s = nullptr;
-  Stream() { EXPECT_EQ(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), cudaSuccess); }
+  Stream() {
+    const cudaError_t err = cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking);
+    if (err != cudaSuccess) throw std::runtime_error(std::string("cudaStreamCreateWithFlags: ") + cudaGetErrorString(err));
+  }
   ~Stream() { cudaStreamDestroy(s); }
   Stream(const Stream&) = delete;
   Stream& operator=(const Stream&) = delete;
@@ -63,7 +68,9 @@ class CapturedGraph {
       error_ = e.what();
     }
     EXPECT_EQ(cudaStreamEndCapture(stream, &graph_), cudaSuccess);
-    if (graph_ && error_.empty()) EXPECT_EQ(cudaGraphInstantiate(&exec_, graph_, 0), cudaSuccess);
+    if (graph_ && error_.empty()) {
+      EXPECT_EQ(cudaGraphInstantiate(&exec_, graph_, 0), cudaSuccess);
+    }
   }
   ~CapturedGraph() {
     if (exec_) cudaGraphExecDestroy(exec_);

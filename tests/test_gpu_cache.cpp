@@ -906,7 +906,8 @@ TEST_F(GpuCacheGraph, CaptureRefusesWritesWithoutReservedRoom) {
             std::string::npos);
   EXPECT_NE(captured_message([&] { m.gpu.write(0, both, 2, tk, tv, {0, 1, 2}, stream); }).find("no room reserved"),
             std::string::npos);
-  // Two tokens for one of two sequences: as many rows as sequences, still not an append.
+  // No token for the first of two sequences and two for the second: as many rows as sequences, still not
+  // an append (the first sequence's count is the one refused).
   EXPECT_NE(captured_message([&] { m.gpu.write(0, both, 2, tk, tv, {0, 0, 2}, stream); }).find("a cache write of 0 tokens"),
             std::string::npos);
   EXPECT_NE(captured_message([&] { m.gpu.reserve(&a, 1, 1, stream); }).find("reserve before capturing"), std::string::npos);
