@@ -2,6 +2,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 
 #include "reference/quant.hpp"
@@ -54,10 +55,19 @@ TEST(Int8Block, ZeroTinyAndNonFiniteBlocks) {
   for (int8_t v : q) EXPECT_EQ(v, 0);
   x[3] = 1e-35f;  // below TA_ZERO_BLOCK_AMAX: treated as all zero, never a denormal scale
   EXPECT_EQ(quantize_block_int8(x.data(), 1, 64, 64, q.data(), 64), 0.0f);
+  auto scale_bits = [&] {
+    const float scale = quantize_block_int8(x.data(), 1, 64, 64, q.data(), 64);
+    uint32_t bits;
+    std::memcpy(&bits, &scale, 4);
+    return bits;
+  };
   x[3] = std::numeric_limits<float>::infinity();
-  EXPECT_TRUE(std::isnan(quantize_block_int8(x.data(), 1, 64, 64, q.data(), 64)));
-  x[3] = std::nanf("");
-  EXPECT_TRUE(std::isnan(quantize_block_int8(x.data(), 1, 64, 64, q.data(), 64)));
+  EXPECT_EQ(scale_bits(), TA_NAN_SCALE_BITS);  // one NaN pattern, whatever the input's
+  x[3] = -std::numeric_limits<float>::infinity();
+  EXPECT_EQ(scale_bits(), TA_NAN_SCALE_BITS);
+  const uint32_t payload_nan = 0xFFC01234u;
+  std::memcpy(&x[3], &payload_nan, 4);
+  EXPECT_EQ(scale_bits(), TA_NAN_SCALE_BITS);
   for (int8_t v : q) EXPECT_EQ(v, 0);
   x[3] = 65504.0f;  // fp16 max: a normal scale
   EXPECT_EQ(quantize_block_int8(x.data(), 1, 64, 64, q.data(), 64), 65504.0f / 127.0f);

@@ -418,7 +418,8 @@ TEST_F(GpuCacheNumerics, InputsNearTheFp16MaximumStayFiniteAndMatchTheCpu) {
 TEST_F(GpuCacheNumerics, NonFiniteTokenPoisonsItsSequenceOnly) {
   // Propagate, never hide: a NaN in one V value of a flushed block, or an Inf in one K value still in the
   // buffer (which also makes the sequence's K mean infinite), makes that sequence's decode NaN; the other
-  // sequence, sharing the pool and the launch, stays finite.
+  // sequence, sharing the pool and the launch, stays finite. The poisoned sequence's bytes are the CPU
+  // cache's too (its NaN scales are TA_NAN_SCALE_BITS on both).
   const int n = 100, d = 64;  // block 0 flushed, 36 tokens in the buffer
   for (const char* bits : {"8", "4", "2"})
     for (const bool in_buffer : {false, true}) {
@@ -432,6 +433,7 @@ TEST_F(GpuCacheNumerics, NonFiniteTokenPoisonsItsSequenceOnly) {
       m.write(0, {bad}, {n});
       m.edit = nullptr;
       m.write(0, {good}, {n});
+      m.expect_same(0, bad);
       m.expect_same(0, good);
       const Mirror::Decoded r = m.run_decode(0, {bad, good}, 2, 1, TA_DTYPE_F16, true, 0);
       const size_t row = size_t(2) * d;

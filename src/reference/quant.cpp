@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 
 #include "turboattn/format.h"
@@ -9,7 +10,12 @@
 namespace turboattn::ref {
 
 float int8_scale(float amax) {
-  if (!std::isfinite(amax)) return std::numeric_limits<float>::quiet_NaN();
+  if (!std::isfinite(amax)) {
+    const uint32_t bits = TA_NAN_SCALE_BITS;
+    float nan;
+    std::memcpy(&nan, &bits, sizeof nan);
+    return nan;
+  }
   if (amax < TA_ZERO_BLOCK_AMAX) return 0.0f;
   return amax / float(TA_INT8_MAX);
 }

@@ -231,11 +231,13 @@ struct TileSoftmax {
 // Q' of one tile: q (K order) times the stage-2 scale of each position's channel, split into
 // hi = qp >> 7 (s8) and lo = qp & 127, four positions (one word) per lane and step, written to the rows
 // of the B operand: row r's hi to row 8 (r / 4) + 2 (r % 4), its lo to the next. Stage-2 scales are at
-// most 255 / 3 (docs/FORMATS.md 3.3), so they are valid s8 and one masked dp4a is one product.
-template <int kHeadDim, int kBits>
-__device__ __forceinline__ void build_q_prime(const uint8_t* s_qk, const uint8_t* k_meta, uint8_t* s_b, int rows, int lane) {
+// most 255 / 3 (docs/FORMATS.md 3.3), so they are valid s8 and one masked dp4a is one product. Every
+// row of the kGroups groups is built, padding rows too (their q codes are 0, so are their parts): a
+// count known at compile time leaves no loop to run.
+template <int kHeadDim, int kBits, int kGroups>
+__device__ __forceinline__ void build_q_prime(const uint8_t* s_qk, const uint8_t* k_meta, uint8_t* s_b, int lane) {
   using Tr = DecodeTraits<kHeadDim>;
-  constexpr int kWords = kHeadDim / 4;
+  constexpr int kWords = kHeadDim / 4, kRows = 4 * kGroups;
   auto row_word = [&](int r, int w, int32_t s4) {
     const int32_t q4 = reinterpret_cast<const int32_t*>(s_qk + r * kHeadDim)[w];
     int32_t qp[4];
@@ -250,11 +252,13 @@ __device__ __forceinline__ void build_q_prime(const uint8_t* s_qk, const uint8_t
     int32_t s4[kPerLane];
 #pragma unroll
     for (int k = 0; k < kPerLane; ++k) s4[k] = int32_t(CodeOrder<kBits, kHeadDim>::gather(k_meta, lane + 32 * k));
-    for (int r = 0; r < rows; ++r)
+#pragma unroll
+    for (int r = 0; r < kRows; ++r)
 #pragma unroll
       for (int k = 0; k < kPerLane; ++k) row_word(r, lane + 32 * k, s4[k]);
   } else {
-    for (int idx = lane; idx < rows * kWords; idx += 32) {
+#pragma unroll
+    for (int idx = lane; idx < kRows * kWords; idx += 32) {
       const int w = idx % kWords;
       row_word(idx / kWords, w, int32_t(CodeOrder<kBits, kHeadDim>::gather(k_meta, w)));
     }
@@ -312,7 +316,7 @@ __device__ __forceinline__ void s8_scores(int32_t (&acc)[TA_BLOCK_TOKENS / 16][4
 // Returns whether any row of the warp uses the tile (else P V is skipped).
 template <int kHeadDim, int kBits, bool kSas, int kGroups>
 __device__ __forceinline__ bool page_scores(const uint8_t* k_half, const float* block_scale, const uint8_t* s_q8, const uint8_t* s_qk, uint8_t* s_b,
-                                            uint8_t* s_p, const float (&q_scale)[kGroups], const int (&visible)[kGroups], int rows,
+                                            uint8_t* s_p, const float (&q_scale)[kGroups], const int (&visible)[kGroups],
                                             float skip_x, WarpState<kHeadDim, kGroups>& ws, TileSoftmax<kSas, kGroups>& sm,
                                             int lane) {
   using Tr = DecodeTraits<kHeadDim>;
@@ -349,38 +353,44 @@ __device__ __forceinline__ bool page_scores(const uint8_t* k_half, const float* 
     auto b_word = [&](int grp, int ks, int h) {
       return *reinterpret_cast<const uint32_t*>(s_b + (8 * grp + g) * Tr::kBRowBytes + 32 * ks + 16 * h + 4 * t);
     };
+    // zq of each live row and K group over kLanes lanes (lanes kLanes r.. take row r: 4 per row for two
+    // groups' 8 rows, 8 per row for one group's 4), each lane every kLanes-th word, rotated by row against
+    // bank conflicts (none at D = 128, 256). Every group's dot products are taken with the first group's,
+    // so that each q word is loaded once per tile. (Taken before the loop instead, ptxas kept more
+    // registers: 8 more moves per 4-bit tile, and a spill in the D = 128 instance of every width.)
+    constexpr int kLanes = 8 / kGroups;
+    int32_t dot[kKGroups] = {};
 #pragma unroll
     for (int kg = 0; kg < kKGroups; ++kg) {
       const uint8_t* scales = k_meta + kg * D;
-      const uint8_t* zeros = k_meta + (kKGroups + kg) * D;
-      if constexpr (!kQPrimeInRegisters) {
-        if (kg > 0) __syncwarp();  // the previous group's Q' rows read
-        build_q_prime<kHeadDim, kBits>(s_qk, scales, s_b, rows, lane);
-      }
-      // zq of each live row over kLanes lanes (lanes kLanes r.. take row r: 4 per row for two groups' 8
-      // rows, 8 per row for one group's 4), each lane every kLanes-th word, rotated by row against bank
-      // conflicts (none at D = 128, 256).
-      constexpr int kLanes = 8 / kGroups, kWords = D / 4;
-      const int row = lane / kLanes, sub = lane % kLanes;
-      const int32_t* q_words = reinterpret_cast<const int32_t*>(s_q8 + row * D);
-      const int32_t* zero_words = reinterpret_cast<const int32_t*>(zeros);
-      int32_t dot = 0;
-      const int base = (sub + kLanes * row) % kWords;
+      if (kg == 0) {
+        constexpr int kWords = D / 4;
+        const int row = lane / kLanes, sub = lane % kLanes;
+        const int32_t* q_words = reinterpret_cast<const int32_t*>(s_q8 + row * D);
+        const int32_t* zero_words = reinterpret_cast<const int32_t*>(k_meta + kKGroups * D);  // group k's at k * D
+        const int base = (sub + kLanes * row) % kWords;
 #pragma unroll
-      for (int j = 0; j < kWords / kLanes; ++j) {
-        const int w = base + kLanes * j < kWords ? base + kLanes * j : base + kLanes * j - kWords;
-        dot = __dp4a(q_words[w], zero_words[w], dot);
+        for (int j = 0; j < kWords / kLanes; ++j) {
+          const int w = base + kLanes * j < kWords ? base + kLanes * j : base + kLanes * j - kWords;
+          const int32_t q4 = q_words[w];
+#pragma unroll
+          for (int k = 0; k < kKGroups; ++k) dot[k] = __dp4a(q4, zero_words[k * kWords + w], dot[k]);
+        }
       }
 #pragma unroll
-      for (int x = 1; x < kLanes; x <<= 1) dot += __shfl_xor_sync(0xffffffffu, dot, x);
+      for (int x = 1; x < kLanes; x <<= 1) dot[kg] += __shfl_xor_sync(0xffffffffu, dot[kg], x);
 #pragma unroll
       for (int grp = 0; grp < kGroups; ++grp) {
-        const int32_t zq = __shfl_sync(0xffffffffu, dot, kLanes * (4 * grp + t));
+        const int32_t zq = __shfl_sync(0xffffffffu, dot[kg], kLanes * (4 * grp + t));
 #pragma unroll
         for (int mt = kg * kGroupMTiles; mt < (kg + 1) * kGroupMTiles; ++mt)
           acc[grp][mt][0] = 0, acc[grp][mt][1] = zq, acc[grp][mt][2] = 0, acc[grp][mt][3] = zq;
       }
-      if constexpr (!kQPrimeInRegisters) __syncwarp();  // Q' rows written
+      if constexpr (!kQPrimeInRegisters) {
+        if (kg > 0) __syncwarp();  // the previous group's Q' rows read
+        build_q_prime<kHeadDim, kBits, kGroups>(s_qk, scales, s_b, lane);
+        __syncwarp();  // Q' rows written
+      }
 
       if constexpr (kGroups == 1) {  // B held for the group, each code row loaded whole
         uint32_t bq[kSteps][2];
@@ -676,7 +686,7 @@ __device__ __forceinline__ bool reads_first_block(int own, int64_t len) { return
 template <int kHeadDim, int kBits, bool kSas, int kGroups>
 __device__ __forceinline__ void warp_tiles(const DecodeParams& p, const HalfCopies<kHeadDim, kBits>& copies, const uint8_t* s_q8,
                                            const uint8_t* s_qk, uint8_t* s_b, uint8_t* s_p, const float (&q_scale)[kGroups],
-                                           const int64_t (&max_pos)[kGroups], int rows, int slot, int hk, int64_t len, int own,
+                                           const int64_t (&max_pos)[kGroups], int slot, int hk, int64_t len, int own,
                                            int end, WarpState<kHeadDim, kGroups>& ws, int lane) {
   using Tr = DecodeTraits<kHeadDim>;
   constexpr int D = kHeadDim;
@@ -691,7 +701,7 @@ __device__ __forceinline__ void warp_tiles(const DecodeParams& p, const HalfCopi
     TileSoftmax<kSas, kGroups> sm;
     const bool values = page_scores<kHeadDim, 8, kSas, kGroups>(block + first_block_k_offset(D),
                                                                 reinterpret_cast<const float*>(block + first_block_scale_offset(D)), s_q8,
-                                                                s_qk, s_b, s_p, q_scale, visible, rows, skip_x, ws, sm, lane);
+                                                                s_qk, s_b, s_p, q_scale, visible, skip_x, ws, sm, lane);
     __syncwarp();  // P rows written
     if (values) page_values<kHeadDim, 8, kSas, kGroups>(block + first_block_v_offset(D), s_p, sm, ws, lane);
     __syncwarp();  // s_p is rewritten next
@@ -712,7 +722,7 @@ __device__ __forceinline__ void warp_tiles(const DecodeParams& p, const HalfCopi
     const int32_t id_after = copies.page_id(j + 2 * Tr::kWarps);
     TileSoftmax<kSas, kGroups> sm;
     const bool values = page_scores<kHeadDim, kBits, kSas, kGroups>(copies.slot_of(k_slot), copies.scales_of(k_slot), s_q8, s_qk, s_b,
-                                                                    s_p, q_scale, visible, rows, skip_x, ws, sm, lane);
+                                                                    s_p, q_scale, visible, skip_x, ws, sm, lane);
     cp_async_wait<1>();  // V of this tile has landed
     __syncwarp();
     copies.stage(true, k_slot, j + Tr::kWarps, next_page), cp_async_commit();  // the next V, into the slot of this K
@@ -913,7 +923,7 @@ __device__ __forceinline__ void decode_split(const DecodeParams& p, uint8_t* sme
     max_pos[grp] = row < rows ? len - p.q_behind - p.q_len + row % p.q_len : -1;
     q_scale[grp] = s_q_scale[row];
   }
-  warp_tiles<kHeadDim, kBits, kSas, kGroups>(p, copies, s_q8, s_qk, s_b, s_p, q_scale, max_pos, rows, slot, hk, len, own, end, ws, lane);
+  warp_tiles<kHeadDim, kBits, kSas, kGroups>(p, copies, s_q8, s_qk, s_b, s_p, q_scale, max_pos, slot, hk, len, own, end, ws, lane);
 }
 
 // kGroups: groups of 4 query rows (1 when the CTA's rows are at most 4, else 2); kMinBlocks: the
