@@ -390,6 +390,26 @@ TEST_F(GpuCacheServing, RandomLivesStayIdenticalToTheCpuCache) {
   EXPECT_EQ(m.gpu.book().free_pages(), 96);
 }
 
+TEST_F(GpuCacheServing, AppendsAroundTheInlineRunLimitMatchTheCpuCache) {
+  // An append's runs travel in the write kernel's parameters while each of its two launches (runs that
+  // complete a block, then the others) takes at most kInlineWriteRuns, else through the upload ring:
+  // one launch at the limit, one past it, and two launches under it that together pass it.
+  const int limit = cuda::kInlineWriteRuns;
+  for (const int n : {limit, limit + 1, 2 * limit - 100}) {
+    SCOPED_TRACE(testing::Message() << n << " sequences");
+    Mirror m(make_config("mix", 1, 2, 64, 3 * n, n), rng);
+    std::vector<int> seqs, prompt;
+    for (int i = 0; i < n; ++i) {
+      seqs.push_back(m.add());
+      // n > limit + 1: half the sequences complete their first block on the first append.
+      prompt.push_back(n == limit ? 60 + i % 8 : n == limit + 1 ? 1 : i < n / 2 ? 63 : 10);
+    }
+    m.write(0, seqs, prompt);
+    for (int step = 0; step < 6; ++step) m.write(0, seqs, std::vector<int>(size_t(n), 1));
+    for (int s : seqs) m.expect_same(0, s);
+  }
+}
+
 // Extreme values, non-finite tokens, the shortest and the longest sequences: the policies of
 // docs/FORMATS.md 1.6 and docs/ROBUSTNESS.md on the GPU, as test_cache.cpp checks them on the CPU.
 TEST_F(GpuCacheNumerics, InputsNearTheFp16MaximumStayFiniteAndMatchTheCpu) {
@@ -668,9 +688,9 @@ TEST_F(GpuCacheCapi, AppendDecodeEqualsAppendThenDecodeAndTheCpuCache) {
 void CUDART_CB hold_stream(void* ms) { std::this_thread::sleep_for(std::chrono::milliseconds(*static_cast<int*>(ms))); }
 
 // Appends queued behind a busy stream, one token for each of `n` sequences per call: the CPU cache's
-// bytes after them all. With 4 sequences 70 calls fit the upload ring and must return while the stream
-// is still held (no call waits for it: their runs go up from pinned memory, not by a pageable copy,
-// which may synchronize with the stream); with 400, 200 calls hold three times the ring
+// bytes after them all. With 4 sequences (runs in the launch's parameters, kInlineWriteRuns) 70 calls
+// must return while the stream is still held (no call waits for it); with 400 (more than the parameters
+// hold, so through the upload ring's pinned memory) 200 calls hold three times the ring
 // (UploadRing::kCallsAhead calls), so it wraps and the calls must wait for its oldest regions, never
 // overwriting one a queued copy still reads.
 class GpuCacheUploads : public test::GpuTestWithParam<int> {};

@@ -45,17 +45,20 @@ X* device_alloc(int64_t count, const char* what) {
 }
 
 // cache_write_kernel's instance for p's head dim on `runs` CTAs per head, its shared-memory limit raised
-// (once per device) to what it needs.
+// (once per device) to what it needs; the runs are p.runs' or, where that is null, inline_runs'.
 template <typename T>
-void launch_write_kernel(const WriteParams<T>& p, unsigned runs, cudaStream_t stream) {
+void launch_write_kernel(const WriteParams<T>& p, unsigned runs, const InlineWriteRuns& inline_runs, cudaStream_t stream) {
   with_head_dim(p.dim, "cache write kernel", [&](auto d) {
     constexpr int D = decltype(d)::value;
     static std::atomic<uint64_t> configured{0};
     allow_dynamic_smem(configured, reinterpret_cast<const void*>(cache_write_kernel<T, D>), write_smem_bytes(D));
-    cache_write_kernel<T, D><<<dim3{runs, unsigned(p.kv_heads)}, kWriteThreads, write_smem_bytes(D), stream>>>(p);
+    cache_write_kernel<T, D><<<dim3{runs, unsigned(p.kv_heads)}, kWriteThreads, write_smem_bytes(D), stream>>>(p, inline_runs);
   });
   TA_CUDA_CHECK_LAUNCH("cache_write_kernel");
 }
+
+// For launches whose runs are in device memory.
+const InlineWriteRuns kNoInlineRuns{};
 
 // A write's runs (host-planned, in `runs`) into the cache that `p` describes (DeviceCache::write_params),
 // after the K means of the sequences it starts (`means`).
@@ -73,7 +76,18 @@ void launch_write(WriteParams<T> p, const std::vector<WriteRun>& runs, const std
     for (const WriteRun& r : runs) ordered[completes(r) ? 0 : 1].push_back(r);
     parts[0] = &ordered[0];
   }
-  // The means' and the runs' arrays go to the device in one upload.
+  // Without means to compute, parts that fit go in the launches' parameters, and nothing is uploaded.
+  if (means.empty() && parts[0]->size() <= size_t(kInlineWriteRuns) && parts[1]->size() <= size_t(kInlineWriteRuns)) {
+    p.runs = nullptr;
+    for (const std::vector<WriteRun>* part : parts) {
+      if (part->empty()) continue;
+      InlineWriteRuns inline_runs{};
+      std::copy(part->begin(), part->end(), inline_runs.run);
+      launch_write_kernel(p, unsigned(part->size()), inline_runs, stream);
+    }
+    return;
+  }
+  // Else the means' and the runs' arrays go to the device in one upload.
   UploadRing::Batch upload(uploads, means, *parts[0], *parts[1]);  // arrays 0, 1 and 2
   upload.upload(stream);
   if (!means.empty()) {
@@ -85,7 +99,7 @@ void launch_write(WriteParams<T> p, const std::vector<WriteRun>& runs, const std
     const std::vector<WriteRun>& part = *parts[i];
     if (part.empty()) continue;
     p.runs = upload.device<WriteRun>(1 + size_t(i));
-    launch_write_kernel(p, unsigned(part.size()), stream);
+    launch_write_kernel(p, unsigned(part.size()), kNoInlineRuns, stream);
   }
   upload.release(stream);
 }
@@ -102,7 +116,7 @@ void launch_planned_append(WriteParams<T> p, const int32_t* seqs, int num_seqs, 
     TA_CUDA_CHECK_LAUNCH("cache_append_plan_kernel");
     plan.runs += plan.count;
   }
-  launch_write_kernel(p, unsigned(num_seqs), stream);
+  launch_write_kernel(p, unsigned(num_seqs), kNoInlineRuns, stream);
 }
 
 // The one place that maps (head dim, SAS, row groups, the layer's widths) to a decode kernel instance:

@@ -32,6 +32,10 @@ struct LayerWidths {
 // serving batch; such a launch costs about 0.5 us more host time than one with 1 KB of parameters.
 constexpr int kDecodeMaxSeqs = 2048;
 
+// Runs a cache write kernel launch takes in its parameters (write_kernel.cuh, InlineWriteRuns; 32 bytes
+// each): every append of up to this many sequences sends them so, with no copy on the stream.
+constexpr int kInlineWriteRuns = 256;
+
 // CTAs per SM of a decode kernel instance: those that fit at once, and those one round is filled to.
 struct DecodeOccupancy {
   int resident = 0, fill = 0;

@@ -8,6 +8,7 @@
 #include <stdint.h>
 
 #include "cuda/cache/codes.cuh"
+#include "cuda/cache/device_cache.hpp"  // kInlineWriteRuns
 #include "cuda/common/int8.cuh"
 #include "cuda/common/numeric.cuh"
 #include "format/cache_layout.h"
@@ -31,7 +32,7 @@ struct WriteParams {
   const T* k;
   const T* v;
   int64_t k_n, k_h, v_n, v_h;  // element strides of k, v [T, Hkv, D]
-  const WriteRun* runs;
+  const WriteRun* runs;  // in device memory; null when the launch's InlineWriteRuns carry them
   uint8_t* pool;       // the layer's pages
   uint8_t* buffers;    // the layer's INT8 buffers [slot][head]
   uint8_t* first_blocks;  // the layer's first blocks [slot][head]
@@ -45,6 +46,15 @@ struct WriteParams {
 
 constexpr int kWriteThreads = 128;
 
+// A launch of up to kInlineWriteRuns runs (device_cache.hpp) takes them in its parameters: sent through
+// pinned memory they were a copy-engine transfer on the stream before every append, which took longer
+// than the append's kernel (docs/BENCHMARKS.md).
+struct InlineWriteRuns {
+  WriteRun run[kInlineWriteRuns];
+};
+static_assert(sizeof(WriteParams<uint16_t>) + sizeof(InlineWriteRuns) <= 32764,
+              "kernel parameters are limited to 32764 bytes (CUDA 12.1 and later)");
+
 // Dynamic shared memory of the write kernel: INT8 K and V of the block, their token scales, and the
 // stage-2 codes of one of them in storage order.
 __host__ __device__ constexpr int write_smem_bytes(int dim) { return 3 * TA_BLOCK_TOKENS * dim + 2 * 4 * TA_BLOCK_TOKENS; }
@@ -54,12 +64,13 @@ __host__ __device__ constexpr int write_smem_bytes(int dim) { return 3 * TA_BLOC
 // from `smem` itself, so that the compiler keeps every access a shared-memory one (through pointers
 // picked at run time it had made the stage-2 loops' loads generic).
 template <typename T, int kHeadDim>
-__global__ void __launch_bounds__(kWriteThreads) cache_write_kernel(const WriteParams<T> p) {
+__global__ void __launch_bounds__(kWriteThreads) cache_write_kernel(const WriteParams<T> p,
+                                                                    const __grid_constant__ InlineWriteRuns inline_runs) {
   extern __shared__ __align__(16) uint8_t smem[];
   constexpr int kBlock = TA_BLOCK_TOKENS, D = kHeadDim, kLaneValues = D / 32;
   static_assert(D % 32 == 0, "a lane takes every 32nd channel");
   const int h = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const WriteRun run = p.runs[blockIdx.x];
+  const WriteRun run = p.runs != nullptr ? p.runs[blockIdx.x] : inline_runs.run[blockIdx.x];
   const auto s_q = [&](int which) { return reinterpret_cast<int8_t*>(smem) + which * kBlock * D; };  // K, V
   uint8_t* s_codes = smem + 2 * kBlock * D;
   const auto s_scale = [&](int which) { return reinterpret_cast<float*>(smem + 3 * kBlock * D) + which * kBlock; };
