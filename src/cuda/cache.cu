@@ -44,21 +44,26 @@ X* device_alloc(int64_t count, const char* what) {
   return static_cast<X*>(p);
 }
 
-// cache_write_kernel's instance for p's head dim on `runs` CTAs per head, its shared-memory limit raised
-// (once per device) to what it needs; the runs are p.runs' or, where that is null, inline_runs'.
+// The write kernel's instance for p's head dim on `runs` CTAs per head, its shared-memory limit raised
+// (once per device) to what it needs: cache_write_kernel over p.runs, or, given inline_runs,
+// cache_write_inline_kernel over those.
 template <typename T>
-void launch_write_kernel(const WriteParams<T>& p, unsigned runs, const InlineWriteRuns& inline_runs, cudaStream_t stream) {
+void launch_write_kernel(const WriteParams<T>& p, unsigned runs, const InlineWriteRuns* inline_runs, cudaStream_t stream) {
   with_head_dim(p.dim, "cache write kernel", [&](auto d) {
     constexpr int D = decltype(d)::value;
-    static std::atomic<uint64_t> configured{0};
-    allow_dynamic_smem(configured, reinterpret_cast<const void*>(cache_write_kernel<T, D>), write_smem_bytes(D));
-    cache_write_kernel<T, D><<<dim3{runs, unsigned(p.kv_heads)}, kWriteThreads, write_smem_bytes(D), stream>>>(p, inline_runs);
+    const dim3 grid{runs, unsigned(p.kv_heads)};
+    if (inline_runs != nullptr) {
+      static std::atomic<uint64_t> configured{0};
+      allow_dynamic_smem(configured, reinterpret_cast<const void*>(cache_write_inline_kernel<T, D>), write_smem_bytes(D));
+      cache_write_inline_kernel<T, D><<<grid, kWriteThreads, write_smem_bytes(D), stream>>>(p, *inline_runs);
+    } else {
+      static std::atomic<uint64_t> configured{0};
+      allow_dynamic_smem(configured, reinterpret_cast<const void*>(cache_write_kernel<T, D>), write_smem_bytes(D));
+      cache_write_kernel<T, D><<<grid, kWriteThreads, write_smem_bytes(D), stream>>>(p);
+    }
   });
   TA_CUDA_CHECK_LAUNCH("cache_write_kernel");
 }
-
-// For launches whose runs are in device memory.
-const InlineWriteRuns kNoInlineRuns{};
 
 // A write's runs (host-planned, in `runs`) into the cache that `p` describes (DeviceCache::write_params),
 // after the K means of the sequences it starts (`means`).
@@ -78,12 +83,11 @@ void launch_write(WriteParams<T> p, const std::vector<WriteRun>& runs, const std
   }
   // Without means to compute, parts that fit go in the launches' parameters, and nothing is uploaded.
   if (means.empty() && parts[0]->size() <= size_t(kInlineWriteRuns) && parts[1]->size() <= size_t(kInlineWriteRuns)) {
-    p.runs = nullptr;
     for (const std::vector<WriteRun>* part : parts) {
       if (part->empty()) continue;
       InlineWriteRuns inline_runs{};
       std::copy(part->begin(), part->end(), inline_runs.run);
-      launch_write_kernel(p, unsigned(part->size()), inline_runs, stream);
+      launch_write_kernel(p, unsigned(part->size()), &inline_runs, stream);
     }
     return;
   }
@@ -99,7 +103,7 @@ void launch_write(WriteParams<T> p, const std::vector<WriteRun>& runs, const std
     const std::vector<WriteRun>& part = *parts[i];
     if (part.empty()) continue;
     p.runs = upload.device<WriteRun>(1 + size_t(i));
-    launch_write_kernel(p, unsigned(part.size()), kNoInlineRuns, stream);
+    launch_write_kernel(p, unsigned(part.size()), nullptr, stream);
   }
   upload.release(stream);
 }
@@ -116,7 +120,7 @@ void launch_planned_append(WriteParams<T> p, const int32_t* seqs, int num_seqs, 
     TA_CUDA_CHECK_LAUNCH("cache_append_plan_kernel");
     plan.runs += plan.count;
   }
-  launch_write_kernel(p, unsigned(num_seqs), kNoInlineRuns, stream);
+  launch_write_kernel(p, unsigned(num_seqs), nullptr, stream);
 }
 
 // The one place that maps (head dim, SAS, row groups, the layer's widths) to a decode kernel instance:

@@ -32,7 +32,7 @@ struct WriteParams {
   const T* k;
   const T* v;
   int64_t k_n, k_h, v_n, v_h;  // element strides of k, v [T, Hkv, D]
-  const WriteRun* runs;  // in device memory; null when the launch's InlineWriteRuns carry them
+  const WriteRun* runs;  // in device memory (cache_write_kernel; cache_write_inline_kernel takes them inline)
   uint8_t* pool;       // the layer's pages
   uint8_t* buffers;    // the layer's INT8 buffers [slot][head]
   uint8_t* first_blocks;  // the layer's first blocks [slot][head]
@@ -59,18 +59,16 @@ static_assert(sizeof(WriteParams<uint16_t>) + sizeof(InlineWriteRuns) <= 32764,
 // stage-2 codes of one of them in storage order.
 __host__ __device__ constexpr int write_smem_bytes(int dim) { return 3 * TA_BLOCK_TOKENS * dim + 2 * 4 * TA_BLOCK_TOKENS; }
 
-// One instance per head dim: a flush's loops index its block by token and channel, which a runtime
-// head dim made integer divisions (a quarter of the kernel's instructions). Shared memory is addressed
-// from `smem` itself, so that the compiler keeps every access a shared-memory one (through pointers
-// picked at run time it had made the stage-2 loops' loads generic).
+// A CTA's run (blockIdx.x) of head blockIdx.y. One instance per head dim: a flush's loops index its
+// block by token and channel, which a runtime head dim made integer divisions (a quarter of the kernel's
+// instructions). Shared memory is addressed from `smem` itself, so that the compiler keeps every access a
+// shared-memory one (through pointers picked at run time it had made the stage-2 loops' loads generic).
 template <typename T, int kHeadDim>
-__global__ void __launch_bounds__(kWriteThreads) cache_write_kernel(const WriteParams<T> p,
-                                                                    const __grid_constant__ InlineWriteRuns inline_runs) {
+__device__ __forceinline__ void write_run(const WriteParams<T>& p, const WriteRun run) {
   extern __shared__ __align__(16) uint8_t smem[];
   constexpr int kBlock = TA_BLOCK_TOKENS, D = kHeadDim, kLaneValues = D / 32;
   static_assert(D % 32 == 0, "a lane takes every 32nd channel");
   const int h = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const WriteRun run = p.runs != nullptr ? p.runs[blockIdx.x] : inline_runs.run[blockIdx.x];
   const auto s_q = [&](int which) { return reinterpret_cast<int8_t*>(smem) + which * kBlock * D; };  // K, V
   uint8_t* s_codes = smem + 2 * kBlock * D;
   const auto s_scale = [&](int which) { return reinterpret_cast<float*>(smem + 3 * kBlock * D) + which * kBlock; };
@@ -198,6 +196,20 @@ __global__ void __launch_bounds__(kWriteThreads) cache_write_kernel(const WriteP
     if (to_page) p.tables[int64_t(run.slot) * p.table_width + page_table_index(run.pos0 / kBlock)] = run.page;
     if (run.new_length >= 0) p.lengths[run.slot] = run.new_length;
   }
+}
+
+// The runs from device memory (p.runs: uploaded, or planned on the GPU) ...
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(kWriteThreads) cache_write_kernel(const WriteParams<T> p) {
+  write_run<T, kHeadDim>(p, p.runs[blockIdx.x]);
+}
+
+// ... or from the launch's parameters. Two kernels rather than one choosing at run time: the choice
+// cost the kernel registers and a spill, and bulk writes 6% of their time (docs/BENCHMARKS.md).
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(kWriteThreads) cache_write_inline_kernel(const WriteParams<T> p,
+                                                                           const __grid_constant__ InlineWriteRuns inline_runs) {
+  write_run<T, kHeadDim>(p, inline_runs.run[blockIdx.x]);
 }
 
 // Captured appends (one token per sequence) plan their runs on the device, from the lengths a replay
