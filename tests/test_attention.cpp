@@ -3,10 +3,12 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <tuple>
 
 #include "reference/attention.hpp"
 #include "test_util.hpp"
+#include "turboattn/format.h"
 
 using namespace turboattn;
 using namespace turboattn::ref;
@@ -102,6 +104,27 @@ TEST_P(HeadGroups, MhaGqaMqa) {
   check({64, 130, 190, 4, hkv, true, sas, InputKind::Outliers});
 }
 INSTANTIATE_TEST_SUITE_P(All, HeadGroups, testing::Combine(testing::Values(4, 2, 1), testing::Bool()));
+
+TEST(Attention, KMeanOfNonFiniteKeysIsTheStoredNan) {
+  // The K mean the cache stores: TA_NAN_BITS for a channel with a NaN or with both infinities (x86 would
+  // give other NaNs), an infinity for a channel with infinities of one sign.
+  const int n = 3, d = 8;
+  std::vector<float> k(size_t(n) * d, 1.0f);
+  k[0 * d + 1] = std::nanf("");
+  k[1 * d + 2] = INFINITY, k[2 * d + 2] = -INFINITY;
+  k[1 * d + 3] = -INFINITY;
+  std::vector<float> mean(d);
+  ref::head_mean(test::view_of(k, n, 1, d), 0, mean.data());
+  auto bits = [](float x) {
+    uint32_t b;
+    std::memcpy(&b, &x, 4);
+    return b;
+  };
+  EXPECT_EQ(bits(mean[1]), TA_NAN_BITS);
+  EXPECT_EQ(bits(mean[2]), TA_NAN_BITS);
+  EXPECT_EQ(mean[3], -INFINITY);
+  EXPECT_EQ(mean[0], 1.0f);
+}
 
 TEST(Attention, CausalMaskIsBottomRightAligned) {
   // With nq < nk, the last query sees every key and the first sees nk - nq + 1: compare with exact

@@ -62,12 +62,12 @@ TEST(Int8Block, ZeroTinyAndNonFiniteBlocks) {
     return bits;
   };
   x[3] = std::numeric_limits<float>::infinity();
-  EXPECT_EQ(scale_bits(), TA_NAN_SCALE_BITS);  // one NaN pattern, whatever the input's
+  EXPECT_EQ(scale_bits(), TA_NAN_BITS);  // one NaN pattern, whatever the input's
   x[3] = -std::numeric_limits<float>::infinity();
-  EXPECT_EQ(scale_bits(), TA_NAN_SCALE_BITS);
+  EXPECT_EQ(scale_bits(), TA_NAN_BITS);
   const uint32_t payload_nan = 0xFFC01234u;
   std::memcpy(&x[3], &payload_nan, 4);
-  EXPECT_EQ(scale_bits(), TA_NAN_SCALE_BITS);
+  EXPECT_EQ(scale_bits(), TA_NAN_BITS);
   for (int8_t v : q) EXPECT_EQ(v, 0);
   x[3] = 65504.0f;  // fp16 max: a normal scale
   EXPECT_EQ(quantize_block_int8(x.data(), 1, 64, 64, q.data(), 64), 65504.0f / 127.0f);

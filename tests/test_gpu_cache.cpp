@@ -436,19 +436,22 @@ TEST_F(GpuCacheNumerics, InputsNearTheFp16MaximumStayFiniteAndMatchTheCpu) {
 }
 
 TEST_F(GpuCacheNumerics, NonFiniteTokenPoisonsItsSequenceOnly) {
-  // Propagate, never hide: a NaN in one V value of a flushed block, or an Inf in one K value still in the
-  // buffer (which also makes the sequence's K mean infinite), makes that sequence's decode NaN; the other
-  // sequence, sharing the pool and the launch, stays finite. The poisoned sequence's bytes are the CPU
-  // cache's too (its NaN scales are TA_NAN_SCALE_BITS on both).
+  // Propagate, never hide: a NaN in one V value of a flushed block, an Inf in one K value still in the
+  // buffer (which also makes the sequence's K mean infinite), or a NaN in one K value (its channel's K
+  // mean NaN) makes that sequence's decode NaN; the other sequence, sharing the pool and the launch,
+  // stays finite. The poisoned sequence's bytes are the CPU cache's too (the NaN scales and means they
+  // store are TA_NAN_BITS on both).
   const int n = 100, d = 64;  // block 0 flushed, 36 tokens in the buffer
+  enum class Poison { PageV, BufferKInf, KNan };
   for (const char* bits : {"8", "4", "2"})
-    for (const bool in_buffer : {false, true}) {
-      SCOPED_TRACE(testing::Message() << bits << (in_buffer ? " buffer" : " page"));
+    for (const Poison poison : {Poison::PageV, Poison::BufferKInf, Poison::KNan}) {
+      SCOPED_TRACE(testing::Message() << bits << " bits, case " << int(poison));
       Mirror m(make_config(bits, 1, 1, d, 8, 2), rng);
       const int bad = m.add(), good = m.add();
       m.edit = [&](std::vector<float>& x, char role) {
-        if (in_buffer && role == 'k') x[size_t(90) * d + 5] = INFINITY;
-        if (!in_buffer && role == 'v') x[size_t(10) * d + 7] = NAN;
+        if (poison == Poison::BufferKInf && role == 'k') x[size_t(90) * d + 5] = INFINITY;
+        if (poison == Poison::PageV && role == 'v') x[size_t(10) * d + 7] = NAN;
+        if (poison == Poison::KNan && role == 'k') x[size_t(30) * d + 9] = NAN;
       };
       m.write(0, {bad}, {n});
       m.edit = nullptr;
@@ -688,15 +691,19 @@ TEST_F(GpuCacheCapi, AppendDecodeEqualsAppendThenDecodeAndTheCpuCache) {
 void CUDART_CB hold_stream(void* ms) { std::this_thread::sleep_for(std::chrono::milliseconds(*static_cast<int*>(ms))); }
 
 // Appends queued behind a busy stream, one token for each of `n` sequences per call: the CPU cache's
-// bytes after them all. With 4 sequences (runs in the launch's parameters, kInlineWriteRuns) 70 calls
-// must return while the stream is still held (no call waits for it); with 400 (more than the parameters
-// hold, so through the upload ring's pinned memory) 200 calls hold three times the ring
-// (UploadRing::kCallsAhead calls), so it wraps and the calls must wait for its oldest regions, never
-// overwriting one a queued copy still reads.
-class GpuCacheUploads : public test::GpuTestWithParam<int> {};
+// bytes after them all. With 4 sequences (runs in the launch's parameters, kInlineWriteRuns) 70 calls,
+// and with 257 (through the upload ring's pinned memory) 40 calls, fewer than the ring holds, must
+// return while the stream is still held (no call waits for it); with 400, 200 calls hold three times
+// the ring (UploadRing::kCallsAhead calls), so it wraps and the calls must wait for its oldest regions,
+// never overwriting one a queued copy still reads.
+struct UploadCase {
+  int sequences, calls;
+  bool returns_while_held;
+};
+class GpuCacheUploads : public test::GpuTestWithParam<UploadCase> {};
 
 TEST_P(GpuCacheUploads, AppendsBehindABusyStreamStayExact) {
-  const int n = GetParam(), steps = n <= 4 ? 70 : 200, H = 2, D = 64;
+  const int n = GetParam().sequences, steps = GetParam().calls, H = 2, D = 64;
   Mirror m(make_config("mix", 1, H, D, 4 * n, n), rng);
   std::vector<int> seqs;
   for (int i = 0; i < n; ++i) seqs.push_back(m.add());
@@ -722,7 +729,7 @@ TEST_P(GpuCacheUploads, AppendsBehindABusyStreamStayExact) {
     m.gpu.write(0, seqs.data(), n, tk, tv, cu, stream);
   }
   const double queued_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
-  if (n <= 4) EXPECT_LT(queued_ms, 200.0) << "the appends waited for the held stream";
+  if (GetParam().returns_while_held) EXPECT_LT(queued_ms, 200.0) << "the appends waited for the held stream";
   for (int step = 0; step < steps; ++step)
     for (int i = 0; i < n; ++i) {
       ref::HeadsView kv = test::view_of(k, steps * n, H, D), vv = test::view_of(v, steps * n, H, D);
@@ -734,7 +741,8 @@ TEST_P(GpuCacheUploads, AppendsBehindABusyStreamStayExact) {
   for (int s : seqs) m.expect_same(0, s);
 }
 
-INSTANTIATE_TEST_SUITE_P(Sequences, GpuCacheUploads, testing::Values(4, 400));
+INSTANTIATE_TEST_SUITE_P(Sequences, GpuCacheUploads,
+                         testing::Values(UploadCase{4, 70, true}, UploadCase{257, 40, true}, UploadCase{400, 200, false}));
 
 // A write queued inside CUDA graph capture is refused before anything changes: its pages are taken on
 // the host, so a replay could not take the next ones.

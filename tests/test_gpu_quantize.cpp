@@ -83,7 +83,7 @@ TEST_P(GpuQuantize, BitExactWithReference) {
   ASSERT_TRUE(offset == 0 || codes[0] == 0x55) << "a code was written before the tensor";
   codes.erase(codes.begin(), codes.begin() + offset);
   const std::vector<float> scales = ds.download();
-  for (size_t i = 0; i < scales.size(); ++i)  // NaN scales included: one bit pattern (TA_NAN_SCALE_BITS)
+  for (size_t i = 0; i < scales.size(); ++i)  // NaN scales included: one bit pattern (TA_NAN_BITS)
     ASSERT_EQ(std::memcmp(&scales[i], &scales_ref[i], 4), 0) << "scale " << i << ": " << scales[i] << " vs " << scales_ref[i];
   for (size_t i = 0; i < codes.size(); ++i) ASSERT_EQ(codes[i], codes_ref[i]) << "code " << i;
 }

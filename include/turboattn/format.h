@@ -14,9 +14,10 @@
 
 /* A block whose amax is below this (2^-100) is an all-zero block: scale 0, codes 0. */
 #define TA_ZERO_BLOCK_AMAX 7.888609052210118e-31f
-/* The fp32 bits of a non-finite block's scale: the positive quiet NaN without payload, one pattern on
- * every device, so that caches holding a poisoned block compare equal byte for byte. */
-#define TA_NAN_SCALE_BITS 0x7FC00000u
+/* The fp32 bits of every NaN the format stores (a non-finite block's scale, a K mean over non-finite
+ * values): the positive quiet NaN without payload, one pattern on every device, so that caches holding
+ * poisoned tokens compare equal byte for byte. */
+#define TA_NAN_BITS 0x7FC00000u
 
 /* Softmax probabilities P are unsigned 8-bit codes with the fixed scale 1 / TA_P_CODE_MAX. */
 #define TA_P_CODE_MAX 255

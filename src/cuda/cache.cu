@@ -56,13 +56,14 @@ void launch_write_kernel(const WriteParams<T>& p, unsigned runs, const InlineWri
       static std::atomic<uint64_t> configured{0};
       allow_dynamic_smem(configured, reinterpret_cast<const void*>(cache_write_inline_kernel<T, D>), write_smem_bytes(D));
       cache_write_inline_kernel<T, D><<<grid, kWriteThreads, write_smem_bytes(D), stream>>>(p, *inline_runs);
+      TA_CUDA_CHECK_LAUNCH("cache_write_inline_kernel");
     } else {
       static std::atomic<uint64_t> configured{0};
       allow_dynamic_smem(configured, reinterpret_cast<const void*>(cache_write_kernel<T, D>), write_smem_bytes(D));
       cache_write_kernel<T, D><<<grid, kWriteThreads, write_smem_bytes(D), stream>>>(p);
+      TA_CUDA_CHECK_LAUNCH("cache_write_kernel");
     }
   });
-  TA_CUDA_CHECK_LAUNCH("cache_write_kernel");
 }
 
 // A write's runs (host-planned, in `runs`) into the cache that `p` describes (DeviceCache::write_params),
@@ -72,7 +73,7 @@ void launch_write(WriteParams<T> p, const std::vector<WriteRun>& runs, const std
                   UploadRing& uploads, cudaStream_t stream) {
   // Runs that complete a block read the tokens buffered before them, so they go first; runs that
   // leave tokens in the buffer (a sequence's last) go second. Runs all of one kind (most decode steps'
-  // appends) go as they are, uncopied.
+  // appends) need no reordering.
   const auto completes = [](const WriteRun& r) { return r.completes_block(); };
   std::vector<WriteRun> ordered[2];
   const std::vector<WriteRun>* parts[2] = {&runs, &ordered[1]};
@@ -85,7 +86,7 @@ void launch_write(WriteParams<T> p, const std::vector<WriteRun>& runs, const std
   if (means.empty() && parts[0]->size() <= size_t(kInlineWriteRuns) && parts[1]->size() <= size_t(kInlineWriteRuns)) {
     for (const std::vector<WriteRun>* part : parts) {
       if (part->empty()) continue;
-      InlineWriteRuns inline_runs{};
+      InlineWriteRuns inline_runs{};  // zeroed: no uninitialized bytes go to the driver
       std::copy(part->begin(), part->end(), inline_runs.run);
       launch_write_kernel(p, unsigned(part->size()), &inline_runs, stream);
     }

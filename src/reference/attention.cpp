@@ -119,7 +119,8 @@ void head_mean(const HeadsView& k, int head, float* mean) {
   for (int c = 0; c < k.dim; ++c) {
     double sum = 0.0;
     for (int t = 0; t < k.tokens; ++t) sum += k.row(t, head)[c];
-    mean[c] = k.tokens ? float(sum / k.tokens) : 0.0f;
+    const float m = k.tokens ? float(sum / k.tokens) : 0.0f;
+    mean[c] = std::isnan(m) ? stored_nan() : m;
   }
 }
 

@@ -9,13 +9,15 @@
 
 namespace turboattn::ref {
 
+float stored_nan() {
+  const uint32_t bits = TA_NAN_BITS;
+  float nan;
+  std::memcpy(&nan, &bits, sizeof nan);
+  return nan;
+}
+
 float int8_scale(float amax) {
-  if (!std::isfinite(amax)) {
-    const uint32_t bits = TA_NAN_SCALE_BITS;
-    float nan;
-    std::memcpy(&nan, &bits, sizeof nan);
-    return nan;
-  }
+  if (!std::isfinite(amax)) return stored_nan();
   if (amax < TA_ZERO_BLOCK_AMAX) return 0.0f;
   return amax / float(TA_INT8_MAX);
 }

@@ -6,6 +6,9 @@
 
 namespace turboattn::ref {
 
+// The NaN the format stores (TA_NAN_BITS), whatever NaN or infinities produced it.
+float stored_nan();
+
 // Scale of a symmetric INT8 block with largest magnitude amax: amax / 127, 0 for an all-zero block
 // (amax < TA_ZERO_BLOCK_AMAX), NaN when amax is not finite.
 float int8_scale(float amax);

@@ -886,7 +886,7 @@ __device__ __forceinline__ void decode_split(const DecodeParams& p, uint8_t* sme
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, t = lane % 4;
   uint8_t* s_q8 = smem;                  // [kRows][D] INT8 Q, channel order
   uint8_t* s_qk = smem + Tr::kRows * D;  // [kRows][D] the same in the K order of this head's width
-  // Per warp (DecodeTraits): the B rows of Q' parts (zero outside the live rows), P rows, and the ring.
+  // Per warp (DecodeTraits): the B rows of Q' parts (every row rebuilt for each K group), P rows, and the ring.
   uint8_t* wbase = smem + Tr::kQBytes + warp * Tr::warp_bytes(kGroups, p.max_bits);
   uint8_t* ring = wbase + Tr::warp_fixed_bytes(kGroups, p.max_bits);
   uint8_t* s_b = Tr::b_rows_in_ring(kGroups, p.max_bits) ? ring + Tr::half_bytes(TA_BITS_2) : wbase;
@@ -911,7 +911,6 @@ __device__ __forceinline__ void decode_split(const DecodeParams& p, uint8_t* sme
   auto zero = [&](uint8_t* area, int bytes) {
     for (int i = lane; i < bytes / 4; i += 32) reinterpret_cast<uint32_t*>(area)[i] = 0u;
   };
-  if constexpr (kBits < 8 && !Tr::q_prime_in_registers(kGroups, kBits)) zero(s_b, kGroups * Tr::kBRowsBytes);
   zero(s_p, Tr::kRows * Tr::kPRowBytes);
   __syncthreads();
 

@@ -33,7 +33,9 @@ struct LayerWidths {
 constexpr int kDecodeMaxSeqs = 2048;
 
 // Runs a cache write kernel launch takes in its parameters (write_kernel.cuh, InlineWriteRuns; 32 bytes
-// each): every append of up to this many sequences sends them so, with no copy on the stream.
+// each). A write that starts no sequence and whose two launches (runs that complete a block, then the
+// others) each have at most this many, such as an append to up to this many sequences, sends its runs
+// so, with no copy on the stream; other writes go through the upload ring.
 constexpr int kInlineWriteRuns = 256;
 
 // CTAs per SM of a decode kernel instance: those that fit at once, and those one round is filled to.

@@ -1,8 +1,8 @@
 // Cache writes on the GPU: one CTA per (run of tokens inside one 64-token block, KV head). Tokens are
 // quantized per token into the INT8 buffer (3.1); a run that completes its block is flushed straight
 // into its page (3.2-3.4) with the tokens already buffered (the sequence's first block into its own
-// region, at 8 bits). Bulk writes and appends are the same kernel, so they produce the same bytes, and
-// both match the CPU cache (src/reference/kv_cache.cpp) bit for bit.
+// region, at 8 bits). Bulk writes and appends run the same body (write_run), so they produce the same
+// bytes, and both match the CPU cache (src/reference/kv_cache.cpp) bit for bit.
 #pragma once
 
 #include <stdint.h>
@@ -261,7 +261,8 @@ __global__ void cache_mean_kernel(const T* k, int64_t k_n, int64_t k_h, const Me
     double sum = 0.0;
     if (smooth)
       for (int t = 0; t < run.count; ++t) sum += double(to_float(k[int64_t(run.src + t) * k_n + int64_t(h) * k_h + c]));
-    mean[c] = smooth && run.count ? __double2float_rn(sum / double(run.count)) : 0.0f;
+    const float m = smooth && run.count ? __double2float_rn(sum / double(run.count)) : 0.0f;
+    mean[c] = isnan(m) ? __uint_as_float(TA_NAN_BITS) : m;  // one NaN on every device (the reference's)
   }
 }
 
