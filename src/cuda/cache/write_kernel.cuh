@@ -262,7 +262,7 @@ __global__ void cache_mean_kernel(const T* k, int64_t k_n, int64_t k_h, const Me
     if (smooth)
       for (int t = 0; t < run.count; ++t) sum += double(to_float(k[int64_t(run.src + t) * k_n + int64_t(h) * k_h + c]));
     const float m = smooth && run.count ? __double2float_rn(sum / double(run.count)) : 0.0f;
-    mean[c] = isnan(m) ? __uint_as_float(TA_NAN_BITS) : m;  // one NaN on every device (the reference's)
+    mean[c] = isnan(m) ? stored_nan() : m;  // one NaN on every device
   }
 }
 
