@@ -252,7 +252,10 @@ __device__ __forceinline__ void build_q_prime(const uint8_t* s_qk, const uint8_t
     int32_t s4[kPerLane];
 #pragma unroll
     for (int k = 0; k < kPerLane; ++k) s4[k] = int32_t(CodeOrder<kBits, kHeadDim>::gather(k_meta, lane + 32 * k));
-#pragma unroll
+    // Unrolled whole up to 8 row words; at D = 256 with two groups (16) that made the 2-bit loop 15%
+    // longer and a 4/2 layer 7.5% slower (docs/BENCHMARKS.md), so there by 4 rows.
+    constexpr int kUnrollRows = kRows * kPerLane <= 8 ? kRows : 4;
+#pragma unroll(kUnrollRows)
     for (int r = 0; r < kRows; ++r)
 #pragma unroll
       for (int k = 0; k < kPerLane; ++k) row_word(r, lane + 32 * k, s4[k]);
