@@ -50,14 +50,28 @@ def sync():
         torch.cuda.synchronize()
 
 
+L2_FLUSHES = ("read", "write")
+
+
 class Timer:
     """Median time of fn in ms. CUDA: events around each run, each run after an L2 flush (which also keeps
     the GPU busy while the host queues the run, so launch overhead is not counted: see host_overhead);
-    the run is a CUDA graph replay when fn can be captured. CPU (smoke test): perf_counter."""
+    the run is a CUDA graph replay when fn can be captured. CPU (smoke test): perf_counter.
 
-    def __init__(self, iters):
-        self.iters = iters
-        self.flush = torch.empty(256 << 20, dtype=torch.int8, device=DEV) if DEV == "cuda" else None
+    l2_flush "read" reads a 256 MB buffer, so the run finds L2 full of clean lines, as a layer's attention
+    does after the weight reads of its projections; "write" (the method before 2026-11-28) zeroes it, which
+    leaves up to an L2 of dirty lines whose write-back to HBM the timed run pays for (docs/BENCHMARKS.md)."""
+
+    def __init__(self, iters, l2_flush="read"):
+        assert l2_flush in L2_FLUSHES, l2_flush
+        self.iters, self.l2_flush = iters, l2_flush
+        self.flush = torch.zeros(64 << 20, dtype=torch.int32, device=DEV) if DEV == "cuda" else None
+
+    def flush_l2(self):
+        if self.l2_flush == "read":
+            self.flush.amax()  # a one-element result: nothing of it stays dirty worth counting
+        else:
+            self.flush.zero_()
 
     def capture(self, fn):
         """(callable, "graph" or "plain", capture error or None). One uncaptured call first: it grows
@@ -94,7 +108,7 @@ class Timer:
         starts = [torch.cuda.Event(enable_timing=True) for _ in runs]
         ends = [torch.cuda.Event(enable_timing=True) for _ in runs]
         for run, start, end in zip(runs, starts, ends):
-            self.flush.zero_()
+            self.flush_l2()
             start.record()
             run()
             end.record()
@@ -318,6 +332,9 @@ def main(argv=None, *, prog=None, default_out="decode.json"):
     ap.add_argument("--quick", action="store_true", help="one shape, fewer runs: a smoke test")
     ap.add_argument("--iters", type=int, default=50, help="timed runs per measurement (median)")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: tiny shapes, to test the script")
+    ap.add_argument("--l2-flush", default="read", choices=L2_FLUSHES,
+                    help="what runs before each timed run: read a 256 MB buffer (default; L2 left clean) or zero it "
+                         "(the method before 2026-11-28; L2 left dirty)")
     args = ap.parse_args(argv)
     DEV = args.device
     rounds, calls = 4, 2000
@@ -325,7 +342,7 @@ def main(argv=None, *, prog=None, default_out="decode.json"):
         SHAPES, args.iters, rounds, calls = [(8, 4096)], 20, 1, 200
     if DEV == "cpu":
         SHAPES, args.iters, rounds, calls = [(1, 130), (2, 64)], 3, 1, 20
-    timer = Timer(args.iters)
+    timer = Timer(args.iters, args.l2_flush)
     t0 = time.time()
     rows = []
     # The rows of a shape come together (run_shape measures its baselines once for all configurations).
@@ -345,7 +362,7 @@ def main(argv=None, *, prog=None, default_out="decode.json"):
     host = host_overhead(timer, calls)
     print("host_overhead_us:", json.dumps(host), flush=True)
     result = {"card": torch.cuda.get_device_name() if DEV == "cuda" else "cpu (smoke test)", "commit": commit(),
-              "date": datetime.date.today().isoformat(), "rows": rows, "cache": cache, "host_overhead_us": host}
+              "date": datetime.date.today().isoformat(), "l2_flush": args.l2_flush, "rows": rows, "cache": cache, "host_overhead_us": host}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
