@@ -102,8 +102,8 @@ def test_bench_decode_cpu_smoke_run_writes_json_and_plot(tmp_path, monkeypatch, 
     assert cli.main(["bench", "decode", "--device", "cpu", "--out", str(out)]) == 0
     stdout, stderr = capsys.readouterr()
     data = json.loads(out.read_text())
-    assert set(data) == {"card", "commit", "date", "l2_flush", "rows", "cache", "host_overhead_us"}
-    assert data["l2_flush"] == "read"
+    assert set(data) == {"card", "commit", "date", "l2_flush", "rows", "cache", "copy_bandwidth", "host_overhead_us"}
+    assert data["l2_flush"] == "read" and data["copy_bandwidth"]["gbps"] > 0
     assert data["card"] == "cpu (smoke test)"
     rows = data["rows"]
     assert [(r["batch"], r["context"], str(r["bits"])) for r in rows] == [

@@ -6,7 +6,8 @@ heads at 2 bits), the cache is filled by one bulk write of N(0, 1) tokens, then 
 with CUDA events (median; each run after an L2 flush, so K and V come from HBM as in a model's layer loop;
 replayed from a CUDA graph when capture works) next to SDPA's FLASH_ATTENTION, CUDNN_ATTENTION and
 EFFICIENT_ATTENTION backends over the same K and V in [B, 8, N, 128]. Also: appends (one token for every
-sequence) with and without a block flush, cache bytes per token, and the host time per decode call.
+sequence) with and without a block flush, cache bytes per token, the card's copy bandwidth (timed the
+same way), and the host time per decode call.
 
     turboattn bench decode [--out decode.json] [--quick]
     PYTHONPATH=bindings/python python bench/decode.py [--out bench/results/decode.json] [--quick]
@@ -282,6 +283,20 @@ def bytes_per_token():
     return res
 
 
+def copy_bandwidth(timer, mib):
+    """The card's copy bandwidth in GB/s: bytes read plus bytes written per second of a device-to-device copy
+    of mib MiB (torch's copy_), timed like every other run; the bandwidth target is a share of it."""
+    try:
+        src = torch.ones(mib << 20, dtype=torch.uint8, device=DEV)
+        dst = torch.empty_like(src)
+        ms = timer.median(lambda: dst.copy_(src))[0]
+        return {"mib": mib, "ms": ms, "gbps": 2 * src.numel() / (ms * 1e-3) / 1e9}
+    except Exception as e:
+        return {"mib": mib, "error": error_string(e)}
+    finally:
+        free_memory()
+
+
 def host_overhead(timer, n):
     """Host time per decode call (batch 1, 1k context, 4 bits): rounds of 100 back-to-back calls timed on
     the host with no synchronization inside a round (100 calls queue at most 200 launches, short of the
@@ -359,10 +374,13 @@ def main(argv=None, *, prog=None, default_out="decode.json"):
     cache = append_and_flush(timer, *SHAPES[-1], rounds)
     cache["bytes_per_token"] = bytes_per_token()
     print("cache:", json.dumps(cache), flush=True)
+    copy = copy_bandwidth(timer, 1 if DEV == "cpu" else 1024)
+    print("copy_bandwidth:", json.dumps(copy), flush=True)
     host = host_overhead(timer, calls)
     print("host_overhead_us:", json.dumps(host), flush=True)
     result = {"card": torch.cuda.get_device_name() if DEV == "cuda" else "cpu (smoke test)", "commit": commit(),
-              "date": datetime.date.today().isoformat(), "l2_flush": args.l2_flush, "rows": rows, "cache": cache, "host_overhead_us": host}
+              "date": datetime.date.today().isoformat(), "l2_flush": args.l2_flush, "rows": rows, "cache": cache, "copy_bandwidth": copy,
+              "host_overhead_us": host}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
