@@ -1,9 +1,11 @@
 // SAS: exhaustive over every fp16 input, the fp16 emulation itself, and the skip threshold.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <random>
 
+#include "reference/attention.hpp"
 #include "reference/half.hpp"
 #include "reference/sas.hpp"
 #include "turboattn/format.h"
@@ -121,4 +123,63 @@ TEST(Sas, EveryInputBelowSkipThresholdGivesZero) {
 TEST(Sas, TableMatchesTheStepByStepPipeline) {
   const SasCoefficients k = sas_default_coefficients();
   for (uint16_t x : all_inputs()) ASSERT_EQ(sas_code(half_to_float(x)), sas_code_half(x, k));
+}
+
+// The kernels (src/cuda/common/sas.cuh) take each P code's input as ys = clamp(y, 0, 16) / 16, packed to
+// fp16, and run section 2's steps rearranged: 16 times smaller up to the cubic, no clamp at -15, the round
+// magic plus 32, the cubic in g / 16 = -f / 16 with rescaled coefficients. Emulated here step by step: the
+// same code as sas_code(-16 ys) for every fp16 ys, and as sas_code(-y) for fp32 y whose ys is subnormal
+// in fp16 or clamped.
+namespace {
+uint8_t kernel_sas_code(uint16_t ys) {
+  const SasCoefficients k = sas_default_coefficients();
+  const auto scaled = [](uint16_t bits, int e, bool negate) { return uint16_t((bits + (e << 10)) ^ (negate ? 0x8000 : 0)); };
+  const uint16_t magic = float_to_half((TA_SAS_ROUND_MAGIC + 32.0f) / TA_P_OFFSET_MAX);
+  const uint16_t r = half_sub(magic, ys);
+  const uint16_t n = half_sub(r, magic);
+  const uint16_t g = half_add(ys, n);
+  const uint16_t two_n = uint16_t((r << 10) & 0x7C00);
+  uint16_t p = half_fma(scaled(k.c[3], 12, true), g, scaled(k.c[2], 8, false));
+  p = half_fma(p, g, scaled(k.c[1], 4, true));
+  p = half_fma(p, g, k.c[0]);
+  return uint8_t(half_fma(p, two_n, float_to_half(TA_SAS_CODE_MAGIC)) & 0xFF);
+}
+uint8_t kernel_code_of_y(float y) {  // the kernels' saturating fma, in fp32, then the fp16 pipeline
+  const float ys = y > 0.0f ? std::min(y / TA_P_OFFSET_MAX, 1.0f) : 0.0f;
+  return kernel_sas_code(float_to_half(ys));
+}
+}  // namespace
+
+TEST(Sas, KernelPipelineGivesTheSameCodes) {
+  const uint16_t one = float_to_half(1.0f);
+  for (uint16_t ys = 0; ys <= one; ++ys) {
+    const float x = -TA_P_OFFSET_MAX * half_to_float(ys);  // exact
+    ASSERT_EQ(kernel_sas_code(ys), sas_code(x)) << "ys = " << half_to_float(ys);
+  }
+  std::mt19937_64 rng(std::random_device{}());
+  std::uniform_real_distribution<float> small(0.0f, 1.0f / 512), any(0.0f, 20.0f);
+  for (int i = 0; i < 200000; ++i) {
+    const float y = i % 2 ? small(rng) : any(rng);
+    ASSERT_EQ(kernel_code_of_y(y), sas_code(p_code_input(0.0f, 1.0f, y))) << "y = " << y;
+  }
+  for (float y : {0.0f, 1e-30f, 15.0f, 15.5f, 15.75f, 16.0f, 17.0f, 1e30f, INFINITY}) EXPECT_EQ(kernel_code_of_y(y), sas_code(-std::min(y, 16.0f))) << y;
+}
+
+// Each P code's input (docs/FORMATS.md 1.5): the tile's maximum is each score rounded down, so the
+// largest key's y is never above 0 and its code is 255 whatever the magnitude; NaN gives 0.
+TEST(Sas, TheLargestScoreOfATileGetsTheFullCode) {
+  std::mt19937_64 rng(std::random_device{}());
+  std::uniform_int_distribution<int32_t> acc_dist(-(1 << 22), 1 << 22);
+  std::uniform_real_distribution<float> log_st(-30.0f, 30.0f);
+  for (int i = 0; i < 100000; ++i) {
+    const float acc = float(acc_dist(rng)), st = std::exp2(log_st(rng));
+    const float tile_max = score_bound(acc, st);
+    ASSERT_LE(tile_max, double(acc) * double(st));
+    ASSERT_EQ(sas_code(p_code_input(acc, st, tile_max)), 255) << acc << " " << st;
+    ASSERT_EQ(exp2_code(p_code_input(acc, st, tile_max)), 255) << acc << " " << st;
+  }
+  EXPECT_EQ(p_code_input(1.0f, NAN, 0.0f), 0.0f);
+  EXPECT_EQ(p_code_input(-1e6f, 1e6f, 1e6f), -TA_P_OFFSET_MAX);
+  EXPECT_EQ(score_bound(3.0f, 0.1f), std::nextafter(0.3f, 0.0f));  // 0.1f * 3 rounds up to 0.3f to nearest
+  EXPECT_EQ(score_bound(-INFINITY, 2.0f), -INFINITY);
 }

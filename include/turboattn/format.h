@@ -27,6 +27,9 @@
 /* Every x < TA_SAS_SKIP_X yields code 0. The tile skip rule lowers it by ceil(log2(keys))
  * (src/format/skip_rule.h) so that all skipped keys of a row together stay below half a code. */
 #define TA_SAS_SKIP_X (-9.0f)
+/* A P code's input is x = -clamp(y, 0, TA_P_OFFSET_MAX), y = rn(tile_max - acc * st) (docs/FORMATS.md 1.5):
+ * a power of two at or above -TA_SAS_MIN_X, so kernels can clamp y / TA_P_OFFSET_MAX to [0, 1] for free. */
+#define TA_P_OFFSET_MAX 16.0f
 /* fp16 magic constant: h + 1551 rounds h to an integer n and leaves n + 15 in the low mantissa bits. */
 #define TA_SAS_ROUND_MAGIC 1551.0f
 /* fp16 1024: adding it puts round(v) for v in [0, 1024) into the low mantissa bits. */

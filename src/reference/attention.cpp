@@ -29,20 +29,38 @@ float resolve_softmax_scale(float softmax_scale, int dim) {
 
 float scale_log2(float softmax_scale) { return float(double(softmax_scale) * 1.4426950408889634); }
 
+namespace {
+// rd(a * b): the exact product (24 x 24 bits fit a double) rounded toward -inf.
+float mul_round_down(float a, float b) {
+  const double exact = double(a) * double(b);
+  float r = float(exact);
+  if (double(r) > exact) r = std::nextafter(r, -kInf);
+  return r;
+}
+}  // namespace
+
+float p_code_input(float acc, float st, float tile_max) {
+  const float y = std::fma(acc, -st, tile_max);  // >= 0 up to rounding: tile_max was rounded down
+  return y > 0.0f ? -std::min(y, TA_P_OFFSET_MAX) : -0.0f;  // a NaN y gives 0 (the row is NaN through m)
+}
+
+float score_bound(float acc, float st) { return mul_round_down(acc, st); }
+
 RowState::RowState(int dim) : m(-kInf), l(0.0f), o(size_t(dim), 0.0f) {}
 
 void accumulate_tile(const int8_t* q8, float q_scale, const Int8Tile& tile, int64_t max_pos, bool sas,
                      float skip_x, int dim, RowState& row) {
   const int visible = int(std::clamp<int64_t>(max_pos - tile.first_pos + 1, 0, tile.tokens));
   if (visible == 0) return;
-  float s[kTile];
+  float acc[kTile], st[kTile];
   float tile_max = -kInf;
   for (int j = 0; j < visible; ++j) {
     const int8_t* kj = tile.k + int64_t(j) * dim;
     int32_t dot = 0;
     for (int c = 0; c < dim; ++c) dot += int32_t(q8[c]) * int32_t(kj[c]);
-    s[j] = float(dot) * (q_scale * tile.k_scale[j]);
-    tile_max = nan_max(tile_max, s[j]);
+    acc[j] = float(dot);
+    st[j] = q_scale * tile.k_scale[j];
+    tile_max = nan_max(tile_max, score_bound(acc[j], st[j]));
   }
   const float m_new = nan_max(row.m, tile_max);
   bool v_nan = false;  // a NaN V scale must reach the output even where every code is 0
@@ -55,7 +73,7 @@ void accumulate_tile(const int8_t* q8, float q_scale, const Int8Tile& tile, int6
   uint8_t p[kTile];
   int32_t p_sum = 0;
   for (int j = 0; j < visible; ++j) {
-    const float x = s[j] - tile_max;
+    const float x = p_code_input(acc[j], st[j], tile_max);
     p[j] = sas ? sas_code(x) : exp2_code(x);
     p_sum += p[j];
   }

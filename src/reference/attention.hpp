@@ -45,6 +45,14 @@ struct RowState {
   explicit RowState(int dim);
 };
 
+// A tile's maximum as P codes take it (docs/FORMATS.md 1.5): each visible key contributes rd(acc * st),
+// the score rounded down, so that no key's y below is negative beyond rounding.
+float score_bound(float acc, float st);
+
+// The input x <= 0 of key's P code: -clamp(rn(tile_max - acc * st), 0, TA_P_OFFSET_MAX) in one fma
+// (a NaN gives 0; such a row is NaN through its maximum).
+float p_code_input(float acc, float st, float tile_max);
+
 // Adds one tile to a row. q8 is the row's INT8 codes, q_scale its block scale times scale_log2.
 // Keys at positions > max_pos are masked; skip_x is the skip rule's threshold (format/skip_rule.h).
 void accumulate_tile(const int8_t* q8, float q_scale, const Int8Tile& tile, int64_t max_pos, bool sas,

@@ -184,40 +184,47 @@ __device__ __forceinline__ uint32_t pack_bytes(const int32_t (&x)[4], int shift)
   return __byte_perm(x01 >> shift, x23 >> shift, 0x6420);
 }
 
-// Scores of a tile: s[grp][mt][i] is key 16 mt + g + 8 i of row 4 grp + t. Masks keys past each row's
-// last visible one, finds each row's tile maximum, applies the skip rule, and updates m and l (with the P
-// codes' row sums). codes[grp][mt] holds keys 16 mt + g and 16 mt + g + 8 in its bytes 0 and 2.
+// Scores of a tile: a[grp][mt][i] is the int32 score (as fp32) of key 16 mt + g + 8 i of row 4 grp + t,
+// and st(grp, mt, i) its scale (docs/FORMATS.md 1.5): one per row for a page (kKeyScales false), one per
+// key for the buffer's tile, whose K scales are per token. Masks keys past each row's last visible one,
+// finds each row's tile maximum, applies the skip rule, and updates m and l (with the P codes' row sums).
+// codes[grp][mt] holds keys 16 mt + g and 16 mt + g + 8 in its bytes 0 and 2.
 template <bool kSas, int kGroups>
 struct TileSoftmax {
   float alpha[kGroups], beta[kGroups], sv = 0.0f;
   bool skip[kGroups];
   uint32_t codes[kGroups][TA_BLOCK_TOKENS / 16];
 
-  __device__ __forceinline__ void run(float (&s)[kGroups][TA_BLOCK_TOKENS / 16][2], const int (&visible)[kGroups], bool v_nan,
-                                      float skip_x, float (&m)[kGroups], float (&l)[kGroups], int g) {
+  template <bool kKeyScales, class St>
+  __device__ __forceinline__ void run(float (&a)[kGroups][TA_BLOCK_TOKENS / 16][2], St st, const int (&visible)[kGroups],
+                                      bool v_nan, float skip_x, float (&m)[kGroups], float (&l)[kGroups], int g) {
     constexpr int kMTiles = TA_BLOCK_TOKENS / 16;
 #pragma unroll
     for (int grp = 0; grp < kGroups; ++grp) {
-      float tile_max = -INFINITY;
+      float bound = -INFINITY;  // the largest a, or with per-key scales the largest rd(a st)
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
-          if (16 * mt + g + 8 * i >= visible[grp]) s[grp][mt][i] = -INFINITY;
-          tile_max = nan_max(tile_max, s[grp][mt][i]);
+          const bool masked = 16 * mt + g + 8 * i >= visible[grp];
+          if (masked) a[grp][mt][i] = -INFINITY;
+          bound = kKeyScales ? nan_max(bound, masked ? -INFINITY : __fmul_rd(a[grp][mt][i], st(grp, mt, i)))
+                             : fmaxf(bound, a[grp][mt][i]);
         }
 #pragma unroll
-      for (int x = 4; x < 32; x <<= 1) tile_max = nan_max(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, x));
+      for (int x = 4; x < 32; x <<= 1) bound = nan_max(bound, __shfl_xor_sync(0xffffffffu, bound, x));
+      const float tile_max = kKeyScales ? bound : tile_bound(bound, st(grp, 0, 0));
       const float m_new = nan_max(m[grp], tile_max);
-      skip[grp] = tile_max == -INFINITY || (tile_max - m_new < skip_x && !v_nan);
+      skip[grp] = visible[grp] <= 0 || (tile_max - m_new < skip_x && !v_nan);  // all masked: tile_max may be NaN
       alpha[grp] = skip[grp] ? 1.0f : ex2_approx(m[grp] - m_new);
       beta[grp] = skip[grp] ? 0.0f : ex2_approx(tile_max - m_new);
       if (!skip[grp]) m[grp] = m_new;
       int32_t sum = 0;
+      const POffset row_offset(st(grp, 0, 0), tile_max);
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt) {
-        const float x0 = s[grp][mt][0] - tile_max, x1 = s[grp][mt][1] - tile_max;
-        const uint32_t y = kSas ? sas_codes_x2(x0, x1) : exp2_codes_x2(x0, x1);
+        auto ys = [&](int i) { return (kKeyScales ? POffset(st(grp, mt, i), tile_max) : row_offset)(a[grp][mt][i]); };
+        const uint32_t y = kSas ? sas_codes_x2(ys(0), ys(1)) : exp2_codes_x2(ys(0), ys(1));
         codes[grp][mt] = skip[grp] ? 0u : (y & 0x00FF00FFu);
         sum += int32_t(codes[grp][mt] & 0xFFu) + int32_t(codes[grp][mt] >> 16);
       }
@@ -332,18 +339,16 @@ __device__ __forceinline__ bool page_scores(const uint8_t* k_half, const float* 
   // S^T = K Q'^T: keys in M, (row, part) columns in N, the tensor-core K dimension in KOrder.
   using KOrder = CodeOrder<kBits, D>;
   constexpr int kSteps = KOrder::kSteps;
-  float s[kGroups][kMTiles][2];
+  float s[kGroups][kMTiles][2];  // the int32 scores as fp32
   if constexpr (kBits == 8) {
     int32_t acc[kMTiles][4] = {};
     s8_scores<D>(acc, k_codes, s_q8, lane);
 #pragma unroll
-    for (int grp = 0; grp < kGroups; ++grp) {
-      const float st = __fmul_rn(q_scale[grp], block_scale[0]);
+    for (int grp = 0; grp < kGroups; ++grp)
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
-        for (int i = 0; i < 2; ++i) s[grp][mt][i] = __fmul_rn(small_int_to_float(acc[mt][2 * i + grp]), st);
-    }
+        for (int i = 0; i < 2; ++i) s[grp][mt][i] = small_int_to_float(acc[mt][2 * i + grp]);
   } else {
     // K's token groups (k_groups: 1 at 4 bits, 4 at 2 bits) take the tile's M tiles in turn, each with
     // its own scales and zeros: Q' = q * scale split into hi (s8) and lo (0..127) in K's K order (in B
@@ -433,19 +438,20 @@ __device__ __forceinline__ bool page_scores(const uint8_t* k_half, const float* 
       }
     }
 #pragma unroll
-    for (int grp = 0; grp < kGroups; ++grp) {
-      const float st = __fmul_rn(q_scale[grp], block_scale[0]);
+    for (int grp = 0; grp < kGroups; ++grp)
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
           const int32_t* c = acc[grp][mt] + 2 * i;
-          s[grp][mt][i] = __fmul_rn(small_int_to_float(128 * c[0] + c[1]), st);
+          s[grp][mt][i] = small_int_to_float(128 * c[0] + c[1]);
         }
-    }
   }
+  float st[kGroups];
+#pragma unroll
+  for (int grp = 0; grp < kGroups; ++grp) st[grp] = __fmul_rn(q_scale[grp], block_scale[0]);
   sm.sv = block_scale[1];
-  sm.run(s, visible, isnan(sm.sv), skip_x, ws.m, ws.l, g);
+  sm.template run<false>(s, [&](int grp, int, int) { return st[grp]; }, visible, isnan(sm.sv), skip_x, ws.m, ws.l, g);
   bool all_skip = true;
 #pragma unroll
   for (int grp = 0; grp < kGroups; ++grp) all_skip = all_skip && sm.skip[grp];
@@ -575,21 +581,21 @@ __device__ __forceinline__ void buffer_tile(const uint8_t* buffer, const uint8_t
   const float* v_scale = reinterpret_cast<const float*>(buffer + buffer_v_scale_offset(D));
   int32_t acc[kMTiles][4] = {};
   s8_scores<D>(acc, k_rows, s_q8, lane);
-  float s[kGroups][kMTiles][2];
+  float s[kGroups][kMTiles][2];  // the int32 scores as fp32; their scales are per key
 #pragma unroll
   for (int grp = 0; grp < kGroups; ++grp)
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
-      for (int i = 0; i < 2; ++i)
-        s[grp][mt][i] = __fmul_rn(small_int_to_float(acc[mt][2 * i + grp]), __fmul_rn(q_scale[grp], k_scale[16 * mt + g + 8 * i]));
+      for (int i = 0; i < 2; ++i) s[grp][mt][i] = small_int_to_float(acc[mt][2 * i + grp]);
+  const auto st = [&](int grp, int mt, int i) { return __fmul_rn(q_scale[grp], k_scale[16 * mt + g + 8 * i]); };
   int most_visible = 0;
 #pragma unroll
   for (int grp = 0; grp < kGroups; ++grp) most_visible = max(most_visible, visible[grp]);
   bool v_nan = false;
   for (int key = 0; key < most_visible; ++key) v_nan = v_nan || isnan(v_scale[key]);
   TileSoftmax<kSas, kGroups> sm;
-  sm.run(s, visible, v_nan, skip_x, ws.m, ws.l, g);
+  sm.template run<true>(s, st, visible, v_nan, skip_x, ws.m, ws.l, g);
 #pragma unroll
   for (int grp = 0; grp < kGroups; ++grp)
 #pragma unroll
@@ -689,8 +695,8 @@ __device__ __forceinline__ bool reads_first_block(int own, int64_t len) { return
 template <int kHeadDim, int kBits, bool kSas, int kGroups>
 __device__ __forceinline__ void warp_tiles(const DecodeParams& p, const HalfCopies<kHeadDim, kBits>& copies, const uint8_t* s_q8,
                                            const uint8_t* s_qk, uint8_t* s_b, uint8_t* s_p, const float (&q_scale)[kGroups],
-                                           const int64_t (&max_pos)[kGroups], int slot, int hk, int64_t len, int own,
-                                           int end, WarpState<kHeadDim, kGroups>& ws, int lane) {
+                                           const int64_t (&max_pos)[kGroups], const int (&row_off)[kGroups], int slot, int hk,
+                                           int64_t len, int own, int end, WarpState<kHeadDim, kGroups>& ws, int lane) {
   using Tr = DecodeTraits<kHeadDim>;
   constexpr int D = kHeadDim;
   const int blocks = int(len / Tr::kKeys);
@@ -714,10 +720,15 @@ __device__ __forceinline__ void warp_tiles(const DecodeParams& p, const HalfCopi
                    // after that (the previous V's) and its V to this K's
   for (int j = first; j < copies.page_end; j += Tr::kWarps) {
     const int v_slot = copies.next_slot(k_slot), free_slot = copies.next_slot(v_slot);
-    const int64_t first_pos = int64_t(j) * Tr::kKeys;
     int visible[kGroups];
+    if constexpr (kGroups == 1) {
+      visible[0] = int(min(int64_t(Tr::kKeys), max(int64_t(0), max_pos[0] - int64_t(j) * Tr::kKeys + 1)));
+    } else {  // from len, live anyway, and row_off: two registers fewer than max_pos, which ptxas spilled in the loop
+      const int64_t ahead = len - p.q_behind - p.q_len - int64_t(j) * Tr::kKeys + 1;
+      const int ahead32 = int(min(int64_t(Tr::kKeys), max(int64_t(-Tr::kKeys), ahead)));
 #pragma unroll
-    for (int grp = 0; grp < kGroups; ++grp) visible[grp] = int(min(int64_t(Tr::kKeys), max(int64_t(0), max_pos[grp] - first_pos + 1)));
+      for (int grp = 0; grp < kGroups; ++grp) visible[grp] = min(Tr::kKeys, max(0, ahead32 + row_off[grp]));
+    }
     cp_async_wait<1>();  // K of this tile has landed (its V may still be in flight)
     __syncwarp();
     const uint8_t* next_page = copies.page(next_id);
@@ -917,15 +928,17 @@ __device__ __forceinline__ void decode_split(const DecodeParams& p, uint8_t* sme
   zero(s_p, Tr::kRows * Tr::kPRowBytes);
   __syncthreads();
 
-  int64_t max_pos[kGroups];  // of row 4 grp + t
+  int64_t max_pos[kGroups];  // of row 4 grp + t: its last visible key's position, -1 for a padding row
+  int row_off[kGroups];      // max_pos - (len - q_behind - q_len), far below -64 for a padding row
   float q_scale[kGroups];
 #pragma unroll
   for (int grp = 0; grp < kGroups; ++grp) {
     const int row = 4 * grp + t;
     max_pos[grp] = row < rows ? len - p.q_behind - p.q_len + row % p.q_len : -1;
+    row_off[grp] = row < rows ? row % p.q_len : -2 * Tr::kKeys;
     q_scale[grp] = s_q_scale[row];
   }
-  warp_tiles<kHeadDim, kBits, kSas, kGroups>(p, copies, s_q8, s_qk, s_b, s_p, q_scale, max_pos, slot, hk, len, own, end, ws, lane);
+  warp_tiles<kHeadDim, kBits, kSas, kGroups>(p, copies, s_q8, s_qk, s_b, s_p, q_scale, max_pos, row_off, slot, hk, len, own, end, ws, lane);
 }
 
 // kGroups: groups of 4 query rows (1 when the CTA's rows are at most 4, else 2); kMinBlocks: the

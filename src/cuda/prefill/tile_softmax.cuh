@@ -72,14 +72,14 @@ template <bool kSas>
 __device__ __forceinline__ TileP softmax_tile(const int32_t (&s_acc)[32], float st, float sv_scale, bool need_mask,
                                               const PrefillParams& p, int tile, int row0, int t, float skip_x, RowState& rs) {
   constexpr int kSTiles = TA_BLOCK_TOKENS / 8;
-  float s[2][kSTiles][2];
-  float tile_max[2] = {-INFINITY, -INFINITY};
+  float a[2][kSTiles][2];  // the int32 scores as fp32; the scores are a * st (1.5)
+  float amax[2], tile_max[2];  // the largest a (-inf: every key masked), and the tile maximum
 #pragma unroll
   for (int r = 0; r < 2; ++r)
 #pragma unroll
     for (int nt = 0; nt < kSTiles; ++nt)
 #pragma unroll
-      for (int e = 0; e < 2; ++e) s[r][nt][e] = __fmul_rn(small_int_to_float(s_acc[4 * nt + 2 * r + e]), st);
+      for (int e = 0; e < 2; ++e) a[r][nt][e] = small_int_to_float(s_acc[4 * nt + 2 * r + e]);
   if (need_mask) {  // apart from the scores, so that the common tile's scores compile without branches
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -90,18 +90,20 @@ __device__ __forceinline__ TileP softmax_tile(const int32_t (&s_acc)[32], float 
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int key = tile * TA_BLOCK_TOKENS + 8 * nt + 2 * t + e;
-          if (!(row < p.nq && key < p.nk && key <= max_key)) s[r][nt][e] = -INFINITY;
+          if (!(row < p.nq && key < p.nk && key <= max_key)) a[r][nt][e] = -INFINITY;
         }
     }
   }
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
+    amax[r] = -INFINITY;
 #pragma unroll
     for (int nt = 0; nt < kSTiles; ++nt)
 #pragma unroll
-      for (int e = 0; e < 2; ++e) tile_max[r] = nan_max(tile_max[r], s[r][nt][e]);
-    tile_max[r] = nan_max(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
-    tile_max[r] = nan_max(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
+      for (int e = 0; e < 2; ++e) amax[r] = fmaxf(amax[r], a[r][nt][e]);
+    amax[r] = fmaxf(amax[r], __shfl_xor_sync(0xffffffffu, amax[r], 1));
+    amax[r] = fmaxf(amax[r], __shfl_xor_sync(0xffffffffu, amax[r], 2));
+    tile_max[r] = tile_bound(amax[r], st);
   }
 
   TileP tp;
@@ -110,7 +112,7 @@ __device__ __forceinline__ TileP softmax_tile(const int32_t (&s_acc)[32], float 
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const float m_new = nan_max(rs.m[r], tile_max[r]);
-    skip[r] = tile_max[r] == -INFINITY || (tile_max[r] - m_new < skip_x && !isnan(sv_scale));
+    skip[r] = amax[r] == -INFINITY || (tile_max[r] - m_new < skip_x && !isnan(sv_scale));
     tp.alpha[r] = skip[r] ? 1.0f : ex2_approx(rs.m[r] - m_new);
     beta[r] = skip[r] ? 0.0f : ex2_approx(tile_max[r] - m_new);
     if (!skip[r]) rs.m[r] = m_new;
@@ -118,6 +120,7 @@ __device__ __forceinline__ TileP softmax_tile(const int32_t (&s_acc)[32], float 
 
   // P codes, packed straight into the A fragments of P V (the keys' order matches vt_position).
   uint32_t p_sum[2] = {0u, 0u};
+  const POffset offset[2] = {POffset(st, tile_max[0]), POffset(st, tile_max[1])};
 #pragma unroll
   for (int kp = 0; kp < 2; ++kp)
 #pragma unroll
@@ -125,10 +128,10 @@ __device__ __forceinline__ TileP softmax_tile(const int32_t (&s_acc)[32], float 
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int nt = 4 * kp + 2 * half;
-        const float tm = tile_max[r];
+        const POffset& ys = offset[r];
         const auto codes_x2 = [](float a, float b) { return kSas ? sas_codes_x2(a, b) : exp2_codes_x2(a, b); };
-        const uint32_t y0 = codes_x2(s[r][nt][0] - tm, s[r][nt][1] - tm);
-        const uint32_t y1 = codes_x2(s[r][nt + 1][0] - tm, s[r][nt + 1][1] - tm);
+        const uint32_t y0 = codes_x2(ys(a[r][nt][0]), ys(a[r][nt][1]));
+        const uint32_t y1 = codes_x2(ys(a[r][nt + 1][0]), ys(a[r][nt + 1][1]));
         const uint32_t codes = __byte_perm(y0, y1, 0x6420);
         tp.pa[kp][2 * half + r] = codes;
         p_sum[r] = __dp4a(codes, 0x01010101u, p_sum[r]);  // sum of the 4 codes
