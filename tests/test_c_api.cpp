@@ -566,4 +566,10 @@ TEST(CApi, AttentionOverInt8KvEqualsAttentionOverFloats) {
   tks.shape[2] = 3;
   EXPECT_EQ(ta_attention_int8kv(&tq, &tk, &tks, &tvc, &tvs, &tm, &opt, &toi, nullptr, nullptr), TA_ERROR_INVALID_ARGUMENT);
   EXPECT_NE(std::string(ta_last_error()).find("k_codes: dtype f16, expected i8"), std::string::npos) << ta_last_error();
+  ks[4] = -0.5f;  // a negative scale (b 0, h 1, block 1): an error, no output written
+  std::vector<uint16_t> before = out_i;
+  EXPECT_EQ(ta_attention_int8kv(&tq, &tkc, &tks, &tvc, &tvs, &tm, &opt, &toi, nullptr, nullptr), TA_ERROR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(ta_last_error()).find("k_scales: "), std::string::npos) << ta_last_error();
+  EXPECT_NE(std::string(ta_last_error()).find("at [0, 1, 1], expected a scale >= 0"), std::string::npos) << ta_last_error();
+  EXPECT_EQ(out_i, before);
 }

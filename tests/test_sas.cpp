@@ -7,6 +7,7 @@
 
 #include "reference/attention.hpp"
 #include "reference/half.hpp"
+#include "format/sas_scaled.h"
 #include "reference/sas.hpp"
 #include "turboattn/format.h"
 
@@ -132,16 +133,16 @@ TEST(Sas, TableMatchesTheStepByStepPipeline) {
 // in fp16 or clamped.
 namespace {
 uint8_t kernel_sas_code(uint16_t ys) {
+  using turboattn::scaled_sas_coefficient;
   const SasCoefficients k = sas_default_coefficients();
-  const auto scaled = [](uint16_t bits, int e, bool negate) { return uint16_t((bits + (e << 10)) ^ (negate ? 0x8000 : 0)); };
-  const uint16_t magic = float_to_half((TA_SAS_ROUND_MAGIC + 32.0f) / TA_P_OFFSET_MAX);
+  const uint16_t magic = float_to_half(turboattn::kScaledRoundMagic);
   const uint16_t r = half_sub(magic, ys);
   const uint16_t n = half_sub(r, magic);
   const uint16_t g = half_add(ys, n);
   const uint16_t two_n = uint16_t((r << 10) & 0x7C00);
-  uint16_t p = half_fma(scaled(k.c[3], 12, true), g, scaled(k.c[2], 8, false));
-  p = half_fma(p, g, scaled(k.c[1], 4, true));
-  p = half_fma(p, g, k.c[0]);
+  uint16_t p = half_fma(scaled_sas_coefficient(k.c[3], 3), g, scaled_sas_coefficient(k.c[2], 2));
+  p = half_fma(p, g, scaled_sas_coefficient(k.c[1], 1));
+  p = half_fma(p, g, scaled_sas_coefficient(k.c[0], 0));
   return uint8_t(half_fma(p, two_n, float_to_half(TA_SAS_CODE_MAGIC)) & 0xFF);
 }
 uint8_t kernel_code_of_y(float y) {  // the kernels' saturating fma, in fp32, then the fp16 pipeline
@@ -156,7 +157,9 @@ TEST(Sas, KernelPipelineGivesTheSameCodes) {
     const float x = -TA_P_OFFSET_MAX * half_to_float(ys);  // exact
     ASSERT_EQ(kernel_sas_code(ys), sas_code(x)) << "ys = " << half_to_float(ys);
   }
-  std::mt19937_64 rng(std::random_device{}());
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE(seed);
+  std::mt19937_64 rng(seed);
   std::uniform_real_distribution<float> small(0.0f, 1.0f / 512), any(0.0f, 20.0f);
   for (int i = 0; i < 200000; ++i) {
     const float y = i % 2 ? small(rng) : any(rng);
@@ -168,7 +171,9 @@ TEST(Sas, KernelPipelineGivesTheSameCodes) {
 // Each P code's input (docs/FORMATS.md 1.5): the tile's maximum is each score rounded down, so the
 // largest key's y is never above 0 and its code is 255 whatever the magnitude; NaN gives 0.
 TEST(Sas, TheLargestScoreOfATileGetsTheFullCode) {
-  std::mt19937_64 rng(std::random_device{}());
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE(seed);
+  std::mt19937_64 rng(seed);
   std::uniform_int_distribution<int32_t> acc_dist(-(1 << 22), 1 << 22);
   std::uniform_real_distribution<float> log_st(-30.0f, 30.0f);
   for (int i = 0; i < 100000; ++i) {

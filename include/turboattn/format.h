@@ -22,7 +22,9 @@
 /* Softmax probabilities P are unsigned 8-bit codes with the fixed scale 1 / TA_P_CODE_MAX. */
 #define TA_P_CODE_MAX 255
 
-/* SAS: base-2 exponent arguments are clamped below at TA_SAS_MIN_X (where 2^n builds to zero). */
+/* SAS: base-2 exponent arguments are clamped below at TA_SAS_MIN_X (where 2^n builds to zero), as
+ * docs/FORMATS.md 2 defines it; the kernels reach the same codes without the clamp (their inputs stop
+ * at -TA_P_OFFSET_MAX). */
 #define TA_SAS_MIN_X (-15)
 /* Every x < TA_SAS_SKIP_X yields code 0. The tile skip rule lowers it by ceil(log2(keys))
  * (src/format/skip_rule.h) so that all skipped keys of a row together stay below half a code. */

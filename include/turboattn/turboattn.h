@@ -90,7 +90,9 @@ TA_API ta_status ta_attention(const ta_tensor* q, const ta_tensor* k, const ta_t
  * e.g. blocks read from a cache): k_codes, v_codes i8 [B, Nk, Hkv, D], k_scales, v_scales f32
  * [B, Hkv, ceil(Nk / 64)] (last dim contiguous); k_mean f32 [B, Hkv, D] or NULL: the mean subtracted
  * from K before quantization, needed only to give lse its true value. options->smooth_k is not used.
- * Batched only (no cu_seqlens). */
+ * The scales must be >= 0 or NaN, as ta_quantize_int8 writes them (P's codes take each tile's maximum
+ * as its largest score times the scale): checked for CPU tensors, not for CUDA ones (that would need
+ * a synchronization), where a negative K scale gives wrong output. Batched only (no cu_seqlens). */
 TA_API ta_status ta_attention_int8kv(const ta_tensor* q, const ta_tensor* k_codes, const ta_tensor* k_scales,
                                      const ta_tensor* v_codes, const ta_tensor* v_scales, const ta_tensor* k_mean,
                                      const ta_attention_options* options, ta_tensor* out, ta_tensor* lse,

@@ -341,6 +341,14 @@ ta_status ta_attention_int8kv(const ta_tensor* q_, const ta_tensor* kc_, const t
       no_cuda_path("ta_attention_int8kv");
 #endif
     }
+    for (auto [t, name] : {std::pair{&ks, "k_scales"}, {&vs, "v_scales"}})  // ta_quantize_int8's scales are >= 0 or NaN
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t h = 0; h < hkv; ++h)
+          for (int64_t blk = 0; blk < blocks; ++blk) {
+            const float x = static_cast<const float*>(t->data)[b * t->strides[0] + h * t->strides[1] + blk * t->strides[2]];
+            require(!(x < 0.0f), TA_ERROR_INVALID_ARGUMENT, name, ": ", x, " at [", b, ", ", h, ", ", blk,
+                    "], expected a scale >= 0 (or NaN) as ta_quantize_int8 writes");
+          }
     ref::AttentionOptions ro;
     ro.softmax_scale = o.softmax_scale, ro.causal = o.causal != 0, ro.sas = o.use_sas != 0;
     const std::vector<float> qf = to_float(q);

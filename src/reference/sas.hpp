@@ -1,6 +1,7 @@
 // SAS: the sparsity-based softmax approximation, on the CPU, bit-exact with the GPU's fp16 pipeline.
-// Input x = s - m <= 0 is a score minus its row maximum, in base 2 (log2(e) is folded into the
-// scores). Output is the 8-bit probability code round(255 * 2^x) as docs/FORMATS.md defines it.
+// Input x <= 0 is a score minus its tile's maximum, in base 2 (log2(e) is folded into the scores;
+// docs/FORMATS.md 1.5 gives how x is formed). Output is the 8-bit probability code round(255 * 2^x) as
+// docs/FORMATS.md defines it.
 #pragma once
 
 #include <array>

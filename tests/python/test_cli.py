@@ -103,7 +103,7 @@ def test_bench_decode_cpu_smoke_run_writes_json_and_plot(tmp_path, monkeypatch, 
     stdout, stderr = capsys.readouterr()
     data = json.loads(out.read_text())
     assert set(data) == {"card", "commit", "date", "l2_flush", "rows", "cache", "copy_bandwidth", "host_overhead_us"}
-    assert data["l2_flush"] == "read" and data["copy_bandwidth"]["gbps"] > 0
+    assert data["l2_flush"] == "read" and data["copy_bandwidth"]["gbps"] > 0 and data["copy_bandwidth"]["read_gbps"] > 0
     assert data["card"] == "cpu (smoke test)"
     rows = data["rows"]
     assert [(r["batch"], r["context"], str(r["bits"])) for r in rows] == [

@@ -220,7 +220,7 @@ struct TileSoftmax {
       beta[grp] = skip[grp] ? 0.0f : ex2_approx(tile_max - m_new);
       if (!skip[grp]) m[grp] = m_new;
       int32_t sum = 0;
-      const POffset row_offset(st(grp, 0, 0), tile_max);
+      const POffset row_offset(kKeyScales ? 0.0f : st(grp, 0, 0), tile_max);  // unused with per-key scales
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt) {
         auto ys = [&](int i) { return (kKeyScales ? POffset(st(grp, mt, i), tile_max) : row_offset)(a[grp][mt][i]); };
@@ -339,7 +339,7 @@ __device__ __forceinline__ bool page_scores(const uint8_t* k_half, const float* 
   // S^T = K Q'^T: keys in M, (row, part) columns in N, the tensor-core K dimension in KOrder.
   using KOrder = CodeOrder<kBits, D>;
   constexpr int kSteps = KOrder::kSteps;
-  float s[kGroups][kMTiles][2];  // the int32 scores as fp32
+  float a[kGroups][kMTiles][2];  // the int32 scores as fp32
   if constexpr (kBits == 8) {
     int32_t acc[kMTiles][4] = {};
     s8_scores<D>(acc, k_codes, s_q8, lane);
@@ -348,7 +348,7 @@ __device__ __forceinline__ bool page_scores(const uint8_t* k_half, const float* 
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
-        for (int i = 0; i < 2; ++i) s[grp][mt][i] = small_int_to_float(acc[mt][2 * i + grp]);
+        for (int i = 0; i < 2; ++i) a[grp][mt][i] = small_int_to_float(acc[mt][2 * i + grp]);
   } else {
     // K's token groups (k_groups: 1 at 4 bits, 4 at 2 bits) take the tile's M tiles in turn, each with
     // its own scales and zeros: Q' = q * scale split into hi (s8) and lo (0..127) in K's K order (in B
@@ -444,14 +444,14 @@ __device__ __forceinline__ bool page_scores(const uint8_t* k_half, const float* 
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
           const int32_t* c = acc[grp][mt] + 2 * i;
-          s[grp][mt][i] = small_int_to_float(128 * c[0] + c[1]);
+          a[grp][mt][i] = small_int_to_float(128 * c[0] + c[1]);
         }
   }
   float st[kGroups];
 #pragma unroll
   for (int grp = 0; grp < kGroups; ++grp) st[grp] = __fmul_rn(q_scale[grp], block_scale[0]);
   sm.sv = block_scale[1];
-  sm.template run<false>(s, [&](int grp, int, int) { return st[grp]; }, visible, isnan(sm.sv), skip_x, ws.m, ws.l, g);
+  sm.template run<false>(a, [&](int grp, int, int) { return st[grp]; }, visible, isnan(sm.sv), skip_x, ws.m, ws.l, g);
   bool all_skip = true;
 #pragma unroll
   for (int grp = 0; grp < kGroups; ++grp) all_skip = all_skip && sm.skip[grp];
@@ -581,13 +581,13 @@ __device__ __forceinline__ void buffer_tile(const uint8_t* buffer, const uint8_t
   const float* v_scale = reinterpret_cast<const float*>(buffer + buffer_v_scale_offset(D));
   int32_t acc[kMTiles][4] = {};
   s8_scores<D>(acc, k_rows, s_q8, lane);
-  float s[kGroups][kMTiles][2];  // the int32 scores as fp32; their scales are per key
+  float a[kGroups][kMTiles][2];  // the int32 scores as fp32; their scales are per key
 #pragma unroll
   for (int grp = 0; grp < kGroups; ++grp)
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
-      for (int i = 0; i < 2; ++i) s[grp][mt][i] = small_int_to_float(acc[mt][2 * i + grp]);
+      for (int i = 0; i < 2; ++i) a[grp][mt][i] = small_int_to_float(acc[mt][2 * i + grp]);
   const auto st = [&](int grp, int mt, int i) { return __fmul_rn(q_scale[grp], k_scale[16 * mt + g + 8 * i]); };
   int most_visible = 0;
 #pragma unroll
@@ -595,7 +595,7 @@ __device__ __forceinline__ void buffer_tile(const uint8_t* buffer, const uint8_t
   bool v_nan = false;
   for (int key = 0; key < most_visible; ++key) v_nan = v_nan || isnan(v_scale[key]);
   TileSoftmax<kSas, kGroups> sm;
-  sm.template run<true>(s, st, visible, v_nan, skip_x, ws.m, ws.l, g);
+  sm.template run<true>(a, st, visible, v_nan, skip_x, ws.m, ws.l, g);
 #pragma unroll
   for (int grp = 0; grp < kGroups; ++grp)
 #pragma unroll

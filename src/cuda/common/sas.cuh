@@ -5,6 +5,7 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "format/sas_scaled.h"
 #include "turboattn/format.h"
 
 namespace turboattn::cuda {
@@ -20,29 +21,28 @@ __device__ __forceinline__ uint32_t splat_half_bits(uint16_t b) { return uint32_
 // A tile's P code inputs (docs/FORMATS.md 1.5) enter the pipelines below as ys = clamp(y, 0, 16) / 16,
 // y = tile_max - acc * st, which one saturating fma gives (p_offset); x = -16 ys.
 constexpr float kPOffsetScale = 1.0f / TA_P_OFFSET_MAX;
-static_assert(TA_P_OFFSET_MAX == 16.0f && -TA_SAS_MIN_X <= 16, "x = -16 ys: a power of two, at or below the clamp");
 
-// The tile's maximum from the largest int32 score (as fp32) and st: rd(amax * st). The scale is
-// non-negative, so rounding the maximum is the maximum of the rounded scores. A tile whose keys are all
-// masked (amax = -inf) may get NaN here (st = 0): callers skip it on amax, not on this.
+// The tile's maximum from the largest int32 score (as fp32) and st: rd(amax * st). For a finite
+// st >= 0 (scales are >= 0 or NaN) rounding the maximum is the maximum of the rounded scores; at
+// st = +inf they differ only in rows that are NaN either way. A tile whose keys are all masked
+// (amax = -inf) may get NaN here (st = 0): callers skip it on amax or the visible count, not on this.
 __device__ __forceinline__ float tile_bound(float amax, float st) { return __fmul_rd(amax, st); }
 
-// Per row and tile: the fma operands of p_offset. A zero st is raised to 1e-30 so that masked keys
-// (acc = -inf) still give ys = 1, code 0, rather than NaN; unmasked keys then still give y = 0 to within
-// 1e-23, so code 255, as st = 0 gives (docs/FORMATS.md 1.5).
+// Per row and tile (or per key, with per-token K scales): the operands of the saturating fma that gives
+// ys. A zero st is raised to kMinScale so that masked keys (acc = -inf) still give ys = 1, code 0, rather
+// than NaN; an unmasked key's y then moves by at most 2^22 * kMinScale = 4e-24, far below the 2.8e-3
+// that would move its code (docs/FORMATS.md 1.5).
+constexpr float kMinScale = 1e-30f;
 struct POffset {
   float neg_st, tile_max;  // both scaled by 1 / 16
   __device__ __forceinline__ POffset(float st, float tile_max_)
-      : neg_st(-fmaxf(st, 1e-30f) * kPOffsetScale), tile_max(tile_max_ * kPOffsetScale) {}
+      : neg_st(-fmaxf(st, kMinScale) * kPOffsetScale), tile_max(tile_max_ * kPOffsetScale) {}
   __device__ __forceinline__ float operator()(float acc) const {
     float ys;
     asm("fma.rn.sat.f32 %0, %1, %2, %3;" : "=f"(ys) : "f"(acc), "f"(neg_st), "f"(tile_max));
     return ys;  // a NaN y gives 0
   }
 };
-
-// fp16 bits of v * 2^k (k >= 0, v normal, no overflow): k added to the exponent field.
-constexpr uint16_t scaled_half_bits(uint16_t bits, int k) { return uint16_t(bits + (k << 10)); }
 
 // SAS (docs/FORMATS.md 2) on two inputs ys0, ys1 in [0, 1]: a register whose two fp16 halves are
 // 1024 + code(-16 ys0) and 1024 + code(-16 ys1); the codes are the low bytes of each half. The steps of
@@ -54,11 +54,11 @@ constexpr uint16_t scaled_half_bits(uint16_t bits, int k) { return uint16_t(bits
 //   is 0;
 // - the cubic in g / 16, g = -f, with coefficients (-16^3 c3, 16^2 c2, -16 c1, c0): exact rescalings.
 __device__ __forceinline__ uint32_t sas_codes_x2(float ys0, float ys1) {
-  const __half2 c0 = half2_bits(splat_half_bits(TA_SAS_C0_BITS));
-  const __half2 c1 = half2_bits(splat_half_bits(scaled_half_bits(TA_SAS_C1_BITS, 4) ^ 0x8000u));
-  const __half2 c2 = half2_bits(splat_half_bits(scaled_half_bits(TA_SAS_C2_BITS, 8)));
-  const __half2 c3 = half2_bits(splat_half_bits(scaled_half_bits(TA_SAS_C3_BITS, 12) ^ 0x8000u));
-  const __half2 round_magic = __float2half2_rn((TA_SAS_ROUND_MAGIC + 32.0f) / TA_P_OFFSET_MAX);
+  const __half2 c0 = half2_bits(splat_half_bits(scaled_sas_coefficient(TA_SAS_C0_BITS, 0)));
+  const __half2 c1 = half2_bits(splat_half_bits(scaled_sas_coefficient(TA_SAS_C1_BITS, 1)));
+  const __half2 c2 = half2_bits(splat_half_bits(scaled_sas_coefficient(TA_SAS_C2_BITS, 2)));
+  const __half2 c3 = half2_bits(splat_half_bits(scaled_sas_coefficient(TA_SAS_C3_BITS, 3)));
+  const __half2 round_magic = __float2half2_rn(kScaledRoundMagic);
   const __half2 code_magic = __float2half2_rn(TA_SAS_CODE_MAGIC);
   const __half2 ys = __floats2half2_rn(ys0, ys1);
   const __half2 r = __hsub2(round_magic, ys);  // (1583 + n) / 16, n = rn(h)
