@@ -19,7 +19,7 @@ __device__ __forceinline__ uint32_t bits_of(__half2 h) { return *reinterpret_cas
 __device__ __forceinline__ uint32_t splat_half_bits(uint16_t b) { return uint32_t(b) * 0x10001u; }
 
 // A tile's P code inputs (docs/FORMATS.md 1.5) enter the pipelines below as ys = clamp(y, 0, 16) / 16,
-// y = tile_max - acc * st, which one saturating fma gives (p_offset); x = -16 ys.
+// y = tile_max - acc * st, which one saturating fma gives (POffset); x = -16 ys.
 constexpr float kPOffsetScale = 1.0f / TA_P_OFFSET_MAX;
 
 // The tile's maximum from the largest int32 score (as fp32) and st: rd(amax * st). For a finite
