@@ -5,9 +5,9 @@
 #include <cmath>
 #include <random>
 
+#include "format/sas_scaled.h"
 #include "reference/attention.hpp"
 #include "reference/half.hpp"
-#include "format/sas_scaled.h"
 #include "reference/sas.hpp"
 #include "turboattn/format.h"
 

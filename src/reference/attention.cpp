@@ -29,22 +29,18 @@ float resolve_softmax_scale(float softmax_scale, int dim) {
 
 float scale_log2(float softmax_scale) { return float(double(softmax_scale) * 1.4426950408889634); }
 
-namespace {
-// rd(a * b): the exact product (24 x 24 bits fit a double) rounded toward -inf.
-float mul_round_down(float a, float b) {
-  const double exact = double(a) * double(b);
+// rd(acc * st): the exact product (24 x 24 bits fit a double) rounded toward -inf.
+float score_bound(float acc, float st) {
+  const double exact = double(acc) * double(st);
   float r = float(exact);
   if (double(r) > exact) r = std::nextafter(r, -kInf);
   return r;
 }
-}  // namespace
 
 float p_code_input(float acc, float st, float tile_max) {
   const float y = std::fma(acc, -st, tile_max);  // >= 0 up to rounding: tile_max was rounded down
   return y > 0.0f ? -std::min(y, TA_P_OFFSET_MAX) : -0.0f;  // a NaN y gives 0 (the row is NaN through m)
 }
-
-float score_bound(float acc, float st) { return mul_round_down(acc, st); }
 
 RowState::RowState(int dim) : m(-kInf), l(0.0f), o(size_t(dim), 0.0f) {}
 
